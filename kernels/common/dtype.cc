@@ -6,7 +6,7 @@
 
 namespace ropekv {
 
-std::string_view DTypeName(DType t) {
+absl::string_view DTypeName(DType t) {
   switch (t) {
     case DType::kF32:
       return "f32";
@@ -18,7 +18,7 @@ std::string_view DTypeName(DType t) {
   return "?";
 }
 
-absl::StatusOr<DType> ParseDType(std::string_view name) {
+absl::StatusOr<DType> ParseDType(absl::string_view name) {
   if (name == "f32" || name == "fp32" || name == "float32") return DType::kF32;
   if (name == "f16" || name == "fp16" || name == "float16" || name == "half") return DType::kF16;
   if (name == "bf16" || name == "bfloat16") return DType::kBF16;

@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <string_view>
+#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
 
@@ -25,11 +25,11 @@ enum class DType : uint8_t {
 constexpr size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // "f32", "f16", "bf16".
-std::string_view DTypeName(DType t);
+absl::string_view DTypeName(DType t);
 
 // Parses "f32"/"fp32"/"float32", "f16"/"fp16"/"float16"/"half", "bf16"/"bfloat16";
 // anything else -> INVALID_ARGUMENT naming the accepted spellings.
-absl::StatusOr<DType> ParseDType(std::string_view name);
+absl::StatusOr<DType> ParseDType(absl::string_view name);
 
 // IEEE binary16 <-> float. Round to nearest even; NaN stays NaN, overflow goes to infinity.
 uint16_t FloatToHalf(float f);
