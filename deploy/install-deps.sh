@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  librocksdb-dev libabsl-dev libssl-dev libyaml-cpp-dev
+  librocksdb-dev libabsl-dev libssl-dev libyaml-cpp-dev libxxhash-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server
   python3 python3-grpcio python3-protobuf python3-numpy python3-pytest

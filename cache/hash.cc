@@ -1,0 +1,97 @@
+#include "cache/hash.h"
+
+#include <openssl/evp.h>
+#include <xxhash.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+
+namespace ropekv {
+namespace {
+
+// Incremental SHA-256 with length-prefixed fields.
+class Sha256 {
+ public:
+  Sha256() : ctx_(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
+  ~Sha256() { EVP_MD_CTX_free(ctx_); }
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+
+  void Field(const void* data, uint64_t size) {
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(size >> (8 * i));
+    EVP_DigestUpdate(ctx_, len, sizeof(len));
+    EVP_DigestUpdate(ctx_, data, size);
+  }
+  void Field(absl::string_view s) { Field(s.data(), s.size()); }
+  void Tokens(absl::Span<const int32_t> tokens) {
+    // Little-endian int32s regardless of the host, so hashes are stable across machines.
+    std::string le(tokens.size() * 4, '\0');
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const uint32_t t = static_cast<uint32_t>(tokens[i]);
+      for (int b = 0; b < 4; ++b) le[4 * i + b] = static_cast<char>(t >> (8 * b));
+    }
+    Field(le);
+  }
+  std::array<uint8_t, 32> Finish() {
+    std::array<uint8_t, 32> out{};
+    unsigned int n = 0;
+    EVP_DigestFinal_ex(ctx_, out.data(), &n);
+    return out;
+  }
+
+ private:
+  EVP_MD_CTX* ctx_;
+};
+
+}  // namespace
+
+std::string BlockHash::Hex() const {
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+}
+
+absl::StatusOr<BlockHash> BlockHash::FromRaw(absl::string_view raw) {
+  if (raw.size() != 32) {
+    return absl::InvalidArgumentError(absl::StrCat("a block hash has 32 bytes, got ", raw.size()));
+  }
+  BlockHash h;
+  std::copy(raw.begin(), raw.end(), h.bytes.begin());
+  return h;
+}
+
+BlockHash PrefixBlockHash(absl::string_view model_id, absl::string_view tenant,
+                          const BlockHash* parent, absl::Span<const int32_t> tokens) {
+  Sha256 sha;
+  sha.Field("ropekv.prefix.v1");
+  sha.Field(model_id);
+  sha.Field(tenant);
+  if (parent != nullptr) {
+    sha.Field(parent->bytes.data(), parent->bytes.size());
+  } else {
+    sha.Field("", 0);
+  }
+  sha.Tokens(tokens);
+  return BlockHash{sha.Finish()};
+}
+
+BlockHash SegmentHash(absl::string_view model_id, absl::string_view tenant,
+                      absl::Span<const int32_t> tokens) {
+  Sha256 sha;
+  sha.Field("ropekv.segment.v1");
+  sha.Field(model_id);
+  sha.Field(tenant);
+  sha.Tokens(tokens);
+  return BlockHash{sha.Finish()};
+}
+
+std::string Sha256Hex(absl::string_view bytes) {
+  Sha256 sha;
+  sha.Field(bytes);
+  const auto d = sha.Finish();
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(d.data()), 32));
+}
+
+uint64_t BlockChecksum(const void* data, size_t size) { return XXH3_64bits(data, size); }
+
+}  // namespace ropekv

@@ -1,0 +1,252 @@
+#include "clients/cpp/client.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace ropekv::client {
+
+uint64_t KvShape::BlockBytes() const {
+  const uint64_t elem = dtype == v1::DTYPE_F32 ? 4 : 2;
+  return uint64_t{layers} * 2 * kv_heads * block_tokens * head_dim * elem;
+}
+
+KvShape KvShape::Of(const v1::ModelSpec& spec, uint32_t blocks) {
+  return KvShape{blocks,          spec.layers(), spec.kv_heads(), spec.block_tokens(),
+                 spec.head_dim(), spec.dtype()};
+}
+
+absl::Status FromGrpc(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(Options options) {
+  if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  auto channel =
+      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  return std::unique_ptr<Client>(new Client(std::move(options), std::move(channel)));
+}
+
+Client::Client(Options options, std::shared_ptr<grpc::Channel> channel)
+    : options_(std::move(options)),
+      channel_(std::move(channel)),
+      stub_(v1::KVCache::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+void Client::Prepare(grpc::ClientContext* ctx) const {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
+}
+
+absl::Status Client::Health() {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  if (auto s = FromGrpc(health_->Check(&ctx, req, &resp)); !s.ok()) return s;
+  if (resp.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    return absl::UnavailableError(absl::StrCat(
+        "server is ", grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status())));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::RegisterModelResponse> Client::RegisterModel(const v1::ModelSpec& spec,
+                                                                const std::string& name) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::RegisterModelRequest req;
+  *req.mutable_spec() = spec;
+  req.set_name(name);
+  v1::RegisterModelResponse resp;
+  if (auto s = FromGrpc(stub_->RegisterModel(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<std::vector<v1::ModelInfo>> Client::ListModels() {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::ListModelsResponse resp;
+  if (auto s = FromGrpc(stub_->ListModels(&ctx, v1::ListModelsRequest(), &resp)); !s.ok()) {
+    return s;
+  }
+  return std::vector<v1::ModelInfo>(resp.models().begin(), resp.models().end());
+}
+
+absl::StatusOr<v1::PutResponse> Client::Put(const PutArgs& args, const KvView& kv) {
+  if (kv.bytes.size() != kv.shape.Bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV of ", kv.shape.blocks, " blocks needs ",
+                                                   kv.shape.Bytes(), " bytes, got ",
+                                                   kv.bytes.size()));
+  }
+  if (args.tokens.size() != uint64_t{kv.shape.blocks} * kv.shape.block_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV of ", kv.shape.blocks, " blocks of ", kv.shape.block_tokens, " tokens needs ",
+        uint64_t{kv.shape.blocks} * kv.shape.block_tokens, " tokens, got ", args.tokens.size()));
+  }
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::PutResponse resp;
+  std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer(stub_->Put(&ctx, &resp));
+  v1::PutRequest req;
+  v1::PutHeader* h = req.mutable_header();
+  h->set_model(args.model);
+  h->set_tenant(args.tenant);
+  h->mutable_tokens()->Add(args.tokens.begin(), args.tokens.end());
+  h->set_parent(args.parent);
+  if (args.rotated_at) h->set_rotated_at(*args.rotated_at);
+  h->set_pin(args.pin);
+  size_t offset = 0;
+  do {
+    const size_t n = std::min<size_t>(options_.chunk_bytes, kv.bytes.size() - offset);
+    req.set_data(kv.bytes.data() + offset, n);
+    offset += n;
+    if (!writer->Write(req)) break;  // the server ended the call: Finish says why
+    req.clear_header();
+  } while (offset < kv.bytes.size());
+  writer->WritesDone();
+  if (auto s = FromGrpc(writer->Finish()); !s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::LookupResponse> Client::Lookup(const std::string& model,
+                                                  const std::string& tenant,
+                                                  absl::Span<const int32_t> tokens) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::LookupRequest req;
+  req.set_model(model);
+  req.set_tenant(tenant);
+  req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+  v1::LookupResponse resp;
+  if (auto s = FromGrpc(stub_->Lookup(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+namespace {
+
+// Reads a Get stream: the header, then bytes handed to `sink(offset, bytes)`.
+template <typename Sink>
+absl::StatusOr<v1::GetHeader> ReadGet(grpc::ClientReader<v1::GetResponse>* reader,
+                                      grpc::ClientContext* ctx, Sink sink) {
+  v1::GetResponse msg;
+  v1::GetHeader header;
+  bool have_header = false;
+  uint64_t offset = 0;
+  absl::Status sink_status;
+  while (reader->Read(&msg)) {
+    if (msg.has_header()) {
+      header = msg.header();
+      have_header = true;
+    }
+    if (!msg.data().empty() && sink_status.ok()) {
+      sink_status = sink(header, offset, msg.data());
+      if (!sink_status.ok()) ctx->TryCancel();
+    }
+    offset += msg.data().size();
+  }
+  absl::Status s = FromGrpc(reader->Finish());
+  if (!sink_status.ok()) return sink_status;
+  if (!s.ok()) return s;
+  if (!have_header) return absl::InternalError("Get stream without a header");
+  if (offset != uint64_t{header.blocks()} * header.block_bytes()) {
+    return absl::DataLossError(absl::StrCat("Get stream carried ", offset, " bytes, expected ",
+                                            uint64_t{header.blocks()} * header.block_bytes()));
+  }
+  return header;
+}
+
+v1::GetRequest MakeGetRequest(const GetArgs& args) {
+  v1::GetRequest req;
+  req.set_model(args.model);
+  req.set_tenant(args.tenant);
+  req.mutable_tokens()->Add(args.tokens.begin(), args.tokens.end());
+  req.set_max_blocks(args.max_blocks);
+  if (args.target_position) req.set_target_position(*args.target_position);
+  return req;
+}
+
+}  // namespace
+
+absl::StatusOr<GetResult> Client::Get(const GetArgs& args) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  const v1::GetRequest req = MakeGetRequest(args);
+  auto reader = stub_->Get(&ctx, req);
+  GetResult result;
+  auto header = ReadGet(reader.get(), &ctx,
+                        [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+                          if (result.data.empty()) {
+                            result.data.resize(uint64_t{h.blocks()} * h.block_bytes());
+                          }
+                          if (offset + bytes.size() > result.data.size()) {
+                            return absl::DataLossError("Get stream longer than its header says");
+                          }
+                          std::memcpy(result.data.data() + offset, bytes.data(), bytes.size());
+                          return absl::OkStatus();
+                        });
+  if (!header.ok()) return header.status();
+  result.header = *std::move(header);
+  result.data.resize(uint64_t{result.header.blocks()} * result.header.block_bytes());
+  return result;
+}
+
+absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<uint8_t> dst) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  const v1::GetRequest req = MakeGetRequest(args);
+  auto reader = stub_->Get(&ctx, req);
+  return ReadGet(
+      reader.get(), &ctx, [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+        if (offset + bytes.size() > dst.size()) {
+          return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
+                                                    " bytes; the cached prefix needs ",
+                                                    uint64_t{h.blocks()} * h.block_bytes()));
+        }
+        std::memcpy(dst.data() + offset, bytes.data(), bytes.size());
+        return absl::OkStatus();
+      });
+}
+
+absl::StatusOr<v1::StatsResponse> Client::Stats() {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::StatsResponse resp;
+  if (auto s = FromGrpc(stub_->Stats(&ctx, v1::StatsRequest(), &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<uint32_t> Client::Evict(const std::string& model, const std::string& tenant,
+                                       absl::Span<const int32_t> tokens) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::EvictRequest req;
+  req.set_model(model);
+  req.set_tenant(tenant);
+  req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+  v1::EvictResponse resp;
+  if (auto s = FromGrpc(stub_->Evict(&ctx, req, &resp)); !s.ok()) return s;
+  return resp.blocks_evicted();
+}
+
+absl::StatusOr<uint32_t> Client::Pin(const std::string& model, const std::string& tenant,
+                                     absl::Span<const int32_t> tokens, bool pin) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::PinRequest req;
+  req.set_model(model);
+  req.set_tenant(tenant);
+  req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+  req.set_pin(pin);
+  v1::PinResponse resp;
+  if (auto s = FromGrpc(stub_->Pin(&ctx, req, &resp)); !s.ok()) return s;
+  return resp.blocks();
+}
+
+}  // namespace ropekv::client

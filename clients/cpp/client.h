@@ -1,0 +1,124 @@
+// The C++ client of ropekvd: typed calls over the gRPC stub. KV travels as spans of bytes with a
+// shape; bulk bytes are chunked below the maximum message size.
+//
+// Thread safety: a Client may be shared by threads (gRPC channels and stubs are thread-safe).
+#ifndef ROPEKV_CLIENTS_CPP_CLIENT_H_
+#define ROPEKV_CLIENTS_CPP_CLIENT_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "ropekv/v1/kvcache.grpc.pb.h"
+
+namespace ropekv::client {
+
+// Shape of KV bytes: `blocks` blocks, each [layers][k|v][kv_heads][block_tokens][head_dim] of
+// `dtype`.
+struct KvShape {
+  uint32_t blocks = 0;
+  uint32_t layers = 0;
+  uint32_t kv_heads = 0;
+  uint32_t block_tokens = 0;
+  uint32_t head_dim = 0;
+  v1::DType dtype = v1::DTYPE_BF16;
+
+  uint64_t BlockBytes() const;
+  uint64_t Bytes() const { return BlockBytes() * blocks; }
+  // The shape of n blocks of a model.
+  static KvShape Of(const v1::ModelSpec& spec, uint32_t blocks);
+};
+
+// KV bytes with their shape (borrowed).
+struct KvView {
+  absl::Span<const uint8_t> bytes;
+  KvShape shape;
+};
+
+struct PutArgs {
+  std::string model;  // id or name
+  std::string tenant;
+  std::vector<int32_t> tokens;  // shape.blocks * block_tokens of them
+  std::string parent;           // raw 32-byte hash of the block before; empty = start
+  std::optional<int64_t> rotated_at;
+  bool pin = false;
+};
+
+struct GetArgs {
+  std::string model;
+  std::string tenant;
+  std::vector<int32_t> tokens;
+  uint32_t max_blocks = 0;  // 0 = all matched
+  std::optional<int64_t> target_position;
+};
+
+struct GetResult {
+  v1::GetHeader header;
+  std::vector<uint8_t> data;  // header.blocks() * header.block_bytes() bytes
+};
+
+class Client {
+ public:
+  struct Options {
+    std::string address = "127.0.0.1:50051";      // HOST:PORT
+    uint64_t max_message_bytes = 64ull << 20;     // gRPC receive/send limit of the channel
+    uint64_t chunk_bytes = 4ull << 20;            // bytes per streamed Put message
+    absl::Duration timeout = absl::Seconds(120);  // deadline of each call
+  };
+
+  // Creates a channel (connects lazily). INVALID_ARGUMENT for an empty address.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(Options options);
+
+  // grpc.health.v1 Check of the whole server: OK when SERVING, UNAVAILABLE otherwise.
+  absl::Status Health();
+
+  // Registers a model; returns its id (the same for the same spec, in every process).
+  absl::StatusOr<v1::RegisterModelResponse> RegisterModel(const v1::ModelSpec& spec,
+                                                          const std::string& name = "");
+  absl::StatusOr<std::vector<v1::ModelInfo>> ListModels();
+
+  // Stores KV for args.tokens. INVALID_ARGUMENT locally when the bytes do not match the shape or
+  // the token count; otherwise the server's verdict.
+  absl::StatusOr<v1::PutResponse> Put(const PutArgs& args, const KvView& kv);
+
+  absl::StatusOr<v1::LookupResponse> Lookup(const std::string& model, const std::string& tenant,
+                                            absl::Span<const int32_t> tokens);
+
+  // Fetches the longest cached prefix of args.tokens.
+  absl::StatusOr<GetResult> Get(const GetArgs& args);
+  // The same, into a caller's buffer; OUT_OF_RANGE when `dst` is too small (nothing is lost:
+  // the header says how many bytes are needed).
+  absl::StatusOr<v1::GetHeader> GetInto(const GetArgs& args, absl::Span<uint8_t> dst);
+
+  absl::StatusOr<v1::StatsResponse> Stats();
+  absl::StatusOr<uint32_t> Evict(const std::string& model, const std::string& tenant,
+                                 absl::Span<const int32_t> tokens);
+  absl::StatusOr<uint32_t> Pin(const std::string& model, const std::string& tenant,
+                               absl::Span<const int32_t> tokens, bool pin);
+
+  v1::KVCache::Stub* stub() { return stub_.get(); }
+
+ private:
+  explicit Client(Options options, std::shared_ptr<grpc::Channel> channel);
+  void Prepare(grpc::ClientContext* ctx) const;
+
+  Options options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::KVCache::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+// grpc::Status -> absl::Status (same canonical codes).
+absl::Status FromGrpc(const grpc::Status& status);
+
+}  // namespace ropekv::client
+
+#endif  // ROPEKV_CLIENTS_CPP_CLIENT_H_

@@ -1,0 +1,32 @@
+// The daemon's configuration: embedded defaults, overridden by flags.
+#ifndef ROPEKV_SERVER_CONFIG_H_
+#define ROPEKV_SERVER_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace ropekv {
+
+struct ServerConfig {
+  std::string listen = "127.0.0.1:50051";  // HOST:PORT; port 0 picks a free port
+  std::string data_dir = "./data";         // created if missing
+  uint64_t host_capacity_bytes = 2ull << 30;
+  uint64_t max_block_bytes = 64ull << 20;    // largest block a model may have
+  uint64_t max_message_bytes = 64ull << 20;  // gRPC send/receive limit
+  uint64_t chunk_bytes = 4ull << 20;         // bulk bytes per streamed message (< max message)
+  std::string port_file;                     // if set, the bound port is written there
+};
+
+// Parses sizes such as "2GiB", "512MiB", "64k", "1048576" (binary multiples; k/K, m/M, g/G, t/T
+// with an optional "iB" or "B"). INVALID_ARGUMENT otherwise.
+absl::StatusOr<uint64_t> ParseSize(absl::string_view text);
+
+// INVALID_ARGUMENT when fields contradict each other (chunk over message size, zero capacity).
+absl::Status ValidateConfig(const ServerConfig& config);
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_SERVER_CONFIG_H_

@@ -1,0 +1,27 @@
+// Conversions between the wire types of proto/ropekv/v1 and cache/'s domain types, and the one
+// place where absl::Status becomes grpc::Status.
+#ifndef ROPEKV_SERVER_CONVERT_H_
+#define ROPEKV_SERVER_CONVERT_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "cache/kv_cache.h"
+#include "cache/model.h"
+#include "ropekv/v1/kvcache.pb.h"
+
+namespace ropekv {
+
+grpc::Status ToGrpc(const absl::Status& status);
+
+// INVALID_ARGUMENT for an unspecified dtype or an unknown enum value.
+absl::StatusOr<ModelSpec> FromProto(const v1::ModelSpec& proto);
+v1::ModelSpec ToProto(const ModelSpec& spec);
+
+v1::Tier ToProto(TierKind tier);
+void ToProto(const BlockInfo& info, v1::BlockInfo* out);
+void ToProto(const CacheStats& stats, v1::StatsResponse* out);
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_SERVER_CONVERT_H_

@@ -1,0 +1,242 @@
+#include "server/kvcache_service.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "server/convert.h"
+
+namespace ropekv {
+namespace {
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpc(status));
+  return reactor;
+}
+
+std::vector<int32_t> Tokens(const google::protobuf::RepeatedField<int32_t>& tokens) {
+  return std::vector<int32_t>(tokens.begin(), tokens.end());
+}
+
+// Client-streaming Put: the first message's header opens a PutWriter, every message's bytes go
+// straight into the cache's slots.
+class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
+ public:
+  PutReactor(KvCache* cache, v1::PutResponse* resp) : cache_(cache), resp_(resp) {
+    StartRead(&req_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side: commit
+      if (!writer_) return Finish(ToGrpc(absl::InvalidArgumentError("Put without a header")));
+      auto result = writer_->Finish();
+      if (!result.ok()) return Finish(ToGrpc(result.status()));
+      resp_->set_blocks_stored(result->blocks_stored);
+      resp_->set_blocks_existing(result->blocks_existing);
+      for (const BlockHash& h : result->hashes) resp_->add_block_hashes(h.Raw());
+      return Finish(grpc::Status::OK);
+    }
+    if (!writer_) {
+      if (!req_.has_header()) {
+        return Finish(ToGrpc(absl::InvalidArgumentError("the first Put message needs a header")));
+      }
+      if (absl::Status s = Open(req_.header()); !s.ok()) return Finish(ToGrpc(s));
+    } else if (req_.has_header()) {
+      return Finish(ToGrpc(absl::InvalidArgumentError("only the first Put message has a header")));
+    }
+    if (!req_.data().empty()) {
+      if (absl::Status s = writer_->Write(req_.data()); !s.ok()) return Finish(ToGrpc(s));
+    }
+    StartRead(&req_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Open(const v1::PutHeader& h) {
+    PutOptions options;
+    options.model = h.model();
+    options.tenant = h.tenant();
+    options.tokens = Tokens(h.tokens());
+    if (!h.parent().empty()) {
+      auto parent = BlockHash::FromRaw(h.parent());
+      if (!parent.ok()) return parent.status();
+      options.parent = *parent;
+    }
+    if (h.has_rotated_at()) {
+      if (h.rotated_at() < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("rotated_at must be >= 0, got ", h.rotated_at()));
+      }
+      options.rotated_at = h.rotated_at();
+    }
+    options.rope_table = h.rope_table();
+    options.pre_rope = h.pre_rope();
+    options.pin = h.pin();
+    auto writer = cache_->BeginPut(std::move(options));
+    if (!writer.ok()) return writer.status();
+    writer_ = *std::move(writer);
+    return absl::OkStatus();
+  }
+
+  KvCache* cache_;
+  v1::PutResponse* resp_;
+  v1::PutRequest req_;
+  std::unique_ptr<PutWriter> writer_;
+};
+
+// Server-streaming Get: the header, then the blocks' bytes in chunks. Blocks are held (never
+// evicted) until the stream ends; a block re-rotated to a target position is produced one block at
+// a time into a staging buffer.
+class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
+ public:
+  GetReactor(KvCache* cache, const v1::GetRequest* req, uint64_t default_chunk) {
+    chunk_ = req->chunk_bytes() > 0 ? std::min<uint64_t>(req->chunk_bytes(), default_chunk)
+                                    : default_chunk;
+    if (req->has_target_position()) {
+      if (req->target_position() < 0) {
+        Finish(ToGrpc(absl::InvalidArgumentError(
+            absl::StrCat("target_position must be >= 0, got ", req->target_position()))));
+        return;
+      }
+      target_ = req->target_position();
+    }
+    auto handle =
+        cache->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
+    if (!handle.ok()) {
+      Finish(ToGrpc(handle.status()));
+      return;
+    }
+    handle_.emplace(*std::move(handle));
+    v1::GetHeader* header = resp_.mutable_header();
+    header->set_matched_tokens(handle_->matched_tokens());
+    header->set_blocks(handle_->blocks().size());
+    header->set_block_bytes(handle_->block_bytes());
+    for (const BlockInfo& b : handle_->blocks()) ToProto(b, header->add_block_info());
+    NextWrite();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+    NextWrite();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void NextWrite() {
+    const size_t n_blocks = handle_->blocks().size();
+    const uint64_t bb = handle_->block_bytes();
+    // resp_ is free again: the previous write (if any) is done. Only the first carries a header.
+    if (!first_) {
+      if (block_ >= n_blocks) return Finish(grpc::Status::OK);
+      resp_.clear_header();
+    }
+    first_ = false;
+    std::string* data = resp_.mutable_data();
+    data->clear();
+    while (block_ < n_blocks && data->size() < chunk_) {
+      if (offset_ == 0 && target_.has_value()) {
+        staging_.resize(bb);
+        const int64_t pos =
+            *target_ + static_cast<int64_t>(block_) * handle_->model().spec.block_tokens;
+        if (absl::Status s = handle_->CopyBlock(block_, staging_.data(), pos); !s.ok()) {
+          return Finish(ToGrpc(s));
+        }
+      }
+      const char* src = target_.has_value() ? staging_.data() : handle_->bytes(block_).data();
+      const uint64_t n = std::min<uint64_t>(bb - offset_, chunk_ - data->size());
+      data->append(src + offset_, n);
+      offset_ += n;
+      if (offset_ == bb) {
+        ++block_;
+        offset_ = 0;
+      }
+    }
+    StartWrite(&resp_);
+  }
+
+  std::optional<ReadHandle> handle_;
+  std::optional<int64_t> target_;
+  uint64_t chunk_ = 0;
+  size_t block_ = 0;
+  uint64_t offset_ = 0;
+  bool first_ = true;
+  std::string staging_;
+  v1::GetResponse resp_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvCacheService::RegisterModel(grpc::CallbackServerContext* ctx,
+                                                        const v1::RegisterModelRequest* req,
+                                                        v1::RegisterModelResponse* resp) {
+  auto spec = FromProto(req->spec());
+  if (!spec.ok()) return Done(ctx, spec.status());
+  auto reg = cache_->RegisterModel(*spec, req->name());
+  if (!reg.ok()) return Done(ctx, reg.status());
+  resp->set_model_id(reg->id);
+  resp->set_created(reg->created);
+  return Done(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* KvCacheService::ListModels(grpc::CallbackServerContext* ctx,
+                                                     const v1::ListModelsRequest* req,
+                                                     v1::ListModelsResponse* resp) {
+  for (const RegisteredModel& m : cache_->ListModels()) {
+    v1::ModelInfo* info = resp->add_models();
+    info->set_model_id(m.id);
+    for (const std::string& n : m.names) info->add_names(n);
+    *info->mutable_spec() = ToProto(m.spec);
+    info->set_block_bytes(BlockBytes(m.spec));
+    info->set_blocks(cache_->BlockCount(m.id));
+  }
+  return Done(ctx, absl::OkStatus());
+}
+
+grpc::ServerReadReactor<v1::PutRequest>* KvCacheService::Put(grpc::CallbackServerContext* ctx,
+                                                             v1::PutResponse* resp) {
+  return new PutReactor(cache_, resp);
+}
+
+grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ctx,
+                                                 const v1::LookupRequest* req,
+                                                 v1::LookupResponse* resp) {
+  auto result = cache_->Lookup(req->model(), req->tenant(), Tokens(req->tokens()));
+  if (!result.ok()) return Done(ctx, result.status());
+  resp->set_matched_tokens(result->matched_tokens);
+  for (const BlockInfo& b : result->blocks) ToProto(b, resp->add_blocks());
+  return Done(ctx, absl::OkStatus());
+}
+
+grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackServerContext* ctx,
+                                                               const v1::GetRequest* req) {
+  return new GetReactor(cache_, req, config_.chunk_bytes);
+}
+
+grpc::ServerUnaryReactor* KvCacheService::Stats(grpc::CallbackServerContext* ctx,
+                                                const v1::StatsRequest* req,
+                                                v1::StatsResponse* resp) {
+  ToProto(cache_->Stats(), resp);
+  return Done(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* KvCacheService::Evict(grpc::CallbackServerContext* ctx,
+                                                const v1::EvictRequest* req,
+                                                v1::EvictResponse* resp) {
+  auto n = cache_->Evict(req->model(), req->tenant(), Tokens(req->tokens()));
+  if (!n.ok()) return Done(ctx, n.status());
+  resp->set_blocks_evicted(*n);
+  return Done(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* KvCacheService::Pin(grpc::CallbackServerContext* ctx,
+                                              const v1::PinRequest* req, v1::PinResponse* resp) {
+  auto n = cache_->Pin(req->model(), req->tenant(), Tokens(req->tokens()), req->pin());
+  if (!n.ok()) return Done(ctx, n.status());
+  resp->set_blocks(*n);
+  return Done(ctx, absl::OkStatus());
+}
+
+}  // namespace ropekv

@@ -1,0 +1,287 @@
+// The daemon through its real gRPC API: a ropekvd process on a free loopback port, the C++ client.
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "clients/cpp/client.h"
+#include "gtest/gtest.h"
+#include "tests/integration/daemon.h"
+
+namespace ropekv {
+namespace {
+
+using client::Client;
+using client::KvShape;
+using client::KvView;
+
+v1::ModelSpec Demo() {
+  v1::ModelSpec s;
+  s.set_layers(4);
+  s.set_kv_heads(2);
+  s.set_head_dim(64);
+  s.set_dtype(v1::DTYPE_BF16);
+  s.set_block_tokens(16);
+  s.mutable_rope()->set_theta(10000);
+  return s;
+}
+
+std::vector<int32_t> Tokens(uint64_t seed, size_t n) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % 32000);
+  return t;
+}
+
+std::vector<uint8_t> Bytes(uint64_t seed, size_t n) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint8_t> b(n);
+  for (auto& x : b) x = static_cast<uint8_t>(rng() & 0x3f);  // small bf16 values, no NaNs
+  return b;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void Start(std::vector<std::string> flags = {}) {
+    daemon_ = std::make_unique<testing::Daemon>(std::move(flags));
+    ASSERT_TRUE(daemon_->running());
+    Client::Options o;
+    o.address = daemon_->address();
+    o.chunk_bytes = 100000;  // force many chunks per Put
+    auto c = Client::Connect(o);
+    ASSERT_TRUE(c.ok());
+    client_ = *std::move(c);
+    ASSERT_TRUE(client_->Health().ok());
+    auto reg = client_->RegisterModel(Demo(), "demo");
+    ASSERT_TRUE(reg.ok()) << reg.status();
+    model_id_ = reg->model_id();
+    bb_ = KvShape::Of(Demo(), 1).BlockBytes();
+  }
+  void SetUp() override { Start(); }
+
+  absl::StatusOr<v1::PutResponse> Put(const std::vector<int32_t>& tokens,
+                                      const std::vector<uint8_t>& bytes, bool pin = false,
+                                      Client* c = nullptr) {
+    client::PutArgs a;
+    a.model = "demo";
+    a.tokens = tokens;
+    a.pin = pin;
+    return (c ? c : client_.get())
+        ->Put(a, KvView{bytes, KvShape::Of(Demo(), static_cast<uint32_t>(tokens.size() / 16))});
+  }
+  absl::StatusOr<client::GetResult> Get(const std::vector<int32_t>& tokens, Client* c = nullptr) {
+    client::GetArgs a;
+    a.model = "demo";
+    a.tokens = tokens;
+    return (c ? c : client_.get())->Get(a);
+  }
+
+  std::unique_ptr<testing::Daemon> daemon_;
+  std::unique_ptr<Client> client_;
+  std::string model_id_;
+  uint64_t bb_ = 0;
+};
+
+TEST_F(ServiceTest, PutLookupGetIsByteExact) {
+  const auto tokens = Tokens(1, 6 * 16);
+  const auto bytes = Bytes(2, 6 * bb_);
+  auto put = Put(tokens, bytes);
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(put->blocks_stored(), 6u);
+  EXPECT_EQ(put->block_hashes_size(), 6);
+  auto prompt = tokens;
+  prompt.push_back(5);
+  auto look = client_->Lookup("demo", "", prompt);
+  ASSERT_TRUE(look.ok());
+  EXPECT_EQ(look->matched_tokens(), 96u);
+  EXPECT_EQ(look->blocks(0).tier(), v1::TIER_HOST);
+  auto got = Get(prompt);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->header.blocks(), 6u);
+  EXPECT_EQ(got->data, bytes);
+  // Into a caller's buffer, and a buffer too small is OUT_OF_RANGE.
+  std::vector<uint8_t> dst(bytes.size());
+  client::GetArgs a;
+  a.model = model_id_;
+  a.tokens = tokens;
+  ASSERT_TRUE(client_->GetInto(a, absl::MakeSpan(dst)).ok());
+  EXPECT_EQ(dst, bytes);
+  std::vector<uint8_t> small(bb_);
+  EXPECT_EQ(client_->GetInto(a, absl::MakeSpan(small)).status().code(),
+            absl::StatusCode::kOutOfRange);
+}
+
+TEST_F(ServiceTest, TwoRequestsShareASystemPrompt) {
+  const auto system = Tokens(3, 4 * 16);
+  auto a = system, b = system;
+  for (int x : Tokens(4, 20)) a.push_back(x);
+  for (int x : Tokens(5, 40)) b.push_back(x);
+  const auto bytes = Bytes(6, 5 * bb_);
+  ASSERT_TRUE(Put(std::vector<int32_t>(a.begin(), a.begin() + 80), bytes).ok());
+  auto look = client_->Lookup("demo", "", b);
+  ASSERT_TRUE(look.ok());
+  EXPECT_EQ(look->matched_tokens(), 64u);
+  auto got = Get(b);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->data, std::vector<uint8_t>(bytes.begin(), bytes.begin() + 4 * bb_));
+}
+
+TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
+  const auto tokens = Tokens(7, 16);
+  const auto bytes = Bytes(8, bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  client::GetArgs a;
+  a.model = "demo";
+  a.tokens = tokens;
+  a.target_position = 0;
+  auto same = client_->Get(a);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->data, bytes);  // stored at 0: bit-identical
+  a.target_position = 4096;
+  auto moved = client_->Get(a);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  const size_t half = bb_ / 4 / 2;                                    // one layer's K (or V) bytes
+  EXPECT_NE(std::memcmp(moved->data.data(), bytes.data(), half), 0);  // layer 0 keys moved
+  EXPECT_EQ(std::memcmp(moved->data.data() + half, bytes.data() + half, half), 0);  // values not
+  a.target_position = -1;
+  EXPECT_EQ(client_->Get(a).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ServiceTest, BadInputGetsTheRightCodeAndChangesNothing) {
+  const auto tokens = Tokens(9, 32);
+  const auto bytes = Bytes(10, 2 * bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  client::PutArgs a;
+  a.model = "no-such-model";
+  a.tokens = Tokens(11, 16);
+  auto s = client_->Put(a, KvView{Bytes(12, bb_), KvShape::Of(Demo(), 1)});
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kNotFound) << s.status();
+  EXPECT_NE(s.status().message().find("no-such-model"), std::string::npos);
+  // 15 tokens do not fill a 16-token block: the server says so (bypass the client's own check).
+  {
+    grpc::ClientContext ctx;
+    v1::PutResponse resp;
+    auto w = client_->stub()->Put(&ctx, &resp);
+    v1::PutRequest req;
+    req.mutable_header()->set_model("demo");
+    for (int t : Tokens(13, 15)) req.mutable_header()->add_tokens(t);
+    req.set_data(std::string(bb_, 'x'));
+    w->Write(req);
+    w->WritesDone();
+    grpc::Status st = w->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("block_tokens = 16"), std::string::npos)
+        << st.error_message();
+  }
+  // Bytes that do not match the shape (one byte short).
+  {
+    grpc::ClientContext ctx;
+    v1::PutResponse resp;
+    auto w = client_->stub()->Put(&ctx, &resp);
+    v1::PutRequest req;
+    req.mutable_header()->set_model("demo");
+    for (int t : Tokens(14, 16)) req.mutable_header()->add_tokens(t);
+    req.set_data(std::string(bb_ - 1, 'x'));
+    w->Write(req);
+    w->WritesDone();
+    grpc::Status st = w->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find(std::to_string(bb_)), std::string::npos);
+  }
+  // Unspecified dtype; a block over the configured size.
+  v1::ModelSpec bad = Demo();
+  bad.set_dtype(v1::DTYPE_UNSPECIFIED);
+  EXPECT_EQ(client_->RegisterModel(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = Demo();
+  bad.set_layers(4096);
+  bad.set_kv_heads(64);
+  EXPECT_EQ(client_->RegisterModel(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  // A name already taken by another spec.
+  bad = Demo();
+  bad.set_head_dim(128);
+  EXPECT_EQ(client_->RegisterModel(bad, "demo").status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(client_->Lookup("nope", "", tokens).status().code(), absl::StatusCode::kNotFound);
+  // Nothing changed; still serving.
+  auto got = Get(tokens);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->data, bytes);
+  EXPECT_TRUE(client_->Health().ok());
+}
+
+TEST_F(ServiceTest, CapacityExhaustedWithEverythingPinned) {
+  daemon_.reset();
+  Start({"--host_capacity=" + std::to_string(4 * KvShape::Of(Demo(), 1).BlockBytes())});
+  const auto pinned = Tokens(20, 64);
+  const auto bytes = Bytes(21, 4 * bb_);
+  ASSERT_TRUE(Put(pinned, bytes, /*pin=*/true).ok());
+  auto full = Put(Tokens(22, 16), Bytes(23, bb_));
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  auto got = Get(pinned);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->data, bytes);
+  auto stats = client_->Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_LE(stats->tiers(0).bytes_used(), stats->tiers(0).capacity_bytes());
+  EXPECT_EQ(stats->tiers(0).pinned_blocks(), 4u);
+}
+
+TEST_F(ServiceTest, EvictionUnderPressureNeverReturnsAWrongBlock) {
+  daemon_.reset();
+  Start({"--host_capacity=" + std::to_string(8 * KvShape::Of(Demo(), 1).BlockBytes())});
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<uint8_t>> payloads;
+  for (int i = 0; i < 24; ++i) {
+    prompts.push_back(Tokens(100 + i, 32));
+    payloads.push_back(Bytes(200 + i, 2 * bb_));
+    ASSERT_TRUE(Put(prompts.back(), payloads.back()).ok());
+  }
+  int hits = 0;
+  for (int i = 0; i < 24; ++i) {
+    auto got = Get(prompts[i]);
+    ASSERT_TRUE(got.ok());
+    ASSERT_LE(got->data.size(), payloads[i].size());
+    EXPECT_TRUE(std::equal(got->data.begin(), got->data.end(), payloads[i].begin())) << i;
+    hits += got->header.blocks() > 0;
+  }
+  EXPECT_GE(hits, 3);
+  auto stats = client_->Stats();
+  EXPECT_GT(stats->tiers(0).evictions(), 0u);
+  EXPECT_LE(stats->tiers(0).bytes_used(), stats->tiers(0).capacity_bytes());
+}
+
+TEST_F(ServiceTest, EightConcurrentClientsLoseNothing) {
+  constexpr int kClients = 8, kRounds = 12;
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&, c] {
+      Client::Options o;
+      o.address = daemon_->address();
+      auto cl = Client::Connect(o);
+      if (!cl.ok()) {
+        ++errors;
+        return;
+      }
+      for (int r = 0; r < kRounds; ++r) {
+        // Every client shares the first block of even rounds.
+        std::vector<int32_t> tokens = Tokens(r % 2 == 0 ? 999 : 1000 + c * 100 + r, 16);
+        std::vector<uint8_t> bytes = Bytes(r % 2 == 0 ? 999 : 1000 + c * 100 + r, bb_);
+        for (int t : Tokens(5000 + c * 100 + r, 32)) tokens.push_back(t);
+        const auto tail = Bytes(5000 + c * 100 + r, 2 * bb_);
+        bytes.insert(bytes.end(), tail.begin(), tail.end());
+        if (!Put(tokens, bytes, false, cl->get()).ok()) ++errors;
+        auto got = Get(tokens, cl->get());
+        if (!got.ok() || got->data != bytes) ++errors;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  auto models = client_->ListModels();
+  ASSERT_TRUE(models.ok());
+  ASSERT_EQ(models->size(), 1u);
+  // 1 shared + 8 clients x (6 odd-round firsts + 12 x 2 tails) blocks.
+  EXPECT_EQ((*models)[0].blocks(), 1u + kClients * (kRounds / 2 + 2 * kRounds));
+}
+
+}  // namespace
+}  // namespace ropekv

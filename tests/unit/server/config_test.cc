@@ -1,0 +1,30 @@
+#include "server/config.h"
+
+#include "gtest/gtest.h"
+
+namespace ropekv {
+namespace {
+
+TEST(ConfigTest, ParsesSizes) {
+  EXPECT_EQ(*ParseSize("2GiB"), 2ull << 30);
+  EXPECT_EQ(*ParseSize("512MiB"), 512ull << 20);
+  EXPECT_EQ(*ParseSize("64k"), 64ull << 10);
+  EXPECT_EQ(*ParseSize("1048576"), 1048576ull);
+  EXPECT_EQ(*ParseSize(" 3 G "), 3ull << 30);
+  EXPECT_EQ(ParseSize("lots").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseSize("5 parsecs").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseSize("99999999999999T").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ConfigTest, ChunkMustFitInAMessage) {
+  ServerConfig c;
+  EXPECT_TRUE(ValidateConfig(c).ok());
+  c.chunk_bytes = c.max_message_bytes;
+  EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);
+  c = ServerConfig();
+  c.host_capacity_bytes = 0;
+  EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ropekv
