@@ -71,17 +71,31 @@ absl::StatusOr<PutResult> PutWriter::Finish() {
 // ---------------------------------------------------------------------------------------------
 // ReadHandle
 
-ReadHandle::~ReadHandle() {
+ReadHandle::~ReadHandle() { Release(); }
+
+ReadHandle& ReadHandle::operator=(ReadHandle&& o) noexcept {
+  if (this != &o) {
+    Release();
+    cache_ = std::exchange(o.cache_, nullptr);
+    model_ = std::move(o.model_);
+    block_bytes_ = o.block_bytes_;
+    blocks_ = std::move(o.blocks_);
+    data_ = std::move(o.data_);
+    tokens_ = o.tokens_;
+  }
+  return *this;
+}
+
+void ReadHandle::Release() {
   if (cache_ != nullptr && !blocks_.empty()) {
     std::vector<BlockHash> hashes;
     hashes.reserve(blocks_.size());
     for (const BlockInfo& b : blocks_) hashes.push_back(b.hash);
     cache_->ReleaseRead(hashes);
   }
-}
-
-uint32_t ReadHandle::matched_tokens() const {
-  return static_cast<uint32_t>(blocks_.size()) * model_.spec.block_tokens;
+  cache_ = nullptr;
+  blocks_.clear();
+  data_.clear();
 }
 
 absl::string_view ReadHandle::bytes(size_t i) const {
@@ -157,15 +171,21 @@ uint64_t KvCache::BlockCount(absl::string_view model_id) const {
 
 std::vector<BlockHash> KvCache::ChainHashes(const RegisteredModel& m, absl::string_view tenant,
                                             const BlockHash* parent,
-                                            absl::Span<const int32_t> tokens) {
+                                            absl::Span<const int32_t> tokens, bool partial_tail) {
   const size_t bt = m.spec.block_tokens;
   std::vector<BlockHash> hashes;
-  hashes.reserve(tokens.size() / bt);
-  for (size_t i = 0; i + bt <= tokens.size(); i += bt) {
+  hashes.reserve(tokens.size() / bt + 1);
+  for (size_t i = 0; i < tokens.size() && (partial_tail || i + bt <= tokens.size()); i += bt) {
     const BlockHash* prev = hashes.empty() ? parent : &hashes.back();
     hashes.push_back(PrefixBlockHash(m.id, tenant, prev, tokens.subspan(i, bt)));
   }
   return hashes;
+}
+
+std::vector<BlockHash> KvCache::SegmentHashes(const RegisteredModel& m, absl::string_view tenant,
+                                              absl::Span<const int32_t> tokens) {
+  const BlockHash key = SegmentHash(m.id, tenant, tokens);
+  return ChainHashes(m, tenant, &key, tokens, /*partial_tail=*/true);
 }
 
 size_t KvCache::MatchLocked(absl::Span<const BlockHash> hashes) const {
@@ -185,13 +205,20 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
   auto model = models_.Resolve(options.model);
   if (!model.ok()) return model.status();
   const int bt = model->spec.block_tokens;
-  if (options.tokens.empty() || options.tokens.size() % bt != 0) {
+  if (options.segment) {
+    if (options.tokens.empty()) {
+      return absl::InvalidArgumentError("a segment needs at least one token");
+    }
+    if (options.parent) return absl::InvalidArgumentError("a segment has no parent");
+  } else if (options.tokens.empty() || options.tokens.size() % bt != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("Put needs a positive multiple of block_tokens = ", bt, " tokens for model ",
                      model->id, ", got ", options.tokens.size()));
   }
   const BlockHash* parent = options.parent ? &*options.parent : nullptr;
-  std::vector<BlockHash> hashes = ChainHashes(*model, options.tenant, parent, options.tokens);
+  std::vector<BlockHash> hashes = options.segment
+                                      ? SegmentHashes(*model, options.tenant, options.tokens)
+                                      : ChainHashes(*model, options.tenant, parent, options.tokens);
   std::vector<bool> present(hashes.size(), false);
   int64_t first_position = 0;
   {
@@ -267,6 +294,7 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
   PutResult result;
   result.hashes = w.hashes_;
   const int bt = w.model_.spec.block_tokens;
+  // A segment's blocks chain to each other (evicting one takes the rest) but to no parent.
   const int64_t rotated_base = w.options_.rotated_at.value_or(w.first_position_);
   absl::MutexLock lock(&mu_);
   std::optional<BlockHash> parent = w.options_.parent;
@@ -349,11 +377,60 @@ absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl:
     handle.blocks_.push_back(e.info);
     handle.data_.push_back(e.data);
   }
+  handle.tokens_ = static_cast<uint32_t>(n) * m->spec.block_tokens;
   ++stats_.gets;
   stats_.bytes_out += n * handle.block_bytes_;
   host_counters_.hits += n;
   if (n < hashes.size()) ++host_counters_.misses;
   return handle;
+}
+
+absl::StatusOr<ReadHandle> KvCache::AcquireSegment(absl::string_view model,
+                                                   absl::string_view tenant,
+                                                   absl::Span<const int32_t> tokens) {
+  auto m = models_.Resolve(model);
+  if (!m.ok()) return m.status();
+  const std::vector<BlockHash> hashes = SegmentHashes(*m, tenant, tokens);
+  ReadHandle handle(this, *m, BlockBytes(m->spec));
+  absl::MutexLock lock(&mu_);
+  if (tokens.empty() || MatchLocked(hashes) != hashes.size()) {
+    ++host_counters_.misses;
+    return absl::NotFoundError(
+        absl::StrCat("segment of ", tokens.size(), " tokens is not cached for model ", m->id));
+  }
+  TouchLocked(hashes);
+  for (const BlockHash& h : hashes) {
+    Entry& e = index_.at(h);
+    ++e.readers;
+    handle.blocks_.push_back(e.info);
+    handle.data_.push_back(e.data);
+  }
+  handle.tokens_ = static_cast<uint32_t>(tokens.size());
+  host_counters_.hits += hashes.size();
+  ++stats_.gets;
+  return handle;
+}
+
+absl::StatusOr<LookupResult> KvCache::LookupSegment(absl::string_view model,
+                                                    absl::string_view tenant,
+                                                    absl::Span<const int32_t> tokens) {
+  auto m = models_.Resolve(model);
+  if (!m.ok()) return m.status();
+  const std::vector<BlockHash> hashes = SegmentHashes(*m, tenant, tokens);
+  LookupResult result;
+  absl::MutexLock lock(&mu_);
+  ++stats_.lookups;
+  if (tokens.empty() || MatchLocked(hashes) != hashes.size()) {
+    ++host_counters_.misses;
+    stats_.lookup_miss_tokens += tokens.size();
+    return result;
+  }
+  TouchLocked(hashes);
+  for (const BlockHash& h : hashes) result.blocks.push_back(index_.at(h).info);
+  result.matched_tokens = static_cast<uint32_t>(tokens.size());
+  stats_.lookup_hit_tokens += tokens.size();
+  host_counters_.hits += hashes.size();
+  return result;
 }
 
 void KvCache::ReleaseRead(absl::Span<const BlockHash> hashes) {

@@ -79,6 +79,9 @@ struct PutOptions {
   RopeTableId rope_table = 0;
   bool pre_rope = false;
   bool pin = false;
+  // A position-independent segment keyed by SegmentHash(tokens): any positive token count, the
+  // last block padded; no parent; rotated_at defaults to 0.
+  bool segment = false;
 };
 
 struct PutResult {
@@ -134,13 +137,14 @@ class PutWriter {
 class ReadHandle {
  public:
   ~ReadHandle();
-  ReadHandle(ReadHandle&&) = default;
-  ReadHandle& operator=(ReadHandle&&) = default;
+  ReadHandle(ReadHandle&& o) noexcept { *this = std::move(o); }
+  ReadHandle& operator=(ReadHandle&& o) noexcept;
 
   const RegisteredModel& model() const { return model_; }
   const std::vector<BlockInfo>& blocks() const { return blocks_; }
   uint64_t block_bytes() const { return block_bytes_; }
-  uint32_t matched_tokens() const;
+  // Tokens covered: full blocks of a prefix, or a segment's exact length.
+  uint32_t matched_tokens() const { return tokens_; }
 
   // The stored bytes of block i, [layer][k|v][kv_head][token][head_dim].
   absl::string_view bytes(size_t i) const;
@@ -152,12 +156,14 @@ class ReadHandle {
   friend class KvCache;
   ReadHandle(KvCache* cache, RegisteredModel model, uint64_t block_bytes)
       : cache_(cache), model_(std::move(model)), block_bytes_(block_bytes) {}
+  void Release();
 
   KvCache* cache_;
   RegisteredModel model_;
   uint64_t block_bytes_;
   std::vector<BlockInfo> blocks_;
   std::vector<const void*> data_;
+  uint32_t tokens_ = 0;
 };
 
 class KvCache {
@@ -192,6 +198,13 @@ class KvCache {
   absl::StatusOr<ReadHandle> AcquirePrefix(absl::string_view model, absl::string_view tenant,
                                            absl::Span<const int32_t> tokens, uint32_t max_blocks);
 
+  // Holds the segment of exactly `tokens` for reading; NOT_FOUND when it is not (fully) cached.
+  absl::StatusOr<ReadHandle> AcquireSegment(absl::string_view model, absl::string_view tenant,
+                                            absl::Span<const int32_t> tokens);
+  // Whether the segment of exactly `tokens` is cached: matched_tokens is its length or 0.
+  absl::StatusOr<LookupResult> LookupSegment(absl::string_view model, absl::string_view tenant,
+                                             absl::Span<const int32_t> tokens);
+
   // Evicts the cached prefix blocks of `tokens` (and what is chained after them); with no tokens
   // every block of the model. Pinned blocks and blocks being read stay. Returns the count.
   absl::StatusOr<uint32_t> Evict(absl::string_view model, absl::string_view tenant,
@@ -220,10 +233,15 @@ class KvCache {
 
   KvCache(Options options, std::unique_ptr<HostTier> host);
 
-  // Chain hashes of the full blocks of `tokens`.
+  // Chain hashes of the blocks of `tokens`: the full blocks, and with `partial_tail` a last
+  // partial block too.
   static std::vector<BlockHash> ChainHashes(const RegisteredModel& m, absl::string_view tenant,
                                             const BlockHash* parent,
-                                            absl::Span<const int32_t> tokens);
+                                            absl::Span<const int32_t> tokens,
+                                            bool partial_tail = false);
+  // The block hashes of a segment: chained from its SegmentHash.
+  static std::vector<BlockHash> SegmentHashes(const RegisteredModel& m, absl::string_view tenant,
+                                              absl::Span<const int32_t> tokens);
   // Number of leading hashes present in the index.
   size_t MatchLocked(absl::Span<const BlockHash> hashes) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Marks blocks used, last first, so that leaves are older than their prefixes.

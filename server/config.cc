@@ -17,7 +17,7 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
     return absl::InvalidArgumentError(absl::StrCat(
         "size must be a number with an optional unit (e.g. 2GiB), got \"", text, "\""));
   }
-  std::string unit = absl::AsciiStrToLower(s.substr(digits));
+  std::string unit = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s.substr(digits)));
   int shift = 0;
   if (unit.empty() || unit == "b") {
     shift = 0;

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "cache/compose.h"
 #include "server/convert.h"
 
 namespace ropekv {
@@ -74,6 +75,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     options.rope_table = h.rope_table();
     options.pre_rope = h.pre_rope();
     options.pin = h.pin();
+    options.segment = h.segment();
     auto writer = cache_->BeginPut(std::move(options));
     if (!writer.ok()) return writer.status();
     writer_ = *std::move(writer);
@@ -167,6 +169,81 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
   v1::GetResponse resp_;
 };
 
+// Server-streaming Compose: the header (parts, hits), then the prompt's KV one layer at a time.
+class ComposeReactor final : public grpc::ServerWriteReactor<v1::ComposeResponse> {
+ public:
+  ComposeReactor(KvCache* cache, const v1::ComposeRequest* req, uint64_t default_chunk) {
+    chunk_ = req->chunk_bytes() > 0 ? std::min<uint64_t>(req->chunk_bytes(), default_chunk)
+                                    : default_chunk;
+    std::vector<ComposePart> parts;
+    for (const v1::ComposePart& p : req->parts()) {
+      ComposePart part;
+      part.tokens = Tokens(p.tokens());
+      part.segment = p.segment();
+      if (p.has_target_position()) part.target_position = p.target_position();
+      parts.push_back(std::move(part));
+    }
+    auto prompt = ropekv::Compose(*cache, req->model(), req->tenant(), parts);
+    if (!prompt.ok()) {
+      Finish(ToGrpc(prompt.status()));
+      return;
+    }
+    prompt_.emplace(*std::move(prompt));
+    v1::ComposeHeader* header = resp_.mutable_header();
+    header->set_total_tokens(prompt_->total_tokens());
+    for (const ComposedPartInfo& info : prompt_->parts()) {
+      v1::ComposedPart* p = header->add_parts();
+      p->set_tokens(info.tokens);
+      p->set_position(info.position);
+      p->set_hit(info.hit == HitKind::kExact ? v1::HIT_EXACT : v1::HIT_REROTATED);
+    }
+    NextWrite();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+    NextWrite();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void NextWrite() {
+    if (!first_) {
+      if (layer_ >= prompt_->layers() && offset_ == layer_buf_.size()) {
+        return Finish(grpc::Status::OK);
+      }
+      resp_.clear_header();
+    }
+    first_ = false;
+    std::string* data = resp_.mutable_data();
+    data->clear();
+    while (data->size() < chunk_) {
+      if (offset_ == layer_buf_.size()) {
+        if (layer_ >= prompt_->layers()) break;
+        layer_buf_.resize(prompt_->layer_bytes());
+        if (absl::Status s = prompt_->WriteLayer(layer_, layer_buf_.data()); !s.ok()) {
+          return Finish(ToGrpc(s));
+        }
+        ++layer_;
+        offset_ = 0;
+      }
+      const uint64_t n = std::min<uint64_t>(layer_buf_.size() - offset_, chunk_ - data->size());
+      data->append(layer_buf_.data() + offset_, n);
+      offset_ += n;
+    }
+    StartWrite(&resp_);
+  }
+
+  std::optional<ComposedPrompt> prompt_;
+  uint64_t chunk_ = 0;
+  int layer_ = 0;
+  std::string layer_buf_;
+  uint64_t offset_ = 0;
+  bool first_ = true;
+  v1::ComposeResponse resp_;
+};
+
 }  // namespace
 
 grpc::ServerUnaryReactor* KvCacheService::RegisterModel(grpc::CallbackServerContext* ctx,
@@ -203,7 +280,9 @@ grpc::ServerReadReactor<v1::PutRequest>* KvCacheService::Put(grpc::CallbackServe
 grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ctx,
                                                  const v1::LookupRequest* req,
                                                  v1::LookupResponse* resp) {
-  auto result = cache_->Lookup(req->model(), req->tenant(), Tokens(req->tokens()));
+  const std::vector<int32_t> tokens = Tokens(req->tokens());
+  auto result = req->segment() ? cache_->LookupSegment(req->model(), req->tenant(), tokens)
+                               : cache_->Lookup(req->model(), req->tenant(), tokens);
   if (!result.ok()) return Done(ctx, result.status());
   resp->set_matched_tokens(result->matched_tokens);
   for (const BlockInfo& b : result->blocks) ToProto(b, resp->add_blocks());
@@ -213,6 +292,11 @@ grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ct
 grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackServerContext* ctx,
                                                                const v1::GetRequest* req) {
   return new GetReactor(cache_, req, config_.chunk_bytes);
+}
+
+grpc::ServerWriteReactor<v1::ComposeResponse>* KvCacheService::Compose(
+    grpc::CallbackServerContext* ctx, const v1::ComposeRequest* req) {
+  return new ComposeReactor(cache_, req, config_.chunk_bytes);
 }
 
 grpc::ServerUnaryReactor* KvCacheService::Stats(grpc::CallbackServerContext* ctx,

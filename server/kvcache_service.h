@@ -25,6 +25,8 @@ class KvCacheService final : public v1::KVCache::CallbackService {
                                    v1::LookupResponse* resp) override;
   grpc::ServerWriteReactor<v1::GetResponse>* Get(grpc::CallbackServerContext* ctx,
                                                  const v1::GetRequest* req) override;
+  grpc::ServerWriteReactor<v1::ComposeResponse>* Compose(grpc::CallbackServerContext* ctx,
+                                                         const v1::ComposeRequest* req) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
                                   v1::StatsResponse* resp) override;
   grpc::ServerUnaryReactor* Evict(grpc::CallbackServerContext* ctx, const v1::EvictRequest* req,

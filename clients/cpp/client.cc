@@ -85,7 +85,12 @@ absl::StatusOr<v1::PutResponse> Client::Put(const PutArgs& args, const KvView& k
                                                    kv.shape.Bytes(), " bytes, got ",
                                                    kv.bytes.size()));
   }
-  if (args.tokens.size() != uint64_t{kv.shape.blocks} * kv.shape.block_tokens) {
+  const uint64_t block_tokens = kv.shape.block_tokens;
+  const uint64_t blocks_needed =
+      args.segment ? (args.tokens.size() + block_tokens - 1) / block_tokens
+                   : (args.tokens.size() % block_tokens == 0 ? args.tokens.size() / block_tokens
+                                                             : ~uint64_t{0});
+  if (blocks_needed != kv.shape.blocks) {
     return absl::InvalidArgumentError(absl::StrCat(
         "KV of ", kv.shape.blocks, " blocks of ", kv.shape.block_tokens, " tokens needs ",
         uint64_t{kv.shape.blocks} * kv.shape.block_tokens, " tokens, got ", args.tokens.size()));
@@ -102,6 +107,7 @@ absl::StatusOr<v1::PutResponse> Client::Put(const PutArgs& args, const KvView& k
   h->set_parent(args.parent);
   if (args.rotated_at) h->set_rotated_at(*args.rotated_at);
   h->set_pin(args.pin);
+  h->set_segment(args.segment);
   size_t offset = 0;
   do {
     const size_t n = std::min<size_t>(options_.chunk_bytes, kv.bytes.size() - offset);
@@ -117,13 +123,14 @@ absl::StatusOr<v1::PutResponse> Client::Put(const PutArgs& args, const KvView& k
 
 absl::StatusOr<v1::LookupResponse> Client::Lookup(const std::string& model,
                                                   const std::string& tenant,
-                                                  absl::Span<const int32_t> tokens) {
+                                                  absl::Span<const int32_t> tokens, bool segment) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::LookupRequest req;
   req.set_model(model);
   req.set_tenant(tenant);
   req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+  req.set_segment(segment);
   v1::LookupResponse resp;
   if (auto s = FromGrpc(stub_->Lookup(&ctx, req, &resp)); !s.ok()) return s;
   return resp;
@@ -212,6 +219,30 @@ absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<ui
         std::memcpy(dst.data() + offset, bytes.data(), bytes.size());
         return absl::OkStatus();
       });
+}
+
+absl::StatusOr<ComposeResult> Client::Compose(const std::string& model, const std::string& tenant,
+                                              const std::vector<v1::ComposePart>& parts) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::ComposeRequest req;
+  req.set_model(model);
+  req.set_tenant(tenant);
+  for (const v1::ComposePart& p : parts) *req.add_parts() = p;
+  auto reader = stub_->Compose(&ctx, req);
+  ComposeResult result;
+  v1::ComposeResponse msg;
+  bool have_header = false;
+  while (reader->Read(&msg)) {
+    if (msg.has_header()) {
+      result.header = msg.header();
+      have_header = true;
+    }
+    result.data.insert(result.data.end(), msg.data().begin(), msg.data().end());
+  }
+  if (auto s = FromGrpc(reader->Finish()); !s.ok()) return s;
+  if (!have_header) return absl::InternalError("Compose stream without a header");
+  return result;
 }
 
 absl::StatusOr<v1::StatsResponse> Client::Stats() {

@@ -50,6 +50,9 @@ struct PutArgs {
   std::string parent;           // raw 32-byte hash of the block before; empty = start
   std::optional<int64_t> rotated_at;
   bool pin = false;
+  // A position-independent segment: any token count, ceil(tokens / block_tokens) blocks (the last
+  // padded), no parent.
+  bool segment = false;
 };
 
 struct GetArgs {
@@ -63,6 +66,12 @@ struct GetArgs {
 struct GetResult {
   v1::GetHeader header;
   std::vector<uint8_t> data;  // header.blocks() * header.block_bytes() bytes
+};
+
+struct ComposeResult {
+  v1::ComposeHeader header;
+  // [layer][k|v][kv_head][header.total_tokens()][head_dim] of the model's dtype.
+  std::vector<uint8_t> data;
 };
 
 class Client {
@@ -89,8 +98,14 @@ class Client {
   // the token count; otherwise the server's verdict.
   absl::StatusOr<v1::PutResponse> Put(const PutArgs& args, const KvView& kv);
 
+  // The longest cached prefix of `tokens`, or with `segment` whether the segment of exactly
+  // these tokens is cached.
   absl::StatusOr<v1::LookupResponse> Lookup(const std::string& model, const std::string& tenant,
-                                            absl::Span<const int32_t> tokens);
+                                            absl::Span<const int32_t> tokens, bool segment = false);
+
+  // The KV of a prompt assembled from cached parts, each at its position (re-rotated as needed).
+  absl::StatusOr<ComposeResult> Compose(const std::string& model, const std::string& tenant,
+                                        const std::vector<v1::ComposePart>& parts);
 
   // Fetches the longest cached prefix of args.tokens.
   absl::StatusOr<GetResult> Get(const GetArgs& args);

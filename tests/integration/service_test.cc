@@ -146,6 +146,57 @@ TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
   EXPECT_EQ(client_->Get(a).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(ServiceTest, ComposeSegmentsAtNewPositions) {
+  // A 20-token segment (2 blocks, the last padded) and a 32-token prefix.
+  const auto seg = Tokens(30, 20);
+  const auto seg_bytes = Bytes(31, 2 * bb_);
+  client::PutArgs a;
+  a.model = "demo";
+  a.tokens = seg;
+  a.segment = true;
+  ASSERT_TRUE(client_->Put(a, KvView{seg_bytes, KvShape::Of(Demo(), 2)}).ok());
+  const auto prefix = Tokens(32, 32);
+  const auto prefix_bytes = Bytes(33, 2 * bb_);
+  ASSERT_TRUE(Put(prefix, prefix_bytes).ok());
+  auto look = client_->Lookup("demo", "", seg, /*segment=*/true);
+  ASSERT_TRUE(look.ok());
+  EXPECT_EQ(look->matched_tokens(), 20u);
+
+  std::vector<v1::ComposePart> parts(2);
+  parts[0].mutable_tokens()->Add(prefix.begin(), prefix.end());
+  parts[1].mutable_tokens()->Add(seg.begin(), seg.end());
+  parts[1].set_segment(true);
+  auto r = client_->Compose("demo", "", parts);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->header.total_tokens(), 52u);
+  ASSERT_EQ(r->header.parts_size(), 2);
+  EXPECT_EQ(r->header.parts(0).hit(), v1::HIT_EXACT);
+  EXPECT_EQ(r->header.parts(1).hit(), v1::HIT_REROTATED);
+  EXPECT_EQ(r->header.parts(1).position(), 32);
+  // [layer][k|v][head][52][64] bf16; values of the segment come back bit-exact.
+  const size_t row = 64 * 2, total = 52;
+  ASSERT_EQ(r->data.size(), 4 * 2 * 2 * total * row);
+  const size_t block_row = 16 * row;  // one head's 16 tokens in a block
+  for (int layer = 0; layer < 4; ++layer) {
+    for (int h = 0; h < 2; ++h) {
+      const size_t out_v = ((layer * 2 + 1) * 2 + h) * total * row;
+      const size_t blk_v = ((layer * 2 + 1) * 2 + h) * block_row;
+      // prefix tokens 0..15 (block 0), segment tokens 0..15 (its block 0) at prompt 32..47
+      EXPECT_EQ(std::memcmp(r->data.data() + out_v, prefix_bytes.data() + blk_v, block_row), 0);
+      EXPECT_EQ(std::memcmp(r->data.data() + out_v + 32 * row, seg_bytes.data() + blk_v, block_row),
+                0);
+      const size_t out_k = ((layer * 2) * 2 + h) * total * row;
+      const size_t blk_k = ((layer * 2) * 2 + h) * block_row;
+      EXPECT_EQ(std::memcmp(r->data.data() + out_k, prefix_bytes.data() + blk_k, block_row), 0);
+      EXPECT_NE(std::memcmp(r->data.data() + out_k + 32 * row, seg_bytes.data() + blk_k, block_row),
+                0);
+    }
+  }
+  parts[1].set_segment(false);  // 20 tokens are no whole prefix
+  EXPECT_EQ(client_->Compose("demo", "", parts).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(ServiceTest, BadInputGetsTheRightCodeAndChangesNothing) {
   const auto tokens = Tokens(9, 32);
   const auto bytes = Bytes(10, 2 * bb_);
