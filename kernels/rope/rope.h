@@ -77,6 +77,9 @@ struct RopeSpec {
 // Rotary dims of a spec (rotary_dim, or head_dim when rotary_dim is 0).
 int RotaryDim(const RopeSpec& spec);
 
+// "default", "linear", "dynamic", "llama3", "yarn", "longrope" (HF's rope_type strings).
+const char* RopeTypeName(RopeType type);
+
 // OK, or INVALID_ARGUMENT naming the field with expected vs got ("rope.rotary_dim must be even
 // and <= head_dim 128, got 130").
 absl::Status ValidateRopeSpec(const RopeSpec& spec);
@@ -160,7 +163,8 @@ struct RerotateCopy {
   int64_t from_pos = 0;        // position src_token's key was rotated at (>= 0)
   RopeTableId from_table = 0;  // table it was rotated with
   int64_t to_pos = 0;          // position dst_token's key must have (>= 0)
-  RopeTableId to_table = 0;
+  RopeTableId to_table = 0;    // table it must be rotated with at dst
+  bool keys_only = false;      // copy (and re-rotate) K only; dst's V is left untouched
 };
 
 // Copies every job's K and V; keys' rotary dims are re-rotated from (from_pos+t, from_table) to
