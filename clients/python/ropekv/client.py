@@ -1,0 +1,400 @@
+"""ropekv.Client: typed calls to ropekvd over a gRPC channel.
+
+KV travels as numpy arrays [blocks, layers, 2, kv_heads, block_tokens, head_dim] (see
+ropekv.arrays); bulk bytes are chunked below the channel's maximum message size (Put is
+client-streaming, Get server-streaming). Every failure raises ropekv.Error with a
+grpc.StatusCode.
+
+Thread safety: a Client may be shared by threads (gRPC channels and stubs are thread-safe; the
+model-spec cache is guarded by a lock).
+"""
+
+import threading
+
+import grpc
+import numpy as np
+
+from ropekv import arrays
+from ropekv._pb import grpc_modules, has_field, pb, pb_grpc
+from ropekv.errors import Error, invalid
+from ropekv.spec import model_spec
+
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# grpc.health.v1.HealthCheckResponse.ServingStatus
+_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _health_status(raw):
+    """The `status` (field 1, varint) of a serialized HealthCheckResponse; 0 when absent."""
+    i, status = 0, 0
+    while i < len(raw):
+        key, shift = 0, 0
+        while True:
+            b = raw[i]
+            i += 1
+            key |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, shift = 0, 0
+            while True:
+                b = raw[i]
+                i += 1
+                value |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            if field == 1:
+                status = value
+        elif wire == 2:
+            length, shift = 0, 0
+            while True:
+                b = raw[i]
+                i += 1
+                length |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            i += length
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise Error(grpc.StatusCode.DATA_LOSS, f"health response: bad wire type {wire}")
+    return status
+
+
+class Client:
+    """A connection to one ropekvd.
+
+    Args:
+      address: "HOST:PORT" of the daemon.
+      timeout: deadline of each call, seconds.
+      max_message_bytes: the channel's send/receive limit (the daemon's default is 64 MiB).
+      chunk_bytes: KV bytes per streamed Put message (must stay below both sides' limit).
+      channel_options: extra grpc channel options, a list of (key, value).
+    The channel connects lazily: construction never fails for an unreachable daemon.
+    """
+
+    def __init__(self, address="127.0.0.1:50051", *, timeout=120.0,
+                 max_message_bytes=64 << 20, chunk_bytes=4 << 20, channel_options=()):
+        if not address:
+            raise invalid("address must be HOST:PORT, got an empty string")
+        if chunk_bytes <= 0 or chunk_bytes > max_message_bytes - (1 << 16):
+            raise invalid(f"chunk_bytes must be in (0, max_message_bytes - 64 KiB], got {chunk_bytes}")
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = int(chunk_bytes)
+        options = [
+            ("grpc.max_send_message_length", int(max_message_bytes)),
+            ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ] + list(channel_options)
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.kvcache = pb_grpc.KVCacheStub(self.channel)
+        self._health = self.channel.unary_unary(_HEALTH_CHECK)
+        self._specs = {}  # model id or name -> ModelSpec
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_ready(self, timeout=10.0):
+        """Blocks until the channel is connected. UNAVAILABLE when it is not within `timeout` s."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Error(grpc.StatusCode.UNAVAILABLE,
+                        f"ropekvd at {self.address} not reachable within {timeout} s") from None
+
+    def stub(self, service):
+        """A stub of any generated ropekv service by name ("KVCache", "Sessions", ...), on this
+        client's channel. NOT_FOUND when no generated module defines it."""
+        for mod in grpc_modules():
+            cls = getattr(mod, f"{service}Stub", None)
+            if cls is not None:
+                return cls(self.channel)
+        raise Error(grpc.StatusCode.NOT_FOUND, f"no generated ropekv service named {service!r}")
+
+    def _call(self, fn, request, **kw):
+        try:
+            return fn(request, timeout=self.timeout, **kw)
+        except grpc.RpcError as e:
+            raise Error.from_rpc(e) from None
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def health(self, service=""):
+        """grpc.health.v1 Check: "SERVING" when the daemon serves; raises ropekv.Error
+        UNAVAILABLE when it answers anything else (or cannot be reached)."""
+        request = b"" if not service else b"\x0a" + _varint(len(service.encode())) + service.encode()
+        raw = self._call(self._health, request)
+        status = _SERVING_STATUS.get(_health_status(raw), "UNKNOWN")
+        if status != "SERVING":
+            raise Error(grpc.StatusCode.UNAVAILABLE, f"health: want SERVING, got {status}")
+        return status
+
+    def register_model(self, spec=None, name="", **kwargs):
+        """Registers a model (idempotent: the id is a stable hash of the spec). `spec` is a dict,
+        a ModelSpec proto or keyword arguments (see ropekv.spec). Returns the
+        RegisterModelResponse (.model_id, .created). INVALID_ARGUMENT for a bad spec,
+        ALREADY_EXISTS when `name` names another model."""
+        spec = model_spec(spec, **kwargs)
+        resp = self._call(self.kvcache.RegisterModel, pb.RegisterModelRequest(spec=spec, name=name))
+        with self._lock:
+            self._specs[resp.model_id] = spec
+            if name:
+                self._specs[name] = spec
+        return resp
+
+    def list_models(self):
+        """Every registered model: a list of ModelInfo (.model_id, .names, .spec, .block_bytes,
+        .blocks)."""
+        resp = self._call(self.kvcache.ListModels, pb.ListModelsRequest())
+        with self._lock:
+            for m in resp.models:
+                self._specs[m.model_id] = m.spec
+                for n in m.names:
+                    self._specs[n] = m.spec
+        return list(resp.models)
+
+    def spec(self, model):
+        """The ModelSpec of a model id or name (cached). NOT_FOUND when it is not registered."""
+        with self._lock:
+            s = self._specs.get(model)
+        if s is None:
+            self.list_models()
+            with self._lock:
+                s = self._specs.get(model)
+        if s is None:
+            raise Error(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not registered")
+        return s
+
+    def stats(self):
+        """The daemon's StatsResponse (.tiers, .lookups, .puts, .gets, .bytes_in, ...)."""
+        return self._call(self.kvcache.Stats, pb.StatsRequest())
+
+    def evict(self, model, tokens=(), tenant=""):
+        """Evicts the cached prefix blocks of `tokens` and what hangs off them (empty: every
+        unpinned block of the model); pinned blocks stay. Returns the number evicted."""
+        req = pb.EvictRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens))
+        return self._call(self.kvcache.Evict, req).blocks_evicted
+
+    def pin(self, model, tokens, tenant="", pin=True):
+        """Pins (pin=False: unpins) the cached prefix blocks of `tokens`; returns their count."""
+        req = pb.PinRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens), pin=pin)
+        return self._call(self.kvcache.Pin, req).blocks
+
+    def unpin(self, model, tokens, tenant=""):
+        return self.pin(model, tokens, tenant=tenant, pin=False)
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def put(self, model, tokens, kv, tenant="", parent=None, rotated_at=None, pin=False,
+            rope_table=0, pre_rope=False):
+        """Stores the KV of `tokens` (a multiple of block_tokens of them).
+
+        kv: [blocks, layers, 2, kv_heads, block_tokens, head_dim] numpy array (bf16 as uint16 /
+          int16 bits or ml_dtypes.bfloat16), a torch tensor of that shape (any device), or raw
+          bytes. parent: the 32-byte hash (bytes, or 64 hex chars) of the block before the first
+          one (from a previous PutResponse.block_hashes); None = the prefix starts here.
+          rotated_at: position the first token's key was rotated at (default: its position in the
+          prefix).
+        Returns the PutResponse (.blocks_stored, .blocks_existing, .block_hashes).
+        Raises INVALID_ARGUMENT locally when kv does not match the model or the token count;
+        NOT_FOUND for an unknown model or an uncached parent; RESOURCE_EXHAUSTED when full.
+        """
+        spec = self.spec(model)
+        tokens = arrays.tokens_list(tokens)
+        data, blocks = arrays.kv_bytes(kv, spec)
+        if len(tokens) != blocks * spec.block_tokens:
+            raise invalid(f"{blocks} blocks of block_tokens = {spec.block_tokens} need "
+                          f"{blocks * spec.block_tokens} tokens, got {len(tokens)}")
+        header = pb.PutHeader(model=model, tenant=tenant, tokens=tokens, pin=pin,
+                              rope_table=rope_table, pre_rope=pre_rope)
+        if parent is not None:
+            header.parent = _hash_bytes(parent)
+        if rotated_at is not None:
+            header.rotated_at = int(rotated_at)
+        return self._put(header, data)
+
+    def put_segment(self, model, tokens, kv, tenant="", rotated_at=None, pin=False):
+        """Stores a position-independent segment (a module, a document): keyed by its tokens
+        alone; any positive token count, kv holds ceil(tokens / block_tokens) blocks (the last one
+        padded). Needs a daemon whose API has PutHeader.segment (UNIMPLEMENTED otherwise)."""
+        if not has_field(pb.PutHeader, "segment"):
+            raise Error(grpc.StatusCode.UNIMPLEMENTED, "this API revision has no segments")
+        spec = self.spec(model)
+        tokens = arrays.tokens_list(tokens)
+        data, blocks = arrays.kv_bytes(kv, spec)
+        want = -(-len(tokens) // spec.block_tokens)
+        if not tokens or blocks != want:
+            raise invalid(f"a segment of {len(tokens)} tokens needs {want} blocks of "
+                          f"block_tokens = {spec.block_tokens}, got {blocks}")
+        header = pb.PutHeader(model=model, tenant=tenant, tokens=tokens, pin=pin, segment=True)
+        if rotated_at is not None:
+            header.rotated_at = int(rotated_at)
+        return self._put(header, data)
+
+    def _put(self, header, data):
+        chunk = self.chunk_bytes
+
+        def requests():
+            yield pb.PutRequest(header=header, data=data[:chunk].tobytes())
+            for off in range(chunk, data.size, chunk):
+                yield pb.PutRequest(data=data[off:off + chunk].tobytes())
+
+        try:
+            return self.kvcache.Put(requests(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise Error.from_rpc(e) from None
+
+    def lookup(self, model, tokens, tenant="", segment=False):
+        """The longest cached prefix of `tokens`: LookupResponse (.matched_tokens, a multiple of
+        block_tokens; .blocks with hash, tier, rotated_at, pinned). segment=True: the segment of
+        exactly these tokens, all or nothing. NOT_FOUND for an unknown model."""
+        req = pb.LookupRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens))
+        if segment:
+            if not has_field(pb.LookupRequest, "segment"):
+                raise Error(grpc.StatusCode.UNIMPLEMENTED, "this API revision has no segments")
+            req.segment = True
+        return self._call(self.kvcache.Lookup, req)
+
+    def get(self, model, tokens, tenant="", target_position=None, max_blocks=0, out=None):
+        """Fetches the KV of the longest cached prefix of `tokens`.
+
+        target_position: where the first returned token's key should sit; keys are re-rotated
+          from their stored position by the daemon, in one rotation; values are returned as
+          stored. None: as stored.
+        max_blocks: at most this many blocks (0 = all matched).
+        out: optional writable C-contiguous numpy array to receive the bytes (reused buffers);
+          OUT_OF_RANGE when it is smaller than the answer.
+        Returns (GetHeader, array [blocks, layers, 2, kv_heads, block_tokens, head_dim] of
+        numpy_dtype(spec.dtype)); blocks is 0 on a miss. NOT_FOUND for an unknown model,
+        INVALID_ARGUMENT for a negative target_position, DATA_LOSS when the stream is short.
+        """
+        spec = self.spec(model)
+        req = pb.GetRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
+                            max_blocks=max_blocks)
+        if target_position is not None:
+            req.target_position = int(target_position)
+        stream = None
+        try:
+            stream = self.kvcache.Get(req, timeout=self.timeout)
+            header, flat, filled = None, None, 0
+            for msg in stream:
+                if header is None:
+                    if not msg.HasField("header"):
+                        raise Error(grpc.StatusCode.DATA_LOSS, "Get: the first message has no header")
+                    header = msg.header
+                    want_bb = arrays.block_bytes(spec)
+                    if header.blocks and header.block_bytes != want_bb:
+                        raise Error(grpc.StatusCode.DATA_LOSS,
+                                    f"Get: blocks of model {model} have {want_bb} bytes, the "
+                                    f"daemon sent {header.block_bytes}")
+                    total = header.blocks * want_bb
+                    flat = self._buffer(out, total, spec)
+                n = len(msg.data)
+                if filled + n > flat.size:
+                    raise Error(grpc.StatusCode.DATA_LOSS,
+                                f"Get: want {flat.size} bytes, the daemon sent more")
+                if n:
+                    flat[filled:filled + n] = np.frombuffer(msg.data, np.uint8)
+                    filled += n
+        except grpc.RpcError as e:
+            raise Error.from_rpc(e) from None
+        except Error:
+            if stream is not None:
+                stream.cancel()
+            raise
+        if header is None:
+            raise Error(grpc.StatusCode.DATA_LOSS, "Get: the stream ended without a header")
+        if filled != flat.size:
+            raise Error(grpc.StatusCode.DATA_LOSS,
+                        f"Get: want {flat.size} bytes of {header.blocks} blocks, got {filled}")
+        arr = flat.view(arrays.numpy_dtype(spec.dtype)).reshape(arrays.kv_shape(spec, header.blocks))
+        return header, arr
+
+    @staticmethod
+    def _buffer(out, total, spec):
+        if out is None:
+            return np.empty(total, np.uint8)
+        if arrays.is_torch_tensor(out):
+            raise invalid("out must be a numpy array (use get_torch for tensors)")
+        if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise invalid("out must be a writable C-contiguous numpy array")
+        if out.nbytes < total:
+            raise Error(grpc.StatusCode.OUT_OF_RANGE,
+                        f"out holds {out.nbytes} bytes, the answer needs {total}")
+        return out.reshape(-1).view(np.uint8)[:total]
+
+    def get_torch(self, model, tokens, tenant="", target_position=None, max_blocks=0,
+                  device=None):
+        """get() as a torch tensor of the model's dtype (torch.bfloat16 for bf16) on `device`."""
+        spec = self.spec(model)
+        header, arr = self.get(model, tokens, tenant=tenant, target_position=target_position,
+                               max_blocks=max_blocks)
+        return header, arrays.numpy_to_torch(arr, spec.dtype, device)
+
+    def compose(self, model, parts, tenant=""):
+        """The KV of a prompt assembled from cached parts (needs a daemon with Compose).
+
+        parts: a list of dicts {"tokens": [...], "segment": bool, "target_position": int or None}.
+        Returns (ComposeHeader, array [layers, 2, kv_heads, total_tokens, head_dim])."""
+        if not hasattr(self.kvcache, "Compose"):
+            raise Error(grpc.StatusCode.UNIMPLEMENTED, "this API revision has no Compose")
+        spec = self.spec(model)
+        req = pb.ComposeRequest(model=model, tenant=tenant)
+        for p in parts:
+            part = req.parts.add(tokens=arrays.tokens_list(p["tokens"]),
+                                 segment=bool(p.get("segment", False)))
+            if p.get("target_position") is not None:
+                part.target_position = int(p["target_position"])
+        chunks, header = [], None
+        try:
+            for msg in self.kvcache.Compose(req, timeout=self.timeout):
+                if header is None:
+                    header = msg.header
+                chunks.append(msg.data)
+        except grpc.RpcError as e:
+            raise Error.from_rpc(e) from None
+        if header is None:
+            raise Error(grpc.StatusCode.DATA_LOSS, "Compose: the stream ended without a header")
+        data = b"".join(chunks)
+        dt = arrays.numpy_dtype(spec.dtype)
+        shape = (spec.layers, 2, spec.kv_heads, header.total_tokens, spec.head_dim)
+        want = int(np.prod(shape)) * dt.itemsize
+        if len(data) != want:
+            raise Error(grpc.StatusCode.DATA_LOSS, f"Compose: want {want} bytes, got {len(data)}")
+        return header, np.frombuffer(data, dt).reshape(shape)
+
+
+def _hash_bytes(h):
+    if isinstance(h, str):
+        try:
+            h = bytes.fromhex(h)
+        except ValueError:
+            raise invalid(f"a block hash in hex has 64 hex digits, got {h!r}") from None
+    return bytes(h)

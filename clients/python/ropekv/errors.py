@@ -1,0 +1,33 @@
+"""ropekv.Error: every failure of the client, local or from the daemon, with a gRPC status code."""
+
+import grpc
+
+
+class Error(Exception):
+    """A failed ropekv call.
+
+    Attributes:
+      code: a grpc.StatusCode, with the daemon's meaning: NOT_FOUND (unknown model, missing parent),
+        INVALID_ARGUMENT (bad shape, dtype, range; also raised locally before any byte is sent),
+        ALREADY_EXISTS (a name taken by another model), RESOURCE_EXHAUSTED (tier full),
+        DATA_LOSS (corrupt or short bytes), UNAVAILABLE (daemon not reachable or not serving),
+        OUT_OF_RANGE (a caller's buffer too small), DEADLINE_EXCEEDED (timeout).
+      message: what was expected and what came.
+    """
+
+    def __init__(self, code, message):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, err):
+        """Converts a grpc.RpcError (the one place where gRPC errors are translated)."""
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code if code is not None else grpc.StatusCode.UNKNOWN, details or "")
+
+
+def invalid(message):
+    """An INVALID_ARGUMENT error raised locally (bad shape, dtype, count)."""
+    return Error(grpc.StatusCode.INVALID_ARGUMENT, message)
