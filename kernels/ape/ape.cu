@@ -101,6 +101,17 @@ __device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
 
+// Two adjacent elements as floats.
+__device__ __forceinline__ float2 ToFloat2(const float* p) {
+  return *reinterpret_cast<const float2*>(p);
+}
+__device__ __forceinline__ float2 ToFloat2(const __half* p) {
+  return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+__device__ __forceinline__ float2 ToFloat2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
 __device__ __forceinline__ float LoadAny(const void* p, int64_t i, int dtype) {
   switch (dtype) {
     case static_cast<int>(DType::kF32):
@@ -169,17 +180,18 @@ constexpr size_t GenericSmemBytes() {
 
 // \tparam KV   element type of keys and values (float, __half, __nv_bfloat16)
 // \tparam HD   head_dim
-// \tparam ROWS query rows per block (a multiple of 128 / HD)
+// \tparam ROWS query rows per block
 // \tparam TILE keys per shared-memory tile
 // Grid: (num_items, kv_heads, ceil(num_queries * group / ROWS)); kThreads threads.
 template <typename KV, int HD, int ROWS, int TILE>
 __global__ void __launch_bounds__(kThreads) ApeSplitKernel(const __grid_constant__ SplitParams p) {
   constexpr int kVec = 16 / sizeof(KV);  // elements per 16-byte vector
   constexpr int kVecsPerRow = HD / kVec;
-  constexpr int kKPitch = HD + kVec;  // 16-byte pad: key rows fall in different banks
-  constexpr int kOutPerThread = ROWS * HD / kThreads;
-  static_assert(ROWS * HD % kThreads == 0, "ROWS * HD must be a multiple of the block size");
-  static_assert(HD % kVec == 0, "head_dim must fill 16-byte vectors");
+  constexpr int kKPitch = HD + kVec;     // 16-byte pad: key rows fall in different banks
+  constexpr int kPairs = ROWS * HD / 2;  // outputs are owned in pairs of adjacent dims
+  constexpr int kPairsPerThread = (kPairs + kThreads - 1) / kThreads;
+  static_assert(HD % kVec == 0 && kVec % 4 == 0, "head_dim must fill 16-byte vectors");
+  static_assert(TILE % 4 == 0, "tiles are read 4 keys at a time");
 
   extern __shared__ __align__(16) unsigned char smem[];
   KV* k_s = reinterpret_cast<KV*>(smem);                   // [TILE][kKPitch]
@@ -229,9 +241,9 @@ __global__ void __launch_bounds__(kThreads) ApeSplitKernel(const __grid_constant
     lim_s[tid] =
         row >= rows_total ? -1 : (is_context ? INT_MAX : CausalLimit(p, sg, row / p.group));
   }
-  float acc[kOutPerThread];
+  float2 acc[kPairsPerThread];
 #pragma unroll
-  for (int j = 0; j < kOutPerThread; ++j) acc[j] = 0.0f;
+  for (int j = 0; j < kPairsPerThread; ++j) acc[j] = make_float2(0.0f, 0.0f);
   const KV* kg = static_cast<const KV*>(sg.k) + hk * sg.head_stride;
   const KV* vg = static_cast<const KV*>(sg.v) + hk * sg.head_stride;
   __syncthreads();
@@ -260,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) ApeSplitKernel(const __grid_constant
       const int key = idx % TILE;
       float s = -INFINITY;
       if (key < nk && kt + key <= lim_s[r]) {
-        const float* qr = q_s + r * HD;
+        const float4* qr = reinterpret_cast<const float4*>(q_s + r * HD);
         const KV* kr = k_s + key * kKPitch;
         float dot = 0.0f;
 #pragma unroll
@@ -268,7 +280,13 @@ __global__ void __launch_bounds__(kThreads) ApeSplitKernel(const __grid_constant
           const uint4 raw = *reinterpret_cast<const uint4*>(kr + c * kVec);
           const KV* ke = reinterpret_cast<const KV*>(&raw);
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) dot = fmaf(qr[c * kVec + e], ToFloat(ke[e]), dot);
+          for (int e4 = 0; e4 < kVec / 4; ++e4) {
+            const float4 qv = qr[(c * kVec) / 4 + e4];
+            dot = fmaf(qv.x, ToFloat(ke[4 * e4 + 0]), dot);
+            dot = fmaf(qv.y, ToFloat(ke[4 * e4 + 1]), dot);
+            dot = fmaf(qv.z, ToFloat(ke[4 * e4 + 2]), dot);
+            dot = fmaf(qv.w, ToFloat(ke[4 * e4 + 3]), dot);
+          }
         }
         s = dot * scale_log2;
       }
@@ -301,30 +319,50 @@ __global__ void __launch_bounds__(kThreads) ApeSplitKernel(const __grid_constant
     }
     __syncthreads();
 
-    // O = O * alpha + P.V
+    // O = O * alpha + P.V over the whole tile (weights past nk are 0, those V rows zeros).
 #pragma unroll
-    for (int j = 0; j < kOutPerThread; ++j) {
+    for (int j = 0; j < kPairsPerThread; ++j) {
       const int idx = tid + j * kThreads;
-      const int r = idx / HD;
-      const int e = idx % HD;
-      const float* pr = s_s + r * TILE;
-      float a = acc[j] * alpha_s[r];
-      for (int key = 0; key < nk; ++key) a = fmaf(pr[key], ToFloat(v_s[key * HD + e]), a);
+      if (kPairs % kThreads != 0 && idx >= kPairs) break;
+      const int r = idx / (HD / 2);
+      const int e = 2 * (idx % (HD / 2));
+      const float4* pr = reinterpret_cast<const float4*>(s_s + r * TILE);
+      const float alpha = alpha_s[r];
+      float2 a = make_float2(acc[j].x * alpha, acc[j].y * alpha);
+#pragma unroll 4
+      for (int k4 = 0; k4 < TILE / 4; ++k4) {
+        const float4 w = pr[k4];
+        const float2 v0 = ToFloat2(v_s + (4 * k4 + 0) * HD + e);
+        const float2 v1 = ToFloat2(v_s + (4 * k4 + 1) * HD + e);
+        const float2 v2 = ToFloat2(v_s + (4 * k4 + 2) * HD + e);
+        const float2 v3 = ToFloat2(v_s + (4 * k4 + 3) * HD + e);
+        a.x = fmaf(w.x, v0.x, a.x);
+        a.y = fmaf(w.x, v0.y, a.y);
+        a.x = fmaf(w.y, v1.x, a.x);
+        a.y = fmaf(w.y, v1.y, a.y);
+        a.x = fmaf(w.z, v2.x, a.x);
+        a.y = fmaf(w.z, v2.y, a.y);
+        a.x = fmaf(w.w, v3.x, a.x);
+        a.y = fmaf(w.w, v3.y, a.y);
+      }
       acc[j] = a;
     }
     __syncthreads();
   }
 
 #pragma unroll
-  for (int j = 0; j < kOutPerThread; ++j) {
+  for (int j = 0; j < kPairsPerThread; ++j) {
     const int idx = tid + j * kThreads;
-    const int r = idx / HD;
-    const int e = idx % HD;
+    if (kPairs % kThreads != 0 && idx >= kPairs) break;
+    const int r = idx / (HD / 2);
+    const int e = 2 * (idx % (HD / 2));
     const int row = row0 + r;
     if (row >= rows_total) continue;
     const int qrow = (row / p.group) * p.q_heads + hk * p.group + row % p.group;
     const float l = l_s[r];
-    p.ws_o[(static_cast<int64_t>(item) * nq_rows + qrow) * HD + e] = l > 0.0f ? acc[j] / l : 0.0f;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    *reinterpret_cast<float2*>(p.ws_o + (static_cast<int64_t>(item) * nq_rows + qrow) * HD + e) =
+        make_float2(acc[j].x * inv, acc[j].y * inv);
   }
   if (tid < ROWS && row0 + tid < rows_total) {
     const int row = row0 + tid;
@@ -403,11 +441,23 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
 #endif
 }
 
-__device__ __forceinline__ void CpAsyncWaitAll() {
+__device__ __forceinline__ void CpAsyncCommit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::);
 #endif
+}
+
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <int HD>
+constexpr size_t MmaSmemBytes(size_t elem) {
+  return 4 * static_cast<size_t>(kMmaTile) * (HD + 8) * elem;  // 2 stages x (K, V)
 }
 
 // \tparam T  element type of q, keys and values (__half or __nv_bfloat16)
@@ -421,8 +471,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kChunks = HD / 8;  // 16-byte chunks per key row
   constexpr int kNTiles = kMmaTile / 8;
   static_assert(HD % 16 == 0, "head_dim must be a multiple of 16");
-  __shared__ __align__(16) T k_s[kMmaTile * kPitch];  // [kMmaTile][kPitch]
-  __shared__ __align__(16) T v_s[kMmaTile * kPitch];  // [kMmaTile][kPitch]
+  // Two stages of K and V tiles: the next tile loads (cp.async) while this one is computed.
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  T* kv_s = reinterpret_cast<T*>(mma_smem);  // [2 stages][k|v][kMmaTile][kPitch]
 
   const int item = blockIdx.x;
   const int hk = blockIdx.y;
@@ -482,13 +533,17 @@ __global__ void __launch_bounds__(kThreads)
   const T* kg = static_cast<const T*>(sg.k) + hk * sg.head_stride;
   const T* vg = static_cast<const T*>(sg.v) + hk * sg.head_stride;
 
-  for (int kt = key_begin; kt < key_end; kt += kMmaTile) {
+  // Starts loading the tile of keys kt.. into stage st; rows past the split are zeros so that
+  // 0 * V stays 0.
+  auto load_tile = [&](int kt, int st) {
     const int nk = min(kMmaTile, key_end - kt);
+    T* kb = kv_s + (2 * st) * kMmaTile * kPitch;
+    T* vb = kb + kMmaTile * kPitch;
     for (int idx = tid; idx < kMmaTile * kChunks; idx += kThreads) {
       const int key = idx / kChunks;
       const int c = idx % kChunks;
-      T* kd = k_s + key * kPitch + c * 8;
-      T* vd = v_s + key * kPitch + c * 8;
+      T* kd = kb + key * kPitch + c * 8;
+      T* vd = vb + key * kPitch + c * 8;
       if (key < nk) {
         const int64_t off = static_cast<int64_t>(kt + key) * sg.token_stride + c * 8;
         CpAsync16(kd, kg + off);
@@ -498,8 +553,22 @@ __global__ void __launch_bounds__(kThreads)
         *reinterpret_cast<uint4*>(vd) = make_uint4(0, 0, 0, 0);
       }
     }
-    CpAsyncWaitAll();
+    CpAsyncCommit();
+  };
+
+  int stage = 0;
+  if (key_begin < key_end) load_tile(key_begin, 0);
+  for (int kt = key_begin; kt < key_end; kt += kMmaTile) {
+    const int nk = min(kMmaTile, key_end - kt);
+    if (kt + kMmaTile < key_end) {
+      load_tile(kt + kMmaTile, stage ^ 1);  // that stage was released by the last barrier
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const T* k_s = kv_s + (2 * stage) * kMmaTile * kPitch;  // [kMmaTile][kPitch]
+    const T* v_s = k_s + kMmaTile * kPitch;                 // [kMmaTile][kPitch]
 
     // S = Q.K^T for 64 keys: n-tile nt holds keys nt*8 .. nt*8 + 7.
     float s[kNTiles][4];
@@ -578,6 +647,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+    stage ^= 1;
   }
 
 #pragma unroll
@@ -896,21 +966,29 @@ absl::Status LaunchGenericDim(int hd, int rows, const SplitParams& p, dim3 grid,
   }
 }
 
+template <typename T, int HD>
+absl::Status LaunchMmaDim(const SplitParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr size_t kSmem = MmaSmemBytes<HD>(sizeof(T));
+  auto* kernel = &ApeSplitMmaKernel<T, HD>;
+  if (kSmem > 48 * 1024) {
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+  }
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
 template <typename T>
 absl::Status LaunchMma(int hd, const SplitParams& p, dim3 grid, cudaStream_t stream) {
   switch (hd) {
     case 64:
-      ApeSplitMmaKernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return LaunchMmaDim<T, 64>(p, grid, stream);
     case 96:
-      ApeSplitMmaKernel<T, 96><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return LaunchMmaDim<T, 96>(p, grid, stream);
     default:
-      ApeSplitMmaKernel<T, 128><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return LaunchMmaDim<T, 128>(p, grid, stream);
   }
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
 }
 
 absl::Status LaunchSplit(const Plan& plan, const ApeArgs& args, const SplitParams& sp,
