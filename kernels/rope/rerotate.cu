@@ -15,7 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -33,7 +32,8 @@ namespace {
 
 // Launch configuration, chosen here only.
 constexpr int kThreads = 256;  // threads per block
-constexpr int kUnroll = 4;     // rows in flight per thread
+constexpr int kUnroll = 4;     // rows in flight per thread (ROTATE: two vectors per row)
+constexpr int kCopyUnroll = 8;  // rows in flight per thread (COPY: one vector per row)
 // Blocks aimed at per SM before (layer, head) rows are split across blocks.
 constexpr int kTargetBlocksPerSm = 32;
 // Fewest rows a block streams when rows are split (amortizes the sincos of its coefficients).
@@ -268,11 +268,11 @@ __device__ __forceinline__ void CopyBlock(const LaunchParams& p, const DevJob& j
   T* dst =
       static_cast<T*>(job.dst) + kv * job.dst_kv + (job.dst_token0 + t) * job.dst_token + u * VE;
   int layer = lh_begin / p.heads, head = lh_begin - (lh_begin / p.heads) * p.heads;
-  for (int lh = lh_begin; lh < lh_end; lh += kUnroll) {
-    V a[kUnroll];
-    int64_t dof[kUnroll];
+  for (int lh = lh_begin; lh < lh_end; lh += kCopyUnroll) {
+    V a[kCopyUnroll];
+    int64_t dof[kCopyUnroll];
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
+    for (int r = 0; r < kCopyUnroll; ++r) {
       if (lh + r < lh_end) {
         a[r] = LoadVec<V>(src + layer * job.src_layer + head * job.src_head);
         dof[r] = layer * job.dst_layer + head * job.dst_head;
@@ -283,7 +283,7 @@ __device__ __forceinline__ void CopyBlock(const LaunchParams& p, const DevJob& j
       }
     }
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
+    for (int r = 0; r < kCopyUnroll; ++r) {
       if (lh + r < lh_end) StoreVec<V>(dst + dof[r], a[r]);
     }
   }
@@ -411,7 +411,9 @@ struct RerotateEngine::Impl {
       return slot.get();
     }
     auto slot = std::make_unique<Slot>();
-    slot->capacity = std::max<size_t>(size_t{64} << 10, std::bit_ceil(bytes));
+    size_t capacity = size_t{64} << 10;
+    while (capacity < bytes) capacity *= 2;
+    slot->capacity = capacity;
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&slot->host, slot->capacity));
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&slot->device, slot->capacity));
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&slot->done, cudaEventDisableTiming));
