@@ -1,0 +1,412 @@
+"""ropekv.Client against a real ropekvd: byte-exact round trips, shared prefixes, status codes,
+re-rotation to a target position, stats, pin/evict. Every test has a tenant of its own."""
+
+import grpc
+import numpy as np
+import pytest
+
+import ropekv
+from ropekv.v1 import kvcache_pb2 as pb
+
+LAYERS, KV_HEADS, HEAD_DIM, BT = 2, 2, 64, 16
+
+
+def register(client, dtype="bf16", name="", head_dim=HEAD_DIM, **rope):
+    rope.setdefault("theta", 10000.0)
+    return client.register_model(layers=LAYERS, kv_heads=KV_HEADS, head_dim=head_dim, dtype=dtype,
+                                 block_tokens=BT, rope=rope, name=name).model_id
+
+
+def random_kv(rng, blocks, dtype, head_dim=HEAD_DIM):
+    shape = (blocks, LAYERS, 2, KV_HEADS, BT, head_dim)
+    if dtype == "bf16":
+        # Finite bf16 values (bits of fp32 normals, upper half): byte-exactness is what counts.
+        return (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return rng.standard_normal(shape).astype({"f16": np.float16, "f32": np.float32}[dtype])
+
+
+def raw(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def tokens(rng, n):
+    return rng.integers(0, 50000, size=n).tolist()
+
+
+# -- basics --------------------------------------------------------------------------------------
+
+
+def test_health_is_serving(client):
+    assert client.health() == "SERVING"
+
+
+def test_register_is_idempotent_and_listed(client):
+    spec = {"layers": 3, "kv_heads": 4, "head_dim": 32, "dtype": "f16", "block_tokens": 8,
+            "rope": {"type": "llama3", "theta": 500000.0, "factor": 8.0,
+                     "original_max_position_embeddings": 8192}}
+    first = client.register_model(spec, name="listed-llama3")
+    again = client.register_model(spec)
+    assert first.model_id == again.model_id and len(first.model_id) == 16
+    assert first.created and not again.created
+    info = {m.model_id: m for m in client.list_models()}[first.model_id]
+    assert "listed-llama3" in info.names
+    assert info.block_bytes == 3 * 2 * 4 * 8 * 32 * 2
+    assert (info.spec.layers, info.spec.kv_heads, info.spec.head_dim, info.spec.block_tokens) == (
+        3, 4, 32, 8)
+    assert info.spec.dtype == pb.DTYPE_F16
+    assert info.spec.rope.type == pb.ROPE_TYPE_LLAMA3 and info.spec.rope.factor == 8.0
+    # A ModelSpec proto and keyword arguments name the same model.
+    assert client.register_model(ropekv.model_spec(spec)).model_id == first.model_id
+    assert client.register_model(**spec).model_id == first.model_id
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_put_lookup_get_byte_exact(client, tenant, dtype):
+    model = register(client, dtype)
+    rng = np.random.default_rng(1)
+    kv = random_kv(rng, 4, dtype)
+    toks = tokens(rng, 4 * BT)
+
+    resp = client.put(model, toks, kv, tenant=tenant)
+    assert (resp.blocks_stored, resp.blocks_existing) == (4, 0)
+    assert len(resp.block_hashes) == 4 and all(len(h) == 32 for h in resp.block_hashes)
+
+    # The prompt goes on past the cached blocks (and into a partial block): 64 tokens match.
+    prompt = toks + tokens(rng, 20)
+    look = client.lookup(model, prompt, tenant=tenant)
+    assert look.matched_tokens == 64
+    assert [b.hash for b in look.blocks] == list(resp.block_hashes)
+    assert [b.rotated_at for b in look.blocks] == [0, 16, 32, 48]
+    assert all(b.tier == pb.TIER_HOST and not b.pinned for b in look.blocks)
+
+    header, got = client.get(model, prompt, tenant=tenant)
+    assert (header.matched_tokens, header.blocks) == (64, 4)
+    assert header.block_bytes == kv[0].nbytes
+    assert got.shape == kv.shape
+    assert got.dtype == ropekv.numpy_dtype(ropekv.model_spec(dtype=dtype).dtype)
+    assert np.array_equal(raw(got), raw(kv))
+
+    # The same bytes again are not stored twice.
+    again = client.put(model, toks, kv, tenant=tenant)
+    assert (again.blocks_stored, again.blocks_existing) == (0, 4)
+
+
+def test_get_miss_is_empty_not_an_error(client, tenant):
+    model = register(client)
+    header, got = client.get(model, list(range(64)), tenant=tenant)
+    assert (header.matched_tokens, header.blocks) == (0, 0)
+    assert got.shape == (0, LAYERS, 2, KV_HEADS, BT, HEAD_DIM)
+
+
+def test_max_blocks_and_out_buffer(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(2)
+    kv = random_kv(rng, 3, "bf16")
+    toks = tokens(rng, 3 * BT)
+    client.put(model, toks, kv, tenant=tenant)
+    header, got = client.get(model, toks, tenant=tenant, max_blocks=2)
+    assert header.blocks == 2 and np.array_equal(got, kv[:2])
+
+    out = np.full(kv.shape, 0xFFFF, np.uint16)  # poisoned: an unwritten element fails
+    header, got = client.get(model, toks, tenant=tenant, out=out)
+    assert np.shares_memory(got, out) and np.array_equal(out, kv)
+    with pytest.raises(ropekv.Error) as e:
+        client.get(model, toks, tenant=tenant, out=np.empty(kv.nbytes - 2, np.uint8))
+    assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_bf16_accepts_int16_bits_and_bytes(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(3)
+    kv = random_kv(rng, 2, "bf16")
+    a, b, c = tokens(rng, 2 * BT), tokens(rng, 2 * BT), tokens(rng, 2 * BT)
+    client.put(model, a, kv.view(np.int16), tenant=tenant)
+    client.put(model, b, kv.tobytes(), tenant=tenant)
+    client.put(model, c, np.asfortranarray(kv), tenant=tenant)  # made contiguous by the client
+    for t in (a, b, c):
+        assert np.array_equal(client.get(model, t, tenant=tenant)[1], kv)
+
+
+def test_large_put_streams_in_chunks(daemon, tenant):
+    # Blocks larger than a chunk, and more bytes than one message: 8 x 1 MiB with 256 KiB chunks.
+    with ropekv.Client(daemon, chunk_bytes=256 << 10) as c:
+        model = c.register_model(layers=8, kv_heads=8, head_dim=128, dtype="f32", block_tokens=16,
+                                 rope={"theta": 10000.0}).model_id
+        rng = np.random.default_rng(4)
+        kv = rng.standard_normal((8, 8, 2, 8, 16, 128)).astype(np.float32)
+        toks = tokens(rng, 8 * 16)
+        assert c.put(model, toks, kv, tenant=tenant).blocks_stored == 8
+        assert np.array_equal(raw(c.get(model, toks, tenant=tenant)[1]), raw(kv))
+
+
+# -- prefixes and tenants ------------------------------------------------------------------------
+
+
+def test_shared_prefix(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(5)
+    p, x, y = tokens(rng, 2 * BT), tokens(rng, 2 * BT), tokens(rng, 2 * BT)
+    kv_a = random_kv(rng, 4, "bf16")
+    hashes = client.put(model, p + x, kv_a, tenant=tenant).block_hashes
+
+    # Request B shares only P with A.
+    assert client.lookup(model, p + y, tenant=tenant).matched_tokens == 2 * BT
+    header, got = client.get(model, p + y, tenant=tenant)
+    assert header.blocks == 2 and np.array_equal(got, kv_a[:2])
+
+    # B's own blocks hang off P's last block; then all of B is cached, at positions 32 and 48.
+    kv_y = random_kv(rng, 2, "bf16")
+    resp = client.put(model, y, kv_y, tenant=tenant, parent=hashes[1])
+    assert resp.blocks_stored == 2
+    look = client.lookup(model, p + y, tenant=tenant)
+    assert look.matched_tokens == 4 * BT
+    assert [b.rotated_at for b in look.blocks] == [0, 16, 32, 48]
+    header, got = client.get(model, p + y, tenant=tenant)
+    assert np.array_equal(got, np.concatenate([kv_a[:2], kv_y]))
+    # The parent may be given in hex too; same chain, nothing new stored.
+    assert client.put(model, y, kv_y, tenant=tenant, parent=hashes[1].hex()).blocks_existing == 2
+    # A diverging token inside a block ends the match before that block.
+    q = list(p)
+    q[BT + 3] += 1
+    assert client.lookup(model, q + y, tenant=tenant).matched_tokens == BT
+
+
+def test_tenants_do_not_share(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(6)
+    toks = tokens(rng, 2 * BT)
+    client.put(model, toks, random_kv(rng, 2, "bf16"), tenant=tenant)
+    assert client.lookup(model, toks, tenant=tenant).matched_tokens == 2 * BT
+    assert client.lookup(model, toks, tenant=tenant + "-other").matched_tokens == 0
+    assert client.get(model, toks, tenant=tenant + "-other")[0].blocks == 0
+
+
+def test_model_by_name_and_by_id(client, tenant):
+    model_id = register(client, "f16", name="by-name-f16")
+    rng = np.random.default_rng(7)
+    kv = random_kv(rng, 1, "f16")
+    toks = tokens(rng, BT)
+    client.put("by-name-f16", toks, kv, tenant=tenant)
+    assert np.array_equal(raw(client.get(model_id, toks, tenant=tenant)[1]), raw(kv))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def expect_error(code, fn, *args, contains="", **kwargs):
+    with pytest.raises(ropekv.Error) as e:
+        fn(*args, **kwargs)
+    assert e.value.code == code, e.value
+    assert contains in e.value.message, e.value.message
+    assert isinstance(e.value, Exception) and code.name in str(e.value)
+    return e.value
+
+
+def test_unknown_model_is_not_found(client, tenant):
+    expect_error(grpc.StatusCode.NOT_FOUND, client.lookup, "no-such-model", [1, 2], contains="no-such-model")
+    expect_error(grpc.StatusCode.NOT_FOUND, client.get, "no-such-model", [1, 2])
+    expect_error(grpc.StatusCode.NOT_FOUND, client.put, "no-such-model", [1] * BT,
+                 np.zeros((1, LAYERS, 2, KV_HEADS, BT, HEAD_DIM), np.uint16))
+    expect_error(grpc.StatusCode.NOT_FOUND, client.evict, "no-such-model")
+
+
+def test_local_shape_dtype_and_count_checks(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(8)
+    kv = random_kv(rng, 2, "bf16")
+    toks = tokens(rng, 2 * BT)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    expect_error(bad, client.put, model, toks[:-1], kv, tenant=tenant, contains="need 32 tokens, got 31")
+    expect_error(bad, client.put, model, toks, kv[:, :1], tenant=tenant, contains="got [2, 1, 2, 2, 16, 64]")
+    expect_error(bad, client.put, model, toks, kv.astype(np.float32), tenant=tenant,
+                 contains="got float32")
+    expect_error(bad, client.put, model, toks, kv.tobytes()[:-2], tenant=tenant,
+                 contains="multiple of the block size")
+    expect_error(bad, client.put, model, toks, kv, tenant=tenant, parent="zz", contains="hex")
+    expect_error(bad, client.register_model, layers=1, kv_heads=1, head_dim=8, dtype="int8",
+                 block_tokens=4)
+    expect_error(bad, client.register_model, layers=1, kv_heads=1, head_dim=8, colour="red")
+    # Nothing was stored by the failed calls.
+    assert client.lookup(model, toks, tenant=tenant).matched_tokens == 0
+
+
+def test_daemon_status_codes(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(9)
+    kv = random_kv(rng, 1, "bf16")
+    toks = tokens(rng, BT)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    # The daemon's own checks (the client passes these through).
+    expect_error(bad, client.register_model, layers=1, kv_heads=1, head_dim=7, dtype="f32",
+                 block_tokens=4, contains="head_dim")
+    expect_error(bad, client.register_model, layers=0, kv_heads=1, head_dim=8, dtype="f32",
+                 block_tokens=4, contains="layers")
+    expect_error(bad, client.get, model, toks, tenant=tenant, target_position=-1,
+                 contains="target_position must be >= 0, got -1")
+    expect_error(bad, client.put, model, toks, kv, tenant=tenant, rotated_at=-5,
+                 contains="rotated_at must be >= 0")
+    expect_error(bad, client.put, model, toks, kv, tenant=tenant, parent=b"short",
+                 contains="32 bytes")
+    expect_error(grpc.StatusCode.NOT_FOUND, client.put, model, toks, kv, tenant=tenant,
+                 parent=bytes(32), contains="not cached")
+    register(client, name="taken-name")
+    expect_error(grpc.StatusCode.ALREADY_EXISTS, register, client, "f32", name="taken-name")
+
+
+def test_unreachable_daemon_is_unavailable():
+    c = ropekv.Client("127.0.0.1:1", timeout=2)
+    expect_error(grpc.StatusCode.UNAVAILABLE, c.health)
+    expect_error(grpc.StatusCode.UNAVAILABLE, c.wait_ready, timeout=0.2)
+    c.close()
+
+
+# -- re-rotation ---------------------------------------------------------------------------------
+
+
+def bf16_to_f32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def inv_freq32(theta, rotary_dim):
+    """HF's default inv_freq in fp32: 1 / theta ** (arange(0, d, 2) / d), each op one fp32
+    rounding, the pow correctly rounded (as kernels/rope does)."""
+    exps = np.arange(0, rotary_dim, 2).astype(np.float32) / np.float32(rotary_dim)
+    pow32 = (np.float64(np.float32(theta)) ** exps.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / pow32).astype(np.float32)
+
+
+def rotate_ref(keys, positions, theta, rotary_dim, layout):
+    """fp64 rotation of keys [..., tokens, head_dim] by the engine's fp32 angles
+    fl32(fl32(p) * inv_freq); a negative position rotates backwards (un-rotates)."""
+    inv = inv_freq32(theta, rotary_dim)
+    sign = np.sign(positions).astype(np.float64)[:, None]
+    ang = (np.abs(positions).astype(np.float32)[:, None] * inv[None, :]).astype(np.float64) * sign
+    cos, sin = np.cos(ang), np.sin(ang)  # [tokens][rotary_dim / 2]
+    k = keys.astype(np.float64)
+    out = k.copy()
+    half = rotary_dim // 2
+    if layout == "neox":
+        a, b = k[..., :half], k[..., half:rotary_dim]
+        out[..., :half] = a * cos - b * sin
+        out[..., half:rotary_dim] = b * cos + a * sin
+    else:
+        a, b = k[..., 0:rotary_dim:2], k[..., 1:rotary_dim:2]
+        out[..., 0:rotary_dim:2] = a * cos - b * sin
+        out[..., 1:rotary_dim:2] = b * cos + a * sin
+    return out
+
+
+@pytest.mark.parametrize("dtype,layout,rotary_dim", [
+    ("f32", "neox", 0), ("f32", "gptj", 0), ("f32", "neox", 32), ("bf16", "neox", 0)])
+def test_target_position_rerotates_keys_not_values(client, tenant, dtype, layout, rotary_dim):
+    theta = 10000.0
+    model = register(client, dtype, layout=layout, rotary_dim=rotary_dim)
+    rd = rotary_dim or HEAD_DIM
+    rng = np.random.default_rng(10)
+    kv = random_kv(rng, 2, dtype)
+    toks = tokens(rng, 2 * BT)
+    client.put(model, toks, kv, tenant=tenant)  # keys rotated at 0..31
+
+    target = 1000
+    header, got = client.get(model, toks, tenant=tenant, target_position=target)
+    assert header.blocks == 2
+    assert [b.rotated_at for b in header.block_info] == [0, 16]  # what is stored is unchanged
+    # Values, and key dims past rotary_dim, bit for bit.
+    assert np.array_equal(raw(got[:, :, 1]), raw(kv[:, :, 1]))
+    assert np.array_equal(raw(got[..., 0, :, :, rd:]), raw(kv[..., 0, :, :, rd:]))
+
+    to_f32 = bf16_to_f32 if dtype == "bf16" else (lambda a: a)
+    stored = to_f32(kv[:, :, 0])  # [blocks][layers][heads][tokens][dim]
+    moved = to_f32(got[:, :, 0])
+    # [layers][heads][32 tokens][dim]: the keys in token order, blocks joined.
+    stored = np.concatenate(list(stored), axis=2)
+    moved = np.concatenate(list(moved), axis=2)
+    # Token t was rotated at p = t and moves to p' = 1000 + t: k' = T(p') T(p)^T k.
+    pos = np.arange(32)
+    ref = rotate_ref(rotate_ref(stored, -pos, theta, rd, layout), pos + target, theta, rd, layout)
+    scale = np.abs(stored).max()
+    # f32: fp32 trig and products (~1e-6 relative); bf16: one rounding (2^-8 relative) plus that.
+    tol = 1e-5 * scale + (np.abs(ref) * 2.0 ** -8 if dtype == "bf16" else 0)
+    err = np.abs(moved - ref)
+    assert (err <= tol).all(), f"max error {err.max()} (scale {scale})"
+    # The test can tell positions apart: one position off is far outside the tolerance.
+    off_by_one = rotate_ref(rotate_ref(stored, -pos, theta, rd, layout), pos + target + 1, theta,
+                            rd, layout)
+    assert (np.abs(moved - off_by_one) > tol).any()
+    assert not np.array_equal(raw(got[:, :, 0]), raw(kv[:, :, 0]))
+
+    # Stored at its own position, a key comes back bit for bit.
+    _, same = client.get(model, toks, tenant=tenant, target_position=0)
+    assert np.array_equal(raw(same), raw(kv))
+
+
+def test_rerotation_round_trip(client, tenant):
+    """Keys stored rotated at 1000 and read at 0 are the original keys (one rotation back)."""
+    model = register(client, "f32")
+    rng = np.random.default_rng(11)
+    kv = random_kv(rng, 1, "f32")
+    a, b = tokens(rng, BT), tokens(rng, BT)
+    client.put(model, a, kv, tenant=tenant)
+    _, moved = client.get(model, a, tenant=tenant, target_position=1000)
+    client.put(model, b, moved, tenant=tenant, rotated_at=1000)
+    header, back = client.get(model, b, tenant=tenant, target_position=0)
+    assert header.block_info[0].rotated_at == 1000
+    assert np.array_equal(raw(back[:, :, 1]), raw(kv[:, :, 1]))
+    assert np.abs(back - kv).max() <= 1e-5 * np.abs(kv).max()
+
+
+# -- stats, pin, evict ---------------------------------------------------------------------------
+
+
+def test_stats_count_puts_gets_and_bytes(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(12)
+    kv = random_kv(rng, 3, "bf16")
+    toks = tokens(rng, 3 * BT)
+    before = client.stats()
+    client.put(model, toks, kv, tenant=tenant)
+    client.lookup(model, toks + tokens(rng, BT), tenant=tenant)
+    client.get(model, toks, tenant=tenant)
+    after = client.stats()
+    assert after.puts - before.puts == 1
+    assert after.gets - before.gets == 1
+    assert after.lookups - before.lookups == 1
+    assert after.bytes_in - before.bytes_in == kv.nbytes
+    assert after.bytes_out - before.bytes_out == kv.nbytes
+    assert after.lookup_hit_tokens - before.lookup_hit_tokens == 3 * BT
+    assert after.lookup_miss_tokens - before.lookup_miss_tokens == BT
+    host = {t.tier: t for t in after.tiers}[pb.TIER_HOST]
+    host_before = {t.tier: t for t in before.tiers}[pb.TIER_HOST]
+    assert host.capacity_bytes == 256 << 20
+    assert host.blocks - host_before.blocks == 3
+    assert host.bytes_used - host_before.bytes_used == kv.nbytes
+    assert after.models >= 1
+
+
+def test_pin_then_evict(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(13)
+    toks = tokens(rng, 2 * BT)
+    client.put(model, toks, random_kv(rng, 2, "bf16"), tenant=tenant)
+    assert client.pin(model, toks, tenant=tenant) == 2
+    assert all(b.pinned for b in client.lookup(model, toks, tenant=tenant).blocks)
+    assert client.evict(model, toks, tenant=tenant) == 0  # pinned blocks stay
+    assert client.lookup(model, toks, tenant=tenant).matched_tokens == 2 * BT
+    assert client.unpin(model, toks, tenant=tenant) == 2
+    assert client.evict(model, toks, tenant=tenant) == 2
+    assert client.lookup(model, toks, tenant=tenant).matched_tokens == 0
+
+
+def test_put_with_pin(client, tenant):
+    model = register(client)
+    rng = np.random.default_rng(14)
+    toks = tokens(rng, BT)
+    client.put(model, toks, random_kv(rng, 1, "bf16"), tenant=tenant, pin=True)
+    assert client.lookup(model, toks, tenant=tenant).blocks[0].pinned
+    client.unpin(model, toks, tenant=tenant)
+
+
+def test_generated_stubs_are_reachable(client):
+    stub = client.stub("KVCache")
+    assert stub.Stats(pb.StatsRequest(), timeout=10).models >= 0
+    expect_error(grpc.StatusCode.NOT_FOUND, client.stub, "NoSuchService")
