@@ -31,8 +31,8 @@ namespace ropekv {
 namespace {
 
 // Launch configuration, chosen here only.
-constexpr int kThreads = 256;  // threads per block
-constexpr int kUnroll = 4;     // rows in flight per thread (ROTATE: two vectors per row)
+constexpr int kThreads = 256;   // threads per block
+constexpr int kUnroll = 4;      // rows in flight per thread (ROTATE: two vectors per row)
 constexpr int kCopyUnroll = 8;  // rows in flight per thread (COPY: one vector per row)
 // Blocks aimed at per SM before (layer, head) rows are split across blocks.
 constexpr int kTargetBlocksPerSm = 32;
