@@ -1,0 +1,39 @@
+# Sessions (PIE edits over a cached document): cache/session.{h,cc} join ropekv_cache; the gRPC
+# side (server/session_service.cc, clients/cpp/session_client.cc) sits in ropekv_server and
+# ropekv_client. This file also registers the feature's tests, example and benchmark, so that
+# they live together (targets of other directories are linked by name, resolved at generate time;
+# ropekv_cache itself stays free of gRPC).
+target_sources(ropekv_cache PRIVATE session.cc)
+target_link_libraries(ropekv_cache PUBLIC absl::flat_hash_set absl::time)
+
+# Each target below is registered only once its source exists, so that a configure in the middle
+# of this feature's work never fails for others sharing the tree.
+# Unit tests: the piece list, the store, and a tiny reference transformer (tests/unit/cache).
+if(EXISTS ${PROJECT_SOURCE_DIR}/tests/unit/cache/session_test.cc)
+ropekv_test(NAME session_test LABELS unit
+  SOURCES ${PROJECT_SOURCE_DIR}/tests/unit/cache/session_test.cc
+  LIBS ropekv_cache)
+endif()
+
+# Integration test: a real ropekvd on loopback, the real SessionClient.
+if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/session_test.cc)
+ropekv_test(NAME session_service_test LABELS integration
+  SOURCES ${PROJECT_SOURCE_DIR}/tests/integration/session_test.cc
+  LIBS ropekv_client ropekv_test_daemon ropekv_kernels_common ropekv_rope)
+add_dependencies(session_service_test ropekvd)
+endif()
+
+# The editor loop example (clients/examples): open, edit, fill, read against a running daemon.
+if(EXISTS ${PROJECT_SOURCE_DIR}/clients/examples/editor_loop.cc)
+add_executable(editor_loop ${PROJECT_SOURCE_DIR}/clients/examples/editor_loop.cc)
+target_link_libraries(editor_loop PRIVATE ropekv_client ropekv_rope ropekv_kernels_common)
+target_compile_options(editor_loop PRIVATE ${ROPEKV_WARNINGS})
+set_target_properties(editor_loop PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR})
+endif()
+
+# GPU benchmark of an edit on a 32K-token Llama-3-8B-shaped cache (the lead runs it on an H100).
+if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/bench/pie_bench.cu)
+  add_executable(pie_bench ${PROJECT_SOURCE_DIR}/bench/pie_bench.cu)
+  target_link_libraries(pie_bench PRIVATE ropekv_cache ropekv_rope_cuda CUDA::cudart_static)
+  set_target_properties(pie_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR})
+endif()

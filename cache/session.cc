@@ -1,0 +1,906 @@
+#include "cache/session.h"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <random>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace ropekv {
+namespace {
+
+const char* KindName(EditOp::Kind kind) {
+  switch (kind) {
+    case EditOp::Kind::kInsert:
+      return "insert";
+    case EditOp::Kind::kDelete:
+      return "delete";
+    case EditOp::Kind::kReplace:
+      return "replace";
+  }
+  return "unknown";
+}
+
+// Whether b continues a in storage and in rotation, so that the two can be one piece.
+bool Continues(const Piece& a, const Piece& b) {
+  if (a.hole() || b.hole()) return a.hole() && b.hole();
+  return a.chunk == b.chunk && b.offset == a.offset + a.tokens &&
+         b.rotated_at == a.rotated_at + a.tokens && a.table == b.table;
+}
+
+// Sorts and merges touching or overlapping ranges; drops empty ones.
+std::vector<TokenRange> Merged(std::vector<TokenRange> ranges) {
+  std::sort(ranges.begin(), ranges.end(), [](const TokenRange& a, const TokenRange& b) {
+    return a.start < b.start || (a.start == b.start && a.end < b.end);
+  });
+  std::vector<TokenRange> out;
+  for (const TokenRange& r : ranges) {
+    if (r.size() <= 0) continue;
+    if (!out.empty() && r.start <= out.back().end) {
+      out.back().end = std::max(out.back().end, r.end);
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+absl::Status CheckRange(TokenRange range, int64_t length, absl::string_view what) {
+  if (range.start < 0 || range.start > range.end || range.end > length) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " [", range.start, ", ", range.end,
+                                                   ") must lie within [0, ", length, ")"));
+  }
+  return absl::OkStatus();
+}
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// PieceList
+
+PieceList::PieceList(std::vector<Piece> pieces) {
+  for (Piece& p : pieces) {
+    if (p.tokens <= 0) continue;
+    length_ += p.tokens;
+    pieces_.push_back(std::move(p));
+  }
+  if (!pieces_.empty()) MergeAround(0, pieces_.size() - 1);
+}
+
+absl::Status PieceList::ValidateEdit(int64_t length, absl::Span<const EditOp> ops,
+                                     int64_t* new_length) {
+  int64_t prev_end = 0;
+  int64_t delta = 0;
+  for (size_t k = 0; k < ops.size(); ++k) {
+    const EditOp& op = ops[k];
+    const char* name = KindName(op.kind);
+    switch (op.kind) {
+      case EditOp::Kind::kInsert:
+        if (op.end != op.start) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "op ", k, " (insert) must have end == start ", op.start, ", got ", op.end));
+        }
+        break;
+      case EditOp::Kind::kDelete:
+        if (!op.tokens.empty()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("op ", k, " (delete) carries no tokens, got ", op.tokens.size()));
+        }
+        break;
+      case EditOp::Kind::kReplace:
+        break;
+      default:
+        return absl::InvalidArgumentError(
+            absl::StrCat("op ", k, " has unknown kind ", static_cast<int>(op.kind)));
+    }
+    if (op.start < 0 || op.start > op.end) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "op ", k, " (", name, ") needs 0 <= start <= end, got [", op.start, ", ", op.end, ")"));
+    }
+    if (op.end > length) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("op ", k, " (", name, ") ends at ", op.end, ", past the length ", length));
+    }
+    if (op.start < prev_end) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ops must be sorted and must not overlap: op ", k, " (", name,
+                       ") starts at ", op.start, ", before the end ", prev_end, " of op ", k - 1));
+    }
+    prev_end = op.end;
+    delta += static_cast<int64_t>(op.tokens.size()) - (op.end - op.start);
+  }
+  if (new_length != nullptr) *new_length = length + delta;
+  return absl::OkStatus();
+}
+
+size_t PieceList::SplitAt(int64_t pos) {
+  int64_t start = 0;
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const int64_t n = pieces_[i].tokens;
+    if (pos == start) return i;
+    if (pos < start + n) {
+      const int64_t k = pos - start;
+      Piece right = pieces_[i];
+      right.tokens = n - k;
+      if (!right.hole()) {
+        right.offset += k;
+        right.rotated_at += k;
+      }
+      pieces_[i].tokens = k;
+      pieces_.insert(pieces_.begin() + static_cast<ptrdiff_t>(i) + 1, std::move(right));
+      return i + 1;
+    }
+    start += n;
+  }
+  return pieces_.size();
+}
+
+void PieceList::MergeAround(size_t first, size_t last) {
+  if (pieces_.empty()) return;
+  last = std::min(last, pieces_.size() - 1);
+  size_t i = first;
+  while (i < last && i + 1 < pieces_.size()) {
+    if (Continues(pieces_[i], pieces_[i + 1])) {
+      pieces_[i].tokens += pieces_[i + 1].tokens;
+      pieces_.erase(pieces_.begin() + static_cast<ptrdiff_t>(i) + 1);
+      --last;
+    } else {
+      ++i;
+    }
+  }
+}
+
+void PieceList::Splice(TokenRange range, std::vector<Piece> replacement) {
+  const size_t i = SplitAt(range.start);
+  const size_t j = SplitAt(range.end);
+  pieces_.erase(pieces_.begin() + static_cast<ptrdiff_t>(i),
+                pieces_.begin() + static_cast<ptrdiff_t>(j));
+  length_ -= range.size();
+  size_t at = i;
+  for (Piece& p : replacement) {
+    if (p.tokens <= 0) continue;
+    length_ += p.tokens;
+    pieces_.insert(pieces_.begin() + static_cast<ptrdiff_t>(at++), std::move(p));
+  }
+  MergeAround(i == 0 ? 0 : i - 1, at);
+}
+
+std::vector<TokenRange> PieceList::ApplyEdit(absl::Span<const EditOp> ops,
+                                             std::vector<int64_t>* edit_ends) {
+  std::vector<TokenRange> inserted;
+  int64_t delta = 0;
+  for (const EditOp& op : ops) {
+    const int64_t start = op.start + delta;
+    const int64_t end = op.end + delta;
+    const int64_t n = static_cast<int64_t>(op.tokens.size());
+    std::vector<Piece> hole;
+    if (n > 0) hole.push_back(Piece{nullptr, 0, n, 0, kBaseTable});
+    Splice(TokenRange{start, end}, std::move(hole));
+    if (n > 0) inserted.push_back(TokenRange{start, start + n});
+    if (edit_ends != nullptr) edit_ends->push_back(start + n);
+    delta += n - (op.end - op.start);
+  }
+  return inserted;
+}
+
+std::vector<Piece> PieceList::Cover(TokenRange range) const {
+  std::vector<Piece> out;
+  int64_t start = 0;
+  for (const Piece& p : pieces_) {
+    const int64_t end = start + p.tokens;
+    const int64_t a = std::max(start, range.start);
+    const int64_t b = std::min(end, range.end);
+    if (a < b) {
+      Piece clipped = p;
+      clipped.tokens = b - a;
+      if (!clipped.hole()) {
+        clipped.offset += a - start;
+        clipped.rotated_at += a - start;
+      }
+      out.push_back(std::move(clipped));
+    }
+    if (end >= range.end) break;
+    start = end;
+  }
+  return out;
+}
+
+std::vector<TokenRange> PieceList::Holes() const {
+  std::vector<TokenRange> holes;
+  int64_t start = 0;
+  for (const Piece& p : pieces_) {
+    if (p.hole()) {
+      if (!holes.empty() && holes.back().end == start) {
+        holes.back().end += p.tokens;
+      } else {
+        holes.push_back(TokenRange{start, start + p.tokens});
+      }
+    }
+    start += p.tokens;
+  }
+  return holes;
+}
+
+absl::StatusOr<std::vector<RerotateCopy>> PlanRead(const PieceList& pieces, TokenRange range,
+                                                   int64_t base_position, RopeTableId to_table,
+                                                   void* dst, const KvStrides& dst_strides,
+                                                   int64_t dst_token0) {
+  if (auto s = CheckRange(range, pieces.length(), "read range"); !s.ok()) return s;
+  std::vector<RerotateCopy> jobs;
+  int64_t logical = range.start;
+  for (const Piece& p : pieces.Cover(range)) {
+    if (p.hole()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tokens [", logical, ", ", logical + p.tokens, ") of the read range await Fill"));
+    }
+    RerotateCopy job;
+    job.src = p.chunk->data;
+    job.src_strides = p.chunk->strides;
+    job.src_token = p.offset;
+    job.dst = dst;
+    job.dst_strides = dst_strides;
+    job.dst_token = dst_token0 + (logical - range.start);
+    job.n_tokens = p.tokens;
+    job.from_pos = p.rotated_at;
+    job.from_table = p.table;
+    job.to_pos = base_position + logical;
+    job.to_table = to_table;
+    jobs.push_back(job);
+    logical += p.tokens;
+  }
+  return jobs;
+}
+
+KvStrides RangeStrides(const ModelSpec& spec, int64_t n) {
+  const int64_t token = spec.head_dim;
+  const int64_t head = token * n;
+  const int64_t kv = head * spec.kv_heads;
+  return KvStrides{2 * kv, kv, head, token};
+}
+
+uint64_t RangeBytes(const ModelSpec& spec, int64_t n) {
+  return static_cast<uint64_t>(spec.layers) * 2 * spec.kv_heads * static_cast<uint64_t>(n) *
+         spec.head_dim * DTypeSize(spec.dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SessionReader
+
+uint64_t SessionReader::layer_bytes() const {
+  return RangeBytes(spec_, range_.size()) / static_cast<uint64_t>(spec_.layers);
+}
+
+absl::Status SessionReader::WriteLayer(int layer, void* dst) const {
+  if (layer < 0 || layer >= spec_.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", spec_.layers, ")"));
+  }
+  const int64_t n = range_.size();
+  if (n == 0) return absl::OkStatus();
+  KvStrides out = RangeStrides(spec_, n);
+  auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst, out, 0);
+  if (!jobs.ok()) return jobs.status();
+  const size_t es = DTypeSize(spec_.dtype);
+  for (RerotateCopy& job : *jobs) {
+    job.src = static_cast<const char*>(job.src) +
+              static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+  }
+  KvGeometry one_layer = BlockGeometry(spec_);
+  one_layer.layers = 1;
+  return RerotateCopyCpu(spec_.rope, one_layer, *jobs);
+}
+
+absl::Status SessionReader::WriteAll(void* dst) const {
+  const int64_t n = range_.size();
+  if (n == 0) return absl::OkStatus();
+  auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst,
+                       RangeStrides(spec_, n), 0);
+  if (!jobs.ok()) return jobs.status();
+  return RerotateCopyCpu(spec_.rope, BlockGeometry(spec_), *jobs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SessionWriter
+
+SessionWriter::SessionWriter(SessionStore* store, Mode mode, ModelSpec spec, int64_t n_tokens)
+    : store_(store), mode_(mode), spec_(std::move(spec)), n_tokens_(n_tokens) {
+  const int64_t blocks = (n_tokens + spec_.block_tokens - 1) / spec_.block_tokens;
+  expected_ = mode == Mode::kOpen ? BlockBytes(spec_) * static_cast<uint64_t>(blocks)
+                                  : RangeBytes(spec_, n_tokens);
+}
+
+SessionWriter::~SessionWriter() = default;
+
+absl::Status SessionWriter::Write(absl::string_view bytes) {
+  if (!status_.ok()) return status_;
+  if (finished_) return status_ = absl::FailedPreconditionError("Write after Finish");
+  if (received_ + bytes.size() > expected_) {
+    status_ =
+        absl::InvalidArgumentError(absl::StrCat("KV of ", n_tokens_, " tokens is ", expected_,
+                                                " bytes, got at least ", received_ + bytes.size()));
+    return status_;
+  }
+  const uint64_t bb = BlockBytes(spec_);
+  const uint64_t es = DTypeSize(spec_.dtype);
+  const uint64_t bt = static_cast<uint64_t>(spec_.block_tokens);
+  const uint64_t token_bytes = static_cast<uint64_t>(spec_.head_dim) * es;
+  const char* src = bytes.data();
+  uint64_t left = bytes.size();
+  while (left > 0) {
+    const uint64_t o = received_;
+    uint64_t n = 0;
+    char* dst = nullptr;
+    if (mode_ == Mode::kOpen) {
+      // Block layout: block after block.
+      const uint64_t block = o / bb;
+      const uint64_t within = o % bb;
+      n = std::min(left, bb - within);
+      dst = static_cast<char*>(const_cast<void*>(chunks_[block]->data)) + within;
+    } else {
+      // Range layout: row r = (layer, k|v, head) holds n_tokens_ tokens; its tokens of block b sit
+      // in block b's row r.
+      const uint64_t row_bytes = static_cast<uint64_t>(n_tokens_) * token_bytes;
+      const uint64_t row = o / row_bytes;
+      const uint64_t in_row = o % row_bytes;
+      const uint64_t block = in_row / (bt * token_bytes);
+      const uint64_t in_block_row = in_row % (bt * token_bytes);
+      const uint64_t block_row_bytes =
+          std::min<uint64_t>(bt, static_cast<uint64_t>(n_tokens_) - block * bt) * token_bytes;
+      n = std::min(left, block_row_bytes - in_block_row);
+      dst = static_cast<char*>(const_cast<void*>(chunks_[block]->data)) + row * bt * token_bytes +
+            in_block_row;
+    }
+    std::memcpy(dst, src, n);
+    src += n;
+    left -= n;
+    received_ += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SessionResult> SessionWriter::Finish() {
+  if (!status_.ok()) return status_;
+  if (finished_) return absl::FailedPreconditionError("Finish called twice");
+  finished_ = true;
+  if (received_ < expected_) {
+    status_ = absl::InvalidArgumentError(
+        absl::StrCat("KV of ", n_tokens_, " tokens is ", expected_, " bytes, got ", received_));
+    return status_;
+  }
+  auto result = store_->Commit(*this);
+  if (!result.ok()) status_ = result.status();
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SessionStore
+
+absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(KvCache* cache,
+                                                                   Options options) {
+  if (cache == nullptr) return absl::InvalidArgumentError("SessionStore needs a KvCache");
+  if (options.max_sessions == 0) {
+    return absl::InvalidArgumentError("max_sessions must be > 0, got 0");
+  }
+  if (options.capacity_bytes == 0) {
+    return absl::InvalidArgumentError("capacity_bytes must be > 0, got 0");
+  }
+  if (options.idle_ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("idle_ttl must be > 0, got ", absl::FormatDuration(options.idle_ttl)));
+  }
+  return std::unique_ptr<SessionStore>(new SessionStore(cache, std::move(options)));
+}
+
+SessionStore::SessionStore(KvCache* cache, Options options)
+    : cache_(cache), options_(std::move(options)), budget_(std::make_shared<Budget>()) {
+  budget_->capacity = options_.capacity_bytes;
+  std::random_device rd;
+  id_salt_ = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+SessionStore::~SessionStore() = default;
+
+absl::Time SessionStore::Now() const { return options_.now ? options_.now() : absl::Now(); }
+
+absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec& spec) {
+  const uint64_t bytes = BlockBytes(spec);
+  uint64_t used = budget_->used.load();
+  do {
+    if (used + bytes > budget_->capacity) {
+      return absl::ResourceExhaustedError(absl::StrCat("session store holds ", used, " of ",
+                                                       budget_->capacity, " bytes; a block of ",
+                                                       bytes, " bytes does not fit"));
+    }
+  } while (!budget_->used.compare_exchange_weak(used, used + bytes));
+  char* data = new (std::nothrow) char[bytes];
+  if (data == nullptr) {
+    budget_->used.fetch_sub(bytes);
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
+  }
+  std::shared_ptr<Budget> budget = budget_;
+  auto chunk = std::make_shared<KvChunk>();
+  chunk->owner = std::shared_ptr<const void>(data, [budget, bytes](const void* p) {
+    delete[] static_cast<const char*>(p);
+    budget->used.fetch_sub(bytes);
+  });
+  chunk->data = data;
+  chunk->strides = BlockStrides(spec);
+  chunk->tokens = spec.block_tokens;
+  return chunk;
+}
+
+int SessionStore::SweepLocked() {
+  const absl::Time now = Now();
+  int closed = 0;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    if (now - it->second->last_used > options_.idle_ttl) {
+      sessions_.erase(it++);
+      ++closed;
+    } else {
+      ++it;
+    }
+  }
+  return closed;
+}
+
+int SessionStore::SweepExpired() {
+  absl::MutexLock lock(&mu_);
+  return SweepLocked();
+}
+
+uint32_t SessionStore::sessions() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<uint32_t>(sessions_.size());
+}
+
+absl::Status SessionStore::CheckCountLocked() {
+  if (sessions_.size() >= options_.max_sessions) SweepLocked();
+  if (sessions_.size() >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(absl::StrCat("session capacity reached: ", sessions_.size(),
+                                                     " of ", options_.max_sessions, " open"));
+  }
+  return absl::OkStatus();
+}
+
+std::string SessionStore::NewId() {
+  return absl::StrFormat("s-%016x", SplitMix64(id_salt_ + ++next_id_));
+}
+
+absl::StatusOr<SessionStore::Session*> SessionStore::FindLocked(absl::string_view id) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", id, "'"));
+  const absl::Time now = Now();
+  if (now - it->second->last_used > options_.idle_ttl) {
+    sessions_.erase(it);
+    return absl::NotFoundError(absl::StrCat("session '", id, "' expired (idle longer than ",
+                                            absl::FormatDuration(options_.idle_ttl), ")"));
+  }
+  it->second->last_used = now;
+  return it->second.get();
+}
+
+absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginOpen(OpenSessionArgs args) {
+  auto model = cache_->ResolveModel(args.model);
+  if (!model.ok()) return model.status();
+  if (args.base_position < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("base_position must be >= 0, got ", args.base_position));
+  }
+  if (args.rotated_at.has_value() && *args.rotated_at < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rotated_at must be >= 0, got ", *args.rotated_at));
+  }
+  if (auto s = ValidateRopeTable(model->spec.rope, args.rope_table); !s.ok()) return s;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto s = CheckCountLocked(); !s.ok()) return s;
+  }
+  const int64_t n = static_cast<int64_t>(args.tokens.size());
+  std::unique_ptr<SessionWriter> writer(
+      new SessionWriter(this, SessionWriter::Mode::kOpen, model->spec, n));
+  const int64_t blocks = (n + model->spec.block_tokens - 1) / model->spec.block_tokens;
+  for (int64_t b = 0; b < blocks; ++b) {
+    auto chunk = NewChunk(model->spec);
+    if (!chunk.ok()) return chunk.status();
+    writer->chunks_.push_back(*std::move(chunk));
+  }
+  writer->model_id_ = model->id;
+  writer->open_ = std::move(args);
+  return writer;
+}
+
+absl::StatusOr<SessionResult> SessionStore::Open(OpenSessionArgs args,
+                                                 absl::string_view block_bytes) {
+  auto writer = BeginOpen(std::move(args));
+  if (!writer.ok()) return writer.status();
+  if (auto s = (*writer)->Write(block_bytes); !s.ok()) return s;
+  return (*writer)->Finish();
+}
+
+absl::StatusOr<SessionResult> SessionStore::OpenFromCache(OpenSessionArgs args) {
+  auto model = cache_->ResolveModel(args.model);
+  if (!model.ok()) return model.status();
+  if (args.rotated_at.has_value()) {
+    return absl::InvalidArgumentError(
+        "OpenFromCache takes rotated_at from the cached blocks; leave it unset");
+  }
+  if (args.base_position < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("base_position must be >= 0, got ", args.base_position));
+  }
+  if (auto s = ValidateRopeTable(model->spec.rope, args.rope_table); !s.ok()) return s;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto s = CheckCountLocked(); !s.ok()) return s;
+  }
+  std::vector<Piece> pieces;
+  const int64_t n = static_cast<int64_t>(args.tokens.size());
+  int64_t matched = 0;
+  if (n > 0) {
+    auto handle = cache_->AcquirePrefix(model->id, args.tenant, args.tokens, 0);
+    if (!handle.ok()) return handle.status();
+    const uint64_t bb = handle->block_bytes();
+    for (size_t b = 0; b < handle->blocks().size(); ++b) {
+      const BlockInfo& info = handle->blocks()[b];
+      if (info.pre_rope) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("cached block ", b, " holds pre-RoPE keys; sessions need post-RoPE keys"));
+      }
+      auto chunk = NewChunk(model->spec);
+      if (!chunk.ok()) return chunk.status();
+      std::memcpy(const_cast<void*>((*chunk)->data), handle->bytes(b).data(), bb);
+      pieces.push_back(
+          Piece{*std::move(chunk), 0, model->spec.block_tokens, info.rotated_at, info.rope_table});
+    }
+    matched = handle->matched_tokens();
+  }
+  if (matched < n) pieces.push_back(Piece{nullptr, 0, n - matched, 0, kBaseTable});
+
+  absl::MutexLock lock(&mu_);
+  if (auto s = CheckCountLocked(); !s.ok()) return s;
+  auto session = std::make_unique<Session>();
+  session->model = *std::move(model);
+  session->tokens = std::move(args.tokens);
+  session->pieces = PieceList(std::move(pieces));
+  session->base_position = args.base_position;
+  session->rope_table = args.rope_table;
+  session->last_used = Now();
+  SessionResult result;
+  result.id = NewId();
+  result.length = session->pieces.length();
+  result.fill = session->pieces.Holes();
+  sessions_.emplace(result.id, std::move(session));
+  return result;
+}
+
+absl::StatusOr<SessionResult> SessionStore::Commit(SessionWriter& w) {
+  const int64_t bt = w.spec_.block_tokens;
+  absl::MutexLock lock(&mu_);
+  if (w.mode_ == SessionWriter::Mode::kOpen) {
+    if (auto s = CheckCountLocked(); !s.ok()) return s;
+    auto model = cache_->ResolveModel(w.model_id_);
+    if (!model.ok()) return model.status();
+    const int64_t rotated_at = w.open_.rotated_at.value_or(w.open_.base_position);
+    std::vector<Piece> pieces;
+    for (size_t b = 0; b < w.chunks_.size(); ++b) {
+      const int64_t first = static_cast<int64_t>(b) * bt;
+      pieces.push_back(Piece{std::move(w.chunks_[b]), 0, std::min(bt, w.n_tokens_ - first),
+                             rotated_at + first, w.open_.rope_table});
+    }
+    w.chunks_.clear();
+    auto session = std::make_unique<Session>();
+    session->model = *std::move(model);
+    session->tokens = std::move(w.open_.tokens);
+    session->pieces = PieceList(std::move(pieces));
+    session->base_position = w.open_.base_position;
+    session->rope_table = w.open_.rope_table;
+    session->last_used = Now();
+    SessionResult result;
+    result.id = NewId();
+    result.length = session->pieces.length();
+    sessions_.emplace(result.id, std::move(session));
+    return result;
+  }
+
+  auto found = FindLocked(w.session_id_);
+  if (!found.ok()) return found.status();
+  Session& s = **found;
+  if (s.version != *w.fill_.version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", w.session_id_, "' is at version ", s.version,
+                     "; the Fill was for version ", *w.fill_.version, " (edited meanwhile)"));
+  }
+  const TokenRange range = w.fill_.range;
+  const int64_t rotated_at = w.fill_.rotated_at.value_or(s.base_position + range.start);
+  const RopeTableId table = w.fill_.rope_table.value_or(s.rope_table);
+  std::vector<Piece> pieces;
+  for (size_t b = 0; b < w.chunks_.size(); ++b) {
+    const int64_t first = static_cast<int64_t>(b) * bt;
+    pieces.push_back(Piece{std::move(w.chunks_[b]), 0, std::min(bt, range.size() - first),
+                           rotated_at + first, table});
+  }
+  w.chunks_.clear();
+  s.pieces.Splice(range, std::move(pieces));
+  SessionResult result;
+  result.id = w.session_id_;
+  result.length = s.pieces.length();
+  result.version = s.version;
+  result.fill = s.pieces.Holes();
+  return result;
+}
+
+absl::StatusOr<EditResult> SessionStore::Edit(absl::string_view id, absl::Span<const EditOp> ops,
+                                              const EditOptions& options) {
+  EditResult result;
+  {
+    absl::MutexLock lock(&mu_);
+    auto found = FindLocked(id);
+    if (!found.ok()) return found.status();
+    Session& s = **found;
+    int64_t new_length = 0;
+    if (auto st = PieceList::ValidateEdit(s.pieces.length(), ops, &new_length); !st.ok()) {
+      return st;
+    }
+    for (size_t i = 0; i < options.stale.size(); ++i) {
+      if (auto st = CheckRange(options.stale[i], new_length, absl::StrCat("stale range ", i));
+          !st.ok()) {
+        return st;
+      }
+    }
+    if (options.repair_tokens < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("repair_tokens must be >= 0, got ", options.repair_tokens));
+    }
+
+    // Valid: from here on nothing fails.
+    bool changed = false;
+    std::vector<int64_t> ends;
+    result.inserted = s.pieces.ApplyEdit(ops, &ends);
+    int64_t delta = 0;
+    std::vector<int64_t> new_starts;
+    for (const EditOp& op : ops) {
+      const int64_t start = op.start + delta;
+      new_starts.push_back(start);
+      s.tokens.erase(s.tokens.begin() + start, s.tokens.begin() + op.end + delta);
+      s.tokens.insert(s.tokens.begin() + start, op.tokens.begin(), op.tokens.end());
+      delta += static_cast<int64_t>(op.tokens.size()) - (op.end - op.start);
+      changed = changed || op.end > op.start || !op.tokens.empty();
+    }
+    std::vector<TokenRange> stale = options.stale;
+    if (options.repair_tokens > 0) {
+      for (size_t k = 0; k < ops.size(); ++k) {
+        if (ops[k].end == ops[k].start && ops[k].tokens.empty()) continue;
+        const int64_t limit = k + 1 < ops.size() ? new_starts[k + 1] : new_length;
+        const TokenRange r{ends[k], std::min(ends[k] + options.repair_tokens, limit)};
+        if (r.size() > 0) result.repair.push_back(r);
+      }
+      result.repair = Merged(std::move(result.repair));
+      stale.insert(stale.end(), result.repair.begin(), result.repair.end());
+    }
+    for (const TokenRange& r : Merged(std::move(stale))) {
+      s.pieces.Splice(r, {Piece{nullptr, 0, r.size(), 0, kBaseTable}});
+      changed = true;
+    }
+    if (changed) ++s.version;
+    result.length = s.pieces.length();
+    result.version = s.version;
+    result.fill = s.pieces.Holes();
+  }
+  MaybeCompact(id);
+  return result;
+}
+
+absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginFill(absl::string_view id,
+                                                                       FillArgs args) {
+  ModelSpec spec;
+  {
+    absl::MutexLock lock(&mu_);
+    auto found = FindLocked(id);
+    if (!found.ok()) return found.status();
+    Session& s = **found;
+    if (args.version.has_value() && *args.version != s.version) {
+      return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is at version ",
+                                                        s.version, ", the Fill is for version ",
+                                                        *args.version));
+    }
+    args.version = s.version;
+    if (auto st = CheckRange(args.range, s.pieces.length(), "fill range"); !st.ok()) return st;
+    if (args.rotated_at.has_value() && *args.rotated_at < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("rotated_at must be >= 0, got ", *args.rotated_at));
+    }
+    if (args.rope_table.has_value()) {
+      if (auto st = ValidateRopeTable(s.model.spec.rope, *args.rope_table); !st.ok()) return st;
+    }
+    spec = s.model.spec;
+  }
+  const int64_t n = args.range.size();
+  std::unique_ptr<SessionWriter> writer(
+      new SessionWriter(this, SessionWriter::Mode::kFill, spec, n));
+  const int64_t blocks = (n + spec.block_tokens - 1) / spec.block_tokens;
+  for (int64_t b = 0; b < blocks; ++b) {
+    auto chunk = NewChunk(spec);
+    if (!chunk.ok()) return chunk.status();
+    writer->chunks_.push_back(*std::move(chunk));
+  }
+  writer->session_id_ = std::string(id);
+  writer->fill_ = std::move(args);
+  return writer;
+}
+
+absl::StatusOr<SessionResult> SessionStore::Fill(absl::string_view id, FillArgs args,
+                                                 absl::string_view range_bytes) {
+  auto writer = BeginFill(id, std::move(args));
+  if (!writer.ok()) return writer.status();
+  if (auto s = (*writer)->Write(range_bytes); !s.ok()) return s;
+  return (*writer)->Finish();
+}
+
+absl::StatusOr<SessionReader> SessionStore::Read(absl::string_view id,
+                                                 std::optional<TokenRange> range,
+                                                 std::optional<RopeTableId> to_table) {
+  absl::MutexLock lock(&mu_);
+  auto found = FindLocked(id);
+  if (!found.ok()) return found.status();
+  Session& s = **found;
+  const TokenRange r = range.value_or(TokenRange{0, s.pieces.length()});
+  if (auto st = CheckRange(r, s.pieces.length(), "read range"); !st.ok()) return st;
+  const RopeTableId table = to_table.value_or(s.rope_table);
+  if (auto st = ValidateRopeTable(s.model.spec.rope, table); !st.ok()) return st;
+  std::vector<Piece> cover = s.pieces.Cover(r);
+  int64_t logical = r.start;
+  for (const Piece& p : cover) {
+    if (p.hole()) {
+      return absl::FailedPreconditionError(absl::StrCat("session '", id, "': tokens [", logical,
+                                                        ", ", logical + p.tokens, ") await Fill"));
+    }
+    logical += p.tokens;
+  }
+  SessionReader reader;
+  reader.spec_ = s.model.spec;
+  reader.range_ = r;
+  reader.pieces_ = PieceList(std::move(cover));
+  reader.base_position_ = s.base_position + r.start;
+  reader.to_table_ = table;
+  reader.version_ = s.version;
+  return reader;
+}
+
+absl::StatusOr<SessionResult> SessionStore::Snapshot(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto found = FindLocked(id);
+  if (!found.ok()) return found.status();
+  const Session& s = **found;
+  if (auto st = CheckCountLocked(); !st.ok()) return st;
+  auto copy = std::make_unique<Session>(s);
+  copy->last_used = Now();
+  SessionResult result;
+  result.id = NewId();
+  result.length = copy->pieces.length();
+  result.version = copy->version;
+  result.fill = copy->pieces.Holes();
+  sessions_.emplace(result.id, std::move(copy));
+  return result;
+}
+
+absl::StatusOr<SessionInfo> SessionStore::Info(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto found = FindLocked(id);
+  if (!found.ok()) return found.status();
+  const Session& s = **found;
+  SessionInfo info;
+  info.id = std::string(id);
+  info.model = s.model.id;
+  info.tokens = s.tokens;
+  info.length = s.pieces.length();
+  info.base_position = s.base_position;
+  info.rope_table = s.rope_table;
+  info.version = s.version;
+  info.fill = s.pieces.Holes();
+  info.pieces = s.pieces.pieces().size();
+  absl::flat_hash_set<const KvChunk*> chunks;
+  for (const Piece& p : s.pieces.pieces()) {
+    if (!p.hole()) chunks.insert(p.chunk.get());
+  }
+  info.stored_bytes = chunks.size() * BlockBytes(s.model.spec);
+  return info;
+}
+
+absl::Status SessionStore::Close(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", id, "'"));
+  sessions_.erase(it);
+  return absl::OkStatus();
+}
+
+void SessionStore::MaybeCompact(absl::string_view id) {
+  // Partly referenced blocks waste memory after many scattered deletions. When more than half of
+  // the stored tokens are unreferenced, the live pieces are copied bit for bit into dense blocks;
+  // every piece keeps its rotated_at (no rotation happens, so nothing is ever rotated twice).
+  PieceList before;
+  ModelSpec spec;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return;
+    const Session& s = *it->second;
+    int64_t live = 0;
+    absl::flat_hash_set<const KvChunk*> chunks;
+    for (const Piece& p : s.pieces.pieces()) {
+      if (p.hole()) continue;
+      live += p.tokens;
+      chunks.insert(p.chunk.get());
+    }
+    const int64_t bt = s.model.spec.block_tokens;
+    const int64_t stored = static_cast<int64_t>(chunks.size()) * bt;
+    if (stored <= 2 * live + 2 * bt) return;
+    before = s.pieces;
+    spec = s.model.spec;
+  }
+  const int64_t bt = spec.block_tokens;
+  std::vector<Piece> after;
+  std::vector<RerotateCopy> jobs;
+  std::shared_ptr<KvChunk> block;
+  int64_t used = bt;  // tokens used in `block`
+  for (const Piece& p : before.pieces()) {
+    if (p.hole()) {
+      after.push_back(p);
+      continue;
+    }
+    int64_t done = 0;
+    while (done < p.tokens) {
+      if (used == bt) {
+        auto chunk = NewChunk(spec);
+        if (!chunk.ok()) return;  // no room to compact: stay as is
+        block = *std::move(chunk);
+        used = 0;
+      }
+      const int64_t n = std::min(p.tokens - done, bt - used);
+      RerotateCopy job;
+      job.src = p.chunk->data;
+      job.src_strides = p.chunk->strides;
+      job.src_token = p.offset + done;
+      job.dst = const_cast<void*>(block->data);
+      job.dst_strides = block->strides;
+      job.dst_token = used;
+      job.n_tokens = n;
+      job.from_pos = job.to_pos = p.rotated_at + done;  // bit-exact copy
+      job.from_table = job.to_table = p.table;
+      jobs.push_back(job);
+      after.push_back(Piece{block, used, n, p.rotated_at + done, p.table});
+      used += n;
+      done += n;
+    }
+  }
+  if (!RerotateCopyCpu(spec.rope, BlockGeometry(spec), jobs).ok()) return;
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  Session& s = *it->second;
+  // Commit only if no Edit or Fill changed the pieces meanwhile (pieces are compared by value).
+  const auto& now = s.pieces.pieces();
+  if (now.size() != before.pieces().size()) return;
+  for (size_t i = 0; i < now.size(); ++i) {
+    const Piece& a = now[i];
+    const Piece& b = before.pieces()[i];
+    if (a.chunk != b.chunk || a.offset != b.offset || a.tokens != b.tokens ||
+        a.rotated_at != b.rotated_at || a.table != b.table) {
+      return;
+    }
+  }
+  s.pieces = PieceList(std::move(after));
+}
+
+}  // namespace ropekv
