@@ -105,7 +105,7 @@ def test_max_blocks_and_out_buffer(client, tenant):
     toks = tokens(rng, 3 * BT)
     client.put(model, toks, kv, tenant=tenant)
     header, got = client.get(model, toks, tenant=tenant, max_blocks=2)
-    assert header.blocks == 2 and np.array_equal(got, kv[:2])
+    assert header.blocks == 2 and np.array_equal(raw(got), raw(kv[:2]))
 
     out = np.full(kv.shape, 0xFFFF, np.uint16)  # poisoned: an unwritten element fails
     header, got = client.get(model, toks, tenant=tenant, out=out)
@@ -124,7 +124,7 @@ def test_bf16_accepts_int16_bits_and_bytes(client, tenant):
     client.put(model, b, kv.tobytes(), tenant=tenant)
     client.put(model, c, np.asfortranarray(kv), tenant=tenant)  # made contiguous by the client
     for t in (a, b, c):
-        assert np.array_equal(client.get(model, t, tenant=tenant)[1], kv)
+        assert np.array_equal(raw(client.get(model, t, tenant=tenant)[1]), raw(kv))
 
 
 def test_large_put_streams_in_chunks(daemon, tenant):
@@ -152,7 +152,7 @@ def test_shared_prefix(client, tenant):
     # Request B shares only P with A.
     assert client.lookup(model, p + y, tenant=tenant).matched_tokens == 2 * BT
     header, got = client.get(model, p + y, tenant=tenant)
-    assert header.blocks == 2 and np.array_equal(got, kv_a[:2])
+    assert header.blocks == 2 and np.array_equal(raw(got), raw(kv_a[:2]))
 
     # B's own blocks hang off P's last block; then all of B is cached, at positions 32 and 48.
     kv_y = random_kv(rng, 2, "bf16")
@@ -162,7 +162,7 @@ def test_shared_prefix(client, tenant):
     assert look.matched_tokens == 4 * BT
     assert [b.rotated_at for b in look.blocks] == [0, 16, 32, 48]
     header, got = client.get(model, p + y, tenant=tenant)
-    assert np.array_equal(got, np.concatenate([kv_a[:2], kv_y]))
+    assert np.array_equal(raw(got), raw(np.concatenate([kv_a[:2], kv_y])))
     # The parent may be given in hex too; same chain, nothing new stored.
     assert client.put(model, y, kv_y, tenant=tenant, parent=hashes[1].hex()).blocks_existing == 2
     # A diverging token inside a block ends the match before that block.
@@ -263,7 +263,9 @@ def test_unreachable_daemon_is_unavailable():
 # -- re-rotation ---------------------------------------------------------------------------------
 
 
-def bf16_to_f32(bits):
+def bf16_to_f32(a):
+    """fp32 values of bf16 data (uint16 bits or ml_dtypes.bfloat16)."""
+    bits = np.ascontiguousarray(a).view(np.uint16)
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
