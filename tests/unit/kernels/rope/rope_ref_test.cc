@@ -343,6 +343,7 @@ TEST_P(RerotateGridTest, RoundTripAndComposition) {
   k0.FillRandom(rng_);
   const std::vector<float> inv_from = InvFreq(spec_, from_table_);
   const std::vector<float> inv_to = InvFreq(spec_, to_table_);
+  double worst_round_trip = 0;
   for (int64_t p : kPositions) {
     for (int64_t q : kPositions) {
       KvBuffer k1(kLayers, kHeads, kTokens, head_dim, dtype_), k2 = k1;
@@ -360,14 +361,16 @@ TEST_P(RerotateGridTest, RoundTripAndComposition) {
               const double a1 = k0.Get(l, 0, h, t, d1), a2 = k0.Get(l, 0, h, t, d2);
               const double b1 = k2.Get(l, 0, h, t, d1), b2 = k2.Get(l, 0, h, t, d2);
               const double ulp = UlpOf(dtype_, std::max(std::fabs(a1), std::fabs(a2)));
-              ASSERT_LE(std::max(std::fabs(a1 - b1), std::fabs(a2 - b2)), 2 * ulp)
-                  << p << " -> " << q << " -> " << p << " pair " << k;
+              const double err = std::max(std::fabs(a1 - b1), std::fabs(a2 - b2));
+              worst_round_trip = std::max(worst_round_trip, err / ulp);
+              ASSERT_LE(err, 2 * ulp) << p << " -> " << q << " -> " << p << " pair " << k;
             }
           }
         }
       }
     }
   }
+  RecordProperty("worst_ulp_round_trip", absl::StrCat(worst_round_trip));
   if (dtype_ != DType::kF32) return;
   // Composition in fp32, same table, three positions.
   const std::vector<float> inv = InvFreq(spec_, from_table_);
