@@ -71,9 +71,15 @@ LOGIT_ROWS = [0, 1, 63, 127, 199]
 def load(model_dir, dtype, attn):
     kwargs = {"attn_implementation": attn}
     try:  # transformers >= 4.56 spells it dtype; older ones torch_dtype
-        return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
     except TypeError:
-        return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, **kwargs)
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, **kwargs)
+    # Older versions may take an unknown `dtype` into the config and load fp32: cast explicitly
+    # (bf16 -> fp32 is exact; fp32 -> bf16 recovers the checkpoint's bf16 values exactly).
+    model = model.to(dtype)
+    for p in model.parameters():
+        assert p.dtype == dtype, (p.dtype, dtype)
+    return model
 
 
 @torch.no_grad()
