@@ -412,3 +412,41 @@ def test_generated_stubs_are_reachable(client):
     stub = client.stub("KVCache")
     assert stub.Stats(pb.StatsRequest(), timeout=10).models >= 0
     expect_error(grpc.StatusCode.NOT_FOUND, client.stub, "NoSuchService")
+
+
+# -- segments and Compose (API revisions that have them) -----------------------------------------
+
+
+def test_segment_and_compose(client, tenant):
+    if not hasattr(client.kvcache, "Compose") or "segment" not in pb.PutHeader.DESCRIPTOR.fields_by_name:
+        pytest.skip("this API revision has no segments / Compose")
+    model = register(client, "f32")
+    rng = np.random.default_rng(15)
+    prefix_kv, seg_kv = random_kv(rng, 1, "f32"), random_kv(rng, 2, "f32")
+    prefix, seg = tokens(rng, BT), tokens(rng, BT + 5)  # a segment of 21 tokens: 2 blocks
+    try:
+        assert client.put_segment(model, seg, seg_kv, tenant=tenant).blocks_stored == 2
+    except ropekv.Error as e:
+        if e.code == grpc.StatusCode.UNIMPLEMENTED:
+            pytest.skip("the daemon has no segments")
+        raise
+    assert client.lookup(model, seg, tenant=tenant, segment=True).matched_tokens == BT + 5
+    assert client.lookup(model, seg[:-1], tenant=tenant, segment=True).matched_tokens == 0
+    client.put(model, prefix, prefix_kv, tenant=tenant)
+
+    header, kv = client.compose(model, [{"tokens": prefix}, {"tokens": seg, "segment": True}],
+                                tenant=tenant)
+    assert header.total_tokens == 2 * BT + 5
+    assert [(p.tokens, p.position, p.hit) for p in header.parts] == [
+        (BT, 0, pb.HIT_EXACT), (BT + 5, BT, pb.HIT_REROTATED)]
+    assert kv.shape == (LAYERS, 2, KV_HEADS, 2 * BT + 5, HEAD_DIM)
+    # [blocks][layers][kv][heads][bt][dim] -> [layers][kv][heads][tokens][dim]
+    joined = lambda b: np.concatenate(list(b), axis=3)  # noqa: E731
+    assert np.array_equal(raw(kv[:, :, :, :BT]), raw(joined(prefix_kv)))
+    assert np.array_equal(raw(kv[:, 1, :, BT:]), raw(joined(seg_kv)[:, 1, :, :BT + 5]))
+    # The segment's keys moved from positions 0..20 to 16..36.
+    pos = np.arange(BT + 5)
+    stored = joined(seg_kv)[:, 0, :, :BT + 5]
+    ref = rotate_ref(rotate_ref(stored, -pos, 10000.0, HEAD_DIM, "neox"), pos + BT, 10000.0,
+                     HEAD_DIM, "neox")
+    assert np.abs(kv[:, 0, :, BT:] - ref).max() <= 1e-5 * np.abs(stored).max()
