@@ -1,0 +1,1436 @@
+// CUDA version of kernels/topk. One pipeline for every mode (docs/retrieval.md has the picture):
+//
+//   ScoreTilesKernel   rows of keys (exact q.k) or page metadata ([q+, q-].[M; m]) -> fp32 row
+//                      values; each block streams tiles of one KV head through shared memory with
+//                      cp.async and computes all query heads of the group from one read
+//   HistKernel         11-bit histogram of the top digit of each value's order key
+//   FilterKernel       threshold filtering: every block finds the threshold digit from the
+//                      histogram, emits what lies above, keeps what lies on it as candidates; the
+//                      last block of a row to finish resolves the candidates digit by digit
+//                      (score bits, then inverted index bits: ties go to the lower index)
+//   CandScoreKernel    (bound-then-exact) exact scores of the candidate pages' tokens
+//   CompactKernel      bitmap of chosen tokens | sink | local -> ascending indices
+//   RescoreKernel      scores of the chosen tokens (page modes) and the captured softmax mass
+//
+// No host synchronisation anywhere: counts live in device memory, grids are sized from shapes.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/topk/topk.h"
+#include "kernels/topk/topk_internal.h"
+#include "kernels/topk/topk_math.h"
+
+namespace ropekv {
+namespace topk {
+namespace {
+
+using internal::kRadixBins;
+using internal::kScoreThreads;
+using internal::kScoreWarps;
+using internal::kSegBytes;
+
+constexpr int kStages = 3;        // cp.async pipeline depth of ScoreTilesKernel
+constexpr int kSelThreads = 512;  // HistKernel, FilterKernel
+constexpr int kSelChunk = 8192;   // elements per selection block
+constexpr int kCompactThreads = 1024;
+constexpr int kListThreads = 256;           // CandScoreKernel, RescoreKernel, GatherKernel
+constexpr int kQuerySmemBytes = 96 * 1024;  // queries of one scoring block
+constexpr float kInf = __builtin_huge_valf();
+
+// Returns the status of `expr` unless it is OK (no reassignment of an absl::Status: nvcc warns
+// about the discarded result of its operator=).
+#define ROPEKV_TOPK_RETURN_IF_ERROR(expr)        \
+  do {                                           \
+    const ::absl::Status _topk_status = (expr);  \
+    if (!_topk_status.ok()) return _topk_status; \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Device-side views and element access.
+
+// A MatrixView with strides in bytes.
+struct DevView {
+  const char* base = nullptr;
+  const char* const* blocks = nullptr;  // [num_blocks]
+  int64_t rows_per_block = 1;
+  int64_t head_stride = 0;  // bytes
+  int64_t row_stride = 0;   // bytes
+};
+
+template <typename Ptr>
+DevView ToDev(const BasicMatrixView<Ptr>& v) {
+  const int64_t es = static_cast<int64_t>(DTypeSize(v.dtype));
+  DevView d;
+  d.base = static_cast<const char*>(v.base);
+  d.blocks = reinterpret_cast<const char* const*>(v.blocks);
+  d.rows_per_block = v.blocks != nullptr ? v.rows_per_block : 1;
+  d.head_stride = v.head_stride * es;
+  d.row_stride = v.row_stride * es;
+  return d;
+}
+
+__device__ __forceinline__ const char* RowPtr(const DevView& v, int64_t head, int64_t row) {
+  if (v.blocks == nullptr) return v.base + head * v.head_stride + row * v.row_stride;
+  // Rows < 2^31: 32-bit division is enough and much cheaper.
+  const uint32_t b = static_cast<uint32_t>(row) / static_cast<uint32_t>(v.rows_per_block);
+  const int64_t r = row - static_cast<int64_t>(b) * v.rows_per_block;
+  return v.blocks[b] + head * v.head_stride + r * v.row_stride;
+}
+
+// Element types: 16 bytes -> kPer16 floats.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr int kPer16 = 4;
+  __device__ static void Convert(const uint4& v, float* x) {
+    x[0] = __uint_as_float(v.x);
+    x[1] = __uint_as_float(v.y);
+    x[2] = __uint_as_float(v.z);
+    x[3] = __uint_as_float(v.w);
+  }
+  __device__ static float Load(const char* p, int i) {
+    return reinterpret_cast<const float*>(p)[i];
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr int kPer16 = 8;
+  __device__ static void Convert(const uint4& v, float* x) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  __device__ static float Load(const char* p, int i) {
+    return __uint_as_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16);
+  }
+};
+template <>
+struct Elem<__half> {
+  static constexpr int kPer16 = 8;
+  __device__ static void Convert(const uint4& v, float* x) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      memcpy(&h, &w[i], 4);
+      const float2 f = __half22float2(h);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static float Load(const char* p, int i) {
+    return __half2float(reinterpret_cast<const __half*>(p)[i]);
+  }
+};
+
+// Reads 16 bytes of elements of T at p (aligned to sizeof(T)) as floats.
+template <typename T>
+__device__ __forceinline__ void LoadChunk(const char* p, float* x) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+    Elem<T>::Convert(*reinterpret_cast<const uint4*>(p), x);
+  } else {
+#pragma unroll
+    for (int e = 0; e < Elem<T>::kPer16; ++e) x[e] = Elem<T>::Load(p, e);
+  }
+}
+
+__device__ __forceinline__ float LoadQuery(const void* q, int64_t i, DType t) {
+  switch (t) {
+    case DType::kF32:
+      return static_cast<const float*>(q)[i];
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(q)[i]);
+    case DType::kBF16:
+      return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(q)[i]) << 16);
+  }
+  return 0.0f;
+}
+
+// cp.async of 16 bytes global -> shared; falls back to element copies when the source is not
+// 16-byte aligned (element alignment `esize` is required).
+__device__ __forceinline__ void CopyChunk16(void* smem_dst, const char* src, int esize) {
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+  } else if (esize == 4) {
+    uint32_t* d = static_cast<uint32_t*>(smem_dst);
+    for (int i = 0; i < 4; ++i) d[i] = reinterpret_cast<const uint32_t*>(src)[i];
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(smem_dst);
+    for (int i = 0; i < 8; ++i) d[i] = reinterpret_cast<const uint16_t*>(src)[i];
+  }
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoring: exact q.k over key rows, or the Quest bound over metadata rows.
+
+struct ScoreParams {
+  DevView rows;         // keys (rows = tokens, width D) or metadata (rows = pages, width 2D)
+  const void* queries;  // [query_heads][D]
+  DType qtype;
+  int d;       // head_dim
+  int width;   // D or 2D
+  bool bound;  // [q+, q-] . [M; m]; NaN -> +inf (else NaN -> -inf)
+  int kv_heads;
+  int group;            // query heads per KV head
+  int heads_per_block;  // query heads of one block (the whole group unless kPerQueryHead)
+  int head_groups;      // ceil(group / heads_per_block)
+  GqaReduction red;
+  int64_t len;  // rows per head
+  float* out;   // [out_rows][len]; null: LSE only
+  float2* lse;  // [query_heads][lse_parts] (max, sum exp) per (tile, warp); may be null
+  int64_t lse_parts;
+  float lse_scale;
+  int64_t n_tiles;
+  int64_t tiles_per_block;
+};
+
+// Shape of the staging of one row type (see internal::ScoreTileRows).
+struct TileShape {
+  int seg_bytes, tpr, tile_rows, seg_chunks, slot_bytes, seg_elems, q_seg_stride, q_stride;
+};
+__host__ __device__ inline TileShape MakeTileShape(int width, int esize) {
+  TileShape s;
+  const int row_bytes = width * esize;
+  s.seg_bytes = row_bytes < kSegBytes ? row_bytes : kSegBytes;
+  s.tpr = row_bytes / s.seg_bytes;
+  s.tile_rows = kScoreThreads / s.tpr;
+  s.seg_chunks = s.seg_bytes / 16;
+  s.slot_bytes = s.seg_bytes + 16;  // +16: 8 consecutive slots hit 8 different bank groups
+  s.seg_elems = s.seg_bytes / esize;
+  s.q_seg_stride = s.seg_elems + 4;
+  s.q_stride = s.tpr * s.q_seg_stride;
+  return s;
+}
+
+// \tparam T element type of the rows. \tparam GC query heads accumulated per pass.
+template <typename T, int GC>
+__global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScoreParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kE = Elem<T>::kPer16;
+  const TileShape ts = MakeTileShape(p.width, sizeof(T));
+  const int tid = threadIdx.x;
+  const int kvh = blockIdx.y / p.head_groups;
+  const int h_begin = (blockIdx.y % p.head_groups) * p.heads_per_block;
+  const int hb = min(p.heads_per_block, p.group - h_begin);
+  const int q0 = kvh * p.group + h_begin;  // first query head of this block
+  unsigned char* stages = smem;
+  float* q_s = reinterpret_cast<float*>(smem + kStages * kScoreThreads * ts.slot_bytes);
+
+  // Queries of this block, [hb][q_stride] with a 4-float pad per segment.
+  for (int i = tid; i < hb * p.width; i += kScoreThreads) {
+    const int g = i / p.width, c = i % p.width;
+    float v;
+    if (!p.bound) {
+      v = LoadQuery(p.queries, static_cast<int64_t>(q0 + g) * p.d + c, p.qtype);
+    } else {
+      const int dd = c < p.d ? c : c - p.d;
+      const float x = LoadQuery(p.queries, static_cast<int64_t>(q0 + g) * p.d + dd, p.qtype);
+      v = c < p.d ? fmaxf(x, 0.0f) : fminf(x, 0.0f);
+    }
+    q_s[g * ts.q_stride + (c / ts.seg_elems) * ts.q_seg_stride + c % ts.seg_elems] = v;
+  }
+
+  const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * p.tiles_per_block;
+  const int64_t tile_end = min(p.n_tiles, tile_begin + p.tiles_per_block);
+  const int n_items = tile_end > tile_begin ? static_cast<int>(tile_end - tile_begin) : 0;
+
+  auto load_tile = [&](int item, int stage) {
+    const int64_t tile = tile_begin + item;
+    unsigned char* dst_stage = stages + stage * kScoreThreads * ts.slot_bytes;
+    const int total = kScoreThreads * ts.seg_chunks;
+    for (int i = tid; i < total; i += kScoreThreads) {
+      const int slot = i / ts.seg_chunks, sub = i % ts.seg_chunks;
+      const int64_t row = tile * ts.tile_rows + slot / ts.tpr;
+      if (row >= p.len) continue;
+      const char* src = RowPtr(p.rows, kvh, row) + (slot % ts.tpr) * ts.seg_bytes + sub * 16;
+      CopyChunk16(dst_stage + slot * ts.slot_bytes + sub * 16, src, sizeof(T));
+    }
+  };
+
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_items) load_tile(s, s);
+    CpAsyncCommit();
+  }
+  const int seg = tid % ts.tpr;
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int it = 0; it < n_items; ++it) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    {
+      const int next = it + kStages - 1;
+      if (next < n_items) load_tile(next, next % kStages);
+      CpAsyncCommit();
+    }
+    const int64_t tile = tile_begin + it;
+    const int64_t row = tile * ts.tile_rows + tid / ts.tpr;
+    const bool valid = row < p.len;
+    const unsigned char* mine =
+        stages + (it % kStages) * kScoreThreads * ts.slot_bytes + tid * ts.slot_bytes;
+    const float* q_seg = q_s + seg * ts.q_seg_stride;
+    float red = p.red == GqaReduction::kMax ? -kInf : 0.0f;
+    for (int g0 = 0; g0 < hb; g0 += GC) {
+      float acc[GC];
+#pragma unroll
+      for (int g = 0; g < GC; ++g) acc[g] = 0.0f;
+      for (int c = 0; c < ts.seg_chunks; ++c) {
+        float x[kE];
+        Elem<T>::Convert(*reinterpret_cast<const uint4*>(mine + c * 16), x);
+#pragma unroll
+        for (int g = 0; g < GC; ++g) {
+          if (g0 + g < hb) {
+            const float* qg = q_seg + (g0 + g) * ts.q_stride + c * kE;
+#pragma unroll
+            for (int e = 0; e < kE; e += 4) {
+              const float4 qv = *reinterpret_cast<const float4*>(qg + e);
+              acc[g] = fmaf(qv.x, x[e], acc[g]);
+              acc[g] = fmaf(qv.y, x[e + 1], acc[g]);
+              acc[g] = fmaf(qv.z, x[e + 2], acc[g]);
+              acc[g] = fmaf(qv.w, x[e + 3], acc[g]);
+            }
+          }
+        }
+      }
+      for (int off = 1; off < ts.tpr; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < GC; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], off);
+      }
+#pragma unroll
+      for (int g = 0; g < GC; ++g) {
+        if (g0 + g >= hb) continue;
+        float s = acc[g];
+        if (s != s) s = p.bound ? kInf : -kInf;
+        const int h = q0 + g0 + g;
+        if (p.lse != nullptr) {
+          // (max, sum exp) of scale * s over this warp's valid rows (one lane per row).
+          const bool counted = valid && seg == 0;
+          const float v = counted ? s * p.lse_scale : -kInf;
+          float m = v;
+          for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+          float z = (counted && m != -kInf) ? expf(v - m) : 0.0f;
+          for (int off = 16; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+          if (lane == 0) {
+            p.lse[static_cast<int64_t>(h) * p.lse_parts + tile * kScoreWarps + warp] =
+                make_float2(m, z);
+          }
+        }
+        if (p.red == GqaReduction::kPerQueryHead) {
+          if (valid && seg == 0 && p.out != nullptr)
+            p.out[static_cast<int64_t>(h) * p.len + row] = s;
+        } else if (p.red == GqaReduction::kMax) {
+          red = fmaxf(red, s);
+        } else {
+          red += s;
+        }
+      }
+    }
+    if (p.red != GqaReduction::kPerQueryHead && valid && seg == 0 && p.out != nullptr) {
+      if (red != red) red = p.bound ? kInf : -kInf;
+      p.out[static_cast<int64_t>(kvh) * p.len + row] = red;
+    }
+  }
+  CpAsyncWait<0>();
+}
+
+// Per-device attributes, read once.
+struct DeviceInfo {
+  int sms = 0;
+  int smem_per_sm = 0;
+};
+absl::StatusOr<DeviceInfo> GetDeviceInfo() {
+  static std::atomic<int> cached_sms[64];
+  static std::atomic<int> cached_smem[64];
+  int dev = 0;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  DeviceInfo info;
+  if (dev >= 0 && dev < 64 && cached_sms[dev].load(std::memory_order_relaxed) > 0) {
+    info.sms = cached_sms[dev].load(std::memory_order_relaxed);
+    info.smem_per_sm = cached_smem[dev].load(std::memory_order_relaxed);
+    return info;
+  }
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  if (dev >= 0 && dev < 64) {
+    cached_smem[dev].store(info.smem_per_sm, std::memory_order_relaxed);
+    cached_sms[dev].store(info.sms, std::memory_order_relaxed);
+  }
+  return info;
+}
+
+template <typename T, int GC>
+absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
+                              const DeviceInfo& info) {
+  auto kernel = ScoreTilesKernel<T, GC>;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // Blocks resident per SM, limited by shared memory (registers allow more at 128 threads).
+  const int per_sm = std::max(1, std::min(8, info.smem_per_sm / static_cast<int>(smem + 1024)));
+  const int64_t y = static_cast<int64_t>(p.kv_heads) * p.head_groups;
+  const int64_t target = static_cast<int64_t>(info.sms) * per_sm;
+  int64_t x = std::max<int64_t>(1, target / y);
+  x = std::min<int64_t>(x, p.n_tiles);
+  p.tiles_per_block = (p.n_tiles + x - 1) / x;
+  x = (p.n_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
+  kernel<<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kScoreThreads, smem, stream>>>(
+      p);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+// Scores (or bounds) of every row of `view` for the request's queries, into out[rows][len]
+// and/or LSE partials.
+absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, bool bound, float* out,
+                           float2* lse, int64_t lse_parts, cudaStream_t stream) {
+  absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
+  if (!info.ok()) return info.status();
+  const int width = bound ? 2 * req.head_dim : req.head_dim;
+  const int esize = static_cast<int>(DTypeSize(view.dtype));
+  const TileShape ts = MakeTileShape(width, esize);
+  const int group = req.query_heads / req.kv_heads;
+  const int max_heads = kQuerySmemBytes / (ts.q_stride * 4);
+  if (req.reduction != GqaReduction::kPerQueryHead && group > max_heads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the CUDA path reduces at most ", max_heads, " query heads per KV head at head_dim ",
+        req.head_dim, (bound ? " (bound)" : ""), ", got ", group,
+        "; use kPerQueryHead or the CPU path"));
+  }
+  ScoreParams p;
+  p.rows = ToDev(view);
+  p.queries = req.queries;
+  p.qtype = req.query_dtype;
+  p.d = req.head_dim;
+  p.width = width;
+  p.bound = bound;
+  p.kv_heads = req.kv_heads;
+  p.group = group;
+  p.heads_per_block = std::min(group, max_heads);
+  p.head_groups = (group + p.heads_per_block - 1) / p.heads_per_block;
+  p.red = req.reduction;
+  p.len = bound ? NumPages(req.num_tokens) : req.num_tokens;
+  p.out = out;
+  p.lse = lse;
+  p.lse_parts = lse_parts;
+  p.lse_scale = internal::SoftmaxScale(req);
+  p.n_tiles = (p.len + ts.tile_rows - 1) / ts.tile_rows;
+  p.tiles_per_block = 1;
+  const size_t smem = static_cast<size_t>(kStages) * kScoreThreads * ts.slot_bytes +
+                      static_cast<size_t>(p.heads_per_block) * ts.q_stride * 4;
+  const int hpb = p.heads_per_block;
+  const int gc = hpb >= 8 ? 8 : (hpb >= 4 ? 4 : (hpb >= 2 ? 2 : 1));
+#define ROPEKV_TOPK_SCORE_GC(T)                              \
+  switch (gc) {                                              \
+    case 8:                                                  \
+      return LaunchScoreTiles<T, 8>(p, smem, stream, *info); \
+    case 4:                                                  \
+      return LaunchScoreTiles<T, 4>(p, smem, stream, *info); \
+    case 2:                                                  \
+      return LaunchScoreTiles<T, 2>(p, smem, stream, *info); \
+    default:                                                 \
+      return LaunchScoreTiles<T, 1>(p, smem, stream, *info); \
+  }
+  switch (view.dtype) {
+    case DType::kF32:
+      ROPEKV_TOPK_SCORE_GC(float)
+    case DType::kF16:
+      ROPEKV_TOPK_SCORE_GC(__half)
+    case DType::kBF16:
+      ROPEKV_TOPK_SCORE_GC(__nv_bfloat16)
+  }
+#undef ROPEKV_TOPK_SCORE_GC
+  return absl::InvalidArgumentError("unknown dtype");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Radix selection with threshold filtering.
+
+enum class SrcKind : int {
+  kPlain = 0,   // element e of a row: scores[row][e]
+  kTokens = 1,  // tokens; sink and local tokens excluded
+  kPages = 2,   // pages; pages whose tokens are all sink/local excluded
+  kSlots = 3,   // candidate slot j: token pages[row][j / 16] * 16 + j % 16 (bound-then-exact)
+};
+
+struct SelSource {
+  const float* scores = nullptr;  // [rows][len]
+  int64_t len = 0;
+  SrcKind kind = SrcKind::kPlain;
+  int64_t n = 0, n_sink = 0, n_local = 0;
+  const int32_t* pages = nullptr;           // kSlots: [rows][cand_pages]
+  const uint32_t* page_counters = nullptr;  // kSlots: [rows][4], entry 2 = pages listed
+  int64_t cand_pages = 0;
+};
+
+// Order key (0 = excluded) and tie index of element e of `row`. Ties prefer a lower tie index;
+// for emitted (non-excluded) elements the tie index is also what is emitted (token or page).
+__device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t e, uint32_t* key,
+                                       uint32_t* tie) {
+  *tie = static_cast<uint32_t>(e);
+  switch (s.kind) {
+    case SrcKind::kPlain:
+      *key = internal::OrderKey(s.scores[row * s.len + e]);
+      return;
+    case SrcKind::kTokens:
+      *key = internal::IsPinned(e, s.n, s.n_sink, s.n_local)
+                 ? 0u
+                 : internal::OrderKey(s.scores[row * s.len + e]);
+      return;
+    case SrcKind::kPages:
+      *key = internal::PageAllPinned(e, s.n, s.n_sink, s.n_local)
+                 ? 0u
+                 : internal::OrderKey(s.scores[row * s.len + e]);
+      return;
+    case SrcKind::kSlots: {
+      const int64_t pi = e >> 4;
+      *key = 0u;
+      const uint32_t listed = __ldcg(&s.page_counters[row * 4 + 2]);
+      if (pi >= static_cast<int64_t>(listed) || pi >= s.cand_pages) return;
+      const int64_t t =
+          static_cast<int64_t>(__ldcg(&s.pages[row * s.cand_pages + pi])) * 16 + (e & 15);
+      if (t >= s.n || internal::IsPinned(t, s.n, s.n_sink, s.n_local)) return;
+      *tie = static_cast<uint32_t>(t);
+      *key = internal::OrderKey(s.scores[row * s.len + e]);
+      return;
+    }
+  }
+}
+
+enum class SinkKind : int {
+  kMarkToken = 0,  // set bit t of the row's bitmap
+  kMarkPage = 1,   // set the 16 bits of page p
+  kAppend = 2,     // append p to the row's list
+};
+
+struct SelSink {
+  SinkKind kind = SinkKind::kMarkToken;
+  uint32_t* bitmap = nullptr;  // [rows][words]
+  int64_t words = 0;
+  int32_t* list = nullptr;       // [rows][list_cap]
+  uint32_t* counters = nullptr;  // [rows][4]; entry 2 counts the list
+  int64_t list_cap = 0;
+};
+
+__device__ __forceinline__ void Emit(const SelSink& s, int64_t row, uint32_t target) {
+  switch (s.kind) {
+    case SinkKind::kMarkToken:
+      atomicOr(&s.bitmap[row * s.words + (target >> 5)], 1u << (target & 31u));
+      return;
+    case SinkKind::kMarkPage:
+      atomicOr(&s.bitmap[row * s.words + (target >> 1)], 0xffffu << (16u * (target & 1u)));
+      return;
+    case SinkKind::kAppend: {
+      const uint32_t pos = atomicAdd(&s.counters[row * 4 + 2], 1u);
+      if (pos < s.list_cap) s.list[row * s.list_cap + pos] = static_cast<int32_t>(target);
+      return;
+    }
+  }
+}
+
+struct SelWs {
+  uint32_t* hist0;     // [rows][kRadixBins]
+  uint32_t* hist1;     // [rows][kRadixBins]
+  uint32_t* counters;  // [rows][4]: 0 candidates, 1 finished blocks
+  uint32_t* cand;      // [rows][len]
+};
+
+// Digit p of the composite (key, ~tie): 11 + 11 + 10 bits of key, then of ~tie.
+__device__ __forceinline__ uint32_t Digit(int p, uint32_t key, uint32_t tie) {
+  const uint32_t v = p < 3 ? key : ~tie;
+  switch (p % 3) {
+    case 0:
+      return v >> 21;
+    case 1:
+      return (v >> 10) & 2047u;
+    default:
+      return v & 1023u;
+  }
+}
+__device__ __forceinline__ int DigitBins(int p) { return p % 3 == 2 ? 1024 : 2048; }
+
+__global__ void __launch_bounds__(kSelThreads)
+    HistKernel(const SelSource src, uint32_t* hist0, int64_t chunk) {
+  __shared__ uint32_t h[kRadixBins];
+  for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) h[i] = 0;
+  __syncthreads();
+  const int64_t row = blockIdx.y;
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(src.len, begin + chunk);
+  for (int64_t e = begin + threadIdx.x; e < end; e += kSelThreads) {
+    uint32_t key, tie;
+    KeyTie(src, row, e, &key, &tie);
+    atomicAdd(&h[key >> 21], 1u);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) {
+    if (h[i] != 0) atomicAdd(&hist0[row * kRadixBins + i], h[i]);
+  }
+}
+
+using SelScan = cub::BlockScan<uint32_t, kSelThreads>;
+
+struct Threshold {
+  uint32_t bin;
+  uint32_t gt;        // elements in higher bins
+  uint32_t eq;        // elements in the bin
+  uint32_t take_all;  // gt + eq == k: the whole bin is selected
+};
+
+// Finds the bin b holding the k-th largest element of `hist` (shared, nbins <= 2048): fewer than
+// k elements above it, at least k from it up. Block-wide; result in *out (shared).
+__device__ void FindThreshold(const uint32_t* hist, int nbins, uint32_t k,
+                              SelScan::TempStorage& scan, Threshold* out) {
+  const int tid = threadIdx.x;
+  uint32_t c[4];
+  uint32_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int b = nbins - 1 - (tid * 4 + j);
+    c[j] = b >= 0 ? hist[b] : 0u;
+    sum += c[j];
+  }
+  uint32_t above = 0;
+  if (tid == 0) *out = Threshold{0u, 0u, 0u, 1u};  // only if the histogram holds < k elements
+  __syncthreads();
+  SelScan(scan).ExclusiveSum(sum, above);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int b = nbins - 1 - (tid * 4 + j);
+    if (b >= 0 && above < k && above + c[j] >= k) {
+      *out = Threshold{static_cast<uint32_t>(b), above, c[j], above + c[j] == k ? 1u : 0u};
+    }
+    above += c[j];
+  }
+  __syncthreads();
+}
+
+// Threshold filtering of one row chunk per block; the last block of a row resolves the rest.
+__global__ void __launch_bounds__(kSelThreads)
+    FilterKernel(const SelSource src, const SelSink sink, const SelWs ws, uint32_t k_sel,
+                 int64_t chunk) {
+  __shared__ uint32_t hist_a[kRadixBins];
+  __shared__ uint32_t hist_b[kRadixBins];
+  __shared__ SelScan::TempStorage scan;
+  __shared__ Threshold thr;
+  __shared__ int is_last;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int64_t row = blockIdx.y;
+  const int64_t len = src.len;
+
+  for (int i = tid; i < kRadixBins; i += kSelThreads) {
+    hist_a[i] = __ldcg(&ws.hist0[row * kRadixBins + i]);
+    hist_b[i] = 0;
+  }
+  __syncthreads();
+  FindThreshold(hist_a, kRadixBins, k_sel, scan, &thr);
+  const Threshold t0 = thr;
+
+  // Above the threshold digit: emitted. On it: candidates (or emitted when the bin is taken
+  // whole). Below: dropped. Excluded elements (key 0) are never emitted.
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(len, begin + chunk);
+  for (int64_t base = begin; base < end; base += kSelThreads) {
+    const int64_t e = base + tid;
+    bool keep = false;
+    uint32_t key = 0, tie = 0;
+    if (e < end) {
+      KeyTie(src, row, e, &key, &tie);
+      const uint32_t d = key >> 21;
+      if (key != 0 && (d > t0.bin || (d == t0.bin && t0.take_all))) {
+        Emit(sink, row, tie);
+      } else if (d == t0.bin && !t0.take_all) {
+        keep = true;
+        atomicAdd(&hist_b[(key >> 10) & 2047u], 1u);
+      }
+    }
+    // Warp-aggregated append to the candidate list.
+    const uint32_t mask = __ballot_sync(0xffffffffu, keep);
+    if (mask != 0) {
+      uint32_t pos0 = 0;
+      if (lane == 0) pos0 = atomicAdd(&ws.counters[row * 4 + 0], __popc(mask));
+      pos0 = __shfl_sync(0xffffffffu, pos0, 0);
+      if (keep) {
+        const uint32_t pos = pos0 + __popc(mask & ((1u << lane) - 1u));
+        ws.cand[row * len + pos] = static_cast<uint32_t>(e);
+      }
+    }
+  }
+  __syncthreads();
+  if (!t0.take_all) {
+    for (int i = tid; i < kRadixBins; i += kSelThreads) {
+      if (hist_b[i] != 0) atomicAdd(&ws.hist1[row * kRadixBins + i], hist_b[i]);
+    }
+  }
+  // The last block of the row to get here finishes the row.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const uint32_t ticket = atomicAdd(&ws.counters[row * 4 + 1], 1u);
+    is_last = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last || t0.take_all) return;
+  __threadfence();
+
+  uint32_t n_cand = __ldcg(&ws.counters[row * 4 + 0]);
+  uint32_t k_rem = k_sel - t0.gt;
+  for (int i = tid; i < kRadixBins; i += kSelThreads) {
+    hist_a[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
+  }
+  uint32_t* cur = hist_a;
+  uint32_t* nxt = hist_b;
+  uint32_t* cand = ws.cand + row * len;
+  for (int p = 1; p < 6; ++p) {
+    for (int i = tid; i < kRadixBins; i += kSelThreads) nxt[i] = 0;
+    __syncthreads();
+    FindThreshold(cur, DigitBins(p), k_rem, scan, &thr);
+    const Threshold t = thr;
+    // One ordered pass over the candidates, compacting the survivors in place.
+    uint32_t kept_total = 0;
+    for (uint32_t base = 0; base < n_cand; base += kSelThreads) {
+      const uint32_t i = base + tid;
+      uint32_t e = 0, key = 0, tie = 0;
+      bool keep = false;
+      if (i < n_cand) {
+        e = __ldcg(&cand[i]);
+        KeyTie(src, row, e, &key, &tie);
+        const uint32_t d = Digit(p, key, tie);
+        if (key != 0 && (d > t.bin || (d == t.bin && t.take_all))) {
+          Emit(sink, row, tie);
+        } else if (d == t.bin && !t.take_all) {
+          keep = true;
+          if (p < 5) atomicAdd(&nxt[Digit(p + 1, key, tie)], 1u);
+        }
+      }
+      uint32_t rank = 0, kept = 0;
+      SelScan(scan).ExclusiveSum(keep ? 1u : 0u, rank, kept);
+      if (keep) cand[kept_total + rank] = e;
+      kept_total += kept;
+      __syncthreads();
+    }
+    if (t.take_all || p == 5) break;
+    n_cand = kept_total;
+    k_rem -= t.gt;
+    uint32_t* tmp = cur;
+    cur = nxt;
+    nxt = tmp;
+    __syncthreads();
+  }
+}
+
+// Plan of the grid of one selection.
+int64_t SelChunk(int64_t len) { return std::min<int64_t>(len, kSelChunk); }
+
+absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs& ws, int64_t rows,
+                          int64_t k_sel, cudaStream_t stream) {
+  const int64_t chunk = SelChunk(src.len);
+  const int64_t bpr = (src.len + chunk - 1) / chunk;
+  if (rows > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA path selects over at most 65535 rows, got ", rows));
+  }
+  const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
+  HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  FilterKernel<<<grid, kSelThreads, 0, stream>>>(src, sink, ws, static_cast<uint32_t>(k_sel),
+                                                 chunk);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bitmap -> ascending indices, with sink and local tokens.
+
+__device__ __forceinline__ uint32_t RangeMask(int64_t w, int64_t lo, int64_t hi) {
+  const int64_t a = max(lo, w * 32), b = min(hi, w * 32 + 32);
+  if (a >= b) return 0u;
+  const int n = static_cast<int>(b - a);
+  const uint32_t m = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  return m << static_cast<int>(a - w * 32);
+}
+
+using CompactScan = cub::BlockScan<uint32_t, kCompactThreads>;
+
+__global__ void __launch_bounds__(kCompactThreads)
+    CompactKernel(const uint32_t* bitmap, int64_t words, int64_t n, int64_t n_sink, int64_t n_local,
+                  int32_t* indices, int32_t* counts, int64_t cap, const float* row_scores,
+                  float* out_scores) {
+  __shared__ CompactScan::TempStorage scan;
+  const int64_t row = blockIdx.x;
+  const int64_t per = (words + kCompactThreads - 1) / kCompactThreads;
+  const int64_t w0 = threadIdx.x * per;
+  const int64_t w1 = min(words, w0 + per);
+  auto word = [&](int64_t w) {
+    const uint32_t chosen = bitmap[row * words + w];
+    const uint32_t pinned = RangeMask(w, 0, n_sink) | RangeMask(w, n - n_local, n);
+    return (chosen | pinned) & RangeMask(w, 0, n);
+  };
+  uint32_t mine = 0;
+  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
+  uint32_t start = 0, total = 0;
+  CompactScan(scan).ExclusiveSum(mine, start, total);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t m = word(w);
+    while (m != 0) {
+      const int b = __ffs(m) - 1;
+      m &= m - 1;
+      const int64_t t = w * 32 + b;
+      if (start < cap) {
+        indices[row * cap + start] = static_cast<int32_t>(t);
+        if (out_scores != nullptr && row_scores != nullptr) {
+          out_scores[row * cap + start] = row_scores[row * n + t];
+        }
+      }
+      ++start;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(total) < cap ? static_cast<int64_t>(total) : cap;
+  for (int64_t j = count + threadIdx.x; j < cap; j += kCompactThreads) {
+    indices[row * cap + j] = -1;
+    if (out_scores != nullptr) out_scores[row * cap + j] = __uint_as_float(0x7fc00000u);
+  }
+  if (threadIdx.x == 0 && counts != nullptr) counts[row] = static_cast<int32_t>(count);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores of listed tokens: a group of `lpt` lanes reads one key row (16 bytes per lane per
+// step) and reduces with shuffles; the same code scores bound-then-exact candidates and the
+// final selection, so a token's score is the same bits in both.
+
+struct ListShape {
+  int lpt;  // lanes per token
+  int cpl;  // 16-byte chunks per lane
+};
+__host__ __device__ inline ListShape MakeListShape(int d, int esize) {
+  const int chunks = d * esize / 16;
+  ListShape s;
+  s.lpt = chunks < 32 ? chunks : 32;
+  s.cpl = chunks / s.lpt;
+  return s;
+}
+
+// q.k of one token for the query vector q (shared, [d] floats); `row` may be null (then 0).
+// All 32 lanes of the warp must call it.
+template <typename T>
+__device__ __forceinline__ float ListDot(const char* row, const float* q, int sub,
+                                         const ListShape& ls) {
+  constexpr int kE = Elem<T>::kPer16;
+  float acc = 0.0f;
+  if (row != nullptr) {
+    for (int i = 0; i < ls.cpl; ++i) {
+      const int c = sub + i * ls.lpt;
+      float x[kE];
+      LoadChunk<T>(row + c * 16, x);
+#pragma unroll
+      for (int e = 0; e < kE; ++e) acc = fmaf(q[c * kE + e], x[e], acc);
+    }
+  }
+  for (int off = ls.lpt / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
+struct ListParams {
+  DevView keys;
+  const void* queries;
+  DType qtype;
+  int d;
+  int group;
+  GqaReduction red;
+  int64_t n;
+};
+
+// Query heads of output row `row`: [h0, h0 + hr), all reading KV head kvh.
+__device__ __forceinline__ void RowHeads(const ListParams& p, int64_t row, int* kvh, int* h0,
+                                         int* hr) {
+  if (p.red == GqaReduction::kPerQueryHead) {
+    *kvh = static_cast<int>(row / p.group);
+    *h0 = static_cast<int>(row);
+    *hr = 1;
+  } else {
+    *kvh = static_cast<int>(row);
+    *h0 = static_cast<int>(row) * p.group;
+    *hr = p.group;
+  }
+}
+
+// Loads the row's queries into q_s [hr][d]; returns hr.
+__device__ void LoadRowQueries(const ListParams& p, int h0, int hr, float* q_s) {
+  for (int i = threadIdx.x; i < hr * p.d; i += blockDim.x) {
+    q_s[i] = LoadQuery(p.queries, static_cast<int64_t>(h0) * p.d + i, p.qtype);
+  }
+  __syncthreads();
+}
+
+// Reduced score of token t (t < 0: a dummy, result unused). All lanes call it.
+template <typename T>
+__device__ float ListRowScore(const ListParams& p, int kvh, int hr, const float* q_s, int64_t t,
+                              int sub, const ListShape& ls) {
+  const char* r = t >= 0 ? RowPtr(p.keys, kvh, t) : nullptr;
+  float red = p.red == GqaReduction::kMax ? -kInf : 0.0f;
+  for (int g = 0; g < hr; ++g) {
+    float s = ListDot<T>(r, q_s + g * p.d, sub, ls);
+    if (s != s) s = -kInf;
+    if (p.red == GqaReduction::kSum) {
+      red += s;
+    } else {
+      red = fmaxf(red, s);  // kMax, or the single head of kPerQueryHead
+    }
+  }
+  if (red != red) red = -kInf;
+  return red;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kListThreads)
+    CandScoreKernel(const ListParams p, const int32_t* pages, const uint32_t* page_counters,
+                    int64_t cand_pages, float* scores2, int64_t chunk) {
+  extern __shared__ __align__(16) float q_s[];
+  const int64_t row = blockIdx.y;
+  int kvh, h0, hr;
+  RowHeads(p, row, &kvh, &h0, &hr);
+  LoadRowQueries(p, h0, hr, q_s);
+  const ListShape ls = MakeListShape(p.d, sizeof(T));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per_warp = 32 / ls.lpt;
+  const int sub = lane % ls.lpt;
+  const int64_t len2 = cand_pages * 16;
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(len2, begin + chunk);
+  const uint32_t listed = __ldcg(&page_counters[row * 4 + 2]);
+  for (int64_t base = begin + warp * per_warp; base < end;
+       base += static_cast<int64_t>(kListThreads / 32) * per_warp) {
+    const int64_t j = base + lane / ls.lpt;
+    int64_t t = -1;
+    if (j < end && (j >> 4) < static_cast<int64_t>(listed)) {
+      t = static_cast<int64_t>(__ldcg(&pages[row * cand_pages + (j >> 4)])) * 16 + (j & 15);
+      if (t >= p.n) t = -1;
+    }
+    const float s = ListRowScore<T>(p, kvh, hr, q_s, t, sub, ls);
+    if (j < end && sub == 0) scores2[row * len2 + j] = s;
+  }
+}
+
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+using ListReduceD = cub::BlockReduce<double, kListThreads>;
+using ListReduceF = cub::BlockReduce<float, kListThreads>;
+
+// One block per row: scores of the chosen tokens (page modes) and the captured mass.
+template <typename T>
+__global__ void __launch_bounds__(kListThreads)
+    RescoreKernel(const ListParams p, const int32_t* indices, int64_t cap, float* out_scores,
+                  const float2* lse, int64_t lse_parts, float scale, float* mass) {
+  extern __shared__ __align__(16) float q_s[];
+  __shared__ union {
+    ListReduceD::TempStorage d;
+    ListReduceF::TempStorage f;
+  } red_tmp;
+  __shared__ float s_max;
+  __shared__ double s_sum;
+  const int64_t row = blockIdx.x;
+  int kvh, h0, hr;
+  RowHeads(p, row, &kvh, &h0, &hr);
+  LoadRowQueries(p, h0, hr, q_s);
+  const ListShape ls = MakeListShape(p.d, sizeof(T));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per_warp = 32 / ls.lpt;
+  const int sub = lane % ls.lpt;
+  const int64_t step = static_cast<int64_t>(kListThreads / 32) * per_warp;
+
+  if (out_scores != nullptr) {
+    for (int64_t base = warp * per_warp; base < cap; base += step) {
+      const int64_t j = base + lane / ls.lpt;
+      const int64_t t = j < cap ? indices[row * cap + j] : -1;
+      const float s = ListRowScore<T>(p, kvh, hr, q_s, t, sub, ls);
+      if (t >= 0 && sub == 0) out_scores[row * cap + j] = s;
+    }
+  }
+  if (mass == nullptr) return;
+  float row_mass = 0.0f;
+  for (int g = 0; g < hr; ++g) {
+    const int64_t h = h0 + g;
+    // Denominator from the partials: max, then the sum rescaled to it (fp64).
+    float m = -kInf;
+    for (int64_t i = threadIdx.x; i < lse_parts; i += kListThreads) {
+      const float2 v = lse[h * lse_parts + i];
+      if (v.y > 0.0f) m = fmaxf(m, v.x);
+    }
+    m = ListReduceF(red_tmp.f).Reduce(m, MaxOp());
+    if (threadIdx.x == 0) s_max = m;
+    __syncthreads();
+    m = s_max;
+    double z = 0.0;
+    for (int64_t i = threadIdx.x; i < lse_parts; i += kListThreads) {
+      const float2 v = lse[h * lse_parts + i];
+      if (v.y > 0.0f) z += static_cast<double>(v.y) * exp(static_cast<double>(v.x) - m);
+    }
+    z = ListReduceD(red_tmp.d).Sum(z);
+    if (threadIdx.x == 0) s_sum = z;
+    __syncthreads();
+    z = s_sum;
+    // Numerator over the chosen tokens, with the same arithmetic as the scores.
+    double num = 0.0;
+    int64_t chosen = 0;
+    for (int64_t base = warp * per_warp; base < cap; base += step) {
+      const int64_t j = base + lane / ls.lpt;
+      const int64_t t = j < cap ? indices[row * cap + j] : -1;
+      const float s = ListDot<T>(t >= 0 ? RowPtr(p.keys, kvh, t) : nullptr, q_s + g * p.d, sub, ls);
+      if (t >= 0 && sub == 0) {
+        ++chosen;
+        const float v = (s != s ? -kInf : s) * scale;
+        if (v != -kInf) num += exp(static_cast<double>(v) - m);
+      }
+    }
+    num = ListReduceD(red_tmp.d).Sum(num);
+    __syncthreads();
+    const double c = ListReduceD(red_tmp.d).Sum(static_cast<double>(chosen));
+    if (threadIdx.x == 0) {
+      // All scores -inf: every token weighs the same.
+      const double mh = z > 0.0 ? num / z : c / static_cast<double>(p.n);
+      row_mass += static_cast<float>(mh / hr);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) mass[row] = row_mass;
+}
+
+template <typename Kernel>
+absl::Status SetSmem(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024) {
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  return absl::OkStatus();
+}
+
+ListParams MakeListParams(const SelectRequest& req) {
+  ListParams p;
+  p.keys = ToDev(req.keys);
+  p.queries = req.queries;
+  p.qtype = req.query_dtype;
+  p.d = req.head_dim;
+  p.group = req.query_heads / req.kv_heads;
+  p.red = req.reduction;
+  p.n = req.num_tokens;
+  return p;
+}
+
+size_t ListQuerySmem(const SelectRequest& req) {
+  const int hr = req.reduction == GqaReduction::kPerQueryHead ? 1 : req.query_heads / req.kv_heads;
+  return static_cast<size_t>(hr) * req.head_dim * 4;
+}
+
+template <typename T>
+absl::Status LaunchCandScore(const SelectRequest& req, const internal::SelectPlan& plan, char* ws,
+                             cudaStream_t stream) {
+  const size_t smem = ListQuerySmem(req);
+  ROPEKV_TOPK_RETURN_IF_ERROR(SetSmem(CandScoreKernel<T>, smem));
+  const int64_t chunk = 2048;
+  const dim3 grid(static_cast<unsigned>((plan.len2 + chunk - 1) / chunk),
+                  static_cast<unsigned>(plan.rows));
+  CandScoreKernel<T><<<grid, kListThreads, smem, stream>>>(
+      MakeListParams(req), reinterpret_cast<const int32_t*>(ws + plan.pages_list),
+      reinterpret_cast<const uint32_t*>(ws + plan.sel.counters), plan.cand_pages,
+      reinterpret_cast<float*>(ws + plan.scores2), chunk);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status LaunchRescore(const SelectRequest& req, const internal::SelectPlan& plan,
+                           const SelectResult& result, char* ws, cudaStream_t stream) {
+  const size_t smem = ListQuerySmem(req);
+  ROPEKV_TOPK_RETURN_IF_ERROR(SetSmem(RescoreKernel<T>, smem));
+  float* scores = req.mode == Mode::kExact ? nullptr : result.scores;
+  RescoreKernel<T><<<static_cast<unsigned>(plan.rows), kListThreads, smem, stream>>>(
+      MakeListParams(req), result.indices, plan.capacity, scores,
+      reinterpret_cast<const float2*>(ws + plan.lse), plan.lse_parts, internal::SoftmaxScale(req),
+      result.mass);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+#define ROPEKV_TOPK_DISPATCH(dtype, FN, ...) \
+  switch (dtype) {                           \
+    case DType::kF32:                        \
+      return FN<float>(__VA_ARGS__);         \
+    case DType::kF16:                        \
+      return FN<__half>(__VA_ARGS__);        \
+    case DType::kBF16:                       \
+      return FN<__nv_bfloat16>(__VA_ARGS__); \
+  }                                          \
+  return absl::InvalidArgumentError("unknown dtype")
+
+absl::Status CandScore(const SelectRequest& req, const internal::SelectPlan& plan, char* ws,
+                       cudaStream_t stream) {
+  ROPEKV_TOPK_DISPATCH(req.keys.dtype, LaunchCandScore, req, plan, ws, stream);
+}
+
+absl::Status Rescore(const SelectRequest& req, const internal::SelectPlan& plan,
+                     const SelectResult& result, char* ws, cudaStream_t stream) {
+  ROPEKV_TOPK_DISPATCH(req.keys.dtype, LaunchRescore, req, plan, result, ws, stream);
+}
+
+SelWs MakeSelWs(char* ws, const internal::SelectionLayout& l) {
+  SelWs s;
+  s.hist0 = reinterpret_cast<uint32_t*>(ws + l.hist0);
+  s.hist1 = reinterpret_cast<uint32_t*>(ws + l.hist1);
+  s.counters = reinterpret_cast<uint32_t*>(ws + l.counters);
+  s.cand = reinterpret_cast<uint32_t*>(ws + l.cand);
+  return s;
+}
+
+absl::Status CheckWorkspace(const internal::SelectPlan& plan, void* workspace,
+                            size_t workspace_bytes) {
+  if (workspace == nullptr || workspace_bytes < plan.total) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("workspace must hold ", plan.total, " bytes, got ", workspace_bytes));
+  }
+  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
+    return absl::InvalidArgumentError("workspace must be 256-byte aligned");
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page metadata.
+
+__device__ __forceinline__ float LoadAny(const char* p, int i, DType t) {
+  switch (t) {
+    case DType::kF32:
+      return Elem<float>::Load(p, i);
+    case DType::kF16:
+      return Elem<__half>::Load(p, i);
+    case DType::kBF16:
+      return Elem<__nv_bfloat16>::Load(p, i);
+  }
+  return 0.0f;
+}
+
+// Stores v, exactly representable in t.
+__device__ __forceinline__ void StoreExact(char* p, int i, DType t, float v) {
+  if (t == DType::kF32) {
+    reinterpret_cast<float*>(p)[i] = v;
+  } else {
+    reinterpret_cast<uint16_t*>(p)[i] = internal::Rne16(t, v);
+  }
+}
+
+struct MetaParams {
+  DevView keys;
+  DType key_type;
+  DevView meta;
+  char* const* meta_blocks;  // writable view of meta (same addresses)
+  DType meta_type;
+  int d;
+  int64_t n;
+  int64_t first_token;  // tokens before it are already in the metadata
+  int64_t first_page;
+};
+
+// One block per (page, head), one thread per column.
+__global__ void MetaKernel(const MetaParams p) {
+  const int64_t page = p.first_page + blockIdx.x;
+  const int h = blockIdx.y;
+  const int c = threadIdx.x;
+  const int64_t t0 = page * kPageTokens;
+  const int64_t t1 = min(p.n, t0 + kPageTokens);
+  const int64_t lo = max(t0, p.first_token);
+  char* out = const_cast<char*>(RowPtr(p.meta, h, page));
+  float hi_v = 0.0f, lo_v = 0.0f;
+  bool have = false;
+  if (t0 < p.first_token) {
+    hi_v = LoadAny(out, c, p.meta_type);
+    lo_v = LoadAny(out, p.d + c, p.meta_type);
+    have = true;
+  }
+  for (int64_t t = lo; t < t1; ++t) {
+    const float v = LoadAny(RowPtr(p.keys, h, t), c, p.key_type);
+    const float up = internal::RoundOutward(p.meta_type, v, true);
+    const float down = internal::RoundOutward(p.meta_type, v, false);
+    // A NaN key is skipped unless it is all the page has.
+    hi_v = (!have || hi_v != hi_v || up > hi_v) ? up : hi_v;
+    lo_v = (!have || lo_v != lo_v || down < lo_v) ? down : lo_v;
+    have = true;
+  }
+  StoreExact(out, c, p.meta_type, hi_v);
+  StoreExact(out, p.d + c, p.meta_type, lo_v);
+}
+
+absl::Status RunMeta(const MatrixView& keys, const PageMetaShape& shape, int64_t first_token,
+                     const MutableMatrixView& meta, cudaStream_t stream) {
+  MetaParams p;
+  p.keys = ToDev(keys);
+  p.key_type = keys.dtype;
+  p.meta = ToDev(meta);
+  p.meta_blocks = reinterpret_cast<char* const*>(meta.blocks);
+  p.meta_type = meta.dtype;
+  p.d = shape.head_dim;
+  p.n = shape.num_tokens;
+  p.first_token = first_token;
+  p.first_page = first_token / kPageTokens;
+  const int64_t pages = NumPages(shape.num_tokens) - p.first_page;
+  if (pages > 0x7fffffff || shape.kv_heads > 65535) {
+    return absl::InvalidArgumentError("too many pages or heads for one launch");
+  }
+  MetaKernel<<<dim3(static_cast<unsigned>(pages), static_cast<unsigned>(shape.kv_heads)),
+               shape.head_dim, 0, stream>>>(p);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather.
+
+struct GatherParams {
+  DevView src;
+  char* dst;  // [rows][cap][row_bytes]
+  const int32_t* indices;
+  const int32_t* counts;
+  int64_t cap;
+  int64_t group;
+  int64_t n;
+  int row_bytes;
+};
+
+// One warp per entry.
+__global__ void __launch_bounds__(kListThreads) GatherKernel(const GatherParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * (kListThreads / 32) + (threadIdx.x >> 5);
+  const int64_t row = blockIdx.y;
+  if (j >= p.cap) return;
+  const int64_t count = p.counts != nullptr ? p.counts[row] : p.cap;
+  const int64_t t = j < count ? p.indices[row * p.cap + j] : -1;
+  char* d = p.dst + (row * p.cap + j) * p.row_bytes;
+  const bool ok = t >= 0 && t < p.n;
+  const char* s = ok ? RowPtr(p.src, row / p.group, t) : nullptr;
+  const bool vec = ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d)) & 15u) == 0;
+  if (vec) {
+    for (int c = lane; c < p.row_bytes / 16; c += 32) {
+      reinterpret_cast<uint4*>(d)[c] =
+          ok ? reinterpret_cast<const uint4*>(s)[c] : make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    for (int c = lane; c < p.row_bytes / 2; c += 32) {
+      reinterpret_cast<uint16_t*>(d)[c] = ok ? reinterpret_cast<const uint16_t*>(s)[c] : 0;
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points.
+
+absl::Status BuildPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
+                               const MutableMatrixView& meta, cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidatePageMetaArgs(keys, shape, meta));
+  return RunMeta(keys, shape, 0, meta, stream);
+}
+
+absl::Status AppendPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
+                                int64_t first_token, const MutableMatrixView& meta,
+                                cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidatePageMetaArgs(keys, shape, meta));
+  if (first_token < 0 || first_token >= shape.num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_token must be in [0, num_tokens = ", shape.num_tokens, "), got ", first_token));
+  }
+  return RunMeta(keys, shape, first_token, meta, stream);
+}
+
+absl::Status ScoreCuda(const SelectRequest& req, float* out, cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidateShape(req));
+  if (req.queries == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError("queries and out must be set");
+  }
+  ROPEKV_TOPK_RETURN_IF_ERROR(
+      internal::ValidateView(req.keys, "keys", req.head_dim, req.num_tokens, req.kv_heads));
+  return RunScoreTiles(req, req.keys, false, out, nullptr, 0, stream);
+}
+
+absl::Status PageBoundCuda(const SelectRequest& req, float* out, cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidateShape(req));
+  if (req.queries == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError("queries and out must be set");
+  }
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidateView(req.page_meta, "page_meta", 2 * req.head_dim,
+                                                     NumPages(req.num_tokens), req.kv_heads));
+  return RunScoreTiles(req, req.page_meta, true, out, nullptr, 0, stream);
+}
+
+absl::Status TopKCuda(const float* scores, int64_t rows, int64_t len, int64_t k, int32_t* indices,
+                      void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  absl::StatusOr<internal::SelectPlan> plan = internal::MakeTopKPlan(rows, len, k);
+  if (!plan.ok()) return plan.status();
+  if (scores == nullptr || indices == nullptr) {
+    return absl::InvalidArgumentError("scores and indices must be set");
+  }
+  ROPEKV_TOPK_RETURN_IF_ERROR(CheckWorkspace(*plan, workspace, workspace_bytes));
+  char* ws = static_cast<char*>(workspace);
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(ws + plan->zero_begin, 0, plan->zero_end - plan->zero_begin, stream));
+  SelSource src;
+  src.scores = scores;
+  src.len = len;
+  src.kind = SrcKind::kPlain;
+  SelSink sink;
+  sink.kind = SinkKind::kMarkToken;
+  sink.bitmap = reinterpret_cast<uint32_t*>(ws + plan->bitmap);
+  sink.words = plan->bitmap_words;
+  ROPEKV_TOPK_RETURN_IF_ERROR(
+      RunSelection(src, sink, MakeSelWs(ws, plan->sel), rows, plan->k_sel, stream));
+  CompactKernel<<<static_cast<unsigned>(rows), kCompactThreads, 0, stream>>>(
+      sink.bitmap, plan->bitmap_words, len, 0, 0, indices, nullptr, plan->capacity, nullptr,
+      nullptr);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(ValidateSelectRequest(req, result));
+  absl::StatusOr<internal::SelectPlan> plan_or =
+      internal::MakeSelectPlan(req, result.mass != nullptr);
+  if (!plan_or.ok()) return plan_or.status();
+  const internal::SelectPlan& plan = *plan_or;
+  ROPEKV_TOPK_RETURN_IF_ERROR(CheckWorkspace(plan, workspace, workspace_bytes));
+  if (plan.rows > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA path selects over at most 65535 rows, got ", plan.rows));
+  }
+  char* ws = static_cast<char*>(workspace);
+  float* scores = reinterpret_cast<float*>(ws + plan.scores);
+  float2* lse = reinterpret_cast<float2*>(ws + plan.lse);
+  const bool want_mass = result.mass != nullptr;
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
+
+  // 1. Scores or bounds (and the softmax denominators).
+  if (req.mode == Mode::kExact) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.keys, false, scores,
+                                              want_mass ? lse : nullptr, plan.lse_parts, stream));
+  } else {
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream));
+    if (want_mass) {
+      ROPEKV_TOPK_RETURN_IF_ERROR(
+          RunScoreTiles(req, req.keys, false, nullptr, lse, plan.lse_parts, stream));
+    }
+  }
+
+  // 2. First selection: tokens, pages, or candidate pages.
+  uint32_t* bitmap = reinterpret_cast<uint32_t*>(ws + plan.bitmap);
+  SelSource src;
+  src.scores = scores;
+  src.len = plan.len;
+  src.kind = req.mode == Mode::kExact ? SrcKind::kTokens : SrcKind::kPages;
+  src.n = req.num_tokens;
+  src.n_sink = req.n_sink;
+  src.n_local = req.n_local;
+  SelSink sink;
+  sink.bitmap = bitmap;
+  sink.words = plan.bitmap_words;
+  const SelWs sel = MakeSelWs(ws, plan.sel);
+  switch (req.mode) {
+    case Mode::kExact:
+      sink.kind = SinkKind::kMarkToken;
+      break;
+    case Mode::kBound:
+      sink.kind = SinkKind::kMarkPage;
+      break;
+    case Mode::kBoundThenExact:
+      sink.kind = SinkKind::kAppend;
+      sink.list = reinterpret_cast<int32_t*>(ws + plan.pages_list);
+      sink.counters = sel.counters;
+      sink.list_cap = plan.cand_pages;
+      break;
+  }
+  ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src, sink, sel, plan.rows, plan.k_sel, stream));
+
+  // 3. Bound-then-exact: exact scores of the candidates, second selection.
+  if (req.mode == Mode::kBoundThenExact) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(CandScore(req, plan, ws, stream));
+    SelSource src2 = src;
+    src2.scores = reinterpret_cast<const float*>(ws + plan.scores2);
+    src2.len = plan.len2;
+    src2.kind = SrcKind::kSlots;
+    src2.pages = reinterpret_cast<const int32_t*>(ws + plan.pages_list);
+    src2.page_counters = sel.counters;
+    src2.cand_pages = plan.cand_pages;
+    SelSink sink2;
+    sink2.kind = SinkKind::kMarkToken;
+    sink2.bitmap = bitmap;
+    sink2.words = plan.bitmap_words;
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        RunSelection(src2, sink2, MakeSelWs(ws, plan.sel2), plan.rows, plan.k_sel2, stream));
+  }
+
+  // 4. Ascending indices with sink and local tokens; exact-mode scores; NaN in unused score
+  // slots.
+  CompactKernel<<<static_cast<unsigned>(plan.rows), kCompactThreads, 0, stream>>>(
+      bitmap, plan.bitmap_words, req.num_tokens, req.n_sink, req.n_local, result.indices,
+      result.counts, plan.capacity, req.mode == Mode::kExact ? scores : nullptr, result.scores);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+
+  // 5. Scores of page modes, captured mass.
+  if ((result.scores != nullptr && req.mode != Mode::kExact) || want_mass) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(Rescore(req, plan, result, ws, stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GatherCuda(const GatherRequest& req, cudaStream_t stream) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidateGather(req));
+  if (req.capacity == 0) return absl::OkStatus();
+  if (req.rows > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA path gathers at most 65535 lists, got ", req.rows));
+  }
+  for (int which = 0; which < 2; ++which) {
+    char* dst = static_cast<char*>(which == 0 ? req.dst_keys : req.dst_values);
+    if (dst == nullptr) continue;
+    const MatrixView& src = which == 0 ? req.keys : req.values;
+    GatherParams p;
+    p.src = ToDev(src);
+    p.dst = dst;
+    p.indices = req.indices;
+    p.counts = req.counts;
+    p.cap = req.capacity;
+    p.group = req.rows / req.kv_heads;
+    p.n = req.num_tokens;
+    p.row_bytes = req.head_dim * static_cast<int>(DTypeSize(src.dtype));
+    const dim3 grid(
+        static_cast<unsigned>((req.capacity + kListThreads / 32 - 1) / (kListThreads / 32)),
+        static_cast<unsigned>(req.rows));
+    GatherKernel<<<grid, kListThreads, 0, stream>>>(p);
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace topk
+}  // namespace ropekv

@@ -1,0 +1,140 @@
+// Internals shared by the CPU reference (topk_ref.cc), the validation (topk.cc) and the CUDA
+// version (topk.cu): request checks, the plan of a selection (lengths, k per stage, workspace
+// layout) and the launch constants the plan depends on. Not part of the public API.
+#ifndef ROPEKV_KERNELS_TOPK_TOPK_INTERNAL_H_
+#define ROPEKV_KERNELS_TOPK_TOPK_INTERNAL_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/topk/topk.h"
+#include "kernels/topk/topk_math.h"
+
+namespace ropekv {
+namespace topk {
+namespace internal {
+
+// Launch constants of the tiled scoring kernel (topk.cu). A tile stages kScoreThreads row
+// segments of at most kSegBytes bytes; a row of row_bytes is split into row_bytes / kSegBytes
+// segments (one thread each), so a tile holds kScoreThreads / segments rows. LSE partials are
+// kept per (tile, warp).
+inline constexpr int kScoreThreads = 128;
+inline constexpr int kSegBytes = 256;
+inline constexpr int kScoreWarps = kScoreThreads / 32;
+constexpr int64_t ScoreTileRows(DType dtype, int64_t width) {
+  const int64_t row_bytes = width * static_cast<int64_t>(DTypeSize(dtype));
+  const int64_t segments = row_bytes > kSegBytes ? row_bytes / kSegBytes : 1;
+  return kScoreThreads / segments;
+}
+
+// Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
+// index (ties by lower index).
+inline constexpr int kRadixBins = 2048;
+
+// Offsets (bytes from the workspace start) of one radix selection over [rows][len].
+struct SelectionLayout {
+  size_t hist0 = 0;     // uint32 [rows][kRadixBins], zeroed
+  size_t hist1 = 0;     // uint32 [rows][kRadixBins], zeroed
+  size_t counters = 0;  // uint32 [rows][4]: candidates, finished blocks, appended, spare; zeroed
+  size_t cand = 0;      // uint32 [rows][len]: candidate element indices
+};
+
+// Everything SelectCuda derives from a request before launching.
+struct SelectPlan {
+  int64_t rows = 0;      // output rows
+  int64_t group = 0;     // query heads per KV head
+  int64_t pages = 0;     // NumPages(N)
+  int64_t capacity = 0;  // output slots per row
+  // Main selection: over tokens (kExact) or pages (kBound, kBoundThenExact).
+  int64_t len = 0;
+  int64_t k_sel = 0;
+  // kBoundThenExact second stage over cand_pages * 16 candidate slots.
+  int64_t cand_pages = 0;
+  int64_t len2 = 0;
+  int64_t k_sel2 = 0;
+  // Exact-score tiles over the tokens and LSE partials per query head (mass only).
+  int64_t lse_parts = 0;
+  bool want_mass = false;
+
+  // Workspace (bytes from its start; each piece 256-byte aligned).
+  size_t scores = 0;      // float [rows][len]: scores (kExact) or bounds
+  SelectionLayout sel;    // main selection
+  size_t pages_list = 0;  // int32 [rows][cand_pages] (kBoundThenExact)
+  size_t scores2 = 0;     // float [rows][len2]
+  SelectionLayout sel2;
+  size_t bitmap = 0;  // uint32 [rows][bitmap_words], zeroed
+  int64_t bitmap_words = 0;
+  size_t lse = 0;         // float2 [query_heads][lse_parts]
+  size_t zero_begin = 0;  // [zero_begin, zero_end) is cleared before every call
+  size_t zero_end = 0;
+  size_t total = 0;
+};
+
+// Validates the request and computes the plan. Errors as ValidateSelectRequest.
+absl::StatusOr<SelectPlan> MakeSelectPlan(const SelectRequest& req, bool want_mass);
+
+// Plan of a bare TopK over [rows][len] (same layout fields: sel and bitmap).
+absl::StatusOr<SelectPlan> MakeTopKPlan(int64_t rows, int64_t len, int64_t k);
+
+// Checks of the pieces.
+absl::Status ValidateShape(const SelectRequest& req);
+absl::Status ValidateView(const MatrixView& v, const char* name, int64_t width, int64_t rows,
+                          int heads);
+absl::Status ValidatePageMetaArgs(const MatrixView& keys, const PageMetaShape& shape,
+                                  const MutableMatrixView& meta);
+absl::Status ValidateGather(const GatherRequest& req);
+
+// The softmax scale in use.
+inline float SoftmaxScale(const SelectRequest& req) {
+  if (req.softmax_scale != 0.0f) return req.softmax_scale;
+  float s = 1.0f;
+  // 1/sqrt of a power of two is exact enough in float from double.
+  switch (req.head_dim) {
+    case 64:
+      s = 0.125f;
+      break;
+    case 128:
+      s = 0.08838834764831845f;
+      break;
+    case 256:
+      s = 0.0625f;
+      break;
+  }
+  return s;
+}
+
+// The candidate budget of kBoundThenExact, in tokens.
+inline int64_t CandidateTokens(const SelectRequest& req) {
+  return req.candidate_tokens == 0 ? 4 * req.k : req.candidate_tokens;
+}
+
+// Whether token t is a sink or local token.
+ROPEKV_TOPK_HD bool IsPinned(int64_t t, int64_t n, int64_t n_sink, int64_t n_local) {
+  return t < n_sink || t >= n - n_local;
+}
+
+// Whether every token of page p is pinned (such a page is never a candidate).
+ROPEKV_TOPK_HD bool PageAllPinned(int64_t p, int64_t n, int64_t n_sink, int64_t n_local) {
+  const int64_t lo = p * kPageTokens;
+  const int64_t hi = (lo + kPageTokens < n ? lo + kPageTokens : n) - 1;
+  // Pinned tokens are a prefix and a suffix: [lo, hi] is all pinned unless some token in it is
+  // in [n_sink, n - n_local).
+  const int64_t free_lo = n_sink;
+  const int64_t free_hi = n - n_local - 1;
+  if (free_lo > free_hi) return true;
+  return hi < free_lo || lo > free_hi;
+}
+
+// Number of tokens that are neither sink nor local.
+inline int64_t FreeTokens(int64_t n, int64_t n_sink, int64_t n_local) {
+  const int64_t free = n - n_sink - n_local;
+  return free > 0 ? free : 0;
+}
+
+}  // namespace internal
+}  // namespace topk
+}  // namespace ropekv
+
+#endif  // ROPEKV_KERNELS_TOPK_TOPK_INTERNAL_H_
