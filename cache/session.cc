@@ -774,6 +774,7 @@ absl::StatusOr<SessionReader> SessionStore::Read(absl::string_view id,
   reader.base_position_ = s.base_position + r.start;
   reader.to_table_ = table;
   reader.version_ = s.version;
+  reader.length_ = s.pieces.length();
   return reader;
 }
 

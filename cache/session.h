@@ -259,6 +259,8 @@ class SessionReader {
   int layers() const { return spec_.layers; }
   const ModelSpec& spec() const { return spec_; }
   uint64_t version() const { return version_; }
+  // Length of the document when the reader was made.
+  int64_t document_length() const { return length_; }
   // Bytes of one layer: [k|v][kv_head][range.size()][head_dim].
   uint64_t layer_bytes() const;
   uint64_t bytes() const { return layer_bytes() * spec_.layers; }
@@ -276,6 +278,7 @@ class SessionReader {
   int64_t base_position_ = 0;
   RopeTableId to_table_ = kBaseTable;
   uint64_t version_ = 0;
+  int64_t length_ = 0;
 };
 
 class SessionStore {

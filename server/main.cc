@@ -15,6 +15,7 @@
 #include "kernels/common/device.h"
 #include "server/config.h"
 #include "server/kvcache_service.h"
+#include "server/session_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to listen on (port 0: any free port)");
 ABSL_FLAG(std::string, data_dir, "./data", "data folder (created if missing)");
@@ -65,6 +66,11 @@ int Run(const ServerConfig& config) {
     return 1;
   }
   KvCacheService service(cache->get(), config);
+  SessionService sessions(cache->get(), config);  // PIE editor sessions (--session_* flags)
+  if (!sessions.status().ok()) {
+    std::cerr << "ropekvd: " << sessions.status().message() << "\n";
+    return 1;
+  }
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -74,6 +80,7 @@ int Run(const ServerConfig& config) {
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   builder.RegisterService(&service);
+  builder.RegisterService(&sessions);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "ropekvd: cannot listen on " << config.listen << "\n";
