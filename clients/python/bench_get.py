@@ -28,6 +28,11 @@ import ropekv
 from ropekv import arrays
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def start_daemon(binary, host_capacity_bytes):
     tmp = tempfile.mkdtemp(prefix="ropekv-bench-")
     port_file = os.path.join(tmp, "port")
@@ -38,12 +43,12 @@ def start_daemon(binary, host_capacity_bytes):
              "--port_file", port_file, "--host_capacity", str(host_capacity_bytes)],
             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
-    while not (os.path.exists(port_file) and open(port_file).read().strip()):
+    while not (os.path.exists(port_file) and _read(port_file).strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            sys.exit(f"ropekvd did not start: {open(log_path).read()}")
+            sys.exit(f"ropekvd did not start: {_read(log_path)}")
         time.sleep(0.05)
-    return proc, "127.0.0.1:" + open(port_file).read().strip()
+    return proc, "127.0.0.1:" + _read(port_file).strip()
 
 
 def median_seconds(fn, reps, warmup):

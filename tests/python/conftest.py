@@ -17,6 +17,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def _ropekvd():
     path = os.environ.get("ROPEKVD")
     if path:
@@ -41,13 +46,13 @@ def daemon():
             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+        while not (os.path.exists(port_file) and _read(port_file).strip()):
             if proc.poll() is not None:
-                pytest.fail(f"ropekvd exited with {proc.returncode}: {open(log_path).read()}")
+                pytest.fail(f"ropekvd exited with {proc.returncode}: {_read(log_path)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"ropekvd wrote no port within 30 s: {open(log_path).read()}")
+                pytest.fail(f"ropekvd wrote no port within 30 s: {_read(log_path)}")
             time.sleep(0.05)
-        yield "127.0.0.1:" + open(port_file).read().strip()
+        yield "127.0.0.1:" + _read(port_file).strip()
     finally:
         proc.terminate()
         try:

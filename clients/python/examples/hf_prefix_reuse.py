@@ -35,20 +35,26 @@ import ropekv
 import ropekv.hf as rhf
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def start_daemon(binary, host_capacity):
     tmp = tempfile.mkdtemp(prefix="ropekv-hf-")
     port_file = os.path.join(tmp, "port")
-    log = open(os.path.join(tmp, "log"), "w")
-    proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--data_dir",
-                             os.path.join(tmp, "data"), "--port_file", port_file,
-                             "--host_capacity", host_capacity], stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(tmp, "log"), "w") as log:
+        proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--data_dir",
+                                 os.path.join(tmp, "data"), "--port_file", port_file,
+                                 "--host_capacity", host_capacity],
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
-    while not (os.path.exists(port_file) and open(port_file).read().strip()):
+    while not (os.path.exists(port_file) and _read(port_file).strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            sys.exit(f"ropekvd did not start: {open(os.path.join(tmp, 'log')).read()}")
+            sys.exit(f"ropekvd did not start: {_read(os.path.join(tmp, 'log'))}")
         time.sleep(0.05)
-    return proc, "127.0.0.1:" + open(port_file).read().strip()
+    return proc, "127.0.0.1:" + _read(port_file).strip()
 
 
 def sync(device):
