@@ -128,8 +128,9 @@ class Reader {
   bool ok_ = true;
 };
 
-// The 24-byte header of a "blocks" value: magic, format, payload size, payload checksum.
-void PutHeader(char* out, uint64_t size, uint64_t checksum) {
+// The header of a "blocks" value: magic, format, payload size, payload checksum, and the block's
+// own hash, so that a value found under another key is detected.
+void PutHeader(char* out, const BlockHash& hash, uint64_t size, uint64_t checksum) {
   auto put = [out](int at, uint64_t v, int n) {
     for (int i = 0; i < n; ++i) out[at + i] = static_cast<char>(v >> (8 * i));
   };
@@ -137,6 +138,7 @@ void PutHeader(char* out, uint64_t size, uint64_t checksum) {
   put(4, kBlockFormat, 4);
   put(8, size, 8);
   put(16, checksum, 8);
+  std::memcpy(out + 24, hash.bytes.data(), hash.bytes.size());
 }
 
 }  // namespace
@@ -396,31 +398,10 @@ absl::StatusOr<DiskContents> DiskTier::Load() {
     }
     if (auto st = FromRocks(it->status(), "scan metadata"); !st.ok()) return st;
   }
-  // A record whose bytes are missing is useless (this cannot follow from our atomic batches, but
-  // a damaged database can produce it). Checking existence is a key lookup, not a value read.
-  std::vector<DiskBlockMeta> kept;
-  kept.reserve(out.blocks.size());
+  // Values are not read here (that would read every block): a missing or damaged value is
+  // found by its first ReadBlock, which verifies it and drops the block. Atomic batches mean
+  // that only a damaged database can have a record without its value.
   rocksdb::WriteBatch drop;
-  for (DiskBlockMeta& m : out.blocks) {
-    std::string unused;
-    bool value_found = false;
-    const std::string key = BlockKey(m.hash);
-    bool may_exist =
-        db_->KeyMayExist(rocksdb::ReadOptions(), blocks_cf_, key, &unused, &value_found);
-    if (may_exist) {
-      rocksdb::PinnableSlice v;
-      rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), blocks_cf_, key, &v);
-      may_exist = s.ok() && v.size() == kDiskBlockHeaderBytes + m.bytes;
-    }
-    if (may_exist) {
-      kept.push_back(std::move(m));
-    } else {
-      drop.Delete(blocks_cf_, key).PermitUncheckedError();
-      drop.Delete(meta_cf_, BlockMetaKey(m.hash)).PermitUncheckedError();
-      ++out.dropped_records;
-    }
-  }
-  out.blocks = std::move(kept);
   for (const std::string& k : bad_keys) {
     drop.Delete(meta_cf_, k).PermitUncheckedError();
     ++out.dropped_records;
@@ -469,7 +450,7 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
   for (const BlockWrite& b : blocks) {
     value.resize(kDiskBlockHeaderBytes + b.meta.bytes);
     std::memcpy(value.data() + kDiskBlockHeaderBytes, b.data, b.meta.bytes);
-    PutHeader(value.data(), b.meta.bytes, BlockChecksum(b.data, b.meta.bytes));
+    PutHeader(value.data(), b.meta.hash, b.meta.bytes, BlockChecksum(b.data, b.meta.bytes));
     DiskBlockMeta meta = b.meta;
     meta.sequence = next_sequence_.fetch_add(1);
     rocksdb::Status s = batch.Put(blocks_cf_, BlockKey(meta.hash), ToSlice(value));
@@ -503,7 +484,9 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
 absl::Status DiskTier::ReadBlock(const BlockHash& hash, void* dst, uint64_t bytes) {
   rocksdb::PinnableSlice value;
   rocksdb::ReadOptions ro;
-  ro.verify_checksums = true;
+  // Our XXH3 over the payload is the end-to-end check; RocksDB's CRC32c of the same bytes would
+  // only add a slower pass (Debian's librocksdb computes CRC32c in software).
+  ro.verify_checksums = false;
   ro.fill_cache = false;
   rocksdb::Status s = db_->Get(ro, blocks_cf_, BlockKey(hash), &value);
   if (s.IsNotFound()) {
@@ -535,12 +518,13 @@ absl::Status DiskTier::ReadBlock(const BlockHash& hash, void* dst, uint64_t byte
   const uint64_t size = le(8, 8);
   const uint64_t checksum = le(16, 8);
   const uint64_t payload = value.size() - kDiskBlockHeaderBytes;
-  if (magic != kBlockMagic || format != kBlockFormat || size != payload) {
+  const bool same_block = std::memcmp(p + 24, hash.bytes.data(), hash.bytes.size()) == 0;
+  if (magic != kBlockMagic || format != kBlockFormat || size != payload || !same_block) {
     DropCorrupt(hash);
-    return absl::DataLossError(
-        absl::StrCat("block ", hash.Hex(), " on disk has a bad header: magic ", magic,
-                     " (expected ", kBlockMagic, "), format ", format, " (expected ", kBlockFormat,
-                     "), size ", size, " with a payload of ", payload));
+    return absl::DataLossError(absl::StrCat(
+        "block ", hash.Hex(), " on disk has a bad header: magic ", magic, " (expected ",
+        kBlockMagic, "), format ", format, " (expected ", kBlockFormat, "), size ", size,
+        " with a payload of ", payload, same_block ? "" : ", and it names another block"));
   }
   if (payload != bytes) {
     return absl::InvalidArgumentError(absl::StrCat("block ", hash.Hex(), " on disk has ", payload,

@@ -2,9 +2,10 @@
 // data folder, so that the cache survives a restart.
 //
 // Two column families:
-//   "blocks": key = the block's 32-byte hash; value = a 24-byte header (magic, format version,
-//             payload size, XXH3 checksum of the payload) followed by the block's bytes. Values
-//             are large, so they live in RocksDB's blob files (keys stay in the LSM tree).
+//   "blocks": key = the block's 32-byte hash; value = a 56-byte header (magic, format version,
+//             payload size, XXH3 checksum of the payload, the block's hash again) followed by
+//             the block's bytes. Values are large, so they live in RocksDB's blob files (keys
+//             stay in the LSM tree).
 //   "meta":   "m" + model id -> the model's spec and names; "b" + hash -> the block's metadata
 //             (model, parent, position, rotated_at, rope table, pre_rope, pinned, size, write
 //             sequence). Every metadata value ends with its own XXH3 checksum.
@@ -52,7 +53,7 @@ namespace ropekv {
 inline constexpr char kDiskBlocksFamily[] = "blocks";
 inline constexpr char kDiskMetaFamily[] = "meta";
 // Bytes before a block's payload in a "blocks" value.
-inline constexpr size_t kDiskBlockHeaderBytes = 24;
+inline constexpr size_t kDiskBlockHeaderBytes = 56;
 
 // When a write counts as acknowledged.
 enum class Durability : uint8_t {

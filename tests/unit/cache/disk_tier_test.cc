@@ -316,7 +316,7 @@ TEST_F(DiskTierTest, OneFlippedPayloadBitIsDataLoss) {
   EXPECT_FALSE(t->Contains(h));
 }
 
-TEST_F(DiskTierTest, TruncatedValueIsDroppedAtLoad) {
+TEST_F(DiskTierTest, TruncatedValueIsDataLossAtItsFirstRead) {
   const std::string data = RandomBytes(rng_, 40000);
   const BlockHash h = RandomHash(rng_);
   {
@@ -324,16 +324,45 @@ TEST_F(DiskTierTest, TruncatedValueIsDroppedAtLoad) {
     ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
   }
   RewriteValue(h, [](std::string* v) { v->resize(100); });
-  DiskTier::Options o;
-  o.path = dir_;
-  auto t = DiskTier::Open(o);
-  ASSERT_TRUE(t.ok());
-  auto contents = (*t)->Load();
-  ASSERT_TRUE(contents.ok());
-  EXPECT_TRUE(contents->blocks.empty());
-  EXPECT_EQ(contents->dropped_records, 1u);
-  EXPECT_FALSE((*t)->Contains(h));
-  EXPECT_EQ((*t)->used_bytes(), 0u);
+  auto t = OpenTier();
+  EXPECT_TRUE(t->Contains(h));  // Load reads no values
+  std::string out(data.size(), '\0');
+  EXPECT_EQ(t->ReadBlock(h, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(t->Contains(h));
+  EXPECT_EQ(t->used_bytes(), 0u);
+  // A value shorter than the header too.
+  const BlockHash h2 = RandomHash(rng_);
+  ASSERT_TRUE(t->PutBlocks({{MetaOf(h2, data.size(), 0), data.data()}}).ok());
+  t.reset();
+  RewriteValue(h2, [](std::string* v) { v->resize(7); });
+  t = OpenTier();
+  EXPECT_EQ(t->ReadBlock(h2, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(t->Contains(h2));
+}
+
+TEST_F(DiskTierTest, ValueOfAnotherBlockIsDataLoss) {
+  // A value found under another key (same size, a valid header, the right checksum of its own
+  // bytes) still fails: its header names the other block.
+  const std::string a = RandomBytes(rng_, 40000);
+  const std::string b = RandomBytes(rng_, 40000);
+  const BlockHash ha = RandomHash(rng_);
+  const BlockHash hb = RandomHash(rng_);
+  {
+    auto t = OpenTier();
+    ASSERT_TRUE(
+        t->PutBlocks({{MetaOf(ha, a.size(), 0), a.data()}, {MetaOf(hb, b.size(), 16), b.data()}})
+            .ok());
+  }
+  std::string value_b;
+  RewriteValue(hb, [&](std::string* v) { value_b = *v; });
+  RewriteValue(ha, [&](std::string* v) { *v = value_b; });
+  auto t = OpenTier();
+  std::string out(a.size(), '\0');
+  EXPECT_EQ(t->ReadBlock(ha, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(t->Contains(ha));
+  std::string out_b(b.size(), '\xff');
+  ASSERT_TRUE(t->ReadBlock(hb, out_b.data(), out_b.size()).ok());
+  EXPECT_EQ(out_b, b);
 }
 
 TEST_F(DiskTierTest, CapacityIsNeverPassed) {
