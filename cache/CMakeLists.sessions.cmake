@@ -19,7 +19,7 @@ endif()
 if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/session_test.cc)
 ropekv_test(NAME session_service_test LABELS integration
   SOURCES ${PROJECT_SOURCE_DIR}/tests/integration/session_test.cc
-  LIBS ropekv_client ropekv_test_daemon ropekv_kernels_common ropekv_rope)
+  LIBS ropekv_client ropekv_cache ropekv_test_daemon)
 add_dependencies(session_service_test ropekvd)
 endif()
 
