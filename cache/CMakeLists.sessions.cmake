@@ -26,7 +26,8 @@ endif()
 # The editor loop example (clients/examples): open, edit, fill, read against a running daemon.
 if(EXISTS ${PROJECT_SOURCE_DIR}/clients/examples/editor_loop.cc)
 add_executable(editor_loop ${PROJECT_SOURCE_DIR}/clients/examples/editor_loop.cc)
-target_link_libraries(editor_loop PRIVATE ropekv_client ropekv_rope ropekv_kernels_common)
+target_link_libraries(editor_loop PRIVATE ropekv_client ropekv_rope ropekv_kernels_common
+  absl::flags absl::flags_parse absl::flags_usage)
 target_compile_options(editor_loop PRIVATE ${ROPEKV_WARNINGS})
 set_target_properties(editor_loop PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR})
 endif()
