@@ -48,10 +48,10 @@ constexpr float kInf = __builtin_huge_valf();
 
 // Returns the status of `expr` unless it is OK (no reassignment of an absl::Status: nvcc warns
 // about the discarded result of its operator=).
-#define ROPEKV_TOPK_RETURN_IF_ERROR(expr)        \
-  do {                                           \
-    const ::absl::Status _topk_status = (expr);  \
-    if (!_topk_status.ok()) return _topk_status; \
+#define ROPEKV_TOPK_RETURN_IF_ERROR(...)               \
+  do {                                                 \
+    const ::absl::Status _topk_status = (__VA_ARGS__); \
+    if (!_topk_status.ok()) return _topk_status;       \
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
@@ -354,16 +354,17 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
 
 // Per-device attributes, read once.
 struct DeviceInfo {
+  int device = 0;
   int sms = 0;
   int smem_per_sm = 0;
 };
 absl::StatusOr<DeviceInfo> GetDeviceInfo() {
   static std::atomic<int> cached_sms[64];
   static std::atomic<int> cached_smem[64];
-  int dev = 0;
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceInfo info;
-  if (dev >= 0 && dev < 64 && cached_sms[dev].load(std::memory_order_relaxed) > 0) {
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&info.device));
+  const int dev = info.device;
+  if (dev >= 0 && dev < 64 && cached_sms[dev].load(std::memory_order_acquire) > 0) {
     info.sms = cached_sms[dev].load(std::memory_order_relaxed);
     info.smem_per_sm = cached_smem[dev].load(std::memory_order_relaxed);
     return info;
@@ -374,27 +375,54 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo() {
       cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   if (dev >= 0 && dev < 64) {
     cached_smem[dev].store(info.smem_per_sm, std::memory_order_relaxed);
-    cached_sms[dev].store(info.sms, std::memory_order_relaxed);
+    cached_sms[dev].store(info.sms, std::memory_order_release);
   }
   return info;
+}
+
+// Allows `kKernel` `smem` bytes of dynamic shared memory on the current device. The attribute is
+// set once per (kernel, device, size) so that launches inside stream capture make no such call
+// after the first use.
+template <auto kKernel>
+absl::Status EnsureSmem(size_t smem) {
+  if (smem <= 48 * 1024) return absl::OkStatus();
+  static std::atomic<int> allowed[64];
+  int dev = 0;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64 &&
+      allowed[dev].load(std::memory_order_acquire) >= static_cast<int>(smem)) {
+    return absl::OkStatus();
+  }
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (dev >= 0 && dev < 64) {
+    int cur = allowed[dev].load(std::memory_order_relaxed);
+    while (cur < static_cast<int>(smem) &&
+           !allowed[dev].compare_exchange_weak(cur, static_cast<int>(smem))) {
+    }
+  }
+  return absl::OkStatus();
 }
 
 template <typename T, int GC>
 absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
                               const DeviceInfo& info) {
-  auto kernel = ScoreTilesKernel<T, GC>;
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<ScoreTilesKernel<T, GC>>(smem));
   // Blocks resident per SM, limited by shared memory (registers allow more at 128 threads).
   const int per_sm = std::max(1, std::min(8, info.smem_per_sm / static_cast<int>(smem + 1024)));
   const int64_t y = static_cast<int64_t>(p.kv_heads) * p.head_groups;
+  if (y > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA path scores at most 65535 (kv head, head group) pairs, got ", y));
+  }
   const int64_t target = static_cast<int64_t>(info.sms) * per_sm;
   int64_t x = std::max<int64_t>(1, target / y);
   x = std::min<int64_t>(x, p.n_tiles);
   p.tiles_per_block = (p.n_tiles + x - 1) / x;
   x = (p.n_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
-  kernel<<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kScoreThreads, smem, stream>>>(
-      p);
+  ScoreTilesKernel<T, GC>
+      <<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kScoreThreads, smem, stream>>>(
+          p);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
@@ -1017,15 +1045,6 @@ __global__ void __launch_bounds__(kListThreads)
   if (threadIdx.x == 0) mass[row] = row_mass;
 }
 
-template <typename Kernel>
-absl::Status SetSmem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    ROPEKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  return absl::OkStatus();
-}
-
 ListParams MakeListParams(const SelectRequest& req) {
   ListParams p;
   p.keys = ToDev(req.keys);
@@ -1047,7 +1066,7 @@ template <typename T>
 absl::Status LaunchCandScore(const SelectRequest& req, const internal::SelectPlan& plan, char* ws,
                              cudaStream_t stream) {
   const size_t smem = ListQuerySmem(req);
-  ROPEKV_TOPK_RETURN_IF_ERROR(SetSmem(CandScoreKernel<T>, smem));
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<CandScoreKernel<T>>(smem));
   const int64_t chunk = 2048;
   const dim3 grid(static_cast<unsigned>((plan.len2 + chunk - 1) / chunk),
                   static_cast<unsigned>(plan.rows));
@@ -1063,7 +1082,7 @@ template <typename T>
 absl::Status LaunchRescore(const SelectRequest& req, const internal::SelectPlan& plan,
                            const SelectResult& result, char* ws, cudaStream_t stream) {
   const size_t smem = ListQuerySmem(req);
-  ROPEKV_TOPK_RETURN_IF_ERROR(SetSmem(RescoreKernel<T>, smem));
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<RescoreKernel<T>>(smem));
   float* scores = req.mode == Mode::kExact ? nullptr : result.scores;
   RescoreKernel<T><<<static_cast<unsigned>(plan.rows), kListThreads, smem, stream>>>(
       MakeListParams(req), result.indices, plan.capacity, scores,
@@ -1143,7 +1162,6 @@ struct MetaParams {
   DevView keys;
   DType key_type;
   DevView meta;
-  char* const* meta_blocks;  // writable view of meta (same addresses)
   DType meta_type;
   int d;
   int64_t n;
@@ -1186,7 +1204,6 @@ absl::Status RunMeta(const MatrixView& keys, const PageMetaShape& shape, int64_t
   p.keys = ToDev(keys);
   p.key_type = keys.dtype;
   p.meta = ToDev(meta);
-  p.meta_blocks = reinterpret_cast<char* const*>(meta.blocks);
   p.meta_type = meta.dtype;
   p.d = shape.head_dim;
   p.n = shape.num_tokens;
