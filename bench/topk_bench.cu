@@ -1,0 +1,397 @@
+// Benchmark of kernels/topk on one GPU: exact score + select, page mode (Quest bound + top-k) and
+// bound-then-exact, against the time to read the keys once at the device-to-device copy
+// bandwidth measured in the same run. Self-contained: generates bf16 keys and queries on the
+// device, checks one configuration against the CPU reference, times with cudaEvents after
+// warm-up (median of many repetitions, L2 flushed before each one), prints a table and a JSON
+// line.
+//
+//   topk_bench [--quick] [--reps N]
+//
+// Shapes: 8 KV heads, head_dim 128, bf16; query heads {8, 32, 512} x N {4K, 32K, 128K, 1M} x
+// k {64, 256, 1024, 4096}; n_sink 4, n_local 64. Targets (issue 7, at 32 query heads, N = 128K):
+// exact (kMax) <= 1.15x the key-read time, page mode <= 25 us.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "kernels/common/dtype.h"
+#include "kernels/topk/topk.h"
+
+namespace ropekv {
+namespace topk {
+namespace {
+
+#define BENCH_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    const cudaError_t _e = (expr);                                                               \
+    if (_e != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
+      std::exit(2);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+#define BENCH_OK(expr)                                                                          \
+  do {                                                                                          \
+    const absl::Status _s = (expr);                                                             \
+    if (!_s.ok()) {                                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, _s.ToString().c_str()); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+constexpr int kKvHeads = 8;
+constexpr int kHeadDim = 128;
+constexpr int64_t kSink = 4;
+constexpr int64_t kLocal = 64;
+
+// N(0, 1) values rounded to bf16, from a counter-based hash (splitmix64 + Box-Muller).
+__device__ __forceinline__ uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__global__ void FillNormalBf16(uint16_t* out, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = Mix(seed * 0x100000001b3ull + static_cast<uint64_t>(i));
+    const float u1 = (static_cast<float>(h >> 40) + 1.0f) * (1.0f / 16777217.0f);
+    const float u2 = static_cast<float>((h >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+    const float v = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+    uint32_t b = __float_as_uint(v);
+    b += 0x7fffu + ((b >> 16) & 1u);
+    out[i] = static_cast<uint16_t>(b >> 16);
+  }
+}
+
+class Timer {
+ public:
+  Timer() {
+    BENCH_CUDA(cudaEventCreate(&a_));
+    BENCH_CUDA(cudaEventCreate(&b_));
+    BENCH_CUDA(cudaMalloc(&flush_, kFlushBytes));
+  }
+  ~Timer() {
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+    cudaFree(flush_);
+  }
+  // Median microseconds of `reps` runs of fn on `stream` after `warm` untimed runs; the L2 cache
+  // is overwritten before every run (outside the timed interval).
+  double MedianUs(const std::function<void()>& fn, cudaStream_t stream, int reps, int warm = 3) {
+    for (int i = 0; i < warm; ++i) fn();
+    std::vector<double> t;
+    for (int i = 0; i < reps; ++i) {
+      BENCH_CUDA(cudaMemsetAsync(flush_, i & 0xff, kFlushBytes, stream));
+      BENCH_CUDA(cudaEventRecord(a_, stream));
+      fn();
+      BENCH_CUDA(cudaEventRecord(b_, stream));
+      BENCH_CUDA(cudaEventSynchronize(b_));
+      float ms = 0;
+      BENCH_CUDA(cudaEventElapsedTime(&ms, a_, b_));
+      t.push_back(ms * 1000.0);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+
+ private:
+  static constexpr size_t kFlushBytes = size_t{256} << 20;
+  cudaEvent_t a_, b_;
+  void* flush_ = nullptr;
+};
+
+struct DeviceInputs {
+  int query_heads = 0;
+  int64_t n = 0;
+  uint16_t* keys = nullptr;     // [8][n][128] bf16
+  uint16_t* meta = nullptr;     // [8][pages][256] bf16
+  uint16_t* queries = nullptr;  // [query_heads][128] bf16
+};
+
+SelectRequest MakeRequest(const DeviceInputs& in, Mode mode, GqaReduction red, int64_t k) {
+  SelectRequest r;
+  r.kv_heads = kKvHeads;
+  r.query_heads = in.query_heads;
+  r.head_dim = kHeadDim;
+  r.num_tokens = in.n;
+  r.queries = in.queries;
+  r.query_dtype = DType::kBF16;
+  r.keys = DenseMatrix<const void*>(in.keys, DType::kBF16, in.n, kHeadDim);
+  r.page_meta = DenseMatrix<const void*>(in.meta, DType::kBF16, NumPages(in.n), 2 * kHeadDim);
+  r.mode = mode;
+  r.reduction = red;
+  r.k = k;
+  r.n_sink = kSink;
+  r.n_local = kLocal;
+  return r;
+}
+
+// Device outputs and workspace for one request.
+struct Run {
+  int32_t* indices = nullptr;
+  int32_t* counts = nullptr;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  SelectRequest req;
+  explicit Run(const SelectRequest& r) : req(r) {
+    const size_t n = static_cast<size_t>(SelectRows(r) * SelectCapacity(r));
+    BENCH_CUDA(cudaMalloc(&indices, n * 4));
+    BENCH_CUDA(cudaMalloc(&counts, SelectRows(r) * 4));
+    absl::StatusOr<size_t> b = SelectWorkspaceBytes(r, false);
+    BENCH_OK(b.status());
+    ws_bytes = *b;
+    BENCH_CUDA(cudaMalloc(&ws, ws_bytes));
+  }
+  ~Run() {
+    cudaFree(indices);
+    cudaFree(counts);
+    cudaFree(ws);
+  }
+  void Launch(cudaStream_t s) {
+    SelectResult res;
+    res.indices = indices;
+    res.counts = counts;
+    BENCH_OK(SelectCuda(req, res, ws, ws_bytes, s));
+  }
+};
+
+double GraphUs(Timer& timer, Run& run, cudaStream_t stream, int reps) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  BENCH_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  run.Launch(stream);
+  BENCH_CUDA(cudaStreamEndCapture(stream, &g));
+  BENCH_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  const double us = timer.MedianUs([&] { BENCH_CUDA(cudaGraphLaunch(ge, stream)); }, stream, reps);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  return us;
+}
+
+// Checks one configuration against the CPU path: the chosen tokens of every row are a top-k of
+// the CPU's fp32 scores (or page bounds) up to ties within a tolerance. Returns an error text.
+std::string CheckAgainstCpu(const DeviceInputs& in) {
+  const int64_t n = in.n;
+  const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
+  const int64_t pages = NumPages(n);
+  std::vector<uint16_t> keys(key_elems), meta(static_cast<size_t>(kKvHeads) * pages * 256),
+      q(static_cast<size_t>(in.query_heads) * kHeadDim);
+  BENCH_CUDA(cudaMemcpy(keys.data(), in.keys, keys.size() * 2, cudaMemcpyDeviceToHost));
+  BENCH_CUDA(cudaMemcpy(meta.data(), in.meta, meta.size() * 2, cudaMemcpyDeviceToHost));
+  BENCH_CUDA(cudaMemcpy(q.data(), in.queries, q.size() * 2, cudaMemcpyDeviceToHost));
+  // The metadata built on the GPU equals the CPU's bit for bit.
+  std::vector<uint16_t> cpu_meta(meta.size());
+  BENCH_OK(BuildPageMetaCpu(DenseMatrix<const void*>(keys.data(), DType::kBF16, n, kHeadDim),
+                            PageMetaShape{kKvHeads, kHeadDim, n},
+                            DenseMatrix<void*>(cpu_meta.data(), DType::kBF16, pages, 256)));
+  if (cpu_meta != meta) return "page metadata differs from the CPU's";
+  for (Mode mode : {Mode::kExact, Mode::kBound}) {
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kPerQueryHead}) {
+      const int64_t k = 256;
+      SelectRequest dreq = MakeRequest(in, mode, red, k);
+      SelectRequest hreq = dreq;
+      hreq.queries = q.data();
+      hreq.keys.base = keys.data();
+      hreq.page_meta.base = meta.data();
+      const int64_t rows = SelectRows(hreq), cap = SelectCapacity(hreq);
+      const int64_t len = mode == Mode::kExact ? n : pages;
+      std::vector<float> v(rows * len);
+      if (mode == Mode::kExact) {
+        BENCH_OK(ScoreCpu(hreq, v.data()));
+      } else {
+        BENCH_OK(PageBoundCpu(hreq, v.data()));
+      }
+      Run run(dreq);
+      run.Launch(nullptr);
+      BENCH_CUDA(cudaDeviceSynchronize());
+      std::vector<int32_t> idx(rows * cap), cnt(rows);
+      BENCH_CUDA(cudaMemcpy(idx.data(), run.indices, idx.size() * 4, cudaMemcpyDeviceToHost));
+      BENCH_CUDA(cudaMemcpy(cnt.data(), run.counts, cnt.size() * 4, cudaMemcpyDeviceToHost));
+      for (int64_t r = 0; r < rows; ++r) {
+        // Elements chosen besides the pinned tokens, as tokens or pages.
+        std::vector<char> chosen(len, 0);
+        for (int64_t j = 0; j < cnt[r]; ++j) {
+          const int64_t t = idx[r * cap + j];
+          if (t < 0 || t >= n || (j > 0 && t <= idx[r * cap + j - 1])) {
+            return absl::StrCat("row ", r, ": bad or unsorted index ", t);
+          }
+          if (t < kSink || t >= n - kLocal) continue;
+          chosen[mode == Mode::kExact ? t : t / 16] = 1;
+        }
+        std::vector<float> eligible;
+        double max_abs = 1.0;
+        for (int64_t e = 0; e < len; ++e) {
+          const bool pinned = mode == Mode::kExact ? (e < kSink || e >= n - kLocal)
+                                                   : (e * 16 + 15 < kSink || e * 16 >= n - kLocal);
+          if (!pinned) eligible.push_back(v[r * len + e]);
+          max_abs = std::max(max_abs, std::fabs(static_cast<double>(v[r * len + e])));
+        }
+        const int64_t want = mode == Mode::kExact ? k : NumPages(k);
+        std::nth_element(eligible.begin(), eligible.begin() + (want - 1), eligible.end(),
+                         std::greater<float>());
+        const double kth = eligible[want - 1];
+        const double tol = 2e-5 * max_abs;
+        int64_t n_chosen = 0;
+        for (int64_t e = 0; e < len; ++e) {
+          const double x = v[r * len + e];
+          if (chosen[e]) {
+            ++n_chosen;
+            if (x < kth - tol) return absl::StrCat("row ", r, ": chose ", e, " below the k-th");
+          } else {
+            const bool pinned = mode == Mode::kExact
+                                    ? (e < kSink || e >= n - kLocal)
+                                    : (e * 16 + 15 < kSink || e * 16 >= n - kLocal);
+            if (!pinned && x > kth + tol) return absl::StrCat("row ", r, ": missed ", e);
+          }
+        }
+        if (mode == Mode::kExact && n_chosen != want) {
+          return absl::StrCat("row ", r, ": ", n_chosen, " chosen, want ", want);
+        }
+      }
+    }
+  }
+  return "";
+}
+
+int Main(int argc, char** argv) {
+  bool quick = false;
+  int reps = 30;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) reps = std::atoi(argv[++i]);
+  }
+  cudaDeviceProp prop;
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t stream;
+  BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  Timer timer;
+
+  // Device-to-device copy bandwidth (bytes read + written per second) over 1 GiB.
+  double copy_bw = 0;
+  {
+    const size_t bytes = size_t{1} << 30;
+    void *a, *b;
+    BENCH_CUDA(cudaMalloc(&a, bytes));
+    BENCH_CUDA(cudaMalloc(&b, bytes));
+    BENCH_CUDA(cudaMemset(a, 1, bytes));
+    const double us = timer.MedianUs(
+        [&] { BENCH_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream)); }, stream,
+        20);
+    copy_bw = 2.0 * bytes / (us * 1e-6);
+    cudaFree(a);
+    cudaFree(b);
+  }
+
+  const std::vector<int> hqs = quick ? std::vector<int>{32} : std::vector<int>{8, 32, 512};
+  const std::vector<int64_t> ns = quick
+                                      ? std::vector<int64_t>{131072}
+                                      : std::vector<int64_t>{4096, 32768, 131072, int64_t{1} << 20};
+  const std::vector<int64_t> ks = {64, 256, 1024, 4096};
+
+  std::string check = "skipped";
+  std::string json_rows;
+  std::printf("# topk_bench on %s (%d SMs), %s", prop.name, prop.multiProcessorCount, [] {
+    const std::time_t t = std::time(nullptr);
+    return std::asctime(std::gmtime(&t));
+  }());
+  std::printf("# D2D copy bandwidth (read + write): %.0f GB/s; key read time = key bytes / that\n",
+              copy_bw / 1e9);
+  std::printf(
+      "# 8 KV heads, head_dim 128, bf16, n_sink %lld, n_local %lld, L2 flushed per run; "
+      "times in us (median of %d)\n",
+      static_cast<long long>(kSink), static_cast<long long>(kLocal), reps);
+  std::printf("%5s %8s %5s %8s %9s %9s %9s %9s %6s %9s %9s %9s %9s\n", "hq", "N", "k", "keyMB",
+              "read_us", "score_us", "exact_us", "exact_g", "ratio", "pqh_us", "bound_us",
+              "bound_g", "bte_us");
+  for (int hq : hqs) {
+    for (int64_t n : ns) {
+      DeviceInputs in;
+      in.query_heads = hq;
+      in.n = n;
+      const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
+      const int64_t pages = NumPages(n);
+      BENCH_CUDA(cudaMalloc(&in.keys, key_elems * 2));
+      BENCH_CUDA(cudaMalloc(&in.meta, static_cast<size_t>(kKvHeads) * pages * 256 * 2));
+      BENCH_CUDA(cudaMalloc(&in.queries, static_cast<size_t>(hq) * kHeadDim * 2));
+      FillNormalBf16<<<1024, 256, 0, stream>>>(in.keys, static_cast<int64_t>(key_elems), 1);
+      FillNormalBf16<<<8, 256, 0, stream>>>(in.queries, static_cast<int64_t>(hq) * kHeadDim,
+                                            2 + hq);
+      BENCH_CUDA(cudaGetLastError());
+      BENCH_OK(BuildPageMetaCuda(DenseMatrix<const void*>(in.keys, DType::kBF16, n, kHeadDim),
+                                 PageMetaShape{kKvHeads, kHeadDim, n},
+                                 DenseMatrix<void*>(in.meta, DType::kBF16, pages, 2 * kHeadDim),
+                                 stream));
+      BENCH_CUDA(cudaStreamSynchronize(stream));
+      if (hq == 32 && n == (quick ? 131072 : 32768)) {
+        check = CheckAgainstCpu(in);
+        if (check.empty()) check = "ok";
+        std::printf("# check against the CPU path (hq 32, N %lld): %s\n", static_cast<long long>(n),
+                    check.c_str());
+      }
+      const double key_bytes = static_cast<double>(key_elems) * 2;
+      const double read_us = key_bytes / copy_bw * 1e6;
+      float* score_out = nullptr;
+      BENCH_CUDA(cudaMalloc(&score_out, static_cast<size_t>(kKvHeads) * n * 4));
+      const SelectRequest score_req = MakeRequest(in, Mode::kExact, GqaReduction::kMax, 1);
+      const double score_us =
+          timer.MedianUs([&] { BENCH_OK(ScoreCuda(score_req, score_out, stream)); }, stream, reps);
+      cudaFree(score_out);
+      for (int64_t k : ks) {
+        Run exact(MakeRequest(in, Mode::kExact, GqaReduction::kMax, k));
+        Run pqh(MakeRequest(in, Mode::kExact, GqaReduction::kPerQueryHead, k));
+        Run bound(MakeRequest(in, Mode::kBound, GqaReduction::kMax, k));
+        Run bte(MakeRequest(in, Mode::kBoundThenExact, GqaReduction::kMax, k));
+        const double exact_us = timer.MedianUs([&] { exact.Launch(stream); }, stream, reps);
+        const double exact_g = GraphUs(timer, exact, stream, reps);
+        const double pqh_us = timer.MedianUs([&] { pqh.Launch(stream); }, stream, reps);
+        const double bound_us = timer.MedianUs([&] { bound.Launch(stream); }, stream, reps);
+        const double bound_g = GraphUs(timer, bound, stream, reps);
+        const double bte_us = timer.MedianUs([&] { bte.Launch(stream); }, stream, reps);
+        std::printf("%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %9.1f %9.1f %9.1f\n",
+                    hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6,
+                    read_us, score_us, exact_us, exact_g, exact_g / read_us, pqh_us, bound_us,
+                    bound_g, bte_us);
+        std::fflush(stdout);
+        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",",
+                        absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
+                                        "\"read_us\":%.2f,\"score_us\":%.2f,\"exact_us\":%.2f,"
+                                        "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
+                                        "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
+                                        "\"bound_graph_us\":%.2f,\"bte_us\":%.2f}",
+                                        hq, n, k, key_bytes, read_us, score_us, exact_us, exact_g,
+                                        exact_g / read_us, pqh_us, bound_us, bound_g, bte_us));
+      }
+      cudaFree(in.keys);
+      cudaFree(in.meta);
+      cudaFree(in.queries);
+    }
+  }
+  std::printf(
+      "# ratio = exact (graph) / key read time. Targets at hq 32, N 131072: ratio <= 1.15, "
+      "bound <= 25 us\n");
+  std::printf(
+      "{\"bench\":\"topk\",\"device\":\"%s\",\"copy_bw_GBps\":%.1f,\"check\":\"%s\","
+      "\"rows\":[%s]}\n",
+      prop.name, copy_bw / 1e9, check.c_str(), json_rows.c_str());
+  cudaStreamDestroy(stream);
+  return check == "ok" || check == "skipped" ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace topk
+}  // namespace ropekv
+
+int main(int argc, char** argv) { return ropekv::topk::Main(argc, argv); }
