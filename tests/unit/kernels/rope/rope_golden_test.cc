@@ -272,7 +272,12 @@ TEST_F(HfGoldenTest, ReproducesTransformers) {
     for (const char* tag : {"f32", "bf16"}) {
       const bool f32 = std::string(tag) == "f32";
       const DType dtype = f32 ? DType::kF32 : DType::kBF16;
-      const double tol = f32 ? 4.0 : 6.0;
+      // HF's keys come from torch on CUDA: cosf/sinf there are within 2 ulp (not correctly
+      // rounded as ours are), and yarn/longrope multiply cos and sin by attention_factor, one
+      // more rounding each. Measured worst against transformers 5.17 on an H100: 5.0 ulp (fp32,
+      // longrope at 1048575), 2.0 ulp (bf16). The 4-ulp bound of the issue is against a fresh
+      // fp32 rotation and is enforced in rope_ref_test.
+      const double tol = 6.0;
       std::vector<float> pre, hf;  // [heads][d], [heads][np][d]
       if (f32) {
         pre = F32(c[absl::StrCat("k_", tag, "_bits")]);
