@@ -3,13 +3,15 @@
 //   ScoreTilesKernel   rows of keys (exact q.k) or page metadata ([q+, q-].[M; m]) -> fp32 row
 //                      values; each block streams tiles of one KV head through shared memory with
 //                      cp.async and computes all query heads of the group from one read
-//   HistKernel         11-bit histogram of the top digit of each value's order key
+//   HistKernel         11-bit histogram of the top digit of each value's order key (fused
+//                      into ScoreTilesKernel for kMax / kSum when it costs no occupancy)
 //   FilterKernel       threshold filtering: every block finds the threshold digit from the
 //                      histogram, emits what lies above, keeps what lies on it as candidates; the
 //                      last block of a row to finish resolves the candidates digit by digit
-//                      (score bits, then inverted index bits: ties go to the lower index)
+//                      (score bits, then inverted index bits: ties go to the lower index) and
+//                      writes the row: bitmap of chosen tokens | sink | local -> ascending
+//                      indices
 //   CandScoreKernel    (bound-then-exact) exact scores of the candidate pages' tokens
-//   CompactKernel      bitmap of chosen tokens | sink | local -> ascending indices
 //   RescoreKernel      scores of the chosen tokens (page modes) and the captured softmax mass
 //
 // No host synchronisation anywhere: counts live in device memory, grids are sized from shapes.
@@ -38,10 +40,9 @@ using internal::kScoreThreads;
 using internal::kScoreWarps;
 using internal::kSegBytes;
 
-constexpr int kStages = 3;        // cp.async pipeline depth of ScoreTilesKernel
-constexpr int kSelThreads = 512;  // HistKernel, FilterKernel
-constexpr int kSelChunk = 8192;   // elements per selection block
-constexpr int kCompactThreads = 1024;
+constexpr int kStages = 3;                  // cp.async pipeline depth of ScoreTilesKernel
+constexpr int kSelThreads = 512;            // HistKernel, FilterKernel
+constexpr int kSelChunk = 8192;             // elements per selection block
 constexpr int kListThreads = 256;           // CandScoreKernel, RescoreKernel, GatherKernel
 constexpr int kQuerySmemBytes = 96 * 1024;  // queries of one scoring block
 constexpr float kInf = __builtin_huge_valf();
@@ -184,6 +185,22 @@ __device__ __forceinline__ void CpAsyncWait() {
 // ---------------------------------------------------------------------------------------------
 // Scoring: exact q.k over key rows, or the Quest bound over metadata rows.
 
+enum class SrcKind : int {
+  kPlain = 0,   // element e of a row: scores[row][e]
+  kTokens = 1,  // tokens; sink and local tokens excluded
+  kPages = 2,   // pages; pages whose tokens are all sink/local excluded
+  kSlots = 3,   // candidate slot j: token pages[row][j / 16] * 16 + j % 16 (bound-then-exact)
+};
+
+// Whether element e of a row is excluded from selection (key 0): sink/local tokens, or pages
+// whose tokens are all sink/local.
+__device__ __forceinline__ bool Excluded(SrcKind kind, int64_t e, int64_t n, int64_t n_sink,
+                                         int64_t n_local) {
+  if (kind == SrcKind::kTokens) return internal::IsPinned(e, n, n_sink, n_local);
+  if (kind == SrcKind::kPages) return internal::PageAllPinned(e, n, n_sink, n_local);
+  return false;
+}
+
 struct ScoreParams {
   DevView rows;         // keys (rows = tokens, width D) or metadata (rows = pages, width 2D)
   const void* queries;  // [query_heads][D]
@@ -203,6 +220,11 @@ struct ScoreParams {
   float lse_scale;
   int64_t n_tiles;
   int64_t tiles_per_block;
+  // Fused first radix histogram (reductions kMax/kSum only): hist0[kv head][kRadixBins] of the
+  // order keys the selection will see (hist_kind says which elements are excluded); may be null.
+  uint32_t* hist0;
+  SrcKind hist_kind;
+  int64_t n, n_sink, n_local;
 };
 
 // Shape of the staging of one row type (see internal::ScoreTileRows).
@@ -236,6 +258,10 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
   const int q0 = kvh * p.group + h_begin;  // first query head of this block
   unsigned char* stages = smem;
   float* q_s = reinterpret_cast<float*>(smem + kStages * kScoreThreads * ts.slot_bytes);
+  uint32_t* hist_s = reinterpret_cast<uint32_t*>(q_s + p.heads_per_block * ts.q_stride);
+  if (p.hist0 != nullptr) {
+    for (int i = tid; i < kRadixBins; i += kScoreThreads) hist_s[i] = 0;
+  }
 
   // Queries of this block, [hb][q_stride] with a 4-float pad per segment.
   for (int i = tid; i < hb * p.width; i += kScoreThreads) {
@@ -344,12 +370,24 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
         }
       }
     }
-    if (p.red != GqaReduction::kPerQueryHead && valid && seg == 0 && p.out != nullptr) {
+    if (p.red != GqaReduction::kPerQueryHead && valid && seg == 0) {
       if (red != red) red = p.bound ? kInf : -kInf;
-      p.out[static_cast<int64_t>(kvh) * p.len + row] = red;
+      if (p.out != nullptr) p.out[static_cast<int64_t>(kvh) * p.len + row] = red;
+      if (p.hist0 != nullptr) {
+        const uint32_t key =
+            Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local) ? 0u : internal::OrderKey(red);
+        atomicAdd(&hist_s[key >> 21], 1u);
+      }
     }
   }
   CpAsyncWait<0>();
+  if (p.hist0 != nullptr) {
+    __syncthreads();
+    for (int i = tid; i < kRadixBins; i += kScoreThreads) {
+      if (hist_s[i] != 0)
+        atomicAdd(&p.hist0[static_cast<int64_t>(kvh) * kRadixBins + i], hist_s[i]);
+    }
+  }
 }
 
 // Per-device attributes, read once.
@@ -404,12 +442,17 @@ absl::Status EnsureSmem(size_t smem) {
   return absl::OkStatus();
 }
 
+// Scoring blocks resident per SM, limited by shared memory (1 KB reserved per block; registers
+// allow more at 128 threads).
+int ScoreBlocksPerSm(const DeviceInfo& info, size_t smem) {
+  return std::max(1, std::min(8, info.smem_per_sm / static_cast<int>(smem + 1024)));
+}
+
 template <typename T, int GC>
 absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
                               const DeviceInfo& info) {
   ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<ScoreTilesKernel<T, GC>>(smem));
-  // Blocks resident per SM, limited by shared memory (registers allow more at 128 threads).
-  const int per_sm = std::max(1, std::min(8, info.smem_per_sm / static_cast<int>(smem + 1024)));
+  const int per_sm = ScoreBlocksPerSm(info, smem);
   const int64_t y = static_cast<int64_t>(p.kv_heads) * p.head_groups;
   if (y > 65535) {
     return absl::InvalidArgumentError(
@@ -428,9 +471,14 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
 }
 
 // Scores (or bounds) of every row of `view` for the request's queries, into out[rows][len]
-// and/or LSE partials.
+// and/or LSE partials. With `hist0`, also the first radix histogram of the selection over `out`
+// (elements excluded as `hist_kind` says) when the reduction allows it and it costs no
+// occupancy; *hist_fused tells whether it did.
 absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, bool bound, float* out,
-                           float2* lse, int64_t lse_parts, cudaStream_t stream) {
+                           float2* lse, int64_t lse_parts, cudaStream_t stream,
+                           uint32_t* hist0 = nullptr, SrcKind hist_kind = SrcKind::kPlain,
+                           bool* hist_fused = nullptr) {
+  if (hist_fused != nullptr) *hist_fused = false;
   absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
   if (!info.ok()) return info.status();
   const int width = bound ? 2 * req.head_dim : req.head_dim;
@@ -463,8 +511,20 @@ absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, boo
   p.lse_scale = internal::SoftmaxScale(req);
   p.n_tiles = (p.len + ts.tile_rows - 1) / ts.tile_rows;
   p.tiles_per_block = 1;
-  const size_t smem = static_cast<size_t>(kStages) * kScoreThreads * ts.slot_bytes +
-                      static_cast<size_t>(p.heads_per_block) * ts.q_stride * 4;
+  size_t smem = static_cast<size_t>(kStages) * kScoreThreads * ts.slot_bytes +
+                static_cast<size_t>(p.heads_per_block) * ts.q_stride * 4;
+  p.hist0 = nullptr;
+  p.hist_kind = hist_kind;
+  p.n = req.num_tokens;
+  p.n_sink = req.n_sink;
+  p.n_local = req.n_local;
+  const size_t hist_smem = kRadixBins * 4;
+  if (hist0 != nullptr && out != nullptr && req.reduction != GqaReduction::kPerQueryHead &&
+      ScoreBlocksPerSm(*info, smem + hist_smem) >= ScoreBlocksPerSm(*info, smem)) {
+    smem += hist_smem;
+    p.hist0 = hist0;
+    if (hist_fused != nullptr) *hist_fused = true;
+  }
   const int hpb = p.heads_per_block;
   const int gc = hpb >= 8 ? 8 : (hpb >= 4 ? 4 : (hpb >= 2 ? 2 : 1));
 #define ROPEKV_TOPK_SCORE_GC(T)                              \
@@ -492,13 +552,6 @@ absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, boo
 
 // ---------------------------------------------------------------------------------------------
 // Radix selection with threshold filtering.
-
-enum class SrcKind : int {
-  kPlain = 0,   // element e of a row: scores[row][e]
-  kTokens = 1,  // tokens; sink and local tokens excluded
-  kPages = 2,   // pages; pages whose tokens are all sink/local excluded
-  kSlots = 3,   // candidate slot j: token pages[row][j / 16] * 16 + j % 16 (bound-then-exact)
-};
 
 struct SelSource {
   const float* scores = nullptr;  // [rows][len]
@@ -652,10 +705,120 @@ __device__ void FindThreshold(const uint32_t* hist, int nbins, uint32_t k,
   __syncthreads();
 }
 
-// Threshold filtering of one row chunk per block; the last block of a row resolves the rest.
+// Bitmap -> ascending indices, with sink and local tokens.
+
+struct CompactArgs {
+  int32_t* indices = nullptr;  // [rows][cap]; null: the selection feeds another stage
+  int32_t* counts = nullptr;   // [rows]; may be null
+  int64_t cap = 0;
+  int64_t n = 0, n_sink = 0, n_local = 0;  // bits >= n are ignored
+  const float* row_scores = nullptr;       // [rows][n]: scores copied for chosen tokens
+  float* out_scores = nullptr;             // [rows][cap]; unused slots NaN; may be null
+};
+
+__device__ __forceinline__ uint32_t RangeMask(int64_t w, int64_t lo, int64_t hi) {
+  const int64_t a = max(lo, w * 32), b = min(hi, w * 32 + 32);
+  if (a >= b) return 0u;
+  const int n = static_cast<int>(b - a);
+  const uint32_t m = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  return m << static_cast<int>(a - w * 32);
+}
+
+// Writes row `row` of the output from its bitmap (complete: every block of the row is done).
+__device__ void CompactRow(const uint32_t* bitmap, int64_t words, const CompactArgs& o, int64_t row,
+                           SelScan::TempStorage& scan) {
+  const int64_t per = (words + kSelThreads - 1) / kSelThreads;
+  const int64_t w0 = threadIdx.x * per;
+  const int64_t w1 = min(words, w0 + per);
+  auto word = [&](int64_t w) {
+    const uint32_t chosen = __ldcg(&bitmap[row * words + w]);
+    const uint32_t pinned = RangeMask(w, 0, o.n_sink) | RangeMask(w, o.n - o.n_local, o.n);
+    return (chosen | pinned) & RangeMask(w, 0, o.n);
+  };
+  uint32_t mine = 0;
+  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
+  uint32_t start = 0, total = 0;
+  SelScan(scan).ExclusiveSum(mine, start, total);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t m = word(w);
+    while (m != 0) {
+      const int b = __ffs(m) - 1;
+      m &= m - 1;
+      const int64_t t = w * 32 + b;
+      if (start < o.cap) {
+        o.indices[row * o.cap + start] = static_cast<int32_t>(t);
+        if (o.out_scores != nullptr && o.row_scores != nullptr) {
+          o.out_scores[row * o.cap + start] = o.row_scores[row * o.n + t];
+        }
+      }
+      ++start;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(total) < o.cap ? static_cast<int64_t>(total) : o.cap;
+  for (int64_t j = count + threadIdx.x; j < o.cap; j += kSelThreads) {
+    o.indices[row * o.cap + j] = -1;
+    if (o.out_scores != nullptr) o.out_scores[row * o.cap + j] = __uint_as_float(0x7fc00000u);
+  }
+  if (threadIdx.x == 0 && o.counts != nullptr) o.counts[row] = static_cast<int32_t>(count);
+}
+
+// The last block's part of FilterKernel: candidates -> digit by digit until resolved.
+__device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, const SelWs& ws,
+                                  uint32_t k_rem, int64_t row, uint32_t* hist_a, uint32_t* hist_b,
+                                  SelScan::TempStorage& scan, Threshold* thr_s) {
+  const int tid = threadIdx.x;
+  const int64_t len = src.len;
+
+  uint32_t n_cand = __ldcg(&ws.counters[row * 4 + 0]);
+  for (int i = tid; i < kRadixBins; i += kSelThreads) {
+    hist_a[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
+  }
+  uint32_t* cur = hist_a;
+  uint32_t* nxt = hist_b;
+  uint32_t* cand = ws.cand + row * len;
+  for (int p = 1; p < 6; ++p) {
+    for (int i = tid; i < kRadixBins; i += kSelThreads) nxt[i] = 0;
+    __syncthreads();
+    FindThreshold(cur, DigitBins(p), k_rem, scan, thr_s);
+    const Threshold t = *thr_s;
+    // One ordered pass over the candidates, compacting the survivors in place.
+    uint32_t kept_total = 0;
+    for (uint32_t base = 0; base < n_cand; base += kSelThreads) {
+      const uint32_t i = base + tid;
+      uint32_t e = 0, key = 0, tie = 0;
+      bool keep = false;
+      if (i < n_cand) {
+        e = __ldcg(&cand[i]);
+        KeyTie(src, row, e, &key, &tie);
+        const uint32_t d = Digit(p, key, tie);
+        if (key != 0 && (d > t.bin || (d == t.bin && t.take_all))) {
+          Emit(sink, row, tie);
+        } else if (d == t.bin && !t.take_all) {
+          keep = true;
+          if (p < 5) atomicAdd(&nxt[Digit(p + 1, key, tie)], 1u);
+        }
+      }
+      uint32_t rank = 0, kept = 0;
+      SelScan(scan).ExclusiveSum(keep ? 1u : 0u, rank, kept);
+      if (keep) cand[kept_total + rank] = e;
+      kept_total += kept;
+      __syncthreads();
+    }
+    if (t.take_all || p == 5) break;
+    n_cand = kept_total;
+    k_rem -= t.gt;
+    uint32_t* tmp = cur;
+    cur = nxt;
+    nxt = tmp;
+    __syncthreads();
+  }
+}
+
+// Threshold filtering of one row chunk per block; the last block of a row resolves the rest and,
+// with `out.indices`, writes the row's output.
 __global__ void __launch_bounds__(kSelThreads)
     FilterKernel(const SelSource src, const SelSink sink, const SelWs ws, uint32_t k_sel,
-                 int64_t chunk) {
+                 int64_t chunk, const CompactArgs out) {
   __shared__ uint32_t hist_a[kRadixBins];
   __shared__ uint32_t hist_b[kRadixBins];
   __shared__ SelScan::TempStorage scan;
@@ -718,60 +881,25 @@ __global__ void __launch_bounds__(kSelThreads)
     is_last = ticket == gridDim.x - 1;
   }
   __syncthreads();
-  if (!is_last || t0.take_all) return;
+  if (!is_last) return;
   __threadfence();
-
-  uint32_t n_cand = __ldcg(&ws.counters[row * 4 + 0]);
-  uint32_t k_rem = k_sel - t0.gt;
-  for (int i = tid; i < kRadixBins; i += kSelThreads) {
-    hist_a[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
-  }
-  uint32_t* cur = hist_a;
-  uint32_t* nxt = hist_b;
-  uint32_t* cand = ws.cand + row * len;
-  for (int p = 1; p < 6; ++p) {
-    for (int i = tid; i < kRadixBins; i += kSelThreads) nxt[i] = 0;
+  if (!t0.take_all)
+    ResolveCandidates(src, sink, ws, k_sel - t0.gt, row, hist_a, hist_b, scan, &thr);
+  if (out.indices != nullptr) {
     __syncthreads();
-    FindThreshold(cur, DigitBins(p), k_rem, scan, &thr);
-    const Threshold t = thr;
-    // One ordered pass over the candidates, compacting the survivors in place.
-    uint32_t kept_total = 0;
-    for (uint32_t base = 0; base < n_cand; base += kSelThreads) {
-      const uint32_t i = base + tid;
-      uint32_t e = 0, key = 0, tie = 0;
-      bool keep = false;
-      if (i < n_cand) {
-        e = __ldcg(&cand[i]);
-        KeyTie(src, row, e, &key, &tie);
-        const uint32_t d = Digit(p, key, tie);
-        if (key != 0 && (d > t.bin || (d == t.bin && t.take_all))) {
-          Emit(sink, row, tie);
-        } else if (d == t.bin && !t.take_all) {
-          keep = true;
-          if (p < 5) atomicAdd(&nxt[Digit(p + 1, key, tie)], 1u);
-        }
-      }
-      uint32_t rank = 0, kept = 0;
-      SelScan(scan).ExclusiveSum(keep ? 1u : 0u, rank, kept);
-      if (keep) cand[kept_total + rank] = e;
-      kept_total += kept;
-      __syncthreads();
-    }
-    if (t.take_all || p == 5) break;
-    n_cand = kept_total;
-    k_rem -= t.gt;
-    uint32_t* tmp = cur;
-    cur = nxt;
-    nxt = tmp;
-    __syncthreads();
+    __threadfence();
+    CompactRow(sink.bitmap, sink.words, out, row, scan);
   }
 }
 
 // Plan of the grid of one selection.
 int64_t SelChunk(int64_t len) { return std::min<int64_t>(len, kSelChunk); }
 
+// Enqueues one selection: the histogram (unless the scoring kernel made it) and the filter,
+// which also writes the output rows when out.indices is set.
 absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs& ws, int64_t rows,
-                          int64_t k_sel, cudaStream_t stream) {
+                          int64_t k_sel, bool hist_done, const CompactArgs& out,
+                          cudaStream_t stream) {
   const int64_t chunk = SelChunk(src.len);
   const int64_t bpr = (src.len + chunk - 1) / chunk;
   if (rows > 65535) {
@@ -779,66 +907,14 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
         absl::StrCat("the CUDA path selects over at most 65535 rows, got ", rows));
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
-  HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  FilterKernel<<<grid, kSelThreads, 0, stream>>>(src, sink, ws, static_cast<uint32_t>(k_sel),
-                                                 chunk);
+  if (!hist_done) {
+    HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  FilterKernel<<<grid, kSelThreads, 0, stream>>>(src, sink, ws, static_cast<uint32_t>(k_sel), chunk,
+                                                 out);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bitmap -> ascending indices, with sink and local tokens.
-
-__device__ __forceinline__ uint32_t RangeMask(int64_t w, int64_t lo, int64_t hi) {
-  const int64_t a = max(lo, w * 32), b = min(hi, w * 32 + 32);
-  if (a >= b) return 0u;
-  const int n = static_cast<int>(b - a);
-  const uint32_t m = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
-  return m << static_cast<int>(a - w * 32);
-}
-
-using CompactScan = cub::BlockScan<uint32_t, kCompactThreads>;
-
-__global__ void __launch_bounds__(kCompactThreads)
-    CompactKernel(const uint32_t* bitmap, int64_t words, int64_t n, int64_t n_sink, int64_t n_local,
-                  int32_t* indices, int32_t* counts, int64_t cap, const float* row_scores,
-                  float* out_scores) {
-  __shared__ CompactScan::TempStorage scan;
-  const int64_t row = blockIdx.x;
-  const int64_t per = (words + kCompactThreads - 1) / kCompactThreads;
-  const int64_t w0 = threadIdx.x * per;
-  const int64_t w1 = min(words, w0 + per);
-  auto word = [&](int64_t w) {
-    const uint32_t chosen = bitmap[row * words + w];
-    const uint32_t pinned = RangeMask(w, 0, n_sink) | RangeMask(w, n - n_local, n);
-    return (chosen | pinned) & RangeMask(w, 0, n);
-  };
-  uint32_t mine = 0;
-  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
-  uint32_t start = 0, total = 0;
-  CompactScan(scan).ExclusiveSum(mine, start, total);
-  for (int64_t w = w0; w < w1; ++w) {
-    uint32_t m = word(w);
-    while (m != 0) {
-      const int b = __ffs(m) - 1;
-      m &= m - 1;
-      const int64_t t = w * 32 + b;
-      if (start < cap) {
-        indices[row * cap + start] = static_cast<int32_t>(t);
-        if (out_scores != nullptr && row_scores != nullptr) {
-          out_scores[row * cap + start] = row_scores[row * n + t];
-        }
-      }
-      ++start;
-    }
-  }
-  const int64_t count = static_cast<int64_t>(total) < cap ? static_cast<int64_t>(total) : cap;
-  for (int64_t j = count + threadIdx.x; j < cap; j += kCompactThreads) {
-    indices[row * cap + j] = -1;
-    if (out_scores != nullptr) out_scores[row * cap + j] = __uint_as_float(0x7fc00000u);
-  }
-  if (threadIdx.x == 0 && counts != nullptr) counts[row] = static_cast<int32_t>(count);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1318,13 +1394,12 @@ absl::Status TopKCuda(const float* scores, int64_t rows, int64_t len, int64_t k,
   sink.kind = SinkKind::kMarkToken;
   sink.bitmap = reinterpret_cast<uint32_t*>(ws + plan->bitmap);
   sink.words = plan->bitmap_words;
-  ROPEKV_TOPK_RETURN_IF_ERROR(
-      RunSelection(src, sink, MakeSelWs(ws, plan->sel), rows, plan->k_sel, stream));
-  CompactKernel<<<static_cast<unsigned>(rows), kCompactThreads, 0, stream>>>(
-      sink.bitmap, plan->bitmap_words, len, 0, 0, indices, nullptr, plan->capacity, nullptr,
-      nullptr);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
+  CompactArgs out;
+  out.indices = indices;
+  out.cap = plan->capacity;
+  out.n = len;
+  return RunSelection(src, sink, MakeSelWs(ws, plan->sel), rows, plan->k_sel,
+                      /*hist_done=*/false, out, stream);
 }
 
 absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, void* workspace,
@@ -1346,13 +1421,29 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   ROPEKV_CUDA_RETURN_IF_ERROR(
       cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
 
-  // 1. Scores or bounds (and the softmax denominators).
+  // The output rows, written by the last selection.
+  CompactArgs out;
+  out.indices = result.indices;
+  out.counts = result.counts;
+  out.cap = plan.capacity;
+  out.n = req.num_tokens;
+  out.n_sink = req.n_sink;
+  out.n_local = req.n_local;
+  out.row_scores = req.mode == Mode::kExact ? scores : nullptr;
+  out.out_scores = result.scores;
+  const SelWs sel = MakeSelWs(ws, plan.sel);
+  const SrcKind kind = req.mode == Mode::kExact ? SrcKind::kTokens : SrcKind::kPages;
+
+  // 1. Scores or bounds (with the first histogram when it can be fused), and the softmax
+  // denominators.
+  bool hist_done = false;
   if (req.mode == Mode::kExact) {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.keys, false, scores,
-                                              want_mass ? lse : nullptr, plan.lse_parts, stream));
+                                              want_mass ? lse : nullptr, plan.lse_parts, stream,
+                                              sel.hist0, kind, &hist_done));
   } else {
-    ROPEKV_TOPK_RETURN_IF_ERROR(
-        RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream));
+    ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream,
+                                              sel.hist0, kind, &hist_done));
     if (want_mass) {
       ROPEKV_TOPK_RETURN_IF_ERROR(
           RunScoreTiles(req, req.keys, false, nullptr, lse, plan.lse_parts, stream));
@@ -1364,14 +1455,13 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   SelSource src;
   src.scores = scores;
   src.len = plan.len;
-  src.kind = req.mode == Mode::kExact ? SrcKind::kTokens : SrcKind::kPages;
+  src.kind = kind;
   src.n = req.num_tokens;
   src.n_sink = req.n_sink;
   src.n_local = req.n_local;
   SelSink sink;
   sink.bitmap = bitmap;
   sink.words = plan.bitmap_words;
-  const SelWs sel = MakeSelWs(ws, plan.sel);
   switch (req.mode) {
     case Mode::kExact:
       sink.kind = SinkKind::kMarkToken;
@@ -1386,7 +1476,9 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
       sink.list_cap = plan.cand_pages;
       break;
   }
-  ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src, sink, sel, plan.rows, plan.k_sel, stream));
+  ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src, sink, sel, plan.rows, plan.k_sel, hist_done,
+                                           req.mode == Mode::kBoundThenExact ? CompactArgs{} : out,
+                                           stream));
 
   // 3. Bound-then-exact: exact scores of the candidates, second selection.
   if (req.mode == Mode::kBoundThenExact) {
@@ -1402,16 +1494,9 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
     sink2.kind = SinkKind::kMarkToken;
     sink2.bitmap = bitmap;
     sink2.words = plan.bitmap_words;
-    ROPEKV_TOPK_RETURN_IF_ERROR(
-        RunSelection(src2, sink2, MakeSelWs(ws, plan.sel2), plan.rows, plan.k_sel2, stream));
+    ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src2, sink2, MakeSelWs(ws, plan.sel2), plan.rows,
+                                             plan.k_sel2, /*hist_done=*/false, out, stream));
   }
-
-  // 4. Ascending indices with sink and local tokens; exact-mode scores; NaN in unused score
-  // slots.
-  CompactKernel<<<static_cast<unsigned>(plan.rows), kCompactThreads, 0, stream>>>(
-      bitmap, plan.bitmap_words, req.num_tokens, req.n_sink, req.n_local, result.indices,
-      result.counts, plan.capacity, req.mode == Mode::kExact ? scores : nullptr, result.scores);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   // 5. Scores of page modes, captured mass.
   if ((result.scores != nullptr && req.mode != Mode::kExact) || want_mass) {
