@@ -883,8 +883,9 @@ __global__ void __launch_bounds__(kSelThreads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  if (!t0.take_all)
+  if (!t0.take_all) {
     ResolveCandidates(src, sink, ws, k_sel - t0.gt, row, hist_a, hist_b, scan, &thr);
+  }
   if (out.indices != nullptr) {
     __syncthreads();
     __threadfence();
