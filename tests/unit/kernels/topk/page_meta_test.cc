@@ -59,8 +59,8 @@ class PageMetaTypesTest : public ::testing::TestWithParam<std::tuple<DType, DTyp
 TEST_P(PageMetaTypesTest, BoundsEveryKeyTightlyAndDominatesEveryScore) {
   const auto [key_type, meta_type] = GetParam();
   const int64_t n = 16 * 40 + 7;  // partial last page
-  Problem p(2, 8, 128, n, key_type, DType::kBF16, 200 + static_cast<int>(key_type) * 3 +
-                                                      static_cast<int>(meta_type));
+  Problem p(2, 8, 128, n, key_type, DType::kBF16,
+            200 + static_cast<int>(key_type) * 3 + static_cast<int>(meta_type));
   // Wider spread, some exact zeros of both signs.
   std::mt19937_64 rng(9);
   std::normal_distribution<float> dist(0.0f, 3.0f);
@@ -150,14 +150,17 @@ TEST_P(PageMetaTypesTest, BulkBuildEqualsTokenByTokenAndChunkedAppends) {
   EXPECT_EQ(chunked, bulk);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Types, PageMetaTypesTest,
-    ::testing::Values(std::make_tuple(DType::kF32, DType::kBF16),
-                      std::make_tuple(DType::kF32, DType::kF16),
-                      std::make_tuple(DType::kF32, DType::kF32),
-                      std::make_tuple(DType::kBF16, DType::kBF16),
-                      std::make_tuple(DType::kF16, DType::kBF16),
-                      std::make_tuple(DType::kBF16, DType::kF16)));
+INSTANTIATE_TEST_SUITE_P(Types, PageMetaTypesTest,
+                         ::testing::Values(std::make_tuple(DType::kF32, DType::kBF16),
+                                           std::make_tuple(DType::kF32, DType::kF16),
+                                           std::make_tuple(DType::kF32, DType::kF32),
+                                           std::make_tuple(DType::kBF16, DType::kBF16),
+                                           std::make_tuple(DType::kF16, DType::kBF16),
+                                           std::make_tuple(DType::kBF16, DType::kF16)),
+                         [](const ::testing::TestParamInfo<std::tuple<DType, DType>>& info) {
+                           return absl::StrCat("keys_", DTypeName(std::get<0>(info.param)),
+                                               "_meta_", DTypeName(std::get<1>(info.param)));
+                         });
 
 TEST(PageMetaTest, DenseViewOfMetadataMustUseTheFullPageCount) {
   // The dense views above have head_stride = pages(n) * 2d for the final n; check that a

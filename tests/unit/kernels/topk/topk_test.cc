@@ -1,6 +1,8 @@
 // Tests of the CPU path of kernels/topk: exact / bound / bound-then-exact selection against an
 // independent fp64 reference (std::partial_sort), ties, -inf, NaN, GQA reductions, sink and local
 // merging, captured softmax mass, bare top-k, gather and argument checks.
+#include "kernels/topk/topk.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,7 +15,6 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/topk/topk.h"
 #include "tests/unit/kernels/topk/topk_test_util.h"
 
 namespace ropekv {
@@ -57,6 +58,18 @@ absl::Status RunCpu(const SelectRequest& req, bool want_scores, bool want_mass, 
 
 bool Pinned(int64_t t, int64_t n, int64_t ns, int64_t nl) { return t < ns || t >= n - nl; }
 
+std::string ReductionName(GqaReduction r) {
+  switch (r) {
+    case GqaReduction::kMax:
+      return "max";
+    case GqaReduction::kSum:
+      return "sum";
+    case GqaReduction::kPerQueryHead:
+      return "pqh";
+  }
+  return "?";
+}
+
 // Common checks of one output row: ascending, unique, every pinned token present, -1 padding.
 // Returns the non-pinned tokens.
 std::vector<int64_t> CheckRowShape(const Output& o, int64_t r, int64_t n, int64_t ns, int64_t nl,
@@ -99,8 +112,8 @@ TEST_P(ExactGridTest, MatchesPartialSortReference) {
     ASSERT_TRUE(RunCpu(req, /*want_scores=*/true, false, &o).ok());
     EXPECT_EQ(o.cap, std::min(c.n, c.k));
     for (int64_t r = 0; r < o.rows; ++r) {
-      const std::string what = absl::StrCat("n=", c.n, " k=", c.k, " red=",
-                                            static_cast<int>(red), " row=", r);
+      const std::string what =
+          absl::StrCat("n=", c.n, " k=", c.k, " red=", static_cast<int>(red), " row=", r);
       std::vector<double> score(c.n);
       for (int64_t t = 0; t < c.n; ++t) score[t] = p.RowScore(red, r, t);
       ASSERT_EQ(o.counts[r], std::min(c.n, c.k)) << what;
@@ -142,8 +155,7 @@ INSTANTIATE_TEST_SUITE_P(Lengths, ExactGridTest, ::testing::ValuesIn(ExactCases(
                          });
 
 // dtype x head_dim x reduction, with sink and local tokens.
-class ExactTypesTest
-    : public ::testing::TestWithParam<std::tuple<DType, int, GqaReduction>> {};
+class ExactTypesTest : public ::testing::TestWithParam<std::tuple<DType, int, GqaReduction>> {};
 
 TEST_P(ExactTypesTest, MatchesReferenceWithSinkAndLocal) {
   const auto [dtype, d, red] = GetParam();
@@ -177,7 +189,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
                        ::testing::Values(64, 128, 256),
                        ::testing::Values(GqaReduction::kMax, GqaReduction::kSum,
-                                         GqaReduction::kPerQueryHead)));
+                                         GqaReduction::kPerQueryHead)),
+    [](const ::testing::TestParamInfo<std::tuple<DType, int, GqaReduction>>& info) {
+      return absl::StrCat(DTypeName(std::get<0>(info.param)), "_d", std::get<1>(info.param), "_",
+                          ReductionName(std::get<2>(info.param)));
+    });
 
 // ------------------------------------------------------------------------------------------
 // Adversarial values.
@@ -378,7 +394,10 @@ TEST_P(PageModesTest, BoundThenExactWithAllPagesEqualsExact) {
 
 INSTANTIATE_TEST_SUITE_P(Reductions, PageModesTest,
                          ::testing::Values(GqaReduction::kMax, GqaReduction::kSum,
-                                           GqaReduction::kPerQueryHead));
+                                           GqaReduction::kPerQueryHead),
+                         [](const ::testing::TestParamInfo<GqaReduction>& info) {
+                           return ReductionName(info.param);
+                         });
 
 // A planted needle key (aligned with the query, far above the rest) is always selected, and its
 // page in page modes.
@@ -393,8 +412,8 @@ TEST(SelectCpuTest, PlantedNeedleIsAlwaysSelected) {
     for (int c = 0; c < 128; ++c) p.SetKey(kvh, needle, c, 4.0f * p.Query(qh, c));
     p.BuildMeta(DType::kBF16);
     for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
-      for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum,
-                               GqaReduction::kPerQueryHead}) {
+      for (GqaReduction red :
+           {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
         SelectRequest req = p.Request(mode, red, 32);
         req.n_sink = 4;
         req.n_local = 16;
@@ -446,8 +465,8 @@ TEST(SelectCpuTest, GqaReductionsEqualTopKOfReducedScores) {
   }
   // Per query head: every query head's own top-k.
   Output o;
-  ASSERT_TRUE(RunCpu(p.Request(Mode::kExact, GqaReduction::kPerQueryHead, k), false, false, &o)
-                  .ok());
+  ASSERT_TRUE(
+      RunCpu(p.Request(Mode::kExact, GqaReduction::kPerQueryHead, k), false, false, &o).ok());
   ASSERT_EQ(o.rows, 6);
   for (int h = 0; h < 6; ++h) {
     std::vector<double> s(n);
@@ -578,7 +597,8 @@ TEST(SelectCpuTest, BlockedKeysAndMetadataEqualContiguous) {
   const uint16_t* meta = static_cast<const uint16_t*>(p.meta.data());
   for (int h = 0; h < 3; ++h) {
     for (int64_t t = 0; t < n; ++t) {
-      for (int c = 0; c < 64; ++c) kb[t / bt][(h * bt + t % bt) * 64 + c] = keys[(h * n + t) * 64 + c];
+      for (int c = 0; c < 64; ++c)
+        kb[t / bt][(h * bt + t % bt) * 64 + c] = keys[(h * n + t) * 64 + c];
     }
     for (int64_t q = 0; q < p.pages(); ++q) {
       const int64_t ppb = bt / 16;
@@ -634,8 +654,7 @@ TEST(TopKCpuTest, MatchesPartialSortAndRejectsNan) {
   std::vector<int32_t> idx(rows * 10);
   EXPECT_EQ(TopKCpu(s.data(), rows, len, 10, idx.data()).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(TopKCpu(s.data(), rows, len, 0, idx.data()).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TopKCpu(s.data(), rows, len, 0, idx.data()).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -55,8 +55,7 @@ struct Problem {
   TypedBuffer queries;
   TypedBuffer meta;  // [kv_heads][pages][2][d], filled by BuildMeta
 
-  Problem(int hkv, int hq, int d, int64_t tokens, DType key_type, DType query_type,
-          uint64_t seed)
+  Problem(int hkv, int hq, int d, int64_t tokens, DType key_type, DType query_type, uint64_t seed)
       : kv_heads(hkv),
         query_heads(hq),
         head_dim(d),
@@ -77,14 +76,16 @@ struct Problem {
   int group() const { return query_heads / kv_heads; }
   int64_t pages() const { return NumPages(n); }
 
-  MatrixView KeyView() const { return DenseMatrix<const void*>(keys.data(), keys.dtype, n, head_dim); }
+  MatrixView KeyView() const {
+    return DenseMatrix<const void*>(keys.data(), keys.dtype, n, head_dim);
+  }
 
   // Builds page metadata of type t with BuildPageMetaCpu.
   void BuildMeta(DType t) {
     meta = TypedBuffer(t, static_cast<size_t>(kv_heads) * pages() * 2 * head_dim);
     PageMetaShape shape{kv_heads, head_dim, n};
-    const absl::Status s =
-        BuildPageMetaCpu(KeyView(), shape, DenseMatrix<void*>(meta.data(), t, pages(), 2 * head_dim));
+    const absl::Status s = BuildPageMetaCpu(
+        KeyView(), shape, DenseMatrix<void*>(meta.data(), t, pages(), 2 * head_dim));
     ASSERT_TRUE(s.ok()) << s;
     for (size_t i = 0; i < meta.values.size(); ++i) {
       meta.values[i] = LoadAsFloat(meta.bytes.data(), i, t);
