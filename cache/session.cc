@@ -586,10 +586,12 @@ absl::StatusOr<SessionResult> SessionStore::OpenFromCache(OpenSessionArgs args) 
 
 absl::StatusOr<SessionResult> SessionStore::Commit(SessionWriter& w) {
   const int64_t bt = w.spec_.block_tokens;
+  // Resolved before taking mu_: the store never holds its lock while calling into the cache.
+  absl::StatusOr<RegisteredModel> model = absl::NotFoundError("unused");
+  if (w.mode_ == SessionWriter::Mode::kOpen) model = cache_->ResolveModel(w.model_id_);
   absl::MutexLock lock(&mu_);
   if (w.mode_ == SessionWriter::Mode::kOpen) {
     if (auto s = CheckCountLocked(); !s.ok()) return s;
-    auto model = cache_->ResolveModel(w.model_id_);
     if (!model.ok()) return model.status();
     const int64_t rotated_at = w.open_.rotated_at.value_or(w.open_.base_position);
     std::vector<Piece> pieces;

@@ -15,7 +15,8 @@
 //
 // Thread safety: SessionStore is thread-safe. Its lock guards metadata only; KV bytes are copied
 // outside it (chunks are immutable and shared, so a reader or a writer never sees a half-done
-// edit). SessionWriter and SessionReader are thread-compatible (one user each).
+// edit), and it is never held while calling into the KvCache (no lock nesting). SessionWriter and
+// SessionReader are thread-compatible (one user each).
 #ifndef ROPEKV_CACHE_SESSION_H_
 #define ROPEKV_CACHE_SESSION_H_
 
