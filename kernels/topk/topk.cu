@@ -992,7 +992,7 @@ template <typename T>
 __device__ float ListRowScore(const ListParams& p, int kvh, int hr, const float* q_s, int64_t t,
                               int sub, const ListShape& ls) {
   const char* r = t >= 0 ? RowPtr(p.keys, kvh, t) : nullptr;
-  float red = p.red == GqaReduction::kMax ? -kInf : 0.0f;
+  float red = p.red == GqaReduction::kSum ? 0.0f : -kInf;
   for (int g = 0; g < hr; ++g) {
     float s = ListDot<T>(r, q_s + g * p.d, sub, ls);
     if (s != s) s = -kInf;
