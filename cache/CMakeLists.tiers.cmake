@@ -14,7 +14,7 @@ target_link_libraries(ropekv_gpu_tier PUBLIC
   absl::flat_hash_map absl::span)
 target_compile_options(ropekv_gpu_tier PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${ROPEKV_WARNINGS}>)
 
-target_sources(ropekv_cache PRIVATE disk_tier.cc)
+target_sources(ropekv_cache PRIVATE disk_tier.cc tier_policy.cc)
 target_link_libraries(ropekv_cache PUBLIC ropekv_gpu_tier RocksDB::rocksdb-shared)
 
 ropekv_test(NAME disk_tier_test LABELS unit

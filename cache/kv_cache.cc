@@ -2,8 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
+#include <iostream>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 
 namespace ropekv {
 
@@ -23,8 +27,9 @@ PutWriter::PutWriter(KvCache* cache, RegisteredModel model, PutOptions options,
       first_position_(first_position) {}
 
 PutWriter::~PutWriter() {
+  absl::MutexLock lock(&cache_->mu_);
   for (void* slot : slots_) {
-    if (slot != nullptr) cache_->host_->FreeSlot(slot, block_bytes_);
+    if (slot != nullptr) cache_->FreeHostSlot(slot, block_bytes_, model_.id);
   }
 }
 
@@ -43,7 +48,7 @@ absl::Status PutWriter::Write(absl::string_view bytes) {
     const size_t n = std::min<uint64_t>(bytes.size(), block_bytes_ - offset);
     if (!present_[block]) {
       if (slots_[block] == nullptr) {
-        auto slot = cache_->AllocateSlot(block_bytes_);
+        auto slot = cache_->AllocateSlot(block_bytes_, model_.id);
         if (!slot.ok()) return status_ = slot.status();
         slots_[block] = *slot;
       }
@@ -82,20 +87,22 @@ ReadHandle& ReadHandle::operator=(ReadHandle&& o) noexcept {
     blocks_ = std::move(o.blocks_);
     data_ = std::move(o.data_);
     tokens_ = o.tokens_;
+    temp_ = std::move(o.temp_);
   }
   return *this;
 }
 
 void ReadHandle::Release() {
-  if (cache_ != nullptr && !blocks_.empty()) {
+  if (cache_ != nullptr && (!blocks_.empty() || !temp_.empty())) {
     std::vector<BlockHash> hashes;
     hashes.reserve(blocks_.size());
     for (const BlockInfo& b : blocks_) hashes.push_back(b.hash);
-    cache_->ReleaseRead(hashes);
+    cache_->ReleaseRead(hashes, temp_, block_bytes_, model_.id);
   }
   cache_ = nullptr;
   blocks_.clear();
   data_.clear();
+  temp_.clear();
 }
 
 absl::string_view ReadHandle::bytes(size_t i) const {
@@ -122,26 +129,141 @@ absl::Status ReadHandle::CopyBlock(size_t i, void* dst,
 }
 
 // ---------------------------------------------------------------------------------------------
-// KvCache
+// KvCache: construction, models, restart
 
 absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Options options) {
+  if (auto s = ValidateTierPolicy(options.policy); !s.ok()) return s;
+  if (options.policy.write_tier == WriteTier::kDisk && options.disk == nullptr) {
+    return absl::FailedPreconditionError("write tier \"disk\" needs a disk tier; none is given");
+  }
+  if (options.policy.write_tier == WriteTier::kGpu && options.gpu == nullptr) {
+    options.policy.write_tier = WriteTier::kHost;  // documented: no GPU tier, Puts stay on host
+  }
   HostTier::Options host_options;
   host_options.capacity_bytes = options.host_capacity_bytes;
   host_options.allocator = std::move(options.host_allocator);
   auto host = HostTier::Create(std::move(host_options));
   if (!host.ok()) return host.status();
-  return std::unique_ptr<KvCache>(new KvCache(std::move(options), *std::move(host)));
+  std::unique_ptr<DiskTier> disk = std::move(options.disk);
+  std::unique_ptr<GpuTier> gpu = std::move(options.gpu);
+  std::unique_ptr<KvCache> cache(new KvCache(std::move(options), *std::move(host)));
+  cache->disk_ = std::move(disk);
+  cache->gpu_ = std::move(gpu);
+  if (cache->disk_ != nullptr) {
+    if (auto s = cache->LoadDisk(); !s.ok()) return s;
+  }
+  if (cache->options_.background_maintenance) {
+    KvCache* c = cache.get();
+    cache->maintenance_ = std::thread([c] { c->MaintenanceLoop(); });
+  }
+  return cache;
 }
 
 KvCache::KvCache(Options options, std::unique_ptr<HostTier> host)
     : options_(std::move(options)), host_(std::move(host)) {
   host_counters_.tier = TierKind::kHost;
+  gpu_counters_.tier = TierKind::kGpu;
+  disk_counters_.tier = TierKind::kDisk;
 }
 
 KvCache::~KvCache() {
+  {
+    absl::MutexLock lock(&maintenance_mu_);
+    stop_ = true;
+  }
+  if (maintenance_.joinable()) maintenance_.join();
+  CollectGarbage();  // evicted blocks must not come back after a restart
   absl::MutexLock lock(&mu_);
-  for (auto& [hash, e] : index_) host_->FreeSlot(e.data, e.bytes);
+  for (auto& [hash, e] : index_) {
+    if (e.data != nullptr) host_->FreeSlot(e.data, e.bytes);
+    if (e.gpu && gpu_ != nullptr) gpu_->FreeSlot(*e.gpu).IgnoreError();
+  }
   index_.clear();
+}
+
+absl::Status KvCache::LoadDisk() {
+  auto contents = disk_->Load();
+  if (!contents.ok()) return contents.status();
+  for (const DiskModelMeta& m : contents->models) {
+    std::vector<std::string> names = m.names;
+    if (names.empty()) names.push_back("");
+    for (const std::string& name : names) {
+      // A name now naming another model loses to it; the model stays registered by id.
+      auto reg = models_.Register(m.spec, name);
+      if (!reg.ok() && !absl::IsAlreadyExists(reg.status())) return reg.status();
+      if (!reg.ok()) models_.Register(m.spec, "").IgnoreError();
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    for (const RegisteredModel& m : models_.List()) ApplyModelLimitsLocked(m);
+    absl::flat_hash_map<ModelId, uint64_t> block_bytes;
+    for (const RegisteredModel& m : models_.List()) block_bytes[m.id] = BlockBytes(m.spec);
+    // Blocks come in write order: the last written ends up most recent.
+    for (const DiskBlockMeta& d : contents->blocks) {
+      auto bb = block_bytes.find(d.model);
+      if (bb == block_bytes.end() || bb->second != d.bytes || index_.contains(d.hash)) {
+        disk_garbage_.push_back(d.hash);  // unknown model or wrong size: unusable
+        continue;
+      }
+      Entry e;
+      e.model = d.model;
+      e.bytes = d.bytes;
+      e.on_disk = true;
+      e.parent = d.parent;
+      e.info.hash = d.hash;
+      e.info.tier = TierKind::kDisk;
+      e.info.position = d.position;
+      e.info.rotated_at = d.rotated_at;
+      e.info.rope_table = d.rope_table;
+      e.info.pre_rope = d.pre_rope;
+      e.info.pinned = d.pinned;
+      lru_.push_front(d.hash);
+      e.lru = lru_.begin();
+      index_.emplace(d.hash, std::move(e));
+    }
+    // Link children to parents, then keep what is reachable from a chain's first block: a block
+    // whose parent is gone can never be matched.
+    std::deque<BlockHash> reachable;
+    for (auto& [h, e] : index_) {
+      if (!e.parent) {
+        reachable.push_back(h);
+      } else if (auto p = index_.find(*e.parent); p != index_.end()) {
+        p->second.children.push_back(h);
+      }
+    }
+    absl::flat_hash_set<BlockHash> keep;
+    while (!reachable.empty()) {
+      const BlockHash h = reachable.front();
+      reachable.pop_front();
+      if (!keep.insert(h).second) continue;
+      for (const BlockHash& c : index_.at(h).children) reachable.push_back(c);
+    }
+    std::vector<BlockHash> orphans;
+    for (const auto& [h, e] : index_) {
+      if (!keep.contains(h)) orphans.push_back(h);
+    }
+    for (const BlockHash& h : orphans) {
+      Entry& e = index_.at(h);
+      lru_.erase(e.lru);
+      disk_garbage_.push_back(h);
+      index_.erase(h);
+    }
+    for (const auto& [h, e] : index_) {
+      ++blocks_per_model_[e.model];
+      disk_bytes_per_model_[e.model] += e.bytes;
+    }
+  }
+  CollectGarbage();
+  return absl::OkStatus();
+}
+
+void KvCache::ApplyModelLimitsLocked(const RegisteredModel& m) {
+  for (const ModelLimit& l : options_.policy.model_limits) {
+    if (l.model == m.id || std::find(m.names.begin(), m.names.end(), l.model) != m.names.end()) {
+      limits_[m.id] = l;
+    }
+  }
 }
 
 absl::StatusOr<ModelRegistry::Registration> KvCache::RegisterModel(const ModelSpec& spec,
@@ -154,7 +276,19 @@ absl::StatusOr<ModelRegistry::Registration> KvCache::RegisterModel(const ModelSp
                                                    " bytes; the limit is ", limit,
                                                    " (max block size or host capacity)"));
   }
-  return models_.Register(spec, name);
+  auto reg = models_.Register(spec, name);
+  if (!reg.ok()) return reg;
+  auto m = models_.Resolve(reg->id);
+  if (!m.ok()) return m.status();
+  {
+    absl::MutexLock lock(&mu_);
+    ApplyModelLimitsLocked(*m);
+  }
+  if (disk_ != nullptr) {
+    // Stored so that a restart registers it again (and keeps its blocks).
+    if (auto s = disk_->PutModel({m->id, m->spec, m->names}); !s.ok()) return s;
+  }
+  return reg;
 }
 
 absl::StatusOr<RegisteredModel> KvCache::ResolveModel(absl::string_view id_or_name) const {
@@ -168,6 +302,9 @@ uint64_t KvCache::BlockCount(absl::string_view model_id) const {
   auto it = blocks_per_model_.find(model_id);
   return it == blocks_per_model_.end() ? 0 : it->second;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Index helpers
 
 std::vector<BlockHash> KvCache::ChainHashes(const RegisteredModel& m, absl::string_view tenant,
                                             const BlockHash* parent,
@@ -190,7 +327,12 @@ std::vector<BlockHash> KvCache::SegmentHashes(const RegisteredModel& m, absl::st
 
 size_t KvCache::MatchLocked(absl::Span<const BlockHash> hashes) const {
   size_t n = 0;
-  while (n < hashes.size() && index_.contains(hashes[n])) ++n;
+  while (n < hashes.size()) {
+    auto it = index_.find(hashes[n]);
+    // An entry without a copy (its disk copy just failed verification) is a miss.
+    if (it == index_.end() || !HasCopy(it->second)) break;
+    ++n;
+  }
   return n;
 }
 
@@ -200,6 +342,417 @@ void KvCache::TouchLocked(absl::Span<const BlockHash> hashes) {
     lru_.splice(lru_.begin(), lru_, e.lru);
   }
 }
+
+TierKind KvCache::FastestTier(const Entry& e) const {
+  if (e.gpu) return TierKind::kGpu;
+  if (e.data != nullptr) return TierKind::kHost;
+  return TierKind::kDisk;
+}
+
+void KvCache::CountRequestsLocked(absl::Span<const BlockHash> found, bool missed) {
+  for (const BlockHash& h : found) {
+    const Entry& e = index_.at(h);
+    const TierKind fastest = FastestTier(e);
+    (fastest == TierKind::kHost ? host_counters_.hits : host_counters_.misses) += 1;
+    if (gpu_ != nullptr) (fastest == TierKind::kGpu ? gpu_counters_.hits : gpu_counters_.misses)++;
+    if (disk_ != nullptr) {
+      (fastest == TierKind::kDisk ? disk_counters_.hits : disk_counters_.misses)++;
+    }
+  }
+  if (missed) {
+    ++host_counters_.misses;
+    if (gpu_ != nullptr) ++gpu_counters_.misses;
+    if (disk_ != nullptr) ++disk_counters_.misses;
+  }
+}
+
+DiskBlockMeta KvCache::DiskMetaOf(const Entry& e) const {
+  DiskBlockMeta d;
+  d.hash = e.info.hash;
+  d.model = e.model;
+  d.parent = e.parent;
+  d.position = e.info.position;
+  d.rotated_at = e.info.rotated_at;
+  d.rope_table = e.info.rope_table;
+  d.pre_rope = e.info.pre_rope;
+  d.pinned = e.info.pinned;
+  d.bytes = e.bytes;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies of one tier
+
+void KvCache::DropHostCopyLocked(Entry& e) {
+  if (e.data == nullptr) return;
+  FreeHostSlot(e.data, e.bytes, e.model);
+  e.data = nullptr;
+  ++host_counters_.evictions;
+  e.info.tier = FastestTier(e);
+}
+
+void KvCache::DropGpuCopyLocked(Entry& e) {
+  if (!e.gpu) return;
+  gpu_->FreeSlot(*e.gpu).IgnoreError();  // ours, allocated once: cannot fail
+  e.gpu.reset();
+  ++gpu_counters_.evictions;
+  e.info.tier = FastestTier(e);
+}
+
+void KvCache::DropDiskCopyLocked(Entry& e) {
+  if (!e.on_disk) return;
+  e.on_disk = false;
+  disk_garbage_.push_back(e.info.hash);
+  auto it = disk_bytes_per_model_.find(e.model);
+  if (it != disk_bytes_per_model_.end()) it->second -= std::min(it->second, e.bytes);
+  ++disk_counters_.evictions;
+}
+
+void KvCache::FreeHostSlot(void* slot, uint64_t bytes, const ModelId& model) {
+  host_->FreeSlot(slot, bytes);
+  auto it = host_bytes_per_model_.find(model);
+  if (it != host_bytes_per_model_.end()) it->second -= std::min(it->second, bytes);
+}
+
+uint32_t KvCache::EvictTreeLocked(const BlockHash& hash, bool ignore_pins) {
+  auto it = index_.find(hash);
+  if (it == index_.end()) return 0;
+  uint32_t n = 0;
+  // Children first: they are unreachable once their parent is gone.
+  const std::vector<BlockHash> children = it->second.children;
+  for (const BlockHash& c : children) n += EvictTreeLocked(c, ignore_pins);
+  it = index_.find(hash);
+  Entry& e = it->second;
+  if ((e.info.pinned && !ignore_pins) || e.readers > 0) return n;
+  if (e.parent) {
+    if (auto p = index_.find(*e.parent); p != index_.end()) {
+      auto& siblings = p->second.children;
+      siblings.erase(std::remove(siblings.begin(), siblings.end(), hash), siblings.end());
+    }
+  }
+  lru_.erase(e.lru);
+  DropHostCopyLocked(e);
+  if (gpu_ != nullptr) DropGpuCopyLocked(e);
+  DropDiskCopyLocked(e);
+  if (--blocks_per_model_[e.model] == 0) blocks_per_model_.erase(e.model);
+  index_.erase(it);
+  return n + 1;
+}
+
+namespace {
+struct HashesArg {
+  const absl::flat_hash_map<BlockHash, int>* deleting;
+  absl::Span<const BlockHash> hashes;
+};
+bool NoneBeingDeleted(HashesArg* a) {
+  for (const BlockHash& h : a->hashes) {
+    if (a->deleting->contains(h)) return false;
+  }
+  return true;
+}
+}  // namespace
+
+void KvCache::BeginDiskWritesLocked(absl::Span<const BlockHash> hashes) {
+  HashesArg arg{&disk_deleting_, hashes};
+  mu_.Await(absl::Condition(&NoneBeingDeleted, &arg));
+  for (const BlockHash& h : hashes) ++disk_writing_[h];
+}
+
+void KvCache::EndDiskWritesLocked(absl::Span<const BlockHash> hashes) {
+  for (const BlockHash& h : hashes) {
+    auto it = disk_writing_.find(h);
+    if (it != disk_writing_.end() && --it->second == 0) disk_writing_.erase(it);
+  }
+}
+
+void KvCache::CollectGarbage() {
+  if (disk_ == nullptr) return;
+  std::vector<BlockHash> doomed;
+  {
+    absl::MutexLock lock(&mu_);
+    if (disk_garbage_.empty()) return;
+    for (const BlockHash& h : disk_garbage_) {
+      auto it = index_.find(h);
+      // Written again since it was queued (or being written): the new copy stays.
+      if ((it != index_.end() && it->second.on_disk) || disk_writing_.contains(h)) continue;
+      doomed.push_back(h);
+      ++disk_deleting_[h];
+    }
+    disk_garbage_.clear();
+  }
+  if (doomed.empty()) return;
+  // A failed delete leaves blocks on disk that are in no index: a restart loads them again,
+  // which is harmless (they are valid blocks).
+  disk_->DeleteBlocks(doomed).IgnoreError();
+  absl::MutexLock lock(&mu_);
+  for (const BlockHash& h : doomed) {
+    auto it = disk_deleting_.find(h);
+    if (--it->second == 0) disk_deleting_.erase(it);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Room in the tiers
+
+void KvCache::WakeMaintenance() {
+  absl::MutexLock lock(&maintenance_mu_);
+  wake_ = true;
+}
+
+absl::StatusOr<void*> KvCache::AllocateSlot(uint64_t bytes, const ModelId& model) {
+  for (int attempt = 0;; ++attempt) {
+    uint64_t over_limit = 0;
+    uint64_t model_limit = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      auto limit = limits_.find(model);
+      if (limit != limits_.end()) model_limit = limit->second.host_bytes;
+      const uint64_t used = host_bytes_per_model_[model];
+      if (limit != limits_.end() && limit->second.host_bytes > 0 &&
+          used + bytes > limit->second.host_bytes) {
+        if (bytes > limit->second.host_bytes) {
+          return absl::ResourceExhaustedError(absl::StrCat("model ", model, " may hold ",
+                                                           limit->second.host_bytes,
+                                                           " host bytes; a block needs ", bytes));
+        }
+        over_limit = used + bytes - limit->second.host_bytes;
+      } else {
+        host_bytes_per_model_[model] += bytes;  // reserved; the slot itself comes unlocked
+      }
+    }
+    if (over_limit == 0) {
+      auto slot = host_->AllocateSlot(bytes);
+      if (slot.ok()) {
+        const double fill = static_cast<double>(host_->used_bytes()) / host_->capacity_bytes();
+        if (fill > options_.policy.high_watermark) WakeMaintenance();
+        return slot;
+      }
+      absl::MutexLock lock(&mu_);
+      host_bytes_per_model_[model] -= bytes;
+      if (!absl::IsResourceExhausted(slot.status())) return slot.status();
+    }
+    const uint64_t freed =
+        FreeHost(over_limit > 0 ? over_limit : bytes, over_limit > 0 ? model : ModelId());
+    if (freed == 0 && attempt > 0) {
+      if (over_limit > 0) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "model ", model, " is at its host limit of ", model_limit,
+            " bytes with blocks that are pinned, being read or being written; a block needs ",
+            bytes));
+      }
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "host tier full: ", host_->used_bytes(), " of ", host_->capacity_bytes(),
+          " bytes hold blocks that are pinned, being read or being written; a block needs ",
+          bytes));
+    }
+  }
+}
+
+uint64_t KvCache::FreeHost(uint64_t bytes, const ModelId& model) {
+  uint64_t freed = 0;
+  std::vector<BlockHash> demote;
+  std::vector<DiskTier::BlockWrite> writes;
+  absl::flat_hash_map<ModelId, uint64_t> demote_bytes;
+  {
+    absl::MutexLock lock(&mu_);
+    std::vector<BlockHash> victims;
+    uint64_t planned = 0;
+    for (auto it = lru_.rbegin(); it != lru_.rend() && planned < bytes; ++it) {
+      const Entry& e = index_.at(*it);
+      if (e.data == nullptr || e.info.pinned || e.readers > 0 || e.demoting) continue;
+      if (!model.empty() && e.model != model) continue;
+      victims.push_back(*it);
+      planned += e.bytes;
+    }
+    for (const BlockHash& h : victims) {
+      auto it = index_.find(h);
+      if (it == index_.end()) continue;  // went with an evicted ancestor
+      Entry& e = it->second;
+      if (e.data == nullptr || e.readers > 0 || e.info.pinned) continue;
+      if (e.on_disk) {
+        freed += e.bytes;
+        DropHostCopyLocked(e);  // the disk keeps it (and the GPU copy, if any, stays backed)
+      } else if (disk_ != nullptr) {
+        e.demoting = true;
+        ++e.readers;  // holds the host copy while it is written
+        demote.push_back(h);
+        writes.push_back({DiskMetaOf(e), e.data});
+        demote_bytes[e.model] += e.bytes;
+      } else {
+        const uint64_t before = host_->used_bytes();
+        EvictTreeLocked(h);
+        freed += before - std::min(before, host_->used_bytes());
+      }
+    }
+  }
+  if (!demote.empty()) {
+    // Demotion: write the host copies to disk (outside the mutex), then drop them.
+    absl::Status s = absl::OkStatus();
+    std::vector<std::pair<ModelId, uint64_t>> reserved;
+    for (const auto& [m, b] : demote_bytes) {
+      s = ReserveDisk(b, m);
+      if (!s.ok()) break;
+      reserved.push_back({m, b});
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      BeginDiskWritesLocked(demote);
+    }
+    if (s.ok()) s = disk_->PutBlocks(writes);
+    absl::MutexLock lock(&mu_);
+    EndDiskWritesLocked(demote);
+    for (const auto& [m, b] : reserved) {
+      disk_reserved_ -= std::min(disk_reserved_, b);
+      if (!s.ok()) UnreserveDiskLocked(b, m);
+    }
+    for (const BlockHash& h : demote) {
+      Entry& e = index_.at(h);  // held: still there
+      --e.readers;
+      e.demoting = false;
+      if (s.ok()) {
+        e.on_disk = true;
+        ++host_counters_.demotions;
+        host_counters_.bytes_moved += e.bytes;
+        disk_counters_.bytes_moved += e.bytes;
+        if (!e.info.pinned && e.readers == 0) {
+          freed += e.bytes;
+          DropHostCopyLocked(e);
+        }
+      } else if (!e.info.pinned && e.readers == 0) {
+        // No room on disk either: the block goes.
+        const uint64_t before = host_->used_bytes();
+        EvictTreeLocked(h);
+        freed += before - std::min(before, host_->used_bytes());
+      }
+    }
+  }
+  CollectGarbage();
+  return freed;
+}
+
+void KvCache::UnreserveDiskLocked(uint64_t bytes, const ModelId& model) {
+  auto it = disk_bytes_per_model_.find(model);
+  if (it != disk_bytes_per_model_.end()) it->second -= std::min(it->second, bytes);
+}
+
+uint64_t KvCache::FreeDiskLocked(uint64_t bytes, const ModelId& model) {
+  std::vector<BlockHash> victims;
+  uint64_t planned = 0;
+  for (auto it = lru_.rbegin(); it != lru_.rend() && planned < bytes; ++it) {
+    const Entry& e = index_.at(*it);
+    if (!e.on_disk || e.info.pinned || e.readers > 0 || e.demoting) continue;
+    if (!model.empty() && e.model != model) continue;
+    victims.push_back(*it);
+    planned += e.bytes;
+  }
+  uint64_t freed = 0;
+  for (const BlockHash& h : victims) {
+    auto it = index_.find(h);
+    if (it == index_.end() || !it->second.on_disk) continue;
+    Entry& e = it->second;
+    const uint64_t b = e.bytes;
+    if (e.data != nullptr) {
+      DropDiskCopyLocked(e);  // the host keeps it
+      freed += b;
+    } else if (EvictTreeLocked(h) > 0) {
+      // Only on disk (or on the GPU backed by the disk): the block goes whole, with its
+      // descendants (counted as they are found later, or not at all: `freed` is a lower bound).
+      freed += b;
+    }
+  }
+  return freed;
+}
+
+absl::Status KvCache::ReserveDisk(uint64_t bytes, const ModelId& model) {
+  for (int attempt = 0; attempt < 64; ++attempt) {
+    uint64_t freed = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      auto limit = limits_.find(model);
+      const uint64_t mine = disk_bytes_per_model_[model];
+      const bool over_model = limit != limits_.end() && limit->second.disk_bytes > 0 &&
+                              mine + bytes > limit->second.disk_bytes;
+      if (over_model && bytes > limit->second.disk_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat("model ", model, " may hold ",
+                                                         limit->second.disk_bytes,
+                                                         " disk bytes; it needs ", bytes));
+      }
+      const uint64_t used = disk_->used_bytes() + disk_reserved_;
+      const bool over_global = used + bytes > disk_->capacity_bytes();
+      if (!over_model && !over_global) {
+        disk_reserved_ += bytes;
+        disk_bytes_per_model_[model] += bytes;
+        return absl::OkStatus();
+      }
+      if (over_model) freed += FreeDiskLocked(mine + bytes - limit->second.disk_bytes, model);
+      if (over_global) freed += FreeDiskLocked(used + bytes - disk_->capacity_bytes(), "");
+      if (freed == 0 && disk_garbage_.empty() && disk_deleting_.empty()) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("disk tier full: ", used, " of ", disk_->capacity_bytes(),
+                         " bytes hold blocks that are pinned or being read",
+                         over_model ? " (model limit)" : "", "; ", bytes, " more are needed"));
+      }
+    }
+    CollectGarbage();
+  }
+  return absl::ResourceExhaustedError(
+      absl::StrCat("disk tier: no room for ", bytes, " bytes after repeated eviction"));
+}
+
+uint64_t KvCache::FreeGpuSlotsLocked(uint64_t count) {
+  uint64_t n = 0;
+  for (auto it = lru_.rbegin(); it != lru_.rend() && n < count; ++it) {
+    Entry& e = index_.at(*it);
+    if (!e.gpu || e.gpu_pending || e.readers > 0 || e.info.pinned) continue;
+    DropGpuCopyLocked(e);  // backed by its host or disk copy
+    ++n;
+  }
+  return n;
+}
+
+void KvCache::UploadToGpu(absl::Span<const BlockHash> hashes) {
+  if (gpu_ == nullptr) return;
+  std::vector<GpuMove> moves;
+  std::vector<BlockHash> held;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const BlockHash& h : hashes) {
+      auto it = index_.find(h);
+      if (it == index_.end()) continue;
+      Entry& e = it->second;
+      if (e.data == nullptr || e.gpu || e.gpu_pending || e.bytes > gpu_->slot_bytes()) continue;
+      auto slot = gpu_->AllocateSlot();
+      if (!slot.ok() && FreeGpuSlotsLocked(1) > 0) slot = gpu_->AllocateSlot();
+      if (!slot.ok()) break;
+      e.gpu_pending = true;
+      ++e.readers;  // holds the host copy until the upload is done
+      moves.push_back({*slot, e.data, e.bytes});
+      held.push_back(h);
+    }
+  }
+  if (moves.empty()) return;
+  auto ticket = gpu_->CopyIn(moves);
+  const absl::Status s = ticket.ok() ? gpu_->Wait(*ticket) : ticket.status();
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < held.size(); ++i) {
+    Entry& e = index_.at(held[i]);
+    --e.readers;
+    e.gpu_pending = false;
+    if (s.ok()) {
+      e.gpu = moves[i].slot;
+      e.info.tier = TierKind::kGpu;
+      ++gpu_counters_.promotions;
+      gpu_counters_.bytes_moved += e.bytes;
+      host_counters_.bytes_moved += e.bytes;
+    } else {
+      gpu_->FreeSlot(moves[i].slot).IgnoreError();
+    }
+  }
+  if (!s.ok()) std::cerr << "ropekv: GPU upload failed: " << s << "\n";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Put
 
 absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options) {
   auto model = models_.Resolve(options.model);
@@ -225,7 +778,7 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
     absl::MutexLock lock(&mu_);
     if (parent != nullptr) {
       auto it = index_.find(*parent);
-      if (it == index_.end()) {
+      if (it == index_.end() || !HasCopy(it->second)) {
         return absl::NotFoundError(absl::StrCat("parent block ", parent->Hex(), " is not cached"));
       }
       if (it->second.model != model->id) {
@@ -235,59 +788,14 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
       }
       first_position = it->second.info.position + bt;
     }
-    for (size_t i = 0; i < hashes.size(); ++i) present[i] = index_.contains(hashes[i]);
+    for (size_t i = 0; i < hashes.size(); ++i) {
+      auto it = index_.find(hashes[i]);
+      present[i] = it != index_.end() && HasCopy(it->second);
+    }
   }
   return std::unique_ptr<PutWriter>(new PutWriter(this, *std::move(model), std::move(options),
                                                   std::move(hashes), std::move(present),
                                                   first_position));
-}
-
-absl::StatusOr<void*> KvCache::AllocateSlot(uint64_t bytes) {
-  while (true) {
-    auto slot = host_->AllocateSlot(bytes);
-    if (slot.ok() || !absl::IsResourceExhausted(slot.status())) return slot;
-    absl::MutexLock lock(&mu_);
-    // Evict from the cold end; skip what is pinned or being read.
-    bool evicted = false;
-    for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
-      const Entry& e = index_.at(*it);
-      if (e.info.pinned || e.readers > 0) continue;
-      if (EvictTreeLocked(*it) > 0) {
-        evicted = true;
-        break;
-      }
-    }
-    if (!evicted) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "host tier full: ", host_->used_bytes(), " of ", host_->capacity_bytes(),
-          " bytes hold blocks that are pinned, being read or being written; a block needs ",
-          bytes));
-    }
-  }
-}
-
-uint32_t KvCache::EvictTreeLocked(const BlockHash& hash) {
-  auto it = index_.find(hash);
-  if (it == index_.end()) return 0;
-  uint32_t n = 0;
-  // Children first: they are unreachable once their parent is gone.
-  const std::vector<BlockHash> children = it->second.children;
-  for (const BlockHash& c : children) n += EvictTreeLocked(c);
-  it = index_.find(hash);
-  Entry& e = it->second;
-  if (e.info.pinned || e.readers > 0) return n;
-  if (e.parent) {
-    if (auto p = index_.find(*e.parent); p != index_.end()) {
-      auto& siblings = p->second.children;
-      siblings.erase(std::remove(siblings.begin(), siblings.end(), hash), siblings.end());
-    }
-  }
-  lru_.erase(e.lru);
-  host_->FreeSlot(e.data, e.bytes);
-  if (--blocks_per_model_[e.model] == 0) blocks_per_model_.erase(e.model);
-  ++host_counters_.evictions;
-  index_.erase(it);
-  return n + 1;
 }
 
 absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
@@ -296,50 +804,158 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
   const int bt = w.model_.spec.block_tokens;
   // A segment's blocks chain to each other (evicting one takes the rest) but to no parent.
   const int64_t rotated_base = w.options_.rotated_at.value_or(w.first_position_);
-  absl::MutexLock lock(&mu_);
-  std::optional<BlockHash> parent = w.options_.parent;
-  if (parent && !index_.contains(*parent)) {
-    return absl::NotFoundError(
-        absl::StrCat("parent block ", parent->Hex(), " was evicted during the Put"));
-  }
-  for (size_t i = 0; i < w.hashes_.size(); ++i) {
-    const BlockHash& h = w.hashes_[i];
-    auto it = index_.find(h);
-    if (it != index_.end()) {
-      // Present already (before or by a concurrent Put): keep the stored copy.
-      ++result.blocks_existing;
-      if (w.options_.pin) it->second.info.pinned = true;
-    } else if (w.slots_[i] == nullptr) {
-      // Present when the Put began but evicted since: its bytes were not kept.
-      return absl::UnavailableError(
-          absl::StrCat("block ", i, " was evicted while the Put was in flight; retry the Put"));
-    } else {
-      Entry e;
-      e.model = w.model_.id;
-      e.bytes = w.block_bytes_;
-      e.data = std::exchange(w.slots_[i], nullptr);
-      e.parent = parent;
-      e.info.hash = h;
-      e.info.tier = TierKind::kHost;
-      e.info.position = w.first_position_ + static_cast<int64_t>(i) * bt;
-      e.info.rotated_at = rotated_base + static_cast<int64_t>(i) * bt;
-      e.info.rope_table = w.options_.rope_table;
-      e.info.pre_rope = w.options_.pre_rope;
-      e.info.pinned = w.options_.pin;
-      lru_.push_front(h);
-      e.lru = lru_.begin();
-      if (parent) index_.at(*parent).children.push_back(h);
-      index_.emplace(h, std::move(e));
-      ++blocks_per_model_[w.model_.id];
-      ++result.blocks_stored;
+  auto info_of = [&](size_t i) {
+    BlockInfo info;
+    info.hash = w.hashes_[i];
+    info.tier = TierKind::kHost;
+    info.position = w.first_position_ + static_cast<int64_t>(i) * bt;
+    info.rotated_at = rotated_base + static_cast<int64_t>(i) * bt;
+    info.rope_table = w.options_.rope_table;
+    info.pre_rope = w.options_.pre_rope;
+    info.pinned = w.options_.pin;
+    return info;
+  };
+  auto parent_of = [&](size_t i) -> std::optional<BlockHash> {
+    return i == 0 ? w.options_.parent : std::optional<BlockHash>(w.hashes_[i - 1]);
+  };
+
+  // Write-through: the new blocks reach the disk (one atomic batch) before the Put is visible,
+  // so that an acknowledged Put survives a crash.
+  const bool to_disk = disk_ != nullptr && (options_.policy.write_through ||
+                                            options_.policy.write_tier == WriteTier::kDisk);
+  std::vector<BlockHash> written;
+  uint64_t written_bytes = 0;
+  if (to_disk) {
+    std::vector<DiskTier::BlockWrite> writes;
+    for (size_t i = 0; i < w.hashes_.size(); ++i) {
+      if (w.slots_[i] == nullptr) continue;
+      const BlockInfo info = info_of(i);
+      DiskBlockMeta d;
+      d.hash = info.hash;
+      d.model = w.model_.id;
+      d.parent = parent_of(i);
+      d.position = info.position;
+      d.rotated_at = info.rotated_at;
+      d.rope_table = info.rope_table;
+      d.pre_rope = info.pre_rope;
+      d.pinned = info.pinned;
+      d.bytes = w.block_bytes_;
+      writes.push_back({d, w.slots_[i]});
+      written.push_back(info.hash);
+      written_bytes += w.block_bytes_;
     }
-    parent = h;
+    if (!writes.empty()) {
+      if (auto s = ReserveDisk(written_bytes, w.model_.id); !s.ok()) return s;
+      {
+        absl::MutexLock lock(&mu_);
+        BeginDiskWritesLocked(written);
+      }
+      const absl::Status s = disk_->PutBlocks(writes);
+      absl::MutexLock lock(&mu_);
+      disk_reserved_ -= std::min(disk_reserved_, written_bytes);
+      if (!s.ok()) {
+        EndDiskWritesLocked(written);
+        UnreserveDiskLocked(written_bytes, w.model_.id);
+        return s;
+      }
+      disk_counters_.bytes_moved += written_bytes;
+      host_counters_.bytes_moved += written_bytes;
+    }
   }
-  TouchLocked(w.hashes_);
-  ++stats_.puts;
-  stats_.bytes_in += w.received_;
+
+  std::vector<BlockHash> fresh;
+  absl::Status commit_status;
+  {
+    absl::MutexLock lock(&mu_);
+    EndDiskWritesLocked(written);
+    absl::flat_hash_set<BlockHash> on_disk(written.begin(), written.end());
+    std::optional<BlockHash> parent = w.options_.parent;
+    absl::Status failed = absl::OkStatus();
+    if (parent) {
+      auto p = index_.find(*parent);
+      if (p == index_.end() || !HasCopy(p->second)) {
+        failed = absl::NotFoundError(
+            absl::StrCat("parent block ", parent->Hex(), " was evicted during the Put"));
+      }
+    }
+    for (size_t i = 0; failed.ok() && i < w.hashes_.size(); ++i) {
+      const BlockHash& h = w.hashes_[i];
+      auto it = index_.find(h);
+      if (it != index_.end() && HasCopy(it->second)) {
+        // Present already (before or by a concurrent Put): keep the stored copy.
+        Entry& e = it->second;
+        ++result.blocks_existing;
+        if (w.options_.pin) e.info.pinned = true;
+        if (on_disk.erase(h) > 0) {
+          if (e.on_disk) {
+            UnreserveDiskLocked(w.block_bytes_, w.model_.id);  // rewritten, counted once
+          } else {
+            e.on_disk = true;
+          }
+        }
+      } else if (w.slots_[i] == nullptr) {
+        // Present when the Put began but evicted since: its bytes were not kept.
+        failed = absl::UnavailableError(
+            absl::StrCat("block ", i, " was evicted while the Put was in flight; retry the Put"));
+      } else {
+        if (it != index_.end()) {
+          // A dead entry (no copy left) with readers still on it: it goes when they do. Its
+          // replacement cannot share the key, so this Put waits for nobody and retries.
+          failed = absl::UnavailableError(
+              absl::StrCat("block ", i, " is being dropped after a failed read; retry the Put"));
+          break;
+        }
+        Entry e;
+        e.model = w.model_.id;
+        e.bytes = w.block_bytes_;
+        e.data = std::exchange(w.slots_[i], nullptr);
+        e.on_disk = on_disk.erase(h) > 0;
+        e.parent = parent;
+        e.info = info_of(i);
+        lru_.push_front(h);
+        e.lru = lru_.begin();
+        if (parent) index_.at(*parent).children.push_back(h);
+        index_.emplace(h, std::move(e));
+        ++blocks_per_model_[w.model_.id];
+        ++result.blocks_stored;
+        fresh.push_back(h);
+      }
+      parent = h;
+    }
+    if (!failed.ok()) {
+      // Blocks written to disk for this Put but not in the index must not come back.
+      for (const BlockHash& h : on_disk) {
+        disk_garbage_.push_back(h);
+        UnreserveDiskLocked(w.block_bytes_, w.model_.id);
+      }
+      // Blocks of this Put already committed stay: they are complete and reachable.
+    } else {
+      TouchLocked(w.hashes_);
+      if (options_.policy.write_tier == WriteTier::kDisk) {
+        for (const BlockHash& h : fresh) {
+          Entry& e = index_.at(h);
+          if (e.on_disk && e.data != nullptr && !e.info.pinned) {
+            FreeHostSlot(e.data, e.bytes, e.model);
+            e.data = nullptr;
+            e.info.tier = TierKind::kDisk;
+          }
+        }
+      }
+      ++stats_.puts;
+      stats_.bytes_in += w.received_;
+    }
+    commit_status = failed;
+  }
+  if (!commit_status.ok()) {
+    CollectGarbage();  // the writer frees the slots that were not committed
+    return commit_status;
+  }
+  if (options_.policy.write_tier == WriteTier::kGpu) UploadToGpu(fresh);
   return result;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reads
 
 absl::StatusOr<LookupResult> KvCache::Lookup(absl::string_view model, absl::string_view tenant,
                                              absl::Span<const int32_t> tokens) {
@@ -355,9 +971,135 @@ absl::StatusOr<LookupResult> KvCache::Lookup(absl::string_view model, absl::stri
   ++stats_.lookups;
   stats_.lookup_hit_tokens += result.matched_tokens;
   stats_.lookup_miss_tokens += tokens.size() - result.matched_tokens;
-  host_counters_.hits += n;
-  if (n < hashes.size()) ++host_counters_.misses;
+  CountRequestsLocked(absl::MakeConstSpan(hashes).subspan(0, n), n < hashes.size());
   return result;
+}
+
+absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
+                                            absl::Span<const BlockHash> hashes, bool all_or_none) {
+  const uint64_t bb = BlockBytes(m.spec);
+  ReadHandle handle(this, m, bb);
+  std::vector<Load> loads;
+  {
+    absl::MutexLock lock(&mu_);
+    const size_t n = MatchLocked(hashes);
+    if (all_or_none && n != hashes.size()) {
+      CountRequestsLocked({}, true);
+      return absl::NotFoundError(
+          absl::StrCat("segment of ", hashes.size(), " blocks is not cached for model ", m.id));
+    }
+    TouchLocked(hashes.subspan(0, n));
+    CountRequestsLocked(hashes.subspan(0, n), n < hashes.size());
+    for (size_t i = 0; i < n; ++i) {
+      Entry& e = index_.at(hashes[i]);
+      ++e.readers;
+      handle.blocks_.push_back(e.info);
+      handle.data_.push_back(e.data);
+      if (e.data == nullptr) loads.push_back({i, hashes[i], e.model, e.gpu, nullptr, {}});
+    }
+    ++stats_.gets;
+  }
+  if (loads.empty()) return handle;
+
+  // Host copies for blocks only on the GPU or disk, made outside the mutex (the blocks are held).
+  size_t ok_until = loads.size();  // loads[0, ok_until) have a slot
+  for (size_t k = 0; k < loads.size(); ++k) {
+    auto slot = AllocateSlot(bb, m.id);
+    if (!slot.ok()) {
+      loads[k].status = slot.status();
+      ok_until = k;
+      break;
+    }
+    loads[k].slot = *slot;
+  }
+  std::vector<GpuMove> moves;
+  for (size_t k = 0; k < ok_until; ++k) {
+    if (loads[k].gpu) moves.push_back({*loads[k].gpu, loads[k].slot, bb});
+  }
+  if (!moves.empty()) {
+    auto ticket = gpu_->CopyOut(moves);
+    const absl::Status s = ticket.ok() ? gpu_->Wait(*ticket) : ticket.status();
+    for (size_t k = 0; k < ok_until; ++k) {
+      if (loads[k].gpu) loads[k].status = s;
+    }
+  }
+  for (size_t k = 0; k < ok_until; ++k) {
+    if (loads[k].gpu) continue;
+    loads[k].status = disk_->ReadBlock(loads[k].hash, loads[k].slot, bb);
+    if (!loads[k].status.ok()) {
+      for (size_t j = k + 1; j < ok_until; ++j) {
+        if (!loads[j].gpu) loads[j].status = absl::CancelledError("an earlier block failed");
+      }
+      break;
+    }
+  }
+
+  size_t keep = handle.blocks_.size();
+  absl::Status first_error = absl::OkStatus();
+  std::vector<BlockHash> dead;
+  {
+    absl::MutexLock lock(&mu_);
+    for (Load& l : loads) {
+      Entry& e = index_.at(l.hash);  // held: still there
+      if (l.status.ok() && l.slot != nullptr) {
+        TierCounters& from = l.gpu ? gpu_counters_ : disk_counters_;
+        from.bytes_moved += bb;
+        host_counters_.bytes_moved += bb;
+        if (e.data != nullptr) {
+          FreeHostSlot(l.slot, bb, l.model);  // a concurrent read brought it first
+          handle.data_[l.index] = e.data;
+        } else if (options_.policy.promote_on_read) {
+          e.data = l.slot;
+          ++host_counters_.promotions;
+          handle.data_[l.index] = e.data;
+          if (!e.gpu) e.info.tier = TierKind::kHost;
+        } else {
+          handle.temp_.push_back(l.slot);
+          handle.data_[l.index] = l.slot;
+        }
+        continue;
+      }
+      if (l.slot != nullptr) FreeHostSlot(l.slot, bb, l.model);
+      keep = std::min(keep, l.index);
+      if (first_error.ok() && !absl::IsCancelled(l.status)) first_error = l.status;
+      if (!l.gpu && (absl::IsDataLoss(l.status) || absl::IsNotFound(l.status))) {
+        // The disk tier deleted it already (or never had it): forget the disk copy.
+        if (absl::IsDataLoss(l.status)) ++disk_counters_.corrupt_blocks;
+        e.on_disk = false;
+        UnreserveDiskLocked(e.bytes, e.model);
+        if (!HasCopy(e)) dead.push_back(l.hash);
+      }
+    }
+    if (keep < handle.blocks_.size() && all_or_none) keep = 0;
+    // Blocks past the first failure are released; the rest is the (shorter) hit.
+    std::vector<void*> temp_kept;
+    for (size_t i = keep; i < handle.blocks_.size(); ++i) {
+      Entry& e = index_.at(handle.blocks_[i].hash);
+      --e.readers;
+    }
+    for (void* t : handle.temp_) {
+      bool used = false;
+      for (size_t i = 0; i < keep; ++i) used |= handle.data_[i] == t;
+      if (used) {
+        temp_kept.push_back(t);
+      } else {
+        FreeHostSlot(t, bb, m.id);
+      }
+    }
+    handle.temp_ = std::move(temp_kept);
+    handle.blocks_.resize(keep);
+    handle.data_.resize(keep);
+    for (const BlockHash& h : dead) {
+      auto it = index_.find(h);
+      if (it != index_.end() && it->second.readers == 0) EvictTreeLocked(h, /*ignore_pins=*/true);
+    }
+  }
+  CollectGarbage();
+  if (!first_error.ok()) {
+    std::cerr << "ropekv: read of model " << m.id << " stopped at a block: " << first_error << "\n";
+    if (all_or_none) return first_error;
+  }
+  return handle;
 }
 
 absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl::string_view tenant,
@@ -367,21 +1109,18 @@ absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl:
   if (!m.ok()) return m.status();
   std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
   if (max_blocks > 0 && hashes.size() > max_blocks) hashes.resize(max_blocks);
-  ReadHandle handle(this, *m, BlockBytes(m->spec));
-  absl::MutexLock lock(&mu_);
-  const size_t n = MatchLocked(hashes);
-  TouchLocked(absl::MakeConstSpan(hashes).subspan(0, n));
-  for (size_t i = 0; i < n; ++i) {
-    Entry& e = index_.at(hashes[i]);
-    ++e.readers;
-    handle.blocks_.push_back(e.info);
-    handle.data_.push_back(e.data);
+  auto handle = Acquire(*m, hashes, /*all_or_none=*/false);
+  if (!handle.ok()) return handle.status();
+  handle->tokens_ = static_cast<uint32_t>(handle->blocks_.size()) * m->spec.block_tokens;
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.bytes_out += handle->blocks_.size() * handle->block_bytes_;
   }
-  handle.tokens_ = static_cast<uint32_t>(n) * m->spec.block_tokens;
-  ++stats_.gets;
-  stats_.bytes_out += n * handle.block_bytes_;
-  host_counters_.hits += n;
-  if (n < hashes.size()) ++host_counters_.misses;
+  if (options_.policy.gpu_promote_on_read && gpu_ != nullptr) {
+    std::vector<BlockHash> held;
+    for (const BlockInfo& b : handle->blocks_) held.push_back(b.hash);
+    UploadToGpu(held);
+  }
   return handle;
 }
 
@@ -390,24 +1129,20 @@ absl::StatusOr<ReadHandle> KvCache::AcquireSegment(absl::string_view model,
                                                    absl::Span<const int32_t> tokens) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
+  if (tokens.empty()) {
+    return absl::NotFoundError(absl::StrCat("segment of 0 tokens is not cached for model ", m->id));
+  }
   const std::vector<BlockHash> hashes = SegmentHashes(*m, tenant, tokens);
-  ReadHandle handle(this, *m, BlockBytes(m->spec));
-  absl::MutexLock lock(&mu_);
-  if (tokens.empty() || MatchLocked(hashes) != hashes.size()) {
-    ++host_counters_.misses;
-    return absl::NotFoundError(
-        absl::StrCat("segment of ", tokens.size(), " tokens is not cached for model ", m->id));
+  auto handle = Acquire(*m, hashes, /*all_or_none=*/true);
+  if (!handle.ok()) {
+    if (absl::IsNotFound(handle.status())) {
+      return absl::NotFoundError(
+          absl::StrCat("segment of ", tokens.size(), " tokens is not cached for model ", m->id));
+    }
+    return handle.status();
   }
-  TouchLocked(hashes);
-  for (const BlockHash& h : hashes) {
-    Entry& e = index_.at(h);
-    ++e.readers;
-    handle.blocks_.push_back(e.info);
-    handle.data_.push_back(e.data);
-  }
-  handle.tokens_ = static_cast<uint32_t>(tokens.size());
-  host_counters_.hits += hashes.size();
-  ++stats_.gets;
+  handle->tokens_ = static_cast<uint32_t>(tokens.size());
+  if (options_.policy.gpu_promote_on_read && gpu_ != nullptr) UploadToGpu(hashes);
   return handle;
 }
 
@@ -421,7 +1156,7 @@ absl::StatusOr<LookupResult> KvCache::LookupSegment(absl::string_view model,
   absl::MutexLock lock(&mu_);
   ++stats_.lookups;
   if (tokens.empty() || MatchLocked(hashes) != hashes.size()) {
-    ++host_counters_.misses;
+    CountRequestsLocked({}, true);
     stats_.lookup_miss_tokens += tokens.size();
     return result;
   }
@@ -429,35 +1164,45 @@ absl::StatusOr<LookupResult> KvCache::LookupSegment(absl::string_view model,
   for (const BlockHash& h : hashes) result.blocks.push_back(index_.at(h).info);
   result.matched_tokens = static_cast<uint32_t>(tokens.size());
   stats_.lookup_hit_tokens += tokens.size();
-  host_counters_.hits += hashes.size();
+  CountRequestsLocked(hashes, false);
   return result;
 }
 
-void KvCache::ReleaseRead(absl::Span<const BlockHash> hashes) {
+void KvCache::ReleaseRead(absl::Span<const BlockHash> hashes, absl::Span<void* const> temp,
+                          uint64_t block_bytes, const ModelId& model) {
   absl::MutexLock lock(&mu_);
+  for (void* t : temp) FreeHostSlot(t, block_bytes, model);
   for (const BlockHash& h : hashes) {
     // A block being read is never evicted, so it is still there.
-    --index_.at(h).readers;
+    Entry& e = index_.at(h);
+    --e.readers;
+    if (e.readers == 0 && !HasCopy(e)) EvictTreeLocked(h, /*ignore_pins=*/true);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admin
 
 absl::StatusOr<uint32_t> KvCache::Evict(absl::string_view model, absl::string_view tenant,
                                         absl::Span<const int32_t> tokens) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
-  absl::MutexLock lock(&mu_);
   uint32_t n = 0;
-  if (tokens.empty()) {
-    std::vector<BlockHash> all;
-    for (const auto& [h, e] : index_) {
-      if (e.model == m->id) all.push_back(h);
+  {
+    absl::MutexLock lock(&mu_);
+    if (tokens.empty()) {
+      std::vector<BlockHash> all;
+      for (const auto& [h, e] : index_) {
+        if (e.model == m->id) all.push_back(h);
+      }
+      for (const BlockHash& h : all) n += EvictTreeLocked(h);
+    } else {
+      const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
+      const size_t matched = MatchLocked(hashes);
+      for (size_t i = matched; i-- > 0;) n += EvictTreeLocked(hashes[i]);
     }
-    for (const BlockHash& h : all) n += EvictTreeLocked(h);
-    return n;
   }
-  const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
-  const size_t matched = MatchLocked(hashes);
-  for (size_t i = matched; i-- > 0;) n += EvictTreeLocked(hashes[i]);
+  CollectGarbage();
   return n;
 }
 
@@ -466,9 +1211,21 @@ absl::StatusOr<uint32_t> KvCache::Pin(absl::string_view model, absl::string_view
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
   const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
-  absl::MutexLock lock(&mu_);
-  const size_t n = MatchLocked(hashes);
-  for (size_t i = 0; i < n; ++i) index_.at(hashes[i]).info.pinned = pin;
+  std::vector<DiskBlockMeta> persist;
+  size_t n = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    n = MatchLocked(hashes);
+    for (size_t i = 0; i < n; ++i) {
+      Entry& e = index_.at(hashes[i]);
+      e.info.pinned = pin;
+      if (e.on_disk) persist.push_back(DiskMetaOf(e));
+    }
+  }
+  // Pins survive a restart. A block deleted meanwhile is NOT_FOUND: nothing to keep then.
+  for (const DiskBlockMeta& d : persist) {
+    if (auto s = disk_->UpdateMeta(d); !s.ok() && !absl::IsNotFound(s)) return s;
+  }
   return static_cast<uint32_t>(n);
 }
 
@@ -478,11 +1235,80 @@ CacheStats KvCache::Stats() const {
   TierCounters host = host_counters_;
   host.bytes_used = host_->used_bytes();
   host.capacity_bytes = host_->capacity_bytes();
-  host.blocks = index_.size();
-  for (const auto& [h, e] : index_) host.pinned_blocks += e.info.pinned ? 1 : 0;
+  TierCounters gpu = gpu_counters_;
+  TierCounters disk = disk_counters_;
+  for (const auto& [h, e] : index_) {
+    if (e.data != nullptr) {
+      ++host.blocks;
+      host.pinned_blocks += e.info.pinned ? 1 : 0;
+    }
+    if (e.gpu) {
+      ++gpu.blocks;
+      gpu.pinned_blocks += e.info.pinned ? 1 : 0;
+    }
+    if (e.on_disk) {
+      ++disk.blocks;
+      disk.pinned_blocks += e.info.pinned ? 1 : 0;
+    }
+  }
   s.tiers.push_back(host);
+  if (gpu_ != nullptr) {
+    gpu.bytes_used = gpu_->used_bytes();
+    gpu.capacity_bytes = gpu_->capacity_bytes();
+    s.tiers.push_back(gpu);
+  }
+  if (disk_ != nullptr) {
+    disk.bytes_used = disk_->used_bytes();
+    disk.capacity_bytes = disk_->capacity_bytes();
+    s.tiers.push_back(disk);
+  }
   s.models = static_cast<uint32_t>(models_.size());
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watermarks
+
+void KvCache::RunMaintenance() {
+  const TierPolicy& p = options_.policy;
+  const uint64_t host_used = host_->used_bytes();
+  const uint64_t host_cap = host_->capacity_bytes();
+  if (host_used > p.high_watermark * host_cap) {
+    FreeHost(host_used - static_cast<uint64_t>(p.low_watermark * host_cap), ModelId());
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (gpu_ != nullptr) {
+      const uint64_t slots = gpu_->slot_count();
+      const uint64_t used = gpu_->used_bytes() / gpu_->slot_bytes();
+      if (used > p.high_watermark * slots) {
+        FreeGpuSlotsLocked(used - static_cast<uint64_t>(p.low_watermark * slots));
+      }
+    }
+    if (disk_ != nullptr) {
+      const uint64_t cap = disk_->capacity_bytes();
+      const uint64_t used = disk_->used_bytes();
+      if (used > p.high_watermark * cap) {
+        FreeDiskLocked(used - static_cast<uint64_t>(p.low_watermark * cap), ModelId());
+      }
+    }
+  }
+  CollectGarbage();
+}
+
+void KvCache::MaintenanceLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&maintenance_mu_);
+      auto woken = [this]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(maintenance_mu_) { return stop_ || wake_; };
+      maintenance_mu_.AwaitWithTimeout(absl::Condition(&woken),
+                                       absl::Milliseconds(options_.maintenance_interval_ms));
+      if (stop_) return;
+      wake_ = false;
+    }
+    RunMaintenance();
+  }
 }
 
 }  // namespace ropekv

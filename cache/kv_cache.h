@@ -1,5 +1,6 @@
-// KvCache: the storage engine behind the service. It owns the model registry, the host tier and
-// the prefix index, and implements the verbs of DESIGN.md on domain types (no gRPC here).
+// KvCache: the storage engine behind the service. It owns the model registry, the prefix index
+// and the tiers — GPU (optional), host, disk (optional, RocksDB) — and implements the verbs of
+// DESIGN.md on domain types (no gRPC here). docs/tiers.md describes the tiers and their policy.
 //
 // Prefix blocks are addressed by chained SHA-256 hashes (cache/hash.h). Lookup walks the chain of
 // a prompt's full blocks and stops at the first miss: the longest cached prefix. Blocks are
@@ -7,11 +8,24 @@
 // leaves go before the prefixes they hang off. Pinned blocks and blocks being read are never
 // evicted. Evicting a block also evicts the blocks chained after it (they would be unreachable).
 //
+// Tiers: a block has a copy in one or more tiers. Puts land in the write tier (TierPolicy) and,
+// with write-through, on disk before they are acknowledged. Reads need a host copy: a block only
+// on disk (or only on the GPU) is copied to the host, verified, and kept there (promotion) or
+// dropped after the read. Past a tier's high watermark a background pass frees its least recently
+// used copies down to the low watermark: a host copy without a disk copy is written to disk first
+// (demotion), GPU copies always have a host or disk copy behind them. A full tier also frees on
+// demand. Memory never exceeds the capacities: slots are accounted before they are filled.
+// Disk I/O and GPU waits never run under the cache's mutex.
+//
 // Writes are atomic per Put: bytes go into freshly allocated slots, and the blocks become
 // visible only when the whole Put is complete (PutWriter::Finish); a failed or abandoned Put frees
-// its slots and leaves the index as it was.
+// its slots and leaves the index as it was. On disk a Put's blocks are one atomic batch.
 //
-// Thread safety: every method is thread-safe. Lock order: KvCache::mu_, then HostTier's.
+// A restart with the same disk tier registers its models again and finds its blocks (on disk
+// only, in the order they were written) — Lookup sees them at once, reads bring them back.
+//
+// Thread safety: every method is thread-safe. Lock order: mu_, then the tiers' own mutexes;
+// maintenance_mu_ is never held with mu_.
 #ifndef ROPEKV_CACHE_KV_CACHE_H_
 #define ROPEKV_CACHE_KV_CACHE_H_
 
@@ -20,6 +34,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -27,10 +42,13 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "cache/disk_tier.h"
+#include "cache/gpu_tier.h"
 #include "cache/hash.h"
 #include "cache/host_tier.h"
 #include "cache/model.h"
 #include "cache/model_registry.h"
+#include "cache/tier_policy.h"
 
 namespace ropekv {
 
@@ -39,23 +57,28 @@ enum class TierKind : uint8_t { kGpu = 1, kHost = 2, kDisk = 3 };
 // What the cache knows of a stored block.
 struct BlockInfo {
   BlockHash hash;
-  TierKind tier = TierKind::kHost;
-  int64_t position = 0;    // logical position of its first token in its prefix
-  int64_t rotated_at = 0;  // position its first token's key was rotated at
+  TierKind tier = TierKind::kHost;  // the fastest tier holding a copy
+  int64_t position = 0;             // logical position of its first token in its prefix
+  int64_t rotated_at = 0;           // position its first token's key was rotated at
   RopeTableId rope_table = 0;
   bool pre_rope = false;
   bool pinned = false;
 };
 
+// Counters of one tier. A "request" is one block a lookup or read asked for.
 struct TierCounters {
   TierKind tier = TierKind::kHost;
   uint64_t bytes_used = 0;
   uint64_t capacity_bytes = 0;
-  uint64_t blocks = 0;
-  uint64_t pinned_blocks = 0;
-  uint64_t hits = 0;       // blocks found by lookups and reads
-  uint64_t misses = 0;     // lookups and reads that stopped at a missing block
-  uint64_t evictions = 0;  // blocks evicted
+  uint64_t blocks = 0;          // blocks with a copy in this tier
+  uint64_t pinned_blocks = 0;   // of which pinned
+  uint64_t hits = 0;            // requests served from this tier (its fastest copy)
+  uint64_t misses = 0;          // requests for a block this tier did not hold
+  uint64_t promotions = 0;      // copies made here from a lower tier (disk -> host, host -> GPU)
+  uint64_t demotions = 0;       // copies written from here to a lower tier under pressure
+  uint64_t evictions = 0;       // copies dropped from this tier (a lower tier may keep the block)
+  uint64_t bytes_moved = 0;     // bytes copied into or out of this tier from or to another tier
+  uint64_t corrupt_blocks = 0;  // disk: blocks that failed verification (dropped, never returned)
 };
 
 struct CacheStats {
@@ -164,6 +187,8 @@ class ReadHandle {
   std::vector<BlockInfo> blocks_;
   std::vector<const void*> data_;
   uint32_t tokens_ = 0;
+  // Host copies made for this read only (promote_on_read off), freed on release.
+  std::vector<void*> temp_;
 };
 
 class KvCache {
@@ -172,6 +197,16 @@ class KvCache {
     uint64_t host_capacity_bytes = 2ull << 30;  // host tier capacity
     uint64_t max_block_bytes = 64ull << 20;     // a model whose block is larger is refused
     std::unique_ptr<Allocator> host_allocator;  // default: aligned memory
+    // The disk tier, opened and not yet loaded (Create loads it: models and blocks come back).
+    // None: no disk tier (blocks live in memory only).
+    std::unique_ptr<DiskTier> disk;
+    // The GPU tier. None: no GPU tier.
+    std::unique_ptr<GpuTier> gpu;
+    TierPolicy policy;
+    // Run the watermark pass on a background thread (every `maintenance_interval_ms` and when a
+    // tier passes its high watermark). Off: only RunMaintenance() runs it (tests).
+    bool background_maintenance = true;
+    int maintenance_interval_ms = 200;
   };
 
   static absl::StatusOr<std::unique_ptr<KvCache>> Create(Options options);
@@ -187,7 +222,9 @@ class KvCache {
   uint64_t BlockCount(absl::string_view model_id) const;
 
   // Starts a Put. NOT_FOUND for an unknown model or parent; INVALID_ARGUMENT for token counts
-  // that are not a positive multiple of block_tokens.
+  // that are not a positive multiple of block_tokens. With write-through, Finish returns after
+  // the disk acknowledged the blocks, or an error (RESOURCE_EXHAUSTED when the disk has no room,
+  // UNAVAILABLE for I/O errors) and then nothing of the Put is visible.
   absl::StatusOr<std::unique_ptr<PutWriter>> BeginPut(PutOptions options);
 
   // The longest cached prefix of `tokens`. NOT_FOUND for an unknown model.
@@ -195,18 +232,24 @@ class KvCache {
                                       absl::Span<const int32_t> tokens);
 
   // Holds the longest cached prefix of `tokens` (at most max_blocks blocks; 0 = all) for reading.
+  // Blocks without a host copy are copied to the host (from the GPU, or from disk verified by
+  // checksum); a block that fails verification is dropped and the prefix ends before it, as it
+  // does where the host has no room for a copy.
   absl::StatusOr<ReadHandle> AcquirePrefix(absl::string_view model, absl::string_view tenant,
                                            absl::Span<const int32_t> tokens, uint32_t max_blocks);
 
-  // Holds the segment of exactly `tokens` for reading; NOT_FOUND when it is not (fully) cached.
+  // Holds the segment of exactly `tokens` for reading; NOT_FOUND when it is not (fully) cached;
+  // DATA_LOSS when a block of it failed verification on disk (it is dropped); RESOURCE_EXHAUSTED
+  // when the host has no room to copy it in.
   absl::StatusOr<ReadHandle> AcquireSegment(absl::string_view model, absl::string_view tenant,
                                             absl::Span<const int32_t> tokens);
   // Whether the segment of exactly `tokens` is cached: matched_tokens is its length or 0.
   absl::StatusOr<LookupResult> LookupSegment(absl::string_view model, absl::string_view tenant,
                                              absl::Span<const int32_t> tokens);
 
-  // Evicts the cached prefix blocks of `tokens` (and what is chained after them); with no tokens
-  // every block of the model. Pinned blocks and blocks being read stay. Returns the count.
+  // Evicts the cached prefix blocks of `tokens` (and what is chained after them) from every tier,
+  // disk included; with no tokens every block of the model. Pinned blocks and blocks being read
+  // stay. Returns the count.
   absl::StatusOr<uint32_t> Evict(absl::string_view model, absl::string_view tenant,
                                  absl::Span<const int32_t> tokens);
 
@@ -214,7 +257,16 @@ class KvCache {
   absl::StatusOr<uint32_t> Pin(absl::string_view model, absl::string_view tenant,
                                absl::Span<const int32_t> tokens, bool pin);
 
+  // Counters; tiers in the order host, GPU (if present), disk (if present).
   CacheStats Stats() const;
+
+  // One watermark pass over every tier (what the background thread runs): frees least recently
+  // used copies of each tier fuller than its high watermark down to its low watermark.
+  void RunMaintenance();
+
+  const TierPolicy& policy() const { return options_.policy; }
+  bool has_gpu_tier() const { return gpu_ != nullptr; }
+  bool has_disk_tier() const { return disk_ != nullptr; }
 
  private:
   friend class PutWriter;
@@ -224,14 +276,33 @@ class KvCache {
     BlockInfo info;
     ModelId model;
     uint64_t bytes = 0;
-    void* data = nullptr;
-    int readers = 0;
+    void* data = nullptr;        // host copy, or nullptr
+    std::optional<GpuSlot> gpu;  // GPU copy
+    bool on_disk = false;        // disk copy
+    bool gpu_pending = false;    // an upload to the GPU is in flight
+    bool demoting = false;       // a host -> disk write is in flight
+    int readers = 0;             // read handles and moves in flight holding it
     std::optional<BlockHash> parent;
     std::vector<BlockHash> children;
     std::list<BlockHash>::iterator lru;  // position in lru_ (front = most recent)
   };
 
+  // A block to read from the GPU or disk into a host slot, outside the mutex.
+  struct Load {
+    size_t index;  // in the handle
+    BlockHash hash;
+    ModelId model;
+    std::optional<GpuSlot> gpu;
+    void* slot = nullptr;
+    absl::Status status;
+  };
+
   KvCache(Options options, std::unique_ptr<HostTier> host);
+
+  // Brings back what the disk tier holds (models, blocks); drops orphans.
+  absl::Status LoadDisk();
+  // The limits of a model from the policy, by id or any of its names.
+  void ApplyModelLimitsLocked(const RegisteredModel& m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Chain hashes of the blocks of `tokens`: the full blocks, and with `partial_tail` a last
   // partial block too.
@@ -246,24 +317,89 @@ class KvCache {
   size_t MatchLocked(absl::Span<const BlockHash> hashes) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Marks blocks used, last first, so that leaves are older than their prefixes.
   void TouchLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Allocates a host slot, evicting LRU blocks as needed.
-  absl::StatusOr<void*> AllocateSlot(uint64_t bytes);
-  // Evicts `hash` and its descendants that are neither pinned nor read; returns how many.
-  uint32_t EvictTreeLocked(const BlockHash& hash) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts hits and misses of `found` blocks (and one missing block when `missed`).
+  void CountRequestsLocked(absl::Span<const BlockHash> found, bool missed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  TierKind FastestTier(const Entry& e) const;
+
+  // Allocates a host slot of `bytes` for `model`, freeing least recently used host copies (the
+  // model's own first when it is at its limit). RESOURCE_EXHAUSTED when nothing can be freed.
+  absl::StatusOr<void*> AllocateSlot(uint64_t bytes, const ModelId& model) ABSL_LOCKS_EXCLUDED(mu_);
+  void FreeHostSlot(void* slot, uint64_t bytes, const ModelId& model)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees at least `bytes` of host copies (of `model` only, when not empty), least recently used
+  // first: copies backed by disk are dropped, others demoted to disk (or evicted with no disk
+  // tier). Returns the bytes freed.
+  uint64_t FreeHost(uint64_t bytes, const ModelId& model) ABSL_LOCKS_EXCLUDED(mu_);
+  // Makes room on disk for `bytes` more of `model`, and reserves them in the model's account.
+  absl::Status ReserveDisk(uint64_t bytes, const ModelId& model) ABSL_LOCKS_EXCLUDED(mu_);
+  // Drops up to `count` least recently used GPU copies (each backed by a host or disk copy);
+  // returns how many.
+  uint64_t FreeGpuSlotsLocked(uint64_t count) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Uploads the host copies of `hashes` to the GPU (batched), where they fit and are missing.
+  void UploadToGpu(absl::Span<const BlockHash> hashes) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Evicts `hash` and its descendants that are neither pinned nor read, from every tier; returns
+  // how many. Disk copies are queued in disk_garbage_ (deleted by CollectGarbage).
+  uint32_t EvictTreeLocked(const BlockHash& hash, bool ignore_pins = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops one tier's copy of an entry (the entry stays).
+  void DropHostCopyLocked(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropGpuCopyLocked(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropDiskCopyLocked(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Deletes queued disk copies (outside mu_).
+  void CollectGarbage() ABSL_LOCKS_EXCLUDED(mu_);
+  DiskBlockMeta DiskMetaOf(const Entry& e) const;
+
   // Commits a finished Put.
   absl::StatusOr<PutResult> CommitPut(PutWriter& writer);
-  void ReleaseRead(absl::Span<const BlockHash> hashes);
+  // Holds blocks hashes[0..) for reading: the first `n` present ones (all or none when
+  // `all_or_none`), copying in those without a host copy.
+  absl::StatusOr<ReadHandle> Acquire(const RegisteredModel& m, absl::Span<const BlockHash> hashes,
+                                     bool all_or_none);
+  void ReleaseRead(absl::Span<const BlockHash> hashes, absl::Span<void* const> temp,
+                   uint64_t block_bytes, const ModelId& model);
+  // Returns a disk reservation that was not written.
+  void UnreserveDiskLocked(uint64_t bytes, const ModelId& model) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Queues the least recently used disk copies (of `model` only, when not empty) for deletion
+  // until `bytes` are freed; a block with no other copy is evicted whole. Returns the bytes.
+  uint64_t FreeDiskLocked(uint64_t bytes, const ModelId& model) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Registers (or unregisters) disk writes of `hashes`, waiting for deletes of them to finish.
+  void BeginDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static bool HasCopy(const Entry& e) { return e.data != nullptr || e.gpu || e.on_disk; }
+  void WakeMaintenance();
+  void MaintenanceLoop();
 
-  const Options options_;
+  const Options options_;  // (its tiers moved into the members below)
   std::unique_ptr<HostTier> host_;
+  std::unique_ptr<DiskTier> disk_;
+  std::unique_ptr<GpuTier> gpu_;
   ModelRegistry models_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<BlockHash, Entry> index_ ABSL_GUARDED_BY(mu_);
   std::list<BlockHash> lru_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<ModelId, uint64_t> blocks_per_model_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<ModelId, uint64_t> host_bytes_per_model_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<ModelId, uint64_t> disk_bytes_per_model_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<ModelId, ModelLimit> limits_ ABSL_GUARDED_BY(mu_);  // by model id
+  // Disk copies to delete (queued under mu_, deleted outside it by CollectGarbage). A disk write
+  // and a delete of the same block never overlap: writes register in disk_writing_, deletes in
+  // disk_deleting_, and each waits for or skips the other.
+  std::vector<BlockHash> disk_garbage_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<BlockHash, int> disk_writing_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<BlockHash, int> disk_deleting_ ABSL_GUARDED_BY(mu_);
+  uint64_t disk_reserved_ ABSL_GUARDED_BY(mu_) = 0;  // reserved by ReserveDisk, not yet written
   CacheStats stats_ ABSL_GUARDED_BY(mu_);
   TierCounters host_counters_ ABSL_GUARDED_BY(mu_);
+  TierCounters gpu_counters_ ABSL_GUARDED_BY(mu_);
+  TierCounters disk_counters_ ABSL_GUARDED_BY(mu_);
+
+  absl::Mutex maintenance_mu_;
+  bool stop_ ABSL_GUARDED_BY(maintenance_mu_) = false;
+  bool wake_ ABSL_GUARDED_BY(maintenance_mu_) = false;
+  std::thread maintenance_;
 };
 
 }  // namespace ropekv

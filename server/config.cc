@@ -43,6 +43,24 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.host_capacity_bytes == 0) {
     return absl::InvalidArgumentError("host_capacity must be positive");
   }
+  for (const auto& [name, value] :
+       {std::pair<const char*, const std::string*>{"gpu_mode", &c.gpu_mode},
+        {"host_pinned", &c.host_pinned}}) {
+    if (*value != "auto" && *value != "on" && *value != "off") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be auto, on or off, got \"", *value, "\""));
+    }
+  }
+  if (c.disk_enabled && c.disk_capacity_bytes == 0) {
+    return absl::InvalidArgumentError("disk_capacity must be positive");
+  }
+  if (c.policy.write_tier == WriteTier::kDisk && !c.disk_enabled) {
+    return absl::InvalidArgumentError("write_tier disk needs the disk tier (disk_enabled)");
+  }
+  if (c.policy.write_tier == WriteTier::kGpu && c.gpu_mode == "off") {
+    return absl::InvalidArgumentError("write_tier gpu needs the GPU tier (gpu_mode auto or on)");
+  }
+  if (auto s = ValidateTierPolicy(c.policy); !s.ok()) return s;
   if (c.chunk_bytes == 0 || c.chunk_bytes + (64 << 10) > c.max_message_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk size ", c.chunk_bytes,

@@ -1,4 +1,5 @@
-// The daemon's configuration: embedded defaults, overridden by flags.
+// The daemon's configuration: embedded defaults, overridden by a YAML file (--config, see
+// server/config_file.h), overridden by flags.
 #ifndef ROPEKV_SERVER_CONFIG_H_
 #define ROPEKV_SERVER_CONFIG_H_
 
@@ -7,6 +8,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "cache/disk_tier.h"
+#include "cache/tier_policy.h"
 
 namespace ropekv {
 
@@ -18,13 +21,26 @@ struct ServerConfig {
   uint64_t max_message_bytes = 64ull << 20;  // gRPC send/receive limit
   uint64_t chunk_bytes = 4ull << 20;         // bulk bytes per streamed message (< max message)
   std::string port_file;                     // if set, the bound port is written there
+
+  // Tiers (docs/tiers.md).
+  std::string gpu_mode = "auto";  // GPU tier: auto (when a GPU is present), on (required), off
+  uint64_t gpu_capacity_bytes = 4ull << 30;  // GPU arena
+  uint64_t gpu_slot_bytes = 2ull << 20;      // bytes per GPU slot (largest block on the GPU)
+  int gpu_device = 0;                        // CUDA device ordinal
+  std::string host_pinned = "auto";          // pinned host memory: auto (with a GPU tier), on, off
+  bool disk_enabled = true;                  // disk tier (RocksDB)
+  std::string disk_path;                     // RocksDB folder; empty: <data_dir>/rocksdb
+  uint64_t disk_capacity_bytes = 64ull << 30;
+  Durability disk_durability = Durability::kSync;  // when a disk write is acknowledged
+  TierPolicy policy;                               // write tier, watermarks, model limits
 };
 
 // Parses sizes such as "2GiB", "512MiB", "64k", "1048576" (binary multiples; k/K, m/M, g/G, t/T
 // with an optional "iB" or "B"). INVALID_ARGUMENT otherwise.
 absl::StatusOr<uint64_t> ParseSize(absl::string_view text);
 
-// INVALID_ARGUMENT when fields contradict each other (chunk over message size, zero capacity).
+// INVALID_ARGUMENT when fields contradict each other (chunk over message size, zero capacity,
+// watermarks out of order, write tier disk without a disk tier, unknown gpu_mode/host_pinned).
 absl::Status ValidateConfig(const ServerConfig& config);
 
 }  // namespace ropekv

@@ -119,6 +119,10 @@ void ToProto(const CacheStats& s, v1::StatsResponse* out) {
     p->set_hits(t.hits);
     p->set_misses(t.misses);
     p->set_evictions(t.evictions);
+    p->set_promotions(t.promotions);
+    p->set_demotions(t.demotions);
+    p->set_bytes_moved(t.bytes_moved);
+    p->set_corrupt_blocks(t.corrupt_blocks);
   }
   out->set_lookups(s.lookups);
   out->set_lookup_hit_tokens(s.lookup_hit_tokens);

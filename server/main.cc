@@ -1,4 +1,6 @@
-// ropekvd: the ropekv daemon. Starts with embedded defaults; flags override them.
+// ropekvd: the ropekv daemon. Starts with embedded defaults (host tier 2 GiB, RocksDB disk tier
+// under --data_dir, GPU tier when a GPU is present); a YAML file (--config) overrides them, and
+// flags override the file.
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -11,9 +13,13 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "cache/disk_tier.h"
+#include "cache/gpu_tier.h"
 #include "cache/kv_cache.h"
-#include "kernels/common/device.h"
+#include "cache/pinned_allocator.h"
 #include "server/config.h"
+#include "server/config_file.h"
 #include "server/kvcache_service.h"
 #include "server/session_service.h"
 
@@ -24,6 +30,31 @@ ABSL_FLAG(std::string, max_block_size, "64MiB", "largest block a registered mode
 ABSL_FLAG(std::string, max_message_size, "64MiB", "gRPC maximum message size");
 ABSL_FLAG(std::string, chunk_size, "4MiB", "bulk bytes per streamed message");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound port to this file");
+ABSL_FLAG(std::string, config, "",
+          "YAML configuration file (see deploy/ropekvd.yaml); flags given here override it");
+// Tiers (docs/tiers.md).
+ABSL_FLAG(std::string, gpu_mode, "auto",
+          "GPU tier: auto (when a GPU is present), on (fail without one), off");
+ABSL_FLAG(std::string, gpu_capacity, "4GiB", "GPU tier arena size");
+ABSL_FLAG(std::string, gpu_slot_size, "2MiB",
+          "bytes per GPU slot (larger blocks stay off the GPU)");
+ABSL_FLAG(int32_t, gpu_device, 0, "CUDA device of the GPU tier");
+ABSL_FLAG(std::string, host_pinned, "auto",
+          "pinned (cudaHostAlloc) host tier: auto (with a GPU tier), on, off");
+ABSL_FLAG(bool, disk_enabled, true, "disk tier (RocksDB) on");
+ABSL_FLAG(std::string, disk_path, "", "RocksDB folder of the disk tier (default DATA_DIR/rocksdb)");
+ABSL_FLAG(std::string, disk_capacity, "64GiB", "disk tier capacity (live block bytes)");
+ABSL_FLAG(std::string, disk_durability, "sync",
+          "when a disk write is acknowledged: sync (WAL fsync'ed) or memory (WAL written, not "
+          "synced: survives kill -9, not power loss)");
+ABSL_FLAG(std::string, write_tier, "host", "where Puts keep their blocks: gpu, host or disk");
+ABSL_FLAG(bool, write_through, true, "Puts reach the disk tier before they are acknowledged");
+ABSL_FLAG(bool, promote_on_read, true, "reads keep the host copies they make of disk blocks");
+ABSL_FLAG(bool, gpu_promote_on_read, false, "reads also upload their blocks to the GPU tier");
+ABSL_FLAG(double, high_watermark, 0.95, "fill fraction of a tier that starts demotion");
+ABSL_FLAG(double, low_watermark, 0.85, "fill fraction where demotion stops");
+ABSL_FLAG(std::string, model_limits, "",
+          "per-model limits: NAME=host:SIZE,disk:SIZE;NAME2=host:SIZE (name or id)");
 
 namespace ropekv {
 namespace {
@@ -45,8 +76,92 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     if (!v.ok()) return v.status();
     *s.out = *v;
   }
+  c.gpu_mode = absl::GetFlag(FLAGS_gpu_mode);
+  c.gpu_device = absl::GetFlag(FLAGS_gpu_device);
+  c.host_pinned = absl::GetFlag(FLAGS_host_pinned);
+  c.disk_enabled = absl::GetFlag(FLAGS_disk_enabled);
+  c.disk_path = absl::GetFlag(FLAGS_disk_path);
+  struct {
+    const char* name;
+    std::string text;
+    uint64_t* out;
+  } tier_sizes[] = {{"gpu_capacity", absl::GetFlag(FLAGS_gpu_capacity), &c.gpu_capacity_bytes},
+                    {"gpu_slot_size", absl::GetFlag(FLAGS_gpu_slot_size), &c.gpu_slot_bytes},
+                    {"disk_capacity", absl::GetFlag(FLAGS_disk_capacity), &c.disk_capacity_bytes}};
+  for (auto& s : tier_sizes) {
+    auto v = ParseSize(s.text);
+    if (!v.ok())
+      return absl::InvalidArgumentError(absl::StrCat(s.name, ": ", v.status().message()));
+    *s.out = *v;
+  }
+  auto durability = ParseDurability(absl::GetFlag(FLAGS_disk_durability));
+  if (!durability.ok()) return durability.status();
+  c.disk_durability = *durability;
+  auto write_tier = ParseWriteTier(absl::GetFlag(FLAGS_write_tier));
+  if (!write_tier.ok()) return write_tier.status();
+  c.policy.write_tier = *write_tier;
+  c.policy.write_through = absl::GetFlag(FLAGS_write_through);
+  c.policy.promote_on_read = absl::GetFlag(FLAGS_promote_on_read);
+  c.policy.gpu_promote_on_read = absl::GetFlag(FLAGS_gpu_promote_on_read);
+  c.policy.high_watermark = absl::GetFlag(FLAGS_high_watermark);
+  c.policy.low_watermark = absl::GetFlag(FLAGS_low_watermark);
+  auto limits = ParseModelLimits(absl::GetFlag(FLAGS_model_limits));
+  if (!limits.ok()) return limits.status();
+  c.policy.model_limits = *std::move(limits);
   if (auto s = ValidateConfig(c); !s.ok()) return s;
   return c;
+}
+
+// The tiers the configuration asks for. A GPU tier in mode auto that cannot be had is logged as
+// absent and the daemon runs on; in mode on it is an error.
+absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
+                        std::string* summary) {
+  if (config.gpu_mode != "off") {
+    GpuTier::Options g;
+    g.capacity_bytes = config.gpu_capacity_bytes;
+    g.slot_bytes = config.gpu_slot_bytes;
+    g.device = config.gpu_device;
+    auto gpu = GpuTier::Create(g);
+    if (gpu.ok()) {
+      options->gpu = *std::move(gpu);
+      absl::StrAppend(summary, "GPU tier ", options->gpu->capacity_bytes(), " bytes (",
+                      options->gpu->slot_count(), " slots of ", config.gpu_slot_bytes,
+                      ") on device ", config.gpu_device);
+    } else if (config.gpu_mode == "on") {
+      return gpu.status();
+    } else {
+      absl::StrAppend(summary, "GPU tier absent (", gpu.status().message(), ")");
+    }
+  } else {
+    absl::StrAppend(summary, "GPU tier off");
+  }
+  const bool pinned =
+      config.host_pinned == "on" || (config.host_pinned == "auto" && options->gpu != nullptr);
+  if (pinned) {
+    auto alloc = NewPinnedAllocator(config.host_capacity_bytes);
+    if (!alloc.ok()) return alloc.status();
+    options->host_allocator = *std::move(alloc);
+  }
+  absl::StrAppend(summary, "; host tier ", config.host_capacity_bytes, " bytes",
+                  pinned ? " (pinned)" : "");
+  if (config.disk_enabled) {
+    DiskTier::Options d;
+    d.path = config.disk_path.empty()
+                 ? (std::filesystem::path(config.data_dir) / "rocksdb").string()
+                 : config.disk_path;
+    d.capacity_bytes = config.disk_capacity_bytes;
+    d.durability = config.disk_durability;
+    auto disk = DiskTier::Open(d);
+    if (!disk.ok()) return disk.status();
+    options->disk = *std::move(disk);
+    absl::StrAppend(summary, "; disk tier ", d.capacity_bytes, " bytes at ", d.path,
+                    " (durability ", DurabilityName(d.durability), ")");
+  } else {
+    absl::StrAppend(summary, "; disk tier off");
+  }
+  absl::StrAppend(summary, "; write tier ", WriteTierName(config.policy.write_tier),
+                  config.policy.write_through && config.disk_enabled ? " + write-through" : "");
+  return absl::OkStatus();
 }
 
 int Run(const ServerConfig& config) {
@@ -60,6 +175,12 @@ int Run(const ServerConfig& config) {
   KvCache::Options options;
   options.host_capacity_bytes = config.host_capacity_bytes;
   options.max_block_bytes = config.max_block_bytes;
+  options.policy = config.policy;
+  std::string tiers;
+  if (auto s = BuildTiers(config, &options, &tiers); !s.ok()) {
+    std::cerr << "ropekvd: " << s << "\n";
+    return 1;
+  }
   auto cache = KvCache::Create(std::move(options));
   if (!cache.ok()) {
     std::cerr << "ropekvd: " << cache.status() << "\n";
@@ -90,9 +211,8 @@ int Run(const ServerConfig& config) {
     std::ofstream(config.port_file + ".tmp") << port << "\n";
     std::filesystem::rename(config.port_file + ".tmp", config.port_file, ec);
   }
-  std::cout << "ropekvd listening on port " << port << " (" << config.listen << "); host tier "
-            << config.host_capacity_bytes << " bytes; data folder " << config.data_dir
-            << "; GPU tier " << (GpuAvailable() ? "present" : "absent (no GPU)") << std::endl;
+  std::cout << "ropekvd listening on port " << port << " (" << config.listen << "); data folder "
+            << config.data_dir << "; " << tiers << std::endl;
 
   // Wait for SIGINT/SIGTERM (blocked in every thread, taken here), then shut down cleanly.
   sigset_t signals;
@@ -119,6 +239,16 @@ int main(int argc, char** argv) {
 
   absl::SetProgramUsageMessage("ropekvd: the ropekv KV-cache daemon");
   absl::ParseCommandLine(argc, argv);
+  if (const std::string file = absl::GetFlag(FLAGS_config); !file.empty()) {
+    auto settings = ropekv::ReadConfigFile(file);
+    absl::Status s = settings.ok() ? ropekv::ApplyConfigSettings(
+                                         *settings, ropekv::FlagsOnCommandLine(argc, argv))
+                                   : settings.status();
+    if (!s.ok()) {
+      std::cerr << "ropekvd: " << s.message() << "\n";
+      return 2;
+    }
+  }
   auto config = ropekv::ConfigFromFlags();
   if (!config.ok()) {
     std::cerr << "ropekvd: " << config.status().message() << "\n";

@@ -28,7 +28,8 @@ constexpr char kUsage[] =
     "usage: ropekv [--addr HOST:PORT] COMMAND [flags]\n"
     "commands:\n"
     "  health                      is the daemon serving?\n"
-    "  stats                       tier usage, hits, misses, evictions\n"
+    "  stats                       per tier: usage, hits, misses, evictions, promotions,\n"
+    "                              demotions, bytes moved, corrupt blocks\n"
     "  models                      registered models\n"
     "  put-random    --model NAME --tokens N [--seed S] [--tenant T]\n"
     "                              store random KV for N random tokens (seeded)\n"
@@ -202,15 +203,19 @@ int Run(int argc, char** argv) {
   if (cmd == "stats") {
     auto s = cl.Stats();
     if (!s.ok()) return Fail(s.status());
-    std::printf("%-6s %14s %14s %8s %7s %10s %10s %10s\n", "tier", "used", "capacity", "blocks",
-                "pinned", "hits", "misses", "evictions");
+    std::printf("%-6s %14s %14s %8s %7s %10s %10s %10s %10s %10s %14s %8s\n", "tier", "used",
+                "capacity", "blocks", "pinned", "hits", "misses", "evictions", "promoted",
+                "demoted", "bytes moved", "corrupt");
     for (const v1::TierStats& t : s->tiers()) {
       std::string tier = v1::Tier_Name(t.tier()).substr(5);
-      std::printf("%-6s %14llu %14llu %8llu %7llu %10llu %10llu %10llu\n", tier.c_str(),
-                  (unsigned long long)t.bytes_used(), (unsigned long long)t.capacity_bytes(),
-                  (unsigned long long)t.blocks(), (unsigned long long)t.pinned_blocks(),
-                  (unsigned long long)t.hits(), (unsigned long long)t.misses(),
-                  (unsigned long long)t.evictions());
+      std::printf(
+          "%-6s %14llu %14llu %8llu %7llu %10llu %10llu %10llu %10llu %10llu %14llu %8llu\n",
+          tier.c_str(), (unsigned long long)t.bytes_used(), (unsigned long long)t.capacity_bytes(),
+          (unsigned long long)t.blocks(), (unsigned long long)t.pinned_blocks(),
+          (unsigned long long)t.hits(), (unsigned long long)t.misses(),
+          (unsigned long long)t.evictions(), (unsigned long long)t.promotions(),
+          (unsigned long long)t.demotions(), (unsigned long long)t.bytes_moved(),
+          (unsigned long long)t.corrupt_blocks());
     }
     std::printf(
         "models %u, lookups %llu (hit tokens %llu, miss tokens %llu), puts %llu, gets %llu,"
