@@ -24,3 +24,7 @@ if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/persistence_cli_test.sh)
                    ${PROJECT_SOURCE_DIR}/deploy/ropekvd.yaml)
   set_tests_properties(persistence_cli_test PROPERTIES LABELS integration TIMEOUT 300)
 endif()
+if(TARGET server_config_file_test)
+  target_compile_definitions(server_config_file_test PRIVATE
+                             ROPEKV_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+endif()

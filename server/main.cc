@@ -14,6 +14,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "cache/disk_tier.h"
 #include "cache/gpu_tier.h"
 #include "cache/kv_cache.h"
@@ -130,7 +131,9 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
     } else if (config.gpu_mode == "on") {
       return gpu.status();
     } else {
-      absl::StrAppend(summary, "GPU tier absent (", gpu.status().message(), ")");
+      absl::string_view why = gpu.status().message();
+      absl::ConsumePrefix(&why, "GPU tier absent: ");
+      absl::StrAppend(summary, "GPU tier absent (", why, ")");
     }
   } else {
     absl::StrAppend(summary, "GPU tier off");
