@@ -20,6 +20,9 @@ target_link_libraries(ropekv_cache PUBLIC ropekv_gpu_tier RocksDB::rocksdb-share
 ropekv_test(NAME disk_tier_test LABELS unit
   SOURCES ${PROJECT_SOURCE_DIR}/tests/unit/cache/disk_tier_test.cc
   LIBS ropekv_cache)
+ropekv_test(NAME tier_test LABELS unit
+  SOURCES ${PROJECT_SOURCE_DIR}/tests/unit/cache/tier_test.cc
+  LIBS ropekv_cache)
 ropekv_test(NAME gpu_tier_unit_test LABELS unit
   SOURCES ${PROJECT_SOURCE_DIR}/tests/unit/cache/tier_test_gpu_slots.cc
   LIBS ropekv_gpu_tier)
