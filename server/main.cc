@@ -5,6 +5,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -225,7 +226,9 @@ int Run(const ServerConfig& config) {
   int sig = 0;
   sigwait(&signals, &sig);
   std::cout << "ropekvd: signal " << sig << ", shutting down" << std::endl;
-  server->Shutdown();
+  // In-flight calls get a moment to finish, then are cancelled: idle client channels must not
+  // hold the exit up.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
 
