@@ -35,7 +35,7 @@ endif()
 if(ROPEKV_WITH_CUDA)
   ropekv_test(NAME gpu_tier_test LABELS gpu
     SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/gpu_tier_test.cc
-    LIBS ropekv_gpu_tier)
+    LIBS ropekv_cache)
   if(EXISTS ${PROJECT_SOURCE_DIR}/bench/tier_bench.cu)
     add_executable(tier_bench ${PROJECT_SOURCE_DIR}/bench/tier_bench.cu)
     target_link_libraries(tier_bench PRIVATE ropekv_gpu_tier)

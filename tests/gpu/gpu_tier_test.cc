@@ -1,13 +1,18 @@
 // The GPU tier on a real device: moves through slots keep every byte, slots are independent,
-// batches complete, bad moves are refused; pinned memory from the pinned allocator.
+// batches complete, bad moves are refused; pinned memory from the pinned allocator; and the
+// cache over a GPU tier (write tier gpu, reads served from GPU copies, GPU capacity, promotion).
 // Each test skips itself without a GPU.
 #include "cache/gpu_tier.h"
 
 #include <cuda_runtime_api.h>
+#include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <random>
+#include <set>
 
+#include "cache/kv_cache.h"
 #include "cache/pinned_allocator.h"
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
@@ -203,6 +208,162 @@ TEST(PinnedAllocatorTest, MemoryIsPinnedReusedAndWithinTheLimit) {
   (*alloc)->Free(a, kSlot);
   (*alloc)->Free(b, kSlot);
   (*alloc)->Free(d, kSlot / 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// KvCache over a GPU tier.
+
+class KvCacheGpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!GpuAvailable()) GTEST_SKIP() << "no GPU";
+    bb_ = BlockBytes(DemoModelSpec());
+    dir_ = "/tmp/ropekv-gpu-cache-" + std::to_string(getpid());
+    std::filesystem::remove_all(dir_);
+  }
+  void TearDown() override {
+    cache_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void Make(uint32_t gpu_slots, uint64_t host_blocks, TierPolicy policy, bool disk) {
+    GpuTier::Options g;
+    g.slot_bytes = bb_;
+    g.capacity_bytes = gpu_slots * bb_;
+    auto gpu = GpuTier::Create(g);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = gpu->get();
+    KvCache::Options o;
+    o.host_capacity_bytes = host_blocks * bb_;
+    o.host_allocator = *NewPinnedAllocator(o.host_capacity_bytes);
+    o.gpu = *std::move(gpu);
+    if (disk) {
+      DiskTier::Options d;
+      d.path = dir_;
+      d.durability = Durability::kMemory;
+      o.disk = *DiskTier::Open(d);
+    }
+    o.policy = policy;
+    o.background_maintenance = false;
+    auto c = KvCache::Create(std::move(o));
+    ASSERT_TRUE(c.ok()) << c.status();
+    cache_ = *std::move(c);
+    ASSERT_TRUE(cache_->RegisterModel(DemoModelSpec(), "demo").ok());
+  }
+
+  static std::vector<int32_t> Tokens(uint64_t seed, size_t n) {
+    std::mt19937_64 rng(seed);
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(rng() % 32000);
+    return t;
+  }
+  std::string Bytes(uint64_t seed, size_t n) {
+    std::mt19937_64 rng(seed * 31 + 5);
+    std::string b(n, '\0');
+    FillRandom(rng, b.data(), n);
+    return b;
+  }
+  void Put(uint64_t seed, int blocks) {
+    PutOptions o;
+    o.model = "demo";
+    o.tokens = Tokens(seed, blocks * 16);
+    auto w = cache_->BeginPut(o);
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE((*w)->Write(Bytes(seed, blocks * bb_)).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+  std::string Read(uint64_t seed, int blocks) {
+    auto h = cache_->AcquirePrefix("demo", "", Tokens(seed, blocks * 16), 0);
+    EXPECT_TRUE(h.ok());
+    std::string out;
+    for (size_t i = 0; h.ok() && i < h->blocks().size(); ++i) out += std::string(h->bytes(i));
+    return out;
+  }
+  // Every block's bytes held in GPU slots, read back from the device.
+  std::set<std::string> DeviceBlocks() {
+    std::set<std::string> out;
+    std::string buf(bb_, '\0');
+    for (GpuSlot s = 0; s < gpu_->slot_count(); ++s) {
+      EXPECT_EQ(cudaMemcpy(buf.data(), gpu_->SlotPointer(s), bb_, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      out.insert(buf);
+    }
+    return out;
+  }
+  TierCounters Tier(TierKind kind) {
+    for (const TierCounters& t : cache_->Stats().tiers) {
+      if (t.tier == kind) return t;
+    }
+    ADD_FAILURE() << "no tier";
+    return {};
+  }
+
+  uint64_t bb_ = 0;
+  std::string dir_;
+  GpuTier* gpu_ = nullptr;  // owned by cache_
+  std::unique_ptr<KvCache> cache_;
+};
+
+TEST_F(KvCacheGpuTest, WriteTierGpuPutsBlocksOnTheGpu) {
+  TierPolicy p;
+  p.write_tier = WriteTier::kGpu;
+  Make(8, 64, p, /*disk=*/false);
+  Put(1, 4);
+  const TierCounters gpu = Tier(TierKind::kGpu);
+  EXPECT_EQ(gpu.blocks, 4u);
+  EXPECT_EQ(gpu.bytes_used, 4 * bb_);
+  EXPECT_EQ(gpu.bytes_moved, 4 * bb_);
+  auto l = cache_->Lookup("demo", "", Tokens(1, 64));
+  ASSERT_EQ(l->blocks.size(), 4u);
+  for (const BlockInfo& b : l->blocks) EXPECT_EQ(b.tier, TierKind::kGpu);
+  const std::set<std::string> device = DeviceBlocks();
+  const std::string bytes = Bytes(1, 4 * bb_);
+  for (int b = 0; b < 4; ++b) EXPECT_TRUE(device.count(bytes.substr(b * bb_, bb_))) << b;
+}
+
+TEST_F(KvCacheGpuTest, ReadsOfGpuCopiesComeBackExact) {
+  TierPolicy p;
+  p.write_tier = WriteTier::kGpu;
+  p.high_watermark = 0.5;
+  p.low_watermark = 0.05;  // below one block: every host copy goes
+  Make(16, 10, p, /*disk=*/true);
+  Put(2, 8);                 // 8 of 10 host blocks: over the high mark
+  cache_->RunMaintenance();  // host copies dropped: blocks live on the GPU and on disk
+  EXPECT_EQ(Tier(TierKind::kHost).bytes_used, 0u);
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 8u);
+  const uint64_t disk_moved = Tier(TierKind::kDisk).bytes_moved;
+  const uint64_t gpu_moved = Tier(TierKind::kGpu).bytes_moved;
+  EXPECT_EQ(Read(2, 8), Bytes(2, 8 * bb_));
+  EXPECT_EQ(Tier(TierKind::kGpu).bytes_moved, gpu_moved + 8 * bb_);  // from the GPU ...
+  EXPECT_EQ(Tier(TierKind::kDisk).bytes_moved, disk_moved);          // ... not from disk
+  EXPECT_EQ(Tier(TierKind::kGpu).hits, 8u);
+}
+
+TEST_F(KvCacheGpuTest, GpuCapacityHoldsAndEveryReadIsRight) {
+  TierPolicy p;
+  p.write_tier = WriteTier::kGpu;
+  Make(4, 64, p, /*disk=*/false);
+  for (uint64_t seed = 10; seed < 14; ++seed) {
+    Put(seed, 2);  // 8 blocks through 4 GPU slots
+    EXPECT_LE(Tier(TierKind::kGpu).bytes_used, 4 * bb_);
+  }
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 4u);
+  EXPECT_GE(Tier(TierKind::kGpu).evictions, 4u);
+  for (uint64_t seed = 10; seed < 14; ++seed) EXPECT_EQ(Read(seed, 2), Bytes(seed, 2 * bb_));
+}
+
+TEST_F(KvCacheGpuTest, GpuPromotionOnRead) {
+  TierPolicy p;
+  p.gpu_promote_on_read = true;
+  Make(8, 64, p, /*disk=*/false);
+  Put(3, 3);
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 0u);  // write tier host
+  EXPECT_EQ(Read(3, 3), Bytes(3, 3 * bb_));
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 3u);
+  EXPECT_EQ(Tier(TierKind::kGpu).promotions, 3u);
+  const std::set<std::string> device = DeviceBlocks();
+  const std::string bytes = Bytes(3, 3 * bb_);
+  for (int b = 0; b < 3; ++b) EXPECT_TRUE(device.count(bytes.substr(b * bb_, bb_))) << b;
 }
 
 }  // namespace
