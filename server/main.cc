@@ -23,6 +23,7 @@
 #include "server/config.h"
 #include "server/config_file.h"
 #include "server/kvcache_service.h"
+#include "server/modules_service.h"
 #include "server/session_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to listen on (port 0: any free port)");
@@ -206,6 +207,8 @@ int Run(const ServerConfig& config) {
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   builder.RegisterService(&service);
   builder.RegisterService(&sessions);
+  ModulesService modules(cache->get(), config);  // Prompt Cache modules, APE contexts
+  builder.RegisterService(&modules);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "ropekvd: cannot listen on " << config.listen << "\n";
