@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "cache/compose.h"
 #include "server/convert.h"
+#include "server/stream_reactor.h"
 
 namespace ropekv {
 namespace {
@@ -88,160 +89,24 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   std::unique_ptr<PutWriter> writer_;
 };
 
-// Server-streaming Get: the header, then the blocks' bytes in chunks. Blocks are held (never
-// evicted) until the stream ends; a block re-rotated to a target position is produced one block at
-// a time into a staging buffer.
-class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
+// The blocks of a held prefix, as stored or re-rotated (one block at a time, into the staging
+// buffer) so that the first token's key sits at `target`.
+class PrefixSource final : public ByteSource {
  public:
-  GetReactor(KvCache* cache, const v1::GetRequest* req, uint64_t default_chunk) {
-    chunk_ = req->chunk_bytes() > 0 ? std::min<uint64_t>(req->chunk_bytes(), default_chunk)
-                                    : default_chunk;
-    if (req->has_target_position()) {
-      if (req->target_position() < 0) {
-        Finish(ToGrpc(absl::InvalidArgumentError(
-            absl::StrCat("target_position must be >= 0, got ", req->target_position()))));
-        return;
-      }
-      target_ = req->target_position();
-    }
-    auto handle =
-        cache->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
-    if (!handle.ok()) {
-      Finish(ToGrpc(handle.status()));
-      return;
-    }
-    handle_.emplace(*std::move(handle));
-    v1::GetHeader* header = resp_.mutable_header();
-    header->set_matched_tokens(handle_->matched_tokens());
-    header->set_blocks(handle_->blocks().size());
-    header->set_block_bytes(handle_->block_bytes());
-    for (const BlockInfo& b : handle_->blocks()) ToProto(b, header->add_block_info());
-    NextWrite();
+  PrefixSource(ReadHandle handle, std::optional<int64_t> target)
+      : handle_(std::move(handle)), target_(target) {}
+  size_t units() const override { return handle_.blocks().size(); }
+  absl::StatusOr<absl::string_view> Unit(size_t i, std::string* staging) override {
+    if (!target_) return handle_.bytes(i);
+    staging->resize(handle_.block_bytes());
+    const int64_t pos = *target_ + static_cast<int64_t>(i) * handle_.model().spec.block_tokens;
+    if (absl::Status s = handle_.CopyBlock(i, staging->data(), pos); !s.ok()) return s;
+    return absl::string_view(*staging);
   }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    NextWrite();
-  }
-
-  void OnDone() override { delete this; }
 
  private:
-  void NextWrite() {
-    const size_t n_blocks = handle_->blocks().size();
-    const uint64_t bb = handle_->block_bytes();
-    // resp_ is free again: the previous write (if any) is done. Only the first carries a header.
-    if (!first_) {
-      if (block_ >= n_blocks) return Finish(grpc::Status::OK);
-      resp_.clear_header();
-    }
-    first_ = false;
-    std::string* data = resp_.mutable_data();
-    data->clear();
-    while (block_ < n_blocks && data->size() < chunk_) {
-      if (offset_ == 0 && target_.has_value()) {
-        staging_.resize(bb);
-        const int64_t pos =
-            *target_ + static_cast<int64_t>(block_) * handle_->model().spec.block_tokens;
-        if (absl::Status s = handle_->CopyBlock(block_, staging_.data(), pos); !s.ok()) {
-          return Finish(ToGrpc(s));
-        }
-      }
-      const char* src = target_.has_value() ? staging_.data() : handle_->bytes(block_).data();
-      const uint64_t n = std::min<uint64_t>(bb - offset_, chunk_ - data->size());
-      data->append(src + offset_, n);
-      offset_ += n;
-      if (offset_ == bb) {
-        ++block_;
-        offset_ = 0;
-      }
-    }
-    StartWrite(&resp_);
-  }
-
-  std::optional<ReadHandle> handle_;
+  ReadHandle handle_;
   std::optional<int64_t> target_;
-  uint64_t chunk_ = 0;
-  size_t block_ = 0;
-  uint64_t offset_ = 0;
-  bool first_ = true;
-  std::string staging_;
-  v1::GetResponse resp_;
-};
-
-// Server-streaming Compose: the header (parts, hits), then the prompt's KV one layer at a time.
-class ComposeReactor final : public grpc::ServerWriteReactor<v1::ComposeResponse> {
- public:
-  ComposeReactor(KvCache* cache, const v1::ComposeRequest* req, uint64_t default_chunk) {
-    chunk_ = req->chunk_bytes() > 0 ? std::min<uint64_t>(req->chunk_bytes(), default_chunk)
-                                    : default_chunk;
-    std::vector<ComposePart> parts;
-    for (const v1::ComposePart& p : req->parts()) {
-      ComposePart part;
-      part.tokens = Tokens(p.tokens());
-      part.segment = p.segment();
-      if (p.has_target_position()) part.target_position = p.target_position();
-      parts.push_back(std::move(part));
-    }
-    auto prompt = ropekv::Compose(*cache, req->model(), req->tenant(), parts);
-    if (!prompt.ok()) {
-      Finish(ToGrpc(prompt.status()));
-      return;
-    }
-    prompt_.emplace(*std::move(prompt));
-    v1::ComposeHeader* header = resp_.mutable_header();
-    header->set_total_tokens(prompt_->total_tokens());
-    for (const ComposedPartInfo& info : prompt_->parts()) {
-      v1::ComposedPart* p = header->add_parts();
-      p->set_tokens(info.tokens);
-      p->set_position(info.position);
-      p->set_hit(info.hit == HitKind::kExact ? v1::HIT_EXACT : v1::HIT_REROTATED);
-    }
-    NextWrite();
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    NextWrite();
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void NextWrite() {
-    if (!first_) {
-      if (layer_ >= prompt_->layers() && offset_ == layer_buf_.size()) {
-        return Finish(grpc::Status::OK);
-      }
-      resp_.clear_header();
-    }
-    first_ = false;
-    std::string* data = resp_.mutable_data();
-    data->clear();
-    while (data->size() < chunk_) {
-      if (offset_ == layer_buf_.size()) {
-        if (layer_ >= prompt_->layers()) break;
-        layer_buf_.resize(prompt_->layer_bytes());
-        if (absl::Status s = prompt_->WriteLayer(layer_, layer_buf_.data()); !s.ok()) {
-          return Finish(ToGrpc(s));
-        }
-        ++layer_;
-        offset_ = 0;
-      }
-      const uint64_t n = std::min<uint64_t>(layer_buf_.size() - offset_, chunk_ - data->size());
-      data->append(layer_buf_.data() + offset_, n);
-      offset_ += n;
-    }
-    StartWrite(&resp_);
-  }
-
-  std::optional<ComposedPrompt> prompt_;
-  uint64_t chunk_ = 0;
-  int layer_ = 0;
-  std::string layer_buf_;
-  uint64_t offset_ = 0;
-  bool first_ = true;
-  v1::ComposeResponse resp_;
 };
 
 }  // namespace
@@ -291,12 +156,52 @@ grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ct
 
 grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackServerContext* ctx,
                                                                const v1::GetRequest* req) {
-  return new GetReactor(cache_, req, config_.chunk_bytes);
+  using Reactor = ChunkedWriteReactor<v1::GetResponse>;
+  std::optional<int64_t> target;
+  if (req->has_target_position()) {
+    if (req->target_position() < 0) {
+      return new Reactor(absl::InvalidArgumentError(
+          absl::StrCat("target_position must be >= 0, got ", req->target_position())));
+    }
+    target = req->target_position();
+  }
+  auto handle = cache_->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()),
+                                      req->max_blocks());
+  if (!handle.ok()) return new Reactor(handle.status());
+  v1::GetResponse first;
+  v1::GetHeader* header = first.mutable_header();
+  header->set_matched_tokens(handle->matched_tokens());
+  header->set_blocks(handle->blocks().size());
+  header->set_block_bytes(handle->block_bytes());
+  for (const BlockInfo& b : handle->blocks()) ToProto(b, header->add_block_info());
+  return new Reactor(std::make_unique<PrefixSource>(*std::move(handle), target), std::move(first),
+                     ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
 }
 
 grpc::ServerWriteReactor<v1::ComposeResponse>* KvCacheService::Compose(
     grpc::CallbackServerContext* ctx, const v1::ComposeRequest* req) {
-  return new ComposeReactor(cache_, req, config_.chunk_bytes);
+  using Reactor = ChunkedWriteReactor<v1::ComposeResponse>;
+  std::vector<ComposePart> parts;
+  for (const v1::ComposePart& p : req->parts()) {
+    ComposePart part;
+    part.tokens = Tokens(p.tokens());
+    part.segment = p.segment();
+    if (p.has_target_position()) part.target_position = p.target_position();
+    parts.push_back(std::move(part));
+  }
+  auto prompt = ropekv::Compose(*cache_, req->model(), req->tenant(), parts);
+  if (!prompt.ok()) return new Reactor(prompt.status());
+  v1::ComposeResponse first;
+  v1::ComposeHeader* header = first.mutable_header();
+  header->set_total_tokens(prompt->total_tokens());
+  for (const ComposedPartInfo& info : prompt->parts()) {
+    v1::ComposedPart* p = header->add_parts();
+    p->set_tokens(info.tokens);
+    p->set_position(info.position);
+    p->set_hit(info.hit == HitKind::kExact ? v1::HIT_EXACT : v1::HIT_REROTATED);
+  }
+  return new Reactor(std::make_unique<LayerSource<ComposedPrompt>>(*std::move(prompt)),
+                     std::move(first), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
 }
 
 grpc::ServerUnaryReactor* KvCacheService::Stats(grpc::CallbackServerContext* ctx,

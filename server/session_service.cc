@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "server/convert.h"
+#include "server/stream_reactor.h"
 
 ABSL_FLAG(uint32_t, session_max, 256,
           "most open editor sessions (PIE); more -> RESOURCE_EXHAUSTED");
@@ -187,77 +188,6 @@ class FillReactor final : public grpc::ServerReadReactor<v1::FillRequest> {
   std::unique_ptr<SessionWriter> writer_;
 };
 
-// Server-streaming Read: the header, then the range's KV one layer at a time (each layer produced
-// into a staging buffer, keys re-rotated from their stored copy in one rotation).
-class ReadReactor final : public grpc::ServerWriteReactor<v1::ReadResponse> {
- public:
-  ReadReactor(SessionStore* store, const v1::ReadRequest* req, uint64_t default_chunk) {
-    chunk_ = req->chunk_bytes() > 0 ? std::min<uint64_t>(req->chunk_bytes(), default_chunk)
-                                    : default_chunk;
-    std::optional<TokenRange> range;
-    if (req->has_range()) range = FromProto(req->range());
-    std::optional<RopeTableId> table;
-    if (req->has_rope_table()) table = req->rope_table();
-    auto reader = store->Read(req->session_id(), range, table);
-    if (!reader.ok()) {
-      Finish(ToGrpc(reader.status()));
-      return;
-    }
-    reader_.emplace(*std::move(reader));
-    v1::ReadHeader* header = resp_.mutable_header();
-    ToProto(reader_->range(), header->mutable_range());
-    header->set_length(reader_->document_length());
-    header->set_version(reader_->version());
-    header->set_layer_bytes(reader_->layer_bytes());
-    header->set_total_bytes(reader_->bytes());
-    NextWrite();
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    NextWrite();
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void NextWrite() {
-    if (!first_) {
-      if (layer_ >= reader_->layers() && offset_ == layer_buf_.size()) {
-        return Finish(grpc::Status::OK);
-      }
-      resp_.clear_header();
-    }
-    first_ = false;
-    std::string* data = resp_.mutable_data();
-    data->clear();
-    while (data->size() < chunk_) {
-      if (offset_ == layer_buf_.size()) {
-        if (layer_ >= reader_->layers()) break;
-        layer_buf_.resize(reader_->layer_bytes());
-        if (absl::Status s = reader_->WriteLayer(layer_, layer_buf_.data()); !s.ok()) {
-          return Finish(ToGrpc(s));
-        }
-        ++layer_;
-        offset_ = 0;
-        if (layer_buf_.empty()) continue;
-      }
-      const uint64_t n = std::min<uint64_t>(layer_buf_.size() - offset_, chunk_ - data->size());
-      data->append(layer_buf_.data() + offset_, n);
-      offset_ += n;
-    }
-    StartWrite(&resp_);
-  }
-
-  std::optional<SessionReader> reader_;
-  uint64_t chunk_ = 0;
-  int layer_ = 0;
-  std::string layer_buf_;
-  uint64_t offset_ = 0;
-  bool first_ = true;
-  v1::ReadResponse resp_;
-};
-
 }  // namespace
 
 absl::StatusOr<SessionStore::Options> SessionOptionsFromFlags() {
@@ -347,9 +277,25 @@ grpc::ServerReadReactor<v1::FillRequest>* SessionService::Fill(grpc::CallbackSer
 grpc::ServerWriteReactor<v1::ReadResponse>* SessionService::Read(grpc::CallbackServerContext* ctx,
                                                                  const v1::ReadRequest* req) {
   if (!store_) {
-    return new FailedReactor<grpc::ServerWriteReactor<v1::ReadResponse>>(Unavailable(status_));
+    return new ChunkedWriteReactor<v1::ReadResponse>(Unavailable(status_));
   }
-  return new ReadReactor(store_.get(), req, config_.chunk_bytes);
+  // The header, then the range's KV one layer at a time, keys re-rotated from their stored copy.
+  using Reactor = ChunkedWriteReactor<v1::ReadResponse>;
+  std::optional<TokenRange> range;
+  if (req->has_range()) range = FromProto(req->range());
+  std::optional<RopeTableId> table;
+  if (req->has_rope_table()) table = req->rope_table();
+  auto reader = store_->Read(req->session_id(), range, table);
+  if (!reader.ok()) return new Reactor(reader.status());
+  v1::ReadResponse first;
+  v1::ReadHeader* header = first.mutable_header();
+  ToProto(reader->range(), header->mutable_range());
+  header->set_length(reader->document_length());
+  header->set_version(reader->version());
+  header->set_layer_bytes(reader->layer_bytes());
+  header->set_total_bytes(reader->bytes());
+  return new Reactor(std::make_unique<LayerSource<SessionReader>>(*std::move(reader)),
+                     std::move(first), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
 }
 
 grpc::ServerUnaryReactor* SessionService::Snapshot(grpc::CallbackServerContext* ctx,
