@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -590,8 +591,10 @@ absl::StatusOr<AttendResult> ModuleStore::Attend(const ParallelPrompt& prompt,
   other.push_back(KvSegment{qk, qk + static_cast<size_t>(spec.kv_heads * m * d) * es, m, m * d, d});
 
   AttendResult result;
-  result.out.assign(static_cast<size_t>(args.num_queries) * args.q_heads * d, 0.0f);
-  result.lse.assign(static_cast<size_t>(args.num_queries) * args.q_heads, 0.0f);
+  // Poisoned: an element the kernel does not write stays NaN.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  result.out.assign(static_cast<size_t>(args.num_queries) * args.q_heads * d, nan);
+  result.lse.assign(static_cast<size_t>(args.num_queries) * args.q_heads, nan);
   ApeArgs ape;
   ape.shape.num_queries = args.num_queries;
   ape.shape.q_heads = args.q_heads;

@@ -113,6 +113,11 @@ absl::Status ApeAttentionCudaFromHost(const ApeArgs& host_args,
     if (absl::Status st = allocs.Alloc(rows * sizeof(float), &lse); !st.ok()) return st;
   }
   dev.lse = static_cast<float*>(lse);
+  // Poisoned (NaN bytes): an element the kernel does not write comes back NaN.
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0xFF, out_bytes, stream.get()));
+  if (lse != nullptr) {
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lse, 0xFF, rows * sizeof(float), stream.get()));
+  }
   absl::StatusOr<size_t> ws_bytes = ApeCudaWorkspaceBytes(dev);
   if (!ws_bytes.ok()) return ws_bytes.status();
   void* ws = nullptr;
