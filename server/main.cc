@@ -22,6 +22,7 @@
 #include "cache/pinned_allocator.h"
 #include "server/config.h"
 #include "server/config_file.h"
+#include "server/dataplane_service.h"
 #include "server/kvcache_service.h"
 #include "server/modules_service.h"
 #include "server/session_service.h"
@@ -209,6 +210,13 @@ int Run(const ServerConfig& config) {
   builder.RegisterService(&sessions);
   ModulesService modules(cache->get(), config);  // Prompt Cache modules, APE contexts
   builder.RegisterService(&modules);
+  // Registered buffers (shared memory, CUDA IPC): --allow_buffers, --max_buffers.
+  DataPlaneService dataplane(cache->get(), sessions.store(), config);
+  if (!dataplane.status().ok()) {
+    std::cerr << "ropekvd: " << dataplane.status().message() << "\n";
+    return 1;
+  }
+  builder.RegisterService(&dataplane);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "ropekvd: cannot listen on " << config.listen << "\n";
@@ -219,7 +227,7 @@ int Run(const ServerConfig& config) {
     std::filesystem::rename(config.port_file + ".tmp", config.port_file, ec);
   }
   std::cout << "ropekvd listening on port " << port << " (" << config.listen << "); data folder "
-            << config.data_dir << "; " << tiers << std::endl;
+            << config.data_dir << "; " << tiers << "; " << dataplane.summary() << std::endl;
 
   // Wait for SIGINT/SIGTERM (blocked in every thread, taken here), then shut down cleanly.
   sigset_t signals;

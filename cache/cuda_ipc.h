@@ -1,0 +1,81 @@
+// CudaIpcBuffer: a GPU buffer of another process (a frontend's KV pool, a torch tensor), opened
+// from its CUDA IPC handle, and the copies between host memory and it. The data plane
+// (cache/buffer_registry.h) uses it for buffers registered by CUDA IPC handle.
+//
+// Copies go through pinned staging buffers owned by the CudaIpcBuffer (two, reused, grown to the
+// largest piece asked for): a piece is produced into one while the other's copy to the device is
+// in flight. Built with CUDA: cache/cuda_ipc.cu; without: cache/cuda_ipc_nocuda.cc (Open answers
+// UNAVAILABLE). No CUDA types here.
+//
+// Thread safety: Open and the accessors are thread-safe. A CudaIpcTransfer is used by one thread
+// at a time; transfers of one buffer may run concurrently (each takes its own staging pair).
+#ifndef ROPEKV_CACHE_CUDA_IPC_H_
+#define ROPEKV_CACHE_CUDA_IPC_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace ropekv {
+
+// Bytes of a cudaIpcMemHandle_t.
+inline constexpr size_t kCudaIpcHandleBytes = 64;
+
+// Whether this build can open CUDA IPC handles: built with CUDA and a GPU is present.
+bool CudaIpcAvailable();
+
+class CudaIpcTransfer {
+ public:
+  virtual ~CudaIpcTransfer() = default;
+  // Copies n bytes that `fill` writes into a host staging buffer (n bytes, pinned) to device bytes
+  // [at, at + n) of the buffer, asynchronously. Errors of `fill` are returned as they are;
+  // CUDA errors as INTERNAL. The caller keeps [at, at + n) inside the buffer.
+  virtual absl::Status Produce(uint64_t at, uint64_t n,
+                               absl::FunctionRef<absl::Status(void* dst)> fill) = 0;
+  // Copies device bytes [at, at + n) to a host staging buffer and hands them to `use`.
+  virtual absl::Status Consume(uint64_t at, uint64_t n,
+                               absl::FunctionRef<absl::Status(const void* src)> use) = 0;
+  // Waits for every copy issued; the first error, if any.
+  virtual absl::Status Finish() = 0;
+};
+
+class CudaIpcBuffer {
+ public:
+  // Opens the allocation named by `handle` (kCudaIpcHandleBytes bytes) on `device` and takes
+  // [offset, offset + size) of it (size 0: to the end of the allocation). The allocation's real
+  // extent comes from the driver, not the caller. UNAVAILABLE without CUDA or a GPU;
+  // INVALID_ARGUMENT for a handle of the wrong size, a device out of range, or a range past the
+  // allocation; FAILED_PRECONDITION when the driver refuses the handle (a stale handle, or one
+  // exported by this very process).
+  static absl::StatusOr<std::unique_ptr<CudaIpcBuffer>> Open(int device, absl::string_view handle,
+                                                             uint64_t offset, uint64_t size);
+  // Closes the handle. Every transfer must have finished.
+  ~CudaIpcBuffer();
+  CudaIpcBuffer(const CudaIpcBuffer&) = delete;
+  CudaIpcBuffer& operator=(const CudaIpcBuffer&) = delete;
+
+  int device() const { return device_; }
+  uint64_t size() const { return size_; }
+  uint64_t allocation_bytes() const { return allocation_bytes_; }
+
+  // A copy session over the buffer. RESOURCE_EXHAUSTED when no pinned staging can be had.
+  absl::StatusOr<std::unique_ptr<CudaIpcTransfer>> BeginTransfer();
+
+  struct Impl;
+
+ private:
+  CudaIpcBuffer(int device, uint64_t size, uint64_t allocation_bytes, std::unique_ptr<Impl> impl);
+
+  int device_;
+  uint64_t size_;
+  uint64_t allocation_bytes_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_CACHE_CUDA_IPC_H_

@@ -1,0 +1,98 @@
+// Data-plane copies: Get, Put, Compose and session Read with a registered buffer
+// (cache/buffer_registry.h) in place of streamed bytes. The daemon copies — and re-rotates —
+// straight between its tiers and the buffer: a Get's blocks go through ReadHandle::CopyBlock into
+// the mapped region, a prompt's layers through ComposedPrompt::WriteLayer /
+// SessionReader::WriteLayer, a Put's bytes from the region into the PutWriter. For a GPU buffer the
+// same producers fill pinned staging that is copied to the device (cache/cuda_ipc.h).
+//
+// Layouts are those of the streaming calls: block layout for Get and Put
+// ([block][layer][k|v][kv_head][block_tokens][head_dim]), prompt layout for Compose and Read
+// ([layer][k|v][kv_head][tokens][head_dim]). Only [dst.offset, dst.offset + bytes) is written.
+//
+// Thread safety: the functions are thread-safe (the cache, the store and the registry are).
+#ifndef ROPEKV_CACHE_DATAPLANE_H_
+#define ROPEKV_CACHE_DATAPLANE_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cache/buffer_registry.h"
+#include "cache/compose.h"
+#include "cache/kv_cache.h"
+#include "cache/session.h"
+
+namespace ropekv {
+
+struct GetToBufferArgs {
+  std::string model;  // id or name
+  std::string tenant;
+  std::vector<int32_t> tokens;  // the prompt; its longest cached prefix is copied
+  uint32_t max_blocks = 0;      // 0 = all matched blocks
+  // Where the first token's key should sit (re-rotated in one rotation); nullopt: as stored.
+  std::optional<int64_t> target_position;
+  BufferRange dst;
+};
+
+struct GetToBufferResult {
+  uint32_t matched_tokens = 0;
+  uint64_t block_bytes = 0;
+  std::vector<BlockInfo> blocks;
+  uint64_t bytes_written = 0;  // blocks.size() * block_bytes
+};
+
+// Copies the longest cached prefix into dst. NOT_FOUND for an unknown model or buffer;
+// INVALID_ARGUMENT for a negative target_position or a range that cannot hold the answer (nothing
+// written); FAILED_PRECONDITION when the buffer is being unregistered or its shared memory shrank;
+// the cache's errors as KvCache::AcquirePrefix gives them. A miss writes nothing and is OK.
+absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& buffers,
+                                              const GetToBufferArgs& args);
+
+struct PutFromBufferResult {
+  PutResult put;
+  uint64_t bytes_read = 0;
+};
+
+// Stores the blocks of `options` with their bytes read from src (block layout, as Put).
+// KvCache::BeginPut's and PutWriter's errors; NOT_FOUND for an unknown buffer; INVALID_ARGUMENT
+// when src cannot hold the Put's bytes; FAILED_PRECONDITION when the buffer's shared memory
+// shrank during the copy (nothing of the Put is stored).
+absl::StatusOr<PutFromBufferResult> PutFromBuffer(KvCache& cache, BufferRegistry& buffers,
+                                                  PutOptions options, const BufferRange& src);
+
+struct ComposeToBufferResult {
+  std::vector<ComposedPartInfo> parts;
+  uint32_t total_tokens = 0;
+  uint64_t layer_bytes = 0;
+  uint64_t bytes_written = 0;  // layers * layer_bytes
+};
+
+// Compose (cache/compose.h) into dst, prompt layout. Compose's errors; the buffer errors as
+// GetToBuffer.
+absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegistry& buffers,
+                                                      absl::string_view model,
+                                                      absl::string_view tenant,
+                                                      const std::vector<ComposePart>& parts,
+                                                      const BufferRange& dst);
+
+struct ReadToBufferResult {
+  TokenRange range;
+  int64_t document_length = 0;
+  uint64_t version = 0;
+  uint64_t layer_bytes = 0;
+  uint64_t bytes_written = 0;
+};
+
+// SessionStore::Read of `range` (nullopt: the whole document) into dst, prompt layout over the
+// range. SessionStore::Read's errors; the buffer errors as GetToBuffer.
+absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRegistry& buffers,
+                                                absl::string_view session_id,
+                                                std::optional<TokenRange> range,
+                                                std::optional<RopeTableId> to_table,
+                                                const BufferRange& dst);
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_CACHE_DATAPLANE_H_
