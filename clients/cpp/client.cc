@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "clients/cpp/bulk_stream.h"
 
 namespace ropekv::client {
 
@@ -138,35 +139,9 @@ absl::StatusOr<v1::LookupResponse> Client::Lookup(const std::string& model,
 
 namespace {
 
-// Reads a Get stream: the header, then bytes handed to `sink(offset, bytes)`.
-template <typename Sink>
-absl::StatusOr<v1::GetHeader> ReadGet(grpc::ClientReader<v1::GetResponse>* reader,
-                                      grpc::ClientContext* ctx, Sink sink) {
-  v1::GetResponse msg;
-  v1::GetHeader header;
-  bool have_header = false;
-  uint64_t offset = 0;
-  absl::Status sink_status;
-  while (reader->Read(&msg)) {
-    if (msg.has_header()) {
-      header = msg.header();
-      have_header = true;
-    }
-    if (!msg.data().empty() && sink_status.ok()) {
-      sink_status = sink(header, offset, msg.data());
-      if (!sink_status.ok()) ctx->TryCancel();
-    }
-    offset += msg.data().size();
-  }
-  absl::Status s = FromGrpc(reader->Finish());
-  if (!sink_status.ok()) return sink_status;
-  if (!s.ok()) return s;
-  if (!have_header) return absl::InternalError("Get stream without a header");
-  if (offset != uint64_t{header.blocks()} * header.block_bytes()) {
-    return absl::DataLossError(absl::StrCat("Get stream carried ", offset, " bytes, expected ",
-                                            uint64_t{header.blocks()} * header.block_bytes()));
-  }
-  return header;
+// The bytes a Get header promises.
+std::optional<uint64_t> GetBytes(const v1::GetHeader& h) {
+  return uint64_t{h.blocks()} * h.block_bytes();
 }
 
 v1::GetRequest MakeGetRequest(const GetArgs& args) {
@@ -187,17 +162,19 @@ absl::StatusOr<GetResult> Client::Get(const GetArgs& args) {
   const v1::GetRequest req = MakeGetRequest(args);
   auto reader = stub_->Get(&ctx, req);
   GetResult result;
-  auto header = ReadGet(reader.get(), &ctx,
-                        [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
-                          if (result.data.empty()) {
-                            result.data.resize(uint64_t{h.blocks()} * h.block_bytes());
-                          }
-                          if (offset + bytes.size() > result.data.size()) {
-                            return absl::DataLossError("Get stream longer than its header says");
-                          }
-                          std::memcpy(result.data.data() + offset, bytes.data(), bytes.size());
-                          return absl::OkStatus();
-                        });
+  auto header = ReadBulkStream(
+      reader.get(), &ctx,
+      [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+        if (result.data.empty()) {
+          result.data.resize(uint64_t{h.blocks()} * h.block_bytes());
+        }
+        if (offset + bytes.size() > result.data.size()) {
+          return absl::DataLossError("Get stream longer than its header says");
+        }
+        std::memcpy(result.data.data() + offset, bytes.data(), bytes.size());
+        return absl::OkStatus();
+      },
+      GetBytes);
   if (!header.ok()) return header.status();
   result.header = *std::move(header);
   result.data.resize(uint64_t{result.header.blocks()} * result.header.block_bytes());
@@ -209,8 +186,9 @@ absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<ui
   Prepare(&ctx);
   const v1::GetRequest req = MakeGetRequest(args);
   auto reader = stub_->Get(&ctx, req);
-  return ReadGet(
-      reader.get(), &ctx, [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+  return ReadBulkStream(
+      reader.get(), &ctx,
+      [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
         if (offset + bytes.size() > dst.size()) {
           return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
                                                     " bytes; the cached prefix needs ",
@@ -218,7 +196,8 @@ absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<ui
         }
         std::memcpy(dst.data() + offset, bytes.data(), bytes.size());
         return absl::OkStatus();
-      });
+      },
+      GetBytes);
 }
 
 absl::StatusOr<ComposeResult> Client::Compose(const std::string& model, const std::string& tenant,
@@ -231,17 +210,15 @@ absl::StatusOr<ComposeResult> Client::Compose(const std::string& model, const st
   for (const v1::ComposePart& p : parts) *req.add_parts() = p;
   auto reader = stub_->Compose(&ctx, req);
   ComposeResult result;
-  v1::ComposeResponse msg;
-  bool have_header = false;
-  while (reader->Read(&msg)) {
-    if (msg.has_header()) {
-      result.header = msg.header();
-      have_header = true;
-    }
-    result.data.insert(result.data.end(), msg.data().begin(), msg.data().end());
-  }
-  if (auto s = FromGrpc(reader->Finish()); !s.ok()) return s;
-  if (!have_header) return absl::InternalError("Compose stream without a header");
+  auto header = ReadBulkStream(
+      reader.get(), &ctx,
+      [&](const v1::ComposeHeader&, uint64_t, const std::string& bytes) {
+        result.data.insert(result.data.end(), bytes.begin(), bytes.end());
+        return absl::OkStatus();
+      },
+      [](const v1::ComposeHeader&) { return std::optional<uint64_t>(); });
+  if (!header.ok()) return header.status();
+  result.header = *std::move(header);
   return result;
 }
 

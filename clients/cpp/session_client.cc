@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "clients/cpp/bulk_stream.h"
 
 namespace ropekv::client {
 
@@ -142,36 +143,7 @@ v1::ReadRequest MakeReadRequest(const std::string& session_id,
   return req;
 }
 
-// Reads a Read stream: the header, then bytes handed to `sink(header, offset, bytes)`.
-template <typename Sink>
-absl::StatusOr<v1::ReadHeader> ReadStream(grpc::ClientReader<v1::ReadResponse>* reader,
-                                          grpc::ClientContext* ctx, Sink sink) {
-  v1::ReadResponse msg;
-  v1::ReadHeader header;
-  bool have_header = false;
-  uint64_t offset = 0;
-  absl::Status sink_status;
-  while (reader->Read(&msg)) {
-    if (msg.has_header()) {
-      header = msg.header();
-      have_header = true;
-    }
-    if (!msg.data().empty() && sink_status.ok()) {
-      sink_status = sink(header, offset, msg.data());
-      if (!sink_status.ok()) ctx->TryCancel();
-    }
-    offset += msg.data().size();
-  }
-  absl::Status s = FromGrpc(reader->Finish());
-  if (!sink_status.ok()) return sink_status;
-  if (!s.ok()) return s;
-  if (!have_header) return absl::InternalError("Read stream without a header");
-  if (offset != header.total_bytes()) {
-    return absl::DataLossError(
-        absl::StrCat("Read stream carried ", offset, " bytes, expected ", header.total_bytes()));
-  }
-  return header;
-}
+std::optional<uint64_t> ReadBytes(const v1::ReadHeader& h) { return h.total_bytes(); }
 
 }  // namespace
 
@@ -182,12 +154,14 @@ absl::StatusOr<ReadResult> SessionClient::Read(const std::string& session_id,
   Prepare(&ctx);
   auto reader = stub_->Read(&ctx, MakeReadRequest(session_id, range, rope_table));
   ReadResult result;
-  auto header = ReadStream(reader.get(), &ctx,
-                           [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
-                             if (result.data.empty()) result.data.reserve(h.total_bytes());
-                             result.data.insert(result.data.end(), bytes.begin(), bytes.end());
-                             return absl::OkStatus();
-                           });
+  auto header = ReadBulkStream(
+      reader.get(), &ctx,
+      [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
+        if (result.data.empty()) result.data.reserve(h.total_bytes());
+        result.data.insert(result.data.end(), bytes.begin(), bytes.end());
+        return absl::OkStatus();
+      },
+      ReadBytes);
   if (!header.ok()) return header.status();
   result.header = *std::move(header);
   return result;
@@ -199,15 +173,17 @@ absl::StatusOr<v1::ReadHeader> SessionClient::ReadInto(const std::string& sessio
   grpc::ClientContext ctx;
   Prepare(&ctx);
   auto reader = stub_->Read(&ctx, MakeReadRequest(session_id, range, std::nullopt));
-  return ReadStream(
-      reader.get(), &ctx, [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
+  return ReadBulkStream(
+      reader.get(), &ctx,
+      [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
         if (offset + bytes.size() > dst.size()) {
           return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
                                                     " bytes; the range needs ", h.total_bytes()));
         }
         std::memcpy(dst.data() + offset, bytes.data(), bytes.size());
         return absl::OkStatus();
-      });
+      },
+      ReadBytes);
 }
 
 absl::StatusOr<v1::SnapshotResponse> SessionClient::Snapshot(const std::string& session_id) {
