@@ -9,6 +9,8 @@
     header, got = c.get("demo", list(range(80)))       # the longest cached prefix: 64 tokens
 
 Errors are raised as `ropekv.Error` with `.code` (a `grpc.StatusCode`) and `.message`.
+Shared memory (the data plane, docs/dataplane.md): `buf = c.create_shm(size)`, then
+`c.get(..., out=buf)` returns a numpy view of what the daemon wrote into buf, no bytes through gRPC.
 Optional helpers: `ropekv.hf` (transformers DynamicCache <-> blocks; needs torch + transformers).
 
 The generated protobuf modules live in the build tree (`<build>/python/ropekv/v1/`); this
@@ -23,6 +25,7 @@ __path__ = _pkgutil.extend_path(__path__, __name__)  # noqa: F821 (set by the im
 from ropekv.client import Client, Error  # noqa: E402
 from ropekv.spec import model_spec, spec_from_hf_config  # noqa: E402
 from ropekv.arrays import numpy_dtype, kv_shape  # noqa: E402
+from ropekv.shm import ShmBuffer, CudaBuffer  # noqa: E402
 
 __all__ = [
     "Client",
@@ -31,5 +34,7 @@ __all__ = [
     "spec_from_hf_config",
     "numpy_dtype",
     "kv_shape",
+    "ShmBuffer",
+    "CudaBuffer",
 ]
 __version__ = "0.1.0"

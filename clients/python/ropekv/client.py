@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from ropekv import arrays
+from ropekv import shm as _shm
 from ropekv._pb import grpc_modules, has_field, pb, pb_grpc
 from ropekv.errors import Error, invalid
 from ropekv.spec import model_spec
@@ -109,6 +110,7 @@ class Client:
         self._health = self.channel.unary_unary(_HEALTH_CHECK)
         self._specs = {}  # model id or name -> ModelSpec
         self._lock = threading.Lock()
+        self._dataplane = None  # DataPlane stub, made on first use (ropekv.shm)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -290,12 +292,18 @@ class Client:
           stored. None: as stored.
         max_blocks: at most this many blocks (0 = all matched).
         out: optional writable C-contiguous numpy array to receive the bytes (reused buffers);
-          OUT_OF_RANGE when it is smaller than the answer.
+          OUT_OF_RANGE when it is smaller than the answer. Or a registered ShmBuffer /
+          CudaBuffer, or a (buffer, offset) pair: the daemon writes the blocks there itself
+          (GetToBuffer, no bytes through gRPC) and the array returned is a view into the buffer
+          (a torch tensor for a CudaBuffer); INVALID_ARGUMENT when the buffer cannot hold them.
         Returns (GetHeader, array [blocks, layers, 2, kv_heads, block_tokens, head_dim] of
         numpy_dtype(spec.dtype)); blocks is 0 on a miss. NOT_FOUND for an unknown model,
         INVALID_ARGUMENT for a negative target_position, DATA_LOSS when the stream is short.
         """
         spec = self.spec(model)
+        if _shm.resolve_out(out) is not None:
+            return self._get_to_buffer(spec, model, tokens, tenant, target_position, max_blocks,
+                                       out)
         req = pb.GetRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
                             max_blocks=max_blocks)
         if target_position is not None:
@@ -358,14 +366,18 @@ class Client:
                                max_blocks=max_blocks)
         return header, arrays.numpy_to_torch(arr, spec.dtype, device)
 
-    def compose(self, model, parts, tenant=""):
+    def compose(self, model, parts, tenant="", out=None):
         """The KV of a prompt assembled from cached parts (needs a daemon with Compose).
 
         parts: a list of dicts {"tokens": [...], "segment": bool, "target_position": int or None}.
+        out: None, or a registered buffer / (buffer, offset): the daemon writes the prompt there
+          (ComposeToBuffer) and the array returned is a view into it.
         Returns (ComposeHeader, array [layers, 2, kv_heads, total_tokens, head_dim])."""
         if not hasattr(self.kvcache, "Compose"):
             raise Error(grpc.StatusCode.UNIMPLEMENTED, "this API revision has no Compose")
         spec = self.spec(model)
+        if _shm.resolve_out(out) is not None:
+            return self._compose_to_buffer(spec, model, parts, tenant, out)
         req = pb.ComposeRequest(model=model, tenant=tenant)
         for p in parts:
             part = req.parts.add(tokens=arrays.tokens_list(p["tokens"]),
@@ -389,6 +401,119 @@ class Client:
         if len(data) != want:
             raise Error(grpc.StatusCode.DATA_LOSS, f"Compose: want {want} bytes, got {len(data)}")
         return header, np.frombuffer(data, dt).reshape(shape)
+
+    # -- data plane: registered buffers (ropekv.shm, docs/dataplane.md) -------------------------
+
+    @property
+    def dataplane(self):
+        """The DataPlane stub on this client's channel."""
+        _shm._need_dataplane()
+        if self._dataplane is None:
+            self._dataplane = _shm.dpb_grpc.DataPlaneStub(self.channel)
+        return self._dataplane
+
+    def create_shm(self, size, name=None):
+        """A new ShmBuffer of `size` bytes, registered with the daemon under its name."""
+        buf = _shm.ShmBuffer(size, name=name)
+        try:
+            self.register_shm(buf)
+        except BaseException:
+            buf.close()
+            raise
+        return buf
+
+    def register_shm(self, shm, size=0, name=None):
+        """Registers shared memory: a ShmBuffer, or the name of a POSIX shared-memory object
+        someone created ("/name" or "name"), its first `size` bytes (0: all). `name` is what
+        later calls call it (default: the region's name). Returns the BufferInfo.
+        FAILED_PRECONDITION when the daemon does not allow registration; NOT_FOUND for a missing
+        object; INVALID_ARGUMENT for a bad name or a size past the object; ALREADY_EXISTS."""
+        if isinstance(shm, _shm.ShmBuffer):
+            shm_name, size = shm.shm_name, int(size) or shm.size
+            reg = name or shm.name
+        else:
+            shm_name = shm if str(shm).startswith("/") else "/" + str(shm)
+            reg = name or shm_name.lstrip("/")
+        req = _shm.dpb.RegisterBufferRequest(
+            name=reg, shm=_shm.dpb.ShmRegion(shm_name=shm_name, size=int(size)))
+        info = self._call(self.dataplane.RegisterBuffer, req).buffer
+        if isinstance(shm, _shm.ShmBuffer):
+            shm.name, shm._client = reg, self
+        return info
+
+    def register_cuda(self, tensor, name=None, device=None):
+        """Registers a contiguous torch CUDA tensor by its CUDA IPC handle; returns a CudaBuffer
+        (use it as `out=`). UNAVAILABLE from a daemon without CUDA or a GPU."""
+        buf = _shm.CudaBuffer(tensor, name=name, device=device)
+        req = _shm.dpb.RegisterBufferRequest(
+            name=buf.name, cuda_ipc=_shm.dpb.CudaIpcRegion(
+                device=buf.device, handle=buf.handle, offset=buf.offset, size=buf.size))
+        self._call(self.dataplane.RegisterBuffer, req)
+        buf._client = self
+        return buf
+
+    def unregister_buffer(self, name):
+        """Unregisters a buffer (a name or a buffer); the daemon first waits for its copies in
+        flight. Returns how many it waited for. NOT_FOUND when it is not registered."""
+        name = getattr(name, "name", name)
+        req = _shm.dpb.UnregisterBufferRequest(name=name)
+        return self._call(self.dataplane.UnregisterBuffer, req).waited_copies
+
+    def list_buffers(self):
+        """ListBuffersResponse: .buffers (BufferInfo: name, kind, size, copies, ...) and
+        .registration_allowed."""
+        return self._call(self.dataplane.ListBuffers, _shm.dpb.ListBuffersRequest())
+
+    def put_from_buffer(self, model, tokens, buffer, offset=0, tenant="", parent=None,
+                        rotated_at=None, pin=False, rope_table=0, pre_rope=False, segment=False):
+        """put() / put_segment() with the blocks' bytes read by the daemon from a registered
+        buffer at `offset` (block layout, as put). Returns PutFromBufferResponse
+        (.blocks_stored, .blocks_existing, .block_hashes, .bytes_read)."""
+        if isinstance(buffer, _shm.CudaBuffer):
+            buffer.synchronize()
+        header = pb.PutHeader(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
+                              pin=pin, rope_table=rope_table, pre_rope=pre_rope)
+        if segment:
+            header.segment = True
+        if parent is not None:
+            header.parent = _hash_bytes(parent)
+        if rotated_at is not None:
+            header.rotated_at = int(rotated_at)
+        req = _shm.dpb.PutFromBufferRequest(header=header,
+                                            src=_shm.buffer_range(buffer, offset))
+        return self._call(self.dataplane.PutFromBuffer, req)
+
+    def _get_to_buffer(self, spec, model, tokens, tenant, target_position, max_blocks, out):
+        buffer, offset = _shm.resolve_out(out)
+        if isinstance(buffer, _shm.CudaBuffer):
+            buffer.synchronize()
+        req = _shm.dpb.GetToBufferRequest(model=model, tenant=tenant,
+                                          tokens=arrays.tokens_list(tokens),
+                                          max_blocks=max_blocks,
+                                          dst=_shm.buffer_range(buffer, offset))
+        if target_position is not None:
+            req.target_position = int(target_position)
+        resp = self._call(self.dataplane.GetToBuffer, req)
+        header = resp.header
+        return header, _shm.view(buffer, offset, arrays.numpy_dtype(spec.dtype),
+                                 _shm.torch_dtype_of(spec.dtype),
+                                 arrays.kv_shape(spec, header.blocks))
+
+    def _compose_to_buffer(self, spec, model, parts, tenant, out):
+        buffer, offset = _shm.resolve_out(out)
+        if isinstance(buffer, _shm.CudaBuffer):
+            buffer.synchronize()
+        req = _shm.dpb.ComposeToBufferRequest(model=model, tenant=tenant,
+                                              dst=_shm.buffer_range(buffer, offset))
+        for p in parts:
+            part = req.parts.add(tokens=arrays.tokens_list(p["tokens"]),
+                                 segment=bool(p.get("segment", False)))
+            if p.get("target_position") is not None:
+                part.target_position = int(p["target_position"])
+        resp = self._call(self.dataplane.ComposeToBuffer, req)
+        shape = (spec.layers, 2, spec.kv_heads, resp.header.total_tokens, spec.head_dim)
+        return resp.header, _shm.view(buffer, offset, arrays.numpy_dtype(spec.dtype),
+                                      _shm.torch_dtype_of(spec.dtype), shape)
 
 
 def _hash_bytes(h):
