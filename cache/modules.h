@@ -298,8 +298,8 @@ class ModuleStore {
 
   // Starts storing a module's KV: its own tokens (SchemaModule::tokens, n of them) in range
   // layout, keys rotated at SchemaModule::positions. NOT_FOUND for an unknown schema;
-  // INVALID_ARGUMENT for an unknown module (naming the schema), a bad rope table, or more than
-  // max_put_bytes.
+  // INVALID_ARGUMENT for an unknown module (naming the schema) or a bad rope table;
+  // RESOURCE_EXHAUSTED when its KV is more than max_put_bytes.
   absl::StatusOr<std::unique_ptr<KvWriter>> BeginPutModule(const PutModuleArgs& args);
   // BeginPutModule + Write + Finish.
   absl::StatusOr<PutKvResult> PutModule(const PutModuleArgs& args, absl::string_view range_bytes);
@@ -311,8 +311,9 @@ class ModuleStore {
   absl::StatusOr<ModulePrompt> ComposePrompt(const ComposePromptArgs& args);
 
   // Starts storing a context's KV (range layout, keys at positions prefix_tokens..). NOT_FOUND for
-  // an unknown model; INVALID_ARGUMENT for an empty context, a negative prefix length, a bad
-  // table or more than max_put_bytes.
+  // an unknown model; INVALID_ARGUMENT for an empty context, a negative token id or prefix length,
+  // a bad table; RESOURCE_EXHAUSTED when its KV is more than max_put_bytes. Contexts with the
+  // same tokens share one stored copy (the first put keeps its rotated_at).
   absl::StatusOr<std::unique_ptr<KvWriter>> BeginPutContext(const PutContextArgs& args);
   absl::StatusOr<PutKvResult> PutContext(const PutContextArgs& args, absl::string_view range_bytes);
 
