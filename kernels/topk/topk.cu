@@ -40,9 +40,11 @@ using internal::kScoreThreads;
 using internal::kScoreWarps;
 using internal::kSegBytes;
 
-constexpr int kStages = 3;                  // cp.async pipeline depth of ScoreTilesKernel
-constexpr int kSelThreads = 512;            // HistKernel, FilterKernel
-constexpr int kSelChunk = 8192;             // elements per selection block
+constexpr int kStages = 3;        // cp.async pipeline depth of ScoreTilesKernel
+constexpr int kSelThreads = 512;  // HistKernel, FilterKernel
+constexpr int kSelItems = 8;      // elements per thread per pass of a selection block
+constexpr int kSelChunk = kSelThreads * kSelItems;  // elements per selection block
+constexpr int kResolveItems = 4;            // candidates per thread per pass of the last block
 constexpr int kListThreads = 256;           // CandScoreKernel, RescoreKernel, GatherKernel
 constexpr int kQuerySmemBytes = 96 * 1024;  // queries of one scoring block
 constexpr float kInf = __builtin_huge_valf();
@@ -657,10 +659,18 @@ __global__ void __launch_bounds__(kSelThreads)
   const int64_t row = blockIdx.y;
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
-  for (int64_t e = begin + threadIdx.x; e < end; e += kSelThreads) {
-    uint32_t key, tie;
-    KeyTie(src, row, e, &key, &tie);
-    atomicAdd(&h[key >> 21], 1u);
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    // All loads first, then the counting.
+    uint32_t key[kSelItems], tie[kSelItems];
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = base + j * kSelThreads + threadIdx.x;
+      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      if (base + j * kSelThreads + threadIdx.x < end) atomicAdd(&h[key[j] >> 21], 1u);
+    }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) {
@@ -781,26 +791,43 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
     __syncthreads();
     FindThreshold(cur, DigitBins(p), k_rem, scan, thr_s);
     const Threshold t = *thr_s;
-    // One ordered pass over the candidates, compacting the survivors in place.
+    // One ordered pass over the candidates, compacting the survivors in place: a thread takes
+    // kResolveItems consecutive candidates, loads them all, then decides.
     uint32_t kept_total = 0;
-    for (uint32_t base = 0; base < n_cand; base += kSelThreads) {
-      const uint32_t i = base + tid;
-      uint32_t e = 0, key = 0, tie = 0;
-      bool keep = false;
-      if (i < n_cand) {
-        e = __ldcg(&cand[i]);
-        KeyTie(src, row, e, &key, &tie);
-        const uint32_t d = Digit(p, key, tie);
-        if (key != 0 && (d > t.bin || (d == t.bin && t.take_all))) {
-          Emit(sink, row, tie);
+    for (uint32_t base = 0; base < n_cand; base += kSelThreads * kResolveItems) {
+      uint32_t e[kResolveItems], key[kResolveItems], tie[kResolveItems];
+      bool keep[kResolveItems];
+      uint32_t n_keep = 0;
+#pragma unroll
+      for (int j = 0; j < kResolveItems; ++j) {
+        const uint32_t i = base + tid * kResolveItems + j;
+        e[j] = i < n_cand ? __ldcg(&cand[i]) : 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < kResolveItems; ++j) {
+        key[j] = 0;
+        tie[j] = 0;
+        if (base + tid * kResolveItems + j < n_cand) KeyTie(src, row, e[j], &key[j], &tie[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kResolveItems; ++j) {
+        keep[j] = false;
+        if (base + tid * kResolveItems + j >= n_cand) continue;
+        const uint32_t d = Digit(p, key[j], tie[j]);
+        if (key[j] != 0 && (d > t.bin || (d == t.bin && t.take_all))) {
+          Emit(sink, row, tie[j]);
         } else if (d == t.bin && !t.take_all) {
-          keep = true;
-          if (p < 5) atomicAdd(&nxt[Digit(p + 1, key, tie)], 1u);
+          keep[j] = true;
+          ++n_keep;
+          if (p < 5) atomicAdd(&nxt[Digit(p + 1, key[j], tie[j])], 1u);
         }
       }
       uint32_t rank = 0, kept = 0;
-      SelScan(scan).ExclusiveSum(keep ? 1u : 0u, rank, kept);
-      if (keep) cand[kept_total + rank] = e;
+      SelScan(scan).ExclusiveSum(n_keep, rank, kept);
+#pragma unroll
+      for (int j = 0; j < kResolveItems; ++j) {
+        if (keep[j]) cand[kept_total + rank++] = e[j];
+      }
       kept_total += kept;
       __syncthreads();
     }
@@ -841,29 +868,39 @@ __global__ void __launch_bounds__(kSelThreads)
   // whole). Below: dropped. Excluded elements (key 0) are never emitted.
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(len, begin + chunk);
-  for (int64_t base = begin; base < end; base += kSelThreads) {
-    const int64_t e = base + tid;
-    bool keep = false;
-    uint32_t key = 0, tie = 0;
-    if (e < end) {
-      KeyTie(src, row, e, &key, &tie);
-      const uint32_t d = key >> 21;
-      if (key != 0 && (d > t0.bin || (d == t0.bin && t0.take_all))) {
-        Emit(sink, row, tie);
-      } else if (d == t0.bin && !t0.take_all) {
-        keep = true;
-        atomicAdd(&hist_b[(key >> 10) & 2047u], 1u);
-      }
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    // All loads first (independent, so their latencies overlap), then the decisions.
+    uint32_t key[kSelItems], tie[kSelItems];
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = base + j * kSelThreads + tid;
+      key[j] = 0;
+      tie[j] = 0;
+      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
     }
-    // Warp-aggregated append to the candidate list.
-    const uint32_t mask = __ballot_sync(0xffffffffu, keep);
-    if (mask != 0) {
-      uint32_t pos0 = 0;
-      if (lane == 0) pos0 = atomicAdd(&ws.counters[row * 4 + 0], __popc(mask));
-      pos0 = __shfl_sync(0xffffffffu, pos0, 0);
-      if (keep) {
-        const uint32_t pos = pos0 + __popc(mask & ((1u << lane) - 1u));
-        ws.cand[row * len + pos] = static_cast<uint32_t>(e);
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = base + j * kSelThreads + tid;
+      bool keep = false;
+      if (e < end) {
+        const uint32_t d = key[j] >> 21;
+        if (key[j] != 0 && (d > t0.bin || (d == t0.bin && t0.take_all))) {
+          Emit(sink, row, tie[j]);
+        } else if (d == t0.bin && !t0.take_all) {
+          keep = true;
+          atomicAdd(&hist_b[(key[j] >> 10) & 2047u], 1u);
+        }
+      }
+      // Warp-aggregated append to the candidate list.
+      const uint32_t mask = __ballot_sync(0xffffffffu, keep);
+      if (mask != 0) {
+        uint32_t pos0 = 0;
+        if (lane == 0) pos0 = atomicAdd(&ws.counters[row * 4 + 0], __popc(mask));
+        pos0 = __shfl_sync(0xffffffffu, pos0, 0);
+        if (keep) {
+          const uint32_t pos = pos0 + __popc(mask & ((1u << lane) - 1u));
+          ws.cand[row * len + pos] = static_cast<uint32_t>(e);
+        }
       }
     }
   }
