@@ -56,7 +56,7 @@ endif()
 if(EXISTS ${PROJECT_SOURCE_DIR}/bench/dataplane_bench.cc)
   add_executable(dataplane_bench ${PROJECT_SOURCE_DIR}/bench/dataplane_bench.cc)
   target_link_libraries(dataplane_bench PRIVATE ropekv_dataplane_client ropekv_client
-    ropekv_cache absl::flags absl::flags_parse)
+    absl::flags absl::flags_parse absl::str_format)
   if(ROPEKV_WITH_CUDA)
     target_link_libraries(dataplane_bench PRIVATE CUDA::cudart_static)
   endif()

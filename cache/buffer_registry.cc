@@ -527,6 +527,18 @@ absl::Status BufferLease::Produce(uint64_t at, uint64_t n,
   return s;
 }
 
+absl::Status BufferLease::Write(uint64_t at, const void* src, uint64_t n) {
+  if (auto s = CheckPiece(at, n); !s.ok()) return s;
+  if (n == 0) return absl::OkStatus();
+  if (transfer_ != nullptr) {
+    if (auto s = transfer_->CopyIn(offset_ + at, src, n); !s.ok()) return s;
+  } else {
+    std::memcpy(host_ + at, src, n);
+  }
+  written_ += n;
+  return absl::OkStatus();
+}
+
 absl::Status BufferLease::Consume(uint64_t at, uint64_t n,
                                   absl::FunctionRef<absl::Status(const void* src)> use) {
   if (auto s = CheckPiece(at, n); !s.ok()) return s;

@@ -99,6 +99,10 @@ class BufferLease {
   // INVALID_ARGUMENT when [at, at + n) leaves the lease (nothing is written); fill's own errors as
   // they are.
   absl::Status Produce(uint64_t at, uint64_t n, absl::FunctionRef<absl::Status(void* dst)> fill);
+  // Writes n bytes from `src` at [at, at + n) of the lease: a memcpy into shared memory, a copy
+  // without staging to a GPU buffer (src must then stay valid and unchanged until Finish).
+  // INVALID_ARGUMENT when the range leaves the lease.
+  absl::Status Write(uint64_t at, const void* src, uint64_t n);
   // Hands bytes [at, at + n) of the lease to `use` (in place, or a staged copy of device bytes).
   absl::Status Consume(uint64_t at, uint64_t n,
                        absl::FunctionRef<absl::Status(const void* src)> use);

@@ -131,6 +131,18 @@ class Transfer final : public CudaIpcTransfer {
     return s;
   }
 
+  absl::Status CopyIn(uint64_t at, const void* src, uint64_t n) override {
+    if (!status_.ok()) return status_;
+    absl::Status s = [&]() -> absl::Status {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
+      ROPEKV_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(buffer_->begin + at, src, n, cudaMemcpyHostToDevice, staging_->stream));
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) status_ = s;
+    return s;
+  }
+
   absl::Status Consume(uint64_t at, uint64_t n,
                        absl::FunctionRef<absl::Status(const void* src)> use) override {
     if (!status_.ok()) return status_;

@@ -36,6 +36,10 @@ class CudaIpcTransfer {
   // CUDA errors as INTERNAL. The caller keeps [at, at + n) inside the buffer.
   virtual absl::Status Produce(uint64_t at, uint64_t n,
                                absl::FunctionRef<absl::Status(void* dst)> fill) = 0;
+  // Copies n host bytes at `src` to device bytes [at, at + n) asynchronously, without staging
+  // (DMA when src is pinned; the driver stages pageable memory itself). src must stay valid and
+  // unchanged until Finish.
+  virtual absl::Status CopyIn(uint64_t at, const void* src, uint64_t n) = 0;
   // Copies device bytes [at, at + n) to a host staging buffer and hands them to `use`.
   virtual absl::Status Consume(uint64_t at, uint64_t n,
                                absl::FunctionRef<absl::Status(const void* src)> use) = 0;

@@ -50,13 +50,19 @@ absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& bu
   auto lease = buffers.Acquire(args.dst, *bytes);
   if (!lease.ok()) return lease.status();
   const int64_t block_tokens = handle->model().spec.block_tokens;
-  absl::Status s = ProduceUnits(**lease, n, bb, [&](uint64_t i, void* dst) {
-    std::optional<int64_t> to;
-    if (args.target_position.has_value()) {
-      to = *args.target_position + static_cast<int64_t>(i) * block_tokens;
-    }
-    return handle->CopyBlock(i, dst, to);
-  });
+  absl::Status s;
+  if (!args.target_position.has_value()) {
+    // As stored: straight from the tier's copy (for a GPU buffer, DMA from the pinned host tier).
+    for (size_t i = 0; s.ok() && i < n; ++i)
+      s = (*lease)->Write(i * bb, handle->bytes(i).data(), bb);
+    absl::Status finished = (*lease)->Finish();
+    if (s.ok()) s = finished;
+  } else {
+    s = ProduceUnits(**lease, n, bb, [&](uint64_t i, void* dst) {
+      return handle->CopyBlock(i, dst,
+                               *args.target_position + static_cast<int64_t>(i) * block_tokens);
+    });
+  }
   if (!s.ok()) return s;
   GetToBufferResult r;
   r.matched_tokens = handle->matched_tokens();
