@@ -5,7 +5,8 @@
 // warm-up (median of many repetitions, L2 flushed before each one), prints a table and a JSON
 // line.
 //
-//   topk_bench [--quick] [--reps N]
+//   topk_bench [--quick] [--reps N] [--hq H] [--n N]
+// --quick: 32 query heads at N = 128K only; --hq / --n: one value instead of the list.
 //
 // Shapes: 8 KV heads, head_dim 128, bf16; query heads {8, 32, 512} x N {4K, 32K, 128K, 1M} x
 // k {64, 256, 1024, 4096}; n_sink 4, n_local 64. Targets (issue 7, at 32 query heads, N = 128K):
@@ -269,9 +270,17 @@ std::string CheckAgainstCpu(const DeviceInputs& in) {
 int Main(int argc, char** argv) {
   bool quick = false;
   int reps = 30;
+  int only_hq = 0;
+  int64_t only_n = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) reps = std::atoi(argv[++i]);
+    if (std::strcmp(argv[i], "--hq") == 0 && i + 1 < argc) only_hq = std::atoi(argv[++i]);
+    if (std::strcmp(argv[i], "--n") == 0 && i + 1 < argc) only_n = std::atoll(argv[++i]);
+  }
+  if (only_hq % kKvHeads != 0 || only_hq < 0 || only_n < 0) {
+    std::fprintf(stderr, "--hq must be a multiple of %d, --n positive\n", kKvHeads);
+    return 2;
   }
   cudaDeviceProp prop;
   BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -295,10 +304,16 @@ int Main(int argc, char** argv) {
     cudaFree(b);
   }
 
-  const std::vector<int> hqs = quick ? std::vector<int>{32} : std::vector<int>{8, 32, 512};
-  const std::vector<int64_t> ns = quick
+  const std::vector<int> hqs = only_hq > 0 ? std::vector<int>{only_hq}
+                               : quick     ? std::vector<int>{32}
+                                           : std::vector<int>{8, 32, 512};
+  const std::vector<int64_t> ns = only_n > 0 ? std::vector<int64_t>{only_n}
+                                  : quick
                                       ? std::vector<int64_t>{131072}
                                       : std::vector<int64_t>{4096, 32768, 131072, int64_t{1} << 20};
+  // The CPU check runs once: on 32 query heads and N = 32K when in the lists, else the first.
+  const int check_hq = std::find(hqs.begin(), hqs.end(), 32) != hqs.end() ? 32 : hqs[0];
+  const int64_t check_n = std::find(ns.begin(), ns.end(), 32768) != ns.end() ? 32768 : ns[0];
   const std::vector<int64_t> ks = {64, 256, 1024, 4096};
 
   std::string check = "skipped";
@@ -335,11 +350,11 @@ int Main(int argc, char** argv) {
                                  DenseMatrix<void*>(in.meta, DType::kBF16, pages, 2 * kHeadDim),
                                  stream));
       BENCH_CUDA(cudaStreamSynchronize(stream));
-      if (hq == 32 && n == (quick ? 131072 : 32768)) {
+      if (hq == check_hq && n == check_n) {
         check = CheckAgainstCpu(in);
         if (check.empty()) check = "ok";
-        std::printf("# check against the CPU path (hq 32, N %lld): %s\n", static_cast<long long>(n),
-                    check.c_str());
+        std::printf("# check against the CPU path (hq %d, N %lld): %s\n", hq,
+                    static_cast<long long>(n), check.c_str());
       }
       const double key_bytes = static_cast<double>(key_elems) * 2;
       const double read_us = key_bytes / copy_bw * 1e6;
