@@ -1,0 +1,580 @@
+#include "cache/retrieval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace ropekv {
+
+using topk::MatrixView;
+using topk::MutableMatrixView;
+
+// A source held for one call: the prefix blocks (read handle, re-rotated copies where needed) or a
+// session's document.
+struct RetrievalStore::SourceData {
+  ModelId model;
+  ModelSpec spec;
+  int64_t num_tokens = 0;
+  // Prefix.
+  std::string tenant;
+  std::optional<ReadHandle> handle;
+  std::vector<std::string> rerotated;  // per block: empty = read as stored
+  std::vector<int32_t> tokens;         // the N tokens covered
+  // Session.
+  std::string session_id;
+  std::shared_ptr<const SessionReader> reader;
+
+  bool session() const { return reader != nullptr; }
+  const void* block(size_t b) const {
+    return rerotated[b].empty() ? static_cast<const void*>(handle->bytes(b).data())
+                                : static_cast<const void*>(rerotated[b].data());
+  }
+};
+
+// The views of one layer. Views point into the vectors and strings here: never moved once set.
+struct RetrievalStore::LayerViews {
+  MatrixView keys;
+  MatrixView values;
+  MatrixView page_meta;
+  std::vector<const void*> key_blocks;
+  std::vector<const void*> value_blocks;
+  std::vector<const void*> meta_blocks;
+  std::string layer;  // session: [k|v][kv_heads][N][head_dim]
+  std::vector<std::shared_ptr<const std::string>> meta_hold;
+  bool metadata_cached = true;
+};
+
+namespace {
+
+std::string LayerKey(char kind, absl::string_view id, int layer) {
+  std::string key(1, kind);
+  key.append(id.data(), id.size());
+  char l[sizeof(int)];
+  std::memcpy(l, &layer, sizeof(int));
+  key.append(l, sizeof(int));
+  return key;
+}
+
+// Bytes of one [kv_heads][tokens][head_dim] plane of keys (or values).
+uint64_t PlaneBytes(const ModelSpec& spec, int64_t tokens) {
+  return static_cast<uint64_t>(spec.kv_heads) * tokens * spec.head_dim * DTypeSize(spec.dtype);
+}
+
+bool ValidQueryDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+}  // namespace
+
+uint64_t KeptSelection::layer_bytes() const {
+  return 2ull * rows_ * capacity_ * spec_.head_dim * DTypeSize(spec_.dtype);
+}
+
+absl::StatusOr<std::unique_ptr<RetrievalStore>> RetrievalStore::Create(KvCache* cache,
+                                                                       SessionStore* sessions,
+                                                                       Options options) {
+  if (cache == nullptr) return absl::InvalidArgumentError("retrieval needs a KvCache, got null");
+  if (options.max_selections == 0) {
+    return absl::InvalidArgumentError("max_selections must be >= 1, got 0");
+  }
+  if (options.selection_ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("selection_ttl must be positive, got ",
+                                                   absl::FormatDuration(options.selection_ttl)));
+  }
+  return std::unique_ptr<RetrievalStore>(new RetrievalStore(cache, sessions, std::move(options)));
+}
+
+RetrievalStore::RetrievalStore(KvCache* cache, SessionStore* sessions, Options options)
+    : cache_(cache), sessions_(sessions), options_(std::move(options)) {
+  std::random_device rd;
+  selection_salt_ = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+absl::Time RetrievalStore::Now() const { return options_.now ? options_.now() : absl::Now(); }
+
+// ---------------------------------------------------------------------------------------------
+// Sources
+
+namespace {
+
+// Holds the longest cached prefix of `tokens` (max_blocks: 0 = all) into src, with blocks whose
+// keys sit at another position than their place re-rotated to it.
+absl::Status HoldPrefix(KvCache* cache, const std::string& model, const std::string& tenant,
+                        absl::Span<const int32_t> tokens, uint32_t max_blocks,
+                        std::optional<ReadHandle>* handle, std::vector<std::string>* rerotated) {
+  auto h = cache->AcquirePrefix(model, tenant, tokens, max_blocks);
+  if (!h.ok()) return h.status();
+  const std::vector<BlockInfo>& blocks = h->blocks();
+  rerotated->assign(blocks.size(), std::string());
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    if (blocks[b].pre_rope) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("block ", b,
+                       " of the prompt holds pre-RoPE keys; selection needs keys "
+                       "rotated to their positions (post-RoPE)"));
+    }
+    if (blocks[b].rotated_at != blocks[b].position) {
+      (*rerotated)[b].resize(h->block_bytes());
+      absl::Status s = h->CopyBlock(b, (*rerotated)[b].data(), blocks[b].position);
+      if (!s.ok()) return s;
+    }
+  }
+  handle->emplace(*std::move(h));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const RetrievalSource& source) {
+  SourceData src;
+  if (!source.session_id.empty()) {
+    if (sessions_ == nullptr) {
+      return absl::FailedPreconditionError("this retrieval store has no session store");
+    }
+    auto reader = sessions_->Read(source.session_id, std::nullopt);
+    if (!reader.ok()) return reader.status();
+    if (reader->range().size() == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("session '", source.session_id, "' is empty: no token to select"));
+    }
+    src.spec = reader->spec();
+    src.model = ModelIdOf(src.spec);
+    src.num_tokens = reader->range().size();
+    src.session_id = source.session_id;
+    src.reader = std::make_shared<const SessionReader>(*std::move(reader));
+    return src;
+  }
+  auto model = cache_->ResolveModel(source.model);
+  if (!model.ok()) return model.status();
+  src.model = model->id;
+  src.spec = model->spec;
+  src.tenant = source.tenant;
+  absl::Status s =
+      HoldPrefix(cache_, model->id, source.tenant, source.tokens, 0, &src.handle, &src.rerotated);
+  if (!s.ok()) return s;
+  src.num_tokens = src.handle->matched_tokens();
+  if (src.num_tokens == 0) {
+    return absl::NotFoundError(absl::StrCat("no block of the prompt (", source.tokens.size(),
+                                            " tokens) is cached for model ", source.model,
+                                            ", tenant '", source.tenant, "' (blocks of ",
+                                            src.spec.block_tokens, " tokens)"));
+  }
+  src.tokens.assign(source.tokens.begin(), source.tokens.begin() + src.num_tokens);
+  return src;
+}
+
+absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, LayerViews* out) const {
+  const ModelSpec& spec = src.spec;
+  if (src.session()) {
+    const int64_t n = src.num_tokens;
+    out->layer.resize(src.reader->layer_bytes());
+    absl::Status s = src.reader->WriteLayer(layer, out->layer.data());
+    if (!s.ok()) return s;
+    out->keys = topk::DenseMatrix<const void*>(out->layer.data(), spec.dtype, n, spec.head_dim);
+    out->values = topk::DenseMatrix<const void*>(out->layer.data() + PlaneBytes(spec, n),
+                                                 spec.dtype, n, spec.head_dim);
+    return absl::OkStatus();
+  }
+  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+  const size_t blocks = src.handle->blocks().size();
+  out->key_blocks.resize(blocks);
+  out->value_blocks.resize(blocks);
+  for (size_t b = 0; b < blocks; ++b) {
+    const char* base = static_cast<const char*>(src.block(b));
+    out->key_blocks[b] = base + (2 * static_cast<uint64_t>(layer)) * plane;
+    out->value_blocks[b] = base + (2 * static_cast<uint64_t>(layer) + 1) * plane;
+  }
+  out->keys =
+      topk::BlockedMatrix(out->key_blocks.data(), spec.dtype, spec.block_tokens, spec.head_dim);
+  out->values =
+      topk::BlockedMatrix(out->value_blocks.data(), spec.dtype, spec.block_tokens, spec.head_dim);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page metadata
+
+absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
+    const std::string& key, uint64_t fingerprint, uint64_t bytes,
+    const std::function<absl::Status(void*)>& build, bool* cached) {
+  {
+    absl::MutexLock lock(&meta_mu_);
+    auto it = meta_.find(key);
+    if (it != meta_.end()) {
+      if (it->second.fingerprint == fingerprint && it->second.bytes->size() == bytes) {
+        ++counters_.metadata_hits;
+        meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
+        *cached = true;
+        return it->second.bytes;
+      }
+      // The keys changed under this entry (a session edit, a re-Put after eviction): drop it.
+      ++counters_.metadata_stale;
+      meta_bytes_ -= it->second.bytes->size();
+      meta_lru_.erase(it->second.lru);
+      meta_.erase(it);
+    }
+  }
+  *cached = false;
+  auto built = std::make_shared<std::string>(bytes, '\0');
+  if (absl::Status s = build(built->data()); !s.ok()) return s;
+  std::shared_ptr<const std::string> result = std::move(built);
+  absl::MutexLock lock(&meta_mu_);
+  ++counters_.metadata_builds;
+  if (bytes > options_.metadata_capacity_bytes) return result;  // too large to keep
+  if (auto it = meta_.find(key); it != meta_.end()) {           // a concurrent call built it too
+    meta_bytes_ -= it->second.bytes->size();
+    meta_lru_.erase(it->second.lru);
+    meta_.erase(it);
+  }
+  while (meta_bytes_ + bytes > options_.metadata_capacity_bytes && !meta_lru_.empty()) {
+    auto victim = meta_.find(meta_lru_.back());
+    meta_bytes_ -= victim->second.bytes->size();
+    meta_.erase(victim);
+    meta_lru_.pop_back();
+    ++counters_.metadata_evictions;
+  }
+  meta_lru_.push_front(key);
+  meta_.emplace(key, MetaEntry{result, fingerprint, meta_lru_.begin()});
+  meta_bytes_ += bytes;
+  return result;
+}
+
+absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerViews* views) {
+  const ModelSpec& spec = src.spec;
+  const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
+  const size_t es = DTypeSize(spec.dtype);
+  const bool verify = options_.verify_metadata;
+
+  if (!src.session() && spec.block_tokens % topk::kPageTokens == 0) {
+    // One entry per (block, layer): pages never straddle blocks.
+    const int64_t ppb = spec.block_tokens / topk::kPageTokens;
+    const uint64_t entry_bytes = static_cast<uint64_t>(spec.kv_heads) * ppb * width * es;
+    const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+    const std::vector<BlockInfo>& blocks = src.handle->blocks();
+    views->meta_blocks.resize(blocks.size());
+    views->meta_hold.resize(blocks.size());
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      const void* keys = views->key_blocks[b];
+      const uint64_t fingerprint = verify ? BlockChecksum(keys, plane) : 0;
+      bool cached = false;
+      auto meta = Metadata(
+          LayerKey('B', blocks[b].hash.Raw(), layer), fingerprint, entry_bytes,
+          [&](void* dst) {
+            return topk::BuildPageMetaCpu(
+                topk::DenseMatrix<const void*>(keys, spec.dtype, spec.block_tokens, spec.head_dim),
+                topk::PageMetaShape{spec.kv_heads, spec.head_dim, spec.block_tokens},
+                topk::DenseMatrix<void*>(dst, spec.dtype, ppb, width));
+          },
+          &cached);
+      if (!meta.ok()) return meta.status();
+      views->metadata_cached = views->metadata_cached && cached;
+      views->meta_blocks[b] = (*meta)->data();
+      views->meta_hold[b] = *std::move(meta);
+    }
+    views->page_meta = topk::BlockedMatrix(views->meta_blocks.data(), spec.dtype, ppb, width);
+    return absl::OkStatus();
+  }
+
+  // One entry over the whole sequence: a session's layer (keys as re-rotated now), or a prefix
+  // whose pages straddle blocks (keyed by its last block, whose chained hash names the prefix).
+  const int64_t n = src.num_tokens;
+  const int64_t pages = topk::NumPages(n);
+  const uint64_t entry_bytes = static_cast<uint64_t>(spec.kv_heads) * pages * width * es;
+  uint64_t fingerprint = 0;
+  std::string key;
+  if (src.session()) {
+    // Always checked: a Fill may replace keys without changing the session's version.
+    fingerprint = BlockChecksum(views->layer.data(), PlaneBytes(spec, n));
+    key = LayerKey('S', src.session_id, layer);
+  } else {
+    if (verify) {
+      const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+      std::vector<uint64_t> sums(views->key_blocks.size());
+      for (size_t b = 0; b < sums.size(); ++b) sums[b] = BlockChecksum(views->key_blocks[b], plane);
+      fingerprint = BlockChecksum(sums.data(), sums.size() * sizeof(uint64_t));
+    }
+    key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
+  }
+  bool cached = false;
+  auto meta = Metadata(
+      key, fingerprint, entry_bytes,
+      [&](void* dst) {
+        return topk::BuildPageMetaCpu(views->keys,
+                                      topk::PageMetaShape{spec.kv_heads, spec.head_dim, n},
+                                      topk::DenseMatrix<void*>(dst, spec.dtype, pages, width));
+      },
+      &cached);
+  if (!meta.ok()) return meta.status();
+  views->metadata_cached = cached;
+  views->page_meta = topk::DenseMatrix<const void*>((*meta)->data(), spec.dtype, pages, width);
+  views->meta_hold.push_back(*std::move(meta));
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Select
+
+absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
+  // What the request alone can get wrong, before anything is held.
+  if (args.k < 1) return absl::InvalidArgumentError(absl::StrCat("k must be >= 1, got ", args.k));
+  if (args.n_sink < 0 || args.n_local < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_sink and n_local must be >= 0, got ", args.n_sink, " and ", args.n_local));
+  }
+  if (args.query_heads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_heads must be >= 1, got ", args.query_heads));
+  }
+  if (!ValidQueryDType(args.query_dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("query dtype must be f32, f16 or bf16, got ",
+                                                   static_cast<int>(args.query_dtype)));
+  }
+
+  auto src = Resolve(args.source);
+  if (!src.ok()) return src.status();
+  const ModelSpec& spec = src->spec;
+  if (args.layer < 0 || args.layer >= spec.layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer must be in [0, ", spec.layers, ") for model ", src->model, ", got ", args.layer));
+  }
+  if (!topk::IsSupportedHeadDim(spec.head_dim)) {
+    return absl::InvalidArgumentError(absl::StrCat("model ", src->model, " has head_dim ",
+                                                   spec.head_dim,
+                                                   "; selection supports 64, 128 or 256"));
+  }
+  if (args.query_heads % spec.kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_heads must be a multiple of the model's kv_heads (", spec.kv_heads,
+                     "), got ", args.query_heads));
+  }
+  const uint64_t q_elems = static_cast<uint64_t>(args.query_heads) * spec.head_dim;
+  const uint64_t q_bytes = q_elems * DTypeSize(args.query_dtype);
+  if (args.queries.size() != q_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries must be ", args.query_heads, " heads x ", spec.head_dim, " x ",
+        DTypeName(args.query_dtype), " = ", q_bytes, " bytes, got ", args.queries.size()));
+  }
+  for (uint64_t i = 0; i < q_elems; ++i) {
+    if (std::isnan(LoadAsFloat(args.queries.data(), i, args.query_dtype))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "queries: NaN at query head ", i / spec.head_dim, ", element ", i % spec.head_dim));
+    }
+  }
+
+  LayerViews views;
+  if (absl::Status s = ViewsOf(*src, args.layer, &views); !s.ok()) return s;
+  const bool page_mode = args.mode != topk::Mode::kExact;
+  if (page_mode) {
+    if (absl::Status s = PageMetaOf(*src, args.layer, &views); !s.ok()) return s;
+  }
+
+  topk::SelectRequest req;
+  req.kv_heads = spec.kv_heads;
+  req.query_heads = args.query_heads;
+  req.head_dim = spec.head_dim;
+  req.num_tokens = src->num_tokens;
+  req.queries = args.queries.data();
+  req.query_dtype = args.query_dtype;
+  req.keys = views.keys;
+  if (page_mode) req.page_meta = views.page_meta;
+  req.mode = args.mode;
+  req.reduction = args.reduction;
+  req.k = args.k;
+  req.candidate_tokens = args.candidate_tokens;
+  req.n_sink = args.n_sink;
+  req.n_local = args.n_local;
+  req.softmax_scale = args.softmax_scale;
+
+  SelectOutput out;
+  out.model = src->model;
+  out.num_tokens = src->num_tokens;
+  out.kv_heads = spec.kv_heads;
+  out.head_dim = spec.head_dim;
+  out.dtype = spec.dtype;
+  out.rows = topk::SelectRows(req);
+  out.capacity = topk::SelectCapacity(req);
+  out.counts.assign(out.rows, 0);
+  out.indices.assign(out.rows * out.capacity, -1);
+  topk::SelectResult result;
+  result.indices = out.indices.data();
+  result.counts = out.counts.data();
+  if (args.want_scores) {
+    out.scores.assign(out.rows * out.capacity, 0.0f);
+    result.scores = out.scores.data();
+  }
+  if (args.want_mass) {
+    out.mass.assign(out.rows, 0.0f);
+    result.mass = out.mass.data();
+  }
+  if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
+  out.metadata_cached = page_mode && views.metadata_cached;
+
+  if (args.gather) {
+    const uint64_t half =
+        static_cast<uint64_t>(out.rows) * out.capacity * spec.head_dim * DTypeSize(spec.dtype);
+    out.gathered.assign(2 * half, '\0');
+    topk::GatherRequest g;
+    g.kv_heads = spec.kv_heads;
+    g.head_dim = spec.head_dim;
+    g.num_tokens = src->num_tokens;
+    g.rows = out.rows;
+    g.capacity = out.capacity;
+    g.keys = views.keys;
+    g.values = views.values;
+    g.indices = out.indices.data();
+    g.counts = out.counts.data();
+    g.dst_keys = out.gathered.data();
+    g.dst_values = out.gathered.data() + half;
+    if (absl::Status s = topk::GatherCpu(g); !s.ok()) return s;
+  }
+
+  if (args.keep) {
+    auto kept = std::make_shared<KeptSelection>();
+    kept->spec_ = spec;
+    kept->model_ = src->model;
+    kept->num_tokens_ = src->num_tokens;
+    kept->rows_ = out.rows;
+    kept->capacity_ = out.capacity;
+    kept->counts_ = out.counts;
+    kept->indices_ = out.indices;
+    if (src->session()) {
+      kept->session_ = src->reader;
+    } else {
+      kept->tenant_ = src->tenant;
+      kept->tokens_ = src->tokens;
+      kept->last_block_ = src->handle->blocks().back().hash;
+    }
+    auto id = Keep(std::move(kept));
+    if (!id.ok()) return id.status();
+    out.selection_id = *std::move(id);
+  }
+  absl::MutexLock lock(&meta_mu_);
+  ++counters_.selects;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kept selections and Gather
+
+void RetrievalStore::SweepSelectionsLocked() {
+  const absl::Time now = Now();
+  for (auto it = selections_.begin(); it != selections_.end();) {
+    if (now - it->second.last_used > options_.selection_ttl) {
+      selections_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+}
+
+absl::StatusOr<std::string> RetrievalStore::Keep(std::shared_ptr<KeptSelection> selection) {
+  absl::MutexLock lock(&selections_mu_);
+  SweepSelectionsLocked();
+  while (selections_.size() >= options_.max_selections) {
+    auto oldest = selections_.begin();
+    for (auto it = selections_.begin(); it != selections_.end(); ++it) {
+      if (it->second.last_used < oldest->second.last_used) oldest = it;
+    }
+    selections_.erase(oldest);
+  }
+  std::string id =
+      absl::StrCat("sel-", absl::Hex(selection_salt_, absl::kZeroPad16), "-", next_selection_++);
+  selections_.emplace(id, SelectionEntry{std::move(selection), Now()});
+  return id;
+}
+
+absl::StatusOr<std::shared_ptr<const KeptSelection>> RetrievalStore::FindSelection(
+    absl::string_view id) {
+  absl::MutexLock lock(&selections_mu_);
+  SweepSelectionsLocked();
+  auto it = selections_.find(id);
+  if (it == selections_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("selection '", id, "' is unknown, expired or was dropped"));
+  }
+  it->second.last_used = Now();
+  return it->second.selection;
+}
+
+absl::Status RetrievalStore::Release(absl::string_view id) {
+  absl::MutexLock lock(&selections_mu_);
+  SweepSelectionsLocked();
+  auto it = selections_.find(id);
+  if (it == selections_.end()) {
+    return absl::NotFoundError(absl::StrCat("selection '", id, "' is unknown or expired"));
+  }
+  selections_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, void* dst) {
+  const ModelSpec& spec = sel.spec_;
+  if (layer < 0 || layer >= spec.layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer must be in [0, ", spec.layers,
+                                                   ") for model ", sel.model_, ", got ", layer));
+  }
+  SourceData src;
+  src.model = sel.model_;
+  src.spec = spec;
+  src.num_tokens = sel.num_tokens_;
+  if (sel.session_ != nullptr) {
+    src.reader = sel.session_;
+  } else {
+    const uint32_t blocks = static_cast<uint32_t>(sel.num_tokens_ / spec.block_tokens);
+    absl::Status s = HoldPrefix(cache_, sel.model_, sel.tenant_, sel.tokens_, blocks, &src.handle,
+                                &src.rerotated);
+    if (!s.ok()) return s;
+    if (src.handle->matched_tokens() != sel.num_tokens_ ||
+        src.handle->blocks().back().hash != sel.last_block_) {
+      return absl::NotFoundError(absl::StrCat(
+          "the blocks the selection was made over are no longer cached: it covers ",
+          sel.num_tokens_, " tokens, ", src.handle->matched_tokens(), " are cached now"));
+    }
+  }
+  LayerViews views;
+  if (absl::Status s = ViewsOf(src, layer, &views); !s.ok()) return s;
+  const uint64_t half = sel.layer_bytes() / 2;
+  topk::GatherRequest g;
+  g.kv_heads = spec.kv_heads;
+  g.head_dim = spec.head_dim;
+  g.num_tokens = sel.num_tokens_;
+  g.rows = sel.rows_;
+  g.capacity = sel.capacity_;
+  g.keys = views.keys;
+  g.values = views.values;
+  g.indices = sel.indices_.data();
+  g.counts = sel.counts_.data();
+  g.dst_keys = dst;
+  g.dst_values = static_cast<char*>(dst) + half;
+  if (absl::Status s = topk::GatherCpu(g); !s.ok()) return s;
+  absl::MutexLock lock(&meta_mu_);
+  ++counters_.gathers;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> RetrievalStore::Gather(absl::string_view id, int layer) {
+  auto sel = FindSelection(id);
+  if (!sel.ok()) return sel.status();
+  std::string out((*sel)->layer_bytes(), '\0');
+  if (absl::Status s = GatherLayer(**sel, layer, out.data()); !s.ok()) return s;
+  return out;
+}
+
+RetrievalStore::Stats RetrievalStore::stats() const {
+  Stats s;
+  {
+    absl::MutexLock lock(&meta_mu_);
+    s = counters_;
+    s.metadata_entries = meta_.size();
+    s.metadata_bytes = meta_bytes_;
+  }
+  s.metadata_capacity_bytes = options_.metadata_capacity_bytes;
+  absl::MutexLock lock(&selections_mu_);
+  s.selections = selections_.size();
+  return s;
+}
+
+}  // namespace ropekv

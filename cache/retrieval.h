@@ -1,0 +1,239 @@
+// Retrieval: query-aware top-k selection over the daemon's caches (Quest, TidalDecode). Given the
+// post-RoPE queries of one layer at a decode step, RetrievalStore::Select picks per KV head (or per
+// query head) the cached tokens that matter most, through kernels/topk's CPU path (SelectCpu), over
+// either the longest cached prefix of a prompt (KvCache blocks, read in place) or an editor session
+// (SessionStore: its keys re-rotated to their current positions). A selection can be kept for a
+// short idle TTL and gathered at other layers of the same step (position-persistent selection).
+//
+// Page metadata (the Quest bound's per-16-token-page element-wise max M and min m of the keys) is
+// kept in this store's own bounded LRU, not with the blocks: it is built in bulk the first time a
+// block (or a session layer) is selected over in a page mode, i.e. lazily on first use, until the
+// KvCache's Put path gets a hook to build it on write.
+// - Prefix blocks whose block_tokens is a multiple of 16: one entry per (block hash, layer), shared
+//   by every prompt that has the block.
+// - Sessions, and blocks whose pages straddle blocks: one entry per (session | last block hash,
+//   layer) over the whole sequence.
+// Every entry carries a 64-bit XXH3 fingerprint of the keys it was built from, checked on use when
+// Options::verify_metadata is on (default): min/max do not commute with rotation, so a session
+// edit that moves keys, a Fill that replaces them, or a block re-Put with other bytes after an
+// eviction is detected and the metadata re-derived from the keys as they are now. (Without the
+// check a page mode reads only the metadata; with it, the keys once at memory speed.)
+//
+// Prefix blocks whose keys were stored at another position than their place in the prompt
+// (Put with rotated_at) are re-rotated to their positions first (one rotation, as Get does).
+//
+// Thread safety: thread-safe. Two mutexes, never nested: meta_mu_ (metadata entries) and
+// selections_mu_ (kept selections); neither is held while calling into the KvCache or the
+// SessionStore, nor while a kernel runs.
+#ifndef ROPEKV_CACHE_RETRIEVAL_H_
+#define ROPEKV_CACHE_RETRIEVAL_H_
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "cache/hash.h"
+#include "cache/kv_cache.h"
+#include "cache/model.h"
+#include "cache/session.h"
+#include "kernels/topk/topk.h"
+
+namespace ropekv {
+
+// What to select over: a cached prefix (session_id empty) or a session.
+struct RetrievalSource {
+  // The longest cached prefix of `tokens` (full blocks) of `model` (id or name) and `tenant`.
+  std::string model;
+  std::string tenant;
+  std::vector<int32_t> tokens;
+  // When not empty: the whole document of this session (no tokens awaiting Fill).
+  std::string session_id;
+};
+
+struct SelectArgs {
+  RetrievalSource source;
+  int layer = 0;        // 0 <= layer < the model's layers
+  int query_heads = 0;  // a positive multiple of the model's kv_heads
+  // [query_heads][head_dim] post-RoPE queries in query_dtype (borrowed for the call).
+  absl::string_view queries;
+  DType query_dtype = DType::kF32;  // f32, f16 or bf16 (typically f32 or the model's dtype)
+  int64_t k = 0;                    // >= 1 (see topk::SelectRequest::k)
+  topk::Mode mode = topk::Mode::kExact;
+  topk::GqaReduction reduction = topk::GqaReduction::kMax;
+  int64_t n_sink = 0;            // >= 0
+  int64_t n_local = 0;           // >= 0
+  int64_t candidate_tokens = 0;  // kBoundThenExact: 0 = 4 * k, else >= k
+  float softmax_scale = 0.0f;    // of the captured mass; 0 = 1 / sqrt(head_dim)
+  bool want_scores = false;      // exact reduced scores of the selected tokens
+  bool want_mass = false;        // captured softmax mass per row
+  bool gather = false;           // the selected tokens' K/V at `layer`
+  bool keep = false;             // keep the selection for Gather (selection_id)
+};
+
+struct SelectOutput {
+  ModelId model;
+  int64_t num_tokens = 0;  // N: tokens selected over
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kBF16;    // of the model (and of `gathered`)
+  int64_t rows = 0;              // kv_heads, or query_heads for kPerQueryHead
+  int64_t capacity = 0;          // slots per row (topk::SelectCapacity)
+  std::vector<int32_t> counts;   // [rows]
+  std::vector<int32_t> indices;  // [rows][capacity] ascending, -1 after counts[r]
+  std::vector<float> scores;     // [rows][capacity] with want_scores (NaN after counts[r])
+  std::vector<float> mass;       // [rows] with want_mass
+  std::string selection_id;      // with keep
+  // With gather: [k|v][rows][capacity][head_dim] in `dtype`; zeros after counts[r].
+  std::string gathered;
+  // Page modes: every piece of page metadata came from the store (none was built).
+  bool metadata_cached = false;
+};
+
+// A kept selection: the token indices of one Select, to gather at other layers. Immutable.
+class KeptSelection {
+ public:
+  const ModelSpec& spec() const { return spec_; }
+  int64_t num_tokens() const { return num_tokens_; }
+  int64_t rows() const { return rows_; }
+  int64_t capacity() const { return capacity_; }
+  const std::vector<int32_t>& counts() const { return counts_; }
+  const std::vector<int32_t>& indices() const { return indices_; }  // [rows][capacity]
+  // Bytes of one layer's gathered K/V: 2 * rows * capacity * head_dim * dtype size.
+  uint64_t layer_bytes() const;
+
+ private:
+  friend class RetrievalStore;
+  ModelSpec spec_;
+  ModelId model_;
+  int64_t num_tokens_ = 0;
+  int64_t rows_ = 0;
+  int64_t capacity_ = 0;
+  std::vector<int32_t> counts_;
+  std::vector<int32_t> indices_;
+  // Prefix: re-acquired on Gather and checked to be the same blocks (the cache stays free to
+  // evict them meanwhile).
+  std::string tenant_;
+  std::vector<int32_t> tokens_;  // the N tokens selected over
+  BlockHash last_block_;
+  // Session: the document as it was selected over (chunks are immutable and shared).
+  std::shared_ptr<const SessionReader> session_;
+};
+
+class RetrievalStore {
+ public:
+  struct Options {
+    // Bytes of page metadata kept (least recently used entries go first). 0: none is kept (built
+    // for every call).
+    uint64_t metadata_capacity_bytes = 256ull << 20;
+    // Check every metadata entry against a fingerprint of the keys before use (see the top).
+    bool verify_metadata = true;
+    // Kept selections: at most this many (the least recently used is dropped for a new one), each
+    // dropped after this long unused.
+    uint32_t max_selections = 1024;
+    absl::Duration selection_ttl = absl::Seconds(10);
+    // The clock (tests inject one); default absl::Now.
+    std::function<absl::Time()> now;
+  };
+
+  struct Stats {
+    uint64_t selects = 0;
+    uint64_t gathers = 0;  // layers gathered from kept selections
+    uint64_t metadata_entries = 0;
+    uint64_t metadata_bytes = 0;
+    uint64_t metadata_capacity_bytes = 0;
+    uint64_t metadata_hits = 0;    // entries found with matching keys
+    uint64_t metadata_builds = 0;  // entries built (first use, keys changed, or not kept)
+    uint64_t metadata_stale = 0;   // entries found whose keys had changed (rebuilt)
+    uint64_t metadata_evictions = 0;
+    uint64_t selections = 0;  // kept selections alive
+  };
+
+  // `cache` (borrowed, must outlive the store) holds prefixes; `sessions` (borrowed, may be null:
+  // then session sources are FAILED_PRECONDITION) holds sessions. INVALID_ARGUMENT for a null
+  // cache, zero max_selections or a non-positive TTL.
+  static absl::StatusOr<std::unique_ptr<RetrievalStore>> Create(KvCache* cache,
+                                                                SessionStore* sessions,
+                                                                Options options);
+
+  // Selects over args.source (see SelectArgs). Errors:
+  // - INVALID_ARGUMENT: k < 1, negative n_sink / n_local, bad query_heads, layer out of range,
+  //   queries not query_heads * head_dim elements of query_dtype, NaN in the queries (or in the
+  //   stored keys or scores the mode reads), a head_dim without kernels (64, 128, 256 only);
+  // - NOT_FOUND: unknown model or session, or no full block of the prompt is cached;
+  // - FAILED_PRECONDITION: pre-RoPE blocks, a session with tokens awaiting Fill, no session store.
+  absl::StatusOr<SelectOutput> Select(const SelectArgs& args);
+
+  // The kept selection `id`, its idle time reset. NOT_FOUND when unknown, expired or dropped.
+  absl::StatusOr<std::shared_ptr<const KeptSelection>> FindSelection(absl::string_view id);
+
+  // Writes the K/V of `selection`'s tokens at `layer` into dst (selection.layer_bytes() bytes):
+  // [k|v][rows][capacity][head_dim], zeros after counts[r]. INVALID_ARGUMENT for a layer out of
+  // range; NOT_FOUND when the prefix blocks it was made over are no longer all cached.
+  absl::Status GatherLayer(const KeptSelection& selection, int layer, void* dst);
+
+  // FindSelection + GatherLayer into a new string.
+  absl::StatusOr<std::string> Gather(absl::string_view id, int layer);
+
+  // Drops a kept selection. NOT_FOUND when unknown.
+  absl::Status Release(absl::string_view id);
+
+  Stats stats() const;
+
+ private:
+  struct SourceData;
+  struct LayerViews;
+  struct MetaEntry {
+    std::shared_ptr<const std::string> bytes;
+    uint64_t fingerprint = 0;
+    std::list<std::string>::iterator lru;
+  };
+  struct SelectionEntry {
+    std::shared_ptr<const KeptSelection> selection;
+    absl::Time last_used;
+  };
+
+  RetrievalStore(KvCache* cache, SessionStore* sessions, Options options);
+  absl::Time Now() const;
+
+  // Resolves and holds the source; checks layer and the request's shapes against the model.
+  absl::StatusOr<SourceData> Resolve(const RetrievalSource& source);
+  // The K and V views of one layer of a resolved source.
+  absl::Status ViewsOf(SourceData& src, int layer, LayerViews* out) const;
+  // The page metadata of one layer (built or from the store), as a view for SelectRequest.
+  absl::Status PageMetaOf(const SourceData& src, int layer, LayerViews* views);
+  // The entry `key` if its fingerprint matches, else one built by `build` and kept.
+  absl::StatusOr<std::shared_ptr<const std::string>> Metadata(
+      const std::string& key, uint64_t fingerprint, uint64_t bytes,
+      const std::function<absl::Status(void*)>& build, bool* cached);
+
+  absl::StatusOr<std::string> Keep(std::shared_ptr<KeptSelection> selection);
+  void SweepSelectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(selections_mu_);
+
+  KvCache* cache_;
+  SessionStore* sessions_;
+  const Options options_;
+
+  mutable absl::Mutex meta_mu_;
+  absl::flat_hash_map<std::string, MetaEntry> meta_ ABSL_GUARDED_BY(meta_mu_);
+  std::list<std::string> meta_lru_ ABSL_GUARDED_BY(meta_mu_);  // front = most recent
+  uint64_t meta_bytes_ ABSL_GUARDED_BY(meta_mu_) = 0;
+  Stats counters_ ABSL_GUARDED_BY(meta_mu_);
+
+  mutable absl::Mutex selections_mu_;
+  absl::flat_hash_map<std::string, SelectionEntry> selections_ ABSL_GUARDED_BY(selections_mu_);
+  uint64_t next_selection_ ABSL_GUARDED_BY(selections_mu_) = 0;
+  uint64_t selection_salt_ = 0;
+};
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_CACHE_RETRIEVAL_H_

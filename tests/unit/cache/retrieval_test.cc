@@ -1,0 +1,969 @@
+// RetrievalStore over an in-process KvCache and SessionStore: every selection is checked against a
+// top-k of fp64 scores (or fp64 Quest bounds) computed here from the stored bytes, up to ties.
+#include "cache/retrieval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cache/kv_cache.h"
+#include "cache/session.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/common/dtype.h"
+
+namespace ropekv {
+namespace {
+
+using topk::GqaReduction;
+using topk::Mode;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Keys of one layer as fp64: key(head, token, column).
+using KeyFn = std::function<double(int, int64_t, int)>;
+
+std::string ModeName(Mode m) {
+  return m == Mode::kExact ? "Exact" : m == Mode::kBound ? "Bound" : "BoundThenExact";
+}
+std::string ReductionName(GqaReduction r) {
+  return r == GqaReduction::kMax ? "Max" : r == GqaReduction::kSum ? "Sum" : "PerQueryHead";
+}
+
+// Random KV in block layout: `blocks` blocks of [layer][k|v][kv_head][block_tokens][head_dim].
+std::string RandomBlocks(const ModelSpec& spec, int64_t blocks, std::mt19937_64& rng) {
+  const size_t es = DTypeSize(spec.dtype);
+  const size_t elems = BlockBytes(spec) / es * blocks;
+  std::string out(elems * es, '\0');
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < elems; ++i) StoreFromFloat(out.data(), i, spec.dtype, normal(rng));
+  return out;
+}
+
+// Element (layer, kv, head, token, column) of block-layout bytes.
+size_t BlockIndex(const ModelSpec& s, int layer, int kv, int head, int64_t t, int c) {
+  const int64_t b = t / s.block_tokens;
+  const int64_t tok = t % s.block_tokens;
+  return ((((static_cast<size_t>(b) * s.layers + layer) * 2 + kv) * s.kv_heads + head) *
+              s.block_tokens +
+          tok) *
+             s.head_dim +
+         c;
+}
+
+KeyFn BlockKeys(const ModelSpec& s, const std::string& blocks, int layer, int kv = 0) {
+  return [&s, &blocks, layer, kv](int h, int64_t t, int c) {
+    return static_cast<double>(
+        LoadAsFloat(blocks.data(), BlockIndex(s, layer, kv, h, t, c), s.dtype));
+  };
+}
+
+// Keys of a layer in range layout [k|v][kv_head][n][head_dim] (SessionReader::WriteLayer).
+KeyFn RangeKeys(const ModelSpec& s, const std::string& layer, int64_t n, int kv = 0) {
+  return [&s, &layer, n, kv](int h, int64_t t, int c) {
+    const size_t i = ((static_cast<size_t>(kv) * s.kv_heads + h) * n + t) * s.head_dim + c;
+    return static_cast<double>(LoadAsFloat(layer.data(), i, s.dtype));
+  };
+}
+
+std::vector<float> RandomQueries(int query_heads, int head_dim, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(static_cast<size_t>(query_heads) * head_dim);
+  for (float& x : q) x = normal(rng);
+  return q;
+}
+
+absl::string_view Bytes(const std::vector<float>& v) {
+  return absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+
+// Per query head fp64 scores q.k: [query_heads][n].
+std::vector<std::vector<double>> HeadScores(const std::vector<float>& q, int query_heads,
+                                            int kv_heads, int head_dim, int64_t n,
+                                            const KeyFn& key) {
+  const int group = query_heads / kv_heads;
+  std::vector<std::vector<double>> s(query_heads, std::vector<double>(n));
+  for (int h = 0; h < query_heads; ++h) {
+    for (int64_t t = 0; t < n; ++t) {
+      double acc = 0;
+      for (int c = 0; c < head_dim; ++c) acc += double{q[h * head_dim + c]} * key(h / group, t, c);
+      s[h][t] = acc;
+    }
+  }
+  return s;
+}
+
+// Row values reduced as the row is: rows x len, from per-head values [query_heads][len].
+std::vector<std::vector<double>> Reduce(const std::vector<std::vector<double>>& per_head,
+                                        int kv_heads, GqaReduction r) {
+  if (r == GqaReduction::kPerQueryHead) return per_head;
+  const int group = static_cast<int>(per_head.size()) / kv_heads;
+  std::vector<std::vector<double>> out(kv_heads, std::vector<double>(per_head[0].size()));
+  for (int g = 0; g < kv_heads; ++g) {
+    for (size_t t = 0; t < per_head[0].size(); ++t) {
+      double v = r == GqaReduction::kMax ? -kInf : 0.0;
+      for (int j = 0; j < group; ++j) {
+        const double x = per_head[g * group + j][t];
+        v = r == GqaReduction::kMax ? std::max(v, x) : v + x;
+      }
+      out[g][t] = v;
+    }
+  }
+  return out;
+}
+
+// Quest bound of every page per query head, fp64 over the exact per-page max/min of the keys.
+std::vector<std::vector<double>> HeadBounds(const std::vector<float>& q, int query_heads,
+                                            int kv_heads, int head_dim, int64_t n,
+                                            const KeyFn& key) {
+  const int group = query_heads / kv_heads;
+  const int64_t pages = topk::NumPages(n);
+  std::vector<std::vector<double>> b(query_heads, std::vector<double>(pages));
+  for (int h = 0; h < query_heads; ++h) {
+    for (int64_t p = 0; p < pages; ++p) {
+      double acc = 0;
+      for (int c = 0; c < head_dim; ++c) {
+        double hi = -kInf, lo = kInf;
+        for (int64_t t = p * 16; t < std::min(n, (p + 1) * 16); ++t) {
+          hi = std::max(hi, key(h / group, t, c));
+          lo = std::min(lo, key(h / group, t, c));
+        }
+        const double qc = q[h * head_dim + c];
+        acc += std::max(qc * hi, qc * lo);
+      }
+      b[h][p] = acc;
+    }
+  }
+  return b;
+}
+
+// Checks that `chosen` holds the top `want` of `candidates` by `value`, up to ties: every chosen
+// value is >= every other candidate's value, within a relative tolerance.
+void ExpectTopUpToTies(const std::vector<int64_t>& chosen, const std::vector<int64_t>& candidates,
+                       const std::vector<double>& value, size_t want, const std::string& what) {
+  ASSERT_EQ(chosen.size(), want) << what;
+  std::set<int64_t> in(chosen.begin(), chosen.end());
+  double min_in = kInf, max_out = -kInf;
+  for (int64_t c : candidates) {
+    if (in.count(c)) {
+      min_in = std::min(min_in, value[c]);
+    } else {
+      max_out = std::max(max_out, value[c]);
+    }
+  }
+  for (int64_t c : chosen) {
+    EXPECT_TRUE(std::find(candidates.begin(), candidates.end(), c) != candidates.end())
+        << what << ": " << c << " is not a candidate";
+  }
+  EXPECT_GE(min_in, max_out - 1e-6 * (1 + std::abs(max_out))) << what;
+}
+
+// The selection of row r as a vector (count entries).
+std::vector<int64_t> Row(const SelectOutput& out, int64_t r) {
+  std::vector<int64_t> v;
+  for (int32_t j = 0; j < out.counts[r]; ++j) v.push_back(out.indices[r * out.capacity + j]);
+  return v;
+}
+
+// Checks every row of `out` against fp64 references: ascending, sink/local included, and the
+// rest the top of the exact scores (kExact) or of the page bounds (kBound), or the top exact
+// scores among the bound's candidate pages (kBoundThenExact); scores and mass when present.
+void CheckSelection(const SelectOutput& out, const SelectArgs& a, const std::vector<float>& q,
+                    int kv_heads, int head_dim, int64_t n, const KeyFn& key) {
+  const auto head_scores = HeadScores(q, a.query_heads, kv_heads, head_dim, n, key);
+  const auto scores = Reduce(head_scores, kv_heads, a.reduction);
+  const auto bounds =
+      Reduce(HeadBounds(q, a.query_heads, kv_heads, head_dim, n, key), kv_heads, a.reduction);
+  ASSERT_EQ(out.num_tokens, n);
+  ASSERT_EQ(out.rows, static_cast<int64_t>(scores.size()));
+  const int64_t pages = topk::NumPages(n);
+  auto pinned = [&](int64_t t) { return t < a.n_sink || t >= n - a.n_local; };
+  for (int64_t r = 0; r < out.rows; ++r) {
+    const std::string what =
+        absl::StrCat(ModeName(a.mode), "/", ReductionName(a.reduction), " row ", r);
+    const std::vector<int64_t> row = Row(out, r);
+    ASSERT_TRUE(std::is_sorted(row.begin(), row.end())) << what;
+    ASSERT_EQ(std::set<int64_t>(row.begin(), row.end()).size(), row.size()) << what;
+    for (int64_t j = out.counts[r]; j < out.capacity; ++j) {
+      EXPECT_EQ(out.indices[r * out.capacity + j], -1) << what;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      if (pinned(t)) {
+        EXPECT_TRUE(std::binary_search(row.begin(), row.end(), t)) << what << ": pinned " << t;
+      }
+    }
+    std::vector<int64_t> free_tokens;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!pinned(t)) free_tokens.push_back(t);
+    }
+    std::vector<int64_t> chosen;
+    for (int64_t t : row) {
+      if (!pinned(t)) chosen.push_back(t);
+    }
+    if (a.mode == Mode::kExact) {
+      ExpectTopUpToTies(chosen, free_tokens, scores[r], std::min<size_t>(a.k, free_tokens.size()),
+                        what);
+    } else {
+      // Pages with a free token compete on their bound.
+      std::vector<int64_t> free_pages;
+      for (int64_t p = 0; p < pages; ++p) {
+        for (int64_t t = p * 16; t < std::min(n, (p + 1) * 16); ++t) {
+          if (!pinned(t)) {
+            free_pages.push_back(p);
+            break;
+          }
+        }
+      }
+      if (a.mode == Mode::kBound) {
+        std::set<int64_t> chosen_pages;
+        for (int64_t t : chosen) chosen_pages.insert(t / 16);
+        // Every token of a chosen page is in the row.
+        for (int64_t p : chosen_pages) {
+          for (int64_t t = p * 16; t < std::min(n, (p + 1) * 16); ++t) {
+            EXPECT_TRUE(std::binary_search(row.begin(), row.end(), t)) << what << ": page " << p;
+          }
+        }
+        ExpectTopUpToTies(std::vector<int64_t>(chosen_pages.begin(), chosen_pages.end()),
+                          free_pages, bounds[r],
+                          std::min<size_t>(topk::NumPages(a.k), free_pages.size()), what);
+      } else {
+        const int64_t cand_tokens = a.candidate_tokens == 0 ? 4 * a.k : a.candidate_tokens;
+        const size_t cand_pages = std::min<size_t>(topk::NumPages(cand_tokens), free_pages.size());
+        // The candidate pages: the top cand_pages by bound (ties at the edge make this a choice;
+        // the test data has no exact ties). The chosen tokens are the top of their free tokens.
+        std::vector<int64_t> by_bound = free_pages;
+        std::stable_sort(by_bound.begin(), by_bound.end(),
+                         [&](int64_t x, int64_t y) { return bounds[r][x] > bounds[r][y]; });
+        by_bound.resize(cand_pages);
+        std::vector<int64_t> cand;
+        for (int64_t p : by_bound) {
+          for (int64_t t = p * 16; t < std::min(n, (p + 1) * 16); ++t) {
+            if (!pinned(t)) cand.push_back(t);
+          }
+        }
+        std::sort(cand.begin(), cand.end());
+        ExpectTopUpToTies(chosen, cand, scores[r], std::min<size_t>(a.k, cand.size()), what);
+      }
+    }
+    if (!out.scores.empty()) {
+      for (int64_t j = 0; j < out.counts[r]; ++j) {
+        const double want = scores[r][row[j]];
+        EXPECT_NEAR(out.scores[r * out.capacity + j], want, 1e-4 * (1 + std::abs(want)))
+            << what << " score of token " << row[j];
+      }
+    }
+    if (!out.mass.empty()) {
+      const double scale = a.softmax_scale != 0 ? a.softmax_scale : 1.0 / std::sqrt(head_dim);
+      const int group = a.query_heads / kv_heads;
+      const int first = a.reduction == GqaReduction::kPerQueryHead ? r : r * group;
+      const int count = a.reduction == GqaReduction::kPerQueryHead ? 1 : group;
+      double mass = 0;
+      for (int h = first; h < first + count; ++h) {
+        const double mx = *std::max_element(head_scores[h].begin(), head_scores[h].end());
+        double all = 0, sel = 0;
+        for (int64_t t = 0; t < n; ++t) all += std::exp((head_scores[h][t] - mx) * scale);
+        for (int64_t t : row) sel += std::exp((head_scores[h][t] - mx) * scale);
+        mass += sel / all;
+      }
+      EXPECT_NEAR(out.mass[r], mass / count, 1e-5) << what << " mass";
+    }
+  }
+}
+
+// The gathered K/V [k|v][rows][capacity][head_dim] of `out` equals the keys/values at the
+// selected tokens, zeros after each row's count.
+void CheckGathered(absl::string_view gathered, const std::vector<int32_t>& indices,
+                   const std::vector<int32_t>& counts, int64_t rows, int64_t capacity, int kv_heads,
+                   int head_dim, DType dtype, const KeyFn& keys, const KeyFn& values) {
+  ASSERT_EQ(gathered.size(), 2 * rows * capacity * head_dim * DTypeSize(dtype));
+  const int group = static_cast<int>(rows / kv_heads);
+  for (int kv = 0; kv < 2; ++kv) {
+    const KeyFn& src = kv == 0 ? keys : values;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < capacity; ++j) {
+        for (int c = 0; c < head_dim; ++c) {
+          const size_t i = ((kv * rows + r) * capacity + j) * head_dim + c;
+          const double got = LoadAsFloat(gathered.data(), i, dtype);
+          const double want =
+              j < counts[r] ? src(static_cast<int>(r / group), indices[r * capacity + j], c) : 0.0;
+          ASSERT_EQ(got, want) << "kv " << kv << " row " << r << " slot " << j << " col " << c;
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+
+class RetrievalTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Init(16, DType::kBF16); }
+
+  void Init(int block_tokens, DType dtype, RetrievalStore::Options options = {}) {
+    spec_.layers = 3;
+    spec_.kv_heads = 2;
+    spec_.head_dim = 64;
+    spec_.dtype = dtype;
+    spec_.block_tokens = block_tokens;
+    spec_.rope.head_dim = 64;
+    spec_.rope.theta = 10000;
+    KvCache::Options o;
+    o.background_maintenance = false;
+    auto cache = KvCache::Create(std::move(o));
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    cache_ = *std::move(cache);
+    auto reg = cache_->RegisterModel(spec_, "m");
+    ASSERT_TRUE(reg.ok()) << reg.status();
+    auto sessions = SessionStore::Create(cache_.get(), SessionStore::Options());
+    ASSERT_TRUE(sessions.ok()) << sessions.status();
+    sessions_ = *std::move(sessions);
+    MakeStore(std::move(options));
+  }
+
+  void MakeStore(RetrievalStore::Options options) {
+    options.now = [this] { return now_; };
+    auto store = RetrievalStore::Create(cache_.get(), sessions_.get(), std::move(options));
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+  }
+
+  std::vector<int32_t> Tokens(int64_t n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(rng_() % 50000);
+    return t;
+  }
+
+  // Puts `blocks` (block layout) for tokens; returns the status of the Put.
+  absl::Status Put(const std::vector<int32_t>& tokens, const std::string& blocks,
+                   std::optional<int64_t> rotated_at = std::nullopt, bool pre_rope = false) {
+    PutOptions p;
+    p.model = "m";
+    p.tenant = tenant_;
+    p.tokens = tokens;
+    p.rotated_at = rotated_at;
+    p.pre_rope = pre_rope;
+    auto w = cache_->BeginPut(std::move(p));
+    if (!w.ok()) return w.status();
+    if (absl::Status s = (*w)->Write(blocks); !s.ok()) return s;
+    return (*w)->Finish().status();
+  }
+
+  // A prefix of `blocks` random blocks, put; its tokens in *tokens.
+  std::string PutRandom(int64_t blocks, std::vector<int32_t>* tokens) {
+    *tokens = Tokens(blocks * spec_.block_tokens);
+    std::string kv = RandomBlocks(spec_, blocks, rng_);
+    EXPECT_TRUE(Put(*tokens, kv).ok());
+    return kv;
+  }
+
+  SelectArgs PrefixArgs(const std::vector<int32_t>& tokens, const std::vector<float>& q,
+                        int query_heads) {
+    SelectArgs a;
+    a.source.model = "m";
+    a.source.tenant = tenant_;
+    a.source.tokens = tokens;
+    a.query_heads = query_heads;
+    a.queries = Bytes(q);
+    return a;
+  }
+
+  // The whole layer of a session as the reader writes it.
+  std::string SessionLayer(const std::string& id, int layer, int64_t* n) {
+    auto reader = sessions_->Read(id, std::nullopt);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    if (!reader.ok()) return "";
+    *n = reader->range().size();
+    std::string out(reader->layer_bytes(), '\xff');
+    EXPECT_TRUE(reader->WriteLayer(layer, out.data()).ok());
+    return out;
+  }
+
+  ModelSpec spec_;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<SessionStore> sessions_;
+  std::unique_ptr<RetrievalStore> store_;
+  std::string tenant_ = "t";
+  absl::Time now_ = absl::FromUnixSeconds(1000);
+  std::mt19937_64 rng_{0x7e7a11};
+};
+
+// ----------------------------------------------------------------------------------------------
+// Exact, bound and bound-then-exact over a prefix vs fp64, over block sizes, dtypes, reductions.
+
+using GridParam = std::tuple<int, DType, Mode, GqaReduction>;
+
+class RetrievalGridTest : public RetrievalTest, public ::testing::WithParamInterface<GridParam> {
+ protected:
+  void SetUp() override { Init(std::get<0>(GetParam()), std::get<1>(GetParam())); }
+};
+
+TEST_P(RetrievalGridTest, PrefixSelectionMatchesFp64) {
+  const Mode mode = std::get<2>(GetParam());
+  const GqaReduction reduction = std::get<3>(GetParam());
+  const int64_t blocks = 320 / spec_.block_tokens;  // 320 tokens: 20 pages
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(blocks, &tokens);
+  const int64_t n = blocks * spec_.block_tokens;
+  // The prompt goes on past the cached blocks: the selection covers the cached ones.
+  std::vector<int32_t> prompt = tokens;
+  for (int i = 0; i < 5; ++i) prompt.push_back(7);
+  const int query_heads = 6;  // 3 per KV head
+  for (int layer : {0, 2}) {
+    const std::vector<float> q = RandomQueries(query_heads, spec_.head_dim, rng_);
+    SelectArgs a = PrefixArgs(prompt, q, query_heads);
+    a.layer = layer;
+    a.mode = mode;
+    a.reduction = reduction;
+    a.k = 37;
+    a.n_sink = 4;
+    a.n_local = 9;
+    a.want_scores = true;
+    a.want_mass = true;
+    a.gather = true;
+    auto out = store_->Select(a);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->model, ModelIdOf(spec_));
+    EXPECT_EQ(out->kv_heads, spec_.kv_heads);
+    EXPECT_EQ(out->rows, reduction == GqaReduction::kPerQueryHead ? query_heads : spec_.kv_heads);
+    CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, BlockKeys(spec_, kv, layer));
+    CheckGathered(out->gathered, out->indices, out->counts, out->rows, out->capacity,
+                  spec_.kv_heads, spec_.head_dim, spec_.dtype, BlockKeys(spec_, kv, layer, 0),
+                  BlockKeys(spec_, kv, layer, 1));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Grid, RetrievalGridTest,
+    ::testing::Combine(::testing::Values(16, 32, 8), ::testing::Values(DType::kBF16, DType::kF32),
+                       ::testing::Values(Mode::kExact, Mode::kBound, Mode::kBoundThenExact),
+                       ::testing::Values(GqaReduction::kMax, GqaReduction::kSum,
+                                         GqaReduction::kPerQueryHead)),
+    [](const ::testing::TestParamInfo<GridParam>& info) {
+      return absl::StrCat("Block", std::get<0>(info.param), "_", DTypeName(std::get<1>(info.param)),
+                          "_", ModeName(std::get<2>(info.param)), "_",
+                          ReductionName(std::get<3>(info.param)));
+    });
+
+// Queries in the model's dtype (bf16) select as their fp32 values do.
+TEST_F(RetrievalTest, QueriesInModelDtype) {
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(8, &tokens);
+  std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  std::string q_bf16(q.size() * 2, '\0');
+  for (size_t i = 0; i < q.size(); ++i) {
+    StoreFromFloat(q_bf16.data(), i, DType::kBF16, q[i]);
+    q[i] = LoadAsFloat(q_bf16.data(), i, DType::kBF16);  // the reference sees the rounded values
+  }
+  SelectArgs a = PrefixArgs(tokens, q, 4);
+  a.queries = q_bf16;
+  a.query_dtype = DType::kBF16;
+  a.k = 20;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 128, BlockKeys(spec_, kv, 0));
+}
+
+// A key planted along a query is always chosen: its token (exact modes) or its page (bound).
+TEST_F(RetrievalTest, PlantedNeedleIsSelected) {
+  const int64_t blocks = 64;  // 1024 tokens
+  const int64_t n = blocks * spec_.block_tokens;
+  for (int trial = 0; trial < 6; ++trial) {
+    tenant_ = absl::StrCat("needle", trial);
+    std::vector<int32_t> tokens = Tokens(n);
+    std::string kv = RandomBlocks(spec_, blocks, rng_);
+    const int layer = trial % spec_.layers;
+    const int head = trial % spec_.kv_heads;
+    const int64_t needle = 20 + static_cast<int64_t>(rng_() % (n - 40));
+    const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+    // Query head 2 * head reads KV head `head`: the needle is 4x that query, scaled.
+    for (int c = 0; c < spec_.head_dim; ++c) {
+      StoreFromFloat(kv.data(), BlockIndex(spec_, layer, 0, head, needle, c), spec_.dtype,
+                     4.0f * q[(2 * head) * spec_.head_dim + c]);
+    }
+    ASSERT_TRUE(Put(tokens, kv).ok());
+    for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+      SelectArgs a = PrefixArgs(tokens, q, 4);
+      a.layer = layer;
+      a.mode = mode;
+      a.k = 16;
+      a.n_sink = 4;
+      a.n_local = 16;
+      auto out = store_->Select(a);
+      ASSERT_TRUE(out.ok()) << out.status();
+      const std::vector<int64_t> row = Row(*out, head);
+      const int64_t first = mode == Mode::kBound ? needle / 16 * 16 : needle;
+      const int64_t last = mode == Mode::kBound ? first + 15 : needle;
+      for (int64_t t = first; t <= last; ++t) {
+        EXPECT_TRUE(std::binary_search(row.begin(), row.end(), t))
+            << ModeName(mode) << " trial " << trial << ": token " << t << " (needle " << needle
+            << ")";
+      }
+    }
+  }
+}
+
+TEST_F(RetrievalTest, SinkAndLocalAlwaysIncludedWithoutDuplicates) {
+  std::vector<int32_t> tokens;
+  PutRandom(4, &tokens);  // 64 tokens
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.k = 1;
+  a.n_sink = 5;
+  a.n_local = 7;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int64_t r = 0; r < out->rows; ++r) {
+    const std::vector<int64_t> row = Row(*out, r);
+    ASSERT_EQ(row.size(), 13u);
+    for (int64_t t = 0; t < 5; ++t) EXPECT_EQ(row[t], t);
+    for (int64_t t = 0; t < 7; ++t) EXPECT_EQ(row[6 + t], 57 + t);
+    EXPECT_GE(row[5], 5);
+    EXPECT_LT(row[5], 57);
+  }
+  // Sink and local windows covering everything: every token once.
+  a.n_sink = 40;
+  a.n_local = 40;
+  out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int64_t r = 0; r < out->rows; ++r) {
+    const std::vector<int64_t> row = Row(*out, r);
+    ASSERT_EQ(row.size(), 64u);
+    for (int64_t t = 0; t < 64; ++t) EXPECT_EQ(row[t], t);
+  }
+}
+
+// k >= N returns every token.
+TEST_F(RetrievalTest, KAtLeastNReturnsEverything) {
+  std::vector<int32_t> tokens;
+  PutRandom(2, &tokens);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.k = 1000;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->capacity, 32);
+  for (int64_t r = 0; r < out->rows; ++r) EXPECT_EQ(out->counts[r], 32);
+}
+
+// Select at one layer, keep, gather the same tokens at the others (TidalDecode).
+TEST_F(RetrievalTest, GatherAtOtherLayersEqualsStoredBytes) {
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(10, &tokens);
+  for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kPerQueryHead}) {
+    const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+    SelectArgs a = PrefixArgs(tokens, q, 4);
+    a.layer = 1;
+    a.reduction = red;
+    a.k = 24;
+    a.n_sink = 2;
+    a.n_local = 3;
+    a.keep = true;
+    auto out = store_->Select(a);
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_FALSE(out->selection_id.empty());
+    auto sel = store_->FindSelection(out->selection_id);
+    ASSERT_TRUE(sel.ok()) << sel.status();
+    EXPECT_EQ((*sel)->indices(), out->indices);
+    EXPECT_EQ((*sel)->counts(), out->counts);
+    for (int layer = 0; layer < spec_.layers; ++layer) {
+      auto g = store_->Gather(out->selection_id, layer);
+      ASSERT_TRUE(g.ok()) << g.status();
+      CheckGathered(*g, out->indices, out->counts, out->rows, out->capacity, spec_.kv_heads,
+                    spec_.head_dim, spec_.dtype, BlockKeys(spec_, kv, layer, 0),
+                    BlockKeys(spec_, kv, layer, 1));
+    }
+  }
+}
+
+// Page metadata is built once per (block, layer) and shared by prompts with the block; a block
+// re-Put with other keys after an eviction is detected and its metadata re-derived.
+TEST_F(RetrievalTest, MetadataBuiltOnceAndRederivedWhenKeysChange) {
+  std::vector<int32_t> tokens;
+  std::string kv = PutRandom(6, &tokens);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.mode = Mode::kBound;
+  a.k = 32;
+  auto first = store_->Select(a);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_FALSE(first->metadata_cached);
+  EXPECT_EQ(store_->stats().metadata_builds, 6u);
+  EXPECT_EQ(store_->stats().metadata_entries, 6u);
+  auto second = store_->Select(a);
+  ASSERT_TRUE(second.ok());
+  EXPECT_TRUE(second->metadata_cached);
+  EXPECT_EQ(second->indices, first->indices);
+  EXPECT_EQ(store_->stats().metadata_builds, 6u);
+  EXPECT_EQ(store_->stats().metadata_hits, 6u);
+  // A longer prompt sharing the 6 blocks builds only its new ones.
+  std::vector<int32_t> longer = tokens;
+  std::vector<int32_t> more = Tokens(2 * spec_.block_tokens);
+  longer.insert(longer.end(), more.begin(), more.end());
+  const std::string kv_more = RandomBlocks(spec_, 2, rng_);
+  {
+    PutOptions p;
+    p.model = "m";
+    p.tenant = tenant_;
+    p.tokens = more;
+    auto lookup = cache_->Lookup("m", tenant_, tokens);
+    ASSERT_TRUE(lookup.ok());
+    p.parent = lookup->blocks.back().hash;
+    auto w = cache_->BeginPut(std::move(p));
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->Write(kv_more).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+  a.source.tokens = longer;
+  auto third = store_->Select(a);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->num_tokens, 128);
+  EXPECT_EQ(store_->stats().metadata_builds, 8u);
+
+  // Evict and put the same tokens with other keys: the stale entries are found and rebuilt.
+  ASSERT_TRUE(cache_->Evict("m", tenant_, {}).ok());
+  kv = RandomBlocks(spec_, 6, rng_);
+  ASSERT_TRUE(Put(tokens, kv).ok());
+  a.source.tokens = tokens;
+  auto fourth = store_->Select(a);
+  ASSERT_TRUE(fourth.ok()) << fourth.status();
+  EXPECT_FALSE(fourth->metadata_cached);
+  EXPECT_EQ(store_->stats().metadata_stale, 6u);
+  CheckSelection(*fourth, a, q, spec_.kv_heads, spec_.head_dim, 96, BlockKeys(spec_, kv, 0));
+}
+
+TEST_F(RetrievalTest, MetadataStoreIsBounded) {
+  RetrievalStore::Options o;
+  // One block's metadata of a layer: 2 heads x 1 page x 128 x 2 bytes = 512 bytes.
+  o.metadata_capacity_bytes = 4 * 512;
+  MakeStore(o);
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(10, &tokens);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.mode = Mode::kBoundThenExact;
+  a.k = 20;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 160, BlockKeys(spec_, kv, 0));
+  const RetrievalStore::Stats s = store_->stats();
+  EXPECT_EQ(s.metadata_entries, 4u);
+  EXPECT_EQ(s.metadata_bytes, 4u * 512);
+  EXPECT_EQ(s.metadata_evictions, 6u);
+}
+
+// Blocks put with keys rotated at another position than their place are re-rotated first: the
+// selection sees what Get at the block's position returns.
+TEST_F(RetrievalTest, PrefixStoredAtAnotherPositionIsRerotated) {
+  std::vector<int32_t> tokens = Tokens(4 * spec_.block_tokens);
+  const std::string kv = RandomBlocks(spec_, 4, rng_);
+  ASSERT_TRUE(Put(tokens, kv, /*rotated_at=*/1000).ok());
+  auto handle = cache_->AcquirePrefix("m", tenant_, tokens, 0);
+  ASSERT_TRUE(handle.ok());
+  std::string moved(4 * BlockBytes(spec_), '\0');
+  for (size_t b = 0; b < 4; ++b) {
+    ASSERT_TRUE(
+        handle->CopyBlock(b, moved.data() + b * BlockBytes(spec_), handle->blocks()[b].position)
+            .ok());
+  }
+  ASSERT_NE(moved, kv);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.k = 10;
+  a.gather = true;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 64, BlockKeys(spec_, moved, 0));
+  CheckGathered(out->gathered, out->indices, out->counts, out->rows, out->capacity, spec_.kv_heads,
+                spec_.head_dim, spec_.dtype, BlockKeys(spec_, moved, 0, 0),
+                BlockKeys(spec_, moved, 0, 1));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Sessions: keys as the session reads them now; metadata re-derived after an edit moves keys.
+
+TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
+  const int64_t n0 = 12 * spec_.block_tokens;
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(n0);
+  const std::string kv = RandomBlocks(spec_, 12, rng_);
+  auto opened = sessions_->Open(open, kv);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string id = opened->id;
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+
+  auto select = [&](Mode mode, bool keep) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = 4;
+    a.queries = Bytes(q);
+    a.mode = mode;
+    a.k = 20;
+    a.n_sink = 2;
+    a.n_local = 5;
+    a.want_scores = true;
+    a.keep = keep;
+    return std::make_pair(a, store_->Select(a));
+  };
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    auto [a, out] = select(mode, false);
+    ASSERT_TRUE(out.ok()) << out.status();
+    int64_t n = 0;
+    const std::string layer = SessionLayer(id, 1, &n);
+    ASSERT_EQ(n, n0);
+    CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, RangeKeys(spec_, layer, n));
+  }
+  auto [kept_args, kept] = select(Mode::kBound, true);
+  ASSERT_TRUE(kept.ok());
+  EXPECT_TRUE(kept->metadata_cached);
+  int64_t n_before = 0;
+  const std::string before_l2 = SessionLayer(id, 2, &n_before);
+
+  // Insert 7 tokens at 30 and fill them: every later key moves by 7 positions.
+  auto edit = sessions_->Edit(id, {EditOp::Insert(30, Tokens(7))});
+  ASSERT_TRUE(edit.ok()) << edit.status();
+  {
+    // Holes: FAILED_PRECONDITION until filled.
+    SelectArgs a = kept_args;
+    a.keep = false;
+    EXPECT_EQ(store_->Select(a).status().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  FillArgs fill;
+  fill.range = TokenRange{30, 37};
+  std::string fill_kv(RangeBytes(spec_, 7), '\0');
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < fill_kv.size() / DTypeSize(spec_.dtype); ++i) {
+    StoreFromFloat(fill_kv.data(), i, spec_.dtype, normal(rng_));
+  }
+  ASSERT_TRUE(sessions_->Fill(id, fill, fill_kv).ok());
+  const uint64_t stale_before = store_->stats().metadata_stale;
+  for (Mode mode : {Mode::kBound, Mode::kBoundThenExact, Mode::kExact}) {
+    auto [a, out] = select(mode, false);
+    ASSERT_TRUE(out.ok()) << out.status();
+    int64_t n = 0;
+    const std::string layer = SessionLayer(id, 1, &n);
+    ASSERT_EQ(n, n0 + 7);
+    EXPECT_EQ(out->num_tokens, n0 + 7);
+    CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, RangeKeys(spec_, layer, n));
+    if (mode == Mode::kBound) {
+      EXPECT_FALSE(out->metadata_cached);
+    }
+  }
+  EXPECT_EQ(store_->stats().metadata_stale, stale_before + 1);
+
+  // The kept selection still gathers the document as it was selected over.
+  auto g = store_->Gather(kept->selection_id, 2);
+  ASSERT_TRUE(g.ok()) << g.status();
+  CheckGathered(*g, kept->indices, kept->counts, kept->rows, kept->capacity, spec_.kv_heads,
+                spec_.head_dim, spec_.dtype, RangeKeys(spec_, before_l2, n_before, 0),
+                RangeKeys(spec_, before_l2, n_before, 1));
+  // Even after the session is closed.
+  ASSERT_TRUE(sessions_->Close(id).ok());
+  EXPECT_TRUE(store_->Gather(kept->selection_id, 0).ok());
+  EXPECT_EQ(select(Mode::kExact, false).second.status().code(), absl::StatusCode::kNotFound);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Errors
+
+TEST_F(RetrievalTest, BadRequestsGetTheRightCodes) {
+  std::vector<int32_t> tokens;
+  PutRandom(4, &tokens);
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  auto code = [&](const SelectArgs& a) { return store_->Select(a).status().code(); };
+  const SelectArgs good = [&] {
+    SelectArgs a = PrefixArgs(tokens, q, 4);
+    a.k = 8;
+    return a;
+  }();
+  ASSERT_TRUE(store_->Select(good).ok());
+
+  SelectArgs a = good;
+  a.source.model = "nope";
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+  a = good;
+  a.source.tokens = Tokens(64);  // nothing cached
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+  a.source.tokens = std::vector<int32_t>(tokens.begin(), tokens.begin() + 15);  // < one block
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+  a = good;
+  a.source.tenant = "other";
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+  a = good;
+  a.source.session_id = "no-such-session";
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+
+  for (int layer : {-1, 3, 100}) {
+    a = good;
+    a.layer = layer;
+    EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument) << layer;
+  }
+  for (int64_t k : {0, -5}) {
+    a = good;
+    a.k = k;
+    EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument) << k;
+  }
+  a = good;
+  a.n_sink = -1;
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a = good;
+  a.query_heads = 3;  // not a multiple of 2 KV heads
+  a.queries = absl::string_view(good.queries.data(), 3 * 64 * 4);
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a = good;
+  a.query_heads = 0;
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a = good;
+  a.queries = good.queries.substr(4);  // one float short
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a = good;
+  a.query_dtype = DType::kBF16;  // the bytes of fp32 queries read as bf16: twice as many
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a = good;
+  a.candidate_tokens = 3;  // < k
+  a.mode = Mode::kBoundThenExact;
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+
+  std::vector<float> nan_q = q;
+  nan_q[77] = std::numeric_limits<float>::quiet_NaN();
+  a = good;
+  a.queries = Bytes(nan_q);
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    a.mode = mode;
+    auto s = store_->Select(a).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("NaN"));
+  }
+
+  // Pre-RoPE blocks cannot be scored against post-RoPE queries.
+  std::vector<int32_t> pre = Tokens(16);
+  ASSERT_TRUE(Put(pre, RandomBlocks(spec_, 1, rng_), std::nullopt, /*pre_rope=*/true).ok());
+  a = good;
+  a.source.tokens = pre;
+  EXPECT_EQ(code(a), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(RetrievalTest, UnsupportedHeadDimIsInvalidArgument) {
+  ModelSpec s = spec_;
+  s.head_dim = 32;
+  s.rope.head_dim = 32;
+  ASSERT_TRUE(cache_->RegisterModel(s, "small").ok());
+  const std::vector<int32_t> tokens = Tokens(16);
+  PutOptions p;
+  p.model = "small";
+  p.tokens = tokens;
+  auto w = cache_->BeginPut(std::move(p));
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE((*w)->Write(RandomBlocks(s, 1, rng_)).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  const std::vector<float> q(2 * 32, 1.0f);
+  SelectArgs a;
+  a.source.model = "small";
+  a.source.tokens = tokens;
+  a.query_heads = 2;
+  a.queries = Bytes(q);
+  a.k = 4;
+  const absl::Status st = store_->Select(a).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("head_dim 32"));
+}
+
+TEST_F(RetrievalTest, KeptSelectionsExpireAndAreBounded) {
+  RetrievalStore::Options o;
+  o.selection_ttl = absl::Seconds(5);
+  o.max_selections = 2;
+  MakeStore(o);
+  std::vector<int32_t> tokens;
+  PutRandom(3, &tokens);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.k = 4;
+  a.keep = true;
+  auto s1 = store_->Select(a);
+  ASSERT_TRUE(s1.ok());
+  EXPECT_EQ(store_->Gather("sel-nope", 0).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->Gather(s1->selection_id, 3).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->Gather(s1->selection_id, -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Used at 4 s: alive at 8 s; unused past 5 s: gone.
+  now_ += absl::Seconds(4);
+  EXPECT_TRUE(store_->Gather(s1->selection_id, 1).ok());
+  now_ += absl::Seconds(4);
+  EXPECT_TRUE(store_->Gather(s1->selection_id, 1).ok());
+  now_ += absl::Seconds(6);
+  EXPECT_EQ(store_->Gather(s1->selection_id, 1).status().code(), absl::StatusCode::kNotFound);
+
+  // Bounded: a third selection drops the least recently used.
+  auto s2 = store_->Select(a);
+  now_ += absl::Seconds(1);
+  auto s3 = store_->Select(a);
+  now_ += absl::Seconds(1);
+  ASSERT_TRUE(s2.ok() && s3.ok());
+  EXPECT_TRUE(store_->FindSelection(s2->selection_id).ok());  // s2 now more recent than s3
+  now_ += absl::Seconds(1);
+  auto s4 = store_->Select(a);
+  ASSERT_TRUE(s4.ok());
+  EXPECT_EQ(store_->stats().selections, 2u);
+  EXPECT_TRUE(store_->FindSelection(s2->selection_id).ok());
+  EXPECT_EQ(store_->FindSelection(s3->selection_id).status().code(), absl::StatusCode::kNotFound);
+  // Release.
+  EXPECT_TRUE(store_->Release(s4->selection_id).ok());
+  EXPECT_EQ(store_->Release(s4->selection_id).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->Gather(s4->selection_id, 0).status().code(), absl::StatusCode::kNotFound);
+}
+
+// The cache stays free to evict a kept selection's prefix: Gather then says NOT_FOUND.
+TEST_F(RetrievalTest, GatherAfterEvictionIsNotFound) {
+  std::vector<int32_t> tokens;
+  PutRandom(3, &tokens);
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.k = 4;
+  a.keep = true;
+  auto s = store_->Select(a);
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(store_->Gather(s->selection_id, 2).ok());
+  auto evicted = cache_->Evict("m", tenant_, tokens);
+  ASSERT_TRUE(evicted.ok());
+  ASSERT_EQ(*evicted, 3u);
+  EXPECT_EQ(store_->Gather(s->selection_id, 2).status().code(), absl::StatusCode::kNotFound);
+  // Only the first block back: still not the blocks the selection covers.
+  ASSERT_TRUE(
+      Put(std::vector<int32_t>(tokens.begin(), tokens.begin() + 16), RandomBlocks(spec_, 1, rng_))
+          .ok());
+  EXPECT_EQ(store_->Gather(s->selection_id, 2).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(RetrievalStoreCreateTest, RejectsBadOptions) {
+  EXPECT_EQ(RetrievalStore::Create(nullptr, nullptr, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto cache = KvCache::Create(KvCache::Options());
+  ASSERT_TRUE(cache.ok());
+  RetrievalStore::Options o;
+  o.max_selections = 0;
+  EXPECT_EQ(RetrievalStore::Create(cache->get(), nullptr, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  o = RetrievalStore::Options();
+  o.selection_ttl = absl::ZeroDuration();
+  EXPECT_EQ(RetrievalStore::Create(cache->get(), nullptr, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Without a session store, session sources are FAILED_PRECONDITION.
+  auto store = RetrievalStore::Create(cache->get(), nullptr, {});
+  ASSERT_TRUE(store.ok());
+  SelectArgs a;
+  a.source.session_id = "s";
+  a.query_heads = 1;
+  a.k = 1;
+  EXPECT_EQ((*store)->Select(a).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace ropekv
