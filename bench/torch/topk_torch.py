@@ -23,7 +23,8 @@ sum over selected of softmax weights. Median and 5th percentile at budgets 256..
 
 Prints tables and one JSON line. Needs torch with CUDA (transformers optional).
 
-Usage: python3 topk_torch.py [--quick] [--reps 30] [--recall-n 32768] [--no-recall]
+Usage: python3 topk_torch.py [--quick] [--reps 30] [--recall-n 32768] [--no-recall] [--no-timing]
+       python3 topk_torch.py --device cpu --no-timing --recall-n 4096   (dry run without a GPU)
 """
 import argparse
 import json
@@ -34,13 +35,14 @@ import torch
 
 KV_HEADS, HEAD_DIM, PAGE = 8, 128, 16
 DTYPE = torch.bfloat16
+DEV = "cuda"  # --device cpu runs the recall study without a GPU (a dry run of this script)
 
 
 class Timer:
     """Median microseconds of a CUDA workload, L2 flushed before each run."""
 
     def __init__(self):
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
 
     def median_us(self, fn, reps, warm=3):
         for _ in range(warm):
@@ -73,7 +75,7 @@ def page_meta(keys):
 
 
 def copy_bandwidth(timer):
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     us = timer.median_us(lambda: b.copy_(a), 20)
     return 2.0 * a.numel() / (us * 1e-6)
@@ -91,12 +93,12 @@ def timing(args, timer):
           f"{args.reps}), L2 flushed per run")
     print(f"{'hq':>5} {'N':>8} {'k':>5} {'read_us':>9} {'exact_us':>9} {'ratio':>6} "
           f"{'pqh_us':>9} {'page_us':>9}")
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device=DEV).manual_seed(1)
     for hq in hqs:
         grp = hq // KV_HEADS
         for n in ns:
-            keys = torch.randn(KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
-            q = torch.randn(hq, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
+            keys = torch.randn(KV_HEADS, n, HEAD_DIM, device=DEV, generator=g).to(DTYPE)
+            q = torch.randn(hq, HEAD_DIM, device=DEV, generator=g).to(DTYPE)
             qg = q.view(KV_HEADS, grp, HEAD_DIM)
             kt = keys.transpose(1, 2)  # a view: bmm reads K as stored
             hi, lo = page_meta(keys)
@@ -145,12 +147,12 @@ def rope_cos_sin(positions):
         cfg = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=Q_HEADS,
                           num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, rope_theta=THETA,
                           max_position_embeddings=int(positions.max().item()) + 1)
-        rot = LlamaRotaryEmbedding(config=cfg).to("cuda")
-        x = torch.zeros(1, positions.numel(), HEAD_DIM, device="cuda")
+        rot = LlamaRotaryEmbedding(config=cfg).to(DEV)
+        x = torch.zeros(1, positions.numel(), HEAD_DIM, device=DEV)
         cos, sin = rot(x, positions.view(1, -1))
         return cos[0].float(), sin[0].float(), "transformers"
     except Exception:  # noqa: BLE001 - any transformers version mismatch: same math by hand
-        inv = 1.0 / (THETA ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+        inv = 1.0 / (THETA ** (torch.arange(0, HEAD_DIM, 2, device=DEV).float() / HEAD_DIM))
         ang = positions.float()[:, None] * inv[None, :]
         emb = torch.cat([ang, ang], -1)
         return emb.cos(), emb.sin(), "torch"
@@ -163,17 +165,17 @@ def rotate_half(x):
 
 def llama_qk(n_ctx, n_query, seed):
     """Post-RoPE keys [8, n_ctx, D] and queries [n_query, 32, D] (bf16) of a random Llama layer."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    wq = (torch.randn(Q_HEADS * HEAD_DIM, HIDDEN, device="cuda", generator=g) * 0.02).to(DTYPE)
-    wk = (torch.randn(KV_HEADS * HEAD_DIM, HIDDEN, device="cuda", generator=g) * 0.02).to(DTYPE)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    wq = (torch.randn(Q_HEADS * HEAD_DIM, HIDDEN, device=DEV, generator=g) * 0.02).to(DTYPE)
+    wk = (torch.randn(KV_HEADS * HEAD_DIM, HIDDEN, device=DEV, generator=g) * 0.02).to(DTYPE)
     total = n_ctx + n_query
     # Token embeddings from a vocabulary of random vectors (repeats make some keys alike).
-    vocab = torch.randn(32000, HIDDEN, device="cuda", generator=g).to(DTYPE)
-    ids = torch.randint(0, 32000, (total,), device="cuda", generator=g)
+    vocab = torch.randn(32000, HIDDEN, device=DEV, generator=g).to(DTYPE)
+    ids = torch.randint(0, 32000, (total,), device=DEV, generator=g)
     x = vocab[ids].float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # RMSNorm, unit weight
     x = x.to(DTYPE)
-    pos = torch.arange(total, device="cuda")
+    pos = torch.arange(total, device=DEV)
     cos, sin, src = rope_cos_sin(pos)
     q = (x @ wq.t()).float().view(total, Q_HEADS, HEAD_DIM)
     k = (x @ wk.t()).float().view(total, KV_HEADS, HEAD_DIM)
@@ -209,21 +211,21 @@ def recall(args):
         bound = (torch.bmm(qp, hi.transpose(1, 2)) + torch.bmm(qm, lo.transpose(1, 2))).amax(1)
         for b in budgets:
             exact = torch.topk(red, b, -1).indices              # [8, b]
-            emask = torch.zeros(KV_HEADS, n, dtype=torch.bool, device="cuda")
+            emask = torch.zeros(KV_HEADS, n, dtype=torch.bool, device=DEV)
             emask.scatter_(1, exact, True)
             # bound: ceil(b/16) pages, all their tokens
             bp = torch.topk(bound, min((b + PAGE - 1) // PAGE, pages), -1).indices
-            pmask = torch.zeros(KV_HEADS, pages, dtype=torch.bool, device="cuda")
+            pmask = torch.zeros(KV_HEADS, pages, dtype=torch.bool, device=DEV)
             pmask.scatter_(1, bp, True)
             bmask = pmask.repeat_interleave(PAGE, 1)[:, :n]
             # bound-then-exact: 4b tokens' worth of pages, then exact top-b among their tokens
             cp = torch.topk(bound, min((4 * b + PAGE - 1) // PAGE, pages), -1).indices
-            cmask = torch.zeros(KV_HEADS, pages, dtype=torch.bool, device="cuda")
+            cmask = torch.zeros(KV_HEADS, pages, dtype=torch.bool, device=DEV)
             cmask.scatter_(1, cp, True)
             ctok = cmask.repeat_interleave(PAGE, 1)[:, :n]
             cand = red.masked_fill(~ctok, float("-inf"))
             te = torch.topk(cand, min(b, int(ctok.sum(1).min().item())), -1).indices
-            tmask = torch.zeros(KV_HEADS, n, dtype=torch.bool, device="cuda")
+            tmask = torch.zeros(KV_HEADS, n, dtype=torch.bool, device=DEV)
             tmask.scatter_(1, te, True)
             for name, mask in (("exact", emask), ("bound", bmask), ("bte", tmask)):
                 rec = (mask & emask).sum(1).float() / b                      # [8]
@@ -254,9 +256,15 @@ def main():
     ap.add_argument("--recall-n", type=int, default=32768)
     ap.add_argument("--no-recall", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a recall-only dry run")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    if DEV != "cuda" and not args.no_timing:
+        ap.error("timing needs --device cuda (use --no-timing)")
     torch.backends.cuda.matmul.allow_tf32 = False
-    result = {"bench": "topk_torch", "device": torch.cuda.get_device_name(),
+    result = {"bench": "topk_torch",
+              "device": torch.cuda.get_device_name() if DEV == "cuda" else DEV,
               "torch": torch.__version__}
     with torch.no_grad():
         if not args.no_timing:
