@@ -89,7 +89,7 @@ __device__ __forceinline__ const char* RowPtr(const DevView& v, int64_t head, in
   return v.blocks[b] + head * v.head_stride + r * v.row_stride;
 }
 
-// Element types: 16 bytes -> kPer16 floats.
+// Element types: 16 bytes -> kPer16 floats. \tparam T float, __half or __nv_bfloat16.
 template <typename T>
 struct Elem;
 template <>
@@ -651,8 +651,9 @@ __device__ __forceinline__ uint32_t Digit(int p, uint32_t key, uint32_t tie) {
 }
 __device__ __forceinline__ int DigitBins(int p) { return p % 3 == 2 ? 1024 : 2048; }
 
-__global__ void __launch_bounds__(kSelThreads)
-    HistKernel(const SelSource src, uint32_t* hist0, int64_t chunk) {
+__global__ void __launch_bounds__(kSelThreads) HistKernel(const SelSource src,
+                                                          uint32_t* hist0,  // [rows][kRadixBins]
+                                                          int64_t chunk) {
   __shared__ uint32_t h[kRadixBins];
   for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) h[i] = 0;
   __syncthreads();
@@ -1043,10 +1044,15 @@ __device__ float ListRowScore(const ListParams& p, int kvh, int hr, const float*
   return red;
 }
 
+// \tparam T key element type.
 template <typename T>
 __global__ void __launch_bounds__(kListThreads)
-    CandScoreKernel(const ListParams p, const int32_t* pages, const uint32_t* page_counters,
-                    int64_t cand_pages, float* scores2, int64_t chunk) {
+    CandScoreKernel(const ListParams p,
+                    const int32_t* pages,           // [rows][cand_pages]
+                    const uint32_t* page_counters,  // [rows][4]; entry 2 = pages listed
+                    int64_t cand_pages,
+                    float* scores2,  // [rows][cand_pages * 16]
+                    int64_t chunk) {
   extern __shared__ __align__(16) float q_s[];
   const int64_t row = blockIdx.y;
   int kvh, h0, hr;
@@ -1081,10 +1087,16 @@ using ListReduceD = cub::BlockReduce<double, kListThreads>;
 using ListReduceF = cub::BlockReduce<float, kListThreads>;
 
 // One block per row: scores of the chosen tokens (page modes) and the captured mass.
+// \tparam T key element type.
 template <typename T>
 __global__ void __launch_bounds__(kListThreads)
-    RescoreKernel(const ListParams p, const int32_t* indices, int64_t cap, float* out_scores,
-                  const float2* lse, int64_t lse_parts, float scale, float* mass) {
+    RescoreKernel(const ListParams p,
+                  const int32_t* indices,  // [rows][cap], -1 after the row's count
+                  int64_t cap,
+                  float* out_scores,  // [rows][cap] or null
+                  const float2* lse,  // [query_heads][lse_parts] (max, sum exp)
+                  int64_t lse_parts, float scale,
+                  float* mass) {  // [rows] or null
   extern __shared__ __align__(16) float q_s[];
   __shared__ union {
     ListReduceD::TempStorage d;
@@ -1338,9 +1350,9 @@ absl::Status RunMeta(const MatrixView& keys, const PageMetaShape& shape, int64_t
 
 struct GatherParams {
   DevView src;
-  char* dst;  // [rows][cap][row_bytes]
-  const int32_t* indices;
-  const int32_t* counts;
+  char* dst;               // [rows][cap][row_bytes]
+  const int32_t* indices;  // [rows][cap]
+  const int32_t* counts;   // [rows] or null
   int64_t cap;
   int64_t group;
   int64_t n;
