@@ -25,6 +25,7 @@
 #include "server/dataplane_service.h"
 #include "server/kvcache_service.h"
 #include "server/modules_service.h"
+#include "server/retrieval_service.h"
 #include "server/session_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to listen on (port 0: any free port)");
@@ -217,6 +218,13 @@ int Run(const ServerConfig& config) {
     return 1;
   }
   builder.RegisterService(&dataplane);
+  // Query-aware top-k Select / Gather over prefixes and sessions: --retrieval_* flags.
+  RetrievalService retrieval(cache->get(), sessions.store(), config);
+  if (!retrieval.status().ok()) {
+    std::cerr << "ropekvd: " << retrieval.status().message() << "\n";
+    return 1;
+  }
+  builder.RegisterService(&retrieval);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "ropekvd: cannot listen on " << config.listen << "\n";

@@ -1,0 +1,420 @@
+#include "server/retrieval_service.h"
+
+#include <deque>
+#include <functional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/convert.h"
+#include "server/stream_reactor.h"
+
+ABSL_FLAG(std::string, retrieval_metadata_capacity, "256MiB",
+          "bytes of page metadata (Quest bounds) the retrieval service keeps");
+ABSL_FLAG(bool, retrieval_verify_metadata, true,
+          "check kept page metadata of prefix blocks against a fingerprint of their keys before "
+          "use (detects blocks re-Put with other bytes); sessions are always checked");
+ABSL_FLAG(uint32_t, retrieval_max_selections, 1024,
+          "most kept selections (Select with keep); the least recently used goes first");
+ABSL_FLAG(absl::Duration, retrieval_selection_ttl, absl::Seconds(10),
+          "a kept selection unused this long is dropped, e.g. 10s, 1m");
+ABSL_FLAG(int32_t, retrieval_threads, 2, "worker threads running Select and Gather");
+
+namespace ropekv {
+
+// A fixed set of threads taking jobs in order. The destructor runs what is queued, then joins.
+class RetrievalService::WorkPool {
+ public:
+  explicit WorkPool(int threads) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
+  }
+  ~WorkPool() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    for (std::thread& t : workers_) t.join();
+  }
+
+  void Submit(std::function<void()> job) {
+    absl::MutexLock lock(&mu_);
+    jobs_.push_back(std::move(job));
+  }
+
+ private:
+  void Loop() {
+    while (true) {
+      std::function<void()> job;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(this, &WorkPool::Ready));
+        if (jobs_.empty()) return;  // stopping, nothing left
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !jobs_.empty(); }
+
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> workers_;
+};
+
+namespace {
+
+// Streams a header and then a ByteSource's bytes, like ChunkedWriteReactor, except that the
+// header, the source and every chunk are produced on the pool: a Select scores every key of a
+// layer, a Gather re-reads (or re-rotates) a layer per unit. Deletes itself when done.
+template <typename Response>
+class PooledWriteReactor final : public grpc::ServerWriteReactor<Response> {
+ public:
+  struct Prepared {
+    Response first;  // holds the header
+    std::unique_ptr<ByteSource> source;
+  };
+
+  // Ends the call at once with `error`.
+  explicit PooledWriteReactor(const absl::Status& error) { this->Finish(ToGrpc(error)); }
+
+  PooledWriteReactor(RetrievalService::WorkPool* pool, uint64_t chunk_bytes,
+                     std::function<absl::StatusOr<Prepared>()> prepare)
+      : pool_(pool), chunk_(chunk_bytes) {
+    pool_->Submit([this, prepare = std::move(prepare)] {
+      absl::StatusOr<Prepared> p = prepare();
+      if (!p.ok()) return this->Finish(ToGrpc(p.status()));
+      resp_ = std::move(p->first);
+      source_ = std::move(p->source);
+      NextWrite();
+    });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return this->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+    pool_->Submit([this] { NextWrite(); });
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  // Runs on the pool; its last act is StartWrite or Finish (after which `this` may be gone).
+  void NextWrite() {
+    if (!first_) {
+      if (unit_ >= source_->units() && pending_.empty()) return this->Finish(grpc::Status::OK);
+      resp_.clear_header();
+    }
+    first_ = false;
+    std::string* data = resp_.mutable_data();
+    data->clear();
+    while (data->size() < chunk_) {
+      if (pending_.empty()) {
+        if (unit_ >= source_->units()) break;
+        auto unit = source_->Unit(unit_++, &staging_);
+        if (!unit.ok()) return this->Finish(ToGrpc(unit.status()));
+        pending_ = *unit;
+        continue;
+      }
+      const size_t n = std::min<uint64_t>(pending_.size(), chunk_ - data->size());
+      data->append(pending_.data(), n);
+      pending_.remove_prefix(n);
+    }
+    this->StartWrite(&resp_);
+  }
+
+  RetrievalService::WorkPool* pool_ = nullptr;
+  uint64_t chunk_ = 0;
+  std::unique_ptr<ByteSource> source_;
+  Response resp_;
+  size_t unit_ = 0;
+  absl::string_view pending_;
+  std::string staging_;
+  bool first_ = true;
+};
+
+// One unit of bytes the source owns (a Select's gathered K/V; none when empty).
+class OwnedSource final : public ByteSource {
+ public:
+  explicit OwnedSource(std::string bytes) : bytes_(std::move(bytes)) {}
+  size_t units() const override { return bytes_.empty() ? 0 : 1; }
+  absl::StatusOr<absl::string_view> Unit(size_t, std::string*) override { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+// A kept selection's K/V, one requested layer per unit.
+class GatherSource final : public ByteSource {
+ public:
+  GatherSource(RetrievalStore* store, std::shared_ptr<const KeptSelection> selection,
+               std::vector<int> layers)
+      : store_(store), selection_(std::move(selection)), layers_(std::move(layers)) {}
+  size_t units() const override { return layers_.size(); }
+  absl::StatusOr<absl::string_view> Unit(size_t i, std::string* staging) override {
+    staging->resize(selection_->layer_bytes());
+    if (absl::Status s = store_->GatherLayer(*selection_, layers_[i], staging->data()); !s.ok()) {
+      return s;
+    }
+    return absl::string_view(*staging);
+  }
+
+ private:
+  RetrievalStore* store_;
+  std::shared_ptr<const KeptSelection> selection_;
+  std::vector<int> layers_;
+};
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpc(status));
+  return reactor;
+}
+
+absl::Status Unavailable(const absl::Status& why) {
+  return absl::UnavailableError(absl::StrCat("retrieval is not available: ", why.message()));
+}
+
+v1::DType ToProto(DType t) {
+  return t == DType::kF32 ? v1::DTYPE_F32 : t == DType::kF16 ? v1::DTYPE_F16 : v1::DTYPE_BF16;
+}
+
+absl::StatusOr<SelectArgs> FromProto(const v1::SelectRequest& req) {
+  SelectArgs a;
+  switch (req.source().source_case()) {
+    case v1::SelectSource::kPrefix:
+      a.source.model = req.source().prefix().model();
+      a.source.tenant = req.source().prefix().tenant();
+      a.source.tokens.assign(req.source().prefix().tokens().begin(),
+                             req.source().prefix().tokens().end());
+      break;
+    case v1::SelectSource::kSessionId:
+      if (req.source().session_id().empty()) {
+        return absl::InvalidArgumentError("source.session_id must not be empty");
+      }
+      a.source.session_id = req.source().session_id();
+      break;
+    default:
+      return absl::InvalidArgumentError("source must be a prefix or a session_id; got neither");
+  }
+  a.layer = req.layer();
+  if (req.query_heads() > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_heads must be <= 65535, got ", req.query_heads()));
+  }
+  a.query_heads = static_cast<int>(req.query_heads());
+  a.queries = req.queries();
+  switch (req.query_dtype()) {
+    case v1::DTYPE_UNSPECIFIED:
+    case v1::DTYPE_F32:
+      a.query_dtype = DType::kF32;
+      break;
+    case v1::DTYPE_F16:
+      a.query_dtype = DType::kF16;
+      break;
+    case v1::DTYPE_BF16:
+      a.query_dtype = DType::kBF16;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "query_dtype must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16, got ", req.query_dtype()));
+  }
+  a.k = req.k();
+  switch (req.mode()) {
+    case v1::SELECT_MODE_EXACT:
+      a.mode = topk::Mode::kExact;
+      break;
+    case v1::SELECT_MODE_BOUND:
+      a.mode = topk::Mode::kBound;
+      break;
+    case v1::SELECT_MODE_BOUND_THEN_EXACT:
+      a.mode = topk::Mode::kBoundThenExact;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "mode must be EXACT, BOUND or BOUND_THEN_EXACT, got ", static_cast<int>(req.mode())));
+  }
+  switch (req.reduction()) {
+    case v1::GQA_REDUCTION_MAX:
+      a.reduction = topk::GqaReduction::kMax;
+      break;
+    case v1::GQA_REDUCTION_SUM:
+      a.reduction = topk::GqaReduction::kSum;
+      break;
+    case v1::GQA_REDUCTION_PER_QUERY_HEAD:
+      a.reduction = topk::GqaReduction::kPerQueryHead;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reduction must be MAX, SUM or PER_QUERY_HEAD, got ", static_cast<int>(req.reduction())));
+  }
+  a.n_sink = req.n_sink();
+  a.n_local = req.n_local();
+  a.candidate_tokens = req.candidate_tokens();
+  a.softmax_scale = req.softmax_scale();
+  a.want_scores = req.want_scores();
+  a.want_mass = req.want_mass();
+  a.gather = req.gather();
+  a.keep = req.keep();
+  return a;
+}
+
+void ToProto(const SelectOutput& out, v1::SelectHeader* h) {
+  h->set_model_id(out.model);
+  h->set_num_tokens(out.num_tokens);
+  h->set_kv_heads(out.kv_heads);
+  h->set_head_dim(out.head_dim);
+  h->set_dtype(ToProto(out.dtype));
+  h->set_capacity(static_cast<uint32_t>(out.capacity));
+  for (int64_t r = 0; r < out.rows; ++r) {
+    v1::SelectedRow* row = h->add_rows();
+    const int32_t* first = out.indices.data() + r * out.capacity;
+    row->mutable_indices()->Add(first, first + out.counts[r]);
+    if (!out.scores.empty()) {
+      const float* s = out.scores.data() + r * out.capacity;
+      row->mutable_scores()->Add(s, s + out.counts[r]);
+    }
+  }
+  h->mutable_mass()->Add(out.mass.begin(), out.mass.end());
+  h->set_selection_id(out.selection_id);
+  h->set_gathered_bytes(out.gathered.size());
+  h->set_metadata_cached(out.metadata_cached);
+}
+
+}  // namespace
+
+absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags() {
+  RetrievalServiceOptions o;
+  auto bytes = ParseSize(absl::GetFlag(FLAGS_retrieval_metadata_capacity));
+  if (!bytes.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--retrieval_metadata_capacity: ", bytes.status().message()));
+  }
+  o.store.metadata_capacity_bytes = *bytes;
+  o.store.verify_metadata = absl::GetFlag(FLAGS_retrieval_verify_metadata);
+  o.store.max_selections = absl::GetFlag(FLAGS_retrieval_max_selections);
+  o.store.selection_ttl = absl::GetFlag(FLAGS_retrieval_selection_ttl);
+  o.threads = absl::GetFlag(FLAGS_retrieval_threads);
+  return o;
+}
+
+RetrievalService::RetrievalService(KvCache* cache, SessionStore* sessions,
+                                   const ServerConfig& config)
+    : config_(config) {
+  Init(cache, sessions, RetrievalOptionsFromFlags());
+}
+
+RetrievalService::RetrievalService(KvCache* cache, SessionStore* sessions,
+                                   const ServerConfig& config, RetrievalServiceOptions options)
+    : config_(config) {
+  Init(cache, sessions, std::move(options));
+}
+
+RetrievalService::~RetrievalService() { pool_.reset(); }
+
+void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
+                            absl::StatusOr<RetrievalServiceOptions> options) {
+  if (!options.ok()) {
+    status_ = options.status();
+    return;
+  }
+  if (options->threads < 1 || options->threads > 256) {
+    status_ = absl::InvalidArgumentError(
+        absl::StrCat("--retrieval_threads must be in [1, 256], got ", options->threads));
+    return;
+  }
+  auto store = RetrievalStore::Create(cache, sessions, std::move(options->store));
+  if (!store.ok()) {
+    status_ = absl::InvalidArgumentError(absl::StrCat("retrieval: ", store.status().message()));
+    return;
+  }
+  store_ = *std::move(store);
+  pool_ = std::make_unique<WorkPool>(options->threads);
+}
+
+grpc::ServerWriteReactor<v1::SelectResponse>* RetrievalService::Select(
+    grpc::CallbackServerContext* ctx, const v1::SelectRequest* req) {
+  using Reactor = PooledWriteReactor<v1::SelectResponse>;
+  if (!status_.ok()) return new Reactor(Unavailable(status_));
+  // `req` stays valid until the call is done, i.e. past the pool's work.
+  return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
+                     [this, req]() -> absl::StatusOr<Reactor::Prepared> {
+                       auto args = FromProto(*req);
+                       if (!args.ok()) return args.status();
+                       auto out = store_->Select(*args);
+                       if (!out.ok()) return out.status();
+                       Reactor::Prepared p;
+                       ToProto(*out, p.first.mutable_header());
+                       p.source = std::make_unique<OwnedSource>(std::move(out->gathered));
+                       return p;
+                     });
+}
+
+grpc::ServerWriteReactor<v1::GatherResponse>* RetrievalService::Gather(
+    grpc::CallbackServerContext* ctx, const v1::GatherRequest* req) {
+  using Reactor = PooledWriteReactor<v1::GatherResponse>;
+  if (!status_.ok()) return new Reactor(Unavailable(status_));
+  if (req->layers().empty()) {
+    return new Reactor(absl::InvalidArgumentError("Gather needs at least one layer, got none"));
+  }
+  auto selection = store_->FindSelection(req->selection_id());
+  if (!selection.ok()) return new Reactor(selection.status());
+  const KeptSelection& sel = **selection;
+  std::vector<int> layers(req->layers().begin(), req->layers().end());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (layers[i] < 0 || layers[i] >= sel.spec().layers) {
+      return new Reactor(absl::InvalidArgumentError(absl::StrCat(
+          "layers[", i, "] must be in [0, ", sel.spec().layers, "), got ", layers[i])));
+    }
+  }
+  v1::GatherResponse first;
+  v1::GatherHeader* h = first.mutable_header();
+  h->set_num_tokens(sel.num_tokens());
+  h->set_rows(static_cast<uint32_t>(sel.rows()));
+  h->set_capacity(static_cast<uint32_t>(sel.capacity()));
+  h->set_head_dim(sel.spec().head_dim);
+  h->set_dtype(ToProto(sel.spec().dtype));
+  h->mutable_counts()->Add(sel.counts().begin(), sel.counts().end());
+  h->mutable_layers()->Add(layers.begin(), layers.end());
+  h->set_layer_bytes(sel.layer_bytes());
+  h->set_total_bytes(sel.layer_bytes() * layers.size());
+  auto source = std::make_shared<std::unique_ptr<ByteSource>>(
+      std::make_unique<GatherSource>(store_.get(), *std::move(selection), std::move(layers)));
+  auto header = std::make_shared<v1::GatherResponse>(std::move(first));
+  return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
+                     [header, source]() -> absl::StatusOr<Reactor::Prepared> {
+                       return Reactor::Prepared{std::move(*header), std::move(*source)};
+                     });
+}
+
+grpc::ServerUnaryReactor* RetrievalService::ReleaseSelection(grpc::CallbackServerContext* ctx,
+                                                             const v1::ReleaseSelectionRequest* req,
+                                                             v1::ReleaseSelectionResponse* resp) {
+  if (!status_.ok()) return Done(ctx, Unavailable(status_));
+  return Done(ctx, store_->Release(req->selection_id()));
+}
+
+grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* ctx,
+                                                  const v1::RetrievalStatsRequest* req,
+                                                  v1::RetrievalStatsResponse* resp) {
+  if (!status_.ok()) return Done(ctx, Unavailable(status_));
+  const RetrievalStore::Stats s = store_->stats();
+  resp->set_selects(s.selects);
+  resp->set_gathers(s.gathers);
+  resp->set_metadata_entries(s.metadata_entries);
+  resp->set_metadata_bytes(s.metadata_bytes);
+  resp->set_metadata_capacity_bytes(s.metadata_capacity_bytes);
+  resp->set_metadata_hits(s.metadata_hits);
+  resp->set_metadata_builds(s.metadata_builds);
+  resp->set_metadata_stale(s.metadata_stale);
+  resp->set_metadata_evictions(s.metadata_evictions);
+  resp->set_selections(s.selections);
+  return Done(ctx, absl::OkStatus());
+}
+
+}  // namespace ropekv
