@@ -402,6 +402,25 @@ class Client:
             raise Error(grpc.StatusCode.DATA_LOSS, f"Compose: want {want} bytes, got {len(data)}")
         return header, np.frombuffer(data, dt).reshape(shape)
 
+    # -- retrieval: query-aware top-k selection (ropekv.retrieval, docs/retrieval.md) ----------
+
+    @property
+    def retrieval(self):
+        """The Retrieval service (ropekv.retrieval.Retrieval) on this client's channel."""
+        r = getattr(self, "_retrieval", None)
+        if r is None:
+            from ropekv.retrieval import Retrieval
+
+            r = self._retrieval = Retrieval(self)
+        return r
+
+    def select(self, queries, k, **kwargs):
+        """Query-aware top-k selection over a cached prefix (model=, tokens=, tenant=) or a
+        session (session_id=): see ropekv.retrieval.Retrieval.select. Returns a
+        ropekv.retrieval.Selection; with keep=True, `client.retrieval.gather(sel.selection_id,
+        layers)` returns the same tokens' K/V at other layers."""
+        return self.retrieval.select(queries, k, **kwargs)
+
     # -- data plane: registered buffers (ropekv.shm, docs/dataplane.md) -------------------------
 
     @property

@@ -1,0 +1,189 @@
+"""ropekv.retrieval: the Retrieval service of ropekvd (query-aware top-k selection; see
+docs/retrieval.md).
+
+    import numpy as np, ropekv
+    c = ropekv.Client("127.0.0.1:50051")
+    q = np.random.randn(32, 128).astype(np.float32)      # post-RoPE queries of layer 0
+    sel = c.select(q, k=256, model="llama", tokens=prompt, n_sink=4, n_local=64,
+                   gather=True, keep=True)
+    sel.indices[0]                                        # ascending token indices of KV head 0
+    sel.keys.shape                                        # (rows, capacity, head_dim)
+    keys, values = c.retrieval.gather(sel.selection_id, [1, 2])   # same tokens, layers 1 and 2
+
+Every failure raises ropekv.Error (NOT_FOUND: unknown model / session / selection or an uncached
+prompt; INVALID_ARGUMENT: bad layer, k, sizes, NaN in the queries).
+"""
+
+import dataclasses
+import sys
+
+import grpc
+import numpy as np
+
+from ropekv import arrays
+from ropekv._pb import pb
+from ropekv.errors import Error, invalid
+
+try:
+    from ropekv.v1 import retrieval_pb2 as rpb
+    from ropekv.v1 import retrieval_pb2_grpc as rpb_grpc
+except ImportError:  # pragma: no cover - a build without the Retrieval proto
+    rpb = rpb_grpc = None
+
+_MODES = {"exact": 0, "bound": 1, "bound_then_exact": 2}
+_REDUCTIONS = {"max": 0, "sum": 1, "per_query_head": 2}
+
+
+@dataclasses.dataclass
+class Selection:
+    """The answer of Retrieval.select.
+
+    header: the SelectHeader proto (num_tokens, capacity, dtype, ...).
+    indices: a list per row (KV head, or query head with reduction "per_query_head") of ascending
+      int32 token indices (sink and local tokens included).
+    scores: per row float32 scores of `indices` (want_scores), else None.
+    mass: float32 [rows] captured softmax mass (want_mass), else None.
+    selection_id: the kept selection ("" without keep).
+    keys, values: [rows, capacity, head_dim] arrays of the model's dtype (gather), zeros after each
+      row's count; else None.
+    """
+
+    header: object
+    indices: list
+    scores: list
+    mass: object
+    selection_id: str
+    keys: object = None
+    values: object = None
+
+
+def _need_proto():
+    if rpb is None:
+        raise Error(grpc.StatusCode.UNIMPLEMENTED,
+                    "this build has no ropekv/v1/retrieval.proto (rebuild the ropekv_python target)")
+
+
+def _queries(queries, query_dtype):
+    """(bytes, proto DType, query_heads) of a [query_heads, head_dim] array or tensor."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(queries, torch.Tensor):
+        t = queries.detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            queries, query_dtype = t.view(torch.int16).numpy().view(np.uint16), "bf16"
+        else:
+            queries = t.float().numpy() if t.dtype != torch.float16 else t.numpy()
+    a = np.ascontiguousarray(queries)
+    if a.ndim != 2:
+        raise invalid(f"queries must be [query_heads, head_dim], got shape {a.shape}")
+    if query_dtype is None:
+        if a.dtype == np.float32:
+            query_dtype = "f32"
+        elif a.dtype == np.float16:
+            query_dtype = "f16"
+        elif a.dtype.name == "bfloat16" or a.dtype == np.uint16:
+            query_dtype = "bf16"  # ml_dtypes.bfloat16, or the raw bits
+        elif a.dtype == np.float64:
+            a, query_dtype = a.astype(np.float32), "f32"
+        else:
+            raise invalid(f"queries must be float32, float16 or bfloat16, got {a.dtype}")
+    dt = {"f32": pb.DTYPE_F32, "f16": pb.DTYPE_F16, "bf16": pb.DTYPE_BF16}.get(query_dtype)
+    if dt is None:
+        raise invalid(f"query_dtype must be f32, f16 or bf16, got {query_dtype!r}")
+    return a.tobytes(), dt, a.shape[0]
+
+
+def _read_stream(stream, what):
+    header, chunks = None, []
+    try:
+        for msg in stream:
+            if header is None:
+                if not msg.HasField("header"):
+                    raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the first message has no header")
+                header = msg.header
+            chunks.append(msg.data)
+    except grpc.RpcError as e:
+        raise Error.from_rpc(e) from None
+    if header is None:
+        raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the stream ended without a header")
+    return header, b"".join(chunks)
+
+
+class Retrieval:
+    """The Retrieval service on a ropekv.Client's channel (thread-safe like the client)."""
+
+    def __init__(self, client):
+        _need_proto()
+        self._client = client
+        self.stub = rpb_grpc.RetrievalStub(client.channel)
+
+    def select(self, queries, k, *, model=None, tokens=None, tenant="", session_id=None, layer=0,
+               mode="exact", reduction="max", n_sink=0, n_local=0, candidate_tokens=0,
+               softmax_scale=0.0, want_scores=False, want_mass=False, gather=False, keep=False,
+               query_dtype=None):
+        """Selects the top-k cached tokens for the post-RoPE `queries` ([query_heads, head_dim]:
+        numpy float32 / float16 / bfloat16, or a torch tensor) of `layer`.
+
+        Source: the longest cached prefix of `tokens` of `model` / `tenant`, or the session
+        `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact"; reduction:
+        "max", "sum" or "per_query_head". Sink tokens [0, n_sink) and the local window
+        [N - n_local, N) are always included. Returns a Selection."""
+        if (session_id is None) == (model is None):
+            raise invalid("give either model (+ tokens) or session_id")
+        if mode not in _MODES:
+            raise invalid(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        if reduction not in _REDUCTIONS:
+            raise invalid(f"reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
+        data, dt, query_heads = _queries(queries, query_dtype)
+        req = rpb.SelectRequest(layer=int(layer), query_heads=int(query_heads), queries=data,
+                                query_dtype=dt, k=int(k), mode=_MODES[mode],
+                                reduction=_REDUCTIONS[reduction], n_sink=int(n_sink),
+                                n_local=int(n_local), candidate_tokens=int(candidate_tokens),
+                                softmax_scale=float(softmax_scale), want_scores=want_scores,
+                                want_mass=want_mass, gather=gather, keep=keep)
+        if session_id is not None:
+            req.source.session_id = session_id
+        else:
+            req.source.prefix.model = model
+            req.source.prefix.tenant = tenant
+            req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
+        header, data = _read_stream(self.stub.Select(req, timeout=self._client.timeout), "Select")
+        if len(data) != header.gathered_bytes:
+            raise Error(grpc.StatusCode.DATA_LOSS,
+                        f"Select: want {header.gathered_bytes} gathered bytes, got {len(data)}")
+        sel = Selection(
+            header=header,
+            indices=[np.array(r.indices, np.int32) for r in header.rows],
+            scores=[np.array(r.scores, np.float32) for r in header.rows] if want_scores else None,
+            mass=np.array(header.mass, np.float32) if want_mass else None,
+            selection_id=header.selection_id)
+        if gather:
+            rows = len(header.rows)
+            kv = np.frombuffer(data, arrays.numpy_dtype(header.dtype)).reshape(
+                2, rows, header.capacity, header.head_dim)
+            sel.keys, sel.values = kv[0], kv[1]
+        return sel
+
+    def gather(self, selection_id, layers):
+        """The K/V of a kept selection's tokens at `layers` (a list of layer indices): (keys,
+        values), each [len(layers), rows, capacity, head_dim] of the model's dtype, zeros after
+        each row's count. NOT_FOUND for an unknown or expired selection, or when its prefix
+        blocks were evicted."""
+        _need_proto()
+        layers = [int(x) for x in layers]
+        req = rpb.GatherRequest(selection_id=selection_id, layers=layers)
+        header, data = _read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
+        if len(data) != header.total_bytes:
+            raise Error(grpc.StatusCode.DATA_LOSS,
+                        f"Gather: want {header.total_bytes} bytes, got {len(data)}")
+        kv = np.frombuffer(data, arrays.numpy_dtype(header.dtype)).reshape(
+            len(layers), 2, header.rows, header.capacity, header.head_dim)
+        return kv[:, 0], kv[:, 1]
+
+    def release(self, selection_id):
+        """Drops a kept selection. NOT_FOUND when unknown."""
+        self._client._call(self.stub.ReleaseSelection,
+                           rpb.ReleaseSelectionRequest(selection_id=selection_id))
+
+    def stats(self):
+        """The RetrievalStatsResponse (selects, gathers, metadata_* counters, selections)."""
+        return self._client._call(self.stub.Stats, rpb.RetrievalStatsRequest())

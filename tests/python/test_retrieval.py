@@ -1,0 +1,105 @@
+"""ropekv.Client.select / ropekv.retrieval against a real ropekvd: the selection equals a top-k of
+fp64 scores computed here from the bytes put; gathered K/V equal the stored bytes; status codes."""
+
+import grpc
+import numpy as np
+import pytest
+
+import ropekv
+
+LAYERS, KV_HEADS, HEAD_DIM, BT = 2, 2, 64, 16
+QUERY_HEADS = 4
+
+
+@pytest.fixture
+def model(client):
+    return client.register_model(layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="f32",
+                                 block_tokens=BT, rope={"theta": 10000.0},
+                                 name="retrieval-f32").model_id
+
+
+def put_random(client, model, tenant, rng, blocks):
+    kv = rng.standard_normal((blocks, LAYERS, 2, KV_HEADS, BT, HEAD_DIM)).astype(np.float32)
+    tokens = rng.integers(0, 50000, size=blocks * BT).tolist()
+    client.put(model, tokens, kv, tenant=tenant)
+    # [layers, 2, kv_heads, tokens, head_dim]
+    return tokens, kv.transpose(1, 2, 3, 0, 4, 5).reshape(LAYERS, 2, KV_HEADS, blocks * BT,
+                                                           HEAD_DIM)
+
+
+def test_exact_selection_matches_fp64_and_gathers(client, model, tenant):
+    rng = np.random.default_rng(7)
+    tokens, kv = put_random(client, model, tenant, rng, 20)
+    n = len(tokens)
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    k, n_sink, n_local = 25, 3, 6
+    sel = client.select(q, k, model=model, tokens=tokens, tenant=tenant, layer=1, n_sink=n_sink,
+                        n_local=n_local, want_scores=True, want_mass=True, gather=True, keep=True)
+    assert sel.header.num_tokens == n
+    assert len(sel.indices) == KV_HEADS and sel.mass.shape == (KV_HEADS,)
+    group = QUERY_HEADS // KV_HEADS
+    keys = kv[1, 0].astype(np.float64)  # [kv_heads, n, head_dim]
+    for g in range(KV_HEADS):
+        scores = (q[g * group:(g + 1) * group].astype(np.float64) @ keys[g].T).max(axis=0)
+        row = sel.indices[g]
+        assert np.all(np.diff(row) > 0)
+        pinned = set(range(n_sink)) | set(range(n - n_local, n))
+        assert pinned <= set(row.tolist())
+        free = [t for t in row.tolist() if t not in pinned]
+        assert len(free) == k
+        others = [t for t in range(n) if t not in pinned and t not in free]
+        assert scores[free].min() >= scores[others].max() - 1e-6
+        np.testing.assert_allclose(sel.scores[g], scores[row], rtol=1e-5, atol=1e-5)
+        cap = sel.header.capacity
+        np.testing.assert_array_equal(sel.keys[g, :len(row)], kv[1, 0, g, row])
+        np.testing.assert_array_equal(sel.values[g, :len(row)], kv[1, 1, g, row])
+        assert not sel.keys[g, len(row):cap].any()
+    # TidalDecode: the same tokens at layer 0.
+    keys0, values0 = client.retrieval.gather(sel.selection_id, [0])
+    for g in range(KV_HEADS):
+        row = sel.indices[g]
+        np.testing.assert_array_equal(keys0[0, g, :len(row)], kv[0, 0, g, row])
+        np.testing.assert_array_equal(values0[0, g, :len(row)], kv[0, 1, g, row])
+    client.retrieval.release(sel.selection_id)
+    with pytest.raises(ropekv.Error) as e:
+        client.retrieval.gather(sel.selection_id, [0])
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert client.retrieval.stats().selects >= 1
+
+
+def test_bound_mode_finds_needle_page(client, model, tenant):
+    rng = np.random.default_rng(11)
+    blocks = 32
+    kv = rng.standard_normal((blocks, LAYERS, 2, KV_HEADS, BT, HEAD_DIM)).astype(np.float32)
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    needle = 301
+    kv[needle // BT, 0, 0, 0, needle % BT] = 4 * q[0]  # query head 0 reads KV head 0
+    tokens = rng.integers(0, 50000, size=blocks * BT).tolist()
+    client.put(model, tokens, kv, tenant=tenant)
+    sel = client.select(q, 16, model=model, tokens=tokens, tenant=tenant, mode="bound")
+    assert set(range(needle // 16 * 16, needle // 16 * 16 + 16)) <= set(sel.indices[0].tolist())
+
+
+def test_errors(client, model, tenant):
+    rng = np.random.default_rng(3)
+    tokens, _ = put_random(client, model, tenant, rng, 2)
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    cases = [
+        (dict(model="no-such-model", tokens=tokens), 4, grpc.StatusCode.NOT_FOUND),
+        (dict(session_id="no-such-session"), 4, grpc.StatusCode.NOT_FOUND),
+        (dict(model=model, tokens=tokens, tenant=tenant, layer=LAYERS), 4,
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(model=model, tokens=tokens, tenant=tenant), 0, grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for kwargs, k, code in cases:
+        with pytest.raises(ropekv.Error) as e:
+            client.select(q, k, **kwargs)
+        assert e.value.code == code, kwargs
+    bad = q.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ropekv.Error) as e:
+        client.select(bad, 4, model=model, tokens=tokens, tenant=tenant)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.message
+    with pytest.raises(ropekv.Error) as e:
+        client.select(q[:, :32], 4, model=model, tokens=tokens, tenant=tenant)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
