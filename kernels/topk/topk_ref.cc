@@ -362,9 +362,10 @@ absl::Status SelectCpu(const SelectRequest& req, const SelectResult& result) {
     std::vector<std::vector<Scored>> all(rows);
     for (int kvh = 0; kvh < req.kv_heads; ++kvh) {
       for (int64_t t = 0; t < n; ++t) {
-        if (IsPinned(t, n, req.n_sink, req.n_local)) continue;
+        // Pinned tokens are scored too, so that a NaN anywhere in the keys is reported.
         s = scorer.GroupScores(kvh, t, gs.data());
         if (!s.ok()) return s;
+        if (IsPinned(t, n, req.n_sink, req.n_local)) continue;
         if (per_head) {
           for (int g = 0; g < group; ++g) {
             all[kvh * group + g].push_back({static_cast<float>(gs[g]), t});

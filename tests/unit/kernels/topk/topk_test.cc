@@ -267,6 +267,16 @@ TEST(SelectCpuTest, NanIsInvalidArgument) {
     EXPECT_THAT(s.message(), HasSubstr("query head 1"));
   }
   {
+    // A NaN in a sink token's key is reported too.
+    Problem q = p;
+    q.SetKey(0, 0, 9, std::numeric_limits<float>::quiet_NaN());
+    SelectRequest req = q.Request(Mode::kExact, GqaReduction::kMax, 5);
+    req.n_sink = 2;
+    const absl::Status s = RunCpu(req, false, false, &o);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(s.message(), HasSubstr("token 0"));
+  }
+  {
     // inf - inf in a dot product.
     Problem q = p;
     q.SetKey(0, 4, 0, std::numeric_limits<float>::infinity());
