@@ -199,15 +199,21 @@ int Main(int argc, char** argv) {
   for (int r = 0; r < a.reps; ++r) {
     const std::string rep = absl::StrCat(a.dir, "/rep", r);
     std::filesystem::create_directories(rep);
+    // Every case starts with no dirty pages of an earlier one (sync(2) between cases).
+    ::sync();
     rows[0].secs.push_back(FileWrite(rep + "/plain", data, 0));
+    ::sync();
     rows[1].secs.push_back(FileWrite(rep + "/plain2", data, a.batch));
     {
       auto tier = OpenTier(rep + "/memory", Durability::kMemory);
+      ::sync();
       rows[2].secs.push_back(TierPut(*tier, data, hashes, a.batch));
     }
     {
       auto tier = OpenTier(rep + "/sync", Durability::kSync);
+      ::sync();
       rows[3].secs.push_back(TierPut(*tier, data, hashes, a.batch));
+      ::sync();
       rows[4].secs.push_back(FileRead(rep + "/plain", a.block_bytes, a.blocks));
       rows[5].secs.push_back(TierRead(*tier, data, hashes, rng));
     }
