@@ -1255,7 +1255,7 @@ absl::Status CheckWorkspace(const internal::SelectPlan& plan, void* workspace,
         absl::StrCat("workspace must hold ", plan.total, " bytes, got ", workspace_bytes));
   }
   if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
-    return absl::InvalidArgumentError("workspace must be 256-byte aligned");
+    return absl::FailedPreconditionError("workspace must be 256-byte aligned");
   }
   return absl::OkStatus();
 }

@@ -208,9 +208,11 @@ absl::StatusOr<size_t> SelectWorkspaceBytes(const SelectRequest& req, bool want_
 
 // The CUDA path: enqueues the selection on `stream` and returns without waiting. `workspace`
 // is device memory of at least SelectWorkspaceBytes(req, result.mass != nullptr) bytes, 256-byte
-// aligned, used by one call at a time. Errors: those of ValidateSelectRequest, FAILED_PRECONDITION
-// for a small workspace, INTERNAL for a failed launch. Contents are not checked (see NaN above);
-// a wrong result from the GPU path only follows from invalid device data.
+// aligned, used by one call at a time (it needs no initialisation). Errors: those of
+// ValidateSelectRequest; INVALID_ARGUMENT also for shapes the CUDA path does not take (more than
+// 65535 rows; with kMax / kSum, more query heads per KV head than one block's shared memory holds:
+// 186 at head_dim 128 in bf16, 93 for the bound); FAILED_PRECONDITION for a small or misaligned
+// workspace; INTERNAL for a failed launch. Device contents are not checked (see NaN above).
 absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream);
 
