@@ -388,6 +388,14 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   req.n_local = args.n_local;
   req.softmax_scale = args.softmax_scale;
 
+  const uint64_t gather_bytes = 2ull * topk::SelectRows(req) * topk::SelectCapacity(req) *
+                                spec.head_dim * DTypeSize(spec.dtype);
+  if ((args.gather || args.keep) && gather_bytes > options_.max_gather_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the selection's K/V would take ", gather_bytes, " bytes per layer, over the limit of ",
+        options_.max_gather_bytes, "; lower k, or select per KV head instead of per query head"));
+  }
+
   SelectOutput out;
   out.model = src->model;
   out.num_tokens = src->num_tokens;

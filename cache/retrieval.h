@@ -140,6 +140,9 @@ class RetrievalStore {
     // dropped after this long unused.
     uint32_t max_selections = 1024;
     absl::Duration selection_ttl = absl::Seconds(10);
+    // Most bytes of one layer's gathered K/V (Select with gather or keep): a request past it is
+    // INVALID_ARGUMENT instead of an allocation the size of several layers.
+    uint64_t max_gather_bytes = 1ull << 30;
     // The clock (tests inject one); default absl::Now.
     std::function<absl::Time()> now;
   };
@@ -167,7 +170,8 @@ class RetrievalStore {
   // Selects over args.source (see SelectArgs). Errors:
   // - INVALID_ARGUMENT: k < 1, negative n_sink / n_local, bad query_heads, layer out of range,
   //   queries not query_heads * head_dim elements of query_dtype, NaN in the queries (or in the
-  //   stored keys or scores the mode reads), a head_dim without kernels (64, 128, 256 only);
+  //   stored keys or scores the mode reads), a head_dim without kernels (64, 128, 256 only),
+  //   gathered K/V of one layer (gather or keep) over max_gather_bytes;
   // - NOT_FOUND: unknown model or session, or no full block of the prompt is cached;
   // - FAILED_PRECONDITION: pre-RoPE blocks, a session with tokens awaiting Fill, no session store.
   absl::StatusOr<SelectOutput> Select(const SelectArgs& args);

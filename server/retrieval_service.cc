@@ -24,6 +24,8 @@ ABSL_FLAG(uint32_t, retrieval_max_selections, 1024,
 ABSL_FLAG(absl::Duration, retrieval_selection_ttl, absl::Seconds(10),
           "a kept selection unused this long is dropped, e.g. 10s, 1m");
 ABSL_FLAG(int32_t, retrieval_threads, 2, "worker threads running Select and Gather");
+ABSL_FLAG(std::string, retrieval_max_gather, "1GiB",
+          "most bytes of one layer's gathered K/V a Select (gather or keep) may ask for");
 
 namespace ropekv {
 
@@ -296,6 +298,12 @@ absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags() {
         absl::StrCat("--retrieval_metadata_capacity: ", bytes.status().message()));
   }
   o.store.metadata_capacity_bytes = *bytes;
+  auto gather = ParseSize(absl::GetFlag(FLAGS_retrieval_max_gather));
+  if (!gather.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--retrieval_max_gather: ", gather.status().message()));
+  }
+  o.store.max_gather_bytes = *gather;
   o.store.verify_metadata = absl::GetFlag(FLAGS_retrieval_verify_metadata);
   o.store.max_selections = absl::GetFlag(FLAGS_retrieval_max_selections);
   o.store.selection_ttl = absl::GetFlag(FLAGS_retrieval_selection_ttl);

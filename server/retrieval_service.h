@@ -7,7 +7,7 @@
 // Borrows the cache and the session store (which must outlive the service); owns the retrieval
 // store and the pool. Its limits come from flags defined here: --retrieval_metadata_capacity,
 // --retrieval_verify_metadata, --retrieval_max_selections, --retrieval_selection_ttl,
-// --retrieval_threads.
+// --retrieval_threads, --retrieval_max_gather.
 #ifndef ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 #define ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 

@@ -842,6 +842,22 @@ TEST_F(RetrievalTest, BadRequestsGetTheRightCodes) {
     EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("NaN"));
   }
 
+  // Gathered K/V over the limit: 2 x 4 rows x 64 tokens x 64 x 2 bytes = 65536 per layer.
+  RetrievalStore::Options small;
+  small.max_gather_bytes = 65535;
+  MakeStore(small);
+  a = good;
+  a.k = 64;
+  a.reduction = GqaReduction::kPerQueryHead;
+  EXPECT_TRUE(store_->Select(a).ok());
+  a.gather = true;
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a.gather = false;
+  a.keep = true;
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a.reduction = GqaReduction::kMax;  // 2 rows: half the bytes
+  EXPECT_TRUE(store_->Select(a).ok());
+
   // Pre-RoPE blocks cannot be scored against post-RoPE queries.
   std::vector<int32_t> pre = Tokens(16);
   ASSERT_TRUE(Put(pre, RandomBlocks(spec_, 1, rng_), std::nullopt, /*pre_rope=*/true).ok());
