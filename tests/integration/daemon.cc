@@ -28,7 +28,10 @@ Daemon::Daemon(std::vector<std::string> extra_flags, std::string data_dir) {
   data_dir_ = data_dir.empty() ? FreshDir("daemon" + std::to_string(counter++)) : data_dir;
   const std::string port_file = data_dir_ + "/port";
   std::filesystem::remove(port_file);
-  std::vector<std::string> args = {ROPEKVD, "--listen=127.0.0.1:0", "--data_dir=" + data_dir_,
+  // $ROPEKVD overrides the built path (a packed binary on another machine).
+  const char* env_binary = std::getenv("ROPEKVD");
+  std::vector<std::string> args = {env_binary != nullptr ? env_binary : ROPEKVD,
+                                   "--listen=127.0.0.1:0", "--data_dir=" + data_dir_,
                                    "--port_file=" + port_file};
   args.insert(args.end(), extra_flags.begin(), extra_flags.end());
   pid_ = fork();
