@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -525,6 +526,47 @@ absl::Status BufferLease::Produce(uint64_t at, uint64_t n,
       transfer_ != nullptr ? transfer_->Produce(offset_ + at, n, fill) : fill(host_ + at);
   if (s.ok()) written_ += n;
   return s;
+}
+
+absl::Status BufferLease::ProduceParallel(
+    uint64_t units, uint64_t unit_bytes, int threads,
+    absl::FunctionRef<absl::Status(uint64_t i, void* dst)> fill) {
+  uint64_t total = 0;
+  if (__builtin_mul_overflow(units, unit_bytes, &total) || total > size_) {
+    return absl::InvalidArgumentError(absl::StrCat(units, " units of ", unit_bytes,
+                                                   " bytes leave the lease of ", size_, " bytes"));
+  }
+  absl::Status status;
+  if (transfer_ != nullptr || threads <= 1 || units <= 1) {
+    for (uint64_t i = 0; status.ok() && i < units; ++i) {
+      status = Produce(i * unit_bytes, unit_bytes, [&](void* dst) { return fill(i, dst); });
+    }
+  } else {
+    if (finished_) return absl::FailedPreconditionError("the lease is finished");
+    // Units are taken in order by whichever thread is free; the first error stops the others.
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    absl::Mutex mu;
+    auto work = [&] {
+      for (uint64_t i; !failed.load(std::memory_order_relaxed) && (i = next++) < units;) {
+        absl::Status s = fill(i, host_ + i * unit_bytes);
+        if (!s.ok()) {
+          absl::MutexLock lock(&mu);
+          if (status.ok()) status = s;
+          failed = true;
+        }
+      }
+    };
+    const uint64_t n = std::min<uint64_t>(static_cast<uint64_t>(threads), units);
+    std::vector<std::thread> helpers;
+    helpers.reserve(n - 1);
+    for (uint64_t t = 1; t < n; ++t) helpers.emplace_back(work);
+    work();
+    for (std::thread& t : helpers) t.join();
+    if (status.ok()) written_ += total;
+  }
+  absl::Status finished = Finish();
+  return status.ok() ? finished : status;
 }
 
 absl::Status BufferLease::Write(uint64_t at, const void* src, uint64_t n) {

@@ -99,6 +99,13 @@ class BufferLease {
   // INVALID_ARGUMENT when [at, at + n) leaves the lease (nothing is written); fill's own errors as
   // they are.
   absl::Status Produce(uint64_t at, uint64_t n, absl::FunctionRef<absl::Status(void* dst)> fill);
+  // Writes `units` units of `unit_bytes` each at [0, units * unit_bytes) of the lease, unit i
+  // produced by fill(i, dst) — for shared memory in place, by up to `threads` threads at once (fill
+  // must then be safe to call concurrently for different units); for a GPU buffer one at a time
+  // through Produce. Then Finish. The first error (of fill, or INVALID_ARGUMENT when the units
+  // leave the lease) is returned; units after it may not be written.
+  absl::Status ProduceParallel(uint64_t units, uint64_t unit_bytes, int threads,
+                               absl::FunctionRef<absl::Status(uint64_t i, void* dst)> fill);
   // Writes n bytes from `src` at [at, at + n) of the lease: a memcpy into shared memory, a copy
   // without staging to a GPU buffer (src must then stay valid and unchanged until Finish).
   // INVALID_ARGUMENT when the range leaves the lease.

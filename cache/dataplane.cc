@@ -1,6 +1,7 @@
 #include "cache/dataplane.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -15,22 +16,6 @@ absl::StatusOr<uint64_t> Product(uint64_t a, uint64_t b, absl::string_view what)
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", a, " x ", b, " bytes overflow"));
   }
   return out;
-}
-
-// Writes `units` units of `unit_bytes` each into a lease, unit i produced by write(i, dst), then
-// ends the lease.
-template <typename WriteUnit>
-absl::Status ProduceUnits(BufferLease& lease, uint64_t units, uint64_t unit_bytes,
-                          WriteUnit write) {
-  for (uint64_t i = 0; i < units; ++i) {
-    absl::Status s =
-        lease.Produce(i * unit_bytes, unit_bytes, [&](void* dst) { return write(i, dst); });
-    if (!s.ok()) {
-      lease.Finish().IgnoreError();
-      return s;
-    }
-  }
-  return lease.Finish();
 }
 
 }  // namespace
@@ -51,14 +36,21 @@ absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& bu
   if (!lease.ok()) return lease.status();
   const int64_t block_tokens = handle->model().spec.block_tokens;
   absl::Status s;
-  if (!args.target_position.has_value()) {
-    // As stored: straight from the tier's copy (for a GPU buffer, DMA from the pinned host tier).
-    for (size_t i = 0; s.ok() && i < n; ++i)
+  if (!args.target_position.has_value() && (*lease)->kind() == BufferKind::kCudaIpc) {
+    // As stored, to a GPU buffer: DMA straight from the tier's (pinned) host copies, no staging.
+    for (size_t i = 0; s.ok() && i < n; ++i) {
       s = (*lease)->Write(i * bb, handle->bytes(i).data(), bb);
+    }
     absl::Status finished = (*lease)->Finish();
     if (s.ok()) s = finished;
   } else {
-    s = ProduceUnits(**lease, n, bb, [&](uint64_t i, void* dst) {
+    // Shared memory (blocks split among copy_threads), or a re-rotated Get to a GPU buffer
+    // (rotated into pinned staging, then copied): one rotation from the stored copy.
+    s = (*lease)->ProduceParallel(n, bb, args.copy_threads, [&](uint64_t i, void* dst) {
+      if (!args.target_position.has_value()) {
+        std::memcpy(dst, handle->bytes(i).data(), bb);
+        return absl::OkStatus();
+      }
       return handle->CopyBlock(i, dst,
                                *args.target_position + static_cast<int64_t>(i) * block_tokens);
     });
@@ -108,7 +100,7 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
                                                       absl::string_view model,
                                                       absl::string_view tenant,
                                                       const std::vector<ComposePart>& parts,
-                                                      const BufferRange& dst) {
+                                                      const BufferRange& dst, int copy_threads) {
   auto prompt = Compose(cache, model, tenant, parts);
   if (!prompt.ok()) return prompt.status();
   const uint64_t layer_bytes = prompt->layer_bytes();
@@ -116,9 +108,9 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
   if (!bytes.ok()) return bytes.status();
   auto lease = buffers.Acquire(dst, *bytes);
   if (!lease.ok()) return lease.status();
-  absl::Status s = ProduceUnits(**lease, prompt->layers(), layer_bytes, [&](uint64_t l, void* p) {
-    return prompt->WriteLayer(static_cast<int>(l), p);
-  });
+  absl::Status s = (*lease)->ProduceParallel(
+      prompt->layers(), layer_bytes, copy_threads,
+      [&](uint64_t l, void* p) { return prompt->WriteLayer(static_cast<int>(l), p); });
   if (!s.ok()) return s;
   ComposeToBufferResult r;
   r.parts = prompt->parts();
@@ -132,7 +124,7 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
                                                 absl::string_view session_id,
                                                 std::optional<TokenRange> range,
                                                 std::optional<RopeTableId> to_table,
-                                                const BufferRange& dst) {
+                                                const BufferRange& dst, int copy_threads) {
   auto reader = sessions.Read(session_id, range, to_table);
   if (!reader.ok()) return reader.status();
   const uint64_t layer_bytes = reader->layer_bytes();
@@ -140,9 +132,9 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
   if (!bytes.ok()) return bytes.status();
   auto lease = buffers.Acquire(dst, *bytes);
   if (!lease.ok()) return lease.status();
-  absl::Status s = ProduceUnits(**lease, reader->layers(), layer_bytes, [&](uint64_t l, void* p) {
-    return reader->WriteLayer(static_cast<int>(l), p);
-  });
+  absl::Status s = (*lease)->ProduceParallel(
+      reader->layers(), layer_bytes, copy_threads,
+      [&](uint64_t l, void* p) { return reader->WriteLayer(static_cast<int>(l), p); });
   if (!s.ok()) return s;
   ReadToBufferResult r;
   r.range = reader->range();

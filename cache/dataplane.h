@@ -5,6 +5,9 @@
 // SessionReader::WriteLayer, a Put's bytes from the region into the PutWriter. For a GPU buffer the
 // same producers fill pinned staging that is copied to the device (cache/cuda_ipc.h).
 //
+// Copies into shared memory may run on several threads (`copy_threads`: blocks or layers split
+// among them); copies to a GPU buffer run on the caller's thread.
+//
 // Layouts are those of the streaming calls: block layout for Get and Put
 // ([block][layer][k|v][kv_head][block_tokens][head_dim]), prompt layout for Compose and Read
 // ([layer][k|v][kv_head][tokens][head_dim]). Only [dst.offset, dst.offset + bytes) is written.
@@ -34,6 +37,8 @@ struct GetToBufferArgs {
   // Where the first token's key should sit (re-rotated in one rotation); nullopt: as stored.
   std::optional<int64_t> target_position;
   BufferRange dst;
+  // Threads that copy (and re-rotate) blocks into shared memory at once; 1 = the caller only.
+  int copy_threads = 1;
 };
 
 struct GetToBufferResult {
@@ -75,7 +80,7 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
                                                       absl::string_view model,
                                                       absl::string_view tenant,
                                                       const std::vector<ComposePart>& parts,
-                                                      const BufferRange& dst);
+                                                      const BufferRange& dst, int copy_threads = 1);
 
 struct ReadToBufferResult {
   TokenRange range;
@@ -91,7 +96,7 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
                                                 absl::string_view session_id,
                                                 std::optional<TokenRange> range,
                                                 std::optional<RopeTableId> to_table,
-                                                const BufferRange& dst);
+                                                const BufferRange& dst, int copy_threads = 1);
 
 }  // namespace ropekv
 

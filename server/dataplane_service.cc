@@ -1,5 +1,6 @@
 #include "server/dataplane_service.h"
 
+#include <algorithm>
 #include <deque>
 #include <functional>
 #include <optional>
@@ -17,7 +18,9 @@ ABSL_FLAG(std::string, allow_buffers, "auto",
           "buffer registration (shared memory, CUDA IPC): auto (only when listening on loopback), "
           "on, off");
 ABSL_FLAG(uint32_t, max_buffers, 64, "most buffers registered at once");
-ABSL_FLAG(int32_t, dataplane_threads, 4, "worker threads running the data plane's copies");
+ABSL_FLAG(int32_t, dataplane_threads, 4, "worker threads running the data plane's calls");
+ABSL_FLAG(int32_t, dataplane_copy_threads, 0,
+          "threads one call splits a copy into shared memory among; 0 = one per core, at most 8");
 
 namespace ropekv {
 
@@ -131,6 +134,11 @@ absl::StatusOr<DataPlaneOptions> DataPlaneOptionsFromFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--dataplane_threads must be in [1, 256], got ", o.threads));
   }
+  o.copy_threads = absl::GetFlag(FLAGS_dataplane_copy_threads);
+  if (o.copy_threads < 0 || o.copy_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dataplane_copy_threads must be in [0, 256], got ", o.copy_threads));
+  }
   return o;
 }
 
@@ -176,9 +184,13 @@ void DataPlaneService::Init(const ServerConfig& config, absl::StatusOr<DataPlane
   }
   registry_ = *std::move(registry);
   pool_ = std::make_unique<WorkPool>(options->threads);
+  copy_threads_ = options->copy_threads;
+  if (copy_threads_ == 0) {
+    copy_threads_ = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
+  }
   summary_ = absl::StrCat("buffer registration ", *allowed ? "on" : "off",
                           " (--allow_buffers=", options->allow_buffers, "), ", options->threads,
-                          " data-plane threads");
+                          " data-plane threads, ", copy_threads_, " copy threads a call");
 }
 
 grpc::ServerUnaryReactor* DataPlaneService::Submit(grpc::CallbackServerContext* ctx,
@@ -253,6 +265,7 @@ grpc::ServerUnaryReactor* DataPlaneService::GetToBuffer(grpc::CallbackServerCont
     a.max_blocks = req->max_blocks();
     if (req->has_target_position()) a.target_position = req->target_position();
     a.dst = FromProto(req->dst());
+    a.copy_threads = copy_threads_;
     auto r = ropekv::GetToBuffer(*cache_, *registry_, a);
     if (!r.ok()) return r.status();
     v1::GetHeader* h = resp->mutable_header();
@@ -298,7 +311,7 @@ grpc::ServerUnaryReactor* DataPlaneService::ComposeToBuffer(grpc::CallbackServer
       parts.push_back(std::move(part));
     }
     auto r = ropekv::ComposeToBuffer(*cache_, *registry_, req->model(), req->tenant(), parts,
-                                     FromProto(req->dst()));
+                                     FromProto(req->dst()), copy_threads_);
     if (!r.ok()) return r.status();
     v1::ComposeHeader* h = resp->mutable_header();
     h->set_total_tokens(r->total_tokens);
@@ -326,7 +339,7 @@ grpc::ServerUnaryReactor* DataPlaneService::ReadToBuffer(grpc::CallbackServerCon
     std::optional<RopeTableId> table;
     if (req->has_rope_table()) table = req->rope_table();
     auto r = ropekv::ReadToBuffer(*sessions_, *registry_, req->session_id(), range, table,
-                                  FromProto(req->dst()));
+                                  FromProto(req->dst()), copy_threads_);
     if (!r.ok()) return r.status();
     v1::ReadHeader* h = resp->mutable_header();
     h->mutable_range()->set_start(r->range.start);

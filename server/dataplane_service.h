@@ -8,7 +8,7 @@
 //
 // Its settings come from flags defined here (a daemon linking the service gets them; the YAML
 // file sets them too): --allow_buffers (auto | on | off; auto = on for loopback listeners only),
-// --max_buffers, --dataplane_threads.
+// --max_buffers, --dataplane_threads, --dataplane_copy_threads.
 #ifndef ROPEKV_SERVER_DATAPLANE_SERVICE_H_
 #define ROPEKV_SERVER_DATAPLANE_SERVICE_H_
 
@@ -28,11 +28,14 @@ namespace ropekv {
 struct DataPlaneOptions {
   std::string allow_buffers = "auto";  // auto (loopback listeners only), on, off
   uint32_t max_buffers = 64;           // registered at once
-  int threads = 4;                     // workers that run the copies
+  int threads = 4;                     // workers that run the calls
+  // Threads one call splits a copy into shared memory among (blocks or layers); 0 = one per core,
+  // at most 8.
+  int copy_threads = 0;
 };
 
-// The options from the flags. INVALID_ARGUMENT for a bad --allow_buffers or a thread count
-// outside [1, 256].
+// The options from the flags. INVALID_ARGUMENT for a bad --allow_buffers or thread counts
+// outside [1, 256] ([0, 256] for copy threads).
 absl::StatusOr<DataPlaneOptions> DataPlaneOptionsFromFlags();
 
 class DataPlaneService final : public v1::DataPlane::CallbackService {
@@ -84,6 +87,7 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   SessionStore* sessions_;
   std::unique_ptr<BufferRegistry> registry_;
   std::unique_ptr<WorkPool> pool_;
+  int copy_threads_ = 1;
   absl::Status status_;
   std::string summary_;
 };

@@ -270,6 +270,53 @@ TEST(BufferRegistryTest, LeaseWritesOnlyItsRange) {
   EXPECT_EQ(info[0].copies_in_flight, 0u);
 }
 
+TEST(BufferRegistryTest, ProduceParallelWritesEveryUnitOnce) {
+  ClientShm shm(1 << 20);
+  auto reg = Registry();
+  ASSERT_TRUE(reg->RegisterShm("b", shm.name(), 0).ok());
+  const uint64_t off = 1000, units = 37, unit = 4099;
+  for (int threads : {1, 3, 64}) {
+    auto lease = reg->Acquire({"b", off, 0}, units * unit);
+    ASSERT_TRUE(lease.ok());
+    std::atomic<int> calls{0};
+    ASSERT_TRUE((*lease)
+                    ->ProduceParallel(units, unit, threads,
+                                      [&](uint64_t i, void* dst) {
+                                        ++calls;
+                                        std::memset(dst, static_cast<int>(i + threads), unit);
+                                        return absl::OkStatus();
+                                      })
+                    .ok());
+    EXPECT_EQ(calls.load(), static_cast<int>(units));
+    for (uint64_t i = 0; i < units; ++i) {
+      ASSERT_EQ(shm.data()[off + i * unit], static_cast<uint8_t>(i + threads)) << i;
+      ASSERT_EQ(shm.data()[off + i * unit + unit - 1], static_cast<uint8_t>(i + threads)) << i;
+    }
+    EXPECT_TRUE(shm.UnchangedOutside(off, off + units * unit));
+  }
+  // Past the lease: refused before any unit runs; an error of one unit is the answer.
+  auto lease = reg->Acquire({"b", off, 0}, units * unit);
+  ASSERT_TRUE(lease.ok());
+  bool ran = false;
+  EXPECT_EQ((*lease)
+                ->ProduceParallel(units + 1, unit, 4,
+                                  [&](uint64_t, void*) {
+                                    ran = true;
+                                    return absl::OkStatus();
+                                  })
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(ran);
+  EXPECT_EQ((*lease)
+                ->ProduceParallel(units, unit, 4,
+                                  [&](uint64_t i, void*) {
+                                    return i == 5 ? absl::DataLossError("unit 5")
+                                                  : absl::OkStatus();
+                                  })
+                .code(),
+            absl::StatusCode::kDataLoss);
+}
+
 TEST(BufferRegistryTest, BadRangesAreInvalidAndWriteNothing) {
   ClientShm shm(10000);
   auto reg = Registry();

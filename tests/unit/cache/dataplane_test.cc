@@ -177,7 +177,9 @@ TEST_F(DataPlaneTest, GetToBufferAsStoredIsByteExact) {
   EXPECT_TRUE(shm_->UnchangedOutside(off, off + 3 * bb_));
 }
 
-TEST_F(DataPlaneTest, GetToBufferReRotatesToTheTarget) {
+class DataPlaneThreadsTest : public DataPlaneTest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(DataPlaneThreadsTest, GetToBufferReRotatesToTheTarget) {
   const ModelSpec s = SmallSpec();
   const int n = 24;
   const auto raw = RawKv(2, n);
@@ -187,6 +189,7 @@ TEST_F(DataPlaneTest, GetToBufferReRotatesToTheTarget) {
   a.tokens = Tokens(n, 300);
   a.target_position = 1000;
   a.dst = {"buf", 64, 3 * bb_};
+  a.copy_threads = GetParam();
   auto r = GetToBuffer(*cache_, *registry_, a);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->bytes_written, 3 * bb_);
@@ -205,6 +208,11 @@ TEST_F(DataPlaneTest, GetToBufferReRotatesToTheTarget) {
   }
   EXPECT_TRUE(shm_->UnchangedOutside(64, 64 + 3 * bb_));
 }
+
+INSTANTIATE_TEST_SUITE_P(CopyThreads, DataPlaneThreadsTest, ::testing::Values(1, 2, 5),
+                         [](const ::testing::TestParamInfo<int>& i) {
+                           return absl::StrCat(i.param, "threads");
+                         });
 
 TEST_F(DataPlaneTest, GetMissWritesNothing) {
   GetToBufferArgs a;
