@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -45,7 +46,9 @@
 #define ROPEKVD_PATH "ropekvd"
 #endif
 
-ABSL_FLAG(std::string, ropekvd, ROPEKVD_PATH, "ropekvd binary to start");
+ABSL_FLAG(std::string, ropekvd, "",
+          "ropekvd binary to start; default $ROPEKVD, else ropekvd beside this binary, else the "
+          "one of the build");
 ABSL_FLAG(int32_t, tokens, 32768, "tokens of the cache (a multiple of --block_tokens)");
 ABSL_FLAG(int32_t, layers, 32, "layers");
 ABSL_FLAG(int32_t, kv_heads, 8, "KV heads");
@@ -161,6 +164,17 @@ class Pattern {
   std::vector<uint8_t> base_;
 };
 
+std::string DaemonBinary() {
+  if (std::string flag = absl::GetFlag(FLAGS_ropekvd); !flag.empty()) return flag;
+  if (const char* env = std::getenv("ROPEKVD"); env != nullptr && *env != '\0') return env;
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec && std::filesystem::exists(self.parent_path() / "ropekvd", ec)) {
+    return (self.parent_path() / "ropekvd").string();
+  }
+  return ROPEKVD_PATH;
+}
+
 double MedianMs(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
@@ -207,7 +221,7 @@ int Main() {
   const uint64_t bb = client::KvShape::Of(spec, 1).BlockBytes();
   const uint64_t total = blocks * bb;
 
-  Daemon daemon(absl::GetFlag(FLAGS_ropekvd), total + total / 8 + (64ull << 20));
+  Daemon daemon(DaemonBinary(), total + total / 8 + (64ull << 20));
   client::Client::Options o;
   o.address = daemon.address();
   o.timeout = absl::Minutes(10);
