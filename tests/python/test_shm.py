@@ -230,3 +230,44 @@ def test_registration_refused_when_not_allowed(flags, why):
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_cuda_ipc_buffer_equals_grpc_get(client, tenant):
+    """A torch CUDA tensor registered by its IPC handle (needs torch with CUDA and a CUDA build of
+    ropekvd on a GPU host; skipped elsewhere)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(6)
+    model = register(client)
+    toks = tokens(rng, 3 * BT)
+    kv = random_kv(rng, 3)
+    client.put(model, toks, kv, tenant=tenant)
+    bb = arrays.block_bytes(client.spec(model))
+    # An allocation with room around the buffer; the buffer is a slice at an offset in it.
+    pool = torch.randint(1, 255, (8 * bb,), dtype=torch.uint8, device="cuda")
+    canary = pool.clone()
+    region = pool[bb:7 * bb]
+    gbuf = client.register_cuda(region)
+    try:
+        for target in (None, 2048):
+            _, want = client.get(model, toks, tenant=tenant, target_position=target)
+            header, got = client.get(model, toks, tenant=tenant, target_position=target,
+                                     out=(gbuf, 100))
+            assert header.blocks == 3 and got.is_cuda and got.dtype == torch.bfloat16
+            assert torch.equal(got.view(torch.int16).cpu(),
+                               torch.from_numpy(np.ascontiguousarray(want).view(np.int16)))
+            torch.cuda.synchronize()
+            written = slice(bb + 100, bb + 100 + 3 * bb)
+            assert torch.equal(pool[:written.start], canary[:written.start])
+            assert torch.equal(pool[written.stop:], canary[written.stop:])
+            pool.copy_(canary)
+        # Put from the GPU tensor.
+        more = tokens(rng, BT)
+        src = torch.from_numpy(raw(random_kv(rng, 1)).copy()).cuda()
+        region[:bb].copy_(src)
+        client.put_from_buffer(model, more, gbuf, tenant=tenant)
+        _, back = client.get(model, more, tenant=tenant)
+        assert np.array_equal(raw(back), src.cpu().numpy())
+    finally:
+        gbuf.close()
