@@ -287,6 +287,24 @@ int Main() {
   const uint8_t* src = region;
   rows.push_back({"memcpy of the same bytes (host)", "memcpy",
                   Time([&] { std::memcpy(host.data(), src, total); }, reps, warmup), "memcpy"});
+  // The daemon splits a shared-memory copy among up to 8 threads (one per core): the same here.
+  const int copy_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
+  rows.push_back({absl::StrCat("memcpy, ", copy_threads, " threads (host)"), "memcpy_threads",
+                  Time(
+                      [&] {
+                        std::vector<std::thread> threads;
+                        const uint64_t per = (blocks + copy_threads - 1) / copy_threads * bb;
+                        for (int t = 0; t < copy_threads; ++t) {
+                          const uint64_t begin = std::min<uint64_t>(t * per, total);
+                          const uint64_t end = std::min<uint64_t>(begin + per, total);
+                          threads.emplace_back([&, begin, end] {
+                            std::memcpy(host.data() + begin, src + begin, end - begin);
+                          });
+                        }
+                        for (auto& th : threads) th.join();
+                      },
+                      reps, warmup),
+                  "memcpy"});
   rows.push_back({"gRPC Get into a buffer", "grpc_get",
                   Time([&] { CHECK_OK((*kv)->GetInto(get, absl::MakeSpan(host))); }, reps, warmup),
                   "memcpy"});
