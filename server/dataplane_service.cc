@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cache/dataplane.h"
 #include "server/convert.h"
+#include "server/work_pool.h"
 
 ABSL_FLAG(std::string, allow_buffers, "auto",
           "buffer registration (shared memory, CUDA IPC): auto (only when listening on loopback), "
@@ -23,47 +24,6 @@ ABSL_FLAG(int32_t, dataplane_copy_threads, 0,
           "threads one call splits a copy into shared memory among; 0 = one per core, at most 8");
 
 namespace ropekv {
-
-// A fixed set of threads taking jobs in order. The destructor runs what is queued, then joins.
-class DataPlaneService::WorkPool {
- public:
-  explicit WorkPool(int threads) {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
-  }
-  ~WorkPool() {
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-    }
-    for (std::thread& t : workers_) t.join();
-  }
-
-  void Submit(std::function<void()> job) {
-    absl::MutexLock lock(&mu_);
-    jobs_.push_back(std::move(job));
-  }
-
- private:
-  void Loop() {
-    while (true) {
-      std::function<void()> job;
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(this, &WorkPool::Ready));
-        if (jobs_.empty()) return;  // stopping, nothing left
-        job = std::move(jobs_.front());
-        jobs_.pop_front();
-      }
-      job();
-    }
-  }
-  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !jobs_.empty(); }
-
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> workers_;
-};
 
 namespace {
 

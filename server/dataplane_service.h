@@ -25,6 +25,8 @@
 
 namespace ropekv {
 
+class WorkPool;
+
 struct DataPlaneOptions {
   std::string allow_buffers = "auto";  // auto (loopback listeners only), on, off
   uint32_t max_buffers = 64;           // registered at once
@@ -74,8 +76,6 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   grpc::ServerUnaryReactor* ReadToBuffer(grpc::CallbackServerContext* ctx,
                                          const v1::ReadToBufferRequest* req,
                                          v1::ReadToBufferResponse* resp) override;
-
-  class WorkPool;
 
  private:
   void Init(const ServerConfig& config, absl::StatusOr<DataPlaneOptions> options);

@@ -165,8 +165,8 @@ grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackSer
     }
     target = req->target_position();
   }
-  auto handle = cache_->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()),
-                                      req->max_blocks());
+  auto handle =
+      cache_->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
   if (!handle.ok()) return new Reactor(handle.status());
   v1::GetResponse first;
   v1::GetHeader* header = first.mutable_header();

@@ -13,6 +13,7 @@
 #include "absl/time/time.h"
 #include "server/convert.h"
 #include "server/stream_reactor.h"
+#include "server/work_pool.h"
 
 ABSL_FLAG(std::string, retrieval_metadata_capacity, "256MiB",
           "bytes of page metadata (Quest bounds) the retrieval service keeps");
@@ -28,47 +29,6 @@ ABSL_FLAG(std::string, retrieval_max_gather, "1GiB",
           "most bytes of one layer's gathered K/V a Select (gather or keep) may ask for");
 
 namespace ropekv {
-
-// A fixed set of threads taking jobs in order. The destructor runs what is queued, then joins.
-class RetrievalService::WorkPool {
- public:
-  explicit WorkPool(int threads) {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
-  }
-  ~WorkPool() {
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-    }
-    for (std::thread& t : workers_) t.join();
-  }
-
-  void Submit(std::function<void()> job) {
-    absl::MutexLock lock(&mu_);
-    jobs_.push_back(std::move(job));
-  }
-
- private:
-  void Loop() {
-    while (true) {
-      std::function<void()> job;
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(this, &WorkPool::Ready));
-        if (jobs_.empty()) return;  // stopping, nothing left
-        job = std::move(jobs_.front());
-        jobs_.pop_front();
-      }
-      job();
-    }
-  }
-  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !jobs_.empty(); }
-
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> workers_;
-};
 
 namespace {
 
@@ -86,7 +46,7 @@ class PooledWriteReactor final : public grpc::ServerWriteReactor<Response> {
   // Ends the call at once with `error`.
   explicit PooledWriteReactor(const absl::Status& error) { this->Finish(ToGrpc(error)); }
 
-  PooledWriteReactor(RetrievalService::WorkPool* pool, uint64_t chunk_bytes,
+  PooledWriteReactor(WorkPool* pool, uint64_t chunk_bytes,
                      std::function<absl::StatusOr<Prepared>()> prepare)
       : pool_(pool), chunk_(chunk_bytes) {
     pool_->Submit([this, prepare = std::move(prepare)] {
@@ -130,7 +90,7 @@ class PooledWriteReactor final : public grpc::ServerWriteReactor<Response> {
     this->StartWrite(&resp_);
   }
 
-  RetrievalService::WorkPool* pool_ = nullptr;
+  WorkPool* pool_ = nullptr;
   uint64_t chunk_ = 0;
   std::unique_ptr<ByteSource> source_;
   Response resp_;

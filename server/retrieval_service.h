@@ -22,6 +22,8 @@
 
 namespace ropekv {
 
+class WorkPool;
+
 struct RetrievalServiceOptions {
   RetrievalStore::Options store;  // metadata capacity, selection TTL and count
   int threads = 2;                // pool threads running Select and Gather, in [1, 256]
@@ -56,8 +58,6 @@ class RetrievalService final : public v1::Retrieval::CallbackService {
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx,
                                   const v1::RetrievalStatsRequest* req,
                                   v1::RetrievalStatsResponse* resp) override;
-
-  class WorkPool;
 
  private:
   void Init(KvCache* cache, SessionStore* sessions, absl::StatusOr<RetrievalServiceOptions> o);

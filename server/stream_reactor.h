@@ -4,11 +4,11 @@
 #ifndef ROPEKV_SERVER_STREAM_REACTOR_H_
 #define ROPEKV_SERVER_STREAM_REACTOR_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <algorithm>
 #include <memory>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
