@@ -1,20 +1,60 @@
-// Reading a server-streamed bulk response (Get, Compose, session Read): the header from the first
-// message, then every message's bytes handed to a sink in order. Shared by the C++ clients.
+// What every C++ client of ropekvd shares: the channel, call deadlines, sending bulk bytes in
+// chunks (client-streaming Put, Fill, PutModule...) and reading a server-streamed bulk response
+// (Get, Compose, session Read): the header from the first message, then every message's bytes
+// handed to a sink in order.
 #ifndef ROPEKV_CLIENTS_CPP_BULK_STREAM_H_
 #define ROPEKV_CLIENTS_CPP_BULK_STREAM_H_
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
 
 namespace ropekv::client {
 
 absl::Status FromGrpc(const grpc::Status& status);
+
+// An insecure channel to HOST:PORT with the given message size limit both ways.
+inline std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                                  uint64_t max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(max_message_bytes));
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+// Sets the call's deadline `timeout` from now.
+inline void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(absl::ToInt64Milliseconds(timeout)));
+}
+
+// Sends `bytes` in messages of at most `chunk_bytes`; the first carries `first`'s header. Closes
+// the stream and returns the call's status.
+template <typename Request>
+absl::Status SendChunked(grpc::ClientWriter<Request>* writer, Request* first,
+                         absl::Span<const uint8_t> bytes, uint64_t chunk_bytes) {
+  Request& req = *first;
+  size_t offset = 0;
+  do {
+    const size_t n = std::min<size_t>(chunk_bytes, bytes.size() - offset);
+    req.set_data(bytes.data() + offset, n);
+    offset += n;
+    if (!writer->Write(req)) break;  // the server ended the call: Finish says why
+    req.clear_header();
+  } while (offset < bytes.size());
+  writer->WritesDone();
+  return FromGrpc(writer->Finish());
+}
 
 // Reads the stream to its end. `sink(header, offset, bytes)` receives the bytes; an error from it
 // cancels the call and is returned. `expected(header)` gives the byte count the header promises

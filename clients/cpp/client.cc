@@ -26,11 +26,7 @@ absl::Status FromGrpc(const grpc::Status& status) {
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(Options options) {
   if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  auto channel = MakeChannel(options.address, options.max_message_bytes);
   return std::unique_ptr<Client>(new Client(std::move(options), std::move(channel)));
 }
 
@@ -40,10 +36,7 @@ Client::Client(Options options, std::shared_ptr<grpc::Channel> channel)
       stub_(v1::KVCache::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
-void Client::Prepare(grpc::ClientContext* ctx) const {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
-}
+void Client::Prepare(grpc::ClientContext* ctx) const { SetDeadline(ctx, options_.timeout); }
 
 absl::Status Client::Health() {
   grpc::ClientContext ctx;
@@ -109,16 +102,9 @@ absl::StatusOr<v1::PutResponse> Client::Put(const PutArgs& args, const KvView& k
   if (args.rotated_at) h->set_rotated_at(*args.rotated_at);
   h->set_pin(args.pin);
   h->set_segment(args.segment);
-  size_t offset = 0;
-  do {
-    const size_t n = std::min<size_t>(options_.chunk_bytes, kv.bytes.size() - offset);
-    req.set_data(kv.bytes.data() + offset, n);
-    offset += n;
-    if (!writer->Write(req)) break;  // the server ended the call: Finish says why
-    req.clear_header();
-  } while (offset < kv.bytes.size());
-  writer->WritesDone();
-  if (auto s = FromGrpc(writer->Finish()); !s.ok()) return s;
+  if (auto s = SendChunked(writer.get(), &req, kv.bytes, options_.chunk_bytes); !s.ok()) {
+    return s;
+  }
   return resp;
 }
 

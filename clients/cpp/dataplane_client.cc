@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "clients/cpp/bulk_stream.h"
 
 namespace ropekv::client {
 namespace {
@@ -75,11 +76,7 @@ SharedMemory::~SharedMemory() {
 
 absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Connect(Client::Options options) {
   if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  auto channel = MakeChannel(options.address, options.max_message_bytes);
   return std::unique_ptr<DataPlaneClient>(
       new DataPlaneClient(std::move(options), std::move(channel)));
 }
@@ -90,8 +87,7 @@ DataPlaneClient::DataPlaneClient(Client::Options options, std::shared_ptr<grpc::
       stub_(v1::DataPlane::NewStub(channel_)) {}
 
 void DataPlaneClient::Prepare(grpc::ClientContext* ctx) const {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
+  SetDeadline(ctx, options_.timeout);
 }
 
 absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterShm(const std::string& name,

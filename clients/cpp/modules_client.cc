@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "clients/cpp/bulk_stream.h"
 
 namespace ropekv::client {
 namespace {
@@ -49,11 +50,7 @@ absl::Status ReadStream(grpc::ClientReader<Response>* reader, Header* header,
 
 absl::StatusOr<std::unique_ptr<ModulesClient>> ModulesClient::Connect(Options options) {
   if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  auto channel = MakeChannel(options.address, options.max_message_bytes);
   return std::unique_ptr<ModulesClient>(new ModulesClient(std::move(options), std::move(channel)));
 }
 
@@ -62,25 +59,12 @@ ModulesClient::ModulesClient(Options options, std::shared_ptr<grpc::Channel> cha
       channel_(std::move(channel)),
       stub_(v1::Modules::NewStub(channel_)) {}
 
-void ModulesClient::Prepare(grpc::ClientContext* ctx) const {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
-}
+void ModulesClient::Prepare(grpc::ClientContext* ctx) const { SetDeadline(ctx, options_.timeout); }
 
 template <typename Request>
 absl::Status ModulesClient::Send(grpc::ClientWriter<Request>* writer, Request* first,
                                  absl::Span<const uint8_t> bytes) {
-  Request& req = *first;
-  size_t offset = 0;
-  do {
-    const size_t n = std::min<size_t>(options_.chunk_bytes, bytes.size() - offset);
-    req.set_data(bytes.data() + offset, n);
-    offset += n;
-    if (!writer->Write(req)) break;  // the server ended the call: Finish says why
-    req.clear_header();
-  } while (offset < bytes.size());
-  writer->WritesDone();
-  return FromGrpc(writer->Finish());
+  return SendChunked(writer, first, bytes, options_.chunk_bytes);
 }
 
 absl::StatusOr<v1::RegisterSchemaResponse> ModulesClient::RegisterSchema(

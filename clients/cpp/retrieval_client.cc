@@ -43,11 +43,7 @@ v1::SelectRequest ToRequest(const SelectArgs& a) {
 
 absl::StatusOr<std::unique_ptr<RetrievalClient>> RetrievalClient::Connect(Options options) {
   if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  auto channel = MakeChannel(options.address, options.max_message_bytes);
   return std::unique_ptr<RetrievalClient>(
       new RetrievalClient(std::move(options), std::move(channel)));
 }
@@ -58,8 +54,7 @@ RetrievalClient::RetrievalClient(Options options, std::shared_ptr<grpc::Channel>
       stub_(v1::Retrieval::NewStub(channel_)) {}
 
 void RetrievalClient::Prepare(grpc::ClientContext* ctx) const {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
+  SetDeadline(ctx, options_.timeout);
 }
 
 absl::StatusOr<SelectResult> RetrievalClient::Select(const SelectArgs& args) {

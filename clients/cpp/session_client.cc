@@ -40,11 +40,7 @@ v1::TokenRange Range(int64_t start, int64_t end) {
 
 absl::StatusOr<std::unique_ptr<SessionClient>> SessionClient::Connect(Options options) {
   if (options.address.empty()) return absl::InvalidArgumentError("empty server address");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  auto channel =
-      grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+  auto channel = MakeChannel(options.address, options.max_message_bytes);
   return std::unique_ptr<SessionClient>(new SessionClient(std::move(options), std::move(channel)));
 }
 
@@ -53,25 +49,12 @@ SessionClient::SessionClient(Options options, std::shared_ptr<grpc::Channel> cha
       channel_(std::move(channel)),
       stub_(v1::Sessions::NewStub(channel_)) {}
 
-void SessionClient::Prepare(grpc::ClientContext* ctx) const {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.timeout)));
-}
+void SessionClient::Prepare(grpc::ClientContext* ctx) const { SetDeadline(ctx, options_.timeout); }
 
 template <typename Request>
 absl::Status SessionClient::Send(grpc::ClientWriter<Request>* writer, Request* first,
                                  absl::Span<const uint8_t> bytes) {
-  Request& req = *first;
-  size_t offset = 0;
-  do {
-    const size_t n = std::min<size_t>(options_.chunk_bytes, bytes.size() - offset);
-    req.set_data(bytes.data() + offset, n);
-    offset += n;
-    if (!writer->Write(req)) break;  // the server ended the call: Finish says why
-    req.clear_header();
-  } while (offset < bytes.size());
-  writer->WritesDone();
-  return FromGrpc(writer->Finish());
+  return SendChunked(writer, first, bytes, options_.chunk_bytes);
 }
 
 absl::StatusOr<v1::OpenSessionResponse> SessionClient::Open(const OpenArgs& args,
