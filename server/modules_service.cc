@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/convert.h"
+#include "server/stream_reactor.h"
 
 namespace ropekv {
 namespace {
@@ -138,74 +139,6 @@ class PutKvReactor final : public grpc::ServerReadReactor<Request> {
   std::unique_ptr<KvWriter> writer_;
 };
 
-// Server-streaming composed KV: the first message carries the header (filled by the caller into
-// first()), then the KV of `Prompt::kv` one layer at a time, in chunks.
-template <typename Response, typename Prompt>
-class KvStreamReactor final : public grpc::ServerWriteReactor<Response> {
- public:
-  KvStreamReactor(Prompt prompt, uint64_t chunk) : prompt_(std::move(prompt)), chunk_(chunk) {}
-
-  Response* first() { return &resp_; }
-  const Prompt& prompt() const { return prompt_; }
-  void Start() { NextWrite(); }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return this->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    NextWrite();
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void NextWrite() {
-    const AssembledKv& kv = prompt_.kv;
-    if (!first_) {
-      if (layer_ >= kv.layers() && offset_ == layer_buf_.size()) {
-        return this->Finish(grpc::Status::OK);
-      }
-      resp_.clear_header();
-    }
-    first_ = false;
-    std::string* data = resp_.mutable_data();
-    data->clear();
-    while (data->size() < chunk_) {
-      if (offset_ == layer_buf_.size()) {
-        if (layer_ >= kv.layers()) break;
-        layer_buf_.resize(kv.layer_bytes());
-        if (absl::Status s = kv.WriteLayer(layer_, layer_buf_.data()); !s.ok()) {
-          return this->Finish(ToGrpc(s));
-        }
-        ++layer_;
-        offset_ = 0;
-      }
-      const uint64_t n = std::min<uint64_t>(layer_buf_.size() - offset_, chunk_ - data->size());
-      data->append(layer_buf_.data() + offset_, n);
-      offset_ += n;
-    }
-    this->StartWrite(&resp_);
-  }
-
-  Prompt prompt_;
-  uint64_t chunk_;
-  int layer_ = 0;
-  std::string layer_buf_;
-  uint64_t offset_ = 0;
-  bool first_ = true;
-  Response resp_;
-};
-
-// A server-streaming call that fails before streaming anything.
-template <typename Response>
-class FailedStream final : public grpc::ServerWriteReactor<Response> {
- public:
-  explicit FailedStream(const absl::Status& status) { this->Finish(ToGrpc(status)); }
-  void OnDone() override { delete this; }
-};
-
-uint64_t Chunk(uint32_t requested, uint64_t server_chunk) {
-  return requested > 0 ? std::min<uint64_t>(requested, server_chunk) : server_chunk;
-}
-
 absl::StatusOr<DType> QDTypeFromProto(v1::DType d) {
   switch (d) {
     case v1::DTYPE_UNSPECIFIED:
@@ -285,7 +218,7 @@ grpc::ServerReadReactor<v1::PutModuleRequest>* ModulesService::PutModule(
 
 grpc::ServerWriteReactor<v1::ComposePromptResponse>* ModulesService::ComposePrompt(
     grpc::CallbackServerContext* ctx, const v1::ComposePromptRequest* req) {
-  if (!status_.ok()) return new FailedStream<v1::ComposePromptResponse>(status_);
+  if (!status_.ok()) return new ChunkedWriteReactor<v1::ComposePromptResponse>(status_);
   ComposePromptArgs args;
   args.schema_id = req->schema_id();
   args.tenant = req->tenant();
@@ -300,16 +233,15 @@ grpc::ServerWriteReactor<v1::ComposePromptResponse>* ModulesService::ComposeProm
       args.layout = Layout::kCompact;
       break;
     default:
-      return new FailedStream<v1::ComposePromptResponse>(absl::InvalidArgumentError(
+      return new ChunkedWriteReactor<v1::ComposePromptResponse>(absl::InvalidArgumentError(
           absl::StrCat("layout must be PROMPT_LAYOUT_SCHEMA or PROMPT_LAYOUT_COMPACT, got ",
                        static_cast<int>(req->layout()))));
   }
   absl::StatusOr<ModulePrompt> prompt = store_->ComposePrompt(args);
-  if (!prompt.ok()) return new FailedStream<v1::ComposePromptResponse>(prompt.status());
-  auto* reactor = new KvStreamReactor<v1::ComposePromptResponse, ModulePrompt>(
-      *std::move(prompt), Chunk(req->chunk_bytes(), config_.chunk_bytes));
-  const ModulePrompt& p = reactor->prompt();
-  v1::ComposePromptHeader* h = reactor->first()->mutable_header();
+  if (!prompt.ok()) return new ChunkedWriteReactor<v1::ComposePromptResponse>(prompt.status());
+  ModulePrompt& p = *prompt;
+  v1::ComposePromptResponse first;
+  v1::ComposePromptHeader* h = first.mutable_header();
   for (const ComposedPiece& cp : p.pieces) {
     v1::PromptPieceInfo* out = h->add_pieces();
     switch (cp.piece.kind) {
@@ -345,8 +277,9 @@ grpc::ServerWriteReactor<v1::ComposePromptResponse>* ModulesService::ComposeProm
   h->mutable_kv_positions()->Add(p.kv_positions.begin(), p.kv_positions.end());
   h->set_layer_bytes(p.kv.layer_bytes());
   h->set_total_bytes(p.kv.bytes());
-  reactor->Start();
-  return reactor;
+  return new ChunkedWriteReactor<v1::ComposePromptResponse>(
+      std::make_unique<LayerSource<AssembledKv>>(std::move(p.kv)), std::move(first),
+      ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
 }
 
 grpc::ServerReadReactor<v1::PutContextRequest>* ModulesService::PutContext(
@@ -373,13 +306,12 @@ grpc::ServerReadReactor<v1::PutContextRequest>* ModulesService::PutContext(
 
 grpc::ServerWriteReactor<v1::ComposeParallelResponse>* ModulesService::ComposeParallel(
     grpc::CallbackServerContext* ctx, const v1::ComposeParallelRequest* req) {
-  if (!status_.ok()) return new FailedStream<v1::ComposeParallelResponse>(status_);
+  if (!status_.ok()) return new ChunkedWriteReactor<v1::ComposeParallelResponse>(status_);
   absl::StatusOr<ParallelPrompt> prompt = store_->ComposeParallel(FromProto(*req));
-  if (!prompt.ok()) return new FailedStream<v1::ComposeParallelResponse>(prompt.status());
-  auto* reactor = new KvStreamReactor<v1::ComposeParallelResponse, ParallelPrompt>(
-      *std::move(prompt), Chunk(req->chunk_bytes(), config_.chunk_bytes));
-  const ParallelPrompt& p = reactor->prompt();
-  v1::ComposeParallelHeader* h = reactor->first()->mutable_header();
+  if (!prompt.ok()) return new ChunkedWriteReactor<v1::ComposeParallelResponse>(prompt.status());
+  ParallelPrompt& p = *prompt;
+  v1::ComposeParallelResponse first;
+  v1::ComposeParallelHeader* h = first.mutable_header();
   ToProto(p.prefix, h->mutable_prefix());
   for (const KvRange& r : p.contexts) ToProto(r, h->add_contexts());
   h->set_query_position(p.query_position);
@@ -391,8 +323,9 @@ grpc::ServerWriteReactor<v1::ComposeParallelResponse>* ModulesService::ComposePa
   h->mutable_kv_positions()->Add(p.kv_positions.begin(), p.kv_positions.end());
   h->set_layer_bytes(p.kv.layer_bytes());
   h->set_total_bytes(p.kv.bytes());
-  reactor->Start();
-  return reactor;
+  return new ChunkedWriteReactor<v1::ComposeParallelResponse>(
+      std::make_unique<LayerSource<AssembledKv>>(std::move(p.kv)), std::move(first),
+      ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
 }
 
 grpc::ServerUnaryReactor* ModulesService::Attend(grpc::CallbackServerContext* ctx,
