@@ -32,74 +32,6 @@ namespace ropekv {
 
 namespace {
 
-// Streams a header and then a ByteSource's bytes, like ChunkedWriteReactor, except that the
-// header, the source and every chunk are produced on the pool: a Select scores every key of a
-// layer, a Gather re-reads (or re-rotates) a layer per unit. Deletes itself when done.
-template <typename Response>
-class PooledWriteReactor final : public grpc::ServerWriteReactor<Response> {
- public:
-  struct Prepared {
-    Response first;  // holds the header
-    std::unique_ptr<ByteSource> source;
-  };
-
-  // Ends the call at once with `error`.
-  explicit PooledWriteReactor(const absl::Status& error) { this->Finish(ToGrpc(error)); }
-
-  PooledWriteReactor(WorkPool* pool, uint64_t chunk_bytes,
-                     std::function<absl::StatusOr<Prepared>()> prepare)
-      : pool_(pool), chunk_(chunk_bytes) {
-    pool_->Submit([this, prepare = std::move(prepare)] {
-      absl::StatusOr<Prepared> p = prepare();
-      if (!p.ok()) return this->Finish(ToGrpc(p.status()));
-      resp_ = std::move(p->first);
-      source_ = std::move(p->source);
-      NextWrite();
-    });
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return this->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    pool_->Submit([this] { NextWrite(); });
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  // Runs on the pool; its last act is StartWrite or Finish (after which `this` may be gone).
-  void NextWrite() {
-    if (!first_) {
-      if (unit_ >= source_->units() && pending_.empty()) return this->Finish(grpc::Status::OK);
-      resp_.clear_header();
-    }
-    first_ = false;
-    std::string* data = resp_.mutable_data();
-    data->clear();
-    while (data->size() < chunk_) {
-      if (pending_.empty()) {
-        if (unit_ >= source_->units()) break;
-        auto unit = source_->Unit(unit_++, &staging_);
-        if (!unit.ok()) return this->Finish(ToGrpc(unit.status()));
-        pending_ = *unit;
-        continue;
-      }
-      const size_t n = std::min<uint64_t>(pending_.size(), chunk_ - data->size());
-      data->append(pending_.data(), n);
-      pending_.remove_prefix(n);
-    }
-    this->StartWrite(&resp_);
-  }
-
-  WorkPool* pool_ = nullptr;
-  uint64_t chunk_ = 0;
-  std::unique_ptr<ByteSource> source_;
-  Response resp_;
-  size_t unit_ = 0;
-  absl::string_view pending_;
-  std::string staging_;
-  bool first_ = true;
-};
-
 // One unit of bytes the source owns (a Select's gathered K/V; none when empty).
 class OwnedSource final : public ByteSource {
  public:
@@ -307,7 +239,7 @@ void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
 
 grpc::ServerWriteReactor<v1::SelectResponse>* RetrievalService::Select(
     grpc::CallbackServerContext* ctx, const v1::SelectRequest* req) {
-  using Reactor = PooledWriteReactor<v1::SelectResponse>;
+  using Reactor = ChunkedWriteReactor<v1::SelectResponse>;
   if (!status_.ok()) return new Reactor(Unavailable(status_));
   // `req` stays valid until the call is done, i.e. past the pool's work.
   return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
@@ -325,7 +257,7 @@ grpc::ServerWriteReactor<v1::SelectResponse>* RetrievalService::Select(
 
 grpc::ServerWriteReactor<v1::GatherResponse>* RetrievalService::Gather(
     grpc::CallbackServerContext* ctx, const v1::GatherRequest* req) {
-  using Reactor = PooledWriteReactor<v1::GatherResponse>;
+  using Reactor = ChunkedWriteReactor<v1::GatherResponse>;
   if (!status_.ok()) return new Reactor(Unavailable(status_));
   if (req->layers().empty()) {
     return new Reactor(absl::InvalidArgumentError("Gather needs at least one layer, got none"));

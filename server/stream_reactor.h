@@ -7,12 +7,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/convert.h"
+#include "server/work_pool.h"
 
 namespace ropekv {
 
@@ -55,22 +57,47 @@ inline uint64_t ChunkBytes(uint64_t requested, uint64_t server_chunk) {
 template <typename Response>
 class ChunkedWriteReactor final : public grpc::ServerWriteReactor<Response> {
  public:
+  struct Prepared {
+    Response first;  // holds the header
+    std::unique_ptr<ByteSource> source;
+  };
+
   // Ends the call at once with `error`.
   explicit ChunkedWriteReactor(const absl::Status& error) { this->Finish(ToGrpc(error)); }
 
+  // Streams on the reactor's thread: for sources whose units are cheap to produce.
   ChunkedWriteReactor(std::unique_ptr<ByteSource> source, Response first, uint64_t chunk_bytes)
       : source_(std::move(source)), resp_(std::move(first)), chunk_(chunk_bytes) {
     NextWrite();
   }
 
+  // Runs `prepare` and the production of every chunk on `pool` (borrowed; outlives the call):
+  // for work that must not block a reactor (scoring every key of a layer, re-reading a layer).
+  ChunkedWriteReactor(WorkPool* pool, uint64_t chunk_bytes,
+                      std::function<absl::StatusOr<Prepared>()> prepare)
+      : pool_(pool), chunk_(chunk_bytes) {
+    pool_->Submit([this, prepare = std::move(prepare)] {
+      absl::StatusOr<Prepared> p = prepare();
+      if (!p.ok()) return this->Finish(ToGrpc(p.status()));
+      resp_ = std::move(p->first);
+      source_ = std::move(p->source);
+      NextWrite();
+    });
+  }
+
   void OnWriteDone(bool ok) override {
     if (!ok) return this->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    NextWrite();
+    if (pool_ != nullptr) {
+      pool_->Submit([this] { NextWrite(); });
+    } else {
+      NextWrite();
+    }
   }
 
   void OnDone() override { delete this; }
 
  private:
+  // Its last act is StartWrite or Finish (after which `this` may be gone).
   void NextWrite() {
     // resp_ is free again: the previous write (if any) is done. Only the first has a header.
     if (!first_) {
@@ -95,6 +122,7 @@ class ChunkedWriteReactor final : public grpc::ServerWriteReactor<Response> {
     this->StartWrite(&resp_);
   }
 
+  WorkPool* pool_ = nullptr;
   std::unique_ptr<ByteSource> source_;
   Response resp_;
   uint64_t chunk_ = 0;
