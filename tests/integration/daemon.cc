@@ -25,7 +25,8 @@ std::string FreshDir(const std::string& name) {
 
 Daemon::Daemon(std::vector<std::string> extra_flags, std::string data_dir) {
   static int counter = 0;
-  data_dir_ = data_dir.empty() ? FreshDir("daemon" + std::to_string(counter++)) : data_dir;
+  owns_dir_ = data_dir.empty();
+  data_dir_ = owns_dir_ ? FreshDir("daemon" + std::to_string(counter++)) : data_dir;
   const std::string port_file = data_dir_ + "/port";
   std::filesystem::remove(port_file);
   // $ROPEKVD overrides the built path (a packed binary on another machine).
@@ -65,6 +66,12 @@ void Daemon::Stop(bool hard) {
   pid_ = -1;
 }
 
-Daemon::~Daemon() { Stop(); }
+Daemon::~Daemon() {
+  Stop();
+  if (owns_dir_) {
+    std::error_code ignored;
+    std::filesystem::remove_all(data_dir_, ignored);
+  }
+}
 
 }  // namespace ropekv::testing

@@ -27,6 +27,7 @@ class Daemon {
   int pid_ = -1;
   int port_ = 0;
   std::string data_dir_;
+  bool owns_dir_ = false;  // made by the constructor: removed by the destructor
 };
 
 // A fresh, empty folder under TEST_TMPDIR or /tmp.
