@@ -223,6 +223,43 @@ absl::Status ValidateShmName(absl::string_view shm_name) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Paged layouts
+
+uint64_t PagedLayout::page_bytes() const {
+  return static_cast<uint64_t>(spec.block_tokens) * spec.kv_heads * spec.head_dim *
+         DTypeSize(spec.dtype);
+}
+
+uint64_t PagedLayout::bytes() const {
+  return static_cast<uint64_t>(spec.layers) * 2 * num_blocks * page_bytes();
+}
+
+KvStrides PagedLayout::strides() const {
+  const int64_t token = int64_t{spec.kv_heads} * spec.head_dim;
+  const int64_t pool = int64_t{num_blocks} * spec.block_tokens * token;
+  return KvStrides{2 * pool, pool, spec.head_dim, token};
+}
+
+absl::StatusOr<PagedLayout> MakePagedLayout(const RegisteredModel& model, uint32_t num_blocks) {
+  if (num_blocks == 0 || num_blocks > (1u << 31)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a paged layout has 1 to 2^31 blocks, got ", num_blocks));
+  }
+  PagedLayout p;
+  p.model_id = model.id;
+  p.spec = model.spec;
+  p.num_blocks = num_blocks;
+  // Model limits keep page_bytes under 2^43; the product of the rest must stay under 2^63.
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(p.page_bytes(), uint64_t{num_blocks} * 2 * p.spec.layers, &bytes) ||
+      bytes > (uint64_t{1} << 63)) {
+    return absl::InvalidArgumentError(absl::StrCat("a paged layout of ", num_blocks,
+                                                   " blocks of model ", model.id, " overflows"));
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Regions
 
 struct BufferLease::Region {
@@ -243,6 +280,7 @@ struct BufferLease::Region {
   int guard = -1;
   // kCudaIpc.
   std::unique_ptr<CudaIpcBuffer> cuda;
+  std::optional<PagedLayout> paged;  // fixed at registration
   // Guarded by the registry's mu_.
   int leases = 0;
   bool closing = false;
@@ -288,7 +326,8 @@ absl::Status BufferRegistry::CheckRegistrable(absl::string_view name) const {
 }
 
 absl::StatusOr<BufferInfo> BufferRegistry::RegisterShm(absl::string_view name,
-                                                       absl::string_view shm_name, uint64_t size) {
+                                                       absl::string_view shm_name, uint64_t size,
+                                                       std::optional<PagedLayout> paged) {
   {
     absl::MutexLock lock(&mu_);
     if (auto s = CheckRegistrable(name); !s.ok()) return s;
@@ -347,12 +386,13 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterShm(absl::string_view name,
     pending_.erase(name);
     return s;
   }
-  return Insert(std::move(region));
+  return Insert(std::move(region), std::move(paged));
 }
 
 absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(absl::string_view name, int device,
                                                            absl::string_view handle,
-                                                           uint64_t offset, uint64_t size) {
+                                                           uint64_t offset, uint64_t size,
+                                                           std::optional<PagedLayout> paged) {
   {
     absl::MutexLock lock(&mu_);
     if (auto s = CheckRegistrable(name); !s.ok()) return s;
@@ -370,12 +410,19 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(absl::string_view nam
   region->size = (*buffer)->size();
   region->map_bytes = (*buffer)->allocation_bytes();
   region->cuda = *std::move(buffer);
-  return Insert(std::move(region));
+  return Insert(std::move(region), std::move(paged));
 }
 
-absl::StatusOr<BufferInfo> BufferRegistry::Insert(std::shared_ptr<BufferLease::Region> region) {
+absl::StatusOr<BufferInfo> BufferRegistry::Insert(std::shared_ptr<BufferLease::Region> region,
+                                                  std::optional<PagedLayout> paged) {
   absl::MutexLock lock(&mu_);
   pending_.erase(region->name);
+  if (paged.has_value() && paged->bytes() > region->size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a paged layout of ", paged->num_blocks, " blocks of model ", paged->model_id, " needs ",
+        paged->bytes(), " bytes, buffer \"", region->name, "\" has ", region->size));
+  }
+  region->paged = std::move(paged);
   BufferInfo info = InfoOf(*region);
   buffers_[region->name] = std::move(region);
   return info;
@@ -393,6 +440,7 @@ BufferInfo BufferRegistry::InfoOf(const BufferLease::Region& r) {
   info.copies = r.copies;
   info.bytes_written = r.bytes_written;
   info.bytes_read = r.bytes_read;
+  info.paged = r.paged;
   return info;
 }
 
@@ -428,6 +476,11 @@ std::vector<BufferInfo> BufferRegistry::List() const {
 
 absl::StatusOr<std::unique_ptr<BufferLease>> BufferRegistry::Acquire(const BufferRange& range,
                                                                      uint64_t bytes) {
+  if (!range.block_ids.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("this call addresses buffer \"", range.buffer,
+                     "\" by offset; block ids are for Get and Put into paged layouts"));
+  }
   std::shared_ptr<BufferLease::Region> region;
   {
     absl::MutexLock lock(&mu_);
@@ -485,6 +538,46 @@ absl::StatusOr<std::unique_ptr<BufferLease>> BufferRegistry::Acquire(const Buffe
   return lease;
 }
 
+absl::StatusOr<std::unique_ptr<BufferLease>> BufferRegistry::AcquirePages(
+    const BufferRange& range, absl::string_view model_id) {
+  if (range.offset != 0 || range.length != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pages of buffer \"", range.buffer, "\" are named by block ids; offset ",
+                     range.offset, " and length ", range.length, " must be 0"));
+  }
+  BufferRange whole = range;
+  whole.block_ids.clear();
+  auto lease = Acquire(whole, 0);
+  if (!lease.ok()) return lease.status();
+  // The layout is fixed at registration: checked against this lease's own region.
+  const PagedLayout* paged = (*lease)->paged();
+  if (paged == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "buffer \"", range.buffer,
+        "\" has no paged layout; register it with one to address it by block ids"));
+  }
+  if (paged->model_id != model_id) {
+    return absl::InvalidArgumentError(absl::StrCat("buffer \"", range.buffer,
+                                                   "\" holds pages of model ", paged->model_id,
+                                                   ", the call is for model ", model_id));
+  }
+  for (size_t i = 0; i < range.block_ids.size(); ++i) {
+    if (range.block_ids[i] >= paged->num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block id ", range.block_ids[i], " (index ", i, ") out of range [0, ",
+          paged->num_blocks, ") of buffer \"", range.buffer, "\""));
+    }
+  }
+  // Two blocks in one page would overwrite each other.
+  std::vector<uint32_t> sorted = range.block_ids;
+  std::sort(sorted.begin(), sorted.end());
+  if (auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("block id ", *dup, " is given twice"));
+  }
+  (*lease)->size_ = paged->bytes();  // <= the buffer's size, checked at registration
+  return lease;
+}
+
 void BufferRegistry::Release(BufferLease& lease) {
   absl::MutexLock lock(&mu_);
   BufferLease::Region& r = *lease.region_;
@@ -508,6 +601,14 @@ BufferLease::~BufferLease() {
 }
 
 BufferKind BufferLease::kind() const { return region_->kind; }
+
+void* BufferLease::device_data() const {
+  return transfer_ != nullptr ? transfer_->DeviceAt(offset_) : nullptr;
+}
+
+const PagedLayout* BufferLease::paged() const {
+  return region_->paged.has_value() ? &*region_->paged : nullptr;
+}
 
 absl::Status BufferLease::CheckPiece(uint64_t at, uint64_t n) const {
   if (at > size_ || n > size_ - at) {
@@ -543,30 +644,38 @@ absl::Status BufferLease::ProduceParallel(
     }
   } else {
     if (finished_) return absl::FailedPreconditionError("the lease is finished");
-    // Units are taken in order by whichever thread is free; the first error stops the others.
-    std::atomic<uint64_t> next{0};
-    std::atomic<bool> failed{false};
-    absl::Mutex mu;
-    auto work = [&] {
-      for (uint64_t i; !failed.load(std::memory_order_relaxed) && (i = next++) < units;) {
-        absl::Status s = fill(i, host_ + i * unit_bytes);
-        if (!s.ok()) {
-          absl::MutexLock lock(&mu);
-          if (status.ok()) status = s;
-          failed = true;
-        }
-      }
-    };
-    const uint64_t n = std::min<uint64_t>(static_cast<uint64_t>(threads), units);
-    std::vector<std::thread> helpers;
-    helpers.reserve(n - 1);
-    for (uint64_t t = 1; t < n; ++t) helpers.emplace_back(work);
-    work();
-    for (std::thread& t : helpers) t.join();
+    status = ForEachParallel(units, threads,
+                             [&](uint64_t i) { return fill(i, host_ + i * unit_bytes); });
     if (status.ok()) written_ += total;
   }
   absl::Status finished = Finish();
   return status.ok() ? finished : status;
+}
+
+absl::Status BufferLease::ForEachParallel(uint64_t units, int threads,
+                                          absl::FunctionRef<absl::Status(uint64_t i)> fn) {
+  absl::Status status;
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> failed{false};
+  absl::Mutex mu;
+  auto work = [&] {
+    for (uint64_t i; !failed.load(std::memory_order_relaxed) && (i = next++) < units;) {
+      absl::Status s = fn(i);
+      if (!s.ok()) {
+        absl::MutexLock lock(&mu);
+        if (status.ok()) status = s;
+        failed = true;
+      }
+    }
+  };
+  const uint64_t n = std::clamp<uint64_t>(static_cast<uint64_t>(std::max(threads, 1)), 1,
+                                          std::max<uint64_t>(units, 1));
+  std::vector<std::thread> helpers;
+  helpers.reserve(n - 1);
+  for (uint64_t t = 1; t < n; ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& t : helpers) t.join();
+  return status;
 }
 
 absl::Status BufferLease::Write(uint64_t at, const void* src, uint64_t n) {

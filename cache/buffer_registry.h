@@ -13,6 +13,10 @@
 // (overflow included) before a lease exists, and a lease only writes inside its range, so a bad
 // offset is INVALID_ARGUMENT, never a stray write. Unregister waits for the leases in flight.
 //
+// A buffer may be registered with a paged layout (PagedLayout: a vLLM-style KV pool of one model);
+// calls then address it by page ids (BufferRange::block_ids) instead of an offset, and every id is
+// checked before a lease exists.
+//
 // A client could shrink its shared-memory object (ftruncate) while the daemon copies into it;
 // touching a page past the new end raises SIGBUS, which would kill the daemon and every other
 // client's cache. Two defences: every lease re-checks the object's size (fstat) when it is taken,
@@ -29,6 +33,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +43,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "cache/model_registry.h"
 
 namespace ropekv {
 
@@ -58,6 +64,26 @@ absl::Status ValidateBufferName(absl::string_view name);
 // other '/'), not "/." or "/.."; else INVALID_ARGUMENT.
 absl::Status ValidateShmName(absl::string_view shm_name);
 
+// A vLLM-style paged KV pool laid over a registered buffer (docs/dataplane.md, "Paged pools").
+// For layer l and c = 0 (K) or 1 (V) there is a pool of `num_blocks` pages; page p of pool (l, c)
+// starts at byte ((l * 2 + c) * num_blocks + p) * page_bytes() of the buffer and holds
+// [block_tokens][kv_heads][head_dim] elements of the model's dtype: the bytes of a C-contiguous
+// tensor [layers][2][num_blocks][block_tokens][kv_heads][head_dim]. One page holds one block.
+struct PagedLayout {
+  ModelId model_id;
+  ModelSpec spec;  // the model's shape: layers, kv_heads, head_dim, dtype, block_tokens
+  uint32_t num_blocks = 0;
+
+  uint64_t page_bytes() const;
+  uint64_t bytes() const;  // every pool: layers * 2 * num_blocks * page_bytes()
+  // Element strides of the pools (RerotateCopy): token t of page p is token p * block_tokens + t.
+  KvStrides strides() const;
+};
+
+// The layout of `num_blocks` pages of `model`. INVALID_ARGUMENT for 0 pages or past 2^31, or a
+// size past 2^63 bytes.
+absl::StatusOr<PagedLayout> MakePagedLayout(const RegisteredModel& model, uint32_t num_blocks);
+
 // What the registry knows of a buffer (for ListBuffers).
 struct BufferInfo {
   std::string name;
@@ -70,13 +96,17 @@ struct BufferInfo {
   uint64_t copies = 0;         // leases taken
   uint64_t bytes_written = 0;  // by Produce
   uint64_t bytes_read = 0;     // by Consume
+  std::optional<PagedLayout> paged;
 };
 
-// Where a copy reads or writes: [offset, offset + length) of a registered buffer.
+// Where a copy reads or writes: [offset, offset + length) of a registered buffer, or, for a buffer
+// with a paged layout, the pages `block_ids` (block i of the call in page block_ids[i]; offset and
+// length then stay 0).
 struct BufferRange {
   std::string buffer;
   uint64_t offset = 0;
   uint64_t length = 0;  // 0 = to the end of the buffer
+  std::vector<uint32_t> block_ids;
 };
 
 class BufferRegistry;
@@ -106,6 +136,11 @@ class BufferLease {
   // leave the lease) is returned; units after it may not be written.
   absl::Status ProduceParallel(uint64_t units, uint64_t unit_bytes, int threads,
                                absl::FunctionRef<absl::Status(uint64_t i, void* dst)> fill);
+  // Runs fn(i) for i in [0, units), by up to `threads` threads at once (fn must then be safe to
+  // call concurrently for different i), units taken in order by whichever thread is free; the
+  // first error stops the others and is returned. For copies that write host_data() themselves.
+  static absl::Status ForEachParallel(uint64_t units, int threads,
+                                      absl::FunctionRef<absl::Status(uint64_t i)> fn);
   // Writes n bytes from `src` at [at, at + n) of the lease: a memcpy into shared memory, a copy
   // without staging to a GPU buffer (src must then stay valid and unchanged until Finish).
   // INVALID_ARGUMENT when the range leaves the lease.
@@ -113,6 +148,16 @@ class BufferLease {
   // Hands bytes [at, at + n) of the lease to `use` (in place, or a staged copy of device bytes).
   absl::Status Consume(uint64_t at, uint64_t n,
                        absl::FunctionRef<absl::Status(const void* src)> use);
+  // For copies that address the leased bytes themselves (paged layouts, kernels on a GPU buffer):
+  // the device transfer of a GPU buffer (nullptr for shared memory), the device address of the
+  // lease's first byte (nullptr for shared memory), the buffer's paged layout (nullptr without
+  // one), and the counters such copies report. The caller keeps inside [0, size()).
+  CudaIpcTransfer* transfer() const { return transfer_.get(); }
+  void* device_data() const;
+  const PagedLayout* paged() const;
+  void CountWritten(uint64_t n) { written_ += n; }
+  void CountRead(uint64_t n) { read_ += n; }
+
   // Ends the copy: waits for device copies in flight. FAILED_PRECONDITION when the shared-memory
   // object shrank under the copy (what was read is garbage, what was written is lost); a CUDA
   // error as INTERNAL. Call once; a second call answers the first call's status.
@@ -162,13 +207,18 @@ class BufferRegistry {
   // name, an object that is not a regular file, an empty object, or `size` past the object's real
   // size; NOT_FOUND when no such object exists; ALREADY_EXISTS when `name` is taken;
   // RESOURCE_EXHAUSTED at max_buffers; PERMISSION_DENIED when the daemon may not open it.
+  // With `paged`, the buffer holds that paged layout from its first byte: INVALID_ARGUMENT when
+  // the layout's bytes pass `size`.
   absl::StatusOr<BufferInfo> RegisterShm(absl::string_view name, absl::string_view shm_name,
-                                         uint64_t size);
+                                         uint64_t size,
+                                         std::optional<PagedLayout> paged = std::nullopt);
   // Registers a GPU buffer by CUDA IPC handle (CudaIpcBuffer::Open's arguments and errors), plus
-  // FAILED_PRECONDITION when registration is off, ALREADY_EXISTS, RESOURCE_EXHAUSTED as above.
+  // FAILED_PRECONDITION when registration is off, ALREADY_EXISTS, RESOURCE_EXHAUSTED, and the
+  // paged layout's INVALID_ARGUMENT as above.
   absl::StatusOr<BufferInfo> RegisterCudaIpc(absl::string_view name, int device,
                                              absl::string_view handle, uint64_t offset,
-                                             uint64_t size);
+                                             uint64_t size,
+                                             std::optional<PagedLayout> paged = std::nullopt);
 
   // Unregisters `name`: new leases are refused at once (FAILED_PRECONDITION), then it waits for
   // the leases in flight and unmaps the buffer. Returns how many leases it waited for. NOT_FOUND
@@ -183,13 +233,22 @@ class BufferRegistry {
   // range.offset + range.length passes the buffer's size or `bytes` passes the range (all sums
   // checked for overflow), naming the numbers; FAILED_PRECONDITION while the buffer is being
   // unregistered, or when its shared-memory object shrank below its registered size.
+  // INVALID_ARGUMENT for a range with block_ids (those go to AcquirePages).
   absl::StatusOr<std::unique_ptr<BufferLease>> Acquire(const BufferRange& range, uint64_t bytes);
+  // Leases the whole paged layout of a buffer for a copy of model `model_id` into or out of pages
+  // range.block_ids (lease offsets are buffer offsets; lease->paged() is the layout). Acquire's
+  // errors, plus INVALID_ARGUMENT when the buffer has no paged layout, the layout is of another
+  // model, range.offset or range.length is not 0, or an id is out of [0, num_blocks) or repeated
+  // (the message names the first bad id).
+  absl::StatusOr<std::unique_ptr<BufferLease>> AcquirePages(const BufferRange& range,
+                                                            absl::string_view model_id);
 
  private:
   friend class BufferLease;
   explicit BufferRegistry(Options options) : options_(std::move(options)) {}
   absl::Status CheckRegistrable(absl::string_view name) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<BufferInfo> Insert(std::shared_ptr<BufferLease::Region> region);
+  absl::StatusOr<BufferInfo> Insert(std::shared_ptr<BufferLease::Region> region,
+                                    std::optional<PagedLayout> paged);
   void Release(BufferLease& lease);
   static BufferInfo InfoOf(const BufferLease::Region& r);
 

@@ -1,19 +1,23 @@
 // CudaIpcBuffer with CUDA: cudaIpcOpenMemHandle, the allocation's extent from the driver
 // (cuMemGetAddressRange through the runtime's entry-point query, so the daemon does not link
-// libcuda and still starts on machines without a driver), pinned double-buffered staging.
+// libcuda and still starts on machines without a driver), pinned double-buffered staging, device
+// scratch and the re-rotation engines of the models copied through the buffer.
 #include <cuda.h>  // driver types of the cuMemGetAddressRange entry point (no libcuda link)
 #include <cuda_runtime_api.h>
 
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/cuda_ipc.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device.h"
+#include "kernels/rope/rerotate_cuda.h"
 
 namespace ropekv {
 namespace {
@@ -44,6 +48,8 @@ struct Staging {
   bool pending[2] = {false, false};
   void* host[2] = {nullptr, nullptr};
   size_t bytes[2] = {0, 0};
+  void* scratch = nullptr;  // device memory, grown on demand
+  size_t scratch_bytes = 0;
 
   ~Staging() {
     cudaSetDevice(device);
@@ -52,6 +58,7 @@ struct Staging {
       if (host[i] != nullptr) cudaFreeHost(host[i]);
       if (done[i] != nullptr) cudaEventDestroy(done[i]);
     }
+    if (scratch != nullptr) cudaFree(scratch);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 
@@ -89,7 +96,21 @@ struct CudaIpcBuffer::Impl {
   ~Impl() {
     cudaSetDevice(device);
     free.clear();
+    engines.clear();
     if (base != nullptr) cudaIpcCloseMemHandle(base);
+  }
+
+  // The re-rotation engine of a model on this buffer's device, made on first use.
+  absl::StatusOr<RerotateEngine*> Engine(absl::string_view model_id, const RopeSpec& spec) {
+    absl::MutexLock lock(&mu);
+    auto it = engines.find(model_id);
+    if (it != engines.end()) return it->second.get();
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+    auto engine = RerotateEngine::Create(spec);
+    if (!engine.ok()) return engine.status();
+    RerotateEngine* e = engine->get();
+    engines.emplace(std::string(model_id), *std::move(engine));
+    return e;
   }
 
   int device = 0;
@@ -97,6 +118,8 @@ struct CudaIpcBuffer::Impl {
   uint8_t* begin = nullptr;  // base + offset: the buffer
   absl::Mutex mu;
   std::vector<std::unique_ptr<Staging>> free ABSL_GUARDED_BY(mu);  // idle staging, reused
+  // By model id. An engine is thread-safe; it stays until the buffer is unregistered.
+  absl::flat_hash_map<std::string, std::unique_ptr<RerotateEngine>> engines ABSL_GUARDED_BY(mu);
 };
 
 namespace {
@@ -132,27 +155,84 @@ class Transfer final : public CudaIpcTransfer {
   }
 
   absl::Status CopyIn(uint64_t at, const void* src, uint64_t n) override {
-    if (!status_.ok()) return status_;
-    absl::Status s = [&]() -> absl::Status {
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
-      ROPEKV_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(buffer_->begin + at, src, n, cudaMemcpyHostToDevice, staging_->stream));
-      return absl::OkStatus();
-    }();
-    if (!s.ok()) status_ = s;
-    return s;
+    return Upload(buffer_->begin + at, src, n);
   }
 
   absl::Status Consume(uint64_t at, uint64_t n,
                        absl::FunctionRef<absl::Status(const void* src)> use) override {
+    return Download(buffer_->begin + at, n, use);
+  }
+
+  void* DeviceAt(uint64_t at) override { return buffer_->begin + at; }
+
+  absl::StatusOr<void*> Scratch(uint64_t n) override {
     if (!status_.ok()) return status_;
+    if (staging_->scratch_bytes >= n) return staging_->scratch;
     absl::Status s = [&]() -> absl::Status {
       ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
+      if (staging_->scratch != nullptr) {
+        // Work queued may still read the old scratch.
+        ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(staging_->stream));
+        ROPEKV_CUDA_RETURN_IF_ERROR(cudaFree(staging_->scratch));
+        staging_->scratch = nullptr;
+        staging_->scratch_bytes = 0;
+      }
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&staging_->scratch, n));
+      staging_->scratch_bytes = n;
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) {
+      status_ = s;
+      return s;
+    }
+    return staging_->scratch;
+  }
+
+  absl::Status Upload(void* dst, const void* src, uint64_t n) override {
+    return Enqueue([&]() -> absl::Status {
+      ROPEKV_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, staging_->stream));
+      return absl::OkStatus();
+    });
+  }
+
+  absl::Status Upload2D(void* dst, uint64_t dpitch, const void* src, uint64_t spitch,
+                        uint64_t width, uint64_t rows) override {
+    return Enqueue([&]() -> absl::Status {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows,
+                                                    cudaMemcpyHostToDevice, staging_->stream));
+      return absl::OkStatus();
+    });
+  }
+
+  absl::Status Download(const void* src, uint64_t n,
+                        absl::FunctionRef<absl::Status(const void* src)> use) override {
+    return Enqueue([&]() -> absl::Status {
       if (auto r = staging_->Ready(0, n); !r.ok()) return r;
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging_->host[0], buffer_->begin + at, n,
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging_->host[0], src, n,
                                                   cudaMemcpyDeviceToHost, staging_->stream));
       ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(staging_->stream));
       return use(staging_->host[0]);
+    });
+  }
+
+  absl::Status Rerotate(absl::string_view model_id, const RopeSpec& spec,
+                        const KvGeometry& geometry,
+                        absl::Span<const RerotateCopy> jobs) override {
+    if (jobs.empty()) return status_;
+    return Enqueue([&]() -> absl::Status {
+      auto engine = buffer_->Engine(model_id, spec);
+      if (!engine.ok()) return engine.status();
+      return (*engine)->RerotateCopyCuda(geometry, jobs, RerotateMode::kEngine, staging_->stream);
+    });
+  }
+
+  // Runs `work` on the buffer's device unless an earlier step failed; its error sticks.
+  absl::Status Enqueue(absl::FunctionRef<absl::Status()> work) {
+    if (!status_.ok()) return status_;
+    absl::Status s = [&]() -> absl::Status {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
+      return work();
     }();
     if (!s.ok()) status_ = s;
     return s;

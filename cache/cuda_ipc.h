@@ -4,7 +4,9 @@
 //
 // Copies go through pinned staging buffers owned by the CudaIpcBuffer (two, reused, grown to the
 // largest piece asked for): a piece is produced into one while the other's copy to the device is
-// in flight. Built with CUDA: cache/cuda_ipc.cu; without: cache/cuda_ipc_nocuda.cc (Open answers
+// in flight. Keys are re-rotated on the device by the kernel of kernels/rope/rerotate_cuda.h (one
+// engine per model and buffer, kept), in place in the buffer or from device scratch into it.
+// Built with CUDA: cache/cuda_ipc.cu; without: cache/cuda_ipc_nocuda.cc (Open answers
 // UNAVAILABLE). No CUDA types here.
 //
 // Thread safety: Open and the accessors are thread-safe. A CudaIpcTransfer is used by one thread
@@ -19,6 +21,8 @@
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "kernels/rope/rope.h"
 
 namespace ropekv {
 
@@ -43,6 +47,34 @@ class CudaIpcTransfer {
   // Copies device bytes [at, at + n) to a host staging buffer and hands them to `use`.
   virtual absl::Status Consume(uint64_t at, uint64_t n,
                                absl::FunctionRef<absl::Status(const void* src)> use) = 0;
+
+  // The calls below address device memory directly: the buffer (DeviceAt) and the transfer's own
+  // scratch. All work runs in order on the transfer's one stream. The caller keeps every access
+  // inside the buffer or the scratch it asked for.
+
+  // Device address of byte `at` of the buffer.
+  virtual void* DeviceAt(uint64_t at) = 0;
+  // Device memory of at least n bytes on the buffer's device, owned by the transfer; valid until
+  // the next Scratch call (growing it first waits for the work queued). RESOURCE_EXHAUSTED when
+  // the device has no room.
+  virtual absl::StatusOr<void*> Scratch(uint64_t n) = 0;
+  // Copies n host bytes at src to device address dst, asynchronously (as CopyIn).
+  virtual absl::Status Upload(void* dst, const void* src, uint64_t n) = 0;
+  // Copies `rows` rows of `width` host bytes (row i at src + i * spitch) to device rows at
+  // dst + i * dpitch, asynchronously, in one cudaMemcpy2DAsync.
+  virtual absl::Status Upload2D(void* dst, uint64_t dpitch, const void* src, uint64_t spitch,
+                                uint64_t width, uint64_t rows) = 0;
+  // Copies n device bytes at src, once the work queued before is done, to a host staging buffer
+  // and hands them to `use`.
+  virtual absl::Status Download(const void* src, uint64_t n,
+                                absl::FunctionRef<absl::Status(const void* src)> use) = 0;
+  // Enqueues one launch of the re-rotation kernel (RerotateEngine::RerotateCopyCuda, engine mode)
+  // over `jobs`, whose pointers are device addresses (DeviceAt, Scratch). The engine of a model is
+  // made on first use and kept with the buffer, keyed by `model_id`. INVALID_ARGUMENT as
+  // RerotateCopyCuda (e.g. an unsupported head_dim); CUDA errors as INTERNAL.
+  virtual absl::Status Rerotate(absl::string_view model_id, const RopeSpec& spec,
+                                const KvGeometry& geometry,
+                                absl::Span<const RerotateCopy> jobs) = 0;
   // Waits for every copy issued; the first error, if any.
   virtual absl::Status Finish() = 0;
 };

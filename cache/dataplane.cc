@@ -5,9 +5,157 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "cache/cuda_ipc.h"
+#include "kernels/common/dtype.h"
+#include "kernels/rope/rerotate_cuda.h"
 
 namespace ropekv {
 namespace {
+
+// Device scratch of a paged copy to or from a GPU buffer: blocks move through it in chunks.
+constexpr uint64_t kPagedScratchBytes = 64ull << 20;
+
+// Whether keys of this model can be re-rotated on the GPU (else a GPU destination takes the
+// CPU-and-staging path).
+bool GpuRotates(const BufferLease& lease, const ModelSpec& spec) {
+  return lease.transfer() != nullptr && RerotateEngine::SupportedHeadDim(spec.head_dim);
+}
+
+// Where block i of a read goes: one rotation from where it was stored to `target` + i blocks
+// (nullopt, or pre-RoPE keys: where it is).
+int64_t TargetOf(const BlockInfo& b, size_t i, int block_tokens, std::optional<int64_t> target) {
+  if (!target.has_value() || b.pre_rope) return b.rotated_at;
+  return *target + static_cast<int64_t>(i) * block_tokens;
+}
+
+// Block i of `handle` into page `page` of the lease's paged layout; src is the block's bytes
+// (host, or device scratch for a GPU buffer), dst the layout's first byte.
+RerotateCopy PageJob(const ReadHandle& handle, size_t i, const void* src, void* dst,
+                     uint32_t page, std::optional<int64_t> target, const PagedLayout& layout) {
+  const ModelSpec& spec = handle.model().spec;
+  const BlockInfo& b = handle.blocks()[i];
+  return RerotateCopy{src,
+                      BlockStrides(spec),
+                      0,
+                      dst,
+                      layout.strides(),
+                      int64_t{page} * spec.block_tokens,
+                      spec.block_tokens,
+                      b.rotated_at,
+                      b.rope_table,
+                      TargetOf(b, i, spec.block_tokens, target),
+                      b.rope_table};
+}
+
+// Get into pages of a paged layout (the lease covers the whole layout).
+absl::Status GetToPages(const ReadHandle& handle, BufferLease& lease,
+                        const std::vector<uint32_t>& ids, std::optional<int64_t> target,
+                        int copy_threads) {
+  const ModelSpec& spec = handle.model().spec;
+  const PagedLayout& layout = *lease.paged();
+  const uint64_t bb = handle.block_bytes();
+  const size_t n = handle.blocks().size();
+  absl::Status s;
+  if (CudaIpcTransfer* gpu = lease.transfer(); gpu != nullptr) {
+    // Blocks as stored into device scratch (DMA from the pinned host tier), then one kernel
+    // launch per chunk moves them into their pages, re-rotating keys on the way.
+    const uint64_t chunk = std::max<uint64_t>(1, kPagedScratchBytes / bb);
+    auto scratch = gpu->Scratch(std::min<uint64_t>(chunk, n) * bb);
+    if (!scratch.ok()) return scratch.status();
+    uint8_t* base = static_cast<uint8_t*>(*scratch);
+    std::vector<RerotateCopy> jobs;
+    for (size_t first = 0; s.ok() && first < n; first += chunk) {
+      const size_t end = std::min<size_t>(n, first + chunk);
+      jobs.clear();
+      for (size_t i = first; s.ok() && i < end; ++i) {
+        uint8_t* block = base + (i - first) * bb;
+        s = gpu->Upload(block, handle.bytes(i).data(), bb);
+        jobs.push_back(PageJob(handle, i, block, lease.device_data(), ids[i], target, layout));
+      }
+      if (s.ok()) s = gpu->Rerotate(layout.model_id, spec.rope, BlockGeometry(spec), jobs);
+    }
+  } else {
+    s = BufferLease::ForEachParallel(n, copy_threads, [&](uint64_t i) {
+      const RerotateCopy job =
+          PageJob(handle, i, handle.bytes(i).data(), lease.host_data(), ids[i], target, layout);
+      return RerotateCopyCpu(spec.rope, BlockGeometry(spec), absl::MakeConstSpan(&job, 1));
+    });
+  }
+  if (s.ok()) lease.CountWritten(n * bb);
+  absl::Status finished = lease.Finish();
+  return s.ok() ? finished : s;
+}
+
+// Re-rotated Get into a GPU buffer, block layout: the blocks as stored by DMA straight from the
+// host tier, then their keys re-rotated in place by one kernel launch.
+absl::Status GetToGpuRerotated(const ReadHandle& handle, BufferLease& lease, int64_t target) {
+  const ModelSpec& spec = handle.model().spec;
+  const KvStrides strides = BlockStrides(spec);
+  const uint64_t bb = handle.block_bytes();
+  CudaIpcTransfer& gpu = *lease.transfer();
+  std::vector<RerotateCopy> jobs;
+  absl::Status s;
+  for (size_t i = 0; s.ok() && i < handle.blocks().size(); ++i) {
+    s = lease.Write(i * bb, handle.bytes(i).data(), bb);
+    const BlockInfo& b = handle.blocks()[i];
+    const int64_t to = TargetOf(b, i, spec.block_tokens, target);
+    if (to == b.rotated_at) continue;
+    void* block = static_cast<uint8_t*>(lease.device_data()) + i * bb;
+    jobs.push_back(RerotateCopy{block, strides, 0, block, strides, 0, spec.block_tokens,
+                                b.rotated_at, b.rope_table, to, b.rope_table,
+                                /*keys_only=*/true});
+  }
+  if (s.ok()) s = gpu.Rerotate(handle.model().id, spec.rope, BlockGeometry(spec), jobs);
+  absl::Status finished = lease.Finish();
+  return s.ok() ? finished : s;
+}
+
+// Compose into a GPU buffer: each block piece as stored into its place of the prompt layout (one
+// 2-D copy from the host tier: its rows are the [layer][k|v][kv_head] rows of the prompt), then
+// every moved key re-rotated in place by one kernel launch. The parts are held again here (the
+// ComposedPrompt holds them too, so they are the blocks it planned).
+absl::Status ComposeToGpu(KvCache& cache, absl::string_view tenant,
+                          const std::vector<ComposePart>& parts, const ComposedPrompt& prompt,
+                          const RegisteredModel& model, BufferLease& lease) {
+  const ModelSpec& spec = model.spec;
+  const int64_t bt = spec.block_tokens, hd = spec.head_dim;
+  const uint64_t es = DTypeSize(spec.dtype);
+  const int64_t total = prompt.total_tokens();
+  const KvStrides out{2 * spec.kv_heads * total * hd, spec.kv_heads * total * hd, total * hd, hd};
+  const uint64_t rows = uint64_t{2} * spec.layers * spec.kv_heads;
+  uint8_t* base = static_cast<uint8_t*>(lease.device_data());
+  std::vector<ReadHandle> handles;  // the host bytes stay put until Finish
+  std::vector<RerotateCopy> jobs;
+  absl::Status s;
+  int64_t at = 0;  // the part's first token in the prompt
+  for (size_t p = 0; s.ok() && p < parts.size(); ++p) {
+    const ComposePart& part = parts[p];
+    auto handle = part.segment ? cache.AcquireSegment(model.id, tenant, part.tokens)
+                               : cache.AcquirePrefix(model.id, tenant, part.tokens, 0);
+    if (!handle.ok()) return handle.status();
+    if (handle->matched_tokens() != part.tokens.size()) {
+      return absl::InternalError(absl::StrCat("part ", p, " changed under Compose"));
+    }
+    for (size_t b = 0; s.ok() && b < handle->blocks().size(); ++b) {
+      const BlockInfo& block = handle->blocks()[b];
+      const int64_t offset = static_cast<int64_t>(b) * bt;
+      const int64_t n = std::min<int64_t>(bt, static_cast<int64_t>(part.tokens.size()) - offset);
+      s = lease.transfer()->Upload2D(base + (at + offset) * hd * es, total * hd * es,
+                                     handle->bytes(b).data(), bt * hd * es, n * hd * es, rows);
+      const int64_t to = prompt.parts()[p].position + offset;
+      if (block.pre_rope || block.rotated_at == to) continue;
+      jobs.push_back(RerotateCopy{base, out, at + offset, base, out, at + offset, n,
+                                  block.rotated_at, block.rope_table, to, block.rope_table,
+                                  /*keys_only=*/true});
+    }
+    at += static_cast<int64_t>(part.tokens.size());
+    handles.push_back(*std::move(handle));
+  }
+  if (s.ok()) s = lease.transfer()->Rerotate(model.id, spec.rope, BlockGeometry(spec), jobs);
+  if (s.ok()) lease.CountWritten(uint64_t(spec.layers) * prompt.layer_bytes());
+  absl::Status finished = lease.Finish();
+  return s.ok() ? finished : s;
+}
 
 // a * b, or INVALID_ARGUMENT when it does not fit in 64 bits.
 absl::StatusOr<uint64_t> Product(uint64_t a, uint64_t b, absl::string_view what) {
@@ -18,6 +166,56 @@ absl::StatusOr<uint64_t> Product(uint64_t a, uint64_t b, absl::string_view what)
   return out;
 }
 
+// Put from pages of a paged layout: each page gathered back into block layout (bit for bit), then
+// handed to the writer. `ids` must name one page per block of the Put.
+absl::Status PutFromPages(const RegisteredModel& model, const std::vector<uint32_t>& ids,
+                          BufferLease& lease, PutWriter& writer) {
+  const ModelSpec& spec = model.spec;
+  const PagedLayout& layout = *lease.paged();
+  const uint64_t bb = BlockBytes(spec);
+  const uint64_t n = writer.expected_bytes() / bb;
+  if (ids.size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the Put has ", n, " blocks, got ", ids.size(), " block ids"));
+  }
+  auto job = [&](size_t i, const void* pages, void* block) {
+    return RerotateCopy{pages, layout.strides(), int64_t{ids[i]} * spec.block_tokens,
+                        block, BlockStrides(spec), 0, spec.block_tokens, 0, 0, 0, 0};
+  };
+  absl::Status s;
+  if (CudaIpcTransfer* gpu = lease.transfer(); gpu != nullptr) {
+    const uint64_t chunk = std::max<uint64_t>(1, kPagedScratchBytes / bb);
+    auto scratch = gpu->Scratch(std::min<uint64_t>(chunk, n) * bb);
+    if (!scratch.ok()) return scratch.status();
+    uint8_t* base = static_cast<uint8_t*>(*scratch);
+    std::vector<RerotateCopy> jobs;
+    for (uint64_t first = 0; s.ok() && first < n; first += chunk) {
+      const uint64_t end = std::min(n, first + chunk);
+      jobs.clear();
+      for (uint64_t i = first; i < end; ++i) {
+        jobs.push_back(job(i, lease.device_data(), base + (i - first) * bb));
+      }
+      s = gpu->Rerotate(model.id, spec.rope, BlockGeometry(spec), jobs);
+      if (s.ok()) {
+        s = gpu->Download(base, (end - first) * bb, [&](const void* p) {
+          return writer.Write(absl::string_view(static_cast<const char*>(p), (end - first) * bb));
+        });
+      }
+    }
+  } else {
+    std::vector<uint8_t> block(bb);
+    for (uint64_t i = 0; s.ok() && i < n; ++i) {
+      const RerotateCopy j = job(i, lease.host_data(), block.data());
+      s = RerotateCopyCpu(spec.rope, BlockGeometry(spec), absl::MakeConstSpan(&j, 1));
+      if (s.ok()) {
+        s = writer.Write(absl::string_view(reinterpret_cast<const char*>(block.data()), bb));
+      }
+    }
+  }
+  if (s.ok()) lease.CountRead(n * bb);
+  return s;
+}
+
 }  // namespace
 
 absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& buffers,
@@ -26,17 +224,28 @@ absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& bu
     return absl::InvalidArgumentError(
         absl::StrCat("target_position must be >= 0, got ", *args.target_position));
   }
-  auto handle = cache.AcquirePrefix(args.model, args.tenant, args.tokens, args.max_blocks);
+  const std::vector<uint32_t>& ids = args.dst.block_ids;
+  uint32_t max_blocks = args.max_blocks;
+  if (!ids.empty()) {  // one page per block: no more blocks than pages
+    const uint32_t pages = static_cast<uint32_t>(std::min<size_t>(ids.size(), UINT32_MAX));
+    max_blocks = max_blocks == 0 ? pages : std::min(max_blocks, pages);
+  }
+  auto handle = cache.AcquirePrefix(args.model, args.tenant, args.tokens, max_blocks);
   if (!handle.ok()) return handle.status();
   const uint64_t bb = handle->block_bytes();
   const size_t n = handle->blocks().size();
   auto bytes = Product(n, bb, "Get");
   if (!bytes.ok()) return bytes.status();
-  auto lease = buffers.Acquire(args.dst, *bytes);
+  auto lease = ids.empty() ? buffers.Acquire(args.dst, *bytes)
+                           : buffers.AcquirePages(args.dst, handle->model().id);
   if (!lease.ok()) return lease.status();
   const int64_t block_tokens = handle->model().spec.block_tokens;
   absl::Status s;
-  if (!args.target_position.has_value() && (*lease)->kind() == BufferKind::kCudaIpc) {
+  if (!ids.empty()) {
+    s = GetToPages(*handle, **lease, ids, args.target_position, args.copy_threads);
+  } else if (args.target_position.has_value() && GpuRotates(**lease, handle->model().spec)) {
+    s = GetToGpuRerotated(*handle, **lease, *args.target_position);
+  } else if (!args.target_position.has_value() && (*lease)->kind() == BufferKind::kCudaIpc) {
     // As stored, to a GPU buffer: DMA straight from the tier's (pinned) host copies, no staging.
     for (size_t i = 0; s.ok() && i < n; ++i) {
       s = (*lease)->Write(i * bb, handle->bytes(i).data(), bb);
@@ -44,8 +253,9 @@ absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& bu
     absl::Status finished = (*lease)->Finish();
     if (s.ok()) s = finished;
   } else {
-    // Shared memory (blocks split among copy_threads), or a re-rotated Get to a GPU buffer
-    // (rotated into pinned staging, then copied): one rotation from the stored copy.
+    // Shared memory (blocks split among copy_threads), or a re-rotated Get to a GPU buffer the
+    // kernel cannot serve (rotated into pinned staging, then copied): one rotation from the
+    // stored copy.
     s = (*lease)->ProduceParallel(n, bb, args.copy_threads, [&](uint64_t i, void* dst) {
       if (!args.target_position.has_value()) {
         std::memcpy(dst, handle->bytes(i).data(), bb);
@@ -73,15 +283,20 @@ absl::StatusOr<PutFromBufferResult> PutFromBuffer(KvCache& cache, BufferRegistry
   auto writer = cache.BeginPut(std::move(options));
   if (!writer.ok()) return writer.status();
   const uint64_t total = (*writer)->expected_bytes();
-  auto lease = buffers.Acquire(src, total);
+  auto lease = src.block_ids.empty() ? buffers.Acquire(src, total)
+                                     : buffers.AcquirePages(src, model->id);
   if (!lease.ok()) return lease.status();
-  const uint64_t step = (*lease)->kind() == BufferKind::kShm ? total : block_bytes;
   absl::Status s;
-  for (uint64_t at = 0; s.ok() && at < total; at += step) {
-    const uint64_t n = std::min(step, total - at);
-    s = (*lease)->Consume(at, n, [&](const void* p) {
-      return (*writer)->Write(absl::string_view(static_cast<const char*>(p), n));
-    });
+  if (!src.block_ids.empty()) {
+    s = PutFromPages(*model, src.block_ids, **lease, **writer);
+  } else {
+    const uint64_t step = (*lease)->kind() == BufferKind::kShm ? total : block_bytes;
+    for (uint64_t at = 0; s.ok() && at < total; at += step) {
+      const uint64_t n = std::min(step, total - at);
+      s = (*lease)->Consume(at, n, [&](const void* p) {
+        return (*writer)->Write(absl::string_view(static_cast<const char*>(p), n));
+      });
+    }
   }
   // The lease must end clean before the Put commits: bytes read from a region the client shrank
   // under the copy are not the client's.
@@ -108,9 +323,15 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
   if (!bytes.ok()) return bytes.status();
   auto lease = buffers.Acquire(dst, *bytes);
   if (!lease.ok()) return lease.status();
-  absl::Status s = (*lease)->ProduceParallel(
-      prompt->layers(), layer_bytes, copy_threads,
-      [&](uint64_t l, void* p) { return prompt->WriteLayer(static_cast<int>(l), p); });
+  auto m = cache.ResolveModel(model);
+  if (!m.ok()) return m.status();
+  absl::Status s =
+      GpuRotates(**lease, m->spec)
+          ? ComposeToGpu(cache, tenant, parts, *prompt, *m, **lease)
+          : (*lease)->ProduceParallel(prompt->layers(), layer_bytes, copy_threads,
+                                      [&](uint64_t l, void* p) {
+                                        return prompt->WriteLayer(static_cast<int>(l), p);
+                                      });
   if (!s.ok()) return s;
   ComposeToBufferResult r;
   r.parts = prompt->parts();

@@ -3,7 +3,15 @@
 // straight between its tiers and the buffer: a Get's blocks go through ReadHandle::CopyBlock into
 // the mapped region, a prompt's layers through ComposedPrompt::WriteLayer /
 // SessionReader::WriteLayer, a Put's bytes from the region into the PutWriter. For a GPU buffer the
-// same producers fill pinned staging that is copied to the device (cache/cuda_ipc.h).
+// same producers fill pinned staging that is copied to the device (cache/cuda_ipc.h) — except Get
+// and Compose, which copy the blocks as stored straight from the host tier to the device (DMA from
+// pinned memory) and re-rotate the keys there, in place, in one launch of the CUDA kernel
+// (kernels/rope/rerotate_cuda.h; head dims it does not support take the staging path).
+//
+// Paged buffers (PagedLayout, cache/buffer_registry.h): Get and Put name pages by block ids
+// (BufferRange::block_ids) and each block moves between its block layout and its page in every
+// layer's K and V pool in one RerotateCopy job: on the CPU for shared memory, by the CUDA kernel
+// (through device scratch) for a GPU buffer.
 //
 // Copies into shared memory may run on several threads (`copy_threads`: blocks or layers split
 // among them); copies to a GPU buffer run on the caller's thread.
@@ -33,7 +41,7 @@ struct GetToBufferArgs {
   std::string model;  // id or name
   std::string tenant;
   std::vector<int32_t> tokens;  // the prompt; its longest cached prefix is copied
-  uint32_t max_blocks = 0;      // 0 = all matched blocks
+  uint32_t max_blocks = 0;      // 0 = all matched blocks (with dst.block_ids: at most as many)
   // Where the first token's key should sit (re-rotated in one rotation); nullopt: as stored.
   std::optional<int64_t> target_position;
   BufferRange dst;
@@ -48,10 +56,13 @@ struct GetToBufferResult {
   uint64_t bytes_written = 0;  // blocks.size() * block_bytes
 };
 
-// Copies the longest cached prefix into dst. NOT_FOUND for an unknown model or buffer;
-// INVALID_ARGUMENT for a negative target_position or a range that cannot hold the answer (nothing
-// written); FAILED_PRECONDITION when the buffer is being unregistered or its shared memory shrank;
-// the cache's errors as KvCache::AcquirePrefix gives them. A miss writes nothing and is OK.
+// Copies the longest cached prefix into dst: block layout from dst.offset, or, when dst has
+// block_ids, block i into page block_ids[i] of the buffer's paged layout (at most
+// block_ids.size() blocks; the other pages are not touched). NOT_FOUND for an unknown model or
+// buffer; INVALID_ARGUMENT for a negative target_position, a range that cannot hold the answer,
+// or bad block ids (BufferRegistry::AcquirePages) — nothing written; FAILED_PRECONDITION when the
+// buffer is being unregistered or its shared memory shrank; the cache's errors as
+// KvCache::AcquirePrefix gives them. A miss writes nothing and is OK.
 absl::StatusOr<GetToBufferResult> GetToBuffer(KvCache& cache, BufferRegistry& buffers,
                                               const GetToBufferArgs& args);
 
@@ -60,10 +71,12 @@ struct PutFromBufferResult {
   uint64_t bytes_read = 0;
 };
 
-// Stores the blocks of `options` with their bytes read from src (block layout, as Put).
+// Stores the blocks of `options` with their bytes read from src (block layout, as Put), or, when
+// src has block_ids, block i from page block_ids[i] of the buffer's paged layout.
 // KvCache::BeginPut's and PutWriter's errors; NOT_FOUND for an unknown buffer; INVALID_ARGUMENT
-// when src cannot hold the Put's bytes; FAILED_PRECONDITION when the buffer's shared memory
-// shrank during the copy (nothing of the Put is stored).
+// when src cannot hold the Put's bytes, for bad block ids, or when their count is not the Put's
+// block count; FAILED_PRECONDITION when the buffer's shared memory shrank during the copy
+// (nothing of the Put is stored).
 absl::StatusOr<PutFromBufferResult> PutFromBuffer(KvCache& cache, BufferRegistry& buffers,
                                                   PutOptions options, const BufferRange& src);
 
@@ -75,7 +88,7 @@ struct ComposeToBufferResult {
 };
 
 // Compose (cache/compose.h) into dst, prompt layout. Compose's errors; the buffer errors as
-// GetToBuffer.
+// GetToBuffer (block ids: INVALID_ARGUMENT).
 absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegistry& buffers,
                                                       absl::string_view model,
                                                       absl::string_view tenant,

@@ -36,6 +36,7 @@ BufferRange FromProto(const v1::BufferRange& r) {
   out.buffer = r.buffer();
   out.offset = r.offset();
   out.length = r.length();
+  out.block_ids.assign(r.block_ids().begin(), r.block_ids().end());
   return out;
 }
 
@@ -50,6 +51,10 @@ void ToProto(const BufferInfo& b, v1::BufferInfo* out) {
   out->set_copies(b.copies);
   out->set_bytes_written(b.bytes_written);
   out->set_bytes_read(b.bytes_read);
+  if (b.paged.has_value()) {
+    out->mutable_paged()->set_model(b.paged->model_id);
+    out->mutable_paged()->set_num_blocks(b.paged->num_blocks);
+  }
 }
 
 absl::StatusOr<PutOptions> FromProto(const v1::PutHeader& h) {
@@ -168,15 +173,24 @@ grpc::ServerUnaryReactor* DataPlaneService::RegisterBuffer(grpc::CallbackServerC
                                                            const v1::RegisterBufferRequest* req,
                                                            v1::RegisterBufferResponse* resp) {
   return Submit(ctx, [this, req, resp]() -> absl::Status {
+    std::optional<PagedLayout> paged;
+    if (req->has_paged()) {
+      auto model = cache_->ResolveModel(req->paged().model());
+      if (!model.ok()) return model.status();
+      auto layout = MakePagedLayout(*model, req->paged().num_blocks());
+      if (!layout.ok()) return layout.status();
+      paged = *std::move(layout);
+    }
     absl::StatusOr<BufferInfo> info;
     switch (req->region_case()) {
       case v1::RegisterBufferRequest::kShm:
-        info = registry_->RegisterShm(req->name(), req->shm().shm_name(), req->shm().size());
+        info = registry_->RegisterShm(req->name(), req->shm().shm_name(), req->shm().size(),
+                                      std::move(paged));
         break;
       case v1::RegisterBufferRequest::kCudaIpc: {
         const v1::CudaIpcRegion& c = req->cuda_ipc();
-        info =
-            registry_->RegisterCudaIpc(req->name(), c.device(), c.handle(), c.offset(), c.size());
+        info = registry_->RegisterCudaIpc(req->name(), c.device(), c.handle(), c.offset(),
+                                          c.size(), std::move(paged));
         break;
       }
       default:

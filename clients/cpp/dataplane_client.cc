@@ -40,6 +40,7 @@ void SetRange(const BufferRef& r, v1::BufferRange* out) {
   out->set_buffer(r.buffer);
   out->set_offset(r.offset);
   out->set_length(r.length);
+  out->mutable_block_ids()->Add(r.block_ids.begin(), r.block_ids.end());
 }
 
 }  // namespace
@@ -92,13 +93,15 @@ void DataPlaneClient::Prepare(grpc::ClientContext* ctx) const {
 
 absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterShm(const std::string& name,
                                                             const std::string& shm_name,
-                                                            uint64_t size) {
+                                                            uint64_t size,
+                                                            std::optional<v1::PagedLayout> paged) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::RegisterBufferRequest req;
   req.set_name(name);
   req.mutable_shm()->set_shm_name(shm_name);
   req.mutable_shm()->set_size(size);
+  if (paged.has_value()) *req.mutable_paged() = *paged;
   v1::RegisterBufferResponse resp;
   if (auto s = FromGrpc(stub_->RegisterBuffer(&ctx, req, &resp)); !s.ok()) return s;
   return resp.buffer();
@@ -106,7 +109,8 @@ absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterShm(const std::string& n
 
 absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterCudaIpc(const std::string& name, int device,
                                                                 const std::string& handle,
-                                                                uint64_t offset, uint64_t size) {
+                                                                uint64_t offset, uint64_t size,
+                                                                std::optional<v1::PagedLayout> paged) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::RegisterBufferRequest req;
@@ -116,6 +120,7 @@ absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterCudaIpc(const std::strin
   c->set_handle(handle);
   c->set_offset(offset);
   c->set_size(size);
+  if (paged.has_value()) *req.mutable_paged() = *paged;
   v1::RegisterBufferResponse resp;
   if (auto s = FromGrpc(stub_->RegisterBuffer(&ctx, req, &resp)); !s.ok()) return s;
   return resp.buffer();

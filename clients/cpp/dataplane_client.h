@@ -52,11 +52,13 @@ class SharedMemory {
   uint64_t size_;
 };
 
-// [offset, offset + length) of a registered buffer (length 0: to its end).
+// [offset, offset + length) of a registered buffer (length 0: to its end); or, for Get and Put on
+// a buffer registered with a paged layout, the pages `block_ids` (offset and length 0).
 struct BufferRef {
   std::string buffer;
   uint64_t offset = 0;
   uint64_t length = 0;
+  std::vector<uint32_t> block_ids;
 };
 
 class DataPlaneClient {
@@ -64,14 +66,18 @@ class DataPlaneClient {
   // Creates a channel (connects lazily). INVALID_ARGUMENT for an empty address.
   static absl::StatusOr<std::unique_ptr<DataPlaneClient>> Connect(Client::Options options);
 
-  // Registers shared memory `shm_name` as buffer `name`, its first `size` bytes (0: all).
+  // Registers shared memory `shm_name` as buffer `name`, its first `size` bytes (0: all). With
+  // `paged`, the buffer holds that paged layout (dataplane.proto PagedLayout) and Get / Put may
+  // name its pages by BufferRef::block_ids.
   absl::StatusOr<v1::BufferInfo> RegisterShm(const std::string& name, const std::string& shm_name,
-                                             uint64_t size = 0);
+                                             uint64_t size = 0,
+                                             std::optional<v1::PagedLayout> paged = std::nullopt);
   // Registers a GPU buffer: `handle` is a cudaIpcMemHandle_t's 64 bytes, [offset, offset + size)
-  // of its allocation (size 0: to its end).
+  // of its allocation (size 0: to its end); `paged` as RegisterShm.
   absl::StatusOr<v1::BufferInfo> RegisterCudaIpc(const std::string& name, int device,
                                                  const std::string& handle, uint64_t offset,
-                                                 uint64_t size);
+                                                 uint64_t size,
+                                                 std::optional<v1::PagedLayout> paged = std::nullopt);
   // Waits (in the daemon) for copies in flight; returns how many it waited for.
   absl::StatusOr<uint32_t> Unregister(const std::string& name);
   absl::StatusOr<v1::ListBuffersResponse> ListBuffers();

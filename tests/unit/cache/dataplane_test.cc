@@ -62,6 +62,7 @@ class ClientShm {
            std::memcmp(data_ + end, snapshot_.data() + end, size_ - end) == 0;
   }
   bool Unchanged() const { return UnchangedOutside(0, 0); }
+  const std::vector<uint8_t>& snapshot() const { return snapshot_; }
 
  private:
   std::string name_;
@@ -348,6 +349,186 @@ TEST_F(DataPlaneTest, ReadToBufferEqualsTheSessionReader) {
                 .status()
                 .code(),
             absl::StatusCode::kNotFound);
+}
+
+// Paged layouts (vLLM-style pools [layer][k|v][page][token][head][dim]): the expected image of the
+// region is built element by element from the block-layout reference, with its own index formula.
+class DataPlanePagedTest : public DataPlaneTest {
+ protected:
+  static constexpr uint32_t kPages = 8;
+
+  void SetUp() override {
+    DataPlaneTest::SetUp();
+    auto m = cache_->ResolveModel("m");
+    ASSERT_TRUE(m.ok());
+    auto layout = MakePagedLayout(*m, kPages);
+    ASSERT_TRUE(layout.ok()) << layout.status();
+    layout_ = *layout;
+    ASSERT_EQ(layout_.bytes(), uint64_t{kPages} * bb_);  // one page of each pool per block
+    pages_ = std::make_unique<ClientShm>(layout_.bytes() + 4096);  // a tail that stays untouched
+    auto info = registry_->RegisterShm("pages", pages_->name(), 0, layout_);
+    ASSERT_TRUE(info.ok()) << info.status();
+    ASSERT_TRUE(info->paged.has_value());
+    EXPECT_EQ(info->paged->num_blocks, kPages);
+  }
+
+  // Byte offset in the region of element (layer, k|v, page, token, head, dim).
+  static size_t PageElement(int l, int kv, uint32_t page, int t, int h, int d) {
+    const ModelSpec s = SmallSpec();
+    return ((((size_t(l) * 2 + kv) * kPages + page) * s.block_tokens + t) * s.kv_heads + h) *
+               s.head_dim * 4 +
+           size_t(d) * 4;
+  }
+
+  // The region's canaries with `blocks` (block layout, floats) written into pages `ids`; `key`
+  // marks the floats that are keys (re-rotated ones are compared within a tolerance).
+  std::vector<uint8_t> Image(const std::vector<float>& blocks, const std::vector<uint32_t>& ids,
+                             std::vector<bool>* key = nullptr) const {
+    const ModelSpec s = SmallSpec();
+    const KvStrides bs = BlockStrides(s);
+    std::vector<uint8_t> image = pages_->snapshot();
+    if (key != nullptr) key->assign(image.size() / 4, false);
+    for (size_t b = 0; b < ids.size(); ++b)
+      for (int l = 0; l < s.layers; ++l)
+        for (int kv = 0; kv < 2; ++kv)
+          for (int h = 0; h < s.kv_heads; ++h)
+            for (int t = 0; t < s.block_tokens; ++t)
+              for (int d = 0; d < s.head_dim; ++d) {
+                const size_t at = PageElement(l, kv, ids[b], t, h, d);
+                const float x = blocks[b * bb_ / 4 + l * bs.layer + kv * bs.kv + h * bs.head +
+                                       t * bs.token + d];
+                std::memcpy(image.data() + at, &x, 4);
+                if (key != nullptr) (*key)[at / 4] = kv == 0;
+              }
+    return image;
+  }
+
+  PagedLayout layout_;
+  std::unique_ptr<ClientShm> pages_;
+};
+
+TEST_F(DataPlanePagedTest, GetIntoPagesAsStoredIsByteExact) {
+  const auto tokens = Tokens(24, 100);
+  const auto blocks = ToBlocks(Rotated(RawKv(11, 24), 24, 0), 24);
+  Put(tokens, blocks);
+  GetToBufferArgs a;
+  a.model = "m";
+  a.tokens = tokens;
+  a.dst.buffer = "pages";
+  a.dst.block_ids = {5, 0, 3};
+  a.copy_threads = 2;
+  auto r = GetToBuffer(*cache_, *registry_, a);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->blocks.size(), 3u);
+  EXPECT_EQ(r->bytes_written, 3 * bb_);
+  const auto want = Image(blocks, {5, 0, 3});
+  EXPECT_EQ(std::memcmp(pages_->data(), want.data(), want.size()), 0);
+  EXPECT_TRUE(shm_->Unchanged());
+}
+
+TEST_F(DataPlanePagedTest, GetIntoPagesReRotatesAndStopsAtTheIds) {
+  const int n = 24;
+  const auto raw = RawKv(12, n);
+  Put(Tokens(n, 300), ToBlocks(Rotated(raw, n, 0), n));
+  GetToBufferArgs a;
+  a.model = "m";
+  a.tokens = Tokens(n, 300);
+  a.target_position = 1000;
+  a.dst.buffer = "pages";
+  a.dst.block_ids = {7, 2};  // two pages: the third matched block is not copied
+  auto r = GetToBuffer(*cache_, *registry_, a);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->blocks.size(), 2u);
+  EXPECT_EQ(r->matched_tokens, 16u);
+  std::vector<bool> key;
+  const auto want = Image(ToBlocks(Rotated(raw, n, 1000), n), {7, 2}, &key);
+  const auto* got = reinterpret_cast<const float*>(pages_->data());
+  const auto* exp = reinterpret_cast<const float*>(want.data());
+  for (size_t i = 0; i < want.size() / 4; ++i) {
+    float g, w;
+    std::memcpy(&g, got + i, 4);
+    std::memcpy(&w, exp + i, 4);
+    if (key[i]) {
+      ASSERT_NEAR(g, w, 4 * UlpOf(DType::kF32, std::fabs(w)) + 1e-6) << "key float " << i;
+    } else {
+      ASSERT_EQ(std::memcmp(&g, &w, 4), 0) << "value or canary float " << i;
+    }
+  }
+}
+
+TEST_F(DataPlanePagedTest, PutFromPagesStoresTheBlocks) {
+  const auto blocks = ToBlocks(RawKv(13, 16), 16);
+  const auto image = Image(blocks, {4, 1});
+  std::memcpy(pages_->data(), image.data(), image.size());
+  PutOptions o;
+  o.model = "m";
+  o.tokens = Tokens(16, 900);
+  auto r = PutFromBuffer(*cache_, *registry_, o, BufferRange{"pages", 0, 0, {4, 1}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->put.blocks_stored, 2u);
+  auto h = cache_->AcquirePrefix("m", "", o.tokens, 0);
+  ASSERT_TRUE(h.ok());
+  ASSERT_EQ(h->blocks().size(), 2u);
+  EXPECT_EQ(std::memcmp(h->bytes(0).data(), blocks.data(), bb_), 0);
+  EXPECT_EQ(std::memcmp(h->bytes(1).data(), blocks.data() + bb_ / 4, bb_), 0);
+}
+
+TEST_F(DataPlanePagedTest, BadIdsAndLayoutsAreInvalidAndTouchNothing) {
+  const auto tokens = Tokens(16, 500);
+  Put(tokens, ToBlocks(RawKv(14, 16), 16));
+  GetToBufferArgs a;
+  a.model = "m";
+  a.tokens = tokens;
+  for (const BufferRange& dst : {
+           BufferRange{"pages", 0, 0, {1, kPages}},  // out of range
+           BufferRange{"pages", 0, 0, {3, 3}},       // twice
+           BufferRange{"pages", 64, 0, {1, 2}},      // an offset as well
+           BufferRange{"buf", 0, 0, {1, 2}},         // no paged layout
+       }) {
+    a.dst = dst;
+    EXPECT_EQ(GetToBuffer(*cache_, *registry_, a).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << dst.buffer << " " << dst.offset;
+  }
+  PutOptions o;
+  o.model = "m";
+  o.tokens = Tokens(16, 600);
+  for (const BufferRange& src : {BufferRange{"pages", 0, 0, {1}},  // 2 blocks, 1 id
+                                 BufferRange{"pages", 0, 0, {0, 9}}}) {
+    EXPECT_EQ(PutFromBuffer(*cache_, *registry_, o, src).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  auto l = cache_->Lookup("m", "", o.tokens);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->matched_tokens, 0u);
+  // Pages of another model.
+  ModelSpec other = SmallSpec();
+  other.head_dim = other.rope.head_dim = 16;
+  ASSERT_TRUE(cache_->RegisterModel(other, "m2").ok());
+  Put(tokens, ToBlocks(RawKv(15, 16), 16));
+  a.model = "m2";
+  a.dst = BufferRange{"pages", 0, 0, {0}};
+  EXPECT_EQ(GetToBuffer(*cache_, *registry_, a).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Calls that take an offset refuse ids.
+  std::vector<ComposePart> parts(1);
+  parts[0].tokens = tokens;
+  EXPECT_EQ(ComposeToBuffer(*cache_, *registry_, "m", "", parts, BufferRange{"pages", 0, 0, {0}})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(pages_->Unchanged());
+  EXPECT_TRUE(shm_->Unchanged());
+  // A layout larger than its buffer; a layout of no pages.
+  auto m = cache_->ResolveModel("m");
+  ASSERT_TRUE(m.ok());
+  auto big = MakePagedLayout(*m, kShmBytes / bb_ + 1);
+  ASSERT_TRUE(big.ok());
+  ClientShm one(kShmBytes);
+  EXPECT_EQ(registry_->RegisterShm("big", one.name(), 0, *big).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakePagedLayout(*m, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(registry_->List().size(), 2u);
 }
 
 }  // namespace
