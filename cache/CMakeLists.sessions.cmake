@@ -6,6 +6,22 @@
 target_sources(ropekv_cache PRIVATE session.cc)
 target_link_libraries(ropekv_cache PUBLIC absl::flat_hash_set absl::time)
 
+# GPU-resident sessions (cache/session_gpu.h): device pool, staged uploads, the fused rope launch.
+# Without CUDA a stub that answers UNAVAILABLE, so the store keeps its host path.
+if(ROPEKV_WITH_CUDA)
+  add_library(ropekv_session_gpu session_gpu.cu)
+  target_link_libraries(ropekv_session_gpu PUBLIC ropekv_rope ropekv_kernels_common
+    absl::status absl::statusor absl::strings absl::synchronization absl::flat_hash_map
+    absl::span)
+  target_link_libraries(ropekv_session_gpu PRIVATE ropekv_rope_cuda CUDA::cudart_static)
+else()
+  add_library(ropekv_session_gpu session_gpu_nocuda.cc)
+  target_link_libraries(ropekv_session_gpu PUBLIC ropekv_rope absl::status absl::statusor
+    absl::strings absl::span)
+  target_compile_options(ropekv_session_gpu PRIVATE ${ROPEKV_WARNINGS})
+endif()
+target_link_libraries(ropekv_cache PUBLIC ropekv_session_gpu)
+
 # Each target below is registered only once its source exists, so that a configure in the middle
 # of this feature's work never fails for others sharing the tree.
 # Unit tests: the piece list, the store, and a tiny reference transformer (tests/unit/cache).
@@ -37,4 +53,18 @@ if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/bench/pie_bench.cu)
   add_executable(pie_bench ${PROJECT_SOURCE_DIR}/bench/pie_bench.cu)
   target_link_libraries(pie_bench PRIVATE ropekv_cache ropekv_rope_cuda CUDA::cudart_static)
   set_target_properties(pie_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR})
+endif()
+
+# Device-resident sessions: the CPU-side contract (device option, KvSource copies, capacity
+# layouts) runs everywhere; the GPU test compares GPU sessions with host sessions (skips itself
+# without a GPU).
+if(EXISTS ${PROJECT_SOURCE_DIR}/tests/unit/cache/session_device_test.cc)
+ropekv_test(NAME session_device_test LABELS unit
+  SOURCES ${PROJECT_SOURCE_DIR}/tests/unit/cache/session_device_test.cc
+  LIBS ropekv_cache)
+endif()
+if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/tests/gpu/session_gpu_test.cc)
+  ropekv_test(NAME session_gpu_test LABELS gpu
+    SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/session_gpu_test.cc
+    LIBS ropekv_cache CUDA::cudart_static)
 endif()

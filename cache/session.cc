@@ -57,6 +57,15 @@ absl::Status CheckRange(TokenRange range, int64_t length, absl::string_view what
   return absl::OkStatus();
 }
 
+// Bytes a GPU writer stages before uploading (rounded to whole units, at least one).
+constexpr uint64_t kGpuStageBytes = 64ull << 20;
+
+// Whether a and b are the same piece (same chunk, place, rotation).
+bool SamePiece(const Piece& a, const Piece& b) {
+  return a.chunk == b.chunk && a.offset == b.offset && a.tokens == b.tokens &&
+         a.rotated_at == b.rotated_at && a.table == b.table;
+}
+
 uint64_t SplitMix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -274,6 +283,26 @@ uint64_t RangeBytes(const ModelSpec& spec, int64_t n) {
          spec.head_dim * DTypeSize(spec.dtype);
 }
 
+absl::StatusOr<SessionDevice> ParseSessionDevice(absl::string_view text) {
+  if (text == "auto") return SessionDevice::kAuto;
+  if (text == "cpu") return SessionDevice::kCpu;
+  if (text == "gpu") return SessionDevice::kGpu;
+  return absl::InvalidArgumentError(
+      absl::StrCat("session device must be auto, cpu or gpu, got '", text, "'"));
+}
+
+const char* SessionDeviceName(SessionDevice device) {
+  switch (device) {
+    case SessionDevice::kAuto:
+      return "auto";
+    case SessionDevice::kCpu:
+      return "cpu";
+    case SessionDevice::kGpu:
+      return "gpu";
+  }
+  return "unknown";
+}
+
 // ---------------------------------------------------------------------------------------------
 // SessionReader
 
@@ -298,16 +327,77 @@ absl::Status SessionReader::WriteLayer(int layer, void* dst) const {
   }
   KvGeometry one_layer = BlockGeometry(spec_);
   one_layer.layers = 1;
-  return RerotateCopyCpu(spec_.rope, one_layer, *jobs);
+  if (gpu_ == nullptr) return RerotateCopyCpu(spec_.rope, one_layer, *jobs);
+  // GPU session: rotate into device scratch (the pool reuses it across layers), copy back.
+  auto scratch = gpu_->Alloc(layer_bytes());
+  if (!scratch.ok()) return scratch.status();
+  for (RerotateCopy& job : *jobs) job.dst = scratch->get();
+  if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, *jobs); !s.ok()) return s;
+  return gpu_->Download(dst, scratch->get(), layer_bytes());
 }
 
 absl::Status SessionReader::WriteAll(void* dst) const {
+  return WriteAllToHost(dst, RangeStrides(spec_, range_.size()), 0);
+}
+
+absl::Status SessionReader::WriteAllToHost(void* dst, const KvStrides& dst_strides,
+                                           int64_t dst_token0) const {
   const int64_t n = range_.size();
   if (n == 0) return absl::OkStatus();
-  auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst,
-                       RangeStrides(spec_, n), 0);
+  if (gpu_ == nullptr) {
+    auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst, dst_strides,
+                         dst_token0);
+    if (!jobs.ok()) return jobs.status();
+    return RerotateCopyCpu(spec_.rope, BlockGeometry(spec_), *jobs);
+  }
+  // GPU session: each layer is rotated into device scratch in range layout, then its 2 * kv_heads
+  // rows go to their places in dst by one 2-D copy (the bytes between rows stay untouched).
+  if (dst_strides.token != spec_.head_dim || dst_strides.kv != spec_.kv_heads * dst_strides.head) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a GPU session writes host layouts with dense tokens and heads; got strides "
+                     "token ",
+                     dst_strides.token, ", head ", dst_strides.head, ", kv ", dst_strides.kv));
+  }
+  const uint64_t es = DTypeSize(spec_.dtype);
+  const uint64_t row_bytes = static_cast<uint64_t>(n) * spec_.head_dim * es;
+  for (int l = 0; l < spec_.layers; ++l) {
+    char* layer_dst =
+        static_cast<char*>(dst) + (static_cast<uint64_t>(l) * dst_strides.layer +
+                                   static_cast<uint64_t>(dst_token0) * dst_strides.token) *
+                                      es;
+    auto scratch = gpu_->Alloc(layer_bytes());
+    if (!scratch.ok()) return scratch.status();
+    auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, scratch->get(),
+                         RangeStrides(spec_, n), 0);
+    if (!jobs.ok()) return jobs.status();
+    for (RerotateCopy& job : *jobs) {
+      job.src = static_cast<const char*>(job.src) +
+                static_cast<size_t>(l) * static_cast<size_t>(job.src_strides.layer) * es;
+    }
+    KvGeometry one_layer = BlockGeometry(spec_);
+    one_layer.layers = 1;
+    if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, *jobs); !s.ok()) return s;
+    if (auto s = gpu_->Download2D(layer_dst, static_cast<uint64_t>(dst_strides.head) * es,
+                                  scratch->get(), row_bytes, row_bytes, 2ull * spec_.kv_heads);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SessionReader::WriteToDevice(void* dst, const KvStrides& dst_strides,
+                                          int64_t dst_token0) const {
+  if (gpu_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "the session's KV is in host memory; a device write needs a GPU session");
+  }
+  const int64_t n = range_.size();
+  if (n == 0) return absl::OkStatus();
+  auto jobs =
+      PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst, dst_strides, dst_token0);
   if (!jobs.ok()) return jobs.status();
-  return RerotateCopyCpu(spec_.rope, BlockGeometry(spec_), *jobs);
+  return gpu_->Rerotate(gpu_key_, spec_.rope, BlockGeometry(spec_), *jobs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,6 +408,9 @@ SessionWriter::SessionWriter(SessionStore* store, Mode mode, ModelSpec spec, int
   const int64_t blocks = (n_tokens + spec_.block_tokens - 1) / spec_.block_tokens;
   expected_ = mode == Mode::kOpen ? BlockBytes(spec_) * static_cast<uint64_t>(blocks)
                                   : RangeBytes(spec_, n_tokens);
+  unit_bytes_ = mode == Mode::kOpen
+                    ? BlockBytes(spec_)
+                    : RangeBytes(spec_, n_tokens) / static_cast<uint64_t>(spec_.layers);
 }
 
 SessionWriter::~SessionWriter() = default;
@@ -331,6 +424,7 @@ absl::Status SessionWriter::Write(absl::string_view bytes) {
                                                 " bytes, got at least ", received_ + bytes.size()));
     return status_;
   }
+  if (gpu_ != nullptr) return status_ = StageForGpu(bytes);
   const uint64_t bb = BlockBytes(spec_);
   const uint64_t es = DTypeSize(spec_.dtype);
   const uint64_t bt = static_cast<uint64_t>(spec_.block_tokens);
@@ -369,6 +463,71 @@ absl::Status SessionWriter::Write(absl::string_view bytes) {
   return absl::OkStatus();
 }
 
+absl::Status SessionWriter::StageForGpu(absl::string_view bytes) {
+  if (stage_.empty() && expected_ > 0) {
+    const uint64_t units = expected_ / unit_bytes_;
+    const uint64_t batch = std::max<uint64_t>(1, std::min(units, kGpuStageBytes / unit_bytes_));
+    stage_.resize(batch * unit_bytes_);
+  }
+  while (!bytes.empty()) {
+    const uint64_t n = std::min<uint64_t>(bytes.size(), stage_.size() - staged_);
+    std::memcpy(stage_.data() + staged_, bytes.data(), n);
+    staged_ += n;
+    received_ += n;
+    bytes.remove_prefix(n);
+    if (staged_ == stage_.size() || received_ == expected_) {
+      if (auto s = FlushToGpu(); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SessionWriter::FlushToGpu() {
+  // Only whole units arrive here: the stage holds whole units, and the last flush comes when
+  // every expected byte (a whole number of units) is in.
+  const uint64_t units = staged_ / unit_bytes_;
+  if (units == 0) return absl::OkStatus();
+  if (mode_ == Mode::kOpen) {
+    // Block layout: unit u is block flushed_units_ + u, uploaded into its own chunk.
+    for (uint64_t u = 0; u < units; ++u) {
+      const KvChunk& chunk = *chunks_[flushed_units_ + u];
+      if (auto s = gpu_->Upload(const_cast<void*>(chunk.data), stage_.data() + u * unit_bytes_,
+                                unit_bytes_);
+          !s.ok()) {
+        return s;
+      }
+    }
+  } else {
+    // Range layout: `units` layers of the range, uploaded whole into scratch, then spread over the
+    // blocks by one bit-exact copy launch.
+    auto scratch = gpu_->Alloc(units * unit_bytes_);
+    if (!scratch.ok()) return scratch.status();
+    if (auto s = gpu_->Upload(scratch->get(), stage_.data(), units * unit_bytes_); !s.ok()) {
+      return s;
+    }
+    const int64_t bt = spec_.block_tokens;
+    const size_t es = DTypeSize(spec_.dtype);
+    std::vector<RerotateCopy> jobs;
+    for (size_t b = 0; b < chunks_.size(); ++b) {
+      RerotateCopy job;
+      job.src = scratch->get();
+      job.src_strides = RangeStrides(spec_, n_tokens_);
+      job.src_token = static_cast<int64_t>(b) * bt;
+      job.dst = static_cast<char*>(const_cast<void*>(chunks_[b]->data)) +
+                flushed_units_ * static_cast<uint64_t>(chunks_[b]->strides.layer) * es;
+      job.dst_strides = chunks_[b]->strides;
+      job.n_tokens = std::min(bt, n_tokens_ - job.src_token);
+      jobs.push_back(job);  // from == to: bit for bit
+    }
+    KvGeometry geometry = BlockGeometry(spec_);
+    geometry.layers = static_cast<int>(units);
+    if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, geometry, jobs); !s.ok()) return s;
+  }
+  flushed_units_ += units;
+  staged_ = 0;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<SessionResult> SessionWriter::Finish() {
   if (!status_.ok()) return status_;
   if (finished_) return absl::FailedPreconditionError("Finish called twice");
@@ -399,7 +558,22 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(KvCache* cach
     return absl::InvalidArgumentError(
         absl::StrCat("idle_ttl must be > 0, got ", absl::FormatDuration(options.idle_ttl)));
   }
-  return std::unique_ptr<SessionStore>(new SessionStore(cache, std::move(options)));
+  std::shared_ptr<SessionGpu> gpu;
+  if (options.device != SessionDevice::kCpu) {
+    SessionGpu::Options g;
+    g.device = options.gpu_device;
+    g.max_cached_bytes = options.capacity_bytes;
+    auto made = SessionGpu::Create(g);
+    if (made.ok()) {
+      gpu = *std::move(made);
+    } else if (options.device == SessionDevice::kGpu) {
+      return absl::Status(made.status().code(), absl::StrCat("sessions on the GPU (device gpu): ",
+                                                             made.status().message()));
+    }
+  }
+  auto store = std::unique_ptr<SessionStore>(new SessionStore(cache, std::move(options)));
+  store->gpu_ = std::move(gpu);
+  return store;
 }
 
 SessionStore::SessionStore(KvCache* cache, Options options)
@@ -413,6 +587,10 @@ SessionStore::~SessionStore() = default;
 
 absl::Time SessionStore::Now() const { return options_.now ? options_.now() : absl::Now(); }
 
+bool SessionStore::OnGpu(const ModelSpec& spec) const {
+  return gpu_ != nullptr && SessionGpuSupportsHeadDim(spec.head_dim);
+}
+
 absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec& spec) {
   const uint64_t bytes = BlockBytes(spec);
   uint64_t used = budget_->used.load();
@@ -423,12 +601,30 @@ absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec&
                                                        bytes, " bytes does not fit"));
     }
   } while (!budget_->used.compare_exchange_weak(used, used + bytes));
+  std::shared_ptr<Budget> budget = budget_;
+  if (OnGpu(spec)) {
+    auto mem = gpu_->Alloc(bytes);
+    if (!mem.ok()) {
+      budget->used.fetch_sub(bytes);
+      return mem.status();
+    }
+    auto chunk = std::make_shared<KvChunk>();
+    chunk->data = mem->get();
+    chunk->owner = std::shared_ptr<const void>(
+        mem->get(), [mem = *std::move(mem), budget, bytes](const void*) mutable {
+          mem.reset();  // back to the device pool
+          budget->used.fetch_sub(bytes);
+        });
+    chunk->strides = BlockStrides(spec);
+    chunk->tokens = spec.block_tokens;
+    chunk->device = gpu_->device();
+    return chunk;
+  }
   char* data = new (std::nothrow) char[bytes];
   if (data == nullptr) {
     budget_->used.fetch_sub(bytes);
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
-  std::shared_ptr<Budget> budget = budget_;
   auto chunk = std::make_shared<KvChunk>();
   chunk->owner = std::shared_ptr<const void>(data, [budget, bytes](const void* p) {
     delete[] static_cast<const char*>(p);
@@ -517,6 +713,10 @@ absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginOpen(OpenSessi
   }
   writer->model_id_ = model->id;
   writer->open_ = std::move(args);
+  if (OnGpu(model->spec)) {
+    writer->gpu_ = gpu_;
+    writer->gpu_key_ = model->id;
+  }
   return writer;
 }
 
@@ -559,7 +759,14 @@ absl::StatusOr<SessionResult> SessionStore::OpenFromCache(OpenSessionArgs args) 
       }
       auto chunk = NewChunk(model->spec);
       if (!chunk.ok()) return chunk.status();
-      std::memcpy(const_cast<void*>((*chunk)->data), handle->bytes(b).data(), bb);
+      if ((*chunk)->device >= 0) {
+        if (auto s = gpu_->Upload(const_cast<void*>((*chunk)->data), handle->bytes(b).data(), bb);
+            !s.ok()) {
+          return s;
+        }
+      } else {
+        std::memcpy(const_cast<void*>((*chunk)->data), handle->bytes(b).data(), bb);
+      }
       pieces.push_back(
           Piece{*std::move(chunk), 0, model->spec.block_tokens, info.rotated_at, info.rope_table});
     }
@@ -576,6 +783,7 @@ absl::StatusOr<SessionResult> SessionStore::OpenFromCache(OpenSessionArgs args) 
   session->base_position = args.base_position;
   session->rope_table = args.rope_table;
   session->last_used = Now();
+  session->on_gpu = OnGpu(session->model.spec);
   SessionResult result;
   result.id = NewId();
   result.length = session->pieces.length();
@@ -608,6 +816,7 @@ absl::StatusOr<SessionResult> SessionStore::Commit(SessionWriter& w) {
     session->base_position = w.open_.base_position;
     session->rope_table = w.open_.rope_table;
     session->last_used = Now();
+    session->on_gpu = w.gpu_ != nullptr;
     SessionResult result;
     result.id = NewId();
     result.length = session->pieces.length();
@@ -706,6 +915,7 @@ absl::StatusOr<EditResult> SessionStore::Edit(absl::string_view id, absl::Span<c
 absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginFill(absl::string_view id,
                                                                        FillArgs args) {
   ModelSpec spec;
+  ModelId model_id;
   {
     absl::MutexLock lock(&mu_);
     auto found = FindLocked(id);
@@ -726,6 +936,7 @@ absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginFill(absl::str
       if (auto st = ValidateRopeTable(s.model.spec.rope, *args.rope_table); !st.ok()) return st;
     }
     spec = s.model.spec;
+    model_id = s.model.id;
   }
   const int64_t n = args.range.size();
   std::unique_ptr<SessionWriter> writer(
@@ -738,6 +949,10 @@ absl::StatusOr<std::unique_ptr<SessionWriter>> SessionStore::BeginFill(absl::str
   }
   writer->session_id_ = std::string(id);
   writer->fill_ = std::move(args);
+  if (OnGpu(spec)) {
+    writer->gpu_ = gpu_;
+    writer->gpu_key_ = model_id;
+  }
   return writer;
 }
 
@@ -770,6 +985,10 @@ absl::StatusOr<SessionReader> SessionStore::Read(absl::string_view id,
     logical += p.tokens;
   }
   SessionReader reader;
+  if (s.on_gpu) {
+    reader.gpu_ = gpu_;
+    reader.gpu_key_ = s.model.id;
+  }
   reader.spec_ = s.model.spec;
   reader.range_ = r;
   reader.pieces_ = PieceList(std::move(cover));
@@ -817,6 +1036,7 @@ absl::StatusOr<SessionInfo> SessionStore::Info(absl::string_view id) {
     if (!p.hole()) chunks.insert(p.chunk.get());
   }
   info.stored_bytes = chunks.size() * BlockBytes(s.model.spec);
+  info.device = s.on_gpu ? gpu_->device() : -1;
   return info;
 }
 
@@ -834,6 +1054,8 @@ void SessionStore::MaybeCompact(absl::string_view id) {
   // every piece keeps its rotated_at (no rotation happens, so nothing is ever rotated twice).
   PieceList before;
   ModelSpec spec;
+  ModelId model_id;
+  bool on_gpu = false;
   {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(id);
@@ -851,6 +1073,8 @@ void SessionStore::MaybeCompact(absl::string_view id) {
     if (stored <= 2 * live + 2 * bt) return;
     before = s.pieces;
     spec = s.model.spec;
+    model_id = s.model.id;
+    on_gpu = s.on_gpu;
   }
   const int64_t bt = spec.block_tokens;
   std::vector<Piece> after;
@@ -887,7 +1111,7 @@ void SessionStore::MaybeCompact(absl::string_view id) {
       done += n;
     }
   }
-  if (!RerotateCopyCpu(spec.rope, BlockGeometry(spec), jobs).ok()) return;
+  if (!RunJobs(on_gpu, model_id, spec, jobs).ok()) return;
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return;
@@ -896,14 +1120,91 @@ void SessionStore::MaybeCompact(absl::string_view id) {
   const auto& now = s.pieces.pieces();
   if (now.size() != before.pieces().size()) return;
   for (size_t i = 0; i < now.size(); ++i) {
-    const Piece& a = now[i];
-    const Piece& b = before.pieces()[i];
-    if (a.chunk != b.chunk || a.offset != b.offset || a.tokens != b.tokens ||
-        a.rotated_at != b.rotated_at || a.table != b.table) {
-      return;
-    }
+    if (!SamePiece(now[i], before.pieces()[i])) return;
   }
   s.pieces = PieceList(std::move(after));
+}
+
+}  // namespace ropekv
+
+namespace ropekv {
+
+absl::Status SessionStore::RunJobs(bool on_gpu, const ModelId& key, const ModelSpec& spec,
+                                   absl::Span<const RerotateCopy> jobs) {
+  if (on_gpu) return gpu_->Rerotate(key, spec.rope, BlockGeometry(spec), jobs);
+  return RerotateCopyCpu(spec.rope, BlockGeometry(spec), jobs);
+}
+
+absl::StatusOr<SessionResult> SessionStore::CopyInAndCommit(SessionWriter& w, int64_t n,
+                                                            const KvSource& src) {
+  const bool gpu_chunks = w.gpu_ != nullptr;
+  if (src.device >= 0 && (!gpu_chunks || src.device != gpu_->device())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "KV on CUDA device ", src.device,
+        " can be copied only into sessions on that device; "
+        "this session is ",
+        gpu_chunks ? absl::StrCat("on device ", gpu_->device()) : std::string("in host memory")));
+  }
+  const ModelSpec& spec = w.spec_;
+  if (n > 0 && src.device < 0 && gpu_chunks) {
+    // Host source, GPU session: pack the n tokens into the writer's layout (block layout for Open,
+    // range layout for Fill) on the host, then the writer's pinned-staging upload.
+    std::vector<char> packed(w.expected_);
+    const int64_t bt = spec.block_tokens;
+    std::vector<RerotateCopy> pack;
+    if (w.mode_ == SessionWriter::Mode::kOpen) {
+      for (size_t b = 0; b < w.chunks_.size(); ++b) {
+        const int64_t first = static_cast<int64_t>(b) * bt;
+        pack.push_back(RerotateCopy{src.data, src.strides, src.token0 + first,
+                                    packed.data() + b * BlockBytes(spec), BlockStrides(spec), 0,
+                                    std::min(bt, n - first)});
+      }
+    } else {
+      pack.push_back(RerotateCopy{src.data, src.strides, src.token0, packed.data(),
+                                  RangeStrides(spec, n), 0, n});
+    }
+    if (auto s = RerotateCopyCpu(spec.rope, BlockGeometry(spec), pack); !s.ok()) return s;
+    if (auto s = w.Write(absl::string_view(packed.data(), packed.size())); !s.ok()) return s;
+    return w.Finish();
+  }
+  // Same memory on both sides (host -> host, or device -> device on one GPU): one bit-exact copy
+  // pass from the source into the chunks.
+  const int64_t bt = spec.block_tokens;
+  std::vector<RerotateCopy> jobs;
+  for (size_t b = 0; b < w.chunks_.size(); ++b) {
+    const int64_t first = static_cast<int64_t>(b) * bt;
+    jobs.push_back(RerotateCopy{src.data, src.strides, src.token0 + first,
+                                const_cast<void*>(w.chunks_[b]->data), w.chunks_[b]->strides, 0,
+                                std::min(bt, n - first)});
+  }
+  if (!jobs.empty()) {
+    if (auto s = RunJobs(gpu_chunks, w.gpu_key_, spec, jobs); !s.ok()) return s;
+  }
+  w.received_ = w.expected_;
+  return w.Finish();
+}
+
+absl::StatusOr<SessionResult> SessionStore::OpenFrom(OpenSessionArgs args, const KvSource& src) {
+  const int64_t n = static_cast<int64_t>(args.tokens.size());
+  if ((src.data == nullptr && n > 0) || src.token0 < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("OpenFrom needs a source and token0 >= 0, got token0 ", src.token0));
+  }
+  auto writer = BeginOpen(std::move(args));
+  if (!writer.ok()) return writer.status();
+  return CopyInAndCommit(**writer, n, src);
+}
+
+absl::StatusOr<SessionResult> SessionStore::FillFrom(absl::string_view id, FillArgs args,
+                                                     const KvSource& src) {
+  const int64_t n = args.range.size();
+  if ((src.data == nullptr && n > 0) || src.token0 < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FillFrom needs a source and token0 >= 0, got token0 ", src.token0));
+  }
+  auto writer = BeginFill(id, std::move(args));
+  if (!writer.ok()) return writer.status();
+  return CopyInAndCommit(**writer, n, src);
 }
 
 }  // namespace ropekv

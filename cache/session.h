@@ -13,6 +13,13 @@
 // Blocks may end up partly referenced after edits; a session compacts itself (bit-exact copy,
 // rotated_at kept per piece) when more than half of its stored bytes are unreferenced.
 //
+// Residency (Options::device): chunks live in host memory or in GPU memory (cache/session_gpu.h:
+// pooled cudaMalloc, counted against the same capacity). A GPU session takes host bytes through
+// pinned staging, rotates on the GPU for every read (host readers get the rotated bytes copied
+// back), and writes into a device destination — a frontend's KV buffer at any token offset — in
+// ONE fused shift + re-rotate launch (SessionReader::WriteToDevice). Builds without CUDA, and
+// models whose head_dim the rope kernel does not handle, keep the host path.
+//
 // Thread safety: SessionStore is thread-safe. Its lock guards metadata only; KV bytes are copied
 // outside it (chunks are immutable and shared, so a reader or a writer never sees a half-done
 // edit), and it is never held while calling into the KvCache (no lock nesting). SessionWriter and
@@ -36,6 +43,7 @@
 #include "absl/types/span.h"
 #include "cache/kv_cache.h"
 #include "cache/model.h"
+#include "cache/session_gpu.h"
 #include "kernels/rope/rope.h"
 
 namespace ropekv {
@@ -74,7 +82,26 @@ struct KvChunk {
   const void* data = nullptr;  // [layer][k|v][kv_head][tokens][head_dim] addressed with strides
   KvStrides strides;
   int64_t tokens = 0;  // capacity in tokens
+  int device = -1;     // CUDA device holding data; -1: host memory
 };
+
+// KV of a run of tokens in memory the caller owns, laid out [layer][k|v][kv_head][token][head_dim]
+// with `strides` (elements) and read from token `token0` on: e.g. a frontend's cache buffer of
+// capacity C tokens has RangeStrides(spec, C). Used by SessionStore::OpenFrom / FillFrom.
+struct KvSource {
+  const void* data = nullptr;
+  KvStrides strides;
+  int64_t token0 = 0;
+  int device = -1;  // CUDA device holding data; -1: host memory
+};
+
+// Where a SessionStore keeps session KV: kAuto = on the GPU when the build has CUDA and a device is
+// present, else in host memory; kCpu = host memory; kGpu = GPU memory (the store fails to start
+// without a GPU).
+enum class SessionDevice : uint8_t { kAuto = 0, kCpu = 1, kGpu = 2 };
+// "auto" | "cpu" | "gpu" -> SessionDevice; INVALID_ARGUMENT otherwise.
+absl::StatusOr<SessionDevice> ParseSessionDevice(absl::string_view text);
+const char* SessionDeviceName(SessionDevice device);
 
 // A run of a document's tokens: `tokens` tokens of `chunk` from `offset`, whose first key was
 // rotated at `rotated_at` with `table` (token t at rotated_at + t); or a hole when chunk is null.
@@ -142,7 +169,7 @@ absl::StatusOr<std::vector<RerotateCopy>> PlanRead(const PieceList& pieces, Toke
                                                    int64_t dst_token0);
 
 // Strides of KV of n tokens laid out [layer][k|v][kv_head][n][head_dim] (Read's and Fill's
-// layout).
+// layout; with n = a frontend's token capacity C, the layout of its cache buffer).
 KvStrides RangeStrides(const ModelSpec& spec, int64_t n);
 // Bytes of n tokens in that layout.
 uint64_t RangeBytes(const ModelSpec& spec, int64_t n);
@@ -207,6 +234,7 @@ struct SessionInfo {
   std::vector<TokenRange> fill;  // holes
   uint64_t pieces = 0;
   uint64_t stored_bytes = 0;  // bytes of the chunks it references (shared ones counted fully)
+  int device = -1;            // CUDA device holding its KV; -1: host memory
 };
 
 class SessionStore;
@@ -234,6 +262,10 @@ class SessionWriter {
   friend class SessionStore;
   enum class Mode : uint8_t { kOpen, kFill };
   SessionWriter(SessionStore* store, Mode mode, ModelSpec spec, int64_t n_tokens);
+  // GPU chunks: stages whole units (Open: blocks; Fill: layers of the range) in host memory and
+  // uploads them when complete.
+  absl::Status StageForGpu(absl::string_view bytes);
+  absl::Status FlushToGpu();
 
   SessionStore* store_;
   Mode mode_;
@@ -242,6 +274,13 @@ class SessionWriter {
   uint64_t expected_ = 0;
   uint64_t received_ = 0;
   std::vector<std::shared_ptr<KvChunk>> chunks_;  // ceil(n / block_tokens) blocks
+  // GPU chunks only: the store's device, the model's engine key, the staged units.
+  std::shared_ptr<SessionGpu> gpu_;
+  ModelId gpu_key_;
+  uint64_t unit_bytes_ = 0;  // a block (Open) or a layer of the range (Fill)
+  uint64_t flushed_units_ = 0;
+  std::vector<char> stage_;  // whole units, up to ~64 MiB
+  uint64_t staged_ = 0;
   absl::Status status_;
   bool finished_ = false;
   // Open: the session to create.
@@ -270,9 +309,27 @@ class SessionReader {
   absl::Status WriteLayer(int layer, void* dst) const;
   // Writes every layer: [layer][k|v][kv_head][range.size()][head_dim].
   absl::Status WriteAll(void* dst) const;
+  // Writes every layer into HOST memory laid out with `dst_strides` (elements), range token 0 at
+  // dst token `dst_token0`; only the range's elements are written (e.g. tokens [o, o + n) of a
+  // frontend's cache of capacity C: RangeStrides(spec, C), o). A GPU session needs dst_strides
+  // with token == head_dim and kv == kv_heads * head (INVALID_ARGUMENT otherwise).
+  absl::Status WriteAllToHost(void* dst, const KvStrides& dst_strides, int64_t dst_token0) const;
+  // GPU sessions: writes every layer into DEVICE memory of gpu_device() with `dst_strides`, range
+  // token 0 at dst token `dst_token0`, as ONE launch of the rope kernel (the shift and the
+  // re-rotation fused with the copy), and waits for it. Only the range's elements are written.
+  // FAILED_PRECONDITION for a session in host memory; the kernel's errors otherwise.
+  absl::Status WriteToDevice(void* dst, const KvStrides& dst_strides, int64_t dst_token0) const;
+  // Whether the KV is in GPU memory (then WriteToDevice works), and on which device.
+  bool on_gpu() const { return gpu_ != nullptr; }
+  int gpu_device() const { return gpu_ != nullptr ? gpu_->device() : -1; }
 
  private:
   friend class SessionStore;
+  // GPU sessions: the read's copy jobs into dst run as one launch.
+  absl::Status RunOnGpu(absl::Span<const RerotateCopy> jobs, int layers) const;
+
+  std::shared_ptr<SessionGpu> gpu_;  // null: host session
+  ModelId gpu_key_;
   ModelSpec spec_;
   TokenRange range_;
   PieceList pieces_;  // the session's pieces covering range_, rebased to start at 0
@@ -293,10 +350,15 @@ class SessionStore {
     absl::Duration idle_ttl = absl::Minutes(30);
     // The clock (tests inject one); default absl::Now.
     std::function<absl::Time()> now;
+    // Where session KV lives (SessionDevice); kGpu without a usable GPU -> Create fails.
+    SessionDevice device = SessionDevice::kAuto;
+    // CUDA device of GPU sessions.
+    int gpu_device = 0;
   };
 
   // `cache` (borrowed, must outlive the store) resolves models and serves OpenFromCache.
-  // INVALID_ARGUMENT for a null cache, zero max_sessions or capacity, or a non-positive TTL.
+  // INVALID_ARGUMENT for a null cache, zero max_sessions or capacity, or a non-positive TTL;
+  // UNAVAILABLE for device kGpu without a usable GPU.
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(KvCache* cache, Options options);
   ~SessionStore();
 
@@ -324,6 +386,15 @@ class SessionStore {
   absl::StatusOr<SessionResult> Fill(absl::string_view id, FillArgs args,
                                      absl::string_view range_bytes);
 
+  // Open / Fill with the KV taken from memory the caller owns (KvSource: e.g. the frontend's cache
+  // buffer at a token offset) instead of bytes: args.tokens.size() (Open) or args.range.size()
+  // (Fill) tokens from src.token0 on. Device to device as ONE copy launch when both the source and
+  // the session are on the same GPU; host sources go through pinned staging to a GPU session; a
+  // device source for a host session is FAILED_PRECONDITION (the caller stages it). Errors as
+  // BeginOpen / BeginFill + Finish; INVALID_ARGUMENT for a null source or a negative token0.
+  absl::StatusOr<SessionResult> OpenFrom(OpenSessionArgs args, const KvSource& src);
+  absl::StatusOr<SessionResult> FillFrom(absl::string_view id, FillArgs args, const KvSource& src);
+
   // Holds the KV of `range` (nullopt: the whole document) for reading, keys at base + index with
   // `to_table` (nullopt: the session's table). NOT_FOUND for an unknown session; INVALID_ARGUMENT
   // for a range outside the document or an invalid table; FAILED_PRECONDITION when the range has
@@ -347,6 +418,10 @@ class SessionStore {
   uint32_t sessions() const;
   uint64_t bytes_used() const { return budget_->used.load(); }
   uint64_t capacity_bytes() const { return options_.capacity_bytes; }
+  // The GPU that sessions of supported models live on; -1 when they live in host memory.
+  int gpu_device() const { return gpu_ != nullptr ? gpu_->device() : -1; }
+  // Whether sessions of `spec` are kept in GPU memory.
+  bool OnGpu(const ModelSpec& spec) const;
 
  private:
   friend class SessionWriter;
@@ -365,12 +440,19 @@ class SessionStore {
     RopeTableId rope_table = kBaseTable;
     uint64_t version = 0;
     absl::Time last_used;
+    bool on_gpu = false;  // chunks in gpu_'s memory
   };
 
   SessionStore(KvCache* cache, Options options);
   absl::Time Now() const;
-  // Allocates one block-layout chunk, charged to the budget. RESOURCE_EXHAUSTED past capacity.
+  // Allocates one block-layout chunk (in GPU memory when OnGpu(spec)), charged to the budget.
+  // RESOURCE_EXHAUSTED past capacity.
   absl::StatusOr<std::shared_ptr<KvChunk>> NewChunk(const ModelSpec& spec);
+  // Copies n tokens of src into writer w's chunks (bit for bit), then commits.
+  absl::StatusOr<SessionResult> CopyInAndCommit(SessionWriter& w, int64_t n, const KvSource& src);
+  // Runs bit-exact or re-rotating copy jobs where the chunks live (CPU or one GPU launch).
+  absl::Status RunJobs(bool on_gpu, const ModelId& key, const ModelSpec& spec,
+                       absl::Span<const RerotateCopy> jobs);
   // The live session `id`, touched; NOT_FOUND otherwise (expired sessions are closed first).
   absl::StatusOr<Session*> FindLocked(absl::string_view id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int SweepLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -384,6 +466,7 @@ class SessionStore {
   KvCache* cache_;
   const Options options_;
   std::shared_ptr<Budget> budget_;
+  std::shared_ptr<SessionGpu> gpu_;  // null: every session in host memory
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

@@ -77,7 +77,9 @@ absl::Status Flatten(const YAML::Node& node, const std::string& flag, const std:
           if (auto s = ModelLimits(kv.second, out); !s.ok()) return s;
           continue;
         }
-        if (auto s = Flatten(kv.second, flag.empty() ? key : absl::StrCat(flag, "_", key),
+        // `sessions:` is the section of the --session_* flags, as `session:` is.
+        const std::string name = flag.empty() && key == "sessions" ? "session" : key;
+        if (auto s = Flatten(kv.second, flag.empty() ? name : absl::StrCat(flag, "_", key),
                              where.empty() ? key : absl::StrCat(where, ".", key), out);
             !s.ok()) {
           return s;

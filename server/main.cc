@@ -235,7 +235,11 @@ int Run(const ServerConfig& config) {
     std::filesystem::rename(config.port_file + ".tmp", config.port_file, ec);
   }
   std::cout << "ropekvd listening on port " << port << " (" << config.listen << "); data folder "
-            << config.data_dir << "; " << tiers << "; " << dataplane.summary() << std::endl;
+            << config.data_dir << "; " << tiers << "; " << dataplane.summary() << "; sessions "
+            << (sessions.store()->gpu_device() >= 0
+                    ? absl::StrCat("on GPU ", sessions.store()->gpu_device())
+                    : std::string("in host memory"))
+            << std::endl;
 
   // Wait for SIGINT/SIGTERM (blocked in every thread, taken here), then shut down cleanly.
   sigset_t signals;

@@ -17,6 +17,9 @@ ABSL_FLAG(uint32_t, session_max, 256,
 ABSL_FLAG(std::string, session_capacity, "4GiB", "bytes of KV all editor sessions may hold");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
           "an editor session idle this long is closed, e.g. 30m, 2h");
+ABSL_FLAG(std::string, session_device, "auto",
+          "where editor sessions keep their KV: auto (the GPU when one is present), cpu, gpu");
+ABSL_FLAG(int32_t, session_gpu_device, 0, "CUDA device of GPU-resident editor sessions");
 
 namespace ropekv {
 namespace {
@@ -200,6 +203,13 @@ absl::StatusOr<SessionStore::Options> SessionOptionsFromFlags() {
   }
   o.capacity_bytes = *bytes;
   o.idle_ttl = absl::GetFlag(FLAGS_session_ttl);
+  auto device = ParseSessionDevice(absl::GetFlag(FLAGS_session_device));
+  if (!device.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--session_device: ", device.status().message()));
+  }
+  o.device = *device;
+  o.gpu_device = absl::GetFlag(FLAGS_session_gpu_device);
   return o;
 }
 

@@ -4,7 +4,8 @@
 //
 // Its limits come from flags defined here (a daemon linking the service gets them):
 // --session_max (open sessions), --session_capacity (bytes of session KV), --session_ttl (idle
-// time after which a session is closed).
+// time after which a session is closed), --session_device (auto | cpu | gpu: where session KV
+// lives; YAML `session: {device: gpu}` or `sessions: {device: gpu}`), --session_gpu_device.
 #ifndef ROPEKV_SERVER_SESSION_SERVICE_H_
 #define ROPEKV_SERVER_SESSION_SERVICE_H_
 
