@@ -5,8 +5,12 @@
 // warm-up (median of many repetitions, L2 flushed before each one), prints a table and a JSON
 // line.
 //
-//   topk_bench [--quick] [--reps N] [--hq H] [--n N]
-// --quick: 32 query heads at N = 128K only; --hq / --n: one value instead of the list.
+//   topk_bench [--quick] [--reps N] [--hq H] [--n N] [--k K] [--once]
+// --quick: 32 query heads at N = 128K only; --hq / --n / --k: one value instead of the list;
+// --once: one exact and one page-mode Select per shape and nothing else (for a profiler).
+// Besides the whole selections, the table splits the exact pipeline: scoring alone on tensor
+// cores (score_us) and on CUDA cores (score_cc_us, the path before the tensor-core scorer), the
+// page bound alone (bscore_us), and the top-k alone over precomputed [8][N] scores (topk_us).
 //
 // Shapes: 8 KV heads, head_dim 128, bf16; query heads {8, 32, 512} x N {4K, 32K, 128K, 1M} x
 // k {64, 256, 1024, 4096}; n_sink 4, n_local 64. Targets (issue 7, at 32 query heads, N = 128K):
@@ -29,6 +33,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/common/dtype.h"
 #include "kernels/topk/topk.h"
+#include "kernels/topk/topk_internal.h"
 
 namespace ropekv {
 namespace topk {
@@ -272,7 +277,11 @@ int Main(int argc, char** argv) {
   int reps = 30;
   int only_hq = 0;
   int64_t only_n = 0;
+  int64_t only_k = 0;
+  bool once = false;
   for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--once") == 0) once = true;
+    if (std::strcmp(argv[i], "--k") == 0 && i + 1 < argc) only_k = std::atoll(argv[++i]);
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) reps = std::atoi(argv[++i]);
     if (std::strcmp(argv[i], "--hq") == 0 && i + 1 < argc) only_hq = std::atoi(argv[++i]);
@@ -314,7 +323,39 @@ int Main(int argc, char** argv) {
   // The CPU check runs once: on 32 query heads and N = 32K when in the lists, else the first.
   const int check_hq = std::find(hqs.begin(), hqs.end(), 32) != hqs.end() ? 32 : hqs[0];
   const int64_t check_n = std::find(ns.begin(), ns.end(), 32768) != ns.end() ? 32768 : ns[0];
-  const std::vector<int64_t> ks = {64, 256, 1024, 4096};
+  const std::vector<int64_t> ks =
+      only_k > 0 ? std::vector<int64_t>{only_k} : std::vector<int64_t>{64, 256, 1024, 4096};
+  if (once) {
+    for (int hq : hqs) {
+      for (int64_t n : ns) {
+        DeviceInputs in;
+        in.query_heads = hq;
+        in.n = n;
+        const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
+        BENCH_CUDA(cudaMalloc(&in.keys, key_elems * 2));
+        BENCH_CUDA(cudaMalloc(&in.meta, static_cast<size_t>(kKvHeads) * NumPages(n) * 256 * 2));
+        BENCH_CUDA(cudaMalloc(&in.queries, static_cast<size_t>(hq) * kHeadDim * 2));
+        FillNormalBf16<<<1024, 256, 0, stream>>>(in.keys, static_cast<int64_t>(key_elems), 1);
+        FillNormalBf16<<<8, 256, 0, stream>>>(in.queries, static_cast<int64_t>(hq) * kHeadDim,
+                                              2 + hq);
+        BENCH_OK(BuildPageMetaCuda(DenseMatrix<const void*>(in.keys, DType::kBF16, n, kHeadDim),
+                                   PageMetaShape{kKvHeads, kHeadDim, n},
+                                   DenseMatrix<void*>(in.meta, DType::kBF16, NumPages(n), 256),
+                                   stream));
+        for (int64_t k : ks) {
+          Run exact(MakeRequest(in, Mode::kExact, GqaReduction::kMax, k));
+          Run bound(MakeRequest(in, Mode::kBound, GqaReduction::kMax, k));
+          exact.Launch(stream);
+          bound.Launch(stream);
+          BENCH_CUDA(cudaStreamSynchronize(stream));
+        }
+        cudaFree(in.keys);
+        cudaFree(in.meta);
+        cudaFree(in.queries);
+      }
+    }
+    return 0;
+  }
 
   std::string check = "skipped";
   std::string json_rows;
@@ -328,9 +369,9 @@ int Main(int argc, char** argv) {
       "# 8 KV heads, head_dim 128, bf16, n_sink %lld, n_local %lld, L2 flushed per run; "
       "times in us (median of %d)\n",
       static_cast<long long>(kSink), static_cast<long long>(kLocal), reps);
-  std::printf("%5s %8s %5s %8s %9s %9s %9s %9s %6s %9s %9s %9s %9s\n", "hq", "N", "k", "keyMB",
-              "read_us", "score_us", "exact_us", "exact_g", "ratio", "pqh_us", "bound_us",
-              "bound_g", "bte_us");
+  std::printf("%5s %8s %5s %8s %9s %9s %9s %9s %9s %9s %9s %6s %9s %9s %9s %9s\n", "hq", "N",
+              "k", "keyMB", "read_us", "score_us", "score_cc", "bscore_us", "topk_us",
+              "exact_us", "exact_g", "ratio", "pqh_us", "bound_us", "bound_g", "bte_us");
   for (int hq : hqs) {
     for (int64_t n : ns) {
       DeviceInputs in;
@@ -363,7 +404,13 @@ int Main(int argc, char** argv) {
       const SelectRequest score_req = MakeRequest(in, Mode::kExact, GqaReduction::kMax, 1);
       const double score_us =
           timer.MedianUs([&] { BENCH_OK(ScoreCuda(score_req, score_out, stream)); }, stream, reps);
-      cudaFree(score_out);
+      internal::SetTensorCoreScoring(false);
+      const double score_cc_us =
+          timer.MedianUs([&] { BENCH_OK(ScoreCuda(score_req, score_out, stream)); }, stream, reps);
+      internal::SetTensorCoreScoring(true);
+      const double bscore_us = timer.MedianUs(
+          [&] { BENCH_OK(PageBoundCuda(score_req, score_out, stream)); }, stream, reps);
+      BENCH_OK(ScoreCuda(score_req, score_out, stream));  // the scores topk_us selects from
       for (int64_t k : ks) {
         Run exact(MakeRequest(in, Mode::kExact, GqaReduction::kMax, k));
         Run pqh(MakeRequest(in, Mode::kExact, GqaReduction::kPerQueryHead, k));
@@ -375,20 +422,42 @@ int Main(int argc, char** argv) {
         const double bound_us = timer.MedianUs([&] { bound.Launch(stream); }, stream, reps);
         const double bound_g = GraphUs(timer, bound, stream, reps);
         const double bte_us = timer.MedianUs([&] { bte.Launch(stream); }, stream, reps);
-        std::printf("%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %9.1f %9.1f %9.1f\n",
-                    hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6,
-                    read_us, score_us, exact_us, exact_g, exact_g / read_us, pqh_us, bound_us,
-                    bound_g, bte_us);
+        // The top-k alone over the [8][N] scores the scoring run left (k of N, no pinning).
+        double topk_us = 0;
+        {
+          const int64_t kk = std::min<int64_t>(k, n);
+          absl::StatusOr<size_t> wsb = TopKWorkspaceBytes(kKvHeads, n, kk);
+          BENCH_OK(wsb.status());
+          void* tws = nullptr;
+          int32_t* tidx = nullptr;
+          BENCH_CUDA(cudaMalloc(&tws, *wsb));
+          BENCH_CUDA(cudaMalloc(&tidx, static_cast<size_t>(kKvHeads) * kk * 4));
+          topk_us = timer.MedianUs(
+              [&] { BENCH_OK(TopKCuda(score_out, kKvHeads, n, kk, tidx, tws, *wsb, stream)); },
+              stream, reps);
+          cudaFree(tws);
+          cudaFree(tidx);
+        }
+        std::printf(
+            "%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %9.1f "
+            "%9.1f %9.1f\n",
+            hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6, read_us,
+            score_us, score_cc_us, bscore_us, topk_us, exact_us, exact_g, exact_g / read_us,
+            pqh_us, bound_us, bound_g, bte_us);
         std::fflush(stdout);
         absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",",
                         absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
-                                        "\"read_us\":%.2f,\"score_us\":%.2f,\"exact_us\":%.2f,"
+                                        "\"read_us\":%.2f,\"score_us\":%.2f,"
+                                        "\"score_cuda_cores_us\":%.2f,\"bound_score_us\":%.2f,"
+                                        "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
                                         "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
                                         "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
                                         "\"bound_graph_us\":%.2f,\"bte_us\":%.2f}",
-                                        hq, n, k, key_bytes, read_us, score_us, exact_us, exact_g,
+                                        hq, n, k, key_bytes, read_us, score_us, score_cc_us,
+                                        bscore_us, topk_us, exact_us, exact_g,
                                         exact_g / read_us, pqh_us, bound_us, bound_g, bte_us));
       }
+      cudaFree(score_out);
       cudaFree(in.keys);
       cudaFree(in.meta);
       cudaFree(in.queries);

@@ -2,6 +2,7 @@
 #include "kernels/topk/topk.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -42,7 +43,12 @@ size_t Take(size_t* cursor, size_t bytes) {
   return at;
 }
 
+std::atomic<bool> g_tensor_core_scoring{true};
+
 }  // namespace
+
+void SetTensorCoreScoring(bool on) { g_tensor_core_scoring.store(on, std::memory_order_relaxed); }
+bool TensorCoreScoring() { return g_tensor_core_scoring.load(std::memory_order_relaxed); }
 
 absl::Status ValidateShape(const SelectRequest& req) {
   if (req.kv_heads < 1) {

@@ -392,6 +392,234 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Scoring on tensor cores (bf16 rows: keys, or page metadata [M; m]).
+//
+// A warp scores 16 rows of a 64-row tile against 8 query heads per mma.sync m16n8k16 (bf16 x
+// bf16 -> fp32): A = the rows, straight from the staged tile (row pitch 2W + 16 bytes, so the 8
+// rows x 4 lanes of a fragment load hit 32 different banks); B = the block's query heads, built
+// once per block into shared memory in fragment order (one 8-byte load per lane and mma). A key
+// tile is read from memory once for every query head of its GQA group. fp32 / f16 queries are
+// split into three bf16 parts q = hi + mid + lo (8 + 8 + 8 significant bits: every fp32 of
+// normal range exactly), each multiplied with the same A fragment into the same accumulator;
+// bf16 queries need one part. bf16 products are exact and sums are fp32, so scores match the
+// CUDA-core path to fp32 rounding. A score that comes out non-finite (an inf or NaN input, where
+// inf * 0 of a zero split part could make a NaN the plain dot product does not) is recomputed
+// with fp32 FMAs over the staged row, so inf / NaN handling is that of ScoreTilesKernel.
+
+constexpr int kTcThreads = 128;   // 4 warps
+constexpr int kTcTileRows = 64;   // 16 rows per warp
+constexpr int kTcChunkTiles = 4;  // n-tiles (8 query heads each) per accumulator pass
+
+// Pipeline depth and staged row pitch for rows of w bf16 elements.
+__host__ __device__ constexpr int TcStages(int w) { return w <= 128 ? 4 : (w <= 256 ? 3 : 2); }
+__host__ __device__ constexpr int TcRowBytes(int w) { return 2 * w + 16; }
+
+struct TcParams {
+  DevView rows;  // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
+  const void* queries;  // [query_heads][d]
+  DType qtype;
+  int d;
+  bool bound;  // [q+, q-] . [M; m]; NaN -> +inf (else NaN -> -inf)
+  int group;             // query heads per KV head (all in one block)
+  int n_tiles8;          // ceil(group / 8): mma n-tiles
+  int kv_heads_for_grid;  // grid.y
+  GqaReduction red;
+  int64_t len;  // rows per head
+  float* out;   // [out_rows][len]
+  int64_t n_tiles;
+  int64_t tiles_per_block;
+  uint32_t* hist0;  // [kv_heads][kRadixBins] fused first radix histogram (kMax / kSum); or null
+  SrcKind hist_kind;
+  int64_t n, n_sink, n_local;
+};
+
+// D += A * B, m16n8k16, A row-major bf16 (4 registers), B column-major bf16 (2), D fp32 (4).
+__device__ __forceinline__ void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Element c of the query row of head qh as the rows see it: q (exact) or [q+, q-] (bound).
+__device__ __forceinline__ float TcQuery(const TcParams& p, int qh, int c) {
+  if (!p.bound) return LoadQuery(p.queries, static_cast<int64_t>(qh) * p.d + c, p.qtype);
+  const int dd = c < p.d ? c : c - p.d;
+  const float x = LoadQuery(p.queries, static_cast<int64_t>(qh) * p.d + dd, p.qtype);
+  return c < p.d ? fmaxf(x, 0.0f) : fminf(x, 0.0f);
+}
+
+// Part `part` (0 = hi, 1 = mid, 2 = lo) of the bf16 split of v, as bits. A non-finite v is all
+// in its first part.
+__device__ __forceinline__ uint32_t SplitPart(float v, int part) {
+  float r = v;
+  for (int i = 0; i < part; ++i) {
+    if (r != r || r - r != 0.0f) return 0u;
+    r -= internal::Widen16(DType::kBF16, internal::Rne16(DType::kBF16, r));
+  }
+  return internal::Rne16(DType::kBF16, r);
+}
+
+// q.row in fp32 FMAs, element by element (the fallback for non-finite scores).
+__device__ float TcScalarDot(const TcParams& p, int qh, const unsigned char* row_s, int width) {
+  float acc = 0.0f;
+  for (int c = 0; c < width; ++c) {
+    acc = fmaf(TcQuery(p, qh, c), Elem<__nv_bfloat16>::Load(reinterpret_cast<const char*>(row_s), c),
+               acc);
+  }
+  return acc;
+}
+
+// \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
+// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles).
+template <int W, int P, int NTC>
+__global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
+  constexpr int kSteps = W / 16;  // mma k-steps per row
+  constexpr int kStagesW = TcStages(W);
+  constexpr int kPitch = TcRowBytes(W);
+  constexpr int kStageBytes = kTcTileRows * kPitch;
+  constexpr int kChunks = W / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* stages = smem;
+  // [n-tile][k-step][part][lane] B fragments.
+  uint2* qf = reinterpret_cast<uint2*>(smem + kStagesW * kStageBytes);
+  const int nt_total = p.n_tiles8;
+  uint32_t* hist_s = reinterpret_cast<uint32_t*>(qf + nt_total * kSteps * P * 32);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int kvh = blockIdx.y;
+  const int q0 = kvh * p.group;
+  if (p.hist0 != nullptr) {
+    for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
+  }
+  for (int i = tid; i < nt_total * kSteps * P * 32; i += kTcThreads) {
+    const int l = i % 32;
+    const int part = (i / 32) % P;
+    const int ks = (i / (32 * P)) % kSteps;
+    const int nt = i / (32 * P * kSteps);
+    const int head = nt * 8 + (l >> 2);
+    const int c0 = ks * 16 + (l & 3) * 2;
+    uint32_t w[2] = {0u, 0u};
+    if (head < p.group) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + (j & 1) + (j >> 1) * 8;
+        w[j >> 1] |= SplitPart(TcQuery(p, q0 + head, c), part) << (16 * (j & 1));
+      }
+    }
+    qf[i] = make_uint2(w[0], w[1]);
+  }
+
+  const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * p.tiles_per_block;
+  const int64_t tile_end = min(p.n_tiles, tile_begin + p.tiles_per_block);
+  const int n_items = tile_end > tile_begin ? static_cast<int>(tile_end - tile_begin) : 0;
+  auto load_tile = [&](int item, int stage) {
+    const int64_t tile = tile_begin + item;
+    unsigned char* dst = stages + stage * kStageBytes;
+    for (int i = tid; i < kTcTileRows * kChunks; i += kTcThreads) {
+      const int slot = i / kChunks, sub = i % kChunks;
+      const int64_t row = tile * kTcTileRows + slot;
+      if (row >= p.len) continue;
+      CopyChunk16(dst + slot * kPitch + sub * 16, RowPtr(p.rows, kvh, row) + sub * 16, 2);
+    }
+  };
+  for (int s = 0; s < kStagesW - 1; ++s) {
+    if (s < n_items) load_tile(s, s);
+    CpAsyncCommit();
+  }
+  const bool per_head = p.red == GqaReduction::kPerQueryHead;
+  const bool is_max = p.red == GqaReduction::kMax;
+  for (int it = 0; it < n_items; ++it) {
+    CpAsyncWait<kStagesW - 2>();
+    __syncthreads();
+    {
+      const int next = it + kStagesW - 1;
+      if (next < n_items) load_tile(next, next % kStagesW);
+      CpAsyncCommit();
+    }
+    const unsigned char* tile_s = stages + (it % kStagesW) * kStageBytes + warp * 16 * kPitch;
+    const int64_t row0 = (tile_begin + it) * kTcTileRows + warp * 16 + g;
+    float red[2] = {is_max ? -kInf : 0.0f, is_max ? -kInf : 0.0f};
+    for (int n0 = 0; n0 < nt_total; n0 += NTC) {
+      float acc[NTC][4];
+#pragma unroll
+      for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+      }
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+        const unsigned char* a_s = tile_s + ks * 32 + tig * 4;
+        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(a_s + g * kPitch),
+                               *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kPitch),
+                               *reinterpret_cast<const uint32_t*>(a_s + g * kPitch + 16),
+                               *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kPitch + 16)};
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+          if (NTC == 1 || n0 + j < nt_total) {
+#pragma unroll
+            for (int part = 0; part < P; ++part) {
+              const uint2 bv = qf[(((n0 + j) * kSteps + ks) * P + part) * 32 + lane];
+              const uint32_t b[2] = {bv.x, bv.y};
+              MmaBf16(acc[j], a, b);
+            }
+          }
+        }
+      }
+      // acc[j][e]: row g (e < 2) or g + 8, query head (n0 + j) * 8 + 2 * tig + (e & 1).
+#pragma unroll
+      for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int head = (n0 + j) * 8 + 2 * tig + (e & 1);
+          const int r = e < 2 ? 0 : 1;
+          const int64_t row = row0 + 8 * r;
+          if (head >= p.group || row >= p.len) continue;
+          float s = acc[j][e];
+          if (s - s != 0.0f) s = TcScalarDot(p, q0 + head, tile_s + (g + 8 * r) * kPitch, W);
+          if (s != s) s = p.bound ? kInf : -kInf;
+          if (per_head) {
+            p.out[static_cast<int64_t>(q0 + head) * p.len + row] = s;
+          } else if (is_max) {
+            red[r] = fmaxf(red[r], s);
+          } else {
+            red[r] += s;
+          }
+        }
+      }
+    }
+    if (!per_head) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          const float o = __shfl_xor_sync(0xffffffffu, red[r], off);
+          red[r] = is_max ? fmaxf(red[r], o) : red[r] + o;
+        }
+        const int64_t row = row0 + 8 * r;
+        if (tig == 0 && row < p.len) {
+          float v = red[r];
+          if (v != v) v = p.bound ? kInf : -kInf;
+          p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
+          if (p.hist0 != nullptr) {
+            const uint32_t key =
+                Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local) ? 0u : internal::OrderKey(v);
+            atomicAdd(&hist_s[key >> 21], 1u);
+          }
+        }
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  if (p.hist0 != nullptr) {
+    __syncthreads();
+    for (int i = tid; i < kRadixBins; i += kTcThreads) {
+      if (hist_s[i] != 0)
+        atomicAdd(&p.hist0[static_cast<int64_t>(kvh) * kRadixBins + i], hist_s[i]);
+    }
+  }
+}
+
 // Per-device attributes, read once.
 struct DeviceInfo {
   int device = 0;
@@ -472,6 +700,93 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
   return absl::OkStatus();
 }
 
+// Shared memory of TcScoreKernel: the stages, the query fragments and the histogram.
+size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
+  return static_cast<size_t>(TcStages(width)) * kTcTileRows * TcRowBytes(width) +
+         static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 + (hist ? kRadixBins * 4 : 0);
+}
+
+template <int W, int P, int NTC>
+absl::Status LaunchTc(TcParams p, size_t smem, cudaStream_t stream, const DeviceInfo& info) {
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<TcScoreKernel<W, P, NTC>>(smem));
+  const int per_sm = ScoreBlocksPerSm(info, smem);
+  const int64_t y = p.kv_heads_for_grid;
+  const int64_t target = static_cast<int64_t>(info.sms) * per_sm;
+  int64_t x = std::max<int64_t>(1, target / y);
+  x = std::min<int64_t>(x, p.n_tiles);
+  p.tiles_per_block = (p.n_tiles + x - 1) / x;
+  x = (p.n_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
+  TcScoreKernel<W, P, NTC>
+      <<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kTcThreads, smem, stream>>>(p);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+template <int W>
+absl::Status LaunchTcW(const TcParams& p, int parts, size_t smem, cudaStream_t stream,
+                       const DeviceInfo& info) {
+  const bool one = p.n_tiles8 == 1;
+  if (parts == 1) {
+    return one ? LaunchTc<W, 1, 1>(p, smem, stream, info)
+               : LaunchTc<W, 1, kTcChunkTiles>(p, smem, stream, info);
+  }
+  return one ? LaunchTc<W, 3, 1>(p, smem, stream, info)
+             : LaunchTc<W, 3, kTcChunkTiles>(p, smem, stream, info);
+}
+
+// Scores (or bounds) on tensor cores when the rows are bf16, no LSE partials are wanted and the
+// block's shared memory holds the group's query fragments; *launched tells whether it ran.
+absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool bound, float* out,
+                        cudaStream_t stream, uint32_t* hist0, SrcKind hist_kind, bool* hist_fused,
+                        bool* launched, const DeviceInfo& info) {
+  *launched = false;
+  if (!internal::TensorCoreScoring() || view.dtype != DType::kBF16 || out == nullptr) {
+    return absl::OkStatus();
+  }
+  const int width = bound ? 2 * req.head_dim : req.head_dim;
+  const int group = req.query_heads / req.kv_heads;
+  const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
+  TcParams p;
+  p.n_tiles8 = (group + 7) / 8;
+  const bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead;
+  const size_t smem = TcSmem(width, parts, p.n_tiles8, hist);
+  if (smem + 1024 > static_cast<size_t>(info.smem_per_sm) || req.kv_heads > 65535) {
+    return absl::OkStatus();
+  }
+  p.rows = ToDev(view);
+  p.queries = req.queries;
+  p.qtype = req.query_dtype;
+  p.d = req.head_dim;
+  p.bound = bound;
+  p.group = group;
+  p.kv_heads_for_grid = req.kv_heads;
+  p.red = req.reduction;
+  p.len = bound ? NumPages(req.num_tokens) : req.num_tokens;
+  p.out = out;
+  p.n_tiles = (p.len + kTcTileRows - 1) / kTcTileRows;
+  p.tiles_per_block = 1;
+  p.hist0 = hist ? hist0 : nullptr;
+  p.hist_kind = hist_kind;
+  p.n = req.num_tokens;
+  p.n_sink = req.n_sink;
+  p.n_local = req.n_local;
+  *launched = true;
+  if (hist_fused != nullptr) *hist_fused = hist;
+  switch (width) {
+    case 64:
+      return LaunchTcW<64>(p, parts, smem, stream, info);
+    case 128:
+      return LaunchTcW<128>(p, parts, smem, stream, info);
+    case 256:
+      return LaunchTcW<256>(p, parts, smem, stream, info);
+    case 512:
+      return LaunchTcW<512>(p, parts, smem, stream, info);
+  }
+  *launched = false;
+  if (hist_fused != nullptr) *hist_fused = false;
+  return absl::OkStatus();
+}
+
 // Scores (or bounds) of every row of `view` for the request's queries, into out[rows][len]
 // and/or LSE partials. With `hist0`, also the first radix histogram of the selection over `out`
 // (elements excluded as `hist_kind` says) when the reduction allows it and it costs no
@@ -483,6 +798,12 @@ absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, boo
   if (hist_fused != nullptr) *hist_fused = false;
   absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
   if (!info.ok()) return info.status();
+  if (lse == nullptr) {
+    bool launched = false;
+    ROPEKV_TOPK_RETURN_IF_ERROR(RunTcScore(req, view, bound, out, stream, hist0, hist_kind,
+                                           hist_fused, &launched, *info));
+    if (launched) return absl::OkStatus();
+  }
   const int width = bound ? 2 * req.head_dim : req.head_dim;
   const int esize = static_cast<int>(DTypeSize(view.dtype));
   const TileShape ts = MakeTileShape(width, esize);

@@ -29,6 +29,12 @@ constexpr int64_t ScoreTileRows(DType dtype, int64_t width) {
   return kScoreThreads / segments;
 }
 
+// Whether the CUDA path scores bf16 rows on tensor cores (TcScoreKernel; default on). Off: the
+// CUDA-core ScoreTilesKernel scores everything. For tests and benchmarks that compare the two;
+// process-wide, thread-safe.
+void SetTensorCoreScoring(bool on);
+bool TensorCoreScoring();
+
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).
 inline constexpr int kRadixBins = 2048;

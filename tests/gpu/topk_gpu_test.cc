@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
 #include "kernels/topk/topk.h"
+#include "kernels/topk/topk_internal.h"
 #include "tests/unit/kernels/topk/topk_test_util.h"
 
 namespace ropekv {
@@ -484,6 +485,95 @@ TEST_F(TopkGpuTest, ScoresAndBoundsMatchCpu) {
       for (size_t i = 0; i < cb.size(); ++i) {
         ASSERT_NEAR(b[i], cb[i], 1e-4 * std::max(1.0f, std::fabs(cb[i]))) << i;
       }
+    }
+  }
+}
+
+// The tensor-core scorer (bf16 rows) against the CPU's fp64 scores and the CUDA-core scorer:
+// head_dim x query dtype (3-part split of f32 / f16 queries, 1 part for bf16) x group sizes
+// (partial and several n-tiles) x reductions, lengths off the 64-row tile, exact and bound.
+TEST_F(TopkGpuTest, TensorCoreScoresMatchCpuAndCudaCores) {
+  struct Case {
+    int d, hkv, hq;
+    DType qt;
+    int64_t n;
+  };
+  const std::vector<Case> cases = {
+      {128, 2, 8, DType::kBF16, 1037}, {128, 2, 8, DType::kF32, 1037},
+      {64, 1, 1, DType::kF16, 100},    {256, 2, 24, DType::kF32, 333},
+      {128, 1, 64, DType::kBF16, 515}, {128, 1, 40, DType::kF32, 200},
+  };
+  for (const Case& c : cases) {
+    Problem p(c.hkv, c.hq, c.d, c.n, DType::kBF16, c.qt, 910 + c.hq + c.d);
+    // Larger magnitudes in some query columns so that the split's low parts matter.
+    for (int h = 0; h < c.hq; ++h) p.queries.Set(h * c.d, 1000.0f + 0.123456f * h);
+    p.BuildMeta(DType::kBF16);
+    OnDevice dev(p);
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
+      const SelectRequest req = p.Request(Mode::kExact, red, 1);
+      const int64_t rows = SelectRows(req);
+      for (bool bound : {false, true}) {
+        const int64_t len = bound ? p.pages() : p.n;
+        std::vector<float> cpu(rows * len);
+        ASSERT_TRUE((bound ? PageBoundCpu(req, cpu.data()) : ScoreCpu(req, cpu.data())).ok());
+        std::vector<float> got[2];
+        for (int tc = 0; tc < 2; ++tc) {
+          internal::SetTensorCoreScoring(tc == 1);
+          DevBuf out(cpu.size() * 4);
+          cudaMemset(out.get(), kPoison, out.size());
+          const absl::Status st =
+              bound ? PageBoundCuda(dev.Retarget(req), static_cast<float*>(out.get()), nullptr)
+                    : ScoreCuda(dev.Retarget(req), static_cast<float*>(out.get()), nullptr);
+          internal::SetTensorCoreScoring(true);
+          ASSERT_TRUE(st.ok()) << st;
+          CUDA_OK(cudaDeviceSynchronize());
+          got[tc] = out.Download<float>(cpu.size());
+        }
+        for (size_t i = 0; i < cpu.size(); ++i) {
+          // fp32 rounding of sums whose terms reach ~1000 (and ~4000 summed over a group).
+          const double tol = 1e-5 * (4000.0 + std::fabs(static_cast<double>(cpu[i])));
+          ASSERT_NEAR(got[1][i], cpu[i], tol)
+              << "d " << c.d << " hq " << c.hq << " red " << static_cast<int>(red) << " bound "
+              << bound << " i " << i;
+          ASSERT_NEAR(got[1][i], got[0][i], tol) << "tc vs cuda cores " << i;
+        }
+      }
+    }
+  }
+}
+
+// Non-finite inputs on the tensor-core path: +-inf keys give +-inf scores (not the NaN that
+// inf * 0 of a zero split part would make), NaN keys count as -inf, and the selection equals
+// the CUDA-core path's.
+TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
+  const int64_t n = 700;
+  Problem p(1, 4, 128, n, DType::kBF16, DType::kF32, 920);
+  for (int h = 0; h < 4; ++h) {
+    for (int c = 0; c < 128; ++c) p.queries.Set(h * 128 + c, c == 0 ? 1.0f : 0.25f);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t t = 600; t < n; ++t) p.SetKey(0, t, 0, -inf);
+  p.SetKey(0, 7, 0, inf);
+  p.SetKey(0, 9, 3, std::numeric_limits<float>::quiet_NaN());
+  OnDevice dev(p);
+  for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kPerQueryHead}) {
+    SelectRequest req = p.Request(Mode::kExact, red, 650);
+    Output a, b;
+    internal::SetTensorCoreScoring(false);
+    const absl::Status s0 = RunGpu(dev.Retarget(req), true, false, &a);
+    internal::SetTensorCoreScoring(true);
+    ASSERT_TRUE(s0.ok()) << s0;
+    ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &b).ok());
+    EXPECT_EQ(b.indices, a.indices);
+    EXPECT_EQ(b.counts, a.counts);
+    const std::vector<int64_t> v = Row(b.indices, b.counts, b.cap, 0);
+    ASSERT_EQ(v.size(), 650u);
+    EXPECT_EQ(v[7], 7);
+    EXPECT_EQ(b.scores[7], inf);
+    EXPECT_EQ(b.scores[9], -inf);
+    for (size_t j = 0; j < v.size(); ++j) {
+      if (b.scores[j] == a.scores[j]) continue;  // the infinities
+      EXPECT_NEAR(b.scores[j], a.scores[j], 1e-4 * std::max(1.0f, std::fabs(a.scores[j]))) << j;
     }
   }
 }

@@ -46,6 +46,10 @@ struct float2 {
 struct float4 {
   float x, y, z, w;
 };
+struct uint2 {
+  uint32_t x, y;
+};
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
 
@@ -291,6 +295,44 @@ inline uint32_t Ballot(bool p) {
   }
   Arrive(g_ctx->warp_barriers[w]);
   return m;
+}
+
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp: every lane publishes its
+// fragments (A: 4 registers, B: 2), then computes its 4 accumulators from the whole 16x16 A and
+// 16x8 B (products exact, sum in double, added in fp32).
+inline void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
+  static std::vector<uint32_t> x(1024 * 6);
+  const unsigned t = tl_thread.x;
+  const unsigned w = t / 32, lane = t % 32;
+  for (int i = 0; i < 4; ++i) x[t * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) x[t * 6 + 4 + i] = b[i];
+  Arrive(g_ctx->warp_barriers[w]);
+  auto bf = [](uint32_t word, int hi) {
+    const uint32_t bits = (hi ? (word >> 16) : (word & 0xffffu)) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return static_cast<double>(f);
+  };
+  // A(row, k): lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 * (k / 8), half k % 2.
+  auto A = [&](int row, int k) {
+    const unsigned l = w * 32 + (row % 8) * 4 + (k % 8) / 2;
+    return bf(x[l * 6 + (row / 8) + 2 * (k / 8)], k % 2);
+  };
+  // B(k, n): lane n * 4 + (k % 8) / 2, register k / 8, half k % 2.
+  auto B = [&](int k, int n) {
+    const unsigned l = w * 32 + n * 4 + (k % 8) / 2;
+    return bf(x[l * 6 + 4 + k / 8], k % 2);
+  };
+  const int g = static_cast<int>(lane / 4), tig = static_cast<int>(lane % 4);
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e < 2 ? 0 : 8), col = 2 * tig + (e & 1);
+    double acc = 0.0;
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[e] = c[e] + static_cast<float>(acc);
+  }
+  Arrive(g_ctx->warp_barriers[w]);
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
 
 }  // namespace emu

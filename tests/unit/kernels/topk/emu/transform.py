@@ -18,6 +18,7 @@ src = re.sub(r'const unsigned s = static_cast<unsigned>\(__cvta_generic_to_share
              r'asm volatile\("cp\.async\.cg\.shared\.global[^;]*;[^;]*;', 'emu::CpAsync(smem_dst, src);', src)
 src = re.sub(r'asm volatile\("cp\.async\.commit_group;\\n" ::: "memory"\);', 'emu::CpCommit();', src)
 src = re.sub(r'asm volatile\("cp\.async\.wait_group %0;\\n" ::"n"\(N\) : "memory"\);', 'emu::CpWait(N);', src)
+src = re.sub(r'asm volatile\("mma\.sync[^;]*;[^;]*;', 'emu::MmaBf16(c, a, b);', src)
 assert 'asm volatile' not in src, 'asm left'
 # Launches: NAME<<<cfg>>>(args);
 out = []
