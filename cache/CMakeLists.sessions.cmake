@@ -68,3 +68,12 @@ if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/tests/gpu/session_gpu_test.
     SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/session_gpu_test.cc
     LIBS ropekv_cache CUDA::cudart_static)
 endif()
+
+# Integration test: sessions through the data plane (OpenFromBuffer / FillFromBuffer /
+# ReadToBuffer with a capacity layout) over shared memory, against a real ropekvd.
+if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/session_dataplane_test.cc)
+ropekv_test(NAME session_dataplane_test LABELS integration
+  SOURCES ${PROJECT_SOURCE_DIR}/tests/integration/session_dataplane_test.cc
+  LIBS ropekv_dataplane_client ropekv_client ropekv_cache ropekv_test_daemon)
+add_dependencies(session_dataplane_test ropekvd)
+endif()

@@ -345,17 +345,136 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
                                                 absl::string_view session_id,
                                                 std::optional<TokenRange> range,
                                                 std::optional<RopeTableId> to_table,
-                                                const BufferRange& dst, int copy_threads) {
+                                                const BufferRange& dst, int copy_threads,
+                                                std::optional<TokenLayout> layout) {
+  if (auto s = NoPages(dst); !s.ok()) return s;
   auto reader = sessions.Read(session_id, range, to_table);
   if (!reader.ok()) return reader.status();
   const uint64_t layer_bytes = reader->layer_bytes();
+namespace {
+
+// The capacity layout's strides, and the checks every session call makes of it: capacity >= 1,
+// token_offset + n <= capacity. Bytes of the whole layout in *bytes.
+absl::StatusOr<KvStrides> CheckLayout(const ModelSpec& spec, const TokenLayout& layout, int64_t n,
+                                      uint64_t* bytes) {
+  if (layout.capacity == 0 && n == 0) {  // no layout given and nothing to copy
+    *bytes = 0;
+    return RangeStrides(spec, 0);
+  }
+  if (layout.capacity == 0 || layout.capacity > (uint64_t{1} << 40)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layout capacity must be in [1, 2^40] tokens, got ", layout.capacity));
+  }
+  if (layout.token_offset > layout.capacity ||
+      static_cast<uint64_t>(n) > layout.capacity - layout.token_offset) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokens [", layout.token_offset, ", ", layout.token_offset, " + ", n,
+                     ") do not fit a layout of capacity ", layout.capacity));
+  }
+  const uint64_t token_bytes = static_cast<uint64_t>(spec.head_dim) * DTypeSize(spec.dtype);
+  auto row = Product(layout.capacity, token_bytes, "layout row");
+  if (!row.ok()) return row.status();
+  auto all = Product(*row, uint64_t{2} * spec.layers * spec.kv_heads, "layout");
+  if (!all.ok()) return all.status();
+  *bytes = *all;
+  return RangeStrides(spec, static_cast<int64_t>(layout.capacity));
+}
+
+// Session calls address bytes of a buffer, not pages of a paged layout.
+absl::Status NoPages(const BufferRange& range) {
+  if (range.block_ids.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "session calls address a buffer by offset and token layout, not by block ids (got ",
+      range.block_ids.size(), ")"));
+}
+
+// The CUDA device of a registered GPU buffer (-1: shared memory or unknown).
+int BufferDevice(BufferRegistry& buffers, absl::string_view name) {
+  for (const BufferInfo& info : buffers.List()) {
+    if (info.name == name) return info.kind == BufferKind::kCudaIpc ? info.device : -1;
+  }
+  return -1;
+}
+
+// Rows of a capacity layout: [layer][k|v][kv_head].
+uint64_t LayoutRows(const ModelSpec& spec) { return uint64_t{2} * spec.layers * spec.kv_heads; }
+
+// The n tokens from token_offset of a capacity layout in a lease, as a KvSource: in place for
+// shared memory, device to device for a GPU buffer on `session_gpu` (>= 0), else gathered row by
+// row from the GPU buffer into `staged` (prompt layout).
+absl::StatusOr<KvSource> SourceOf(BufferLease& lease, const ModelSpec& spec,
+                                  const TokenLayout& layout, const KvStrides& strides, int64_t n,
+                                  int buffer_device, int session_gpu, std::vector<char>* staged) {
+  if (lease.kind() == BufferKind::kShm) {
+    return KvSource{lease.host_data(), strides, static_cast<int64_t>(layout.token_offset), -1};
+  }
+  if (session_gpu >= 0 && session_gpu == buffer_device) {
+    return KvSource{lease.device_data(), strides, static_cast<int64_t>(layout.token_offset),
+                    buffer_device};
+  }
+  const uint64_t tb = static_cast<uint64_t>(spec.head_dim) * DTypeSize(spec.dtype);
+  const uint64_t want = static_cast<uint64_t>(n) * tb;
+  staged->resize(LayoutRows(spec) * want);
+  for (uint64_t r = 0; r < LayoutRows(spec) && want > 0; ++r) {
+    const uint64_t at = (r * layout.capacity + layout.token_offset) * tb;
+    if (auto s = lease.Consume(at, want,
+                               [&](const void* p) {
+                                 std::memcpy(staged->data() + r * want, p, want);
+                                 return absl::OkStatus();
+                               });
+        !s.ok()) {
+      return s;
+    }
+  }
+  return KvSource{staged->data(), RangeStrides(spec, n), 0, -1};
+}
+
+}  // namespace
+
   auto bytes = Product(static_cast<uint64_t>(reader->layers()), layer_bytes, "Read");
   if (!bytes.ok()) return bytes.status();
-  auto lease = buffers.Acquire(dst, *bytes);
+  const int64_t n = reader->range().size();
+  // Without a layout: the prompt layout of the range is a capacity layout of capacity n.
+  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
+  uint64_t lease_bytes = 0;
+  auto strides = CheckLayout(reader->spec(), place, n, &lease_bytes);
+  if (!strides.ok()) return strides.status();
+  auto lease = buffers.Acquire(dst, lease_bytes);
   if (!lease.ok()) return lease.status();
-  absl::Status s = (*lease)->ProduceParallel(
-      reader->layers(), layer_bytes, copy_threads,
-      [&](uint64_t l, void* p) { return reader->WriteLayer(static_cast<int>(l), p); });
+  const int device =
+      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, dst.buffer) : -1;
+  const int64_t o = static_cast<int64_t>(place.token_offset);
+  absl::Status s;
+  if (reader->on_gpu() && device >= 0 && device == reader->gpu_device()) {
+    // The fused path: one launch shifts and re-rotates the range straight into the buffer.
+    s = reader->WriteToDevice((*lease)->device_data(), *strides, o);
+    if (s.ok()) (*lease)->CountWritten(*bytes);
+    absl::Status finished = (*lease)->Finish();
+    if (s.ok()) s = finished;
+  } else if (!layout.has_value()) {
+    s = (*lease)->ProduceParallel(
+        reader->layers(), layer_bytes, copy_threads,
+        [&](uint64_t l, void* p) { return reader->WriteLayer(static_cast<int>(l), p); });
+  } else if ((*lease)->kind() == BufferKind::kShm) {
+    // In place: only the range's elements of the mapped layout are written.
+    s = reader->WriteAllToHost((*lease)->host_data(), *strides, o);
+    if (s.ok()) (*lease)->CountWritten(*bytes);
+    absl::Status finished = (*lease)->Finish();
+    if (s.ok()) s = finished;
+  } else {
+    // A GPU buffer the session is not on: the range in prompt layout on the host, then each row
+    // to its place (the bytes between rows are the frontend's and stay untouched).
+    std::vector<char> host(*bytes);
+    s = reader->WriteAll(host.data());
+    const uint64_t row = *bytes / LayoutRows(reader->spec());
+    const uint64_t token_bytes = n > 0 ? row / static_cast<uint64_t>(n) : 0;
+    for (uint64_t r = 0; s.ok() && row > 0 && r < LayoutRows(reader->spec()); ++r) {
+      s = (*lease)->Write((r * place.capacity + place.token_offset) * token_bytes,
+                          host.data() + r * row, row);
+    }
+    absl::Status finished = (*lease)->Finish();  // before `host` goes
+    if (s.ok()) s = finished;
+  }
   if (!s.ok()) return s;
   ReadToBufferResult r;
   r.range = reader->range();
@@ -367,3 +486,84 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
 }
 
 }  // namespace ropekv
+absl::StatusOr<SessionFromBufferResult> OpenFromBuffer(SessionStore& sessions,
+                                                       BufferRegistry& buffers,
+                                                       OpenSessionArgs args, const BufferRange& src,
+                                                       std::optional<TokenLayout> layout) {
+  if (auto s = NoPages(src); !s.ok()) return s;
+  auto spec = sessions.ModelSpecOf(args.model);
+  if (!spec.ok()) return spec.status();
+  if (!args.tenant.empty()) {
+    return absl::InvalidArgumentError("OpenFromBuffer takes its KV from the buffer; no tenant");
+  }
+  const int64_t n = static_cast<int64_t>(args.tokens.size());
+  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
+  uint64_t lease_bytes = 0;
+  auto strides = CheckLayout(*spec, place, n, &lease_bytes);
+  if (!strides.ok()) return strides.status();
+  auto lease = buffers.Acquire(src, lease_bytes);
+  if (!lease.ok()) return lease.status();
+  const int device =
+      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, src.buffer) : -1;
+  const int session_gpu = sessions.OnGpu(*spec) ? sessions.gpu_device() : -1;
+  std::vector<char> staged;
+  auto source = SourceOf(**lease, *spec, place, *strides, n, device, session_gpu, &staged);
+  if (!source.ok()) return source.status();
+  auto opened = sessions.OpenFrom(std::move(args), *source);
+  const uint64_t bytes = RangeBytes(*spec, n);
+  if (opened.ok()) (*lease)->CountRead(bytes);
+  // Bytes read from a region the client shrank under the copy are not the client's.
+  absl::Status finished = (*lease)->Finish();
+  if (!opened.ok()) return opened.status();
+  if (!finished.ok()) {
+    sessions.Close(opened->id).IgnoreError();
+    return finished;
+  }
+  SessionFromBufferResult r;
+  r.session = *std::move(opened);
+  r.bytes_read = bytes;
+  r.device = session_gpu;
+  return r;
+}
+
+absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
+                                                       BufferRegistry& buffers,
+                                                       absl::string_view session_id, FillArgs args,
+                                                       const BufferRange& src,
+                                                       std::optional<TokenLayout> layout) {
+  if (auto s = NoPages(src); !s.ok()) return s;
+  auto spec = sessions.SessionSpec(session_id);
+  if (!spec.ok()) return spec.status();
+  const TokenRange range = args.range;
+  const int64_t n = std::max<int64_t>(0, range.size());
+  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
+  uint64_t lease_bytes = 0;
+  auto strides = CheckLayout(*spec, place, n, &lease_bytes);
+  if (!strides.ok()) return strides.status();
+  auto lease = buffers.Acquire(src, lease_bytes);
+  if (!lease.ok()) return lease.status();
+  const int device =
+      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, src.buffer) : -1;
+  const int session_gpu = sessions.OnGpu(*spec) ? sessions.gpu_device() : -1;
+  std::vector<char> staged;
+  auto source = SourceOf(**lease, *spec, place, *strides, n, device, session_gpu, &staged);
+  if (!source.ok()) return source.status();
+  auto filled = sessions.FillFrom(session_id, std::move(args), *source);
+  const uint64_t bytes = RangeBytes(*spec, n);
+  if (filled.ok()) (*lease)->CountRead(bytes);
+  absl::Status finished = (*lease)->Finish();
+  if (!filled.ok()) return filled.status();
+  if (!finished.ok()) {
+    // What was read is not the client's: the range awaits Fill again.
+    EditOptions stale;
+    stale.stale.push_back(range);
+    sessions.Edit(session_id, {}, stale).IgnoreError();
+    return finished;
+  }
+  SessionFromBufferResult r;
+  r.session = *std::move(filled);
+  r.bytes_read = bytes;
+  r.device = session_gpu;
+  return r;
+}
+

@@ -95,6 +95,14 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
                                                       const std::vector<ComposePart>& parts,
                                                       const BufferRange& dst, int copy_threads = 1);
 
+// A frontend's KV cache over a buffer range: [layer][k|v][kv_head][capacity][head_dim] of the
+// model's dtype from the range's first byte; a call reads or writes its tokens [token_offset,
+// token_offset + n) only (docs/sessions.md, "Capacity layout").
+struct TokenLayout {
+  uint64_t capacity = 0;
+  uint64_t token_offset = 0;
+};
+
 struct ReadToBufferResult {
   TokenRange range;
   int64_t document_length = 0;
@@ -104,12 +112,43 @@ struct ReadToBufferResult {
 };
 
 // SessionStore::Read of `range` (nullopt: the whole document) into dst, prompt layout over the
-// range. SessionStore::Read's errors; the buffer errors as GetToBuffer.
+// range; with `layout`, at tokens [token_offset, token_offset + range) of a capacity layout that
+// dst must hold whole (only the range's elements are written). A GPU session and a CUDA IPC buffer
+// on its device: one fused shift + re-rotate launch, device to device (SessionReader::
+// WriteToDevice); otherwise rotated where the session lives and copied (staged for a GPU buffer).
+// SessionStore::Read's errors; INVALID_ARGUMENT for a capacity of 0 or token_offset + range past
+// it; the buffer errors as GetToBuffer.
 absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRegistry& buffers,
                                                 absl::string_view session_id,
                                                 std::optional<TokenRange> range,
                                                 std::optional<RopeTableId> to_table,
-                                                const BufferRange& dst, int copy_threads = 1);
+                                                const BufferRange& dst, int copy_threads = 1,
+                                                std::optional<TokenLayout> layout = std::nullopt);
+
+struct SessionFromBufferResult {
+  SessionResult session;
+  uint64_t bytes_read = 0;  // the tokens' bytes
+  int device = -1;          // where the session's KV lives (SessionInfo::device)
+};
+
+// SessionStore::Open with the KV of args.tokens read from src: prompt layout of the tokens, or
+// tokens [token_offset, token_offset + n) of `layout`. Device to device (one copy launch) when the
+// session is on the GPU of a CUDA IPC buffer; else read in place (shared memory) or staged.
+// BeginOpen's errors; INVALID_ARGUMENT for a bad layout (as ReadToBuffer) or args.tenant / from-
+// cache use; the buffer errors as PutFromBuffer (a region that shrank: no session is made).
+absl::StatusOr<SessionFromBufferResult> OpenFromBuffer(SessionStore& sessions,
+                                                       BufferRegistry& buffers,
+                                                       OpenSessionArgs args, const BufferRange& src,
+                                                       std::optional<TokenLayout> layout);
+
+// SessionStore::Fill of args.range with its KV read from src (layouts as OpenFromBuffer, n = the
+// range's size). BeginFill's errors; the layout and buffer errors as OpenFromBuffer (a region that
+// shrank during the copy leaves the range awaiting Fill again).
+absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
+                                                       BufferRegistry& buffers,
+                                                       absl::string_view session_id, FillArgs args,
+                                                       const BufferRange& src,
+                                                       std::optional<TokenLayout> layout);
 
 }  // namespace ropekv
 

@@ -1040,6 +1040,19 @@ absl::StatusOr<SessionInfo> SessionStore::Info(absl::string_view id) {
   return info;
 }
 
+absl::StatusOr<ModelSpec> SessionStore::ModelSpecOf(absl::string_view model) {
+  auto m = cache_->ResolveModel(model);
+  if (!m.ok()) return m.status();
+  return m->spec;
+}
+
+absl::StatusOr<ModelSpec> SessionStore::SessionSpec(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto found = FindLocked(id);
+  if (!found.ok()) return found.status();
+  return (*found)->model.spec;
+}
+
 absl::Status SessionStore::Close(absl::string_view id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);

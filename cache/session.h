@@ -408,6 +408,9 @@ class SessionStore {
 
   // What the session holds. NOT_FOUND for an unknown session.
   absl::StatusOr<SessionInfo> Info(absl::string_view id);
+  // The model spec of a registered model (id or name) / of a session's model. NOT_FOUND.
+  absl::StatusOr<ModelSpec> ModelSpecOf(absl::string_view model);
+  absl::StatusOr<ModelSpec> SessionSpec(absl::string_view id);
 
   // Closes a session (its chunks are freed once no reader holds them). NOT_FOUND when unknown.
   absl::Status Close(absl::string_view id);

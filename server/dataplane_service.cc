@@ -312,8 +312,11 @@ grpc::ServerUnaryReactor* DataPlaneService::ReadToBuffer(grpc::CallbackServerCon
     if (req->has_range()) range = TokenRange{req->range().start(), req->range().end()};
     std::optional<RopeTableId> table;
     if (req->has_rope_table()) table = req->rope_table();
+    std::optional<TokenLayout> layout;
+    if (req->has_layout())
+      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
     auto r = ropekv::ReadToBuffer(*sessions_, *registry_, req->session_id(), range, table,
-                                  FromProto(req->dst()), copy_threads_);
+                                  FromProto(req->dst()), copy_threads_, layout);
     if (!r.ok()) return r.status();
     v1::ReadHeader* h = resp->mutable_header();
     h->mutable_range()->set_start(r->range.start);
@@ -323,6 +326,79 @@ grpc::ServerUnaryReactor* DataPlaneService::ReadToBuffer(grpc::CallbackServerCon
     h->set_layer_bytes(r->layer_bytes);
     h->set_total_bytes(r->bytes_written);
     resp->set_bytes_written(r->bytes_written);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* DataPlaneService::OpenFromBuffer(grpc::CallbackServerContext* ctx,
+                                                           const v1::OpenFromBufferRequest* req,
+                                                           v1::OpenFromBufferResponse* resp) {
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    if (sessions_ == nullptr) {
+      return absl::UnavailableError("this ropekvd has no session store");
+    }
+    const v1::OpenSessionHeader& h = req->header();
+    if (h.from_cache()) {
+      return absl::InvalidArgumentError(
+          "OpenFromBuffer takes the KV from the buffer: from_cache "
+          "must be false");
+    }
+    OpenSessionArgs args;
+    args.model = h.model();
+    args.tokens.assign(h.tokens().begin(), h.tokens().end());
+    args.base_position = h.base_position();
+    if (h.has_rotated_at()) args.rotated_at = h.rotated_at();
+    args.rope_table = h.rope_table();
+    args.tenant = h.tenant();
+    std::optional<TokenLayout> layout;
+    if (req->has_layout())
+      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
+    auto r = ropekv::OpenFromBuffer(*sessions_, *registry_, std::move(args), FromProto(req->src()),
+                                    layout);
+    if (!r.ok()) return r.status();
+    v1::OpenSessionResponse* out = resp->mutable_session();
+    out->set_session_id(r->session.id);
+    out->set_length(r->session.length);
+    out->set_version(r->session.version);
+    for (const TokenRange& f : r->session.fill) {
+      v1::TokenRange* t = out->add_fill();
+      t->set_start(f.start);
+      t->set_end(f.end);
+    }
+    resp->set_bytes_read(r->bytes_read);
+    resp->set_device(r->device);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* DataPlaneService::FillFromBuffer(grpc::CallbackServerContext* ctx,
+                                                           const v1::FillFromBufferRequest* req,
+                                                           v1::FillFromBufferResponse* resp) {
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    if (sessions_ == nullptr) {
+      return absl::UnavailableError("this ropekvd has no session store");
+    }
+    const v1::FillHeader& h = req->header();
+    FillArgs args;
+    args.range = TokenRange{h.range().start(), h.range().end()};
+    if (h.has_rotated_at()) args.rotated_at = h.rotated_at();
+    if (h.has_rope_table()) args.rope_table = h.rope_table();
+    if (h.has_version()) args.version = h.version();
+    std::optional<TokenLayout> layout;
+    if (req->has_layout())
+      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
+    auto r = ropekv::FillFromBuffer(*sessions_, *registry_, h.session_id(), std::move(args),
+                                    FromProto(req->src()), layout);
+    if (!r.ok()) return r.status();
+    v1::FillResponse* out = resp->mutable_fill();
+    out->set_length(r->session.length);
+    out->set_version(r->session.version);
+    for (const TokenRange& f : r->session.fill) {
+      v1::TokenRange* t = out->add_fill();
+      t->set_start(f.start);
+      t->set_end(f.end);
+    }
+    resp->set_bytes_read(r->bytes_read);
     return absl::OkStatus();
   });
 }

@@ -76,6 +76,13 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   grpc::ServerUnaryReactor* ReadToBuffer(grpc::CallbackServerContext* ctx,
                                          const v1::ReadToBufferRequest* req,
                                          v1::ReadToBufferResponse* resp) override;
+  // Sessions from / into a buffer (issue 5): the session store's OpenFrom / FillFrom.
+  grpc::ServerUnaryReactor* OpenFromBuffer(grpc::CallbackServerContext* ctx,
+                                           const v1::OpenFromBufferRequest* req,
+                                           v1::OpenFromBufferResponse* resp) override;
+  grpc::ServerUnaryReactor* FillFromBuffer(grpc::CallbackServerContext* ctx,
+                                           const v1::FillFromBufferRequest* req,
+                                           v1::FillFromBufferResponse* resp) override;
 
  private:
   void Init(const ServerConfig& config, absl::StatusOr<DataPlaneOptions> options);

@@ -198,17 +198,46 @@ absl::StatusOr<v1::ComposeToBufferResponse> DataPlaneClient::ComposeToBuffer(
 
 absl::StatusOr<v1::ReadToBufferResponse> DataPlaneClient::ReadToBuffer(
     const std::string& session_id, std::optional<v1::TokenRange> range,
-    std::optional<int64_t> rope_table, const BufferRef& dst) {
+    std::optional<int64_t> rope_table, const BufferRef& dst,
+    std::optional<v1::TokenLayout> layout) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::ReadToBufferRequest req;
   req.set_session_id(session_id);
   if (range.has_value()) *req.mutable_range() = *range;
   if (rope_table.has_value()) req.set_rope_table(*rope_table);
+  if (layout.has_value()) *req.mutable_layout() = *layout;
   SetRange(dst, req.mutable_dst());
   v1::ReadToBufferResponse resp;
   if (auto s = FromGrpc(stub_->ReadToBuffer(&ctx, req, &resp)); !s.ok()) return s;
   return resp;
 }
+absl::StatusOr<v1::OpenFromBufferResponse> DataPlaneClient::OpenFromBuffer(
+    const v1::OpenSessionHeader& header, const BufferRef& src,
+    std::optional<v1::TokenLayout> layout) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::OpenFromBufferRequest req;
+  *req.mutable_header() = header;
+  SetRange(src, req.mutable_src());
+  if (layout.has_value()) *req.mutable_layout() = *layout;
+  v1::OpenFromBufferResponse resp;
+  if (auto s = FromGrpc(stub_->OpenFromBuffer(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::FillFromBufferResponse> DataPlaneClient::FillFromBuffer(
+    const v1::FillHeader& header, const BufferRef& src, std::optional<v1::TokenLayout> layout) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::FillFromBufferRequest req;
+  *req.mutable_header() = header;
+  SetRange(src, req.mutable_src());
+  if (layout.has_value()) *req.mutable_layout() = *layout;
+  v1::FillFromBufferResponse resp;
+  if (auto s = FromGrpc(stub_->FillFromBuffer(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
 
 }  // namespace ropekv::client

@@ -91,11 +91,22 @@ class DataPlaneClient {
   absl::StatusOr<v1::ComposeToBufferResponse> ComposeToBuffer(
       const std::string& model, const std::string& tenant,
       const std::vector<v1::ComposePart>& parts, const BufferRef& dst);
-  // A session's range (nullopt: the document) into dst, prompt layout over the range.
-  absl::StatusOr<v1::ReadToBufferResponse> ReadToBuffer(const std::string& session_id,
-                                                        std::optional<v1::TokenRange> range,
-                                                        std::optional<int64_t> rope_table,
-                                                        const BufferRef& dst);
+  // A session's range (nullopt: the document) into dst, prompt layout over the range; with
+  // `layout`, at tokens [token_offset, token_offset + range) of the capacity layout
+  // [layer][k|v][kv_head][capacity][head_dim] that dst holds (docs/sessions.md).
+  absl::StatusOr<v1::ReadToBufferResponse> ReadToBuffer(
+      const std::string& session_id, std::optional<v1::TokenRange> range,
+      std::optional<int64_t> rope_table, const BufferRef& dst,
+      std::optional<v1::TokenLayout> layout = std::nullopt);
+  // Opens a session (header as Sessions.OpenSession, from_cache false) with its KV read from src
+  // (prompt layout of the tokens, or tokens [token_offset, +n) of `layout`).
+  absl::StatusOr<v1::OpenFromBufferResponse> OpenFromBuffer(
+      const v1::OpenSessionHeader& header, const BufferRef& src,
+      std::optional<v1::TokenLayout> layout = std::nullopt);
+  // Fills header.range of a session with its KV read from src (layouts as OpenFromBuffer).
+  absl::StatusOr<v1::FillFromBufferResponse> FillFromBuffer(
+      const v1::FillHeader& header, const BufferRef& src,
+      std::optional<v1::TokenLayout> layout = std::nullopt);
 
   v1::DataPlane::Stub* stub() { return stub_.get(); }
 
