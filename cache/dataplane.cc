@@ -30,8 +30,8 @@ int64_t TargetOf(const BlockInfo& b, size_t i, int block_tokens, std::optional<i
 
 // Block i of `handle` into page `page` of the lease's paged layout; src is the block's bytes
 // (host, or device scratch for a GPU buffer), dst the layout's first byte.
-RerotateCopy PageJob(const ReadHandle& handle, size_t i, const void* src, void* dst,
-                     uint32_t page, std::optional<int64_t> target, const PagedLayout& layout) {
+RerotateCopy PageJob(const ReadHandle& handle, size_t i, const void* src, void* dst, uint32_t page,
+                     std::optional<int64_t> target, const PagedLayout& layout) {
   const ModelSpec& spec = handle.model().spec;
   const BlockInfo& b = handle.blocks()[i];
   return RerotateCopy{src,
@@ -179,8 +179,17 @@ absl::Status PutFromPages(const RegisteredModel& model, const std::vector<uint32
         absl::StrCat("the Put has ", n, " blocks, got ", ids.size(), " block ids"));
   }
   auto job = [&](size_t i, const void* pages, void* block) {
-    return RerotateCopy{pages, layout.strides(), int64_t{ids[i]} * spec.block_tokens,
-                        block, BlockStrides(spec), 0, spec.block_tokens, 0, 0, 0, 0};
+    return RerotateCopy{pages,
+                        layout.strides(),
+                        int64_t{ids[i]} * spec.block_tokens,
+                        block,
+                        BlockStrides(spec),
+                        0,
+                        spec.block_tokens,
+                        0,
+                        0,
+                        0,
+                        0};
   };
   absl::Status s;
   if (CudaIpcTransfer* gpu = lease.transfer(); gpu != nullptr) {
@@ -283,8 +292,8 @@ absl::StatusOr<PutFromBufferResult> PutFromBuffer(KvCache& cache, BufferRegistry
   auto writer = cache.BeginPut(std::move(options));
   if (!writer.ok()) return writer.status();
   const uint64_t total = (*writer)->expected_bytes();
-  auto lease = src.block_ids.empty() ? buffers.Acquire(src, total)
-                                     : buffers.AcquirePages(src, model->id);
+  auto lease =
+      src.block_ids.empty() ? buffers.Acquire(src, total) : buffers.AcquirePages(src, model->id);
   if (!lease.ok()) return lease.status();
   absl::Status s;
   if (!src.block_ids.empty()) {
@@ -325,13 +334,12 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
   if (!lease.ok()) return lease.status();
   auto m = cache.ResolveModel(model);
   if (!m.ok()) return m.status();
-  absl::Status s =
-      GpuRotates(**lease, m->spec)
-          ? ComposeToGpu(cache, tenant, parts, *prompt, *m, **lease)
-          : (*lease)->ProduceParallel(prompt->layers(), layer_bytes, copy_threads,
-                                      [&](uint64_t l, void* p) {
-                                        return prompt->WriteLayer(static_cast<int>(l), p);
-                                      });
+  absl::Status s = GpuRotates(**lease, m->spec)
+                       ? ComposeToGpu(cache, tenant, parts, *prompt, *m, **lease)
+                       : (*lease)->ProduceParallel(
+                             prompt->layers(), layer_bytes, copy_threads, [&](uint64_t l, void* p) {
+                               return prompt->WriteLayer(static_cast<int>(l), p);
+                             });
   if (!s.ok()) return s;
   ComposeToBufferResult r;
   r.parts = prompt->parts();
@@ -341,16 +349,6 @@ absl::StatusOr<ComposeToBufferResult> ComposeToBuffer(KvCache& cache, BufferRegi
   return r;
 }
 
-absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRegistry& buffers,
-                                                absl::string_view session_id,
-                                                std::optional<TokenRange> range,
-                                                std::optional<RopeTableId> to_table,
-                                                const BufferRange& dst, int copy_threads,
-                                                std::optional<TokenLayout> layout) {
-  if (auto s = NoPages(dst); !s.ok()) return s;
-  auto reader = sessions.Read(session_id, range, to_table);
-  if (!reader.ok()) return reader.status();
-  const uint64_t layer_bytes = reader->layer_bytes();
 namespace {
 
 // The capacity layout's strides, and the checks every session call makes of it: capacity >= 1,
@@ -431,6 +429,16 @@ absl::StatusOr<KvSource> SourceOf(BufferLease& lease, const ModelSpec& spec,
 
 }  // namespace
 
+absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRegistry& buffers,
+                                                absl::string_view session_id,
+                                                std::optional<TokenRange> range,
+                                                std::optional<RopeTableId> to_table,
+                                                const BufferRange& dst, int copy_threads,
+                                                std::optional<TokenLayout> layout) {
+  if (auto s = NoPages(dst); !s.ok()) return s;
+  auto reader = sessions.Read(session_id, range, to_table);
+  if (!reader.ok()) return reader.status();
+  const uint64_t layer_bytes = reader->layer_bytes();
   auto bytes = Product(static_cast<uint64_t>(reader->layers()), layer_bytes, "Read");
   if (!bytes.ok()) return bytes.status();
   const int64_t n = reader->range().size();
@@ -485,7 +493,6 @@ absl::StatusOr<KvSource> SourceOf(BufferLease& lease, const ModelSpec& spec,
   return r;
 }
 
-}  // namespace ropekv
 absl::StatusOr<SessionFromBufferResult> OpenFromBuffer(SessionStore& sessions,
                                                        BufferRegistry& buffers,
                                                        OpenSessionArgs args, const BufferRange& src,
@@ -567,3 +574,4 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
   return r;
 }
 
+}  // namespace ropekv

@@ -107,10 +107,9 @@ absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterShm(const std::string& n
   return resp.buffer();
 }
 
-absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterCudaIpc(const std::string& name, int device,
-                                                                const std::string& handle,
-                                                                uint64_t offset, uint64_t size,
-                                                                std::optional<v1::PagedLayout> paged) {
+absl::StatusOr<v1::BufferInfo> DataPlaneClient::RegisterCudaIpc(
+    const std::string& name, int device, const std::string& handle, uint64_t offset, uint64_t size,
+    std::optional<v1::PagedLayout> paged) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::RegisterBufferRequest req;
@@ -206,12 +205,13 @@ absl::StatusOr<v1::ReadToBufferResponse> DataPlaneClient::ReadToBuffer(
   req.set_session_id(session_id);
   if (range.has_value()) *req.mutable_range() = *range;
   if (rope_table.has_value()) req.set_rope_table(*rope_table);
-  if (layout.has_value()) *req.mutable_layout() = *layout;
   SetRange(dst, req.mutable_dst());
+  if (layout.has_value()) *req.mutable_layout() = *layout;
   v1::ReadToBufferResponse resp;
   if (auto s = FromGrpc(stub_->ReadToBuffer(&ctx, req, &resp)); !s.ok()) return s;
   return resp;
 }
+
 absl::StatusOr<v1::OpenFromBufferResponse> DataPlaneClient::OpenFromBuffer(
     const v1::OpenSessionHeader& header, const BufferRef& src,
     std::optional<v1::TokenLayout> layout) {
@@ -238,6 +238,5 @@ absl::StatusOr<v1::FillFromBufferResponse> DataPlaneClient::FillFromBuffer(
   if (auto s = FromGrpc(stub_->FillFromBuffer(&ctx, req, &resp)); !s.ok()) return s;
   return resp;
 }
-
 
 }  // namespace ropekv::client
