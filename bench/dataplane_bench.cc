@@ -6,12 +6,18 @@
 // cache, disk tier off), stores the cache once from shared memory (PutFromBuffer), checks every
 // path's bytes once against the generated pattern (destinations poisoned first), then times each
 // path: median of --reps after --warmup, wall clock around the call (the daemon's copy included;
-// the CUDA path's daemon-side stream sync included). A table and one JSON line.
+// the CUDA path's daemon-side stream sync included). Rows are printed (flushed) as they are
+// measured, progress goes to stderr with timestamps; a JSON line ends the run.
 //
-//   dataplane_bench [--tokens 32768] [--reps 10] [--rerotate] [--cuda auto|on|off]
+// CUDA rows: GetToBuffer into a cudaMalloc'd buffer of this process registered by IPC handle, as
+// stored and re-rotated (the daemon's GPU kernel), and into a paged pool by block ids; baselines
+// cudaMemcpy H2D from pinned and pageable memory and D2D of the same bytes.
 //
-// Memory: the daemon holds the cache (tokens/16 x 2 MiB), the client a shared region and a
-// host buffer of the same size (3x the cache in all; 12 GiB at 32K tokens).
+//   dataplane_bench [--tokens 32768] [--reps 5] [--slow_reps 1] [--rerotate] [--cuda auto|on|off]
+//
+// Memory: the daemon holds the cache (tokens/16 x 2 MiB), the client a shared region, a host
+// buffer and (GPU) a pinned buffer of the same size (4x the cache in all; 16 GiB at 32K tokens),
+// and two device buffers of the cache's size.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -54,8 +60,10 @@ ABSL_FLAG(int32_t, layers, 32, "layers");
 ABSL_FLAG(int32_t, kv_heads, 8, "KV heads");
 ABSL_FLAG(int32_t, head_dim, 128, "head dim");
 ABSL_FLAG(int32_t, block_tokens, 16, "tokens per block");
-ABSL_FLAG(int32_t, reps, 10, "timed repetitions per path (median reported)");
+ABSL_FLAG(int32_t, reps, 5, "timed repetitions per path (median reported)");
 ABSL_FLAG(int32_t, warmup, 2, "untimed repetitions first");
+ABSL_FLAG(int32_t, slow_reps, 1,
+          "timed repetitions of the CPU re-rotation rows (seconds each at 32K tokens)");
 ABSL_FLAG(bool, rerotate, true, "also time Gets re-rotated to a new position");
 ABSL_FLAG(std::string, cuda, "auto", "CUDA IPC rows: auto (when a GPU is present), on, off");
 
@@ -180,6 +188,15 @@ double MedianMs(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
+const Clock::time_point g_start = Clock::now();
+
+// A progress line on stderr (unbuffered), with the seconds since start: a run cut short still
+// says how far it came.
+void Progress(const std::string& what) {
+  std::fprintf(stderr, "[%7.1f s] %s\n",
+               std::chrono::duration<double>(Clock::now() - g_start).count(), what.c_str());
+}
+
 // Runs fn warmup + reps times; the median of the timed runs in ms.
 double Time(const std::function<void()>& fn, int reps, int warmup) {
   for (int i = 0; i < warmup; ++i) fn();
@@ -192,19 +209,54 @@ double Time(const std::function<void()>& fn, int reps, int warmup) {
   return MedianMs(ms);
 }
 
-struct Row {
-  std::string name;
-  std::string key;
-  double ms = 0;
-  std::string baseline;  // "memcpy" or "cudaMemcpy"
+// The table, printed (and flushed) row by row as each path is measured.
+class Table {
+ public:
+  explicit Table(uint64_t bytes) : bytes_(bytes) {
+    std::printf("%-44s %10s %8s %12s\n", "path", "ms", "GB/s", "x baseline");
+    std::fflush(stdout);
+  }
+  // Times fn and prints its row; `baseline` names an earlier row's key (empty: this row is one).
+  double Row(const std::string& name, const std::string& key, const std::string& baseline,
+             const std::function<void()>& fn, int reps, int warmup) {
+    Progress("timing: " + name);
+    const double ms = Time(fn, reps, warmup);
+    double base = 0;
+    for (const auto& [k, v] : rows_) {
+      if (k == baseline) base = v;
+    }
+    rows_.emplace_back(key, ms);
+    std::printf("%-44s %10.2f %8.2f %12s\n", name.c_str(), ms, bytes_ / ms / 1e6,
+                base > 0 ? absl::StrFormat("%.2f", ms / base).c_str() : "1.00 (base)");
+    std::fflush(stdout);
+    return ms;
+  }
+  double Ms(const std::string& key) const {
+    for (const auto& [k, v] : rows_) {
+      if (k == key) return v;
+    }
+    return 0;
+  }
+  std::string Json() const {
+    std::string out;
+    for (const auto& [k, v] : rows_)
+      absl::StrAppend(&out, ",\"", k, "_ms\":", absl::StrFormat("%.3f", v));
+    return out;
+  }
+
+ private:
+  uint64_t bytes_;
+  std::vector<std::pair<std::string, double>> rows_;
 };
 
 int Main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows reach a pipe or file as they are printed
   const int tokens = absl::GetFlag(FLAGS_tokens);
   const int bt = absl::GetFlag(FLAGS_block_tokens);
   if (tokens <= 0 || tokens % bt != 0)
     Die("--tokens must be a positive multiple of --block_tokens");
   const int reps = absl::GetFlag(FLAGS_reps), warmup = absl::GetFlag(FLAGS_warmup);
+  const int slow_reps = absl::GetFlag(FLAGS_slow_reps);
 
   v1::ModelSpec spec;
   spec.set_layers(absl::GetFlag(FLAGS_layers));
@@ -221,6 +273,15 @@ int Main() {
   const uint64_t bb = client::KvShape::Of(spec, 1).BlockBytes();
   const uint64_t total = blocks * bb;
 
+  char host_name[256] = {0};
+  gethostname(host_name, sizeof(host_name) - 1);
+  std::printf(
+      "Get of %d tokens = %llu blocks x %.2f MiB = %.3f GiB (%d layers, %d kv heads, head_dim %d, "
+      "bf16); median of %d after %d warm-up (CPU re-rotation rows: %d, no warm-up); %s\n",
+      tokens, static_cast<unsigned long long>(blocks), bb / 1048576.0, total / 1073741824.0,
+      spec.layers(), spec.kv_heads(), spec.head_dim(), reps, warmup, slow_reps, host_name);
+
+  Progress("starting ropekvd");
   Daemon daemon(DaemonBinary(), total + total / 8 + (64ull << 20));
   client::Client::Options o;
   o.address = daemon.address();
@@ -232,6 +293,7 @@ int Main() {
   CHECK_OK((*kv)->RegisterModel(spec, "bench-llama3-8b"));
 
   // The client's shared region; the cache is stored from it.
+  Progress("filling the shared region and storing the cache (PutFromBuffer)");
   Pattern pattern(bb);
   auto shm = client::SharedMemory::Create(absl::StrCat("/ropekv-bench-", getpid()), total);
   CHECK_OK(shm);
@@ -259,6 +321,7 @@ int Main() {
   std::memset(host.data(), 0xFF, total);  // pages touched before timing
 
   // Checks, once: every path's bytes against the pattern, destinations poisoned first.
+  Progress("checking the shared-memory and gRPC paths");
   bool ok = true;
   std::memset(region, 0xFF, total);
   auto g = (*dp)->GetToBuffer(get, {"bench", 0, 0});
@@ -273,8 +336,9 @@ int Main() {
     ok = false;
     std::cerr << "gRPC Get: wrong bytes\n";
   }
-  // Re-rotated: both paths must give the same bytes.
-  if (absl::GetFlag(FLAGS_rerotate)) {
+  // Re-rotated: both CPU paths must give the same bytes. `region` keeps them for the GPU check.
+  const bool rerotate = absl::GetFlag(FLAGS_rerotate);
+  if (rerotate) {
     CHECK_OK((*dp)->GetToBuffer(moved, {"bench", 0, 0}));
     CHECK_OK((*kv)->GetInto(moved, absl::MakeSpan(host)));
     if (std::memcmp(region, host.data(), total) != 0) {
@@ -283,50 +347,47 @@ int Main() {
     }
   }
 
-  std::vector<Row> rows;
+  Table table(total);
   const uint8_t* src = region;
-  rows.push_back({"memcpy of the same bytes (host)", "memcpy",
-                  Time([&] { std::memcpy(host.data(), src, total); }, reps, warmup), "memcpy"});
+  table.Row(
+      "memcpy of the same bytes (host)", "memcpy", "",
+      [&] { std::memcpy(host.data(), src, total); }, reps, warmup);
   // The daemon splits a shared-memory copy among up to 8 threads (one per core): the same here.
   const int copy_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
-  rows.push_back({absl::StrCat("memcpy, ", copy_threads, " threads (host)"), "memcpy_threads",
-                  Time(
-                      [&] {
-                        std::vector<std::thread> threads;
-                        const uint64_t per = (blocks + copy_threads - 1) / copy_threads * bb;
-                        for (int t = 0; t < copy_threads; ++t) {
-                          const uint64_t begin = std::min<uint64_t>(t * per, total);
-                          const uint64_t end = std::min<uint64_t>(begin + per, total);
-                          threads.emplace_back([&, begin, end] {
-                            std::memcpy(host.data() + begin, src + begin, end - begin);
-                          });
-                        }
-                        for (auto& th : threads) th.join();
-                      },
-                      reps, warmup),
-                  "memcpy"});
-  rows.push_back({"gRPC Get into a buffer", "grpc_get",
-                  Time([&] { CHECK_OK((*kv)->GetInto(get, absl::MakeSpan(host))); }, reps, warmup),
-                  "memcpy"});
-  rows.push_back({"shared-memory Get (GetToBuffer)", "shm_get",
-                  Time(
-                      [&] {
-                        CHECK_OK((*dp)->GetToBuffer(get, {"bench", 0, 0}));
-                      },
-                      reps, warmup),
-                  "memcpy"});
-  if (absl::GetFlag(FLAGS_rerotate)) {
-    rows.push_back(
-        {"gRPC Get, re-rotated", "grpc_get_rerotated",
-         Time([&] { CHECK_OK((*kv)->GetInto(moved, absl::MakeSpan(host))); }, reps, warmup),
-         "memcpy"});
-    rows.push_back({"shared-memory Get, re-rotated", "shm_get_rerotated",
-                    Time(
-                        [&] {
-                          CHECK_OK((*dp)->GetToBuffer(moved, {"bench", 0, 0}));
-                        },
-                        reps, warmup),
-                    "memcpy"});
+  table.Row(
+      absl::StrCat("memcpy, ", copy_threads, " threads (host)"), "memcpy_threads", "memcpy",
+      [&] {
+        std::vector<std::thread> threads;
+        const uint64_t per = (blocks + copy_threads - 1) / copy_threads * bb;
+        for (int t = 0; t < copy_threads; ++t) {
+          const uint64_t begin = std::min<uint64_t>(t * per, total);
+          const uint64_t end = std::min<uint64_t>(begin + per, total);
+          threads.emplace_back(
+              [&, begin, end] { std::memcpy(host.data() + begin, src + begin, end - begin); });
+        }
+        for (auto& th : threads) th.join();
+      },
+      reps, warmup);
+  table.Row(
+      "gRPC Get into a buffer", "grpc_get", "memcpy",
+      [&] { CHECK_OK((*kv)->GetInto(get, absl::MakeSpan(host))); }, reps, warmup);
+  table.Row(
+      "shared-memory Get (GetToBuffer)", "shm_get", "memcpy",
+      [&] {
+        CHECK_OK((*dp)->GetToBuffer(get, {"bench", 0, 0}));
+      },
+      reps, warmup);
+  if (rerotate) {
+    // CPU re-rotation (~0.5-1 GB/s a core): few repetitions, or 32K tokens take minutes.
+    table.Row(
+        "gRPC Get, re-rotated (CPU)", "grpc_get_rerotated", "memcpy",
+        [&] { CHECK_OK((*kv)->GetInto(moved, absl::MakeSpan(host))); }, slow_reps, 0);
+    table.Row(
+        "shared-memory Get, re-rotated (CPU)", "shm_get_rerotated", "memcpy",
+        [&] {
+          CHECK_OK((*dp)->GetToBuffer(moved, {"bench", 0, 0}));
+        },
+        slow_reps, 0);
   }
 
   std::string gpu_name;
@@ -340,6 +401,8 @@ int Main() {
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     gpu_name = prop.name;
+    Progress(absl::StrCat("GPU ", gpu_name, ": allocating and registering 2 x ", total,
+                          " device bytes"));
     CUDA_CHECK(cudaSetDevice(0));
     void* d_dst = nullptr;
     CUDA_CHECK(cudaMalloc(&d_dst, total));
@@ -347,6 +410,12 @@ int Main() {
     CUDA_CHECK(cudaIpcGetMemHandle(&handle, d_dst));
     CHECK_OK((*dp)->RegisterCudaIpc(
         "gpu", 0, std::string(reinterpret_cast<const char*>(&handle), sizeof(handle)), 0, total));
+    // A second device buffer: the D2D baseline's destination, then a paged pool of the model
+    // ([layers][2][blocks][block_tokens][kv_heads][head_dim]).
+    void* d_pool = nullptr;
+    CUDA_CHECK(cudaMalloc(&d_pool, total));
+
+    Progress("checking the CUDA IPC paths");
     CUDA_CHECK(cudaMemset(d_dst, 0xFF, total));
     CUDA_CHECK(cudaDeviceSynchronize());
     CHECK_OK((*dp)->GetToBuffer(get, {"gpu", 0, 0}));
@@ -357,81 +426,126 @@ int Main() {
     }
     void* pinned = nullptr;
     CUDA_CHECK(cudaHostAlloc(&pinned, total, cudaHostAllocDefault));
-    std::memcpy(pinned, region, total);
-    rows.push_back(
-        {"cudaMemcpy H2D from pinned memory", "cuda_memcpy_pinned",
-         Time([&] { CUDA_CHECK(cudaMemcpy(d_dst, pinned, total, cudaMemcpyHostToDevice)); }, reps,
-              warmup),
-         "cudaMemcpy"});
-    rows.push_back(
-        {"cudaMemcpy H2D from pageable memory", "cuda_memcpy_pageable",
-         Time([&] { CUDA_CHECK(cudaMemcpy(d_dst, region, total, cudaMemcpyHostToDevice)); }, reps,
-              warmup),
-         "cudaMemcpy"});
-    rows.push_back({"CUDA IPC Get (GetToBuffer)", "cuda_ipc_get",
-                    Time(
-                        [&] {
-                          CHECK_OK((*dp)->GetToBuffer(get, {"gpu", 0, 0}));
-                        },
-                        reps, warmup),
-                    "cudaMemcpy"});
-    if (absl::GetFlag(FLAGS_rerotate)) {
+    if (rerotate) {
+      // The GPU kernel's re-rotation against the CPU path's (in `region` since the check above):
+      // within 1 ulp (bf16 words), nearly all equal.
       CHECK_OK((*dp)->GetToBuffer(moved, {"gpu", 0, 0}));
       CUDA_CHECK(cudaMemcpy(pinned, d_dst, total, cudaMemcpyDeviceToHost));
-      CHECK_OK((*dp)->GetToBuffer(moved, {"bench", 0, 0}));
-      if (std::memcmp(pinned, region, total) != 0) {
-        ok = false;
-        std::cerr << "re-rotated CUDA IPC Get differs from the shared-memory one\n";
+      uint64_t ulps = 0, worse = 0;
+      const auto* a = static_cast<const int16_t*>(pinned);
+      const auto* c = reinterpret_cast<const int16_t*>(region);
+      for (uint64_t i = 0; i < total / 2; ++i) {
+        if (a[i] == c[i]) continue;
+        (std::abs(int{a[i]} - int{c[i]}) == 1 ? ulps : worse)++;
       }
-      rows.push_back({"CUDA IPC Get, re-rotated", "cuda_ipc_get_rerotated",
-                      Time(
-                          [&] {
-                            CHECK_OK((*dp)->GetToBuffer(moved, {"gpu", 0, 0}));
-                          },
-                          reps, warmup),
-                      "cudaMemcpy"});
+      std::printf(
+          "re-rotated CUDA IPC Get vs CPU path: %llu bf16 words differ by 1 ulp, %llu by "
+          "more (of %llu)\n",
+          static_cast<unsigned long long>(ulps), static_cast<unsigned long long>(worse),
+          static_cast<unsigned long long>(total / 2));
+      if (worse != 0) ok = false;
+    }
+    std::memcpy(pinned, region, total);
+    table.Row(
+        "cudaMemcpy H2D from pinned memory", "cuda_memcpy_pinned", "",
+        [&] { CUDA_CHECK(cudaMemcpy(d_dst, pinned, total, cudaMemcpyHostToDevice)); }, reps,
+        warmup);
+    table.Row(
+        "cudaMemcpy H2D from pageable memory", "cuda_memcpy_pageable", "cuda_memcpy_pinned",
+        [&] { CUDA_CHECK(cudaMemcpy(d_dst, region, total, cudaMemcpyHostToDevice)); }, reps,
+        warmup);
+    table.Row(
+        "cudaMemcpy D2D (device)", "cuda_memcpy_d2d", "cuda_memcpy_pinned",
+        [&] { CUDA_CHECK(cudaMemcpy(d_pool, d_dst, total, cudaMemcpyDeviceToDevice)); }, reps,
+        warmup);
+    table.Row(
+        "CUDA IPC Get (GetToBuffer)", "cuda_ipc_get", "cuda_memcpy_pinned",
+        [&] {
+          CHECK_OK((*dp)->GetToBuffer(get, {"gpu", 0, 0}));
+        },
+        reps, warmup);
+    if (rerotate) {
+      table.Row(
+          "CUDA IPC Get, re-rotated (GPU kernel)", "cuda_ipc_get_rerotated", "cuda_memcpy_pinned",
+          [&] {
+            CHECK_OK((*dp)->GetToBuffer(moved, {"gpu", 0, 0}));
+          },
+          reps, warmup);
+    }
+    // The paged pool last: a frontend's pages handed out in a random order.
+    Progress("registering the paged pool and checking it");
+    CUDA_CHECK(cudaIpcGetMemHandle(&handle, d_pool));
+    v1::PagedLayout layout;
+    layout.set_model(put.model);
+    layout.set_num_blocks(static_cast<uint32_t>(blocks));
+    CHECK_OK((*dp)->RegisterCudaIpc(
+        "pool", 0, std::string(reinterpret_cast<const char*>(&handle), sizeof(handle)), 0, total,
+        layout));
+    client::BufferRef pages{"pool", 0, 0, {}};
+    for (uint32_t i = 0; i < blocks; ++i) pages.block_ids.push_back(i);
+    std::shuffle(pages.block_ids.begin(), pages.block_ids.end(), std::mt19937(11));
+    // Paged, as stored: a few blocks' pages against the pattern, element by element.
+    CUDA_CHECK(cudaMemset(d_pool, 0xFF, total));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK_OK((*dp)->GetToBuffer(get, pages));
+    bool paged_ok = true;
+    {
+      const int H = spec.kv_heads(), D = spec.head_dim(), L = spec.layers();
+      const uint64_t page_bytes = bb / (2 * L);
+      std::vector<uint8_t> want(bb), page(page_bytes);
+      for (uint64_t b : {uint64_t{0}, blocks / 2, blocks - 1}) {
+        pattern.Fill(b, want.data());
+        for (int l = 0; l < L && paged_ok; ++l)
+          for (int c = 0; c < 2 && paged_ok; ++c) {
+            const uint64_t at = ((uint64_t(l) * 2 + c) * blocks + pages.block_ids[b]) * page_bytes;
+            CUDA_CHECK(cudaMemcpy(page.data(), static_cast<uint8_t*>(d_pool) + at, page_bytes,
+                                  cudaMemcpyDeviceToHost));
+            for (int t = 0; t < bt && paged_ok; ++t)
+              for (int h = 0; h < H && paged_ok; ++h) {
+                const uint8_t* w =
+                    want.data() + ((((uint64_t(l) * 2 + c) * H + h) * bt + t) * D) * 2;
+                if (std::memcmp(page.data() + (uint64_t(t) * H + h) * D * 2, w, D * 2) != 0) {
+                  ok = paged_ok = false;
+                  std::cerr << "paged CUDA IPC Get: wrong bytes in block " << b << "\n";
+                }
+              }
+          }
+      }
+    }
+    table.Row(
+        "CUDA IPC Get into pages (block ids)", "cuda_ipc_get_paged", "cuda_memcpy_pinned",
+        [&] { CHECK_OK((*dp)->GetToBuffer(get, pages)); }, reps, warmup);
+    if (rerotate) {
+      table.Row(
+          "CUDA IPC Get into pages, re-rotated", "cuda_ipc_get_paged_rerotated",
+          "cuda_memcpy_pinned", [&] { CHECK_OK((*dp)->GetToBuffer(moved, pages)); }, reps, warmup);
     }
     CHECK_OK((*dp)->Unregister("gpu"));
+    CHECK_OK((*dp)->Unregister("pool"));
     CUDA_CHECK(cudaFreeHost(pinned));
     CUDA_CHECK(cudaFree(d_dst));
+    CUDA_CHECK(cudaFree(d_pool));
   }
 #endif
   CHECK_OK((*dp)->Unregister("bench"));
 
-  double memcpy_ms = 0, cuda_ms = 0, grpc_ms = 0, shm_ms = 0;
-  for (const Row& r : rows) {
-    if (r.key == "memcpy") memcpy_ms = r.ms;
-    if (r.key == "cuda_memcpy_pinned") cuda_ms = r.ms;
-    if (r.key == "grpc_get") grpc_ms = r.ms;
-    if (r.key == "shm_get") shm_ms = r.ms;
-  }
-  char host_name[256] = {0};
-  gethostname(host_name, sizeof(host_name) - 1);
-  std::printf(
-      "Get of %d tokens = %llu blocks x %.2f MiB = %.3f GiB (%d layers, %d kv heads, head_dim %d, "
-      "bf16); median of %d after %d warm-up; %s%s%s\n",
-      tokens, static_cast<unsigned long long>(blocks), bb / 1048576.0, total / 1073741824.0,
-      spec.layers(), spec.kv_heads(), spec.head_dim(), reps, warmup, host_name,
-      gpu_name.empty() ? "" : "; GPU ", gpu_name.c_str());
-  std::printf("%-38s %10s %8s %12s\n", "path", "ms", "GB/s", "x baseline");
+  const double grpc_ms = table.Ms("grpc_get"), shm_ms = table.Ms("shm_get");
   std::string json =
       absl::StrCat("{\"bench\":\"dataplane_get\",\"tokens\":", tokens, ",\"blocks\":", blocks,
                    ",\"block_bytes\":", bb, ",\"bytes\":", total, ",\"reps\":", reps,
                    ",\"put_ms\":", put_ms, ",\"bytes_match\":", ok ? "true" : "false",
-                   ",\"host\":\"", host_name, "\",\"gpu\":\"", gpu_name, "\"");
-  for (const Row& r : rows) {
-    const double base = r.baseline == "memcpy" ? memcpy_ms : cuda_ms;
-    std::printf("%-38s %10.2f %8.2f %12.2f\n", r.name.c_str(), r.ms, total / r.ms / 1e6,
-                base > 0 ? r.ms / base : 0.0);
-    absl::StrAppend(&json, ",\"", r.key, "_ms\":", absl::StrFormat("%.3f", r.ms));
-  }
+                   ",\"host\":\"", host_name, "\",\"gpu\":\"", gpu_name, "\"", table.Json());
   if (grpc_ms > 0 && shm_ms > 0) {
     std::printf("shared memory vs gRPC bytes: %.2fx faster (target >= 3x)\n", grpc_ms / shm_ms);
     absl::StrAppend(&json,
                     ",\"shm_speedup_over_grpc\":", absl::StrFormat("%.3f", grpc_ms / shm_ms));
   }
+  if (const double ipc = table.Ms("cuda_ipc_get"); ipc > 0 && grpc_ms > 0) {
+    std::printf("CUDA IPC vs gRPC bytes: %.2fx faster\n", grpc_ms / ipc);
+  }
   absl::StrAppend(&json, "}");
   std::printf("%s\n", json.c_str());
+  Progress(ok ? "done, bytes checked" : "done, BYTES DIFFER (see above)");
   return ok ? 0 : 1;
 }
 

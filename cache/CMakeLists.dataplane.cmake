@@ -66,3 +66,18 @@ if(EXISTS ${PROJECT_SOURCE_DIR}/bench/dataplane_bench.cc)
   target_compile_definitions(dataplane_bench PRIVATE ROPEKVD_PATH="$<TARGET_FILE:ropekvd>")
   set_target_properties(dataplane_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR})
 endif()
+
+# Python: torch CUDA tensors registered by IPC handle (tests/python/test_cuda_ipc.py), flat and as
+# paged pools. pytest exits 5 when the module skips itself (no torch, no GPU): ctest shows a skip.
+find_program(ROPEKV_PYTHON3 python3 PATHS /usr/bin NO_DEFAULT_PATH)
+if(ROPEKV_PYTHON3 AND EXISTS ${PROJECT_SOURCE_DIR}/tests/python/test_cuda_ipc.py)
+  add_test(NAME python_cuda_ipc
+           COMMAND ${ROPEKV_PYTHON3} -m pytest -q -p no:cacheprovider
+                   ${PROJECT_SOURCE_DIR}/tests/python/test_cuda_ipc.py)
+  set_tests_properties(python_cuda_ipc PROPERTIES
+    LABELS "python;gpu"
+    TIMEOUT 300
+    SKIP_RETURN_CODE 5
+    ENVIRONMENT
+      "PYTHONPATH=${PROJECT_BINARY_DIR}/python;ROPEKVD=$<TARGET_FILE:ropekvd>;PYTHONDONTWRITEBYTECODE=1")
+endif()

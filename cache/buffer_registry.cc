@@ -552,9 +552,9 @@ absl::StatusOr<std::unique_ptr<BufferLease>> BufferRegistry::AcquirePages(
   // The layout is fixed at registration: checked against this lease's own region.
   const PagedLayout* paged = (*lease)->paged();
   if (paged == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "buffer \"", range.buffer,
-        "\" has no paged layout; register it with one to address it by block ids"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("buffer \"", range.buffer,
+                     "\" has no paged layout; register it with one to address it by block ids"));
   }
   if (paged->model_id != model_id) {
     return absl::InvalidArgumentError(absl::StrCat("buffer \"", range.buffer,
@@ -563,9 +563,9 @@ absl::StatusOr<std::unique_ptr<BufferLease>> BufferRegistry::AcquirePages(
   }
   for (size_t i = 0; i < range.block_ids.size(); ++i) {
     if (range.block_ids[i] >= paged->num_blocks) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "block id ", range.block_ids[i], " (index ", i, ") out of range [0, ",
-          paged->num_blocks, ") of buffer \"", range.buffer, "\""));
+      return absl::InvalidArgumentError(absl::StrCat("block id ", range.block_ids[i], " (index ", i,
+                                                     ") out of range [0, ", paged->num_blocks,
+                                                     ") of buffer \"", range.buffer, "\""));
     }
   }
   // Two blocks in one page would overwrite each other.

@@ -209,16 +209,15 @@ class Transfer final : public CudaIpcTransfer {
                         absl::FunctionRef<absl::Status(const void* src)> use) override {
     return Enqueue([&]() -> absl::Status {
       if (auto r = staging_->Ready(0, n); !r.ok()) return r;
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging_->host[0], src, n,
-                                                  cudaMemcpyDeviceToHost, staging_->stream));
+      ROPEKV_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(staging_->host[0], src, n, cudaMemcpyDeviceToHost, staging_->stream));
       ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(staging_->stream));
       return use(staging_->host[0]);
     });
   }
 
   absl::Status Rerotate(absl::string_view model_id, const RopeSpec& spec,
-                        const KvGeometry& geometry,
-                        absl::Span<const RerotateCopy> jobs) override {
+                        const KvGeometry& geometry, absl::Span<const RerotateCopy> jobs) override {
     if (jobs.empty()) return status_;
     return Enqueue([&]() -> absl::Status {
       auto engine = buffer_->Engine(model_id, spec);

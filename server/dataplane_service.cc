@@ -189,8 +189,8 @@ grpc::ServerUnaryReactor* DataPlaneService::RegisterBuffer(grpc::CallbackServerC
         break;
       case v1::RegisterBufferRequest::kCudaIpc: {
         const v1::CudaIpcRegion& c = req->cuda_ipc();
-        info = registry_->RegisterCudaIpc(req->name(), c.device(), c.handle(), c.offset(),
-                                          c.size(), std::move(paged));
+        info = registry_->RegisterCudaIpc(req->name(), c.device(), c.handle(), c.offset(), c.size(),
+                                          std::move(paged));
         break;
       }
       default:

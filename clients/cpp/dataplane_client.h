@@ -74,10 +74,9 @@ class DataPlaneClient {
                                              std::optional<v1::PagedLayout> paged = std::nullopt);
   // Registers a GPU buffer: `handle` is a cudaIpcMemHandle_t's 64 bytes, [offset, offset + size)
   // of its allocation (size 0: to its end); `paged` as RegisterShm.
-  absl::StatusOr<v1::BufferInfo> RegisterCudaIpc(const std::string& name, int device,
-                                                 const std::string& handle, uint64_t offset,
-                                                 uint64_t size,
-                                                 std::optional<v1::PagedLayout> paged = std::nullopt);
+  absl::StatusOr<v1::BufferInfo> RegisterCudaIpc(
+      const std::string& name, int device, const std::string& handle, uint64_t offset,
+      uint64_t size, std::optional<v1::PagedLayout> paged = std::nullopt);
   // Waits (in the daemon) for copies in flight; returns how many it waited for.
   absl::StatusOr<uint32_t> Unregister(const std::string& name);
   absl::StatusOr<v1::ListBuffersResponse> ListBuffers();

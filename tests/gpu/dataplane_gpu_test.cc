@@ -1,8 +1,10 @@
 // CUDA IPC buffers through a real ropekvd (built with CUDA, on a machine with a GPU): this test
 // plays the frontend, exporting a cudaMalloc'd buffer by cudaIpcGetMemHandle and registering it.
 // What the daemon writes there equals what the gRPC bytes path answers for the same request
-// (checked against fp64 references in its own tests); random canary bytes around every target
-// range must survive; bad ranges and handles are refused. Skips itself without a GPU.
+// (checked against fp64 references in its own tests): bit for bit as stored; keys re-rotated on the
+// GPU by the CUDA kernel within 1 ulp of the CPU path (the kernel's documented bound; nearly all
+// bit-equal). Random canary bytes around every target range must survive; bad ranges, handles and
+// page ids are refused. Skips itself without a GPU.
 //
 // The daemon binary: $ROPEKVD, else ../ropekvd beside this test's folder (the build tree's
 // layout, also after the build folder is copied elsewhere), else the path known at build time.
@@ -169,14 +171,33 @@ class DataPlaneGpuTest : public ::testing::Test {
     EXPECT_EQ(cudaMemcpy(out.data(), dev_, kAlloc, cudaMemcpyDeviceToHost), cudaSuccess);
     return out;
   }
-  // Device bytes [kOffset + at, + want.size()) equal `want`, every other byte its canary.
-  void ExpectWritten(uint64_t at, const std::vector<uint8_t>& want) {
+  // Device bytes [kOffset + at, + want.size()) equal `want` (within 1 ulp where keys were
+  // re-rotated: `rerotated`), every other byte its canary.
+  void ExpectWritten(uint64_t at, const std::vector<uint8_t>& want, bool rerotated = false) {
     const std::vector<uint8_t> got = Device();
     const uint64_t begin = kOffset + at, end = begin + want.size();
-    EXPECT_EQ(std::memcmp(got.data() + begin, want.data(), want.size()), 0);
+    if (rerotated) {
+      ExpectWithinUlp(got.data() + begin, want);
+    } else {
+      EXPECT_EQ(std::memcmp(got.data() + begin, want.data(), want.size()), 0);
+    }
     EXPECT_EQ(std::memcmp(got.data(), canary_.data(), begin), 0) << "bytes before the range";
     EXPECT_EQ(std::memcmp(got.data() + end, canary_.data() + end, kAlloc - end), 0)
         << "bytes after the range";
+  }
+  // got equals want bf16 for bf16 (2-byte words), or differs by 1 ulp in at most 1 % of them.
+  static void ExpectWithinUlp(const uint8_t* got, const std::vector<uint8_t>& want) {
+    size_t ulps = 0;
+    for (size_t i = 0; i + 1 < want.size(); i += 2) {
+      int16_t g, w;
+      std::memcpy(&g, got + i, 2);
+      std::memcpy(&w, want.data() + i, 2);
+      if (g == w) continue;
+      ASSERT_EQ(std::abs(int{g} - int{w}), 1) << "bf16 word " << i / 2 << " differs by more "
+                                              << "than 1 ulp: " << g << " vs " << w;
+      ++ulps;
+    }
+    EXPECT_LE(ulps, want.size() / 200) << ulps << " words differ by 1 ulp";
   }
 
   void PutBytes(const std::vector<int32_t>& tokens, const std::vector<uint8_t>& bytes,
@@ -212,7 +233,7 @@ TEST_F(DataPlaneGpuTest, GetIntoGpuEqualsGrpcGet) {
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_EQ(got->header().blocks(), 5u);
     EXPECT_EQ(got->bytes_written(), 5 * bb_);
-    ExpectWritten(1000, want->data);
+    ExpectWritten(1000, want->data, target.has_value());
     ResetCanaries();
   }
 }
@@ -250,7 +271,7 @@ TEST_F(DataPlaneGpuTest, ComposeIntoGpuEqualsGrpcCompose) {
   auto got = dp_->ComposeToBuffer("demo", "", parts, BufferRef{"gpu", 64, 0});
   ASSERT_TRUE(got.ok()) << got.status();
   ASSERT_EQ(got->bytes_written(), want->data.size());
-  ExpectWritten(64, want->data);
+  ExpectWritten(64, want->data, /*rerotated=*/true);
 }
 
 TEST_F(DataPlaneGpuTest, BadRangesAndHandlesAreRefused) {
@@ -282,6 +303,155 @@ TEST_F(DataPlaneGpuTest, BadRangesAndHandlesAreRefused) {
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->buffers_size(), 1);
   EXPECT_EQ(list->buffers(0).name(), "gpu");
+}
+
+// A Llama-3-shaped head (head_dim 128, llama3 frequencies) moved far: the GPU re-rotation of a
+// Get equals the CPU path of the gRPC Get within 1 ulp.
+TEST_F(DataPlaneGpuTest, RerotatedGetOfLlamaShapeEqualsCpuPath) {
+  v1::ModelSpec spec;
+  spec.set_layers(2);
+  spec.set_kv_heads(8);
+  spec.set_head_dim(128);
+  spec.set_dtype(v1::DTYPE_BF16);
+  spec.set_block_tokens(16);
+  v1::RopeSpec* rope = spec.mutable_rope();
+  rope->set_type(v1::ROPE_TYPE_LLAMA3);
+  rope->set_theta(500000);
+  rope->set_factor(8);
+  rope->set_original_max_position_embeddings(8192);
+  ASSERT_TRUE(client_->RegisterModel(spec, "llama").ok());
+  const uint64_t bb = KvShape::Of(spec, 1).BlockBytes();
+  const auto tokens = Tokens(21, 6 * 16);
+  client::PutArgs p;
+  p.model = "llama";
+  p.tokens = tokens;
+  p.rotated_at = 37;
+  const auto bytes = Bytes(22, 6 * bb);
+  ASSERT_TRUE(client_->Put(p, KvView{bytes, KvShape::Of(spec, 6)}).ok());
+  for (int64_t target : {int64_t{0}, int64_t{100000}, int64_t{131000}}) {
+    client::GetArgs a;
+    a.model = "llama";
+    a.tokens = tokens;
+    a.target_position = target;
+    auto want = client_->Get(a);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_EQ(want->data.size(), 6 * bb);
+    auto got = dp_->GetToBuffer(a, BufferRef{"gpu", 256, 0});
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectWritten(256, want->data, /*rerotated=*/true);
+    ResetCanaries();
+  }
+}
+
+// A paged pool of the frontend (vLLM-style) on the GPU: blocks land in the pages named, keys
+// re-rotated; the image is built on the host from the gRPC answer with its own index formula.
+TEST_F(DataPlaneGpuTest, PagedPoolGetAndPutByBlockIds) {
+  constexpr uint32_t kPages = 6;
+  const v1::ModelSpec spec = Demo();
+  const int L = spec.layers(), H = spec.kv_heads(), D = spec.head_dim(), T = spec.block_tokens();
+  const uint64_t pool_bytes = uint64_t{kPages} * bb_;
+  void* pool = nullptr;
+  ASSERT_CUDA(cudaMalloc(&pool, pool_bytes + 4096));
+  const std::vector<uint8_t> canary = Bytes(31, pool_bytes + 4096);
+  auto reset = [&] {
+    ASSERT_CUDA(cudaMemcpy(pool, canary.data(), canary.size(), cudaMemcpyHostToDevice));
+  };
+  reset();
+  auto read = [&] {
+    std::vector<uint8_t> out(canary.size());
+    EXPECT_EQ(cudaMemcpy(out.data(), pool, out.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  };
+  cudaIpcMemHandle_t h;
+  ASSERT_CUDA(cudaIpcGetMemHandle(&h, pool));
+  v1::PagedLayout layout;
+  layout.set_model("demo");
+  layout.set_num_blocks(kPages);
+  auto info = dp_->RegisterCudaIpc(
+      "pool", 0, std::string(reinterpret_cast<const char*>(&h), sizeof(h)), 0, 0, layout);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->paged().num_blocks(), kPages);
+  // Element (l, k|v, page, token, head, dim) of the pool, in bf16 words; (b, ...) of blocks.
+  auto pool_word = [&](int l, int kv, uint32_t page, int t, int hh, int d) {
+    return ((((size_t(l) * 2 + kv) * kPages + page) * T + t) * H + hh) * D + d;
+  };
+  auto block_word = [&](size_t b, int l, int kv, int t, int hh, int d) {
+    return b * bb_ / 2 + (((size_t(l) * 2 + kv) * H + hh) * T + t) * D + d;
+  };
+  auto image = [&](const std::vector<uint8_t>& blocks, const std::vector<uint32_t>& ids) {
+    std::vector<uint8_t> out = canary;
+    for (size_t b = 0; b < ids.size(); ++b)
+      for (int l = 0; l < L; ++l)
+        for (int kv = 0; kv < 2; ++kv)
+          for (int t = 0; t < T; ++t)
+            for (int hh = 0; hh < H; ++hh)
+              for (int d = 0; d < D; ++d) {
+                std::memcpy(out.data() + 2 * pool_word(l, kv, ids[b], t, hh, d),
+                            blocks.data() + 2 * block_word(b, l, kv, t, hh, d), 2);
+              }
+    return out;
+  };
+
+  const auto tokens = Tokens(32, 3 * 16);
+  PutBytes(tokens, Bytes(33, 3 * bb_));
+  const std::vector<uint32_t> ids = {4, 1, 3};
+  for (std::optional<int64_t> target : {std::optional<int64_t>(), std::optional<int64_t>(777)}) {
+    client::GetArgs a;
+    a.model = "demo";
+    a.tokens = tokens;
+    a.target_position = target;
+    auto want = client_->Get(a);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got = dp_->GetToBuffer(a, BufferRef{"pool", 0, 0, ids});
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->header().blocks(), 3u);
+    const std::vector<uint8_t> expect = image(want->data, ids);
+    const std::vector<uint8_t> now = read();
+    if (!target.has_value()) {
+      EXPECT_EQ(now, expect) << "as stored: bit for bit, other pages untouched";
+    } else {
+      ExpectWithinUlp(now.data(), expect);
+    }
+    reset();
+  }
+
+  // Put from pages 2 and 5, then the gRPC Get answers their blocks.
+  const auto blocks = Bytes(34, 2 * bb_);
+  const std::vector<uint8_t> pages = image(blocks, {2, 5});
+  ASSERT_CUDA(cudaMemcpy(pool, pages.data(), pages.size(), cudaMemcpyHostToDevice));
+  client::PutArgs p;
+  p.model = "demo";
+  p.tokens = Tokens(35, 2 * 16);
+  auto put = dp_->PutFromBuffer(p, BufferRef{"pool", 0, 0, {2, 5}});
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(put->blocks_stored(), 2u);
+  client::GetArgs g;
+  g.model = "demo";
+  g.tokens = p.tokens;
+  auto back = client_->Get(g);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->data, blocks);
+
+  // Bad ids: nothing written, nothing stored.
+  reset();
+  client::GetArgs a;
+  a.model = "demo";
+  a.tokens = tokens;
+  for (const std::vector<uint32_t>& bad :
+       {std::vector<uint32_t>{0, kPages}, std::vector<uint32_t>{2, 2, 3}}) {
+    EXPECT_EQ(dp_->GetToBuffer(a, BufferRef{"pool", 0, 0, bad}).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_EQ(dp_->GetToBuffer(a, BufferRef{"gpu", 0, 0, {0}}).status().code(),
+            absl::StatusCode::kInvalidArgument)
+      << "a buffer without a paged layout";
+  p.tokens = Tokens(36, 2 * 16);
+  EXPECT_EQ(dp_->PutFromBuffer(p, BufferRef{"pool", 0, 0, {1}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(read(), canary);
+  EXPECT_EQ(Device(), canary_);
+  ASSERT_TRUE(dp_->Unregister("pool").ok());
+  cudaFree(pool);
 }
 
 }  // namespace

@@ -284,7 +284,8 @@ class Client:
             req.segment = True
         return self._call(self.kvcache.Lookup, req)
 
-    def get(self, model, tokens, tenant="", target_position=None, max_blocks=0, out=None):
+    def get(self, model, tokens, tenant="", target_position=None, max_blocks=0, out=None,
+            block_ids=None):
         """Fetches the KV of the longest cached prefix of `tokens`.
 
         target_position: where the first returned token's key should sit; keys are re-rotated
@@ -296,6 +297,10 @@ class Client:
           CudaBuffer, or a (buffer, offset) pair: the daemon writes the blocks there itself
           (GetToBuffer, no bytes through gRPC) and the array returned is a view into the buffer
           (a torch tensor for a CudaBuffer); INVALID_ARGUMENT when the buffer cannot hold them.
+        block_ids: with `out` a buffer registered with a paged layout (paged=): block i goes to
+          page block_ids[i] of every layer's K and V pool (at most len(block_ids) blocks; other
+          pages untouched); the array returned is then the whole pool, [layers, 2, num_blocks,
+          block_tokens, kv_heads, head_dim]. Bad ids are INVALID_ARGUMENT, nothing written.
         Returns (GetHeader, array [blocks, layers, 2, kv_heads, block_tokens, head_dim] of
         numpy_dtype(spec.dtype)); blocks is 0 on a miss. NOT_FOUND for an unknown model,
         INVALID_ARGUMENT for a negative target_position, DATA_LOSS when the stream is short.
@@ -303,7 +308,9 @@ class Client:
         spec = self.spec(model)
         if _shm.resolve_out(out) is not None:
             return self._get_to_buffer(spec, model, tokens, tenant, target_position, max_blocks,
-                                       out)
+                                       out, block_ids)
+        if block_ids is not None:
+            raise invalid("block_ids need out= a buffer registered with a paged layout")
         req = pb.GetRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
                             max_blocks=max_blocks)
         if target_position is not None:
@@ -441,10 +448,13 @@ class Client:
             raise
         return buf
 
-    def register_shm(self, shm, size=0, name=None):
+    def register_shm(self, shm, size=0, name=None, paged=None):
         """Registers shared memory: a ShmBuffer, or the name of a POSIX shared-memory object
         someone created ("/name" or "name"), its first `size` bytes (0: all). `name` is what
         later calls call it (default: the region's name). Returns the BufferInfo.
+        paged: (model, num_blocks): the buffer holds a vLLM-style paged pool of that model,
+        [layers, 2, num_blocks, block_tokens, kv_heads, head_dim] (docs/dataplane.md); get() and
+        put_from_buffer() may then name pages by block_ids.
         FAILED_PRECONDITION when the daemon does not allow registration; NOT_FOUND for a missing
         object; INVALID_ARGUMENT for a bad name or a size past the object; ALREADY_EXISTS."""
         if isinstance(shm, _shm.ShmBuffer):
@@ -455,20 +465,26 @@ class Client:
             reg = name or shm_name.lstrip("/")
         req = _shm.dpb.RegisterBufferRequest(
             name=reg, shm=_shm.dpb.ShmRegion(shm_name=shm_name, size=int(size)))
+        _shm.set_paged(req, paged)
         info = self._call(self.dataplane.RegisterBuffer, req).buffer
         if isinstance(shm, _shm.ShmBuffer):
             shm.name, shm._client = reg, self
+            shm.paged_blocks = None if paged is None else int(paged[1])
         return info
 
-    def register_cuda(self, tensor, name=None, device=None):
+    def register_cuda(self, tensor, name=None, device=None, paged=None):
         """Registers a contiguous torch CUDA tensor by its CUDA IPC handle; returns a CudaBuffer
-        (use it as `out=`). UNAVAILABLE from a daemon without CUDA or a GPU."""
+        (use it as `out=`, or as put_from_buffer's source). paged: (model, num_blocks) as
+        register_shm (a tensor [layers, 2, num_blocks, block_tokens, kv_heads, head_dim]).
+        UNAVAILABLE from a daemon without CUDA or a GPU."""
         buf = _shm.CudaBuffer(tensor, name=name, device=device)
         req = _shm.dpb.RegisterBufferRequest(
             name=buf.name, cuda_ipc=_shm.dpb.CudaIpcRegion(
                 device=buf.device, handle=buf.handle, offset=buf.offset, size=buf.size))
+        _shm.set_paged(req, paged)
         self._call(self.dataplane.RegisterBuffer, req)
         buf._client = self
+        buf.paged_blocks = None if paged is None else int(paged[1])
         return buf
 
     def unregister_buffer(self, name):
@@ -484,10 +500,12 @@ class Client:
         return self._call(self.dataplane.ListBuffers, _shm.dpb.ListBuffersRequest())
 
     def put_from_buffer(self, model, tokens, buffer, offset=0, tenant="", parent=None,
-                        rotated_at=None, pin=False, rope_table=0, pre_rope=False, segment=False):
+                        rotated_at=None, pin=False, rope_table=0, pre_rope=False, segment=False,
+                        block_ids=None):
         """put() / put_segment() with the blocks' bytes read by the daemon from a registered
-        buffer at `offset` (block layout, as put). Returns PutFromBufferResponse
-        (.blocks_stored, .blocks_existing, .block_hashes, .bytes_read)."""
+        buffer at `offset` (block layout, as put), or from pages `block_ids` of a paged buffer
+        (one id per block). Returns PutFromBufferResponse (.blocks_stored, .blocks_existing,
+        .block_hashes, .bytes_read)."""
         if isinstance(buffer, _shm.CudaBuffer):
             buffer.synchronize()
         header = pb.PutHeader(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
@@ -498,22 +516,26 @@ class Client:
             header.parent = _hash_bytes(parent)
         if rotated_at is not None:
             header.rotated_at = int(rotated_at)
-        req = _shm.dpb.PutFromBufferRequest(header=header,
-                                            src=_shm.buffer_range(buffer, offset))
+        req = _shm.dpb.PutFromBufferRequest(
+            header=header, src=_shm.buffer_range(buffer, offset, block_ids=block_ids))
         return self._call(self.dataplane.PutFromBuffer, req)
 
-    def _get_to_buffer(self, spec, model, tokens, tenant, target_position, max_blocks, out):
+    def _get_to_buffer(self, spec, model, tokens, tenant, target_position, max_blocks, out,
+                       block_ids=None):
         buffer, offset = _shm.resolve_out(out)
         if isinstance(buffer, _shm.CudaBuffer):
             buffer.synchronize()
-        req = _shm.dpb.GetToBufferRequest(model=model, tenant=tenant,
-                                          tokens=arrays.tokens_list(tokens),
-                                          max_blocks=max_blocks,
-                                          dst=_shm.buffer_range(buffer, offset))
+        req = _shm.dpb.GetToBufferRequest(
+            model=model, tenant=tenant, tokens=arrays.tokens_list(tokens), max_blocks=max_blocks,
+            dst=_shm.buffer_range(buffer, offset, block_ids=block_ids))
         if target_position is not None:
             req.target_position = int(target_position)
         resp = self._call(self.dataplane.GetToBuffer, req)
         header = resp.header
+        if block_ids is not None:
+            return header, _shm.view(buffer, 0, arrays.numpy_dtype(spec.dtype),
+                                     _shm.torch_dtype_of(spec.dtype),
+                                     _shm.paged_shape(spec, buffer.paged_blocks))
         return header, _shm.view(buffer, offset, arrays.numpy_dtype(spec.dtype),
                                  _shm.torch_dtype_of(spec.dtype),
                                  arrays.kv_shape(spec, header.blocks))

@@ -70,6 +70,7 @@ class ShmBuffer:
         self.size = size
         self.shm_name = "/" + self._shm.name.lstrip("/")
         self.name = self._shm.name.lstrip("/")
+        self.paged_blocks = None  # pages per pool when registered with a paged layout
         self._client = None  # the client it is registered with
 
     @property
@@ -155,6 +156,7 @@ class CudaBuffer:
         self.device = tensor.device.index if device is None else int(device)
         self.tensor = tensor
         self.name = name or f"cuda-{os.getpid()}-{secrets.token_hex(6)}"
+        self.paged_blocks = None  # pages per pool when registered with a paged layout
         self._client = None
 
     def array(self, dtype, shape, offset=0):
@@ -210,10 +212,32 @@ def resolve_out(out):
     return buffer, offset
 
 
-def buffer_range(buffer, offset=0, length=0):
+def buffer_range(buffer, offset=0, length=0, block_ids=None):
+    """A BufferRange: [offset, offset + length) of a buffer, or its pages `block_ids`."""
     _need_dataplane()
-    return dpb.BufferRange(buffer=buffer.name if not isinstance(buffer, str) else buffer,
-                           offset=int(offset), length=int(length))
+    r = dpb.BufferRange(buffer=buffer.name if not isinstance(buffer, str) else buffer,
+                        offset=int(offset), length=int(length))
+    if block_ids is not None:
+        if int(offset) != 0:
+            raise invalid("give block_ids or an offset, not both")
+        r.block_ids.extend(int(i) for i in block_ids)
+    return r
+
+
+def set_paged(req, paged):
+    """Sets RegisterBufferRequest.paged from (model, num_blocks), or leaves it unset for None."""
+    if paged is None:
+        return
+    model, num_blocks = paged
+    req.paged.model = str(model)
+    req.paged.num_blocks = int(num_blocks)
+
+
+def paged_shape(spec, num_blocks):
+    """The shape of a paged pool: [layers, 2, num_blocks, block_tokens, kv_heads, head_dim]."""
+    if not num_blocks:
+        raise invalid("the buffer was not registered with a paged layout (paged=)")
+    return (spec.layers, 2, int(num_blocks), spec.block_tokens, spec.kv_heads, spec.head_dim)
 
 
 def view(buffer, offset, np_dtype, torch_dtype, shape):
