@@ -409,6 +409,20 @@ class Client:
             raise Error(grpc.StatusCode.DATA_LOSS, f"Compose: want {want} bytes, got {len(data)}")
         return header, np.frombuffer(data, dt).reshape(shape)
 
+    # -- editor sessions (PIE): ropekv.sessions, docs/sessions.md ------------------------------
+
+    @property
+    def sessions(self):
+        """The Sessions service and the session calls of the DataPlane (ropekv.sessions.Sessions)
+        on this client's channel: open / edit / fill / read / snapshot / info / close, and
+        open_from_buffer / fill_from_buffer / read_to_buffer with registered buffers."""
+        s = getattr(self, "_sessions", None)
+        if s is None:
+            from ropekv.sessions import Sessions
+
+            s = self._sessions = Sessions(self)
+        return s
+
     # -- retrieval: query-aware top-k selection (ropekv.retrieval, docs/retrieval.md) ----------
 
     @property
