@@ -132,9 +132,13 @@ absl::Status ComposeToGpu(KvCache& cache, absl::string_view tenant,
     const ComposePart& part = parts[p];
     auto handle = part.segment ? cache.AcquireSegment(model.id, tenant, part.tokens)
                                : cache.AcquirePrefix(model.id, tenant, part.tokens, 0);
-    if (!handle.ok()) return handle.status();
+    if (!handle.ok()) {
+      s = handle.status();
+      break;
+    }
     if (handle->matched_tokens() != part.tokens.size()) {
-      return absl::InternalError(absl::StrCat("part ", p, " changed under Compose"));
+      s = absl::InternalError(absl::StrCat("part ", p, " changed under Compose"));
+      break;
     }
     for (size_t b = 0; s.ok() && b < handle->blocks().size(); ++b) {
       const BlockInfo& block = handle->blocks()[b];
@@ -152,8 +156,8 @@ absl::Status ComposeToGpu(KvCache& cache, absl::string_view tenant,
     handles.push_back(*std::move(handle));
   }
   if (s.ok()) s = lease.transfer()->Rerotate(model.id, spec.rope, BlockGeometry(spec), jobs);
-  if (s.ok()) lease.CountWritten(uint64_t(spec.layers) * prompt.layer_bytes());
-  absl::Status finished = lease.Finish();
+  if (s.ok()) lease.CountWritten(static_cast<uint64_t>(spec.layers) * prompt.layer_bytes());
+  absl::Status finished = lease.Finish();  // before `handles` go: copies read their bytes
   return s.ok() ? finished : s;
 }
 
