@@ -77,3 +77,13 @@ ropekv_test(NAME session_dataplane_test LABELS integration
   LIBS ropekv_dataplane_client ropekv_client ropekv_cache ropekv_test_daemon)
 add_dependencies(session_dataplane_test ropekvd)
 endif()
+
+# GPU test: a frontend's CUDA IPC buffer through a real ropekvd, GPU and host sessions (skips
+# without a GPU).
+if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/tests/gpu/session_dataplane_gpu_test.cc)
+  ropekv_test(NAME session_dataplane_gpu_test LABELS gpu
+    SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/session_dataplane_gpu_test.cc
+    LIBS ropekv_dataplane_client ropekv_client ropekv_kernels_common CUDA::cudart_static)
+  target_compile_definitions(session_dataplane_gpu_test PRIVATE ROPEKVD="$<TARGET_FILE:ropekvd>")
+  add_dependencies(session_dataplane_gpu_test ropekvd)
+endif()

@@ -609,9 +609,10 @@ absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec&
       return mem.status();
     }
     auto chunk = std::make_shared<KvChunk>();
-    chunk->data = mem->get();
+    void* const p = mem->get();  // before the deleter takes `mem` (argument order is unspecified)
+    chunk->data = p;
     chunk->owner = std::shared_ptr<const void>(
-        mem->get(), [mem = *std::move(mem), budget, bytes](const void*) mutable {
+        p, [mem = *std::move(mem), budget, bytes](const void*) mutable {
           mem.reset();  // back to the device pool
           budget->used.fetch_sub(bytes);
         });
