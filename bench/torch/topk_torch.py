@@ -8,7 +8,8 @@ Part 1, timing, the same shapes as topk_bench: 8 KV heads, head_dim 128, bf16 ke
   pqh   : the same without the reduction (top-k per query head)
   page  : Quest on page metadata M, m [8, N/16, 128] (built outside the timing):
           bmm(q+, M^T) + bmm(q-, m^T) -> amax over the group -> torch.topk(ceil(k / 16))
-The L2 cache is overwritten before every timed run (keys come from HBM, as in topk_bench).
+The L2 cache is overwritten before every timed run and left clean (a fill, then a read of the same
+256 MiB; keys come from HBM, as in topk_bench).
 
 Part 2, recall: keys and queries from a random-weight Llama layer (transformers' LlamaConfig /
 rotary embedding when importable, else the same math written here: RMSNorm, q_proj/k_proj with
@@ -49,7 +50,9 @@ class Timer:
             fn()
         times = []
         for i in range(reps):
+            # Overwrite L2, then read the same bytes so that its lines are clean (as topk_bench).
             self.flush.fill_(i & 0xFF)
+            self.flush.view(torch.int32).sum()
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)
             a.record()

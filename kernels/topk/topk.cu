@@ -184,6 +184,36 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Bulk copies (the Hopper copy engine, cp.async.bulk) completing on an mbarrier in shared memory.
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the copy engine.
+__device__ __forceinline__ void FenceMbarInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Orders this thread's earlier shared-memory accesses before later copy-engine writes.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// One arrival that also expects `bytes` more bytes of copies in the current phase.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(bytes) : "memory");
+}
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared.
+__device__ __forceinline__ void BulkCopyG2S(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(bytes), "r"(SmemAddr(bar)) : "memory");
+}
+// Whether the phase of parity `parity` has completed.
+__device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
+  uint32_t ok = 0;
+  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(ok) : "r"(SmemAddr(bar)), "r"(parity) : "memory");
+  return ok != 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scoring: exact q.k over key rows, or the Quest bound over metadata rows.
 
@@ -424,6 +454,8 @@ struct TcParams {
   int group;             // query heads per KV head (all in one block)
   int n_tiles8;          // ceil(group / 8): mma n-tiles
   int kv_heads_for_grid;  // grid.y
+  // Rows staged by bulk copies (dense view, every row 16-byte aligned) instead of cp.async.
+  bool tma;
   GqaReduction red;
   int64_t len;  // rows per head
   float* out;   // [out_rows][len]
@@ -484,13 +516,18 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   // [n-tile][k-step][part][lane] B fragments.
   uint2* qf = reinterpret_cast<uint2*>(smem + kStagesW * kStageBytes);
   const int nt_total = p.n_tiles8;
-  uint32_t* hist_s = reinterpret_cast<uint32_t*>(qf + nt_total * kSteps * P * 32);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(qf + nt_total * kSteps * P * 32);  // [stages]
+  uint32_t* hist_s = reinterpret_cast<uint32_t*>(bars + kStagesW);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
   const int q0 = kvh * p.group;
   if (p.hist0 != nullptr) {
     for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
+  }
+  if (p.tma && tid == 0) {
+    for (int s = 0; s < kStagesW; ++s) MbarInit(&bars[s], 1);
+    FenceMbarInit();
   }
   for (int i = tid; i < nt_total * kSteps * P * 32; i += kTcThreads) {
     const int l = i % 32;
@@ -513,9 +550,23 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * p.tiles_per_block;
   const int64_t tile_end = min(p.n_tiles, tile_begin + p.tiles_per_block);
   const int n_items = tile_end > tile_begin ? static_cast<int>(tile_end - tile_begin) : 0;
+  // cp.async: every thread copies 16-byte chunks. Bulk copies: warp 0 copies one row per lane
+  // and arms the stage's barrier with the tile's bytes.
   auto load_tile = [&](int item, int stage) {
     const int64_t tile = tile_begin + item;
     unsigned char* dst = stages + stage * kStageBytes;
+    if (p.tma) {
+      if (warp != 0) return;
+      const int rows = static_cast<int>(min(static_cast<int64_t>(kTcTileRows), p.len - tile * kTcTileRows));
+      FenceProxyAsync();
+      if (lane == 0) MbarArriveExpectTx(&bars[stage], static_cast<uint32_t>(rows * W * 2));
+      __syncwarp();
+      for (int r = lane; r < rows; r += 32) {
+        BulkCopyG2S(dst + r * kPitch, RowPtr(p.rows, kvh, tile * kTcTileRows + r), W * 2,
+                    &bars[stage]);
+      }
+      return;
+    }
     for (int i = tid; i < kTcTileRows * kChunks; i += kTcThreads) {
       const int slot = i / kChunks, sub = i % kChunks;
       const int64_t row = tile * kTcTileRows + slot;
@@ -523,19 +574,26 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
       CopyChunk16(dst + slot * kPitch + sub * 16, RowPtr(p.rows, kvh, row) + sub * 16, 2);
     }
   };
+  if (p.tma) __syncthreads();  // the barriers are initialised before anyone waits on them
   for (int s = 0; s < kStagesW - 1; ++s) {
     if (s < n_items) load_tile(s, s);
-    CpAsyncCommit();
+    if (!p.tma) CpAsyncCommit();
   }
   const bool per_head = p.red == GqaReduction::kPerQueryHead;
   const bool is_max = p.red == GqaReduction::kMax;
   for (int it = 0; it < n_items; ++it) {
-    CpAsyncWait<kStagesW - 2>();
+    if (p.tma) {
+      while (!MbarTryWait(&bars[it % kStagesW], static_cast<uint32_t>(it / kStagesW) & 1u)) {
+      }
+    } else {
+      CpAsyncWait<kStagesW - 2>();
+    }
+    // Also: every warp is done with the stage refilled next (read in the previous iteration).
     __syncthreads();
     {
       const int next = it + kStagesW - 1;
       if (next < n_items) load_tile(next, next % kStagesW);
-      CpAsyncCommit();
+      if (!p.tma) CpAsyncCommit();
     }
     const unsigned char* tile_s = stages + (it % kStagesW) * kStageBytes + warp * 16 * kPitch;
     const int64_t row0 = (tile_begin + it) * kTcTileRows + warp * 16 + g;
@@ -597,15 +655,19 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           red[r] = is_max ? fmaxf(red[r], o) : red[r] + o;
         }
         const int64_t row = row0 + 8 * r;
-        if (tig == 0 && row < p.len) {
-          float v = red[r];
-          if (v != v) v = p.bound ? kInf : -kInf;
-          p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
-          if (p.hist0 != nullptr) {
-            const uint32_t key =
-                Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local) ? 0u : internal::OrderKey(v);
-            atomicAdd(&hist_s[key >> 21], 1u);
-          }
+        const bool mine = tig == 0 && row < p.len;
+        float v = red[r];
+        if (v != v) v = p.bound ? kInf : -kInf;
+        if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
+        if (p.hist0 != nullptr) {
+          // Neighbouring rows mostly share a bin: one shared atomic per distinct bin of the warp.
+          const uint32_t bin =
+              !mine ? 0xffffffffu
+                    : (Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local) ? 0u
+                                                                            : internal::OrderKey(v)) >>
+                          21;
+          const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+          if (mine && __ffs(peers) - 1 == lane) atomicAdd(&hist_s[bin], __popc(peers));
         }
       }
     }
@@ -703,7 +765,8 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
 // Shared memory of TcScoreKernel: the stages, the query fragments and the histogram.
 size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
   return static_cast<size_t>(TcStages(width)) * kTcTileRows * TcRowBytes(width) +
-         static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 + (hist ? kRadixBins * 4 : 0);
+         static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 + TcStages(width) * 8 +
+         (hist ? kRadixBins * 4 : 0);
 }
 
 template <int W, int P, int NTC>
@@ -760,6 +823,10 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   p.bound = bound;
   p.group = group;
   p.kv_heads_for_grid = req.kv_heads;
+  // Bulk copies need 16-byte aligned rows: known from the host for a dense view only.
+  p.tma = internal::BulkCopyStaging() && view.blocks == nullptr &&
+          reinterpret_cast<uintptr_t>(view.base) % 16 == 0 && (view.row_stride * 2) % 16 == 0 &&
+          (view.head_stride * 2) % 16 == 0;
   p.red = req.reduction;
   p.len = bound ? NumPages(req.num_tokens) : req.num_tokens;
   p.out = out;
@@ -1067,23 +1134,37 @@ __device__ void CompactRow(const uint32_t* bitmap, int64_t words, const CompactA
     const uint32_t pinned = RangeMask(w, 0, o.n_sink) | RangeMask(w, o.n - o.n_local, o.n);
     return (chosen | pinned) & RangeMask(w, 0, o.n);
   };
+  // Words in batches of independent loads: this runs in one block after the rest of the
+  // selection, so its latency chain is the selection's tail.
+  constexpr int kBatch = 8;
   uint32_t mine = 0;
-  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
+  for (int64_t w = w0; w < w1; w += kBatch) {
+    uint32_t v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) v[j] = w + j < w1 ? word(w + j) : 0u;
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) mine += __popc(v[j]);
+  }
   uint32_t start = 0, total = 0;
   SelScan(scan).ExclusiveSum(mine, start, total);
-  for (int64_t w = w0; w < w1; ++w) {
-    uint32_t m = word(w);
-    while (m != 0) {
-      const int b = __ffs(m) - 1;
-      m &= m - 1;
-      const int64_t t = w * 32 + b;
-      if (start < o.cap) {
-        o.indices[row * o.cap + start] = static_cast<int32_t>(t);
-        if (o.out_scores != nullptr && o.row_scores != nullptr) {
-          o.out_scores[row * o.cap + start] = o.row_scores[row * o.n + t];
+  for (int64_t wb = w0; wb < w1; wb += kBatch) {
+    uint32_t v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) v[j] = wb + j < w1 ? word(wb + j) : 0u;
+    for (int j = 0; j < kBatch; ++j) {
+      uint32_t m = v[j];
+      while (m != 0) {
+        const int b = __ffs(m) - 1;
+        m &= m - 1;
+        const int64_t t = (wb + j) * 32 + b;
+        if (start < o.cap) {
+          o.indices[row * o.cap + start] = static_cast<int32_t>(t);
+          if (o.out_scores != nullptr && o.row_scores != nullptr) {
+            o.out_scores[row * o.cap + start] = o.row_scores[row * o.n + t];
+          }
         }
+        ++start;
       }
-      ++start;
     }
   }
   const int64_t count = static_cast<int64_t>(total) < o.cap ? static_cast<int64_t>(total) : o.cap;
@@ -1200,6 +1281,8 @@ __global__ void __launch_bounds__(kSelThreads)
       tie[j] = 0;
       if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
     }
+    uint32_t masks[kSelItems];
+    uint32_t n_keep = 0;
 #pragma unroll
     for (int j = 0; j < kSelItems; ++j) {
       const int64_t e = base + j * kSelThreads + tid;
@@ -1213,16 +1296,21 @@ __global__ void __launch_bounds__(kSelThreads)
           atomicAdd(&hist_b[(key[j] >> 10) & 2047u], 1u);
         }
       }
-      // Warp-aggregated append to the candidate list.
-      const uint32_t mask = __ballot_sync(0xffffffffu, keep);
-      if (mask != 0) {
-        uint32_t pos0 = 0;
-        if (lane == 0) pos0 = atomicAdd(&ws.counters[row * 4 + 0], __popc(mask));
-        pos0 = __shfl_sync(0xffffffffu, pos0, 0);
-        if (keep) {
-          const uint32_t pos = pos0 + __popc(mask & ((1u << lane) - 1u));
-          ws.cand[row * len + pos] = static_cast<uint32_t>(e);
+      masks[j] = __ballot_sync(0xffffffffu, keep);
+      n_keep += __popc(masks[j]);
+    }
+    // Warp-aggregated append to the candidate list: one atomic for all items of the warp.
+    if (n_keep != 0) {
+      uint32_t pos = 0;
+      if (lane == 0) pos = atomicAdd(&ws.counters[row * 4 + 0], n_keep);
+      pos = __shfl_sync(0xffffffffu, pos, 0);
+#pragma unroll
+      for (int j = 0; j < kSelItems; ++j) {
+        if (masks[j] & (1u << lane)) {
+          ws.cand[row * len + pos + __popc(masks[j] & ((1u << lane) - 1u))] =
+              static_cast<uint32_t>(base + j * kSelThreads + tid);
         }
+        pos += __popc(masks[j]);
       }
     }
   }

@@ -34,6 +34,10 @@ constexpr int64_t ScoreTileRows(DType dtype, int64_t width) {
 // process-wide, thread-safe.
 void SetTensorCoreScoring(bool on);
 bool TensorCoreScoring();
+// Whether the tensor-core scorer stages aligned dense rows with bulk copies (cp.async.bulk on an
+// mbarrier; default on) instead of per-thread cp.async. Same contract as above.
+void SetBulkCopyStaging(bool on);
+bool BulkCopyStaging();
 
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).
