@@ -166,6 +166,16 @@ KvCache::KvCache(Options options, std::unique_ptr<HostTier> host)
   disk_counters_.tier = TierKind::kDisk;
 }
 
+void KvCache::AddBlockObserver(BlockObserver* observer) {
+  absl::MutexLock lock(&observers_mu_);
+  observers_.push_back(observer);
+}
+
+void KvCache::RemoveBlockObserver(BlockObserver* observer) {
+  absl::MutexLock lock(&observers_mu_);
+  observers_.erase(std::remove(observers_.begin(), observers_.end(), observer), observers_.end());
+}
+
 KvCache::~KvCache() {
   {
     absl::MutexLock lock(&maintenance_mu_);
@@ -435,6 +445,10 @@ uint32_t KvCache::EvictTreeLocked(const BlockHash& hash, bool ignore_pins) {
   if (gpu_ != nullptr) DropGpuCopyLocked(e);
   DropDiskCopyLocked(e);
   if (--blocks_per_model_[e.model] == 0) blocks_per_model_.erase(e.model);
+  {
+    absl::ReaderMutexLock observers(&observers_mu_);
+    for (BlockObserver* o : observers_) o->OnBlockDropped(hash);
+  }
   index_.erase(it);
   return n + 1;
 }
@@ -819,6 +833,26 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
     return i == 0 ? w.options_.parent : std::optional<BlockHash>(w.hashes_[i - 1]);
   };
 
+  // Observers see the fresh blocks' bytes before they are visible (outside mu_).
+  std::vector<BlockHash> announced;
+  {
+    absl::ReaderMutexLock lock(&observers_mu_);
+    if (!observers_.empty()) {
+      for (size_t i = 0; i < w.hashes_.size(); ++i) {
+        if (w.slots_[i] == nullptr) continue;
+        const BlockInfo info = info_of(i);
+        for (BlockObserver* o : observers_) o->OnBlockWritten(w.model_, info, w.slots_[i]);
+        announced.push_back(w.hashes_[i]);
+      }
+    }
+  }
+  std::vector<BlockHash> committed;  // of `announced`, those this Put stored
+  auto put_done = [&] {
+    if (announced.empty()) return;
+    absl::ReaderMutexLock lock(&observers_mu_);
+    for (BlockObserver* o : observers_) o->OnPutDone(announced, committed);
+  };
+
   // Write-through: the new blocks reach the disk (one atomic batch) before the Put is visible,
   // so that an acknowledged Put survives a crash.
   const bool to_disk = disk_ != nullptr && (options_.policy.write_through ||
@@ -845,21 +879,30 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
       written_bytes += w.block_bytes_;
     }
     if (!writes.empty()) {
-      if (auto s = ReserveDisk(written_bytes, w.model_.id); !s.ok()) return s;
+      if (auto s = ReserveDisk(written_bytes, w.model_.id); !s.ok()) {
+        put_done();
+        return s;
+      }
       {
         absl::MutexLock lock(&mu_);
         BeginDiskWritesLocked(written);
       }
       const absl::Status s = disk_->PutBlocks(writes);
-      absl::MutexLock lock(&mu_);
-      disk_reserved_ -= std::min(disk_reserved_, written_bytes);
+      {
+        absl::MutexLock lock(&mu_);
+        disk_reserved_ -= std::min(disk_reserved_, written_bytes);
+        if (!s.ok()) {
+          EndDiskWritesLocked(written);
+          UnreserveDiskLocked(written_bytes, w.model_.id);
+        } else {
+          disk_counters_.bytes_moved += written_bytes;
+          host_counters_.bytes_moved += written_bytes;
+        }
+      }
       if (!s.ok()) {
-        EndDiskWritesLocked(written);
-        UnreserveDiskLocked(written_bytes, w.model_.id);
+        put_done();
         return s;
       }
-      disk_counters_.bytes_moved += written_bytes;
-      host_counters_.bytes_moved += written_bytes;
     }
   }
 
@@ -946,6 +989,8 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
     }
     commit_status = failed;
   }
+  if (!announced.empty()) committed = fresh;  // fresh blocks are exactly the announced stored ones
+  put_done();
   if (!commit_status.ok()) {
     CollectGarbage();  // the writer frees the slots that were not committed
     return commit_status;

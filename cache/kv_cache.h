@@ -120,6 +120,27 @@ struct LookupResult {
 
 class KvCache;
 
+// Observes blocks entering and leaving a KvCache, e.g. to keep derived data (retrieval page
+// metadata) with each block: built in bulk when the block is stored, dropped when it goes.
+// Registered with KvCache::AddBlockObserver; must outlive its registration.
+class BlockObserver {
+ public:
+  virtual ~BlockObserver() = default;
+  // A Put is about to store `block` (a fresh block: not cached when the Put began) with `bytes`
+  // ([layer][k|v][kv_head][token][head_dim], valid during the call). Called on the Put's thread,
+  // outside the cache's lock, before the block becomes visible to readers.
+  virtual void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block,
+                              const void* bytes) = 0;
+  // The Put ended: of the blocks announced by OnBlockWritten, those in `committed` are now
+  // stored with the announced bytes; the others are not (the Put failed, or another Put stored
+  // the block first and its bytes were kept). Outside the cache's lock.
+  virtual void OnPutDone(absl::Span<const BlockHash> written,
+                         absl::Span<const BlockHash> committed) = 0;
+  // `block` left the cache (no tier holds it any more). Called under the cache's lock: must be
+  // quick and must not call into the KvCache.
+  virtual void OnBlockDropped(const BlockHash& block) = 0;
+};
+
 // Receives the bytes of one Put, in order, in pieces of any size. Not thread-safe; one writer
 // per Put. Destroying it before Finish abandons the Put.
 class PutWriter {
@@ -256,6 +277,11 @@ class KvCache {
   // Pins (or unpins) the cached prefix blocks of `tokens`. Returns how many blocks were set.
   absl::StatusOr<uint32_t> Pin(absl::string_view model, absl::string_view tenant,
                                absl::Span<const int32_t> tokens, bool pin);
+
+  // Adds (or removes) an observer of stored and dropped blocks (see BlockObserver). Blocks
+  // already cached are not announced.
+  void AddBlockObserver(BlockObserver* observer) ABSL_LOCKS_EXCLUDED(observers_mu_);
+  void RemoveBlockObserver(BlockObserver* observer) ABSL_LOCKS_EXCLUDED(observers_mu_);
 
   // Counters; tiers in the order host, GPU (if present), disk (if present).
   CacheStats Stats() const;
@@ -395,6 +421,10 @@ class KvCache {
   TierCounters host_counters_ ABSL_GUARDED_BY(mu_);
   TierCounters gpu_counters_ ABSL_GUARDED_BY(mu_);
   TierCounters disk_counters_ ABSL_GUARDED_BY(mu_);
+
+  // Lock order: mu_, then observers_mu_ (OnBlockDropped runs under both).
+  mutable absl::Mutex observers_mu_;
+  std::vector<BlockObserver*> observers_ ABSL_GUARDED_BY(observers_mu_);
 
   absl::Mutex maintenance_mu_;
   bool stop_ ABSL_GUARDED_BY(maintenance_mu_) = false;

@@ -87,10 +87,36 @@ absl::StatusOr<std::unique_ptr<RetrievalStore>> RetrievalStore::Create(KvCache* 
   return std::unique_ptr<RetrievalStore>(new RetrievalStore(cache, sessions, std::move(options)));
 }
 
+// The store's view of the KvCache's Put and evict paths (metadata on write).
+class RetrievalStore::PutHook : public BlockObserver {
+ public:
+  explicit PutHook(RetrievalStore* store) : store_(store) {}
+  void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block,
+                      const void* bytes) override {
+    store_->OnBlockWritten(model, block, bytes);
+  }
+  void OnPutDone(absl::Span<const BlockHash> written,
+                 absl::Span<const BlockHash> committed) override {
+    store_->OnPutDone(written, committed);
+  }
+  void OnBlockDropped(const BlockHash& block) override { store_->OnBlockDropped(block); }
+
+ private:
+  RetrievalStore* store_;
+};
+
 RetrievalStore::RetrievalStore(KvCache* cache, SessionStore* sessions, Options options)
     : cache_(cache), sessions_(sessions), options_(std::move(options)) {
   std::random_device rd;
   selection_salt_ = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  if (options_.build_metadata_on_put) {
+    hook_ = std::make_unique<PutHook>(this);
+    cache_->AddBlockObserver(hook_.get());
+  }
+}
+
+RetrievalStore::~RetrievalStore() {
+  if (hook_ != nullptr) cache_->RemoveBlockObserver(hook_.get());
 }
 
 absl::Time RetrievalStore::Now() const { return options_.now ? options_.now() : absl::Now(); }
@@ -223,13 +249,24 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
   std::shared_ptr<const std::string> result = std::move(built);
   absl::MutexLock lock(&meta_mu_);
   ++counters_.metadata_builds;
-  if (bytes > options_.metadata_capacity_bytes) return result;  // too large to keep
-  if (auto it = meta_.find(key); it != meta_.end()) {           // a concurrent call built it too
-    meta_bytes_ -= it->second.bytes->size();
-    meta_lru_.erase(it->second.lru);
-    meta_.erase(it);
-  }
-  while (meta_bytes_ + bytes > options_.metadata_capacity_bytes && !meta_lru_.empty()) {
+  InsertLocked(key, result, fingerprint);
+  return result;
+}
+
+void RetrievalStore::EraseLocked(const std::string& key) {
+  auto it = meta_.find(key);
+  if (it == meta_.end()) return;
+  meta_bytes_ -= it->second.bytes->size();
+  meta_lru_.erase(it->second.lru);
+  meta_.erase(it);
+}
+
+void RetrievalStore::InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
+                                  uint64_t fingerprint) {
+  const uint64_t size = bytes->size();
+  if (size > options_.metadata_capacity_bytes) return;  // too large to keep
+  EraseLocked(key);  // a concurrent call built it too, or a Put replaced it
+  while (meta_bytes_ + size > options_.metadata_capacity_bytes && !meta_lru_.empty()) {
     auto victim = meta_.find(meta_lru_.back());
     meta_bytes_ -= victim->second.bytes->size();
     meta_.erase(victim);
@@ -237,9 +274,70 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
     ++counters_.metadata_evictions;
   }
   meta_lru_.push_front(key);
-  meta_.emplace(key, MetaEntry{result, fingerprint, meta_lru_.begin()});
-  meta_bytes_ += bytes;
-  return result;
+  meta_.emplace(key, MetaEntry{std::move(bytes), fingerprint, meta_lru_.begin()});
+  meta_bytes_ += size;
+}
+
+// Metadata on write: the Put's bytes of a fresh block -> all its layers' entries, staged until the
+// Put commits. Blocks whose keys are not at their own position (Select re-rotates them first),
+// pre-RoPE blocks and pages that straddle blocks are left to the lazy path.
+void RetrievalStore::OnBlockWritten(const RegisteredModel& model, const BlockInfo& block,
+                                    const void* bytes) {
+  const ModelSpec& spec = model.spec;
+  if (block.pre_rope || block.rotated_at != block.position ||
+      spec.block_tokens % topk::kPageTokens != 0 || !topk::IsSupportedHeadDim(spec.head_dim)) {
+    return;
+  }
+  const int64_t ppb = spec.block_tokens / topk::kPageTokens;
+  const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
+  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+  const uint64_t entry_bytes =
+      static_cast<uint64_t>(spec.kv_heads) * ppb * width * DTypeSize(spec.dtype);
+  std::vector<PendingMeta> pieces;
+  pieces.reserve(spec.layers);
+  for (int layer = 0; layer < spec.layers; ++layer) {
+    const char* keys = static_cast<const char*>(bytes) + 2 * static_cast<uint64_t>(layer) * plane;
+    auto built = std::make_shared<std::string>(entry_bytes, '\0');
+    const absl::Status s = topk::BuildPageMetaCpu(
+        topk::DenseMatrix<const void*>(keys, spec.dtype, spec.block_tokens, spec.head_dim),
+        topk::PageMetaShape{spec.kv_heads, spec.head_dim, spec.block_tokens},
+        topk::DenseMatrix<void*>(built->data(), spec.dtype, ppb, width));
+    if (!s.ok()) return;  // e.g. a NaN key: Select reports it (lazy path)
+    pieces.push_back(PendingMeta{LayerKey('B', block.hash.Raw(), layer), std::move(built),
+                                 options_.verify_metadata ? BlockChecksum(keys, plane) : 0});
+  }
+  absl::MutexLock lock(&meta_mu_);
+  pending_[block.hash] = std::move(pieces);
+}
+
+void RetrievalStore::OnPutDone(absl::Span<const BlockHash> written,
+                               absl::Span<const BlockHash> committed) {
+  absl::MutexLock lock(&meta_mu_);
+  for (const BlockHash& h : committed) {
+    auto it = pending_.find(h);
+    if (it == pending_.end()) continue;
+    for (PendingMeta& m : it->second) {
+      InsertLocked(m.key, std::move(m.bytes), m.fingerprint);
+      ++counters_.metadata_put_builds;
+    }
+    put_blocks_[h] = static_cast<int>(it->second.size());
+  }
+  for (const BlockHash& h : written) pending_.erase(h);
+}
+
+void RetrievalStore::OnBlockDropped(const BlockHash& block) {
+  absl::MutexLock lock(&meta_mu_);
+  auto it = put_blocks_.find(block);
+  if (it == put_blocks_.end()) return;
+  for (int layer = 0; layer < it->second; ++layer) EraseLocked(LayerKey('B', block.Raw(), layer));
+  put_blocks_.erase(it);
+}
+
+std::shared_ptr<const std::string> RetrievalStore::CachedPageMeta(const BlockHash& block,
+                                                                  int layer) const {
+  absl::MutexLock lock(&meta_mu_);
+  auto it = meta_.find(LayerKey('B', block.Raw(), layer));
+  return it == meta_.end() ? nullptr : it->second.bytes;
 }
 
 absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerViews* views) {
@@ -258,10 +356,20 @@ absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerV
     views->meta_hold.resize(blocks.size());
     for (size_t b = 0; b < blocks.size(); ++b) {
       const void* keys = views->key_blocks[b];
-      const uint64_t fingerprint = verify ? BlockChecksum(keys, plane) : 0;
+      // A block re-rotated to its place has its own entry, always checked: its keys are not the
+      // stored ones.
+      const bool moved = !src.rerotated[b].empty();
+      std::string key = LayerKey('B', blocks[b].hash.Raw(), layer);
+      if (moved) {
+        key[0] = 'R';
+        char pos[sizeof(int64_t)];
+        std::memcpy(pos, &blocks[b].position, sizeof(int64_t));
+        key.append(pos, sizeof(int64_t));
+      }
+      const uint64_t fingerprint = verify || moved ? BlockChecksum(keys, plane) : 0;
       bool cached = false;
       auto meta = Metadata(
-          LayerKey('B', blocks[b].hash.Raw(), layer), fingerprint, entry_bytes,
+          key, fingerprint, entry_bytes,
           [&](void* dst) {
             return topk::BuildPageMetaCpu(
                 topk::DenseMatrix<const void*>(keys, spec.dtype, spec.block_tokens, spec.head_dim),

@@ -6,11 +6,17 @@
 // short idle TTL and gathered at other layers of the same step (position-persistent selection).
 //
 // Page metadata (the Quest bound's per-16-token-page element-wise max M and min m of the keys) is
-// kept in this store's own bounded LRU, not with the blocks: it is built in bulk the first time a
-// block (or a session layer) is selected over in a page mode, i.e. lazily on first use, until the
-// KvCache's Put path gets a hook to build it on write.
+// kept in this store's own bounded LRU, keyed by block. With Options::build_metadata_on_put (the
+// default) the store observes the KvCache (BlockObserver): when a Put stores a fresh prefix block
+// whose keys sit at their own position, the metadata of all its layers is built in bulk from the
+// Put's bytes and kept (host memory, so it stays valid through the block's tier moves); when the
+// block leaves the cache its entries go. Anything else (sessions, pages that straddle blocks,
+// blocks stored at another position and re-rotated for the selection, entries evicted from the
+// LRU, blocks reloaded from disk after a restart) is built in bulk the first time it is selected
+// over in a page mode, i.e. lazily on first use.
 // - Prefix blocks whose block_tokens is a multiple of 16: one entry per (block hash, layer), shared
-//   by every prompt that has the block.
+//   by every prompt that has the block; a block re-rotated to its place: per (hash, position,
+//   layer), always checked against a fingerprint (min/max do not commute with rotation).
 // - Sessions, and blocks whose pages straddle blocks: one entry per (session | last block hash,
 //   layer) over the whole sequence.
 // Every entry carries a 64-bit XXH3 fingerprint of the keys it was built from, checked on use when
@@ -24,7 +30,8 @@
 //
 // Thread safety: thread-safe. Two mutexes, never nested: meta_mu_ (metadata entries) and
 // selections_mu_ (kept selections); neither is held while calling into the KvCache or the
-// SessionStore, nor while a kernel runs.
+// SessionStore, nor while a kernel runs. The KvCache calls the store's observer under its own
+// lock for dropped blocks, which then takes meta_mu_ (order: the cache's mutex, then meta_mu_).
 #ifndef ROPEKV_CACHE_RETRIEVAL_H_
 #define ROPEKV_CACHE_RETRIEVAL_H_
 
@@ -136,6 +143,9 @@ class RetrievalStore {
     uint64_t metadata_capacity_bytes = 256ull << 20;
     // Check every metadata entry against a fingerprint of the keys before use (see the top).
     bool verify_metadata = true;
+    // Build the page metadata of every fresh prefix block when a Put stores it (all layers; the
+    // Put's thread pays one pass over the block's keys). Off: built on first use only.
+    bool build_metadata_on_put = true;
     // Kept selections: at most this many (the least recently used is dropped for a new one), each
     // dropped after this long unused.
     uint32_t max_selections = 1024;
@@ -154,7 +164,8 @@ class RetrievalStore {
     uint64_t metadata_bytes = 0;
     uint64_t metadata_capacity_bytes = 0;
     uint64_t metadata_hits = 0;    // entries found with matching keys
-    uint64_t metadata_builds = 0;  // entries built (first use, keys changed, or not kept)
+    uint64_t metadata_builds = 0;  // entries built by Select (first use, keys changed, not kept)
+    uint64_t metadata_put_builds = 0;  // (block, layer) entries built when a Put stored the block
     uint64_t metadata_stale = 0;   // entries found whose keys had changed (rebuilt)
     uint64_t metadata_evictions = 0;
     uint64_t selections = 0;  // kept selections alive
@@ -166,6 +177,9 @@ class RetrievalStore {
   static absl::StatusOr<std::unique_ptr<RetrievalStore>> Create(KvCache* cache,
                                                                 SessionStore* sessions,
                                                                 Options options);
+  ~RetrievalStore();
+  RetrievalStore(const RetrievalStore&) = delete;
+  RetrievalStore& operator=(const RetrievalStore&) = delete;
 
   // Selects over args.source (see SelectArgs). Errors:
   // - INVALID_ARGUMENT: k < 1, negative n_sink / n_local, bad query_heads, layer out of range,
@@ -192,7 +206,12 @@ class RetrievalStore {
 
   Stats stats() const;
 
+  // The kept page metadata of prefix block `block` at `layer` ([kv_heads][pages][2 * head_dim] in
+  // the model's dtype), or null when none is kept. For tests and tools.
+  std::shared_ptr<const std::string> CachedPageMeta(const BlockHash& block, int layer) const;
+
  private:
+  class PutHook;
   struct SourceData;
   struct LayerViews;
   struct MetaEntry {
@@ -219,6 +238,15 @@ class RetrievalStore {
       const std::string& key, uint64_t fingerprint, uint64_t bytes,
       const std::function<absl::Status(void*)>& build, bool* cached);
 
+  // Keeps `bytes` under `key`, replacing an entry there and evicting least recently used ones.
+  void InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
+                    uint64_t fingerprint) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
+  void EraseLocked(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
+  // The PutHook's work (see BlockObserver).
+  void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block, const void* bytes);
+  void OnPutDone(absl::Span<const BlockHash> written, absl::Span<const BlockHash> committed);
+  void OnBlockDropped(const BlockHash& block);
+
   absl::StatusOr<std::string> Keep(std::shared_ptr<KeptSelection> selection);
   void SweepSelectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(selections_mu_);
 
@@ -231,6 +259,17 @@ class RetrievalStore {
   std::list<std::string> meta_lru_ ABSL_GUARDED_BY(meta_mu_);  // front = most recent
   uint64_t meta_bytes_ ABSL_GUARDED_BY(meta_mu_) = 0;
   Stats counters_ ABSL_GUARDED_BY(meta_mu_);
+  // Metadata built from a Put's bytes, until the Put commits: block -> (key, entry, fingerprint)
+  // per layer.
+  struct PendingMeta {
+    std::string key;
+    std::shared_ptr<const std::string> bytes;
+    uint64_t fingerprint = 0;
+  };
+  absl::flat_hash_map<BlockHash, std::vector<PendingMeta>> pending_ ABSL_GUARDED_BY(meta_mu_);
+  // Layers of the blocks whose entries were built on Put (dropped with the block).
+  absl::flat_hash_map<BlockHash, int> put_blocks_ ABSL_GUARDED_BY(meta_mu_);
+  std::unique_ptr<PutHook> hook_;  // registered with cache_ while the store lives
 
   mutable absl::Mutex selections_mu_;
   absl::flat_hash_map<std::string, SelectionEntry> selections_ ABSL_GUARDED_BY(selections_mu_);

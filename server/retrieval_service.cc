@@ -20,6 +20,9 @@ ABSL_FLAG(std::string, retrieval_metadata_capacity, "256MiB",
 ABSL_FLAG(bool, retrieval_verify_metadata, true,
           "check kept page metadata of prefix blocks against a fingerprint of their keys before "
           "use (detects blocks re-Put with other bytes); sessions are always checked");
+ABSL_FLAG(bool, retrieval_metadata_on_put, true,
+          "build the page metadata of every prefix block when a Put stores it (all layers), so "
+          "that page-mode Selects find it; off: built on first use");
 ABSL_FLAG(uint32_t, retrieval_max_selections, 1024,
           "most kept selections (Select with keep); the least recently used goes first");
 ABSL_FLAG(absl::Duration, retrieval_selection_ttl, absl::Seconds(10),
@@ -197,6 +200,7 @@ absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags() {
   }
   o.store.max_gather_bytes = *gather;
   o.store.verify_metadata = absl::GetFlag(FLAGS_retrieval_verify_metadata);
+  o.store.build_metadata_on_put = absl::GetFlag(FLAGS_retrieval_metadata_on_put);
   o.store.max_selections = absl::GetFlag(FLAGS_retrieval_max_selections);
   o.store.selection_ttl = absl::GetFlag(FLAGS_retrieval_selection_ttl);
   o.threads = absl::GetFlag(FLAGS_retrieval_threads);

@@ -306,6 +306,8 @@ class RetrievalTest : public ::testing::Test {
   void SetUp() override { Init(16, DType::kBF16); }
 
   void Init(int block_tokens, DType dtype, RetrievalStore::Options options = {}) {
+    store_.reset();  // before its cache goes
+    sessions_.reset();
     spec_.layers = 3;
     spec_.kv_heads = 2;
     spec_.head_dim = 64;
@@ -584,6 +586,9 @@ TEST_F(RetrievalTest, GatherAtOtherLayersEqualsStoredBytes) {
 // Page metadata is built once per (block, layer) and shared by prompts with the block; a block
 // re-Put with other keys after an eviction is detected and its metadata re-derived.
 TEST_F(RetrievalTest, MetadataBuiltOnceAndRederivedWhenKeysChange) {
+  RetrievalStore::Options lazy;
+  lazy.build_metadata_on_put = false;  // the lazy path (metadata on write: below)
+  MakeStore(lazy);
   std::vector<int32_t> tokens;
   std::string kv = PutRandom(6, &tokens);
   const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
@@ -641,6 +646,7 @@ TEST_F(RetrievalTest, MetadataStoreIsBounded) {
   RetrievalStore::Options o;
   // One block's metadata of a layer: 2 heads x 1 page x 128 x 2 bytes = 512 bytes.
   o.metadata_capacity_bytes = 4 * 512;
+  o.build_metadata_on_put = false;
   MakeStore(o);
   std::vector<int32_t> tokens;
   const std::string kv = PutRandom(10, &tokens);
@@ -682,6 +688,129 @@ TEST_F(RetrievalTest, PrefixStoredAtAnotherPositionIsRerotated) {
   CheckGathered(out->gathered, out->indices, out->counts, out->rows, out->capacity, spec_.kv_heads,
                 spec_.head_dim, spec_.dtype, BlockKeys(spec_, moved, 0, 0),
                 BlockKeys(spec_, moved, 0, 1));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Metadata on write: built in bulk when a Put stores a block (KvCache BlockObserver).
+
+// The metadata built on Put equals token-by-token appends over the stored keys, bit for bit, for
+// every layer; a page-mode Select after the Put builds nothing; evicting the blocks drops it.
+TEST_F(RetrievalTest, MetadataBuiltOnPutEqualsAppendsAndIsUsedBySelect) {
+  for (int bt : {16, 32}) {
+    Init(bt, DType::kBF16);
+    std::vector<int32_t> tokens;
+    const std::string kv = PutRandom(5, &tokens);
+    RetrievalStore::Stats s0 = store_->stats();
+    EXPECT_EQ(s0.metadata_put_builds, 5u * spec_.layers) << bt;
+    EXPECT_EQ(s0.metadata_entries, 5u * spec_.layers) << bt;
+    auto lookup = cache_->Lookup("m", tenant_, tokens);
+    ASSERT_TRUE(lookup.ok());
+    ASSERT_EQ(lookup->blocks.size(), 5u);
+    const int64_t ppb = bt / 16, width = 2 * spec_.head_dim;
+    for (size_t b = 0; b < 5; ++b) {
+      for (int layer = 0; layer < spec_.layers; ++layer) {
+        auto meta = store_->CachedPageMeta(lookup->blocks[b].hash, layer);
+        ASSERT_NE(meta, nullptr) << "block " << b << " layer " << layer;
+        // Token-by-token appends over the block's keys as stored.
+        const char* keys = kv.data() + b * BlockBytes(spec_) +
+                           2 * static_cast<size_t>(layer) * spec_.kv_heads * bt * spec_.head_dim *
+                               DTypeSize(spec_.dtype);
+        std::string appended(meta->size(), '\x55');
+        for (int64_t t = 0; t < bt; ++t) {
+          const absl::Status st = topk::AppendPageMetaCpu(
+              topk::DenseMatrix<const void*>(keys, spec_.dtype, bt, spec_.head_dim),
+              topk::PageMetaShape{spec_.kv_heads, spec_.head_dim, t + 1}, t,
+              topk::DenseMatrix<void*>(appended.data(), spec_.dtype, ppb, width));
+          ASSERT_TRUE(st.ok()) << st;
+        }
+        EXPECT_EQ(*meta, appended) << "block " << b << " layer " << layer;
+      }
+    }
+    const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+    for (Mode mode : {Mode::kBound, Mode::kBoundThenExact}) {
+      for (int layer = 0; layer < spec_.layers; ++layer) {
+        SelectArgs a = PrefixArgs(tokens, q, 4);
+        a.mode = mode;
+        a.layer = layer;
+        a.k = 24;
+        a.n_sink = 1;
+        a.n_local = 3;
+        auto out = store_->Select(a);
+        ASSERT_TRUE(out.ok()) << out.status();
+        EXPECT_TRUE(out->metadata_cached);
+        CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 5 * bt,
+                       BlockKeys(spec_, kv, layer));
+      }
+    }
+    const RetrievalStore::Stats s1 = store_->stats();
+    EXPECT_EQ(s1.metadata_builds, 0u) << "Select built metadata lazily";
+    EXPECT_EQ(s1.metadata_hits, 2u * spec_.layers * 5);
+    // Evicted blocks take their metadata with them.
+    auto evicted = cache_->Evict("m", tenant_, tokens);
+    ASSERT_TRUE(evicted.ok());
+    EXPECT_EQ(*evicted, 5u);
+    EXPECT_EQ(store_->stats().metadata_entries, 0u);
+    EXPECT_EQ(store_->CachedPageMeta(lookup->blocks[0].hash, 0), nullptr);
+  }
+}
+
+// Re-Put after an eviction with other keys: the new Put's metadata replaces the old (also without
+// the fingerprint check); blocks stored at another position are re-rotated for the selection and
+// their metadata is derived from the re-rotated keys; a store without the hook builds lazily.
+TEST_F(RetrievalTest, MetadataOnPutFollowsRePutAndRerotation) {
+  RetrievalStore::Options o;
+  o.verify_metadata = false;
+  MakeStore(o);
+  std::vector<int32_t> tokens;
+  PutRandom(4, &tokens);
+  ASSERT_TRUE(cache_->Evict("m", tenant_, tokens).ok());
+  const std::string kv = RandomBlocks(spec_, 4, rng_);
+  ASSERT_TRUE(Put(tokens, kv).ok());
+  const std::vector<float> q = RandomQueries(2, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 2);
+  a.mode = Mode::kBound;
+  a.k = 16;
+  auto out = store_->Select(a);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(out->metadata_cached);
+  CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 64, BlockKeys(spec_, kv, 0));
+
+  // Stored at position 1000, selected at 0..: nothing built on Put, derived from re-rotated keys.
+  std::vector<int32_t> other = Tokens(4 * spec_.block_tokens);
+  const std::string kv2 = RandomBlocks(spec_, 4, rng_);
+  const uint64_t put_builds = store_->stats().metadata_put_builds;
+  ASSERT_TRUE(Put(other, kv2, /*rotated_at=*/1000).ok());
+  EXPECT_EQ(store_->stats().metadata_put_builds, put_builds);
+  auto handle = cache_->AcquirePrefix("m", tenant_, other, 0);
+  ASSERT_TRUE(handle.ok());
+  std::string moved(4 * BlockBytes(spec_), '\0');
+  for (size_t b = 0; b < 4; ++b) {
+    ASSERT_TRUE(
+        handle->CopyBlock(b, moved.data() + b * BlockBytes(spec_), handle->blocks()[b].position)
+            .ok());
+  }
+  SelectArgs a2 = PrefixArgs(other, q, 2);
+  a2.mode = Mode::kBound;
+  a2.k = 16;
+  auto out2 = store_->Select(a2);
+  ASSERT_TRUE(out2.ok()) << out2.status();
+  EXPECT_FALSE(out2->metadata_cached);
+  CheckSelection(*out2, a2, q, spec_.kv_heads, spec_.head_dim, 64, BlockKeys(spec_, moved, 0));
+
+  // Without the hook: the same selection, built on first use.
+  RetrievalStore::Options lazy;
+  lazy.build_metadata_on_put = false;
+  MakeStore(lazy);
+  std::vector<int32_t> third;
+  PutRandom(3, &third);
+  EXPECT_EQ(store_->stats().metadata_put_builds, 0u);
+  SelectArgs a3 = PrefixArgs(third, q, 2);
+  a3.mode = Mode::kBound;
+  a3.k = 16;
+  auto out3 = store_->Select(a3);
+  ASSERT_TRUE(out3.ok()) << out3.status();
+  EXPECT_FALSE(out3->metadata_cached);
+  EXPECT_EQ(store_->stats().metadata_builds, 3u);
 }
 
 // ----------------------------------------------------------------------------------------------
