@@ -456,8 +456,12 @@ int Main() {
         warmup);
     table.Row(
         "cudaMemcpy D2D (device)", "cuda_memcpy_d2d", "cuda_memcpy_pinned",
-        [&] { CUDA_CHECK(cudaMemcpy(d_pool, d_dst, total, cudaMemcpyDeviceToDevice)); }, reps,
-        warmup);
+        [&] {
+          // A D2D cudaMemcpy may return before the copy ends: wait for it.
+          CUDA_CHECK(cudaMemcpy(d_pool, d_dst, total, cudaMemcpyDeviceToDevice));
+          CUDA_CHECK(cudaDeviceSynchronize());
+        },
+        reps, warmup);
     table.Row(
         "CUDA IPC Get (GetToBuffer)", "cuda_ipc_get", "cuda_memcpy_pinned",
         [&] {

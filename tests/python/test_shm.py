@@ -280,6 +280,21 @@ def test_paged_shm_get_and_put_by_block_ids(client, tenant):
         buf.close()
 
 
+def test_torch_ipc_handle_formats():
+    """The raw cudaIpcMemHandle_t of torch's _share_cuda_(): as it is (older torch), unwrapped from
+    c10's versioned handle [version][b"c"][64 bytes] (seen from torch on the H100 host), refused
+    for expandable segments and unknown shapes."""
+    from ropekv import shm as rshm
+
+    raw64 = bytes(range(64))
+    assert rshm.ipc_mem_handle(raw64) == raw64
+    assert rshm.ipc_mem_handle(b"\x02c" + raw64) == raw64
+    for bad in (b"\x02e" + raw64, b"\x02c" + raw64[:10], raw64 + b"x"):
+        with pytest.raises(ropekv.Error) as e:
+            rshm.ipc_mem_handle(bad)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _shm_buffer(client, size, paged):
     buf = ropekv.ShmBuffer(size)
     client.register_shm(buf, paged=paged)

@@ -150,7 +150,7 @@ class CudaBuffer:
         shared = storage._share_cuda_()
         # (device, handle, storage bytes, storage offset in its block, ref counter handle,
         #  ref counter offset, event handle, event sync required)
-        self.handle = bytes(shared[1])
+        self.handle = ipc_mem_handle(shared[1])
         self.offset = int(shared[3]) + tensor.storage_offset() * tensor.element_size()
         self.size = tensor.numel() * tensor.element_size()
         self.device = tensor.device.index if device is None else int(device)
@@ -192,6 +192,22 @@ class CudaBuffer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def ipc_mem_handle(handle):
+    """The 64 bytes of the cudaIpcMemHandle_t in what torch's _share_cuda_() gives: the raw handle
+    (older torch), or c10's versioned shareable handle [version][type][payload] (torch >= 2.3 or
+    so), where type b"c" (a cudaMalloc block) is followed by the handle. Type b"e" (expandable
+    segments, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) is no cudaIpcMemHandle_t: refused."""
+    h = bytes(handle)
+    if len(h) == 64:
+        return h
+    if len(h) == 66 and h[1:2] == b"c":
+        return h[2:]
+    if len(h) >= 2 and h[1:2] == b"e":
+        raise invalid("the tensor lives in an expandable segment of torch's allocator, which CUDA "
+                      "IPC handles cannot share; allocate it with expandable_segments off")
+    raise invalid(f"torch gave a CUDA IPC handle of {len(h)} bytes in an unknown format")
 
 
 def resolve_out(out):
