@@ -26,8 +26,20 @@ def bf16(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def f32(bits):
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+def bits(a):
+    """bf16 bits (uint16) of an array: read() answers ml_dtypes.bfloat16 where that is installed,
+    uint16 bits elsewhere."""
+    a = np.asarray(a)
+    return a if a.dtype == np.uint16 else a.view(np.uint16)
+
+
+def f32(b):
+    return (bits(b).astype(np.uint32) << 16).view(np.float32)
+
+
+def read(s, *args, **kwargs):
+    """Sessions.read as bf16 bits."""
+    return bits(s.read(*args, **kwargs))
 
 
 def random_kv(rng, n, capacity=None):
@@ -64,17 +76,17 @@ def test_open_edit_fill_read(client, model):
     kv = random_kv(rng, n)
     opened = s.open(model, tokens(rng, n), kv)
     assert opened.length == n and opened.fill == []
-    assert np.array_equal(s.read(opened.id), kv)  # read where they were stored: bit for bit
+    assert np.array_equal(read(s, opened.id), kv)  # read where they were stored: bit for bit
 
     # One-line edit: replace [10, 13) by 5 tokens (Δ = +2); only the new tokens await fill.
     ed = s.edit(opened.id, [s.replace(10, 13, tokens(rng, 5))])
     assert (ed.length, ed.fill, ed.inserted) == (n + 2, [(10, 15)], [(10, 15)])
     with pytest.raises(ropekv.Error) as e:
-        s.read(opened.id)
+        read(s, opened.id)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     new = random_kv(rng, 5)
     assert s.fill(opened.id, 10, 15, new).fill == []
-    got = s.read(opened.id)
+    got = read(s, opened.id)
     assert np.array_equal(got[:, :, :, :10], kv[:, :, :, :10])  # prefix untouched
     assert np.array_equal(got[:, :, :, 10:15], new)
     assert np.array_equal(got[:, 1, :, 15:], kv[:, 1, :, 13:])  # values move as they are
@@ -86,8 +98,8 @@ def test_open_edit_fill_read(client, model):
     ed = s.edit(opened.id, [("delete", 0, 3), ("insert", 20, tokens(rng, 4))])
     assert ed.fill == [(17, 21)]
     s.fill(opened.id, 17, 21, random_kv(rng, 4))
-    assert s.read(opened.id, 0, 5).shape == (LAYERS, 2, KV_HEADS, 5, HEAD_DIM)
-    assert np.array_equal(s.read(snap.id), got)
+    assert read(s, opened.id, 0, 5).shape == (LAYERS, 2, KV_HEADS, 5, HEAD_DIM)
+    assert np.array_equal(read(s, snap.id), got)
     assert s.info(opened.id).length == n + 2 - 3 + 4
     s.close(snap.id)
     s.close(opened.id)
@@ -101,7 +113,7 @@ def test_errors(client, model):
                  lambda: s.edit(sid, [s.delete(2, 6), s.delete(4, 7)]),  # overlapping
                  lambda: s.edit(sid, [("move", 1, 2)]),            # not an op
                  lambda: s.fill(sid, 0, 2, random_kv(rng, 3)),     # wrong size
-                 lambda: s.read(sid, 3, 9)):                       # past the end
+                 lambda: read(s, sid, 3, 9)):                       # past the end
         with pytest.raises(ropekv.Error) as e:
             call()
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -128,7 +140,7 @@ def test_capacity_layout_through_shared_memory(client, model):
         kv = view[:, :, :, :n].copy()
         opened = s.open_from_buffer(model, tokens(rng, n), buf, capacity=C)
         assert (opened.length, opened.bytes_read) == (n, kv.nbytes)
-        assert np.array_equal(s.read(opened.id), kv)
+        assert np.array_equal(read(s, opened.id), kv)
 
         ed = s.edit(opened.id, [s.replace(5, 8, tokens(rng, 6))])  # Δ = +3
         assert ed.fill == [(5, 11)]
@@ -144,7 +156,7 @@ def test_capacity_layout_through_shared_memory(client, model):
         view[:, :, :, 5:11] = random_kv(rng, 6)
         f = s.fill_from_buffer(opened.id, buf, 5, 11, capacity=C, token_offset=5)
         assert f.fill == [] and f.bytes_read == 6 * LAYERS * 2 * KV_HEADS * HEAD_DIM * 2
-        assert np.array_equal(s.read(opened.id), view[:, :, :, :n + 3])
+        assert np.array_equal(read(s, opened.id), view[:, :, :, :n + 3])
 
         # Layout errors: nothing written.
         before = view.copy()
@@ -193,13 +205,13 @@ def test_cuda_buffer_device_to_device(client, model):
     try:
         opened = s.open_from_buffer(model, tokens(rng, n), shared, capacity=C)
         kv = host[:, :, :, :n]
-        assert np.array_equal(s.read(opened.id), kv)
+        assert np.array_equal(read(s, opened.id), kv)
         ed = s.edit(opened.id, [s.replace(20, 30, tokens(rng, 16))])  # Δ = +6
         assert ed.fill == [(20, 36)]
         before = buf.clone()
         s.read_to_buffer(opened.id, shared, 36, n + 6, capacity=C, token_offset=36)
         got = buf.view(torch.int16).cpu().numpy().view(np.uint16)
-        want = s.read(opened.id, 36, n + 6)
+        want = read(s, opened.id, 36, n + 6)
         assert np.array_equal(got[:, :, :, 36:n + 6], want)
         assert torch.equal(buf[:, :, :, :36], before[:, :, :, :36])
         assert torch.equal(buf[:, :, :, n + 6:], before[:, :, :, n + 6:])
@@ -207,7 +219,7 @@ def test_cuda_buffer_device_to_device(client, model):
         buf[:, :, :, 20:36] = 0.5
         f = s.fill_from_buffer(opened.id, shared, 20, 36, capacity=C, token_offset=20)
         assert f.fill == []
-        assert np.all(f32(s.read(opened.id, 20, 36)) == 0.5)
+        assert np.all(f32(read(s, opened.id, 20, 36)) == 0.5)
         s.close(opened.id)
     finally:
         shared.close()
