@@ -226,17 +226,6 @@ class Transfer final : public CudaIpcTransfer {
     });
   }
 
-  // Runs `work` on the buffer's device unless an earlier step failed; its error sticks.
-  absl::Status Enqueue(absl::FunctionRef<absl::Status()> work) {
-    if (!status_.ok()) return status_;
-    absl::Status s = [&]() -> absl::Status {
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
-      return work();
-    }();
-    if (!s.ok()) status_ = s;
-    return s;
-  }
-
   absl::Status Finish() override {
     if (finished_) return status_;
     finished_ = true;
@@ -251,6 +240,17 @@ class Transfer final : public CudaIpcTransfer {
   }
 
  private:
+  // Runs `work` on the buffer's device unless an earlier step failed; its error sticks.
+  absl::Status Enqueue(absl::FunctionRef<absl::Status()> work) {
+    if (!status_.ok()) return status_;
+    absl::Status s = [&]() -> absl::Status {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(staging_->device));
+      return work();
+    }();
+    if (!s.ok()) status_ = s;
+    return s;
+  }
+
   CudaIpcBuffer::Impl* buffer_;
   std::unique_ptr<Staging> staging_;
   int next_ = 0;
