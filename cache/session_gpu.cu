@@ -148,6 +148,24 @@ absl::StatusOr<std::shared_ptr<void>> SessionGpu::Alloc(uint64_t bytes) {
     impl_->live_bytes += bytes;
   }
   if (p == nullptr) {
+    // A new allocation: first give back cached ones (of other sizes) while live + cached would
+    // pass the limit, so that the pool never holds more than the store's capacity for long.
+    std::vector<void*> drop;
+    {
+      absl::MutexLock lock(&impl_->mu);
+      for (auto& [size, list] : impl_->cached) {
+        while (!list.empty() &&
+               impl_->live_bytes + impl_->cached_bytes > options_.max_cached_bytes) {
+          drop.push_back(list.back());
+          list.pop_back();
+          impl_->cached_bytes -= size;
+        }
+      }
+    }
+    if (!drop.empty()) {
+      cudaSetDevice(impl_->device);
+      for (void* q : drop) cudaFree(q);
+    }
     const cudaError_t err = [&] {
       cudaError_t e = cudaSetDevice(impl_->device);
       return e == cudaSuccess ? cudaMalloc(&p, bytes == 0 ? 1 : bytes) : e;
@@ -170,7 +188,7 @@ void SessionGpu::Free(void* p, uint64_t bytes) {
   {
     absl::MutexLock lock(&impl_->mu);
     impl_->live_bytes -= bytes;
-    if (impl_->cached_bytes + bytes <= options_.max_cached_bytes) {
+    if (impl_->live_bytes + impl_->cached_bytes + bytes <= options_.max_cached_bytes) {
       impl_->cached[bytes].push_back(p);
       impl_->cached_bytes += bytes;
       return;

@@ -36,8 +36,8 @@ class SessionGpu : public std::enable_shared_from_this<SessionGpu> {
  public:
   struct Options {
     int device = 0;  // CUDA device ordinal
-    // Bytes of freed allocations the pool keeps for reuse (beyond them, freed memory goes back to
-    // the driver). The store sets it to its capacity, so live + cached stays within it.
+    // Live + cached bytes beyond which freed allocations go back to the driver (and cached ones
+    // of other sizes are given back before a new allocation). The store sets it to its capacity.
     uint64_t max_cached_bytes = 4ull << 30;
   };
 
