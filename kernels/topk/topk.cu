@@ -1340,6 +1340,164 @@ __global__ void __launch_bounds__(kSelThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Short rows (len <= kSmallMaxLen, e.g. the pages of 128K tokens): the whole selection of a row
+// in one block, in shared memory: order keys, four 8-bit radix passes to the threshold key, ties
+// by lower index through one ordered block scan, then chosen (and pinned) tokens -> ascending
+// indices. No histogram or bitmap in global memory, so no memset and no last-block hand-off: the
+// short row's latency chain stays on chip.
+
+constexpr int kSmallThreads = 1024;
+constexpr int64_t kSmallMaxLen = 16384;
+using SmallScan = cub::BlockScan<uint32_t, kSmallThreads>;
+
+// Dynamic shared memory of SmallSelectKernel: the keys and the token bitmap.
+size_t SmallSelectSmem(int64_t len, int64_t n) {
+  return static_cast<size_t>((len + 3) / 4 * 4) * 4 + static_cast<size_t>((n + 31) / 32) * 4;
+}
+
+// \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
+__global__ void __launch_bounds__(kSmallThreads)
+    SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ SmallScan::TempStorage scan;
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_digit, s_above;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int64_t row = blockIdx.x;
+  const int64_t len = src.len;
+  const int64_t words = (out.n + 31) / 32;
+  uint32_t* keys = reinterpret_cast<uint32_t*>(smem);                 // [len]
+  uint32_t* bitmap = keys + (len + 3) / 4 * 4;                        // [words]
+  uint32_t nz = 0;
+  for (int64_t e = tid; e < len; e += kSmallThreads) {
+    uint32_t key, tie;
+    KeyTie(src, row, e, &key, &tie);
+    keys[e] = key;
+    nz += key != 0u ? 1u : 0u;
+  }
+  for (int64_t w = tid; w < words; w += kSmallThreads) bitmap[w] = 0u;
+  uint32_t unused = 0, total = 0;
+  SmallScan(scan).ExclusiveSum(nz, unused, total);
+  __syncthreads();
+  uint32_t k_rem = min(k_sel, total);
+  const bool all = k_rem == total;  // every element that is not excluded
+  uint32_t prefix = 0, mask = 0;
+  if (!all) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += kSmallThreads) hist[i] = 0u;
+      __syncthreads();
+      for (int64_t e = tid; e < len; e += kSmallThreads) {
+        const uint32_t key = keys[e];
+        if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (tid < 32) {
+        // Lane l holds bins 255 - 8l .. 248 - 8l (from the top); inclusive scan over lanes.
+        uint32_t c[8];
+        uint32_t sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          c[j] = hist[255 - 8 * lane - j];
+          sum += c[j];
+        }
+        uint32_t incl = sum;
+        for (int off = 1; off < 32; off <<= 1) {
+          const uint32_t o = __shfl_sync(0xffffffffu, incl, lane >= off ? lane - off : 0);
+          if (lane >= off) incl += o;
+        }
+        uint32_t acc = incl - sum;
+        if (acc < k_rem && incl >= k_rem) {
+          for (int j = 0; j < 8; ++j) {
+            if (acc + c[j] >= k_rem) {
+              s_digit = static_cast<uint32_t>(255 - 8 * lane - j);
+              s_above = acc;
+              break;
+            }
+            acc += c[j];
+          }
+        }
+      }
+      __syncthreads();
+      k_rem -= s_above;
+      prefix |= s_digit << shift;
+      mask |= 255u << shift;
+    }
+  }
+  // prefix is the threshold key: above it chosen; on it the k_rem lowest indices.
+  const int64_t per = (len + kSmallThreads - 1) / kSmallThreads;
+  const int64_t e0 = tid * per, e1 = min(len, e0 + per);
+  uint32_t eq = 0;
+  if (!all) {
+    for (int64_t e = e0; e < e1; ++e) eq += keys[e] == prefix ? 1u : 0u;
+  }
+  uint32_t rank = 0;
+  SmallScan(scan).ExclusiveSum(eq, rank, total);
+  for (int64_t e = e0; e < e1; ++e) {
+    const uint32_t key = keys[e];
+    bool take = false;
+    if (all) {
+      take = key != 0u;
+    } else if (key > prefix) {
+      take = true;
+    } else if (key == prefix) {
+      take = rank < k_rem;
+      ++rank;
+    }
+    if (!take) continue;
+    if (pages) {
+      const int64_t t0 = e * kPageTokens;
+      const int64_t cnt = min(static_cast<int64_t>(kPageTokens), out.n - t0);
+      const uint32_t bits = (cnt >= 16 ? 0xffffu : ((1u << cnt) - 1u)) << (t0 & 31);
+      atomicOr(&bitmap[t0 >> 5], bits);
+    } else {
+      atomicOr(&bitmap[e >> 5], 1u << (e & 31));
+    }
+  }
+  __syncthreads();
+  // Ascending indices with sink and local tokens, as CompactRow.
+  const int64_t wper = (words + kSmallThreads - 1) / kSmallThreads;
+  const int64_t w0 = tid * wper, w1 = min(words, w0 + wper);
+  auto word = [&](int64_t w) {
+    const uint32_t pinned =
+        RangeMask(w, 0, out.n_sink) | RangeMask(w, out.n - out.n_local, out.n);
+    return (bitmap[w] | pinned) & RangeMask(w, 0, out.n);
+  };
+  uint32_t mine = 0;
+  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
+  uint32_t start = 0;
+  SmallScan(scan).ExclusiveSum(mine, start, total);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t m = word(w);
+    while (m != 0) {
+      const int b = __ffs(m) - 1;
+      m &= m - 1;
+      const int64_t t = w * 32 + b;
+      if (start < out.cap) {
+        out.indices[row * out.cap + start] = static_cast<int32_t>(t);
+        if (out.out_scores != nullptr && out.row_scores != nullptr) {
+          out.out_scores[row * out.cap + start] = out.row_scores[row * out.n + t];
+        }
+      }
+      ++start;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(total) < out.cap ? static_cast<int64_t>(total) : out.cap;
+  for (int64_t j = count + tid; j < out.cap; j += kSmallThreads) {
+    out.indices[row * out.cap + j] = -1;
+    if (out.out_scores != nullptr) out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+  }
+  if (tid == 0 && out.counts != nullptr) out.counts[row] = static_cast<int32_t>(count);
+}
+
+// Whether SmallSelectKernel takes this selection.
+bool UseSmallSelect(const SelSource& src, const SelSink& sink, const CompactArgs& out) {
+  return internal::SmallRowSelection() && src.len <= kSmallMaxLen && out.indices != nullptr &&
+         (src.kind == SrcKind::kPlain || src.kind == SrcKind::kTokens ||
+          src.kind == SrcKind::kPages) &&
+         (sink.kind == SinkKind::kMarkToken || sink.kind == SinkKind::kMarkPage);
+}
+
 // Plan of the grid of one selection.
 int64_t SelChunk(int64_t len) { return std::min<int64_t>(len, kSelChunk); }
 
@@ -1353,6 +1511,14 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
   if (rows > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("the CUDA path selects over at most 65535 rows, got ", rows));
+  }
+  if (UseSmallSelect(src, sink, out)) {
+    const size_t smem = SmallSelectSmem(src.len, out.n);
+    ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<SmallSelectKernel>(smem));
+    SmallSelectKernel<<<static_cast<unsigned>(rows), kSmallThreads, smem, stream>>>(
+        src, static_cast<uint32_t>(k_sel), sink.kind == SinkKind::kMarkPage, out);
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
   if (!hist_done) {
@@ -1843,8 +2009,6 @@ absl::Status TopKCuda(const float* scores, int64_t rows, int64_t len, int64_t k,
   }
   ROPEKV_TOPK_RETURN_IF_ERROR(CheckWorkspace(*plan, workspace, workspace_bytes));
   char* ws = static_cast<char*>(workspace);
-  ROPEKV_CUDA_RETURN_IF_ERROR(
-      cudaMemsetAsync(ws + plan->zero_begin, 0, plan->zero_end - plan->zero_begin, stream));
   SelSource src;
   src.scores = scores;
   src.len = len;
@@ -1857,6 +2021,10 @@ absl::Status TopKCuda(const float* scores, int64_t rows, int64_t len, int64_t k,
   out.indices = indices;
   out.cap = plan->capacity;
   out.n = len;
+  if (!UseSmallSelect(src, sink, out)) {
+    ROPEKV_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(ws + plan->zero_begin, 0, plan->zero_end - plan->zero_begin, stream));
+  }
   return RunSelection(src, sink, MakeSelWs(ws, plan->sel), rows, plan->k_sel,
                       /*hist_done=*/false, out, stream);
 }
@@ -1877,8 +2045,14 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   float* scores = reinterpret_cast<float*>(ws + plan.scores);
   float2* lse = reinterpret_cast<float2*>(ws + plan.lse);
   const bool want_mass = result.mass != nullptr;
-  ROPEKV_CUDA_RETURN_IF_ERROR(
-      cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
+  // A short row selected in one block (SmallSelectKernel) needs neither the zeroed workspace nor
+  // the fused histogram.
+  const bool small = req.mode != Mode::kBoundThenExact && internal::SmallRowSelection() &&
+                     plan.len <= kSmallMaxLen;
+  if (!small) {
+    ROPEKV_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
+  }
 
   // The output rows, written by the last selection.
   CompactArgs out;
@@ -1896,13 +2070,14 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   // 1. Scores or bounds (with the first histogram when it can be fused), and the softmax
   // denominators.
   bool hist_done = false;
+  uint32_t* hist0 = small ? nullptr : sel.hist0;
   if (req.mode == Mode::kExact) {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.keys, false, scores,
                                               want_mass ? lse : nullptr, plan.lse_parts, stream,
-                                              sel.hist0, kind, &hist_done));
+                                              hist0, kind, &hist_done));
   } else {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream,
-                                              sel.hist0, kind, &hist_done));
+                                              hist0, kind, &hist_done));
     if (want_mass) {
       ROPEKV_TOPK_RETURN_IF_ERROR(
           RunScoreTiles(req, req.keys, false, nullptr, lse, plan.lse_parts, stream));

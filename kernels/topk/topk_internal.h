@@ -38,6 +38,11 @@ bool TensorCoreScoring();
 // mbarrier; default on) instead of per-thread cp.async. Same contract as above.
 void SetBulkCopyStaging(bool on);
 bool BulkCopyStaging();
+// Whether a selection over rows of at most 16384 elements (exact or bound, not bound-then-exact)
+// runs in one block per row in shared memory (SmallSelectKernel; default on) instead of the
+// multi-block threshold filter. Same contract as above.
+void SetSmallRowSelection(bool on);
+bool SmallRowSelection();
 
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).

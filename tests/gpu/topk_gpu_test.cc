@@ -582,6 +582,41 @@ TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
   }
 }
 
+// Short rows selected in one block (SmallSelectKernel) give exactly what the multi-block
+// threshold filter gives, ties included (bf16 keys quantised to few values make many).
+TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
+  for (int64_t n : {int64_t{700}, int64_t{16384}, int64_t{200000}}) {
+    Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 930 + n);
+    for (int64_t t = 0; t < n; t += 3) p.SetKey(1, t, 0, 2.0f);  // ties on KV head 1
+    p.BuildMeta(DType::kBF16);
+    OnDevice dev(p);
+    for (Mode mode : {Mode::kExact, Mode::kBound}) {
+      for (GqaReduction red :
+           {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
+        for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{3000}}) {
+          SelectRequest req = p.Request(mode, red, k);
+          req.n_sink = 3;
+          req.n_local = 17;
+          Output a, b;
+          internal::SetSmallRowSelection(false);
+          const absl::Status s0 = RunGpu(dev.Retarget(req), true, false, &a);
+          internal::SetSmallRowSelection(true);
+          ASSERT_TRUE(s0.ok()) << s0;
+          ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &b).ok());
+          const std::string w = absl::StrCat("n ", n, " mode ", static_cast<int>(mode), " red ",
+                                             static_cast<int>(red), " k ", k);
+          EXPECT_EQ(b.indices, a.indices) << w;
+          EXPECT_EQ(b.counts, a.counts) << w;
+          for (size_t i = 0; i < a.scores.size(); ++i) {
+            if (std::isnan(a.scores[i]) && std::isnan(b.scores[i])) continue;
+            ASSERT_EQ(b.scores[i], a.scores[i]) << w << " slot " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_F(TopkGpuTest, PageMetadataEqualsCpuBitForBit) {
   for (auto [kt, mt] :
        {std::make_pair(DType::kF32, DType::kBF16), std::make_pair(DType::kF32, DType::kF16),
