@@ -109,6 +109,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens compared")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--buffer", default="auto", choices=["auto", "grpc", "shm", "cuda"],
+                    help="how B's prefix KV reaches the frontend: gRPC bytes, a shared-memory "
+                         "buffer, or the frontend's CUDA tensor by CUDA IPC (auto: cuda on a GPU)")
     args = ap.parse_args()
     if args.prefix % args.block_tokens:
         sys.exit(f"--prefix must be a multiple of --block-tokens {args.block_tokens}")
@@ -119,7 +122,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: (b) compares outputs
     torch.backends.cudnn.allow_tf32 = False
-    proc = None
+    proc, buf = None, None
     if not args.addr:
         proc, args.addr = start_daemon(args.ropekvd, args.host_capacity)
     try:
@@ -143,6 +146,15 @@ def main():
         b = torch.cat([prefix, torch.randint(0, args.vocab, (1, args.suffix), generator=gen)], 1)
         a, b = a.to(device), b.to(device)
         tenant = f"demo-{os.getpid()}"
+        # Where the daemon writes B's prefix KV (DataPlane), or None: gRPC bytes.
+        path = args.buffer if args.buffer != "auto" else (
+            "cuda" if device.type == "cuda" else "grpc")
+        prefix_bytes = ropekv.arrays.block_bytes(client.spec(model_id)) * (
+            args.prefix // args.block_tokens)
+        if path == "cuda":
+            buf = client.register_cuda(torch.empty(prefix_bytes, dtype=torch.uint8, device=device))
+        elif path == "shm":
+            buf = client.create_shm(prefix_bytes)
 
         with torch.inference_mode():
             # Request A: a miss; its whole blocks go to ropekvd.
@@ -151,7 +163,8 @@ def main():
             stored = client.lookup(model_id, a[0], tenant=tenant).matched_tokens
 
             # Request B, with ropekv: P is loaded, S_b is prefilled.
-            out_b, matched_b = rhf.prefill(model, client, model_id, b, tenant=tenant, store=False)
+            out_b, matched_b = rhf.prefill(model, client, model_id, b, tenant=tenant, store=False,
+                                           out=buf)
             ids_b, logits_b = greedy(model, rhf.output_cache(out_b), out_b.logits, args.new_tokens)
             # Request B without a cache: the reference.
             ref = model(input_ids=b, use_cache=True)
@@ -170,15 +183,16 @@ def main():
             t_full, _ = timed(lambda: model(input_ids=b, use_cache=True), device, args.reps)
             t_load, _ = timed(lambda: rhf.load_prefix(client, model_id, b, tenant=tenant,
                                                       config=model.config, dtype=dtype,
-                                                      device=device), device, args.reps)
+                                                      device=device, out=buf),
+                              device, args.reps)
             t_reuse, _ = timed(lambda: rhf.prefill(model, client, model_id, b, tenant=tenant,
-                                                   store=False), device, args.reps)
+                                                   store=False, out=buf), device, args.reps)
 
         tol = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}[args.dtype] * float(scale)
         ok_a = matched_a == 0 and matched_b == args.prefix and stored >= args.prefix
         ok_b = (kv_exact and float(prefill_diff) <= tol and float(step_diff) <= tol
                 and (ids_b == ids_ref or args.dtype != "float32"))
-        kv_bytes = ropekv.arrays.block_bytes(client.spec(model_id)) * (args.prefix // args.block_tokens)
+        kv_bytes = prefix_bytes
 
         rows = [
             ("device", f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"),
@@ -189,7 +203,7 @@ def main():
             ("B: matched from ropekv", f"{matched_b} tokens ({kv_bytes / 2**20:.1f} MiB of KV)"),
             ("B: tokens prefilled", f"{b.shape[1] - matched_b} with ropekv vs {b.shape[1]} without"),
             ("B: full prefill", f"{t_full * 1e3:.2f} ms"),
-            ("B: ropekv load (Get + DynamicCache)", f"{t_load * 1e3:.2f} ms"),
+            ("B: ropekv load (Get + DynamicCache)", f"{t_load * 1e3:.2f} ms over {path}"),
             ("B: load + suffix prefill", f"{t_reuse * 1e3:.2f} ms ({t_full / t_reuse:.2f}x)"),
             ("(b) loaded KV == A's KV", "bit for bit" if kv_exact else "DIFFERENT"),
             ("(b) prefill logits max |diff|", f"{float(prefill_diff):.3g} (tol {tol:.3g})"),
@@ -205,7 +219,7 @@ def main():
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "dtype": args.dtype, "layers": args.layers, "hidden": args.hidden,
             "heads": args.heads, "kv_heads": args.kv_heads, "prefix": args.prefix,
-            "suffix": args.suffix, "matched": matched_b, "kv_bytes": kv_bytes,
+            "suffix": args.suffix, "matched": matched_b, "kv_bytes": kv_bytes, "path": path,
             "prefilled_tokens_with": int(b.shape[1] - matched_b),
             "prefilled_tokens_without": int(b.shape[1]),
             "full_prefill_ms": t_full * 1e3, "load_ms": t_load * 1e3, "reuse_ms": t_reuse * 1e3,
@@ -215,6 +229,8 @@ def main():
             "transformers": transformers.__version__, "torch": torch.__version__}))
         return 0 if ok_a and ok_b else 1
     finally:
+        if buf is not None and hasattr(buf, "close"):  # shared memory: unlink it
+            buf.close()
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=10)

@@ -144,34 +144,47 @@ def store_prefix(client, model, input_ids, cache, tenant="", pin=False, batch_in
 
 
 def load_prefix(client, model, input_ids, tenant="", config=None, dtype=None, device=None,
-                max_tokens=None, batch_index=0):
+                max_tokens=None, batch_index=0, out=None):
     """The cached KV of the longest cached prefix of `input_ids`, as a DynamicCache.
 
     At most `max_tokens` tokens are loaded (default: len - 1, so that at least one token is left to
-    run through the model and give logits). Returns (matched_tokens, cache); (0, None) on a miss."""
+    run through the model and give logits). out: a registered buffer (Client.register_cuda for a
+    GPU frontend, or a ShmBuffer) that the daemon writes the blocks into itself (DataPlane, no
+    bytes through gRPC); it must hold the blocks. Returns (matched_tokens, cache); (0, None) on a
+    miss."""
     tokens = _row(input_ids, batch_index)
     limit = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens))
     bt = client.spec(model).block_tokens
     max_blocks = limit // bt
     if max_blocks <= 0:
         return 0, None
-    header, blocks = client.get_torch(model, tokens[:max_blocks * bt], tenant=tenant,
-                                      max_blocks=max_blocks, device=device)
+    if out is not None:
+        header, blocks = client.get(model, tokens[:max_blocks * bt], tenant=tenant,
+                                    max_blocks=max_blocks, out=out)
+        if header.blocks and not arrays.is_torch_tensor(blocks):  # a view of shared memory
+            blocks = arrays.numpy_to_torch(blocks, client.spec(model).dtype, device)
+        elif header.blocks and device is not None:
+            blocks = blocks.to(device)
+    else:
+        header, blocks = client.get_torch(model, tokens[:max_blocks * bt], tenant=tenant,
+                                          max_blocks=max_blocks, device=device)
     if header.blocks == 0:
         return 0, None
     return header.matched_tokens, blocks_to_cache(blocks, config=config, dtype=dtype)
 
 
-def prefill(hf_model, client, model, input_ids, tenant="", store=True, **forward_kwargs):
+def prefill(hf_model, client, model, input_ids, tenant="", store=True, out=None,
+            **forward_kwargs):
     """A prefill that reuses ropekv: loads the longest cached prefix of `input_ids` (a [1, n]
-    tensor), runs `hf_model` on the remaining tokens only, and (store=True) stores the new whole
-    blocks. Returns (model output: .logits of the remaining tokens, and the cache of the whole
-    prompt, see output_cache(); matched_tokens)."""
+    tensor; through the registered buffer `out` when given, see load_prefix), runs `hf_model` on
+    the remaining tokens only, and (store=True) stores the new whole blocks. Returns (model
+    output: .logits of the remaining tokens, and the cache of the whole prompt, see
+    output_cache(); matched_tokens)."""
     import transformers
 
     param = next(hf_model.parameters())
     matched, cache = load_prefix(client, model, input_ids, tenant=tenant, config=hf_model.config,
-                                 dtype=param.dtype, device=input_ids.device)
+                                 dtype=param.dtype, device=input_ids.device, out=out)
     if cache is None:
         cache = _new_dynamic_cache(transformers, hf_model.config)
     out = hf_model(input_ids=input_ids[:, matched:], use_cache=True,
