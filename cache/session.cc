@@ -567,8 +567,9 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(KvCache* cach
     if (made.ok()) {
       gpu = *std::move(made);
     } else if (options.device == SessionDevice::kGpu) {
-      return absl::Status(made.status().code(), absl::StrCat("sessions on the GPU (device gpu): ",
-                                                             made.status().message()));
+      return absl::Status(
+          made.status().code(),
+          absl::StrCat("sessions on the GPU (--session_device=gpu): ", made.status().message()));
     }
   }
   auto store = std::unique_ptr<SessionStore>(new SessionStore(cache, std::move(options)));
@@ -611,8 +612,8 @@ absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec&
     auto chunk = std::make_shared<KvChunk>();
     void* const p = mem->get();  // before the deleter takes `mem` (argument order is unspecified)
     chunk->data = p;
-    chunk->owner = std::shared_ptr<const void>(
-        p, [mem = *std::move(mem), budget, bytes](const void*) mutable {
+    chunk->owner =
+        std::shared_ptr<const void>(p, [mem = *std::move(mem), budget, bytes](const void*) mutable {
           mem.reset();  // back to the device pool
           budget->used.fetch_sub(bytes);
         });

@@ -117,7 +117,7 @@ bool SessionGpuSupportsHeadDim(int head_dim) { return RerotateEngine::SupportedH
 
 absl::StatusOr<std::shared_ptr<SessionGpu>> SessionGpu::Create(const Options& options) {
   if (!GpuAvailable()) {
-    return absl::UnavailableError("no CUDA device: sessions stay in host memory");
+    return absl::UnavailableError("no usable CUDA device");
   }
   int count = 0;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));

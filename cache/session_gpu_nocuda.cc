@@ -6,9 +6,7 @@ namespace ropekv {
 struct SessionGpu::Impl {};
 
 namespace {
-absl::Status NotBuilt() {
-  return absl::UnavailableError("this ropekvd was built without CUDA: sessions stay on the host");
-}
+absl::Status NotBuilt() { return absl::UnavailableError("this ropekvd was built without CUDA"); }
 }  // namespace
 
 bool SessionGpuBuilt() { return false; }
