@@ -83,7 +83,7 @@ endif()
 if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/tests/gpu/session_dataplane_gpu_test.cc)
   ropekv_test(NAME session_dataplane_gpu_test LABELS gpu
     SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/session_dataplane_gpu_test.cc
-    LIBS ropekv_dataplane_client ropekv_client ropekv_kernels_common CUDA::cudart_static)
-  target_compile_definitions(session_dataplane_gpu_test PRIVATE ROPEKVD="$<TARGET_FILE:ropekvd>")
+    LIBS ropekv_dataplane_client ropekv_client ropekv_kernels_common ropekv_test_daemon
+         CUDA::cudart_static)
   add_dependencies(session_dataplane_gpu_test ropekvd)
 endif()

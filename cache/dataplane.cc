@@ -4,6 +4,7 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "cache/cuda_ipc.h"
 #include "kernels/common/dtype.h"
@@ -497,6 +498,46 @@ absl::StatusOr<ReadToBufferResult> ReadToBuffer(SessionStore& sessions, BufferRe
   return r;
 }
 
+namespace {
+
+// A session call's n tokens of KV read from `src` (layouts as OpenFromBuffer): leases the buffer,
+// hands the source to `commit`, and `undo`es what it committed when the lease ends unclean (bytes
+// read from a region the client shrank under the copy are not the client's).
+absl::StatusOr<SessionFromBufferResult> FromBuffer(
+    SessionStore& sessions, BufferRegistry& buffers, const ModelSpec& spec, const BufferRange& src,
+    std::optional<TokenLayout> layout, int64_t n,
+    absl::FunctionRef<absl::StatusOr<SessionResult>(const KvSource&)> commit,
+    absl::FunctionRef<void(const SessionResult&)> undo) {
+  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
+  uint64_t lease_bytes = 0;
+  auto strides = CheckLayout(spec, place, n, &lease_bytes);
+  if (!strides.ok()) return strides.status();
+  auto lease = buffers.Acquire(src, lease_bytes);
+  if (!lease.ok()) return lease.status();
+  const int device =
+      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, src.buffer) : -1;
+  const int session_gpu = sessions.OnGpu(spec) ? sessions.gpu_device() : -1;
+  std::vector<char> staged;
+  auto source = SourceOf(**lease, spec, place, *strides, n, device, session_gpu, &staged);
+  if (!source.ok()) return source.status();
+  auto committed = commit(*source);
+  const uint64_t bytes = RangeBytes(spec, n);
+  if (committed.ok()) (*lease)->CountRead(bytes);
+  absl::Status finished = (*lease)->Finish();
+  if (!committed.ok()) return committed.status();
+  if (!finished.ok()) {
+    undo(*committed);
+    return finished;
+  }
+  SessionFromBufferResult r;
+  r.session = *std::move(committed);
+  r.bytes_read = bytes;
+  r.device = session_gpu;
+  return r;
+}
+
+}  // namespace
+
 absl::StatusOr<SessionFromBufferResult> OpenFromBuffer(SessionStore& sessions,
                                                        BufferRegistry& buffers,
                                                        OpenSessionArgs args, const BufferRange& src,
@@ -508,33 +549,10 @@ absl::StatusOr<SessionFromBufferResult> OpenFromBuffer(SessionStore& sessions,
     return absl::InvalidArgumentError("OpenFromBuffer takes its KV from the buffer; no tenant");
   }
   const int64_t n = static_cast<int64_t>(args.tokens.size());
-  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
-  uint64_t lease_bytes = 0;
-  auto strides = CheckLayout(*spec, place, n, &lease_bytes);
-  if (!strides.ok()) return strides.status();
-  auto lease = buffers.Acquire(src, lease_bytes);
-  if (!lease.ok()) return lease.status();
-  const int device =
-      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, src.buffer) : -1;
-  const int session_gpu = sessions.OnGpu(*spec) ? sessions.gpu_device() : -1;
-  std::vector<char> staged;
-  auto source = SourceOf(**lease, *spec, place, *strides, n, device, session_gpu, &staged);
-  if (!source.ok()) return source.status();
-  auto opened = sessions.OpenFrom(std::move(args), *source);
-  const uint64_t bytes = RangeBytes(*spec, n);
-  if (opened.ok()) (*lease)->CountRead(bytes);
-  // Bytes read from a region the client shrank under the copy are not the client's.
-  absl::Status finished = (*lease)->Finish();
-  if (!opened.ok()) return opened.status();
-  if (!finished.ok()) {
-    sessions.Close(opened->id).IgnoreError();
-    return finished;
-  }
-  SessionFromBufferResult r;
-  r.session = *std::move(opened);
-  r.bytes_read = bytes;
-  r.device = session_gpu;
-  return r;
+  return FromBuffer(
+      sessions, buffers, *spec, src, layout, n,
+      [&](const KvSource& kv) { return sessions.OpenFrom(std::move(args), kv); },
+      [&](const SessionResult& opened) { sessions.Close(opened.id).IgnoreError(); });
 }
 
 absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
@@ -546,36 +564,15 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
   auto spec = sessions.SessionSpec(session_id);
   if (!spec.ok()) return spec.status();
   const TokenRange range = args.range;
-  const int64_t n = std::max<int64_t>(0, range.size());
-  const TokenLayout place = layout.value_or(TokenLayout{static_cast<uint64_t>(n), 0});
-  uint64_t lease_bytes = 0;
-  auto strides = CheckLayout(*spec, place, n, &lease_bytes);
-  if (!strides.ok()) return strides.status();
-  auto lease = buffers.Acquire(src, lease_bytes);
-  if (!lease.ok()) return lease.status();
-  const int device =
-      (*lease)->kind() == BufferKind::kCudaIpc ? BufferDevice(buffers, src.buffer) : -1;
-  const int session_gpu = sessions.OnGpu(*spec) ? sessions.gpu_device() : -1;
-  std::vector<char> staged;
-  auto source = SourceOf(**lease, *spec, place, *strides, n, device, session_gpu, &staged);
-  if (!source.ok()) return source.status();
-  auto filled = sessions.FillFrom(session_id, std::move(args), *source);
-  const uint64_t bytes = RangeBytes(*spec, n);
-  if (filled.ok()) (*lease)->CountRead(bytes);
-  absl::Status finished = (*lease)->Finish();
-  if (!filled.ok()) return filled.status();
-  if (!finished.ok()) {
-    // What was read is not the client's: the range awaits Fill again.
-    EditOptions stale;
-    stale.stale.push_back(range);
-    sessions.Edit(session_id, {}, stale).IgnoreError();
-    return finished;
-  }
-  SessionFromBufferResult r;
-  r.session = *std::move(filled);
-  r.bytes_read = bytes;
-  r.device = session_gpu;
-  return r;
+  return FromBuffer(
+      sessions, buffers, *spec, src, layout, std::max<int64_t>(0, range.size()),
+      [&](const KvSource& kv) { return sessions.FillFrom(session_id, std::move(args), kv); },
+      [&](const SessionResult&) {
+        // The range awaits Fill again.
+        EditOptions stale;
+        stale.stale.push_back(range);
+        sessions.Edit(session_id, {}, stale).IgnoreError();
+      });
 }
 
 }  // namespace ropekv

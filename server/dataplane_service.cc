@@ -31,6 +31,22 @@ std::vector<int32_t> Tokens(const google::protobuf::RepeatedField<int32_t>& toke
   return std::vector<int32_t>(tokens.begin(), tokens.end());
 }
 
+// A session call's capacity layout (TokenLayout), absent when the request has none.
+template <typename Request>
+std::optional<TokenLayout> LayoutOf(const Request& req) {
+  if (!req.has_layout()) return std::nullopt;
+  return TokenLayout{req.layout().capacity(), req.layout().token_offset()};
+}
+
+void AddRanges(const std::vector<TokenRange>& ranges,
+               google::protobuf::RepeatedPtrField<v1::TokenRange>* out) {
+  for (const TokenRange& r : ranges) {
+    v1::TokenRange* t = out->Add();
+    t->set_start(r.start);
+    t->set_end(r.end);
+  }
+}
+
 BufferRange FromProto(const v1::BufferRange& r) {
   BufferRange out;
   out.buffer = r.buffer();
@@ -312,11 +328,8 @@ grpc::ServerUnaryReactor* DataPlaneService::ReadToBuffer(grpc::CallbackServerCon
     if (req->has_range()) range = TokenRange{req->range().start(), req->range().end()};
     std::optional<RopeTableId> table;
     if (req->has_rope_table()) table = req->rope_table();
-    std::optional<TokenLayout> layout;
-    if (req->has_layout())
-      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
     auto r = ropekv::ReadToBuffer(*sessions_, *registry_, req->session_id(), range, table,
-                                  FromProto(req->dst()), copy_threads_, layout);
+                                  FromProto(req->dst()), copy_threads_, LayoutOf(*req));
     if (!r.ok()) return r.status();
     v1::ReadHeader* h = resp->mutable_header();
     h->mutable_range()->set_start(r->range.start);
@@ -350,21 +363,14 @@ grpc::ServerUnaryReactor* DataPlaneService::OpenFromBuffer(grpc::CallbackServerC
     if (h.has_rotated_at()) args.rotated_at = h.rotated_at();
     args.rope_table = h.rope_table();
     args.tenant = h.tenant();
-    std::optional<TokenLayout> layout;
-    if (req->has_layout())
-      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
     auto r = ropekv::OpenFromBuffer(*sessions_, *registry_, std::move(args), FromProto(req->src()),
-                                    layout);
+                                    LayoutOf(*req));
     if (!r.ok()) return r.status();
     v1::OpenSessionResponse* out = resp->mutable_session();
     out->set_session_id(r->session.id);
     out->set_length(r->session.length);
     out->set_version(r->session.version);
-    for (const TokenRange& f : r->session.fill) {
-      v1::TokenRange* t = out->add_fill();
-      t->set_start(f.start);
-      t->set_end(f.end);
-    }
+    AddRanges(r->session.fill, out->mutable_fill());
     resp->set_bytes_read(r->bytes_read);
     resp->set_device(r->device);
     return absl::OkStatus();
@@ -384,20 +390,13 @@ grpc::ServerUnaryReactor* DataPlaneService::FillFromBuffer(grpc::CallbackServerC
     if (h.has_rotated_at()) args.rotated_at = h.rotated_at();
     if (h.has_rope_table()) args.rope_table = h.rope_table();
     if (h.has_version()) args.version = h.version();
-    std::optional<TokenLayout> layout;
-    if (req->has_layout())
-      layout = TokenLayout{req->layout().capacity(), req->layout().token_offset()};
     auto r = ropekv::FillFromBuffer(*sessions_, *registry_, h.session_id(), std::move(args),
-                                    FromProto(req->src()), layout);
+                                    FromProto(req->src()), LayoutOf(*req));
     if (!r.ok()) return r.status();
     v1::FillResponse* out = resp->mutable_fill();
     out->set_length(r->session.length);
     out->set_version(r->session.version);
-    for (const TokenRange& f : r->session.fill) {
-      v1::TokenRange* t = out->add_fill();
-      t->set_start(f.start);
-      t->set_end(f.end);
-    }
+    AddRanges(r->session.fill, out->mutable_fill());
     resp->set_bytes_read(r->bytes_read);
     return absl::OkStatus();
   });
