@@ -44,7 +44,7 @@ size_t Take(size_t* cursor, size_t bytes) {
 }
 
 std::atomic<bool> g_tensor_core_scoring{true};
-std::atomic<bool> g_bulk_copy_staging{true};
+std::atomic<bool> g_bulk_copy_staging{false};
 std::atomic<bool> g_small_row_selection{true};
 
 }  // namespace

@@ -712,10 +712,12 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo() {
 
 // Allows `kKernel` `smem` bytes of dynamic shared memory on the current device. The attribute is
 // set once per (kernel, device, size) so that launches inside stream capture make no such call
-// after the first use.
+// after the first use. Without it a block may have 48 KB of static plus dynamic shared memory:
+// the attribute is set from 32 KB of dynamic memory on, which leaves room for the static memory
+// of these kernels (SmallSelectKernel: ~5 KB).
 template <auto kKernel>
 absl::Status EnsureSmem(size_t smem) {
-  if (smem <= 48 * 1024) return absl::OkStatus();
+  if (smem <= 32 * 1024) return absl::OkStatus();
   static std::atomic<int> allowed[64];
   int dev = 0;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
@@ -811,7 +813,11 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
   TcParams p;
   p.n_tiles8 = (group + 7) / 8;
-  const bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead;
+  // The histogram is fused only when its shared memory costs no block per SM (otherwise the
+  // selection's HistKernel makes it from the scores, which L2 still holds).
+  const bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead &&
+                    ScoreBlocksPerSm(info, TcSmem(width, parts, p.n_tiles8, true)) >=
+                        ScoreBlocksPerSm(info, TcSmem(width, parts, p.n_tiles8, false));
   const size_t smem = TcSmem(width, parts, p.n_tiles8, hist);
   if (smem + 1024 > static_cast<size_t>(info.smem_per_sm) || req.kv_heads > 65535) {
     return absl::OkStatus();

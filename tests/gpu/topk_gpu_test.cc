@@ -333,6 +333,24 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SelectGpuGridTest, ::testing::ValuesIn(GridCase
                                                "_n", info.param.n, "_k", info.param.k);
                          });
 
+// The first one-block selection of the process at 48 KB of dynamic shared memory (the pages of
+// 128K tokens): static + dynamic memory exceed the default 48 KB, so the kernel's attribute must
+// be raised (a launch failure otherwise). First in the file so that no earlier test raised it.
+TEST_F(TopkGpuTest, PagesOf128KTokensOnFirstUse) {
+  const int64_t n = 131072;
+  Problem p(1, 2, 64, n, DType::kBF16, DType::kBF16, 940);
+  p.BuildMeta(DType::kBF16);
+  OnDevice dev(p);
+  SelectRequest req = p.Request(Mode::kBound, GqaReduction::kMax, 256);
+  req.n_sink = 4;
+  req.n_local = 64;
+  Output cpu, gpu;
+  ASSERT_TRUE(RunCpu(req, true, false, &cpu).ok());
+  const absl::Status s = RunGpu(dev.Retarget(req), true, false, &gpu);
+  ASSERT_TRUE(s.ok()) << s;
+  CheckAgainstReference(p, req, gpu, cpu, true, false, "pages of 128K tokens");
+}
+
 TEST_F(TopkGpuTest, OneMillionTokens) {
   const int64_t n = int64_t{1} << 20;
   Problem p(2, 8, 128, n, DType::kBF16, DType::kBF16, 900);
@@ -527,7 +545,7 @@ TEST_F(TopkGpuTest, TensorCoreScoresMatchCpuAndCudaCores) {
               bound ? PageBoundCuda(dev.Retarget(req), static_cast<float*>(out.get()), nullptr)
                     : ScoreCuda(dev.Retarget(req), static_cast<float*>(out.get()), nullptr);
           internal::SetTensorCoreScoring(true);
-          internal::SetBulkCopyStaging(true);
+          internal::SetBulkCopyStaging(false);
           ASSERT_TRUE(st.ok()) << st;
           CUDA_OK(cudaDeviceSynchronize());
           got[tc] = out.Download<float>(cpu.size());
