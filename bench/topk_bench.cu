@@ -2,8 +2,8 @@
 // bound-then-exact, against the time to read the keys once at the device-to-device copy
 // bandwidth measured in the same run. Self-contained: generates bf16 keys and queries on the
 // device, checks one configuration against the CPU reference, times with cudaEvents after
-// warm-up (median of many repetitions, L2 flushed and left clean before each one), prints a table and a JSON
-// line.
+// warm-up (median of many repetitions, L2 flushed and left clean before each one), prints a table
+// and a JSON line.
 //
 //   topk_bench [--quick] [--reps N] [--hq H] [--n N] [--k K] [--once]
 // --quick: 32 query heads at N = 128K only; --hq / --n / --k: one value instead of the list;
@@ -469,23 +469,23 @@ int Main(int argc, char** argv) {
             "%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f "
             "%9.1f %9.1f %9.1f %9.1f\n",
             hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6, read_us,
-            score_us, score_tma_us, score_cc_us, bscore_us, topk_us, exact_us, exact_g, exact_g / read_us,
-            pqh_us, bound_us, bound_g, bound_filter_g, bte_us);
+            score_us, score_tma_us, score_cc_us, bscore_us, topk_us, exact_us, exact_g,
+            exact_g / read_us, pqh_us, bound_us, bound_g, bound_filter_g, bte_us);
         std::fflush(stdout);
-        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",",
-                        absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
-                                        "\"read_us\":%.2f,\"score_us\":%.2f,"
-                                        "\"score_bulk_copy_us\":%.2f,"
-                                        "\"score_cuda_cores_us\":%.2f,\"bound_score_us\":%.2f,"
-                                        "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
-                                        "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
-                                        "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
-                                        "\"bound_graph_us\":%.2f,"
-                                        "\"bound_filter_graph_us\":%.2f,\"bte_us\":%.2f}",
-                                        hq, n, k, key_bytes, read_us, score_us, score_tma_us,
-                                        score_cc_us,
-                                        bscore_us, topk_us, exact_us, exact_g,
-                                        exact_g / read_us, pqh_us, bound_us, bound_g, bound_filter_g, bte_us));
+        absl::StrAppend(
+            &json_rows, json_rows.empty() ? "" : ",",
+            absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
+                            "\"read_us\":%.2f,\"score_us\":%.2f,"
+                            "\"score_bulk_copy_us\":%.2f,"
+                            "\"score_cuda_cores_us\":%.2f,\"bound_score_us\":%.2f,"
+                            "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
+                            "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
+                            "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
+                            "\"bound_graph_us\":%.2f,"
+                            "\"bound_filter_graph_us\":%.2f,\"bte_us\":%.2f}",
+                            hq, n, k, key_bytes, read_us, score_us, score_tma_us, score_cc_us,
+                            bscore_us, topk_us, exact_us, exact_g, exact_g / read_us, pqh_us,
+                            bound_us, bound_g, bound_filter_g, bte_us));
       }
       cudaFree(score_out);
       cudaFree(in.keys);

@@ -166,7 +166,7 @@ class RetrievalStore {
     uint64_t metadata_hits = 0;    // entries found with matching keys
     uint64_t metadata_builds = 0;  // entries built by Select (first use, keys changed, not kept)
     uint64_t metadata_put_builds = 0;  // (block, layer) entries built when a Put stored the block
-    uint64_t metadata_stale = 0;   // entries found whose keys had changed (rebuilt)
+    uint64_t metadata_stale = 0;       // entries found whose keys had changed (rebuilt)
     uint64_t metadata_evictions = 0;
     uint64_t selections = 0;  // kept selections alive
   };

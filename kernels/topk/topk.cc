@@ -53,9 +53,7 @@ void SetTensorCoreScoring(bool on) { g_tensor_core_scoring.store(on, std::memory
 bool TensorCoreScoring() { return g_tensor_core_scoring.load(std::memory_order_relaxed); }
 void SetBulkCopyStaging(bool on) { g_bulk_copy_staging.store(on, std::memory_order_relaxed); }
 bool BulkCopyStaging() { return g_bulk_copy_staging.load(std::memory_order_relaxed); }
-void SetSmallRowSelection(bool on) {
-  g_small_row_selection.store(on, std::memory_order_relaxed);
-}
+void SetSmallRowSelection(bool on) { g_small_row_selection.store(on, std::memory_order_relaxed); }
 bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_relaxed); }
 
 absl::Status ValidateShape(const SelectRequest& req) {

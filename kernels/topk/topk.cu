@@ -189,7 +189,8 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 __device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
+               : "memory");
 }
 // Makes the initialised barriers visible to the copy engine.
 __device__ __forceinline__ void FenceMbarInit() {
@@ -201,16 +202,28 @@ __device__ __forceinline__ void FenceProxyAsync() {
 }
 // One arrival that also expects `bytes` more bytes of copies in the current phase.
 __device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(bytes) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
 }
 // Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared.
-__device__ __forceinline__ void BulkCopyG2S(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(bytes), "r"(SmemAddr(bar)) : "memory");
+__device__ __forceinline__ void BulkCopyG2S(void* dst, const void* src, uint32_t bytes,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
 }
 // Whether the phase of parity `parity` has completed.
 __device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
   uint32_t ok = 0;
-  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(ok) : "r"(SmemAddr(bar)), "r"(parity) : "memory");
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, "
+      "p;\n}\n"
+      : "=r"(ok)
+      : "r"(SmemAddr(bar)), "r"(parity)
+      : "memory");
   return ok != 0;
 }
 
@@ -446,13 +459,13 @@ __host__ __device__ constexpr int TcStages(int w) { return w <= 128 ? 4 : (w <= 
 __host__ __device__ constexpr int TcRowBytes(int w) { return 2 * w + 16; }
 
 struct TcParams {
-  DevView rows;  // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
+  DevView rows;         // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
   const void* queries;  // [query_heads][d]
   DType qtype;
   int d;
-  bool bound;  // [q+, q-] . [M; m]; NaN -> +inf (else NaN -> -inf)
-  int group;             // query heads per KV head (all in one block)
-  int n_tiles8;          // ceil(group / 8): mma n-tiles
+  bool bound;             // [q+, q-] . [M; m]; NaN -> +inf (else NaN -> -inf)
+  int group;              // query heads per KV head (all in one block)
+  int n_tiles8;           // ceil(group / 8): mma n-tiles
   int kv_heads_for_grid;  // grid.y
   // Rows staged by bulk copies (dense view, every row 16-byte aligned) instead of cp.async.
   bool tma;
@@ -468,9 +481,11 @@ struct TcParams {
 
 // D += A * B, m16n8k16, A row-major bf16 (4 registers), B column-major bf16 (2), D fp32 (4).
 __device__ __forceinline__ void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // Element c of the query row of head qh as the rows see it: q (exact) or [q+, q-] (bound).
@@ -496,8 +511,8 @@ __device__ __forceinline__ uint32_t SplitPart(float v, int part) {
 __device__ float TcScalarDot(const TcParams& p, int qh, const unsigned char* row_s, int width) {
   float acc = 0.0f;
   for (int c = 0; c < width; ++c) {
-    acc = fmaf(TcQuery(p, qh, c), Elem<__nv_bfloat16>::Load(reinterpret_cast<const char*>(row_s), c),
-               acc);
+    acc = fmaf(TcQuery(p, qh, c),
+               Elem<__nv_bfloat16>::Load(reinterpret_cast<const char*>(row_s), c), acc);
   }
   return acc;
 }
@@ -557,7 +572,8 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     unsigned char* dst = stages + stage * kStageBytes;
     if (p.tma) {
       if (warp != 0) return;
-      const int rows = static_cast<int>(min(static_cast<int64_t>(kTcTileRows), p.len - tile * kTcTileRows));
+      const int rows =
+          static_cast<int>(min(static_cast<int64_t>(kTcTileRows), p.len - tile * kTcTileRows));
       FenceProxyAsync();
       if (lane == 0) MbarArriveExpectTx(&bars[stage], static_cast<uint32_t>(rows * W * 2));
       __syncwarp();
@@ -661,11 +677,11 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
         if (p.hist0 != nullptr) {
           // Neighbouring rows mostly share a bin: one shared atomic per distinct bin of the warp.
-          const uint32_t bin =
-              !mine ? 0xffffffffu
-                    : (Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local) ? 0u
-                                                                            : internal::OrderKey(v)) >>
-                          21;
+          const uint32_t bin = !mine ? 0xffffffffu
+                                     : (Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)
+                                            ? 0u
+                                            : internal::OrderKey(v)) >>
+                                           21;
           const uint32_t peers = __match_any_sync(0xffffffffu, bin);
           if (mine && __ffs(peers) - 1 == lane) atomicAdd(&hist_s[bin], __popc(peers));
         }
@@ -873,8 +889,8 @@ absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, boo
   if (!info.ok()) return info.status();
   if (lse == nullptr) {
     bool launched = false;
-    ROPEKV_TOPK_RETURN_IF_ERROR(RunTcScore(req, view, bound, out, stream, hist0, hist_kind,
-                                           hist_fused, &launched, *info));
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        RunTcScore(req, view, bound, out, stream, hist0, hist_kind, hist_fused, &launched, *info));
     if (launched) return absl::OkStatus();
   }
   const int width = bound ? 2 * req.head_dim : req.head_dim;
@@ -1373,8 +1389,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int64_t row = blockIdx.x;
   const int64_t len = src.len;
   const int64_t words = (out.n + 31) / 32;
-  uint32_t* keys = reinterpret_cast<uint32_t*>(smem);                 // [len]
-  uint32_t* bitmap = keys + (len + 3) / 4 * 4;                        // [words]
+  uint32_t* keys = reinterpret_cast<uint32_t*>(smem);  // [len]
+  uint32_t* bitmap = keys + (len + 3) / 4 * 4;         // [words]
   uint32_t nz = 0;
   for (int64_t e = tid; e < len; e += kSmallThreads) {
     uint32_t key, tie;
@@ -1465,8 +1481,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int64_t wper = (words + kSmallThreads - 1) / kSmallThreads;
   const int64_t w0 = tid * wper, w1 = min(words, w0 + wper);
   auto word = [&](int64_t w) {
-    const uint32_t pinned =
-        RangeMask(w, 0, out.n_sink) | RangeMask(w, out.n - out.n_local, out.n);
+    const uint32_t pinned = RangeMask(w, 0, out.n_sink) | RangeMask(w, out.n - out.n_local, out.n);
     return (bitmap[w] | pinned) & RangeMask(w, 0, out.n);
   };
   uint32_t mine = 0;
@@ -1488,7 +1503,8 @@ __global__ void __launch_bounds__(kSmallThreads)
       ++start;
     }
   }
-  const int64_t count = static_cast<int64_t>(total) < out.cap ? static_cast<int64_t>(total) : out.cap;
+  const int64_t count =
+      static_cast<int64_t>(total) < out.cap ? static_cast<int64_t>(total) : out.cap;
   for (int64_t j = count + tid; j < out.cap; j += kSmallThreads) {
     out.indices[row * out.cap + j] = -1;
     if (out.out_scores != nullptr) out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
