@@ -575,4 +575,42 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
       });
 }
 
+absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store, BufferRegistry& buffers,
+                                                    absl::string_view selection_id,
+                                                    std::vector<int> layers, const BufferRange& dst,
+                                                    int copy_threads) {
+  if (auto s = NoPages(dst); !s.ok()) return s;
+  auto selection = store.FindSelection(selection_id);
+  if (!selection.ok()) return selection.status();
+  const KeptSelection& sel = **selection;
+  const int model_layers = sel.spec().layers;
+  if (layers.empty()) {
+    for (int l = 0; l < model_layers; ++l) layers.push_back(l);
+  }
+  for (int l : layers) {
+    if (l < 0 || l >= model_layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", l, " is out of range [0, ", model_layers, ")"));
+    }
+  }
+  const uint64_t layer_bytes = sel.layer_bytes();
+  auto bytes = Product(layers.size(), layer_bytes, "Gather");
+  if (!bytes.ok()) return bytes.status();
+  auto lease = buffers.Acquire(dst, *bytes);
+  if (!lease.ok()) return lease.status();
+  absl::Status s = (*lease)->ProduceParallel(
+      layers.size(), layer_bytes, copy_threads,
+      [&](uint64_t i, void* p) { return store.GatherLayer(sel, layers[i], p); });
+  if (!s.ok()) return s;
+  GatherToBufferResult r;
+  r.rows = sel.rows();
+  r.capacity = sel.capacity();
+  r.counts = sel.counts();
+  r.layer_bytes = layer_bytes;
+  r.bytes_written = *bytes;
+  r.dtype = sel.spec().dtype;
+  r.head_dim = sel.spec().head_dim;
+  return r;
+}
+
 }  // namespace ropekv

@@ -33,6 +33,7 @@
 #include "cache/buffer_registry.h"
 #include "cache/compose.h"
 #include "cache/kv_cache.h"
+#include "cache/retrieval.h"
 #include "cache/session.h"
 
 namespace ropekv {
@@ -149,6 +150,28 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
                                                        absl::string_view session_id, FillArgs args,
                                                        const BufferRange& src,
                                                        std::optional<TokenLayout> layout);
+
+struct GatherToBufferResult {
+  int64_t rows = 0;             // of the selection (kv_heads, or query heads)
+  int64_t capacity = 0;         // slots per row
+  std::vector<int32_t> counts;  // [rows] selected tokens per row
+  uint64_t layer_bytes = 0;     // [k|v][rows][capacity][head_dim] of one layer
+  uint64_t bytes_written = 0;   // layers * layer_bytes
+  DType dtype = DType::kBF16;   // the model's
+  int head_dim = 0;
+};
+
+// RetrievalStore::GatherLayer of the kept selection `selection_id` at every layer of `layers`
+// (empty: all of the model's layers, in order) into dst: [layer][k|v][rows][capacity][head_dim]
+// in the model's dtype, zeros after each row's count. NOT_FOUND for an unknown or expired
+// selection, or when its prefix blocks were evicted; INVALID_ARGUMENT for a layer out of range
+// (nothing written) or paged dst; the buffer errors as GetToBuffer.
+absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store,
+                                                    BufferRegistry& buffers,
+                                                    absl::string_view selection_id,
+                                                    std::vector<int> layers,
+                                                    const BufferRange& dst,
+                                                    int copy_threads = 1);
 
 }  // namespace ropekv
 

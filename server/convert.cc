@@ -58,15 +58,19 @@ absl::StatusOr<ModelSpec> FromProto(const v1::ModelSpec& p) {
   return spec;
 }
 
+v1::DType ToProto(DType dtype) {
+  return dtype == DType::kF32   ? v1::DTYPE_F32
+         : dtype == DType::kF16 ? v1::DTYPE_F16
+                                : v1::DTYPE_BF16;
+}
+
 v1::ModelSpec ToProto(const ModelSpec& spec) {
   v1::ModelSpec p;
   p.set_layers(spec.layers);
   p.set_kv_heads(spec.kv_heads);
   p.set_head_dim(spec.head_dim);
   p.set_block_tokens(spec.block_tokens);
-  p.set_dtype(spec.dtype == DType::kF32   ? v1::DTYPE_F32
-              : spec.dtype == DType::kF16 ? v1::DTYPE_F16
-                                          : v1::DTYPE_BF16);
+  p.set_dtype(ToProto(spec.dtype));
   const RopeSpec& rope = spec.rope;
   v1::RopeSpec* r = p.mutable_rope();
   r->set_type(static_cast<v1::RopeType>(rope.type));

@@ -17,6 +17,7 @@ grpc::Status ToGrpc(const absl::Status& status);
 // INVALID_ARGUMENT for an unspecified dtype or an unknown enum value.
 absl::StatusOr<ModelSpec> FromProto(const v1::ModelSpec& proto);
 v1::ModelSpec ToProto(const ModelSpec& spec);
+v1::DType ToProto(DType dtype);
 
 v1::Tier ToProto(TierKind tier);
 void ToProto(const BlockInfo& info, v1::BlockInfo* out);

@@ -402,4 +402,26 @@ grpc::ServerUnaryReactor* DataPlaneService::FillFromBuffer(grpc::CallbackServerC
   });
 }
 
+grpc::ServerUnaryReactor* DataPlaneService::GatherToBuffer(grpc::CallbackServerContext* ctx,
+                                                           const v1::GatherToBufferRequest* req,
+                                                           v1::GatherToBufferResponse* resp) {
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    if (retrieval_ == nullptr) {
+      return absl::UnavailableError("this ropekvd has no retrieval store");
+    }
+    auto r = ropekv::GatherToBuffer(*retrieval_, *registry_, req->selection_id(),
+                                    std::vector<int>(req->layers().begin(), req->layers().end()),
+                                    FromProto(req->dst()), copy_threads_);
+    if (!r.ok()) return r.status();
+    resp->set_rows(r->rows);
+    resp->set_capacity(r->capacity);
+    resp->mutable_counts()->Assign(r->counts.begin(), r->counts.end());
+    resp->set_layer_bytes(r->layer_bytes);
+    resp->set_bytes_written(r->bytes_written);
+    resp->set_dtype(ToProto(r->dtype));
+    resp->set_head_dim(r->head_dim);
+    return absl::OkStatus();
+  });
+}
+
 }  // namespace ropekv

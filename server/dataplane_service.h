@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "cache/buffer_registry.h"
 #include "cache/kv_cache.h"
+#include "cache/retrieval.h"
 #include "cache/session.h"
 #include "ropekv/v1/dataplane.grpc.pb.h"
 #include "server/config.h"
@@ -83,6 +84,13 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   grpc::ServerUnaryReactor* FillFromBuffer(grpc::CallbackServerContext* ctx,
                                            const v1::FillFromBufferRequest* req,
                                            v1::FillFromBufferResponse* resp) override;
+  // Retrieval.Gather into a buffer (a kept selection of the store set by SetRetrieval).
+  grpc::ServerUnaryReactor* GatherToBuffer(grpc::CallbackServerContext* ctx,
+                                           const v1::GatherToBufferRequest* req,
+                                           v1::GatherToBufferResponse* resp) override;
+  // The retrieval store GatherToBuffer reads (borrowed; it must outlive the service). Set before
+  // the server starts; without it GatherToBuffer answers UNAVAILABLE.
+  void SetRetrieval(RetrievalStore* store) { retrieval_ = store; }
 
  private:
   void Init(const ServerConfig& config, absl::StatusOr<DataPlaneOptions> options);
@@ -92,6 +100,7 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
 
   KvCache* cache_;
   SessionStore* sessions_;
+  RetrievalStore* retrieval_ = nullptr;
   std::unique_ptr<BufferRegistry> registry_;
   std::unique_ptr<WorkPool> pool_;
   int copy_threads_ = 1;

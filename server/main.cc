@@ -225,6 +225,7 @@ int Run(const ServerConfig& config) {
     return 1;
   }
   builder.RegisterService(&retrieval);
+  dataplane.SetRetrieval(retrieval.store());  // GatherToBuffer
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "ropekvd: cannot listen on " << config.listen << "\n";

@@ -77,10 +77,6 @@ absl::Status Unavailable(const absl::Status& why) {
   return absl::UnavailableError(absl::StrCat("retrieval is not available: ", why.message()));
 }
 
-v1::DType ToProto(DType t) {
-  return t == DType::kF32 ? v1::DTYPE_F32 : t == DType::kF16 ? v1::DTYPE_F16 : v1::DTYPE_BF16;
-}
-
 absl::StatusOr<SelectArgs> FromProto(const v1::SelectRequest& req) {
   SelectArgs a;
   switch (req.source().source_case()) {

@@ -239,4 +239,17 @@ absl::StatusOr<v1::FillFromBufferResponse> DataPlaneClient::FillFromBuffer(
   return resp;
 }
 
+absl::StatusOr<v1::GatherToBufferResponse> DataPlaneClient::GatherToBuffer(
+    const std::string& selection_id, const std::vector<int32_t>& layers, const BufferRef& dst) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GatherToBufferRequest req;
+  req.set_selection_id(selection_id);
+  req.mutable_layers()->Assign(layers.begin(), layers.end());
+  SetRange(dst, req.mutable_dst());
+  v1::GatherToBufferResponse resp;
+  if (auto s = FromGrpc(stub_->GatherToBuffer(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
 }  // namespace ropekv::client

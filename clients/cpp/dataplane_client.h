@@ -106,6 +106,11 @@ class DataPlaneClient {
   absl::StatusOr<v1::FillFromBufferResponse> FillFromBuffer(
       const v1::FillHeader& header, const BufferRef& src,
       std::optional<v1::TokenLayout> layout = std::nullopt);
+  // The K/V of a kept selection (Retrieval.Select with keep) at `layers` (empty: all) into dst:
+  // [layer][k|v][rows][capacity][head_dim].
+  absl::StatusOr<v1::GatherToBufferResponse> GatherToBuffer(const std::string& selection_id,
+                                                            const std::vector<int32_t>& layers,
+                                                            const BufferRef& dst);
 
   v1::DataPlane::Stub* stub() { return stub_.get(); }
 

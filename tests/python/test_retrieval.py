@@ -67,6 +67,39 @@ def test_exact_selection_matches_fp64_and_gathers(client, model, tenant):
     assert client.retrieval.stats().selects >= 1
 
 
+def test_gather_into_shared_memory_equals_gather(client, model, tenant):
+    """DataPlane.GatherToBuffer: the kept selection's K/V at several layers written by the daemon
+    into a registered buffer equal the streamed Gather and the bytes put; bytes outside stay."""
+    rng = np.random.default_rng(11)
+    tokens, kv = put_random(client, model, tenant, rng, 9)
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    sel = client.select(q, 20, model=model, tokens=tokens, tenant=tenant, layer=0, n_sink=1,
+                        n_local=4, keep=True)
+    want_k, want_v = client.retrieval.gather(sel.selection_id, [1, 0])
+    nbytes = want_k.nbytes + want_v.nbytes
+    with client.create_shm(nbytes + 64) as buf:
+        canary = rng.integers(0, 256, size=nbytes + 64, dtype=np.uint8)
+        buf.array(np.uint8, (nbytes + 64,))[:] = canary
+        keys, values = client.retrieval.gather(sel.selection_id, [1, 0], out=(buf, 32))
+        np.testing.assert_array_equal(keys, want_k)
+        np.testing.assert_array_equal(values, want_v)
+        raw = buf.array(np.uint8, (nbytes + 64,))
+        np.testing.assert_array_equal(raw[:32], canary[:32])
+        np.testing.assert_array_equal(raw[32 + nbytes:], canary[32 + nbytes:])
+        for g in range(KV_HEADS):
+            row = sel.indices[g]
+            np.testing.assert_array_equal(keys[0, g, :len(row)], kv[1, 0, g, row])
+            np.testing.assert_array_equal(values[1, g, :len(row)], kv[0, 1, g, row])
+        # A layer out of range or a buffer too small: INVALID_ARGUMENT, nothing written.
+        before = raw.copy()
+        for layers, at in (([LAYERS], 0), ([0, 1], 65)):
+            with pytest.raises(ropekv.Error) as e:
+                client.retrieval.gather(sel.selection_id, layers, out=(buf, at))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        np.testing.assert_array_equal(buf.array(np.uint8, (nbytes + 64,)), before)
+    client.retrieval.release(sel.selection_id)
+
+
 def test_bound_mode_finds_needle_page(client, model, tenant):
     rng = np.random.default_rng(11)
     blocks = 32

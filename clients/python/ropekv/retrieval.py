@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from ropekv import arrays
+from ropekv import shm as _shm
 from ropekv._pb import pb
 from ropekv.errors import Error, invalid
 
@@ -163,13 +164,30 @@ class Retrieval:
             sel.keys, sel.values = kv[0], kv[1]
         return sel
 
-    def gather(self, selection_id, layers):
+    def gather(self, selection_id, layers, out=None):
         """The K/V of a kept selection's tokens at `layers` (a list of layer indices): (keys,
         values), each [len(layers), rows, capacity, head_dim] of the model's dtype, zeros after
         each row's count. NOT_FOUND for an unknown or expired selection, or when its prefix
-        blocks were evicted."""
+        blocks were evicted.
+
+        out: a registered ShmBuffer / CudaBuffer, or (buffer, offset): the daemon writes
+        [len(layers), 2, rows, capacity, head_dim] there itself (DataPlane.GatherToBuffer, no
+        bytes through gRPC) and keys / values are views of it (torch for a CudaBuffer)."""
         _need_proto()
         layers = [int(x) for x in layers]
+        target = _shm.resolve_out(out)
+        if target is not None:
+            buffer, offset = target
+            if isinstance(buffer, _shm.CudaBuffer):
+                buffer.synchronize()
+            req = _shm.dpb.GatherToBufferRequest(selection_id=selection_id, layers=layers,
+                                                 dst=_shm.buffer_range(buffer, offset))
+            r = self._client._call(self._client.dataplane.GatherToBuffer, req)
+            n = r.bytes_written // r.layer_bytes if r.layer_bytes else 0
+            shape = (n, 2, r.rows, r.capacity, r.head_dim)
+            kv = _shm.view(buffer, offset, arrays.numpy_dtype(r.dtype),
+                           _shm.torch_dtype_of(r.dtype), shape)
+            return kv[:, 0], kv[:, 1]
         req = rpb.GatherRequest(selection_id=selection_id, layers=layers)
         header, data = _read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
         if len(data) != header.total_bytes:
