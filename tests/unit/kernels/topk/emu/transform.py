@@ -18,14 +18,16 @@ src = re.sub(r'const unsigned s = static_cast<unsigned>\(__cvta_generic_to_share
              r'asm volatile\("cp\.async\.cg\.shared\.global[^;]*;[^;]*;', 'emu::CpAsync(smem_dst, src);', src)
 src = re.sub(r'asm volatile\("cp\.async\.commit_group;\\n" ::: "memory"\);', 'emu::CpCommit();', src)
 src = re.sub(r'asm volatile\("cp\.async\.wait_group %0;\\n" ::"n"\(N\) : "memory"\);', 'emu::CpWait(N);', src)
-src = re.sub(r'asm volatile\("mma\.sync[^;]*;[^;]*;', 'emu::MmaBf16(c, a, b);', src)
-src = re.sub(r'asm volatile\("mbarrier\.init[^;]*;[^;]*;', 'emu::MbarInit(bar, count);', src)
-src = re.sub(r'asm volatile\("fence\.[^;]*;[^;]*;', '', src)
-src = re.sub(r'asm volatile\("mbarrier\.arrive\.expect_tx[^;]*;[^;]*;',
-             'emu::MbarArriveExpectTx(bar, bytes);', src)
-src = re.sub(r'asm volatile\("cp\.async\.bulk[^;]*;[^;]*;', 'emu::BulkCopy(dst, src, bytes, bar);', src)
-src = re.sub(r'asm volatile\("\{\\n\.reg \.pred p;.*?"memory"\);', 'ok = emu::MbarTryWait(bar, parity);', src,
-             flags=re.S)
+# The PTX of the tensor-core scorer (string literals may be split by clang-format).
+def asm(op, repl):
+    global src
+    src = re.sub(r'asm volatile\(\s*"' + op + r'.*?\);', repl, src, flags=re.S)
+asm(r'mma\.sync', 'emu::MmaBf16(c, a, b);')
+asm(r'mbarrier\.init', 'emu::MbarInit(bar, count);')
+asm(r'fence\.', '')
+asm(r'mbarrier\.arrive\.expect_tx', 'emu::MbarArriveExpectTx(bar, bytes);')
+asm(r'cp\.async\.bulk', 'emu::BulkCopy(dst, src, bytes, bar);')
+asm(r'\{\\n\.reg \.pred p;', 'ok = emu::MbarTryWait(bar, parity);')
 assert 'asm volatile' not in src, 'asm left'
 # Launches: NAME<<<cfg>>>(args);
 out = []
