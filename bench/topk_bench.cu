@@ -145,6 +145,33 @@ struct DeviceInputs {
   uint16_t* queries = nullptr;  // [query_heads][128] bf16
 };
 
+// Random bf16 keys and queries of one shape on the device, and their page metadata.
+DeviceInputs MakeInputs(int hq, int64_t n, cudaStream_t stream) {
+  DeviceInputs in;
+  in.query_heads = hq;
+  in.n = n;
+  const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
+  const int64_t pages = NumPages(n);
+  BENCH_CUDA(cudaMalloc(&in.keys, key_elems * 2));
+  BENCH_CUDA(cudaMalloc(&in.meta, static_cast<size_t>(kKvHeads) * pages * 256 * 2));
+  BENCH_CUDA(cudaMalloc(&in.queries, static_cast<size_t>(hq) * kHeadDim * 2));
+  FillNormalBf16<<<1024, 256, 0, stream>>>(in.keys, static_cast<int64_t>(key_elems), 1);
+  FillNormalBf16<<<8, 256, 0, stream>>>(in.queries, static_cast<int64_t>(hq) * kHeadDim, 2 + hq);
+  BENCH_CUDA(cudaGetLastError());
+  BENCH_OK(BuildPageMetaCuda(DenseMatrix<const void*>(in.keys, DType::kBF16, n, kHeadDim),
+                             PageMetaShape{kKvHeads, kHeadDim, n},
+                             DenseMatrix<void*>(in.meta, DType::kBF16, pages, 2 * kHeadDim),
+                             stream));
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  return in;
+}
+
+void FreeInputs(const DeviceInputs& in) {
+  cudaFree(in.keys);
+  cudaFree(in.meta);
+  cudaFree(in.queries);
+}
+
 SelectRequest MakeRequest(const DeviceInputs& in, Mode mode, GqaReduction red, int64_t k) {
   SelectRequest r;
   r.kv_heads = kKvHeads;
@@ -346,20 +373,7 @@ int Main(int argc, char** argv) {
   if (once) {
     for (int hq : hqs) {
       for (int64_t n : ns) {
-        DeviceInputs in;
-        in.query_heads = hq;
-        in.n = n;
-        const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
-        BENCH_CUDA(cudaMalloc(&in.keys, key_elems * 2));
-        BENCH_CUDA(cudaMalloc(&in.meta, static_cast<size_t>(kKvHeads) * NumPages(n) * 256 * 2));
-        BENCH_CUDA(cudaMalloc(&in.queries, static_cast<size_t>(hq) * kHeadDim * 2));
-        FillNormalBf16<<<1024, 256, 0, stream>>>(in.keys, static_cast<int64_t>(key_elems), 1);
-        FillNormalBf16<<<8, 256, 0, stream>>>(in.queries, static_cast<int64_t>(hq) * kHeadDim,
-                                              2 + hq);
-        BENCH_OK(BuildPageMetaCuda(DenseMatrix<const void*>(in.keys, DType::kBF16, n, kHeadDim),
-                                   PageMetaShape{kKvHeads, kHeadDim, n},
-                                   DenseMatrix<void*>(in.meta, DType::kBF16, NumPages(n), 256),
-                                   stream));
+        const DeviceInputs in = MakeInputs(hq, n, stream);
         for (int64_t k : ks) {
           Run exact(MakeRequest(in, Mode::kExact, GqaReduction::kMax, k));
           Run bound(MakeRequest(in, Mode::kBound, GqaReduction::kMax, k));
@@ -367,9 +381,7 @@ int Main(int argc, char** argv) {
           bound.Launch(stream);
           BENCH_CUDA(cudaStreamSynchronize(stream));
         }
-        cudaFree(in.keys);
-        cudaFree(in.meta);
-        cudaFree(in.queries);
+        FreeInputs(in);
       }
     }
     return 0;
@@ -393,23 +405,8 @@ int Main(int argc, char** argv) {
               "bound_flt", "bte_us");
   for (int hq : hqs) {
     for (int64_t n : ns) {
-      DeviceInputs in;
-      in.query_heads = hq;
-      in.n = n;
+      const DeviceInputs in = MakeInputs(hq, n, stream);
       const size_t key_elems = static_cast<size_t>(kKvHeads) * n * kHeadDim;
-      const int64_t pages = NumPages(n);
-      BENCH_CUDA(cudaMalloc(&in.keys, key_elems * 2));
-      BENCH_CUDA(cudaMalloc(&in.meta, static_cast<size_t>(kKvHeads) * pages * 256 * 2));
-      BENCH_CUDA(cudaMalloc(&in.queries, static_cast<size_t>(hq) * kHeadDim * 2));
-      FillNormalBf16<<<1024, 256, 0, stream>>>(in.keys, static_cast<int64_t>(key_elems), 1);
-      FillNormalBf16<<<8, 256, 0, stream>>>(in.queries, static_cast<int64_t>(hq) * kHeadDim,
-                                            2 + hq);
-      BENCH_CUDA(cudaGetLastError());
-      BENCH_OK(BuildPageMetaCuda(DenseMatrix<const void*>(in.keys, DType::kBF16, n, kHeadDim),
-                                 PageMetaShape{kKvHeads, kHeadDim, n},
-                                 DenseMatrix<void*>(in.meta, DType::kBF16, pages, 2 * kHeadDim),
-                                 stream));
-      BENCH_CUDA(cudaStreamSynchronize(stream));
       if (hq == check_hq && n == check_n) {
         check = CheckAgainstCpu(in);
         if (check.empty()) check = "ok";
@@ -488,9 +485,7 @@ int Main(int argc, char** argv) {
                             bound_us, bound_g, bound_filter_g, bte_us));
       }
       cudaFree(score_out);
-      cudaFree(in.keys);
-      cudaFree(in.meta);
-      cudaFree(in.queries);
+      FreeInputs(in);
     }
   }
   std::printf(
