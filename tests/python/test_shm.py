@@ -257,7 +257,7 @@ def test_paged_shm_get_and_put_by_block_ids(client, tenant):
             expect = canary.view(np.uint16).reshape(pool.shape).copy()
             for b, page in enumerate(ids):
                 # block [layers, 2, heads, tokens, dim] -> page [tokens, heads, dim]
-                expect[:, :, page] = want[b].transpose(0, 1, 3, 2, 4)
+                expect[:, :, page] = want[b].view(np.uint16).transpose(0, 1, 3, 2, 4)
             assert np.array_equal(pool.view(np.uint16), expect)
             del pool
         more = tokens(rng, 2 * BT)
