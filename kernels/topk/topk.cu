@@ -454,8 +454,10 @@ constexpr int kTcThreads = 128;   // 4 warps
 constexpr int kTcTileRows = 64;   // 16 rows per warp
 constexpr int kTcChunkTiles = 4;  // n-tiles (8 query heads each) per accumulator pass
 
-// Pipeline depth and staged row pitch for rows of w bf16 elements.
-__host__ __device__ constexpr int TcStages(int w) { return w <= 128 ? 4 : (w <= 256 ? 3 : 2); }
+// Pipeline depth and staged row pitch for rows of w bf16 elements. Shared memory bounds the
+// blocks a SM holds, and for keys more blocks beat deeper pipelines (H100, 32 heads / 128K: 4
+// stages = 3 blocks a SM, 145 µs; 3 stages, 119 µs; 2 stages = 6 blocks, 111 µs; bench/RESULTS.md).
+__host__ __device__ constexpr int TcStages(int w) { return w <= 128 ? 2 : (w <= 256 ? 3 : 2); }
 __host__ __device__ constexpr int TcRowBytes(int w) { return 2 * w + 16; }
 
 struct TcParams {
