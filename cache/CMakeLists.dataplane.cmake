@@ -48,8 +48,8 @@ endif()
 if(ROPEKV_WITH_CUDA AND EXISTS ${PROJECT_SOURCE_DIR}/tests/gpu/dataplane_gpu_test.cc)
   ropekv_test(NAME dataplane_gpu_test LABELS gpu
     SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/dataplane_gpu_test.cc
-    LIBS ropekv_dataplane_client ropekv_client ropekv_cache CUDA::cudart_static)
-  target_compile_definitions(dataplane_gpu_test PRIVATE ROPEKVD="$<TARGET_FILE:ropekvd>")
+    LIBS ropekv_dataplane_client ropekv_client ropekv_cache ropekv_test_daemon
+         CUDA::cudart_static)
   add_dependencies(dataplane_gpu_test ropekvd)
 endif()
 

@@ -6,21 +6,12 @@
 // bit-equal). Random canary bytes around every target range must survive; bad ranges, handles and
 // page ids are refused. Skips itself without a GPU.
 //
-// The daemon binary: $ROPEKVD, else ../ropekvd beside this test's folder (the build tree's
-// layout, also after the build folder is copied elsewhere), else the path known at build time.
+// The daemon binary: $ROPEKVD (a packed run), else the build tree's (tests/integration/daemon.h).
 #include <cuda_runtime_api.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <chrono>
-#include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "clients/cpp/client.h"
@@ -28,6 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
+#include "tests/integration/daemon.h"
 
 namespace ropekv {
 namespace {
@@ -37,66 +29,6 @@ using client::Client;
 using client::DataPlaneClient;
 using client::KvShape;
 using client::KvView;
-
-std::string DaemonBinary() {
-  if (const char* env = std::getenv("ROPEKVD"); env != nullptr && *env != '\0') return env;
-  std::error_code ec;
-  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    const auto beside = self.parent_path().parent_path() / "ropekvd";
-    if (std::filesystem::exists(beside, ec)) return beside.string();
-  }
-  return ROPEKVD;
-}
-
-// ropekvd on a free loopback port, with a fresh data folder.
-class Daemon {
- public:
-  Daemon() {
-    dir_ = "/tmp/ropekv-dataplane-gpu-" + std::to_string(getpid());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-    const std::string port_file = dir_ + "/port";
-    std::vector<std::string> args = {DaemonBinary(), "--listen=127.0.0.1:0", "--data_dir=" + dir_,
-                                     "--port_file=" + port_file, "--gpu_capacity=256MiB"};
-    pid_ = fork();
-    if (pid_ == 0) {
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (std::chrono::steady_clock::now() < deadline) {
-      std::ifstream in(port_file);
-      if (in >> port_ && port_ > 0) return;
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        ADD_FAILURE() << args[0] << " exited during start, status " << status;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    ADD_FAILURE() << "ropekvd did not report its port within 60 s";
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      int status = 0;
-      waitpid(pid_, &status, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  bool running() const { return pid_ > 0; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-
- private:
-  std::string dir_;
-  int pid_ = -1;
-  int port_ = 0;
-};
 
 #define ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())
 
@@ -133,7 +65,7 @@ class DataPlaneGpuTest : public ::testing::Test {
 
   void SetUp() override {
     if (!GpuAvailable()) GTEST_SKIP() << "no GPU";
-    daemon_ = std::make_unique<Daemon>();
+    daemon_ = std::make_unique<testing::Daemon>(std::vector<std::string>{"--gpu_capacity=256MiB"});
     ASSERT_TRUE(daemon_->running());
     Client::Options o;
     o.address = daemon_->address();
@@ -210,7 +142,7 @@ class DataPlaneGpuTest : public ::testing::Test {
     ASSERT_TRUE(client_->Put(a, KvView{bytes, KvShape::Of(Demo(), blocks)}).ok());
   }
 
-  std::unique_ptr<Daemon> daemon_;
+  std::unique_ptr<testing::Daemon> daemon_;
   std::unique_ptr<Client> client_;
   std::unique_ptr<DataPlaneClient> dp_;
   void* dev_ = nullptr;

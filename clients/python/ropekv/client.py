@@ -17,7 +17,7 @@ import numpy as np
 from ropekv import arrays
 from ropekv import shm as _shm
 from ropekv._pb import grpc_modules, has_field, pb, pb_grpc
-from ropekv.errors import Error, invalid
+from ropekv.errors import Error, invalid, read_stream
 from ropekv.spec import model_spec
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -391,17 +391,7 @@ class Client:
                                  segment=bool(p.get("segment", False)))
             if p.get("target_position") is not None:
                 part.target_position = int(p["target_position"])
-        chunks, header = [], None
-        try:
-            for msg in self.kvcache.Compose(req, timeout=self.timeout):
-                if header is None:
-                    header = msg.header
-                chunks.append(msg.data)
-        except grpc.RpcError as e:
-            raise Error.from_rpc(e) from None
-        if header is None:
-            raise Error(grpc.StatusCode.DATA_LOSS, "Compose: the stream ended without a header")
-        data = b"".join(chunks)
+        header, data = read_stream(self.kvcache.Compose(req, timeout=self.timeout), "Compose")
         dt = arrays.numpy_dtype(spec.dtype)
         shape = (spec.layers, 2, spec.kv_heads, header.total_tokens, spec.head_dim)
         want = int(np.prod(shape)) * dt.itemsize

@@ -31,3 +31,22 @@ class Error(Exception):
 def invalid(message):
     """An INVALID_ARGUMENT error raised locally (bad shape, dtype, count)."""
     return Error(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def read_stream(stream, what):
+    """(header, bytes) of a server stream whose first message carries the header and whose
+    messages carry `data` (Compose, session Read, Select, Gather). DATA_LOSS when the header is
+    missing; the daemon's errors as Error."""
+    header, chunks = None, []
+    try:
+        for msg in stream:
+            if header is None:
+                if not msg.HasField("header"):
+                    raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the first message has no header")
+                header = msg.header
+            chunks.append(msg.data)
+    except grpc.RpcError as e:
+        raise Error.from_rpc(e) from None
+    if header is None:
+        raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the stream ended without a header")
+    return header, b"".join(chunks)

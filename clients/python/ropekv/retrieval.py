@@ -23,7 +23,7 @@ import numpy as np
 from ropekv import arrays
 from ropekv import shm as _shm
 from ropekv._pb import pb
-from ropekv.errors import Error, invalid
+from ropekv.errors import Error, invalid, read_stream
 
 try:
     from ropekv.v1 import retrieval_pb2 as rpb
@@ -93,22 +93,6 @@ def _queries(queries, query_dtype):
     return a.tobytes(), dt, a.shape[0]
 
 
-def _read_stream(stream, what):
-    header, chunks = None, []
-    try:
-        for msg in stream:
-            if header is None:
-                if not msg.HasField("header"):
-                    raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the first message has no header")
-                header = msg.header
-            chunks.append(msg.data)
-    except grpc.RpcError as e:
-        raise Error.from_rpc(e) from None
-    if header is None:
-        raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: the stream ended without a header")
-    return header, b"".join(chunks)
-
-
 class Retrieval:
     """The Retrieval service on a ropekv.Client's channel (thread-safe like the client)."""
 
@@ -147,7 +131,7 @@ class Retrieval:
             req.source.prefix.model = model
             req.source.prefix.tenant = tenant
             req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
-        header, data = _read_stream(self.stub.Select(req, timeout=self._client.timeout), "Select")
+        header, data = read_stream(self.stub.Select(req, timeout=self._client.timeout), "Select")
         if len(data) != header.gathered_bytes:
             raise Error(grpc.StatusCode.DATA_LOSS,
                         f"Select: want {header.gathered_bytes} gathered bytes, got {len(data)}")
@@ -189,7 +173,7 @@ class Retrieval:
                            _shm.torch_dtype_of(r.dtype), shape)
             return kv[:, 0], kv[:, 1]
         req = rpb.GatherRequest(selection_id=selection_id, layers=layers)
-        header, data = _read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
+        header, data = read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
         if len(data) != header.total_bytes:
             raise Error(grpc.StatusCode.DATA_LOSS,
                         f"Gather: want {header.total_bytes} bytes, got {len(data)}")

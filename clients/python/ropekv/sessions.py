@@ -35,7 +35,7 @@ import numpy as np
 
 from ropekv import arrays
 from ropekv import shm as _shm
-from ropekv.errors import Error, invalid
+from ropekv.errors import Error, invalid, read_stream
 
 try:
     from ropekv.v1 import session_pb2 as spb
@@ -295,17 +295,7 @@ class Sessions:
             req.range.start, req.range.end = a, b
         if rope_table is not None:
             req.rope_table = int(rope_table)
-        header, chunks = None, []
-        try:
-            for msg in self._stub.Read(req, timeout=self._client.timeout):
-                if msg.HasField("header"):
-                    header = msg.header
-                chunks.append(msg.data)
-        except grpc.RpcError as e:
-            raise Error.from_rpc(e) from None
-        if header is None:
-            raise Error(grpc.StatusCode.DATA_LOSS, "Read: the stream ended without a header")
-        data = b"".join(chunks)
+        header, data = read_stream(self._stub.Read(req, timeout=self._client.timeout), "Read")
         n = header.range.end - header.range.start
         dt = arrays.numpy_dtype(spec.dtype)
         shape = (spec.layers, 2, spec.kv_heads, n, spec.head_dim)
