@@ -35,11 +35,8 @@ and both paths' next tokens. Model: LlamaForCausalLM, random weights, bf16, Llam
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -97,23 +94,6 @@ def pie_mask(at, n, device):
     return m[None, None]
 
 
-def start_daemon(binary, extra):
-    tmp = tempfile.mkdtemp(prefix="ropekv-pie-")
-    port_file = os.path.join(tmp, "port")
-    log_path = os.path.join(tmp, "log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--data_dir",
-                                 os.path.join(tmp, "data"), "--port_file", port_file] + extra,
-                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not (os.path.exists(port_file) and open(port_file).read().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit("ropekvd did not start:\n" + open(log_path).read())
-        time.sleep(0.05)
-    return proc, tmp, "127.0.0.1:" + open(port_file).read().strip()
-
-
 def synchronize(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -161,8 +141,8 @@ def main():
                     use_cache=True, **{cache_kw(model): cache})
     synchronize(dev)
 
-    proc, tmp, address = start_daemon(args.ropekvd, args.daemon_arg)
-    client = ropekv.Client(address)
+    daemon = ropekv.LocalDaemon(args.ropekvd, *args.daemon_arg, prefix="ropekv-pie-")
+    client = ropekv.Client(daemon.address)
     shared = None
     try:
         client.wait_ready()
@@ -261,9 +241,7 @@ def main():
             del buf, cache  # views of the shared memory
             shared.close()
         client.close()
-        proc.terminate()
-        proc.wait(timeout=30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        daemon.stop()
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     pie_ms = med([t["total_ms"] for t in timings])

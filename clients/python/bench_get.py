@@ -17,42 +17,15 @@ Prints a table and one JSON line. Needs the ropekv package on PYTHONPATH (<build
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 import ropekv
 from ropekv import arrays
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def start_daemon(binary, host_capacity_bytes):
-    tmp = tempfile.mkdtemp(prefix="ropekv-bench-")
-    port_file = os.path.join(tmp, "port")
-    log_path = os.path.join(tmp, "log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--data_dir", os.path.join(tmp, "data"),
-             "--port_file", port_file, "--host_capacity", str(host_capacity_bytes),
-             "--disk_enabled=false"],
-            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not (os.path.exists(port_file) and _read(port_file).strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"ropekvd did not start: {_read(log_path)}")
-        time.sleep(0.05)
-    return proc, "127.0.0.1:" + _read(port_file).strip()
 
 
 def median_seconds(fn, reps, warmup):
@@ -92,9 +65,11 @@ def main():
     bb = arrays.block_bytes(spec)
     total = blocks * bb
 
-    proc = None
+    daemon = None
     if not args.addr:
-        proc, args.addr = start_daemon(args.ropekvd, total + total // 8 + (64 << 20))
+        daemon = ropekv.LocalDaemon(args.ropekvd, "--host_capacity",
+                                    str(total + total // 8 + (64 << 20)), prefix="ropekv-bench-")
+        args.addr = daemon.address
     try:
         client = ropekv.Client(args.addr, timeout=600)
         client.wait_ready(timeout=30)
@@ -146,9 +121,8 @@ def main():
         del kv, src, typed
         shm.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        if daemon is not None:
+            daemon.stop()
 
     gib = total / 2**30
     rows = [

@@ -6,20 +6,11 @@ repository. The `ropekv` package must be importable (ctest puts <build>/python o
 
 import glob
 import os
-import shutil
-import subprocess
-import tempfile
-import time
 import uuid
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read()
 
 
 def _ropekvd():
@@ -35,32 +26,15 @@ def _ropekvd():
 @pytest.fixture(scope="session")
 def daemon():
     """Starts ropekvd (256 MiB host tier) and yields its address; stops it at the end."""
-    binary = _ropekvd()
-    tmp = tempfile.mkdtemp(prefix="ropekv-pytest-")
-    port_file = os.path.join(tmp, "port")
-    log_path = os.path.join(tmp, "log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--data_dir", os.path.join(tmp, "data"),
-             "--port_file", port_file, "--host_capacity", "256MiB"],
-            stdout=log, stderr=subprocess.STDOUT)
+    import ropekv
+
     try:
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(port_file) and _read(port_file).strip()):
-            if proc.poll() is not None:
-                pytest.fail(f"ropekvd exited with {proc.returncode}: {_read(log_path)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ropekvd wrote no port within 30 s: {_read(log_path)}")
-            time.sleep(0.05)
-        yield "127.0.0.1:" + _read(port_file).strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        d = ropekv.LocalDaemon(_ropekvd(), "--host_capacity", "256MiB", timeout=30,
+                               stop_timeout=10, prefix="ropekv-pytest-")
+    except ropekv.Error as e:
+        pytest.fail(str(e))
+    with d:
+        yield d.address
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,6 @@ fp64 references in test_client.py), the answer is a view of the buffer (no copy)
 names are refused with nothing written, and a daemon that does not allow registration says so."""
 
 import os
-import shutil
-import subprocess
-import tempfile
-import time
 
 import grpc
 import numpy as np
@@ -189,27 +185,12 @@ def test_torch_view_of_shm(client, tenant, shm):
     del t
 
 
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
 def _start_daemon(extra):
     binary = os.environ.get("ROPEKVD")
     if not binary:
         pytest.skip("ROPEKVD not set")
-    tmp = tempfile.mkdtemp(prefix="ropekv-pytest-off-")
-    port_file = os.path.join(tmp, "port")
-    log = open(os.path.join(tmp, "log"), "w")
-    proc = subprocess.Popen([binary, "--data_dir", os.path.join(tmp, "data"), "--port_file",
-                             port_file, "--host_capacity", "64MiB"] + extra,
-                            stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    deadline = time.monotonic() + 30
-    while not (os.path.exists(port_file) and _read(port_file).strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "ropekvd did not start"
-        time.sleep(0.05)
-    return proc, tmp, "127.0.0.1:" + _read(port_file).strip()
+    return ropekv.LocalDaemon(binary, "--host_capacity", "64MiB", *extra, timeout=30,
+                              prefix="ropekv-pytest-off-")
 
 
 @pytest.mark.parametrize("flags,why", [
@@ -217,19 +198,14 @@ def _start_daemon(extra):
     (["--listen", "0.0.0.0:0"], "not loopback"),
 ])
 def test_registration_refused_when_not_allowed(flags, why):
-    proc, tmp, addr = _start_daemon(flags)
-    try:
-        with ropekv.Client(addr, timeout=30) as c, ropekv.ShmBuffer(4096) as buf:
-            c.wait_ready(timeout=10)
-            assert not c.list_buffers().registration_allowed
-            with pytest.raises(ropekv.Error) as e:
-                c.register_shm(buf)
-            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert why in e.value.message
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _start_daemon(flags) as d, ropekv.Client(d.address, timeout=30) as c, \
+            ropekv.ShmBuffer(4096) as buf:
+        c.wait_ready(timeout=10)
+        assert not c.list_buffers().registration_allowed
+        with pytest.raises(ropekv.Error) as e:
+            c.register_shm(buf)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert why in e.value.message
 
 
 def test_paged_shm_get_and_put_by_block_ids(client, tenant):

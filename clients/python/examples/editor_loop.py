@@ -18,29 +18,11 @@ ropekv package on PYTHONPATH (<build>/python).
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 
 import ropekv
-
-
-def start_daemon(binary):
-    tmp = tempfile.mkdtemp(prefix="ropekv-editor-")
-    port_file = os.path.join(tmp, "port")
-    proc = subprocess.Popen([binary, "--listen=127.0.0.1:0", f"--data_dir={tmp}/data",
-                             f"--port_file={port_file}", "--disk_enabled=false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    for _ in range(600):
-        if os.path.exists(port_file) and open(port_file).read().strip():
-            return proc, "127.0.0.1:" + open(port_file).read().strip()
-        if proc.poll() is not None:
-            sys.exit(f"ropekvd exited with {proc.returncode}")
-        time.sleep(0.05)
-    sys.exit("ropekvd reported no port")
 
 
 def main():
@@ -86,10 +68,11 @@ def main():
             cache.update(kv[layer, 0][None].contiguous(), kv[layer, 1][None].contiguous(), layer)
         return cache
 
-    proc = None
+    daemon = None
     address = args.address
     if address is None:
-        proc, address = start_daemon(args.ropekvd)
+        daemon = ropekv.LocalDaemon(args.ropekvd, "--disk_enabled=false", prefix="ropekv-editor-")
+        address = daemon.address
     try:
         client = ropekv.Client(address)
         client.wait_ready()
@@ -132,9 +115,8 @@ def main():
         s.close(sid)
         return 0
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait()
+        if daemon is not None:
+            daemon.stop()
 
 
 if __name__ == "__main__":

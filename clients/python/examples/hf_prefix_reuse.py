@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,28 +31,6 @@ import transformers
 
 import ropekv
 import ropekv.hf as rhf
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def start_daemon(binary, host_capacity):
-    tmp = tempfile.mkdtemp(prefix="ropekv-hf-")
-    port_file = os.path.join(tmp, "port")
-    with open(os.path.join(tmp, "log"), "w") as log:
-        proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--data_dir",
-                                 os.path.join(tmp, "data"), "--port_file", port_file,
-                                 "--host_capacity", host_capacity],
-                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not (os.path.exists(port_file) and _read(port_file).strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"ropekvd did not start: {_read(os.path.join(tmp, 'log'))}")
-        time.sleep(0.05)
-    return proc, "127.0.0.1:" + _read(port_file).strip()
 
 
 def sync(device):
@@ -122,9 +98,11 @@ def main():
     dtype = getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: (b) compares outputs
     torch.backends.cudnn.allow_tf32 = False
-    proc, buf = None, None
+    daemon, buf = None, None
     if not args.addr:
-        proc, args.addr = start_daemon(args.ropekvd, args.host_capacity)
+        daemon = ropekv.LocalDaemon(args.ropekvd, "--host_capacity", args.host_capacity,
+                                    prefix="ropekv-hf-")
+        args.addr = daemon.address
     try:
         client = ropekv.Client(args.addr)
         client.wait_ready(timeout=30)
@@ -231,9 +209,8 @@ def main():
     finally:
         if buf is not None and hasattr(buf, "close"):  # shared memory: unlink it
             buf.close()
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        if daemon is not None:
+            daemon.stop()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 Errors are raised as `ropekv.Error` with `.code` (a `grpc.StatusCode`) and `.message`.
 Shared memory (the data plane, docs/dataplane.md): `buf = c.create_shm(size)`, then
 `c.get(..., out=buf)` returns a numpy view of what the daemon wrote into buf, no bytes through gRPC.
+`ropekv.LocalDaemon(binary, *flags)` starts a local ropekvd (scripts, examples, tests).
 Optional helpers: `ropekv.hf` (transformers DynamicCache <-> blocks; needs torch + transformers).
 
 The generated protobuf modules live in the build tree (`<build>/python/ropekv/v1/`); this
@@ -26,6 +27,7 @@ from ropekv.client import Client, Error  # noqa: E402
 from ropekv.spec import model_spec, spec_from_hf_config  # noqa: E402
 from ropekv.arrays import numpy_dtype, kv_shape  # noqa: E402
 from ropekv.shm import ShmBuffer, CudaBuffer  # noqa: E402
+from ropekv.daemon import LocalDaemon  # noqa: E402
 
 __all__ = [
     "Client",
@@ -36,5 +38,6 @@ __all__ = [
     "kv_shape",
     "ShmBuffer",
     "CudaBuffer",
+    "LocalDaemon",
 ]
 __version__ = "0.1.0"
