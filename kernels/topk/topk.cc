@@ -44,15 +44,12 @@ size_t Take(size_t* cursor, size_t bytes) {
 }
 
 std::atomic<bool> g_tensor_core_scoring{true};
-std::atomic<bool> g_bulk_copy_staging{false};
 std::atomic<bool> g_small_row_selection{true};
 
 }  // namespace
 
 void SetTensorCoreScoring(bool on) { g_tensor_core_scoring.store(on, std::memory_order_relaxed); }
 bool TensorCoreScoring() { return g_tensor_core_scoring.load(std::memory_order_relaxed); }
-void SetBulkCopyStaging(bool on) { g_bulk_copy_staging.store(on, std::memory_order_relaxed); }
-bool BulkCopyStaging() { return g_bulk_copy_staging.load(std::memory_order_relaxed); }
 void SetSmallRowSelection(bool on) { g_small_row_selection.store(on, std::memory_order_relaxed); }
 bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_relaxed); }
 

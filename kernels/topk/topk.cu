@@ -184,49 +184,6 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Bulk copies (the Hopper copy engine, cp.async.bulk) completing on an mbarrier in shared memory.
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
-               : "memory");
-}
-// Makes the initialised barriers visible to the copy engine.
-__device__ __forceinline__ void FenceMbarInit() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-// Orders this thread's earlier shared-memory accesses before later copy-engine writes.
-__device__ __forceinline__ void FenceProxyAsync() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// One arrival that also expects `bytes` more bytes of copies in the current phase.
-__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared.
-__device__ __forceinline__ void BulkCopyG2S(void* dst, const void* src, uint32_t bytes,
-                                            uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
-// Whether the phase of parity `parity` has completed.
-__device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
-  uint32_t ok = 0;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, "
-      "p;\n}\n"
-      : "=r"(ok)
-      : "r"(SmemAddr(bar)), "r"(parity)
-      : "memory");
-  return ok != 0;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Scoring: exact q.k over key rows, or the Quest bound over metadata rows.
 
@@ -438,27 +395,33 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
 // ---------------------------------------------------------------------------------------------
 // Scoring on tensor cores (bf16 rows: keys, or page metadata [M; m]).
 //
-// A warp scores 16 rows of a 64-row tile against 8 query heads per mma.sync m16n8k16 (bf16 x
-// bf16 -> fp32): A = the rows, straight from the staged tile (row pitch 2W + 16 bytes, so the 8
-// rows x 4 lanes of a fragment load hit 32 different banks); B = the block's query heads, built
-// once per block into shared memory in fragment order (one 8-byte load per lane and mma). A key
-// tile is read from memory once for every query head of its GQA group. fp32 / f16 queries are
-// split into three bf16 parts q = hi + mid + lo (8 + 8 + 8 significant bits: every fp32 of
+// Every warp streams 16-row tiles of one KV head straight from global memory into registers (no
+// shared-memory staging, no block barriers) and scores each tile against 8 query heads per
+// mma.sync m16n8k16 (bf16 x bf16 -> fp32). Lane (g, t) of the warp (g = lane / 4,
+// t = lane % 4) loads 16-byte chunks t, t + 4, t + 8, ... of rows g and g + 8 of the tile: one
+// warp-wide load covers 64 contiguous bytes of each of 8 rows, so every 32-byte sector fetched is
+// used, and the chunk a lane holds is already its A fragment once the dot product's k order is
+// permuted (q.k does not depend on the order of the columns, as long as the queries use the same
+// one): k-step s = (chunk pair, half) takes elements 4h..4h+3 of the lane's chunk 8 * (s / 4) +
+// 4 * ((s / 2) % 2) + t. The query heads' B fragments are built once per block into shared
+// memory in that order. A warp loads its next tile as soon as the registers of the current one
+// are consumed; the bytes in flight a SM are set by the resident warps (72 registers a thread at
+// W = 128: 28 warps a SM; two tiles in flight a warp, 16 warps, was slower: 98.7 vs 97.2 µs at
+// 32 heads / 128K on the H100, and so were contiguous runs of tiles per warp). The warps
+// of a head take its tiles round-robin (warp i: tiles i, i + warps, ...), so at any moment they
+// read one window of memory together, as a streaming copy does.
+//
+// A key tile is read from memory once for every query head of its GQA group. fp32 / f16 queries
+// are split into three bf16 parts q = hi + mid + lo (8 + 8 + 8 significant bits: every fp32 of
 // normal range exactly), each multiplied with the same A fragment into the same accumulator;
 // bf16 queries need one part. bf16 products are exact and sums are fp32, so scores match the
 // CUDA-core path to fp32 rounding. A score that comes out non-finite (an inf or NaN input, where
 // inf * 0 of a zero split part could make a NaN the plain dot product does not) is recomputed
-// with fp32 FMAs over the staged row, so inf / NaN handling is that of ScoreTilesKernel.
+// with fp32 FMAs over the row, so inf / NaN handling is that of ScoreTilesKernel.
 
-constexpr int kTcThreads = 128;   // 4 warps
-constexpr int kTcTileRows = 64;   // 16 rows per warp
+constexpr int kTcThreads = 128;   // 4 independent warps
+constexpr int kTcTileRows = 16;   // rows of one warp tile (the mma's M)
 constexpr int kTcChunkTiles = 4;  // n-tiles (8 query heads each) per accumulator pass
-
-// Pipeline depth and staged row pitch for rows of w bf16 elements. Shared memory bounds the
-// blocks a SM holds, and for keys more blocks beat deeper pipelines (H100, 32 heads / 128K: 4
-// stages = 3 blocks a SM, 145 µs; 3 stages, 119 µs; 2 stages = 6 blocks, 111 µs; bench/RESULTS.md).
-__host__ __device__ constexpr int TcStages(int w) { return w <= 128 ? 2 : (w <= 256 ? 3 : 2); }
-__host__ __device__ constexpr int TcRowBytes(int w) { return 2 * w + 16; }
 
 struct TcParams {
   DevView rows;         // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
@@ -469,13 +432,10 @@ struct TcParams {
   int group;              // query heads per KV head (all in one block)
   int n_tiles8;           // ceil(group / 8): mma n-tiles
   int kv_heads_for_grid;  // grid.y
-  // Rows staged by bulk copies (dense view, every row 16-byte aligned) instead of cp.async.
-  bool tma;
   GqaReduction red;
-  int64_t len;  // rows per head
-  float* out;   // [out_rows][len]
-  int64_t n_tiles;
-  int64_t tiles_per_block;
+  int64_t len;      // rows per head
+  float* out;       // [out_rows][len]
+  int64_t n_tiles;  // 16-row tiles per head
   uint32_t* hist0;  // [kv_heads][kRadixBins] fused first radix histogram (kMax / kSum); or null
   SrcKind hist_kind;
   int64_t n, n_sink, n_local;
@@ -510,13 +470,39 @@ __device__ __forceinline__ uint32_t SplitPart(float v, int part) {
 }
 
 // q.row in fp32 FMAs, element by element (the fallback for non-finite scores).
-__device__ float TcScalarDot(const TcParams& p, int qh, const unsigned char* row_s, int width) {
+__device__ float TcScalarDot(const TcParams& p, int qh, const char* row, int width) {
   float acc = 0.0f;
   for (int c = 0; c < width; ++c) {
-    acc = fmaf(TcQuery(p, qh, c),
-               Elem<__nv_bfloat16>::Load(reinterpret_cast<const char*>(row_s), c), acc);
+    acc = fmaf(TcQuery(p, qh, c), Elem<__nv_bfloat16>::Load(row, c), acc);
   }
   return acc;
+}
+
+// Column of the first of the 4 elements that k-step `ks` takes from lane quad position `tig`
+// (see the top of this section): the same for the keys (A) and the queries (B).
+__host__ __device__ constexpr int TcColumn(int ks, int tig) {
+  return 8 * ((ks / 4) * 8 + ((ks / 2) % 2) * 4 + tig) + 4 * (ks % 2);
+}
+
+// Loads 16 bytes at `src` (a row of p.rows, or null past the end: zeros), streaming: no L1
+// allocation, and the L2 fetches the whole 256-byte span around it (the neighbouring chunks of the
+// row are read by the next loads of the warp). Rows that are not 16-byte aligned are read element
+// by element.
+__device__ __forceinline__ uint4 TcLoad(const char* src) {
+  if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
+  uint4 v;
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(src));
+    return v;
+  }
+  uint32_t w[4];
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(src) + 2 * i;
+    w[i] = static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
@@ -524,17 +510,12 @@ __device__ float TcScalarDot(const TcParams& p, int qh, const unsigned char* row
 template <int W, int P, int NTC>
 __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
-  constexpr int kStagesW = TcStages(W);
-  constexpr int kPitch = TcRowBytes(W);
-  constexpr int kStageBytes = kTcTileRows * kPitch;
-  constexpr int kChunks = W / 8;  // 16-byte chunks per row
+  constexpr int kPairs = W / 64;  // chunk pairs a lane loads per row (two chunks of 8 columns)
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* stages = smem;
   // [n-tile][k-step][part][lane] B fragments.
-  uint2* qf = reinterpret_cast<uint2*>(smem + kStagesW * kStageBytes);
+  uint2* qf = reinterpret_cast<uint2*>(smem);
   const int nt_total = p.n_tiles8;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(qf + nt_total * kSteps * P * 32);  // [stages]
-  uint32_t* hist_s = reinterpret_cast<uint32_t*>(bars + kStagesW);
+  uint32_t* hist_s = reinterpret_cast<uint32_t*>(qf + nt_total * kSteps * P * 32);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
@@ -542,79 +523,48 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   if (p.hist0 != nullptr) {
     for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
   }
-  if (p.tma && tid == 0) {
-    for (int s = 0; s < kStagesW; ++s) MbarInit(&bars[s], 1);
-    FenceMbarInit();
-  }
   for (int i = tid; i < nt_total * kSteps * P * 32; i += kTcThreads) {
     const int l = i % 32;
     const int part = (i / 32) % P;
     const int ks = (i / (32 * P)) % kSteps;
     const int nt = i / (32 * P * kSteps);
     const int head = nt * 8 + (l >> 2);
-    const int c0 = ks * 16 + (l & 3) * 2;
+    const int c0 = TcColumn(ks, l & 3);
     uint32_t w[2] = {0u, 0u};
     if (head < p.group) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int c = c0 + (j & 1) + (j >> 1) * 8;
-        w[j >> 1] |= SplitPart(TcQuery(p, q0 + head, c), part) << (16 * (j & 1));
+        w[j >> 1] |= SplitPart(TcQuery(p, q0 + head, c0 + j), part) << (16 * (j & 1));
       }
     }
     qf[i] = make_uint2(w[0], w[1]);
   }
+  __syncthreads();
 
-  const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * p.tiles_per_block;
-  const int64_t tile_end = min(p.n_tiles, tile_begin + p.tiles_per_block);
-  const int n_items = tile_end > tile_begin ? static_cast<int>(tile_end - tile_begin) : 0;
-  // cp.async: every thread copies 16-byte chunks. Bulk copies: warp 0 copies one row per lane
-  // and arms the stage's barrier with the tile's bytes.
-  auto load_tile = [&](int item, int stage) {
-    const int64_t tile = tile_begin + item;
-    unsigned char* dst = stages + stage * kStageBytes;
-    if (p.tma) {
-      if (warp != 0) return;
-      const int rows =
-          static_cast<int>(min(static_cast<int64_t>(kTcTileRows), p.len - tile * kTcTileRows));
-      FenceProxyAsync();
-      if (lane == 0) MbarArriveExpectTx(&bars[stage], static_cast<uint32_t>(rows * W * 2));
-      __syncwarp();
-      for (int r = lane; r < rows; r += 32) {
-        BulkCopyG2S(dst + r * kPitch, RowPtr(p.rows, kvh, tile * kTcTileRows + r), W * 2,
-                    &bars[stage]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * (kTcThreads / 32);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kTcThreads / 32) + warp;
+  const int64_t end = p.n_tiles;
+  // buf[pair][0..1]: chunks 8 * pair + tig and 8 * pair + 4 + tig of row g; [2..3]: of row g + 8.
+  uint4 buf[kPairs][4];
+  auto load = [&](int64_t tile, uint4(&b)[kPairs][4]) {
+    const int64_t r0 = tile * kTcTileRows + g;
+    const char* row_a = tile < end && r0 < p.len ? RowPtr(p.rows, kvh, r0) : nullptr;
+    const char* row_b = tile < end && r0 + 8 < p.len ? RowPtr(p.rows, kvh, r0 + 8) : nullptr;
+#pragma unroll
+    for (int pr = 0; pr < kPairs; ++pr) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const char* row = j < 2 ? row_a : row_b;
+        b[pr][j] = TcLoad(row == nullptr ? nullptr : row + (8 * pr + 4 * (j & 1) + tig) * 16);
       }
-      return;
-    }
-    for (int i = tid; i < kTcTileRows * kChunks; i += kTcThreads) {
-      const int slot = i / kChunks, sub = i % kChunks;
-      const int64_t row = tile * kTcTileRows + slot;
-      if (row >= p.len) continue;
-      CopyChunk16(dst + slot * kPitch + sub * 16, RowPtr(p.rows, kvh, row) + sub * 16, 2);
     }
   };
-  if (p.tma) __syncthreads();  // the barriers are initialised before anyone waits on them
-  for (int s = 0; s < kStagesW - 1; ++s) {
-    if (s < n_items) load_tile(s, s);
-    if (!p.tma) CpAsyncCommit();
-  }
+  load(first, buf);
+
   const bool per_head = p.red == GqaReduction::kPerQueryHead;
   const bool is_max = p.red == GqaReduction::kMax;
-  for (int it = 0; it < n_items; ++it) {
-    if (p.tma) {
-      while (!MbarTryWait(&bars[it % kStagesW], static_cast<uint32_t>(it / kStagesW) & 1u)) {
-      }
-    } else {
-      CpAsyncWait<kStagesW - 2>();
-    }
-    // Also: every warp is done with the stage refilled next (read in the previous iteration).
-    __syncthreads();
-    {
-      const int next = it + kStagesW - 1;
-      if (next < n_items) load_tile(next, next % kStagesW);
-      if (!p.tma) CpAsyncCommit();
-    }
-    const unsigned char* tile_s = stages + (it % kStagesW) * kStageBytes + warp * 16 * kPitch;
-    const int64_t row0 = (tile_begin + it) * kTcTileRows + warp * 16 + g;
+  for (int64_t tile = first; tile < end; tile += stride) {
+    const int64_t row0 = tile * kTcTileRows + g;
     float red[2] = {is_max ? -kInf : 0.0f, is_max ? -kInf : 0.0f};
     for (int n0 = 0; n0 < nt_total; n0 += NTC) {
       float acc[NTC][4];
@@ -625,11 +575,10 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
       }
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
-        const unsigned char* a_s = tile_s + ks * 32 + tig * 4;
-        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(a_s + g * kPitch),
-                               *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kPitch),
-                               *reinterpret_cast<const uint32_t*>(a_s + g * kPitch + 16),
-                               *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kPitch + 16)};
+        const uint4& lo = buf[ks / 4][(ks / 2) % 2];
+        const uint4& hi = buf[ks / 4][2 + (ks / 2) % 2];
+        const uint32_t a[4] = {ks % 2 == 0 ? lo.x : lo.z, ks % 2 == 0 ? hi.x : hi.z,
+                               ks % 2 == 0 ? lo.y : lo.w, ks % 2 == 0 ? hi.y : hi.w};
 #pragma unroll
         for (int j = 0; j < NTC; ++j) {
           if (NTC == 1 || n0 + j < nt_total) {
@@ -652,7 +601,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           const int64_t row = row0 + 8 * r;
           if (head >= p.group || row >= p.len) continue;
           float s = acc[j][e];
-          if (s - s != 0.0f) s = TcScalarDot(p, q0 + head, tile_s + (g + 8 * r) * kPitch, W);
+          if (s - s != 0.0f) s = TcScalarDot(p, q0 + head, RowPtr(p.rows, kvh, row), W);
           if (s != s) s = p.bound ? kInf : -kInf;
           if (per_head) {
             p.out[static_cast<int64_t>(q0 + head) * p.len + row] = s;
@@ -664,6 +613,8 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         }
       }
     }
+    // The registers of this tile are free: load the next one.
+    load(tile + stride, buf);
     if (!per_head) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -678,7 +629,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         if (v != v) v = p.bound ? kInf : -kInf;
         if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
         if (p.hist0 != nullptr) {
-          // Neighbouring rows mostly share a bin: one shared atomic per distinct bin of the warp.
+          // Neighbouring rows mostly share a bin: one shared atomic per distinct bin.
           const uint32_t bin = !mine ? 0xffffffffu
                                      : (Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)
                                             ? 0u
@@ -690,7 +641,6 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
       }
     }
   }
-  CpAsyncWait<0>();
   if (p.hist0 != nullptr) {
     __syncthreads();
     for (int i = tid; i < kRadixBins; i += kTcThreads) {
@@ -782,39 +732,69 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
   return absl::OkStatus();
 }
 
-// Shared memory of TcScoreKernel: the stages, the query fragments and the histogram.
+// Shared memory of TcScoreKernel: the query fragments and the histogram.
 size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
-  return static_cast<size_t>(TcStages(width)) * kTcTileRows * TcRowBytes(width) +
-         static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 + TcStages(width) * 8 +
+  return static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 +
          (hist ? kRadixBins * 4 : 0);
 }
 
+// Resident blocks a SM of `kKernel` with `threads` threads and `smem` bytes of dynamic shared
+// memory (registers, shared memory and threads all count), read once per (kernel, smem).
+template <auto kKernel>
+absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
+  static std::atomic<int64_t> cached{-1};  // smem << 8 | blocks
+  const int64_t c = cached.load(std::memory_order_acquire);
+  if (c >= 0 && static_cast<size_t>(c >> 8) == smem) return static_cast<int>(c & 255);
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
+  int blocks = 0;
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, threads, smem));
+  blocks = std::max(1, std::min(blocks, 255));
+  cached.store(static_cast<int64_t>(smem) << 8 | blocks, std::memory_order_release);
+  return blocks;
+}
+
 template <int W, int P, int NTC>
-absl::Status LaunchTc(TcParams p, size_t smem, cudaStream_t stream, const DeviceInfo& info) {
-  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<TcScoreKernel<W, P, NTC>>(smem));
-  const int per_sm = ScoreBlocksPerSm(info, smem);
+absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
+  constexpr auto kKernel = TcScoreKernel<W, P, NTC>;
+  const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false);
+  absl::StatusOr<int> per_sm = BlocksPerSm<kKernel>(kTcThreads, smem_plain);
+  if (!per_sm.ok()) return per_sm.status();
+  size_t smem = smem_plain;
+  if (*hist) {
+    // The histogram is fused only when its shared memory costs no block a SM (otherwise the
+    // selection makes it from the scores, which L2 still holds).
+    absl::StatusOr<int> with = BlocksPerSm<kKernel>(kTcThreads, smem + kRadixBins * 4);
+    if (!with.ok()) return with.status();
+    if (*with >= *per_sm) {
+      smem += kRadixBins * 4;
+    } else {
+      p.hist0 = nullptr;
+      *hist = false;
+    }
+  }
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
   const int64_t y = p.kv_heads_for_grid;
-  const int64_t target = static_cast<int64_t>(info.sms) * per_sm;
-  int64_t x = std::max<int64_t>(1, target / y);
-  x = std::min<int64_t>(x, p.n_tiles);
-  p.tiles_per_block = (p.n_tiles + x - 1) / x;
-  x = (p.n_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
-  TcScoreKernel<W, P, NTC>
-      <<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kTcThreads, smem, stream>>>(p);
+  constexpr int64_t kWarps = kTcThreads / 32;
+  // One wave of warps over all heads, no more warps than tiles.
+  const int64_t x = std::max<int64_t>(
+      1, std::min(static_cast<int64_t>(info.sms) * *per_sm / y, (p.n_tiles + kWarps - 1) / kWarps));
+  kKernel<<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kTcThreads, smem, stream>>>(
+      p);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
 
 template <int W>
-absl::Status LaunchTcW(const TcParams& p, int parts, size_t smem, cudaStream_t stream,
+absl::Status LaunchTcW(const TcParams& p, int parts, bool* hist, cudaStream_t stream,
                        const DeviceInfo& info) {
   const bool one = p.n_tiles8 == 1;
   if (parts == 1) {
-    return one ? LaunchTc<W, 1, 1>(p, smem, stream, info)
-               : LaunchTc<W, 1, kTcChunkTiles>(p, smem, stream, info);
+    return one ? LaunchTc<W, 1, 1>(p, hist, stream, info)
+               : LaunchTc<W, 1, kTcChunkTiles>(p, hist, stream, info);
   }
-  return one ? LaunchTc<W, 3, 1>(p, smem, stream, info)
-             : LaunchTc<W, 3, kTcChunkTiles>(p, smem, stream, info);
+  return one ? LaunchTc<W, 3, 1>(p, hist, stream, info)
+             : LaunchTc<W, 3, kTcChunkTiles>(p, hist, stream, info);
 }
 
 // Scores (or bounds) on tensor cores when the rows are bf16, no LSE partials are wanted and the
@@ -831,13 +811,9 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
   TcParams p;
   p.n_tiles8 = (group + 7) / 8;
-  // The histogram is fused only when its shared memory costs no block per SM (otherwise the
-  // selection's HistKernel makes it from the scores, which L2 still holds).
-  const bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead &&
-                    ScoreBlocksPerSm(info, TcSmem(width, parts, p.n_tiles8, true)) >=
-                        ScoreBlocksPerSm(info, TcSmem(width, parts, p.n_tiles8, false));
-  const size_t smem = TcSmem(width, parts, p.n_tiles8, hist);
-  if (smem + 1024 > static_cast<size_t>(info.smem_per_sm) || req.kv_heads > 65535) {
+  bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead;
+  if (TcSmem(width, parts, p.n_tiles8, hist) + 1024 > static_cast<size_t>(info.smem_per_sm) ||
+      req.kv_heads > 65535) {
     return absl::OkStatus();
   }
   p.rows = ToDev(view);
@@ -847,34 +823,31 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   p.bound = bound;
   p.group = group;
   p.kv_heads_for_grid = req.kv_heads;
-  // Bulk copies need 16-byte aligned rows: known from the host for a dense view only.
-  p.tma = internal::BulkCopyStaging() && view.blocks == nullptr &&
-          reinterpret_cast<uintptr_t>(view.base) % 16 == 0 && (view.row_stride * 2) % 16 == 0 &&
-          (view.head_stride * 2) % 16 == 0;
   p.red = req.reduction;
   p.len = bound ? NumPages(req.num_tokens) : req.num_tokens;
   p.out = out;
   p.n_tiles = (p.len + kTcTileRows - 1) / kTcTileRows;
-  p.tiles_per_block = 1;
   p.hist0 = hist ? hist0 : nullptr;
   p.hist_kind = hist_kind;
   p.n = req.num_tokens;
   p.n_sink = req.n_sink;
   p.n_local = req.n_local;
+  auto launch = [&]() -> absl::Status {
+    switch (width) {
+      case 64:
+        return LaunchTcW<64>(p, parts, &hist, stream, info);
+      case 128:
+        return LaunchTcW<128>(p, parts, &hist, stream, info);
+      case 256:
+        return LaunchTcW<256>(p, parts, &hist, stream, info);
+      default:
+        return LaunchTcW<512>(p, parts, &hist, stream, info);
+    }
+  };
+  if (width != 64 && width != 128 && width != 256 && width != 512) return absl::OkStatus();
+  ROPEKV_TOPK_RETURN_IF_ERROR(launch());
   *launched = true;
   if (hist_fused != nullptr) *hist_fused = hist;
-  switch (width) {
-    case 64:
-      return LaunchTcW<64>(p, parts, smem, stream, info);
-    case 128:
-      return LaunchTcW<128>(p, parts, smem, stream, info);
-    case 256:
-      return LaunchTcW<256>(p, parts, smem, stream, info);
-    case 512:
-      return LaunchTcW<512>(p, parts, smem, stream, info);
-  }
-  *launched = false;
-  if (hist_fused != nullptr) *hist_fused = false;
   return absl::OkStatus();
 }
 

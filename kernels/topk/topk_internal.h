@@ -34,11 +34,6 @@ constexpr int64_t ScoreTileRows(DType dtype, int64_t width) {
 // process-wide, thread-safe.
 void SetTensorCoreScoring(bool on);
 bool TensorCoreScoring();
-// Whether the tensor-core scorer stages aligned dense rows with bulk copies (cp.async.bulk on an
-// mbarrier) instead of per-thread cp.async (the default: measured as fast or faster on the H100,
-// bench/RESULTS.md). Same contract as above.
-void SetBulkCopyStaging(bool on);
-bool BulkCopyStaging();
 // Whether a selection over rows of at most 16384 elements (exact or bound, not bound-then-exact)
 // runs in one block per row in shared memory (SmallSelectKernel; default on) instead of the
 // multi-block threshold filter. Same contract as above.

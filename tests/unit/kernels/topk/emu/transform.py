@@ -23,6 +23,7 @@ def asm(op, repl):
     global src
     src = re.sub(r'asm volatile\(\s*"' + op + r'.*?\);', repl, src, flags=re.S)
 asm(r'mma\.sync', 'emu::MmaBf16(c, a, b);')
+asm(r'ld\.global\.nc', 'v = *reinterpret_cast<const uint4*>(src);')
 asm(r'mbarrier\.init', 'emu::MbarInit(bar, count);')
 asm(r'fence\.', '')
 asm(r'mbarrier\.arrive\.expect_tx', 'emu::MbarArriveExpectTx(bar, bytes);')
