@@ -739,18 +739,28 @@ size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
 }
 
 // Resident blocks a SM of `kKernel` with `threads` threads and `smem` bytes of dynamic shared
-// memory (registers, shared memory and threads all count), read once per (kernel, smem).
+// memory (registers, shared memory and threads all count), asked of the runtime once per
+// (kernel, device, smem) and kept in a few lock-free slots (a kernel sees one or two sizes: with
+// and without the histogram, per group size).
 template <auto kKernel>
 absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
-  static std::atomic<int64_t> cached{-1};  // smem << 8 | blocks
-  const int64_t c = cached.load(std::memory_order_acquire);
-  if (c >= 0 && static_cast<size_t>(c >> 8) == smem) return static_cast<int>(c & 255);
+  constexpr int kSlots = 8;
+  static std::atomic<uint64_t> slots[kSlots];  // device << 48 | smem << 8 | blocks; 0 = empty
+  static std::atomic<int> next{0};
+  int dev = 0;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  const uint64_t tag = (static_cast<uint64_t>(dev) << 48) | (static_cast<uint64_t>(smem) << 8);
+  for (auto& slot : slots) {
+    const uint64_t v = slot.load(std::memory_order_acquire);
+    if (v != 0 && (v & ~uint64_t{255}) == tag) return static_cast<int>(v & 255);
+  }
   ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
   int blocks = 0;
   ROPEKV_CUDA_RETURN_IF_ERROR(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, threads, smem));
   blocks = std::max(1, std::min(blocks, 255));
-  cached.store(static_cast<int64_t>(smem) << 8 | blocks, std::memory_order_release);
+  slots[next.fetch_add(1, std::memory_order_relaxed) % kSlots].store(
+      tag | static_cast<uint64_t>(blocks), std::memory_order_release);
   return blocks;
 }
 
