@@ -8,6 +8,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "cache/retrieval_gpu.h"
+#include "kernels/common/device.h"
 
 namespace ropekv {
 
@@ -69,6 +71,14 @@ bool ValidQueryDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t
 
 }  // namespace
 
+absl::StatusOr<int> ResolveRetrievalDevice(absl::string_view mode, int gpu_device) {
+  if (mode == "cpu") return -1;
+  if (mode == "gpu") return gpu_device;
+  if (mode == "auto") return RetrievalGpuBuilt() && GpuAvailable() ? gpu_device : -1;
+  return absl::InvalidArgumentError(
+      absl::StrCat("the retrieval device must be auto, cpu or gpu, got '", mode, "'"));
+}
+
 uint64_t KeptSelection::layer_bytes() const {
   return 2ull * rows_ * capacity_ * spec_.head_dim * DTypeSize(spec_.dtype);
 }
@@ -84,7 +94,20 @@ absl::StatusOr<std::unique_ptr<RetrievalStore>> RetrievalStore::Create(KvCache* 
     return absl::InvalidArgumentError(absl::StrCat("selection_ttl must be positive, got ",
                                                    absl::FormatDuration(options.selection_ttl)));
   }
-  return std::unique_ptr<RetrievalStore>(new RetrievalStore(cache, sessions, std::move(options)));
+  std::unique_ptr<RetrievalGpu> gpu;
+  if (options.device >= 0) {
+    auto made = RetrievalGpu::Create(options.device);
+    if (!made.ok()) {
+      return absl::Status(
+          made.status().code(),
+          absl::StrCat("Select on CUDA device ", options.device, ": ", made.status().message()));
+    }
+    gpu = *std::move(made);
+  }
+  auto store =
+      std::unique_ptr<RetrievalStore>(new RetrievalStore(cache, sessions, std::move(options)));
+  store->gpu_ = std::move(gpu);
+  return store;
 }
 
 // The store's view of the KvCache's Put and evict paths (metadata on write).
@@ -120,6 +143,8 @@ RetrievalStore::~RetrievalStore() {
 }
 
 absl::Time RetrievalStore::Now() const { return options_.now ? options_.now() : absl::Now(); }
+
+int RetrievalStore::device() const { return gpu_ != nullptr ? gpu_->device() : -1; }
 
 // ---------------------------------------------------------------------------------------------
 // Sources
@@ -525,7 +550,28 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     out.mass.assign(out.rows, 0.0f);
     result.mass = out.mass.data();
   }
-  if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
+  // The GPU when there is one; the CPU for what it cannot take (no room for this request on the
+  // device, a shape SelectCuda lacks), with outputs reset from what the GPU may have written.
+  bool on_gpu = false;
+  bool fell_back = false;
+  if (gpu_ != nullptr) {
+    absl::Status s = gpu_->Select(req, result);
+    if (s.ok()) {
+      on_gpu = true;
+    } else if (s.code() == absl::StatusCode::kUnavailable ||
+               s.code() == absl::StatusCode::kResourceExhausted) {
+      fell_back = true;
+      std::fill(out.counts.begin(), out.counts.end(), 0);
+      std::fill(out.indices.begin(), out.indices.end(), -1);
+      std::fill(out.scores.begin(), out.scores.end(), 0.0f);
+      std::fill(out.mass.begin(), out.mass.end(), 0.0f);
+    } else {
+      return s;
+    }
+  }
+  if (!on_gpu) {
+    if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
+  }
   out.metadata_cached = page_mode && views.metadata_cached;
 
   if (args.gather) {
@@ -569,6 +615,8 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   }
   absl::MutexLock lock(&meta_mu_);
   ++counters_.selects;
+  if (on_gpu) ++counters_.gpu_selects;
+  if (fell_back) ++counters_.gpu_fallbacks;
   return out;
 }
 

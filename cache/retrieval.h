@@ -1,9 +1,11 @@
 // Retrieval: query-aware top-k selection over the daemon's caches (Quest, TidalDecode). Given the
 // post-RoPE queries of one layer at a decode step, RetrievalStore::Select picks per KV head (or per
-// query head) the cached tokens that matter most, through kernels/topk's CPU path (SelectCpu), over
-// either the longest cached prefix of a prompt (KvCache blocks, read in place) or an editor session
+// query head) the cached tokens that matter most, through kernels/topk (SelectCpu; or SelectCuda on
+// a copy of the keys when Options::device names a GPU, see cache/retrieval_gpu.h), over either the
+// longest cached prefix of a prompt (KvCache blocks, read in place) or an editor session
 // (SessionStore: its keys re-rotated to their current positions). A selection can be kept for a
 // short idle TTL and gathered at other layers of the same step (position-persistent selection).
+// Gather always runs on the CPU (GatherCpu over the host views).
 //
 // Page metadata (the Quest bound's per-16-token-page element-wise max M and min m of the keys) is
 // kept in this store's own bounded LRU, keyed by block. With Options::build_metadata_on_put (the
@@ -30,7 +32,8 @@
 //
 // Thread safety: thread-safe. Two mutexes, never nested: meta_mu_ (metadata entries) and
 // selections_mu_ (kept selections); neither is held while calling into the KvCache or the
-// SessionStore, nor while a kernel runs. The KvCache calls the store's observer under its own
+// SessionStore, nor while a kernel runs (the RetrievalGpu's own mutex is taken with neither held:
+// GPU selections run one at a time). The KvCache calls the store's observer under its own
 // lock for dropped blocks, which then takes meta_mu_ (order: the cache's mutex, then meta_mu_).
 #ifndef ROPEKV_CACHE_RETRIEVAL_H_
 #define ROPEKV_CACHE_RETRIEVAL_H_
@@ -55,6 +58,13 @@
 #include "kernels/topk/topk.h"
 
 namespace ropekv {
+
+class RetrievalGpu;
+
+// The device of RetrievalStore::Options from a --retrieval_device value: "cpu" -> -1; "gpu" ->
+// gpu_device (the store's Create then fails where there is no usable GPU); "auto" -> gpu_device
+// when this build has CUDA and a GPU is present, else -1. INVALID_ARGUMENT for another value.
+absl::StatusOr<int> ResolveRetrievalDevice(absl::string_view mode, int gpu_device);
 
 // What to select over: a cached prefix (session_id empty) or a session.
 struct RetrievalSource {
@@ -155,6 +165,10 @@ class RetrievalStore {
     uint64_t max_gather_bytes = 1ull << 30;
     // The clock (tests inject one); default absl::Now.
     std::function<absl::Time()> now;
+    // CUDA device on which Select runs topk::SelectCuda (the source's keys and page metadata are
+    // copied there for each call); -1: SelectCpu only. A call the GPU cannot take (no room on the
+    // device, a shape the CUDA path lacks) runs SelectCpu instead (Stats::gpu_fallbacks).
+    int device = -1;
   };
 
   struct Stats {
@@ -168,12 +182,16 @@ class RetrievalStore {
     uint64_t metadata_put_builds = 0;  // (block, layer) entries built when a Put stored the block
     uint64_t metadata_stale = 0;       // entries found whose keys had changed (rebuilt)
     uint64_t metadata_evictions = 0;
-    uint64_t selections = 0;  // kept selections alive
+    uint64_t selections = 0;     // kept selections alive
+    uint64_t gpu_selects = 0;    // selects run by SelectCuda (Options::device >= 0)
+    uint64_t gpu_fallbacks = 0;  // selects meant for the GPU that ran SelectCpu instead
   };
 
   // `cache` (borrowed, must outlive the store) holds prefixes; `sessions` (borrowed, may be null:
   // then session sources are FAILED_PRECONDITION) holds sessions. INVALID_ARGUMENT for a null
-  // cache, zero max_selections or a non-positive TTL.
+  // cache, zero max_selections or a non-positive TTL; with device >= 0, the error of
+  // RetrievalGpu::Create (UNAVAILABLE without CUDA or a GPU, INVALID_ARGUMENT for a device out of
+  // range).
   static absl::StatusOr<std::unique_ptr<RetrievalStore>> Create(KvCache* cache,
                                                                 SessionStore* sessions,
                                                                 Options options);
@@ -188,6 +206,9 @@ class RetrievalStore {
   //   gathered K/V of one layer (gather or keep) over max_gather_bytes;
   // - NOT_FOUND: unknown model or session, or no full block of the prompt is cached;
   // - FAILED_PRECONDITION: pre-RoPE blocks, a session with tokens awaiting Fill, no session store.
+  // On the GPU (Options::device) the semantics are SelectCuda's: fp32 accumulation (ties at the
+  // k-th score may go the other way than the CPU's fp64), and NaN in the stored keys is not
+  // checked (a NaN score counts as -inf); NaN in the queries is INVALID_ARGUMENT on both paths.
   absl::StatusOr<SelectOutput> Select(const SelectArgs& args);
 
   // The kept selection `id`, its idle time reset. NOT_FOUND when unknown, expired or dropped.
@@ -205,6 +226,9 @@ class RetrievalStore {
   absl::Status Release(absl::string_view id);
 
   Stats stats() const;
+
+  // The CUDA device Select runs on, or -1 (SelectCpu).
+  int device() const;
 
   // The kept page metadata of prefix block `block` at `layer` ([kv_heads][pages][2 * head_dim] in
   // the model's dtype), or null when none is kept. For tests and tools.
@@ -253,6 +277,7 @@ class RetrievalStore {
   KvCache* cache_;
   SessionStore* sessions_;
   const Options options_;
+  std::unique_ptr<RetrievalGpu> gpu_;  // with Options::device >= 0
 
   mutable absl::Mutex meta_mu_;
   absl::flat_hash_map<std::string, MetaEntry> meta_ ABSL_GUARDED_BY(meta_mu_);

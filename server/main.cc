@@ -240,6 +240,10 @@ int Run(const ServerConfig& config) {
             << (sessions.store()->gpu_device() >= 0
                     ? absl::StrCat("on GPU ", sessions.store()->gpu_device())
                     : std::string("in host memory"))
+            << "; Select "
+            << (retrieval.store()->device() >= 0
+                    ? absl::StrCat("on GPU ", retrieval.store()->device())
+                    : std::string("on the CPU"))
             << std::endl;
 
   // Wait for SIGINT/SIGTERM (blocked in every thread, taken here), then shut down cleanly.

@@ -30,6 +30,10 @@ ABSL_FLAG(absl::Duration, retrieval_selection_ttl, absl::Seconds(10),
 ABSL_FLAG(int32_t, retrieval_threads, 2, "worker threads running Select and Gather");
 ABSL_FLAG(std::string, retrieval_max_gather, "1GiB",
           "most bytes of one layer's gathered K/V a Select (gather or keep) may ask for");
+ABSL_FLAG(std::string, retrieval_device, "auto",
+          "where Select scores and ranks the keys: auto (the GPU when one is present), cpu, gpu "
+          "(required: ropekvd does not start without one)");
+ABSL_FLAG(int32_t, retrieval_gpu_device, 0, "CUDA device of Select on the GPU");
 
 namespace ropekv {
 
@@ -200,6 +204,13 @@ absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags() {
   o.store.max_selections = absl::GetFlag(FLAGS_retrieval_max_selections);
   o.store.selection_ttl = absl::GetFlag(FLAGS_retrieval_selection_ttl);
   o.threads = absl::GetFlag(FLAGS_retrieval_threads);
+  auto device = ResolveRetrievalDevice(absl::GetFlag(FLAGS_retrieval_device),
+                                       absl::GetFlag(FLAGS_retrieval_gpu_device));
+  if (!device.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--retrieval_device: ", device.status().message()));
+  }
+  o.store.device = *device;
   return o;
 }
 

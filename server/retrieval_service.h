@@ -7,7 +7,8 @@
 // Borrows the cache and the session store (which must outlive the service); owns the retrieval
 // store and the pool. Its limits come from flags defined here: --retrieval_metadata_capacity,
 // --retrieval_verify_metadata, --retrieval_max_selections, --retrieval_selection_ttl,
-// --retrieval_threads, --retrieval_max_gather.
+// --retrieval_threads, --retrieval_max_gather, --retrieval_device (auto | cpu | gpu: where Select
+// runs, see RetrievalStore::Options::device), --retrieval_gpu_device.
 #ifndef ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 #define ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 
@@ -25,7 +26,7 @@ namespace ropekv {
 class WorkPool;
 
 struct RetrievalServiceOptions {
-  RetrievalStore::Options store;  // metadata capacity, selection TTL and count
+  RetrievalStore::Options store;  // metadata capacity, selection TTL and count, device
   int threads = 2;                // pool threads running Select and Gather, in [1, 256]
 };
 

@@ -13,9 +13,11 @@
 #include <vector>
 
 #include "cache/kv_cache.h"
+#include "cache/retrieval_gpu.h"
 #include "cache/session.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/common/device.h"
 #include "kernels/common/dtype.h"
 
 namespace ropekv {
@@ -1108,6 +1110,31 @@ TEST(RetrievalStoreCreateTest, RejectsBadOptions) {
   a.query_heads = 1;
   a.k = 1;
   EXPECT_EQ((*store)->Select(a).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// --retrieval_device values, and a store on a device where there is none (the GPU path itself:
+// tests/gpu/retrieval_gpu_test.cc).
+TEST(RetrievalStoreCreateTest, DeviceOption) {
+  EXPECT_EQ(*ResolveRetrievalDevice("cpu", 0), -1);
+  EXPECT_EQ(*ResolveRetrievalDevice("gpu", 1), 1);
+  EXPECT_EQ(*ResolveRetrievalDevice("auto", 0), RetrievalGpuBuilt() && GpuAvailable() ? 0 : -1);
+  EXPECT_EQ(ResolveRetrievalDevice("cuda", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  auto cache = KvCache::Create(KvCache::Options());
+  ASSERT_TRUE(cache.ok());
+  auto cpu = RetrievalStore::Create(cache->get(), nullptr, {});
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ((*cpu)->device(), -1);
+  RetrievalStore::Options o;
+  o.device = 0;
+  auto gpu = RetrievalStore::Create(cache->get(), nullptr, o);
+  if (RetrievalGpuBuilt() && GpuAvailable()) {
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_EQ((*gpu)->device(), 0);
+  } else {
+    EXPECT_EQ(gpu.status().code(), absl::StatusCode::kUnavailable) << gpu.status();
+  }
+  o.device = 1 << 20;
+  EXPECT_FALSE(RetrievalStore::Create(cache->get(), nullptr, o).ok());
 }
 
 }  // namespace

@@ -137,6 +137,7 @@ TEST(ConfigFileTest, TheExampleConfigParses) {
   EXPECT_EQ(Find(*s, "disk_durability"), "sync");
   EXPECT_EQ(Find(*s, "gpu_slot_size"), "2MiB");
   EXPECT_EQ(Find(*s, "write_tier"), "host");
+  EXPECT_EQ(Find(*s, "retrieval_device"), "auto");
 }
 
 }  // namespace

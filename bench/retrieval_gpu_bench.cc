@@ -1,0 +1,210 @@
+// Benchmark: one Select through RetrievalStore (cache/retrieval.h) on the CPU path (device -1,
+// SelectCpu) and on the GPU path (device 0: keys / page metadata packed into device memory, then
+// SelectCuda), over the same in-process cache: a Llama-3-8B-shaped model (8 KV heads, head_dim 128,
+// bf16, 16-token blocks, llama3 rope; --layers of it stored), 32 query heads, k 256, 4 sink and 64
+// local tokens, over a cached prefix (blocked keys read in place) and an editor session of the same
+// tokens (the whole layer re-rotated by SessionReader first, on both paths). Wall clock around
+// RetrievalStore::Select (resolving the source, metadata fingerprints, copies and the kernel all
+// included): median and min of --reps after one warm-up. The GPU's selection is compared with the
+// CPU's (rows equal). Prints a table and one JSON line.
+//
+//   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
+//                       [--source prefix,session]
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "cache/kv_cache.h"
+#include "cache/retrieval.h"
+#include "cache/session.h"
+#include "kernels/common/dtype.h"
+
+ABSL_FLAG(int32_t, tokens, 32768, "tokens of the prefix / session (a multiple of 16)");
+ABSL_FLAG(int32_t, layers, 1, "layers stored (Select reads one)");
+ABSL_FLAG(int32_t, query_heads, 32, "query heads (8 KV heads)");
+ABSL_FLAG(int32_t, k, 256, "tokens to select besides sink and local ones");
+ABSL_FLAG(int32_t, reps, 7, "timed Selects per row (after one warm-up)");
+ABSL_FLAG(std::string, query_dtype, "f32", "dtype of the queries: f32 or bf16");
+ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, session");
+
+namespace ropekv {
+namespace {
+
+struct Row {
+  std::string source, mode;
+  double cpu_ms = 0, cpu_min = 0, gpu_ms = 0, gpu_min = 0;
+  bool same = false;
+  uint64_t gpu_selects = 0;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int Main() {
+  const int64_t n = absl::GetFlag(FLAGS_tokens);
+  const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
+  ModelSpec spec;
+  spec.layers = absl::GetFlag(FLAGS_layers);
+  spec.kv_heads = 8;
+  spec.head_dim = 128;
+  spec.dtype = DType::kBF16;
+  spec.block_tokens = 16;
+  spec.rope.type = RopeType::kLlama3;
+  spec.rope.head_dim = 128;
+  spec.rope.theta = 500000;
+  spec.rope.factor = 8;
+  spec.rope.original_max_position_embeddings = 8192;
+  const uint64_t kv_bytes = BlockBytes(spec) * static_cast<uint64_t>(n / spec.block_tokens);
+
+  KvCache::Options co;
+  co.background_maintenance = false;
+  co.host_capacity_bytes = 2 * kv_bytes + (64ull << 20);
+  auto cache = KvCache::Create(std::move(co));
+  if (!cache.ok()) return std::fprintf(stderr, "cache: %s\n", cache.status().ToString().c_str()), 1;
+  if (auto reg = (*cache)->RegisterModel(spec, "llama-3-8b"); !reg.ok()) {
+    return std::fprintf(stderr, "model: %s\n", reg.status().ToString().c_str()), 1;
+  }
+  SessionStore::Options so;
+  so.device = SessionDevice::kCpu;
+  so.capacity_bytes = 2 * kv_bytes + (64ull << 20);
+  auto sessions = SessionStore::Create(cache->get(), so);
+  if (!sessions.ok()) return 1;
+  RetrievalStore::Options ro;
+  auto cpu = RetrievalStore::Create(cache->get(), sessions->get(), ro);
+  ro.device = 0;
+  auto gpu = RetrievalStore::Create(cache->get(), sessions->get(), ro);
+  if (!cpu.ok()) return 1;
+  if (!gpu.ok()) {
+    std::fprintf(stderr, "no GPU path: %s\n", gpu.status().ToString().c_str());
+    return 1;
+  }
+
+  std::mt19937_64 rng(1);
+  std::vector<int32_t> tokens(n);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % 128000);
+  std::string kv(kv_bytes, '\0');
+  {
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (uint64_t i = 0; i < kv_bytes / 2; ++i)
+      StoreFromFloat(kv.data(), i, spec.dtype, normal(rng));
+  }
+  const absl::Time t0 = absl::Now();
+  PutOptions p;
+  p.model = "llama-3-8b";
+  p.tokens = tokens;
+  auto w = (*cache)->BeginPut(std::move(p));
+  if (!w.ok() || !(*w)->Write(kv).ok() || !(*w)->Finish().ok()) {
+    return std::fprintf(stderr, "put failed\n"), 1;
+  }
+  std::fprintf(stderr, "put %lld tokens (%.0f MiB) in %.2f s\n", static_cast<long long>(n),
+               kv_bytes / 1048576.0, absl::ToDoubleSeconds(absl::Now() - t0));
+  OpenSessionArgs open;
+  open.model = "llama-3-8b";
+  open.tokens = tokens;
+  auto session = (*sessions)->Open(open, kv);
+  if (!session.ok())
+    return std::fprintf(stderr, "session: %s\n", session.status().ToString().c_str()), 1;
+  kv.clear();
+  kv.shrink_to_fit();
+
+  auto qdt = ParseDType(absl::GetFlag(FLAGS_query_dtype));
+  if (!qdt.ok()) return 1;
+  const int hq = absl::GetFlag(FLAGS_query_heads);
+  std::string q(static_cast<size_t>(hq) * spec.head_dim * DTypeSize(*qdt), '\0');
+  {
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (size_t i = 0; i < q.size() / DTypeSize(*qdt); ++i)
+      StoreFromFloat(q.data(), i, *qdt, normal(rng));
+  }
+
+  std::vector<Row> rows;
+  std::printf("%-8s %-16s %12s %12s %12s %12s %8s\n", "source", "mode", "cpu_med_ms", "cpu_min_ms",
+              "gpu_med_ms", "gpu_min_ms", "speedup");
+  for (absl::string_view source : absl::StrSplit(absl::GetFlag(FLAGS_source), ',')) {
+    for (topk::Mode mode : {topk::Mode::kExact, topk::Mode::kBound, topk::Mode::kBoundThenExact}) {
+      SelectArgs a;
+      if (source == "session") {
+        a.source.session_id = session->id;
+      } else {
+        a.source.model = "llama-3-8b";
+        a.source.tokens = tokens;
+      }
+      a.layer = 0;
+      a.query_heads = hq;
+      a.queries = q;
+      a.query_dtype = *qdt;
+      a.k = absl::GetFlag(FLAGS_k);
+      a.n_sink = 4;
+      a.n_local = 64;
+      a.mode = mode;
+      a.reduction = topk::GqaReduction::kMax;
+      Row row;
+      row.source = std::string(source);
+      row.mode = mode == topk::Mode::kExact   ? "exact"
+                 : mode == topk::Mode::kBound ? "bound"
+                                              : "bound_then_exact";
+      std::vector<int32_t> first_cpu, first_gpu;
+      for (RetrievalStore* store : {cpu->get(), gpu->get()}) {
+        std::vector<double> ms;
+        for (int r = 0; r <= reps; ++r) {
+          const absl::Time s = absl::Now();
+          auto out = store->Select(a);
+          const double t = absl::ToDoubleMilliseconds(absl::Now() - s);
+          if (!out.ok()) {
+            std::fprintf(stderr, "select: %s\n", out.status().ToString().c_str());
+            return 1;
+          }
+          if (r == 0) {
+            (store == cpu->get() ? first_cpu : first_gpu) = out->indices;
+          } else {
+            ms.push_back(t);
+          }
+        }
+        (store == cpu->get() ? row.cpu_ms : row.gpu_ms) = Median(ms);
+        (store == cpu->get() ? row.cpu_min : row.gpu_min) = *std::min_element(ms.begin(), ms.end());
+      }
+      row.same = first_cpu == first_gpu;
+      row.gpu_selects = (*gpu)->stats().gpu_selects;
+      std::printf("%-8s %-16s %12.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
+                  row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
+                  row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
+      std::fflush(stdout);
+      rows.push_back(row);
+    }
+  }
+  const auto st = (*gpu)->stats();
+  std::string json = absl::StrFormat(
+      "{\"bench\":\"retrieval_gpu\",\"tokens\":%d,\"kv_heads\":8,\"query_heads\":%d,"
+      "\"head_dim\":128,\"dtype\":\"bf16\",\"query_dtype\":\"%s\",\"k\":%d,\"reps\":%d,"
+      "\"gpu_selects\":%d,\"gpu_fallbacks\":%d,\"rows\":[",
+      n, hq, DTypeName(*qdt), absl::GetFlag(FLAGS_k), reps, st.gpu_selects, st.gpu_fallbacks);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    absl::StrAppendFormat(&json,
+                          "%s{\"source\":\"%s\",\"mode\":\"%s\",\"cpu_ms\":%.3f,\"gpu_ms\":%.3f,"
+                          "\"cpu_min_ms\":%.3f,\"gpu_min_ms\":%.3f,\"same\":%s}",
+                          i ? "," : "", rows[i].source, rows[i].mode, rows[i].cpu_ms,
+                          rows[i].gpu_ms, rows[i].cpu_min, rows[i].gpu_min,
+                          rows[i].same ? "true" : "false");
+  }
+  json += "]}";
+  std::printf("%s\n", json.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace ropekv
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return ropekv::Main();
+}

@@ -1,0 +1,377 @@
+// RetrievalGpu with CUDA: host views packed into dense device buffers through two pinned staging
+// buffers (memcpy of one while the other's copy runs), a grow-only device arena, one stream.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "cache/retrieval_gpu.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device.h"
+#include "kernels/common/dtype.h"
+
+namespace ropekv {
+namespace {
+
+// Pinned staging: two buffers of this size.
+constexpr uint64_t kStagingBytes = 8ull << 20;
+// Alignment of every piece of the arena (SelectCuda's workspace needs 256 bytes).
+constexpr uint64_t kAlign = 256;
+// The arena grows in steps of at least this much, and by at least a quarter of its size, so that a
+// sequence growing by a token per decode step does not reallocate at every step.
+constexpr uint64_t kArenaGranule = 2ull << 20;
+
+uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+// Calls fn(src, bytes) for the contiguous host runs of `v` (heads x rows x width elements), in
+// the order of a dense [heads][rows][width] destination. A run is as long as the view allows: a
+// whole head of a packed buffer, a block's rows of one head, or one row when rows are padded.
+template <typename Fn>
+absl::Status ForEachRun(const topk::MatrixView& v, int heads, int64_t rows, int64_t width,
+                        Fn&& fn) {
+  const uint64_t es = DTypeSize(v.dtype);
+  const uint64_t row_bytes = static_cast<uint64_t>(width) * es;
+  const bool packed_rows = v.row_stride == width;
+  for (int h = 0; h < heads; ++h) {
+    int64_t r = 0;
+    while (r < rows) {
+      const char* first = nullptr;
+      int64_t run = 0;  // rows from r that sit in one buffer
+      if (v.blocks == nullptr) {
+        first = static_cast<const char*>(v.base) + (h * v.head_stride + r * v.row_stride) * es;
+        run = rows - r;
+      } else {
+        const int64_t b = r / v.rows_per_block;
+        const int64_t in = r % v.rows_per_block;
+        first =
+            static_cast<const char*>(v.blocks[b]) + (h * v.head_stride + in * v.row_stride) * es;
+        run = std::min(rows - r, v.rows_per_block - in);
+      }
+      if (packed_rows) {
+        if (absl::Status s = fn(first, run * row_bytes); !s.ok()) return s;
+      } else {
+        for (int64_t i = 0; i < run; ++i) {
+          if (absl::Status s = fn(first + i * v.row_stride * es, row_bytes); !s.ok()) return s;
+        }
+      }
+      r += run;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The arena's pieces for one request: byte offsets (kAlign-aligned) and sizes.
+struct Layout {
+  uint64_t keys = 0, key_bytes = 0;
+  uint64_t meta = 0, meta_bytes = 0;
+  uint64_t queries = 0, query_bytes = 0;
+  uint64_t indices = 0, index_bytes = 0;
+  uint64_t counts = 0, count_bytes = 0;
+  uint64_t scores = 0, score_bytes = 0;
+  uint64_t mass = 0, mass_bytes = 0;
+  uint64_t workspace = 0, workspace_bytes = 0;
+  uint64_t total = 0;
+
+  uint64_t Place(uint64_t bytes) {
+    const uint64_t at = total;
+    total = AlignUp(total + bytes, kAlign);
+    return at;
+  }
+};
+
+absl::Status Unsupported(const absl::Status& why) {
+  return absl::UnavailableError(
+      absl::StrCat("the CUDA path of Select does not take this request: ", why.message()));
+}
+
+}  // namespace
+
+struct RetrievalGpu::Impl {
+  ~Impl() {
+    cudaSetDevice(device);
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    if (arena != nullptr) cudaFree(arena);
+    for (int i = 0; i < 2; ++i) {
+      if (staging[i] != nullptr) cudaFreeHost(staging[i]);
+      if (staged[i] != nullptr) cudaEventDestroy(staged[i]);
+    }
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  // An arena of at least `bytes` (contents not kept). RESOURCE_EXHAUSTED when the device has no
+  // room; then the arena is empty.
+  absl::Status Reserve(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (bytes <= arena_bytes) return absl::OkStatus();
+    if (arena != nullptr) {
+      cudaFree(arena);  // the stream is idle: every call synchronizes it before returning
+      arena = nullptr;
+      arena_bytes = 0;
+    }
+    const uint64_t exact = AlignUp(bytes, kArenaGranule);
+    const uint64_t grown = AlignUp(std::max(exact, bytes + bytes / 4), kArenaGranule);
+    for (uint64_t size : {grown, exact}) {
+      void* p = nullptr;
+      const cudaError_t err = cudaMalloc(&p, size);
+      if (err == cudaSuccess) {
+        arena = static_cast<char*>(p);
+        arena_bytes = size;
+        return absl::OkStatus();
+      }
+      if (err != cudaErrorMemoryAllocation) {
+        return CudaStatus(err, "cudaMalloc", __FILE__, __LINE__);
+      }
+      cudaGetLastError();  // an out-of-memory error is not sticky; keep later checks clean
+    }
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cudaMalloc of ", exact, " bytes on CUDA device ", device,
+                     " for a Select (keys, page metadata, queries, outputs and workspace): out of "
+                     "device memory"));
+  }
+
+  // The pinned staging buffers and their events, made on first use.
+  absl::Status InitStaging() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (staging[1] != nullptr) return absl::OkStatus();
+    for (int i = 0; i < 2; ++i) {
+      if (staging[i] == nullptr) {
+        const cudaError_t err = cudaHostAlloc(reinterpret_cast<void**>(&staging[i]), kStagingBytes,
+                                              cudaHostAllocPortable);
+        if (err != cudaSuccess) {
+          cudaGetLastError();
+          staging[i] = nullptr;
+          return absl::ResourceExhaustedError(
+              absl::StrCat("cudaHostAlloc of ", kStagingBytes,
+                           " bytes of pinned staging for Select: ", cudaGetErrorString(err)));
+        }
+      }
+      if (staged[i] == nullptr) {
+        ROPEKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&staged[i], cudaEventDisableTiming));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  absl::Mutex mu;
+  char* arena ABSL_GUARDED_BY(mu) = nullptr;  // device
+  uint64_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
+  char* staging[2] ABSL_GUARDED_BY(mu) = {nullptr, nullptr};       // pinned host
+  cudaEvent_t staged[2] ABSL_GUARDED_BY(mu) = {nullptr, nullptr};  // staging[i]'s copy is done
+};
+
+namespace {
+
+// Host bytes -> device bytes through the two pinned staging buffers: a full buffer's copy is
+// enqueued and the other buffer is filled while it runs (once its own previous copy is done).
+// Begin(dst) starts a new destination (what is staged for the previous one is enqueued first);
+// Finish() enqueues the rest. The caller synchronizes the stream.
+class Uploader {
+ public:
+  explicit Uploader(RetrievalGpu::Impl* impl) : impl_(impl) {}
+
+  absl::Status Begin(char* dst) {
+    if (absl::Status s = Flush(); !s.ok()) return s;
+    dst_ = dst;
+    offset_ = 0;
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const char* src, uint64_t n) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    while (n > 0) {
+      if (fill_ == kStagingBytes) {
+        if (absl::Status s = Flush(); !s.ok()) return s;
+      }
+      if (fill_ == 0) {
+        // This buffer may still be the source of its previous copy.
+        ROPEKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(impl_->staged[cur_]));
+      }
+      const uint64_t take = std::min(n, kStagingBytes - fill_);
+      std::memcpy(impl_->staging[cur_] + fill_, src, take);
+      fill_ += take;
+      src += take;
+      n -= take;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Finish() { return Flush(); }
+
+ private:
+  absl::Status Flush() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (fill_ == 0) return absl::OkStatus();
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst_ + offset_, impl_->staging[cur_], fill_,
+                                                cudaMemcpyHostToDevice, impl_->stream));
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(impl_->staged[cur_], impl_->stream));
+    offset_ += fill_;
+    fill_ = 0;
+    cur_ ^= 1;
+    return absl::OkStatus();
+  }
+
+  RetrievalGpu::Impl* impl_;
+  char* dst_ = nullptr;
+  uint64_t offset_ = 0;  // bytes of dst_ enqueued
+  uint64_t fill_ = 0;    // bytes in staging[cur_]
+  int cur_ = 0;
+};
+
+// Packs the view (heads x rows x width) into dense device memory at dst.
+absl::Status UploadView(Uploader& up, const topk::MatrixView& v, int heads, int64_t rows,
+                        int64_t width, char* dst) {
+  if (absl::Status s = up.Begin(dst); !s.ok()) return s;
+  return ForEachRun(v, heads, rows, width,
+                    [&](const char* src, uint64_t n) { return up.Add(src, n); });
+}
+
+// Copies `n` host bytes to device memory at dst, then enqueues everything staged.
+absl::Status UploadBytes(Uploader& up, const void* src, uint64_t n, char* dst) {
+  if (absl::Status s = up.Begin(dst); !s.ok()) return s;
+  if (absl::Status s = up.Add(static_cast<const char*>(src), n); !s.ok()) return s;
+  return up.Finish();
+}
+
+}  // namespace
+
+bool RetrievalGpuBuilt() { return true; }
+
+absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int device) {
+  if (!GpuAvailable()) return absl::UnavailableError("no usable CUDA device");
+  int count = 0;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", device, " out of range [0, ", count, ")"));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
+  return std::unique_ptr<RetrievalGpu>(new RetrievalGpu(device, std::move(impl)));
+}
+
+RetrievalGpu::RetrievalGpu(int device, std::unique_ptr<Impl> impl)
+    : device_(device), impl_(std::move(impl)) {}
+
+RetrievalGpu::~RetrievalGpu() = default;
+
+uint64_t RetrievalGpu::arena_bytes() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->arena_bytes;
+}
+
+absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
+                                  const topk::SelectResult& host_result) {
+  if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
+  const bool want_mass = host_result.mass != nullptr;
+  // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
+  const bool reads_keys =
+      host_req.mode != topk::Mode::kBound || host_result.scores != nullptr || want_mass;
+  const bool reads_meta = host_req.mode != topk::Mode::kExact;
+  absl::StatusOr<size_t> workspace = topk::SelectWorkspaceBytes(host_req, want_mass);
+  if (!workspace.ok()) {
+    return workspace.status().code() == absl::StatusCode::kInvalidArgument
+               ? Unsupported(workspace.status())
+               : workspace.status();
+  }
+
+  const int heads = host_req.kv_heads;
+  const int64_t n = host_req.num_tokens;
+  const int64_t pages = topk::NumPages(n);
+  const int64_t d = host_req.head_dim;
+  const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(host_req));
+  const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(host_req));
+  Layout l;
+  if (reads_keys) {
+    l.key_bytes = static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
+    l.keys = l.Place(l.key_bytes);
+  }
+  if (reads_meta) {
+    l.meta_bytes =
+        static_cast<uint64_t>(heads) * pages * 2 * d * DTypeSize(host_req.page_meta.dtype);
+    l.meta = l.Place(l.meta_bytes);
+  }
+  l.query_bytes = static_cast<uint64_t>(host_req.query_heads) * d * DTypeSize(host_req.query_dtype);
+  l.queries = l.Place(l.query_bytes);
+  l.index_bytes = rows * capacity * sizeof(int32_t);
+  l.indices = l.Place(l.index_bytes);
+  l.count_bytes = rows * sizeof(int32_t);
+  l.counts = l.Place(l.count_bytes);
+  if (host_result.scores != nullptr) {
+    l.score_bytes = rows * capacity * sizeof(float);
+    l.scores = l.Place(l.score_bytes);
+  }
+  if (want_mass) {
+    l.mass_bytes = rows * sizeof(float);
+    l.mass = l.Place(l.mass_bytes);
+  }
+  l.workspace_bytes = *workspace;
+  l.workspace = l.Place(l.workspace_bytes);
+
+  absl::MutexLock lock(&impl_->mu);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  if (absl::Status s = impl_->Reserve(l.total); !s.ok()) return s;
+  if (absl::Status s = impl_->InitStaging(); !s.ok()) return s;
+  char* base = impl_->arena;
+
+  // Whatever happens below, nothing of this call is in flight once it returns (the staging and
+  // the arena are the next call's).
+  absl::Status status = [&]() -> absl::Status {
+    topk::SelectRequest req = host_req;
+    Uploader up(impl_.get());
+    if (reads_keys) {
+      absl::Status s = UploadView(up, host_req.keys, heads, n, d, base + l.keys);
+      if (!s.ok()) return s;
+      req.keys = topk::DenseMatrix<const void*>(base + l.keys, host_req.keys.dtype, n, d);
+    } else {
+      req.keys = topk::MatrixView();
+    }
+    if (reads_meta) {
+      absl::Status s = UploadView(up, host_req.page_meta, heads, pages, 2 * d, base + l.meta);
+      if (!s.ok()) return s;
+      req.page_meta =
+          topk::DenseMatrix<const void*>(base + l.meta, host_req.page_meta.dtype, pages, 2 * d);
+    } else {
+      req.page_meta = topk::MatrixView();
+    }
+    if (absl::Status s = UploadBytes(up, host_req.queries, l.query_bytes, base + l.queries);
+        !s.ok()) {
+      return s;
+    }
+    req.queries = base + l.queries;
+
+    topk::SelectResult result;
+    result.indices = reinterpret_cast<int32_t*>(base + l.indices);
+    result.counts = reinterpret_cast<int32_t*>(base + l.counts);
+    if (host_result.scores != nullptr) result.scores = reinterpret_cast<float*>(base + l.scores);
+    if (want_mass) result.mass = reinterpret_cast<float*>(base + l.mass);
+    const absl::Status s =
+        topk::SelectCuda(req, result, base + l.workspace, l.workspace_bytes, impl_->stream);
+    if (!s.ok()) return s.code() == absl::StatusCode::kInvalidArgument ? Unsupported(s) : s;
+
+    cudaStream_t st = impl_->stream;
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.indices, result.indices, l.index_bytes,
+                                                cudaMemcpyDeviceToHost, st));
+    if (host_result.counts != nullptr) {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.counts, result.counts, l.count_bytes,
+                                                  cudaMemcpyDeviceToHost, st));
+    }
+    if (host_result.scores != nullptr) {
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.scores, result.scores, l.score_bytes,
+                                                  cudaMemcpyDeviceToHost, st));
+    }
+    if (want_mass) {
+      ROPEKV_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(host_result.mass, result.mass, l.mass_bytes, cudaMemcpyDeviceToHost, st));
+    }
+    return absl::OkStatus();
+  }();
+  status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
+                           __LINE__));
+  return status;
+}
+
+}  // namespace ropekv

@@ -1,0 +1,70 @@
+// The GPU path of the daemon's Select (RetrievalStore::Options::device): runs a SelectRequest whose
+// views point into host memory through topk::SelectCuda. The keys (when the mode reads them) and
+// the page metadata (page modes) are packed into one dense device buffer each
+// ([kv_heads][N][head_dim], [kv_heads][pages][2 * head_dim]), whatever the host view's form (one
+// buffer or a list of blocks, any strides), through pinned double-buffered staging; the queries
+// follow; SelectCuda runs with a workspace of SelectWorkspaceBytes; indices, counts, scores and
+// mass come back. Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without
+// (Create answers UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
+//
+// Device memory is one grow-only arena owned by the object: it grows to the largest request seen
+// and is kept (a repeated Select of the same shape allocates nothing) until the object goes.
+//
+// Thread safety: thread-safe. One call at a time runs (the arena, the staging and the object's one
+// CUDA stream are behind one mutex); others wait for it. Every call synchronizes its stream before
+// it returns.
+#ifndef ROPEKV_CACHE_RETRIEVAL_GPU_H_
+#define ROPEKV_CACHE_RETRIEVAL_GPU_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/topk/topk.h"
+
+namespace ropekv {
+
+// Whether this build has the CUDA path of Select.
+bool RetrievalGpuBuilt();
+
+class RetrievalGpu {
+ public:
+  // A RetrievalGpu on CUDA device `device` (its stream is made here; memory on first use).
+  // UNAVAILABLE without CUDA or a usable GPU; INVALID_ARGUMENT for a device out of range.
+  static absl::StatusOr<std::unique_ptr<RetrievalGpu>> Create(int device);
+  ~RetrievalGpu();
+  RetrievalGpu(const RetrievalGpu&) = delete;
+  RetrievalGpu& operator=(const RetrievalGpu&) = delete;
+
+  int device() const { return device_; }
+
+  // Runs `host_req` (queries, keys and page metadata in host memory, as for topk::SelectCpu) on
+  // the device and writes `host_result` (host memory, as for SelectCpu; counts, scores and mass
+  // may be null). Returns once the results are in host memory. GPU semantics (topk.h): fp32
+  // accumulation; NaN in keys, scores or metadata is not checked (a NaN score counts as -inf, a
+  // NaN page bound as +inf). Errors:
+  // - INVALID_ARGUMENT: those of topk::ValidateSelectRequest (nothing is copied);
+  // - UNAVAILABLE: a shape the CUDA path does not take (more than 65535 rows; too many query heads
+  //   per KV head for kMax / kSum, see topk::SelectCuda), which SelectCpu does take;
+  // - RESOURCE_EXHAUSTED: device (or pinned staging) memory for the request could not be
+  //   allocated (the message says how many bytes);
+  // - INTERNAL: another CUDA error.
+  // On an error host_result may have been partly written.
+  absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result);
+
+  // Bytes of device memory the arena holds now.
+  uint64_t arena_bytes() const;
+
+  struct Impl;
+
+ private:
+  RetrievalGpu(int device, std::unique_ptr<Impl> impl);
+
+  const int device_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_CACHE_RETRIEVAL_GPU_H_

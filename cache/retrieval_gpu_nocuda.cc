@@ -1,0 +1,29 @@
+// RetrievalGpu in a build without CUDA: absent, so that the store keeps SelectCpu.
+#include "cache/retrieval_gpu.h"
+
+namespace ropekv {
+
+struct RetrievalGpu::Impl {};
+
+namespace {
+absl::Status NotBuilt() { return absl::UnavailableError("this ropekvd was built without CUDA"); }
+}  // namespace
+
+bool RetrievalGpuBuilt() { return false; }
+
+absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int /*device*/) {
+  return NotBuilt();
+}
+
+RetrievalGpu::RetrievalGpu(int device, std::unique_ptr<Impl> impl)
+    : device_(device), impl_(std::move(impl)) {}
+RetrievalGpu::~RetrievalGpu() = default;
+
+uint64_t RetrievalGpu::arena_bytes() const { return 0; }
+
+absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
+                                  const topk::SelectResult& /*host_result*/) {
+  return NotBuilt();
+}
+
+}  // namespace ropekv

@@ -1,0 +1,565 @@
+// The GPU path of RetrievalStore::Select (Options::device = 0, topk::SelectCuda on copies of the
+// keys and page metadata) against the CPU path (device -1, SelectCpu, itself checked against fp64
+// in tests/unit/cache/retrieval_test.cc), over the same cache and the same requests: prefixes of
+// 16-token blocks (blocked keys and metadata) and of 8-token blocks (pages straddle blocks: dense
+// metadata), sessions (dense keys), bf16 and f32 keys, f32 and bf16 queries, the three modes, the
+// three GQA reductions, with and without scores and captured mass, rows short enough for one block
+// and long enough for the multi-block selection. The indices must be equal (random keys: no ties;
+// a near-tie that fp32 vs fp64 accumulation may order differently is accepted only for exact
+// scores, where it is checked to be one against an fp64 score computed here), scores within 1e-3
+// relative, mass within 1e-4, padding -1 / NaN. Also: RetrievalGpu alone on strided and padded host
+// views (vLLM-style [N][heads][d], padded rows) against SelectCpu, its arena reused, and a shape
+// the CUDA path lacks falling back to the CPU. Skips itself without a GPU.
+#include "cache/retrieval_gpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <iterator>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cache/kv_cache.h"
+#include "cache/retrieval.h"
+#include "cache/session.h"
+#include "gtest/gtest.h"
+#include "kernels/common/device.h"
+#include "kernels/common/dtype.h"
+
+namespace ropekv {
+namespace {
+
+using topk::GqaReduction;
+using topk::Mode;
+
+// Keys of one layer as fp64: key(head, token, column).
+using KeyFn = std::function<double(int, int64_t, int)>;
+
+std::string ModeName(Mode m) {
+  return m == Mode::kExact ? "Exact" : m == Mode::kBound ? "Bound" : "BoundThenExact";
+}
+std::string ReductionName(GqaReduction r) {
+  return r == GqaReduction::kMax ? "Max" : r == GqaReduction::kSum ? "Sum" : "PerQueryHead";
+}
+
+// Random bytes of `elems` elements of `dtype`, normal(0, 1) rounded to the dtype.
+std::string RandomElems(uint64_t elems, DType dtype, std::mt19937_64& rng) {
+  std::string out(elems * DTypeSize(dtype), '\0');
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (uint64_t i = 0; i < elems; ++i) StoreFromFloat(out.data(), i, dtype, normal(rng));
+  return out;
+}
+
+// Element (layer, kv, head, token, column) of block-layout bytes.
+size_t BlockIndex(const ModelSpec& s, int layer, int kv, int head, int64_t t, int c) {
+  const int64_t b = t / s.block_tokens;
+  const int64_t tok = t % s.block_tokens;
+  return ((((static_cast<size_t>(b) * s.layers + layer) * 2 + kv) * s.kv_heads + head) *
+              s.block_tokens +
+          tok) *
+             s.head_dim +
+         c;
+}
+
+KeyFn BlockKeys(const ModelSpec& s, const std::string& blocks, int layer) {
+  return [&s, &blocks, layer](int h, int64_t t, int c) {
+    return static_cast<double>(
+        LoadAsFloat(blocks.data(), BlockIndex(s, layer, 0, h, t, c), s.dtype));
+  };
+}
+
+// Keys of a layer in range layout [k|v][kv_head][n][head_dim] (SessionReader::WriteLayer).
+KeyFn RangeKeys(const ModelSpec& s, const std::string& layer, int64_t n) {
+  return [&s, &layer, n](int h, int64_t t, int c) {
+    const size_t i = (static_cast<size_t>(h) * n + t) * s.head_dim + c;
+    return static_cast<double>(LoadAsFloat(layer.data(), i, s.dtype));
+  };
+}
+
+// The fp64 score of `token` in row `row`, reduced as the row is.
+double RowScore(const SelectArgs& a, const std::string& queries, int kv_heads, int head_dim,
+                const KeyFn& key, int64_t row, int64_t token) {
+  const int group = a.query_heads / kv_heads;
+  auto head = [&](int h) {
+    double acc = 0;
+    for (int c = 0; c < head_dim; ++c) {
+      acc += double{LoadAsFloat(queries.data(), static_cast<size_t>(h) * head_dim + c,
+                                a.query_dtype)} *
+             key(h / group, token, c);
+    }
+    return acc;
+  };
+  if (a.reduction == GqaReduction::kPerQueryHead) return head(static_cast<int>(row));
+  double v = a.reduction == GqaReduction::kMax ? -INFINITY : 0.0;
+  for (int j = 0; j < group; ++j) {
+    const double x = head(static_cast<int>(row) * group + j);
+    v = a.reduction == GqaReduction::kMax ? std::max(v, x) : v + x;
+  }
+  return v;
+}
+
+bool SameFloat(float got, float want, double rel) {
+  if (std::isnan(want)) return std::isnan(got);
+  return std::fabs(double{got} - want) <= rel * std::max(1.0, std::fabs(double{want}));
+}
+
+// GPU output vs CPU output of the same request. Returns the rows where a near-tie was accepted.
+int ExpectSameSelection(const SelectOutput& gpu, const SelectOutput& cpu, const SelectArgs& a,
+                        const std::string& queries, int kv_heads, int head_dim, const KeyFn& key,
+                        const std::string& what) {
+  EXPECT_EQ(gpu.num_tokens, cpu.num_tokens) << what;
+  EXPECT_EQ(gpu.rows, cpu.rows) << what;
+  EXPECT_EQ(gpu.capacity, cpu.capacity) << what;
+  EXPECT_EQ(gpu.scores.size(), cpu.scores.size()) << what;
+  EXPECT_EQ(gpu.mass.size(), cpu.mass.size()) << what;
+  if (gpu.rows != cpu.rows || gpu.capacity != cpu.capacity) return 0;
+  int ties = 0;
+  for (int64_t r = 0; r < cpu.rows; ++r) {
+    const std::string row_what = absl::StrCat(what, " row ", r);
+    const int32_t* gi = gpu.indices.data() + r * gpu.capacity;
+    const int32_t* ci = cpu.indices.data() + r * cpu.capacity;
+    // Padding of the GPU's output (the device arena is not cleared between calls).
+    for (int64_t j = gpu.counts[r]; j < gpu.capacity; ++j) {
+      EXPECT_EQ(gi[j], -1) << row_what << " slot " << j;
+      if (!gpu.scores.empty()) {
+        EXPECT_TRUE(std::isnan(gpu.scores[r * gpu.capacity + j])) << row_what << " slot " << j;
+      }
+    }
+    const bool same = gpu.counts[r] == cpu.counts[r] && std::equal(ci, ci + cpu.counts[r], gi);
+    if (!same) {
+      // Accepted only as a near-tie of exact scores: every token in one selection and not the
+      // other has (nearly) the same fp64 score.
+      std::set<int32_t> g(gi, gi + gpu.counts[r]), c(ci, ci + cpu.counts[r]);
+      std::vector<int32_t> diff;
+      std::set_symmetric_difference(g.begin(), g.end(), c.begin(), c.end(),
+                                    std::back_inserter(diff));
+      double lo = INFINITY, hi = -INFINITY;
+      std::string listed;
+      for (int32_t t : diff) {
+        const double s = RowScore(a, queries, kv_heads, head_dim, key, r, t);
+        lo = std::min(lo, s);
+        hi = std::max(hi, s);
+        absl::StrAppend(&listed, " ", t, (g.count(t) ? "(gpu)" : "(cpu)"), "=", s);
+      }
+      const bool near_tie = a.mode != Mode::kBound && gpu.counts[r] == cpu.counts[r] &&
+                            hi - lo <= 1e-4 * std::max(1.0, std::fabs(hi));
+      EXPECT_TRUE(near_tie) << row_what << ": selections differ:" << listed;
+      if (!near_tie) return ties;
+      ++ties;
+      continue;
+    }
+    for (int64_t j = 0; j < cpu.counts[r] && !cpu.scores.empty(); ++j) {
+      const float want = cpu.scores[r * cpu.capacity + j];
+      const float got = gpu.scores[r * gpu.capacity + j];
+      EXPECT_TRUE(SameFloat(got, want, 1e-3))
+          << row_what << " score of token " << ci[j] << ": gpu " << got << " cpu " << want;
+    }
+    if (!cpu.mass.empty()) {
+      EXPECT_NEAR(gpu.mass[r], cpu.mass[r], 1e-4) << row_what << " mass";
+    }
+  }
+  return ties;
+}
+
+class RetrievalGpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  }
+
+  void Init(int block_tokens, DType dtype, int head_dim = 128, int kv_heads = 4) {
+    gpu_.reset();  // before their cache goes
+    cpu_.reset();
+    sessions_.reset();
+    spec_ = ModelSpec();
+    spec_.layers = 2;
+    spec_.kv_heads = kv_heads;
+    spec_.head_dim = head_dim;
+    spec_.dtype = dtype;
+    spec_.block_tokens = block_tokens;
+    spec_.rope.head_dim = head_dim;
+    spec_.rope.theta = 500000;
+    KvCache::Options o;
+    o.background_maintenance = false;
+    o.host_capacity_bytes = 1ull << 30;
+    auto cache = KvCache::Create(std::move(o));
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    cache_ = *std::move(cache);
+    auto reg = cache_->RegisterModel(spec_, "m");
+    ASSERT_TRUE(reg.ok()) << reg.status();
+    SessionStore::Options so;
+    so.device = SessionDevice::kCpu;
+    auto sessions = SessionStore::Create(cache_.get(), so);
+    ASSERT_TRUE(sessions.ok()) << sessions.status();
+    sessions_ = *std::move(sessions);
+    RetrievalStore::Options co;
+    auto cpu = RetrievalStore::Create(cache_.get(), sessions_.get(), co);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    cpu_ = *std::move(cpu);
+    RetrievalStore::Options go;
+    go.device = 0;
+    auto gpu = RetrievalStore::Create(cache_.get(), sessions_.get(), go);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = *std::move(gpu);
+    ASSERT_EQ(cpu_->device(), -1);
+    ASSERT_EQ(gpu_->device(), 0);
+  }
+
+  std::vector<int32_t> Tokens(int64_t n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(rng_() % 50000);
+    return t;
+  }
+
+  // Puts `blocks` random blocks; returns their bytes, tokens in *tokens.
+  std::string PutRandom(int64_t blocks, std::vector<int32_t>* tokens) {
+    *tokens = Tokens(blocks * spec_.block_tokens);
+    std::string kv =
+        RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
+    PutOptions p;
+    p.model = "m";
+    p.tenant = "t";
+    p.tokens = *tokens;
+    auto w = cache_->BeginPut(std::move(p));
+    EXPECT_TRUE(w.ok()) << w.status();
+    if (!w.ok()) return kv;
+    EXPECT_TRUE((*w)->Write(kv).ok());
+    EXPECT_TRUE((*w)->Finish().ok());
+    return kv;
+  }
+
+  // Runs `a` on both stores; checks GPU == CPU. Counts the GPU selects.
+  void Compare(const SelectArgs& a, const std::string& queries, const KeyFn& key,
+               const std::string& what) {
+    const uint64_t gpu_before = gpu_->stats().gpu_selects;
+    auto cpu = cpu_->Select(a);
+    auto gpu = gpu_->Select(a);
+    ASSERT_TRUE(cpu.ok()) << what << ": " << cpu.status();
+    ASSERT_TRUE(gpu.ok()) << what << ": " << gpu.status();
+    EXPECT_EQ(gpu_->stats().gpu_selects, gpu_before + 1) << what;
+    ties_ += ExpectSameSelection(*gpu, *cpu, a, queries, spec_.kv_heads, spec_.head_dim, key, what);
+    ++compared_;
+  }
+
+  void TearDown() override {
+    if (compared_ > 0) {
+      std::cout << "[ compared " << compared_ << " selections; near-ties accepted in " << ties_
+                << " rows ]\n";
+    }
+    if (cpu_ != nullptr) {
+      EXPECT_EQ(cpu_->stats().gpu_selects, 0u);
+    }
+    if (gpu_ != nullptr) {
+      EXPECT_EQ(gpu_->stats().gpu_fallbacks, expected_fallbacks_);
+    }
+  }
+
+  ModelSpec spec_;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<SessionStore> sessions_;
+  std::unique_ptr<RetrievalStore> cpu_;
+  std::unique_ptr<RetrievalStore> gpu_;
+  std::mt19937_64 rng_{0x6e1ec7};
+  int compared_ = 0;
+  int ties_ = 0;
+  uint64_t expected_fallbacks_ = 0;
+};
+
+// The request grid over one source: modes x reductions x (outputs) x query dtype.
+void RunGrid(const SelectArgs& base, int head_dim, const KeyFn& key, std::mt19937_64& rng,
+             const std::function<void(const SelectArgs&, const std::string&, const KeyFn&,
+                                      const std::string&)>& compare) {
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
+      for (int outputs = 0; outputs < 2; ++outputs) {
+        for (DType qt : {DType::kF32, DType::kBF16}) {
+          if (qt == DType::kBF16 && outputs == 1) continue;
+          SelectArgs a = base;
+          a.mode = mode;
+          a.reduction = red;
+          a.want_scores = outputs == 1;
+          a.want_mass = outputs == 1;
+          a.query_dtype = qt;
+          const std::string q =
+              RandomElems(static_cast<uint64_t>(a.query_heads) * head_dim, qt, rng);
+          a.queries = q;
+          compare(a, q, key,
+                  absl::StrCat(ModeName(mode), "/", ReductionName(red), "/",
+                               outputs ? "scores+mass" : "indices", "/q ", DTypeName(qt)));
+        }
+      }
+    }
+  }
+}
+
+using GridParam = std::tuple<int, DType>;  // block_tokens, dtype
+
+class RetrievalGpuGridTest : public RetrievalGpuTest,
+                             public ::testing::WithParamInterface<GridParam> {};
+
+TEST_P(RetrievalGpuGridTest, PrefixGpuEqualsCpu) {
+  Init(std::get<0>(GetParam()), std::get<1>(GetParam()));
+  const int64_t n = 992;  // 62 pages
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(n / spec_.block_tokens, &tokens);
+  SelectArgs base;
+  base.source.model = "m";
+  base.source.tenant = "t";
+  base.source.tokens = tokens;
+  base.query_heads = 16;  // 4 per KV head
+  base.k = 64;
+  base.n_sink = 4;
+  base.n_local = 16;
+  for (int layer : {0, 1}) {
+    base.layer = layer;
+    RunGrid(
+        base, spec_.head_dim, BlockKeys(spec_, kv, layer), rng_,
+        [&](const SelectArgs& a, const std::string& q, const KeyFn& key, const std::string& what) {
+          Compare(a, q, key, absl::StrCat("layer ", layer, " ", what));
+        });
+  }
+  EXPECT_GT(gpu_->stats().gpu_selects, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(BlocksDtypes, RetrievalGpuGridTest,
+                         ::testing::Combine(::testing::Values(16, 8),
+                                            ::testing::Values(DType::kBF16, DType::kF32)),
+                         [](const ::testing::TestParamInfo<GridParam>& info) {
+                           return absl::StrCat("Block", std::get<0>(info.param), "_",
+                                               DTypeName(std::get<1>(info.param)));
+                         });
+
+TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
+  Init(16, DType::kBF16, /*head_dim=*/64, /*kv_heads=*/2);
+  const int64_t n = 40 * 16 + 5;  // a partial last page
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(n);
+  const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
+  const std::string kv =
+      RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
+  auto opened = sessions_->Open(open, kv);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  auto reader = sessions_->Read(opened->id, std::nullopt);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  ASSERT_EQ(reader->range().size(), n);
+  std::string layer(reader->layer_bytes(), '\0');
+  ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
+  SelectArgs base;
+  base.source.session_id = opened->id;
+  base.layer = 1;
+  base.query_heads = 8;
+  base.k = 40;
+  base.n_sink = 1;
+  base.n_local = 7;
+  RunGrid(base, spec_.head_dim, RangeKeys(spec_, layer, n), rng_,
+          [&](const SelectArgs& a, const std::string& q, const KeyFn& key,
+              const std::string& what) { Compare(a, q, key, "session " + what); });
+}
+
+// Rows longer than one block's shared memory (the multi-block selection), gather and keep.
+TEST_F(RetrievalGpuTest, LongPrefixGpuEqualsCpu) {
+  Init(16, DType::kBF16);
+  const int64_t n = 20480;
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(n / spec_.block_tokens, &tokens);
+  SelectArgs a;
+  a.source.model = "m";
+  a.source.tenant = "t";
+  a.source.tokens = tokens;
+  a.layer = 1;
+  a.query_heads = 16;
+  a.k = 256;
+  a.n_sink = 4;
+  a.n_local = 64;
+  const std::string q = RandomElems(16 * 128, DType::kF32, rng_);
+  a.queries = q;
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kPerQueryHead}) {
+      a.mode = mode;
+      a.reduction = red;
+      a.want_scores = true;
+      a.want_mass = mode == Mode::kExact;
+      Compare(a, q, BlockKeys(spec_, kv, 1),
+              absl::StrCat("N 20480 ", ModeName(mode), "/", ReductionName(red)));
+    }
+  }
+  // Gather and keep stay on the CPU, over the GPU's selection.
+  a.mode = Mode::kExact;
+  a.reduction = GqaReduction::kMax;
+  a.gather = true;
+  a.keep = true;
+  auto cpu = cpu_->Select(a);
+  auto gpu = gpu_->Select(a);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  if (gpu->indices == cpu->indices) {
+    EXPECT_EQ(gpu->gathered, cpu->gathered);
+    auto g0 = gpu_->Gather(gpu->selection_id, 0);
+    auto c0 = cpu_->Gather(cpu->selection_id, 0);
+    ASSERT_TRUE(g0.ok()) << g0.status();
+    ASSERT_TRUE(c0.ok()) << c0.status();
+    EXPECT_EQ(*g0, *c0);
+  }
+}
+
+// A group too large for the CUDA path's reductions (SelectCuda: INVALID_ARGUMENT) runs SelectCpu.
+TEST_F(RetrievalGpuTest, ShapeWithoutCudaPathFallsBackToCpu) {
+  Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/1);
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(4, &tokens);
+  SelectArgs a;
+  a.source.model = "m";
+  a.source.tenant = "t";
+  a.source.tokens = tokens;
+  a.query_heads = 512;
+  a.k = 8;
+  a.mode = Mode::kExact;
+  a.reduction = GqaReduction::kMax;
+  const std::string q = RandomElems(512 * 128, DType::kF32, rng_);
+  a.queries = q;
+  auto cpu = cpu_->Select(a);
+  auto gpu = gpu_->Select(a);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_EQ(gpu->indices, cpu->indices);
+  EXPECT_EQ(gpu->counts, cpu->counts);
+  EXPECT_EQ(gpu_->stats().gpu_selects, 0u);
+  expected_fallbacks_ = 1;
+}
+
+// NaN queries are INVALID_ARGUMENT before anything runs, on both paths.
+TEST_F(RetrievalGpuTest, NanQueriesRejectedOnBothPaths) {
+  Init(16, DType::kBF16);
+  std::vector<int32_t> tokens;
+  PutRandom(4, &tokens);
+  SelectArgs a;
+  a.source.model = "m";
+  a.source.tenant = "t";
+  a.source.tokens = tokens;
+  a.query_heads = 4;
+  a.k = 8;
+  std::vector<float> q(4 * 128, 0.5f);
+  q[130] = NAN;
+  a.queries = absl::string_view(reinterpret_cast<const char*>(q.data()), q.size() * 4);
+  EXPECT_EQ(gpu_->Select(a).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cpu_->Select(a).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu_->stats().gpu_selects, 0u);
+}
+
+// ----------------------------------------------------------------------------------------------
+// RetrievalGpu alone: host views of every form are packed as SelectCpu reads them.
+
+struct HostRequest {
+  std::string keys, meta, queries;
+  std::vector<std::string> key_blocks_bytes, meta_blocks_bytes;
+  std::vector<const void*> key_blocks, meta_blocks;
+  topk::SelectRequest req;
+};
+
+// Selection over `n` tokens of `heads` KV heads (d = 128, bf16) in a given key layout:
+// 0 = vLLM-style [N][heads][d] (rows not packed), 1 = blocks of 48 tokens with padded rows
+// (row_stride d + 8) and a partial last block; page metadata dense with padded rows.
+void MakeHostRequest(int layout, int heads, int64_t n, std::mt19937_64& rng, HostRequest* h) {
+  const int d = 128;
+  const DType dt = DType::kBF16;
+  const size_t es = DTypeSize(dt);
+  topk::SelectRequest& r = h->req;
+  r.kv_heads = heads;
+  r.query_heads = heads * 2;
+  r.head_dim = d;
+  r.num_tokens = n;
+  r.query_dtype = DType::kF32;
+  h->queries = RandomElems(static_cast<uint64_t>(r.query_heads) * d, DType::kF32, rng);
+  r.queries = h->queries.data();
+  if (layout == 0) {
+    h->keys = RandomElems(static_cast<uint64_t>(n) * heads * d, dt, rng);
+    r.keys.dtype = dt;
+    r.keys.base = h->keys.data();
+    r.keys.head_stride = d;
+    r.keys.row_stride = static_cast<int64_t>(heads) * d;
+  } else {
+    const int64_t bt = 48;
+    const int64_t stride = d + 8;
+    const int64_t blocks = (n + bt - 1) / bt;
+    for (int64_t b = 0; b < blocks; ++b) {
+      h->key_blocks_bytes.push_back(
+          RandomElems(static_cast<uint64_t>(heads) * bt * stride, dt, rng));
+    }
+    for (const std::string& s : h->key_blocks_bytes) h->key_blocks.push_back(s.data());
+    r.keys.dtype = dt;
+    r.keys.blocks = h->key_blocks.data();
+    r.keys.rows_per_block = bt;
+    r.keys.head_stride = bt * stride;
+    r.keys.row_stride = stride;
+  }
+  // Page metadata built from the keys (dense), then copied into padded rows.
+  const int64_t pages = topk::NumPages(n);
+  std::string dense(static_cast<size_t>(heads) * pages * 2 * d * es, '\0');
+  ASSERT_TRUE(topk::BuildPageMetaCpu(r.keys, topk::PageMetaShape{heads, d, n},
+                                     topk::DenseMatrix<void*>(dense.data(), dt, pages, 2 * d))
+                  .ok());
+  const int64_t mstride = 2 * d + 16;
+  h->meta.assign(static_cast<size_t>(heads) * pages * mstride * es, '\x7f');
+  for (int64_t row = 0; row < heads * pages; ++row) {
+    std::memcpy(h->meta.data() + row * mstride * es, dense.data() + row * 2 * d * es, 2 * d * es);
+  }
+  r.page_meta.dtype = dt;
+  r.page_meta.base = h->meta.data();
+  r.page_meta.head_stride = pages * mstride;
+  r.page_meta.row_stride = mstride;
+}
+
+TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
+  auto gpu = RetrievalGpu::Create(0);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937_64 rng(7);
+  uint64_t arena = 0;
+  for (int layout : {0, 1}) {
+    HostRequest h;
+    MakeHostRequest(layout, 3, 1000, rng, &h);
+    for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+      topk::SelectRequest req = h.req;
+      req.mode = mode;
+      req.k = 50;
+      req.n_sink = 2;
+      req.n_local = 3;
+      const int64_t rows = topk::SelectRows(req), cap = topk::SelectCapacity(req);
+      std::vector<int32_t> ci(rows * cap, -7), gi(rows * cap, -7), cc(rows, -7), gc(rows, -7);
+      std::vector<float> cs(rows * cap, 99.f), gs(rows * cap, 99.f), cm(rows, 99.f), gm(rows, 99.f);
+      ASSERT_TRUE(topk::SelectCpu(req, {ci.data(), cc.data(), cs.data(), cm.data()}).ok());
+      const absl::Status s = (*gpu)->Select(req, {gi.data(), gc.data(), gs.data(), gm.data()});
+      ASSERT_TRUE(s.ok()) << s;
+      const std::string what = absl::StrCat("layout ", layout, " ", ModeName(mode));
+      EXPECT_EQ(gi, ci) << what;
+      EXPECT_EQ(gc, cc) << what;
+      for (size_t i = 0; i < cs.size(); ++i) {
+        EXPECT_TRUE(SameFloat(gs[i], cs[i], 1e-3)) << what << " score " << i;
+      }
+      for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(gm[r], cm[r], 1e-4) << what << " mass";
+      // The same request again: the arena is reused as it is.
+      if (arena == 0) arena = (*gpu)->arena_bytes();
+      ASSERT_TRUE((*gpu)->Select(req, {gi.data(), gc.data(), gs.data(), gm.data()}).ok());
+      EXPECT_EQ(gi, ci) << what << " again";
+    }
+  }
+  EXPECT_GT(arena, 0u);
+  EXPECT_EQ((*gpu)->arena_bytes(), arena);  // every request here fits the first arena
+  // A bad request is INVALID_ARGUMENT, as SelectCpu says.
+  HostRequest h;
+  MakeHostRequest(0, 2, 64, rng, &h);
+  h.req.k = 0;
+  std::vector<int32_t> idx(64);
+  EXPECT_EQ((*gpu)->Select(h.req, {idx.data(), nullptr, nullptr, nullptr}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(RetrievalGpu::Create(1 << 20).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ropekv
