@@ -66,9 +66,11 @@ double At(const std::vector<uint8_t>& bytes, size_t i) {
 class RetrievalServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    // Small chunks: gathered K/V span several messages.
-    daemon_ = std::make_unique<testing::Daemon>(
-        std::vector<std::string>{"--chunk_size=5000", "--retrieval_threads=3"});
+    // Small chunks: gathered K/V span several messages. The checks below are against fp64
+    // references at the CPU path's tolerances, so Select stays on the CPU on GPU hosts too
+    // (tests/gpu/retrieval_gpu_test.cc checks the GPU path equals it).
+    daemon_ = std::make_unique<testing::Daemon>(std::vector<std::string>{
+        "--chunk_size=5000", "--retrieval_threads=3", "--retrieval_device=cpu"});
     ASSERT_TRUE(daemon_->running());
     Client::Options o;
     o.address = daemon_->address();

@@ -29,8 +29,10 @@ def daemon():
     import ropekv
 
     try:
-        d = ropekv.LocalDaemon(_ropekvd(), "--host_capacity", "256MiB", timeout=30,
-                               stop_timeout=10, prefix="ropekv-pytest-")
+        # Select on the CPU on GPU hosts too: test_retrieval checks against fp64 at the CPU
+        # path's tolerances (tests/gpu/retrieval_gpu_test.cc checks the GPU path equals it).
+        d = ropekv.LocalDaemon(_ropekvd(), "--host_capacity", "256MiB", "--retrieval_device",
+                               "cpu", timeout=30, stop_timeout=10, prefix="ropekv-pytest-")
     except ropekv.Error as e:
         pytest.fail(str(e))
     with d:
