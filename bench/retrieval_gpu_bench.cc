@@ -6,10 +6,12 @@
 // tokens (the whole layer re-rotated by SessionReader first, on both paths). Wall clock around
 // RetrievalStore::Select (resolving the source, metadata fingerprints, copies and the kernel all
 // included): median and min of --reps after one warm-up. The GPU's selection is compared with the
-// CPU's (rows equal). Prints a table and one JSON line.
+// CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the cache's host tier in
+// pinned memory, as the daemon has it beside a GPU tier (the GPU path then reads a prefix's keys
+// in place instead of copying them).
 //
 //   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
-//                       [--source prefix,session]
+//                       [--source prefix,session] [--pinned_host]
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -23,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "cache/kv_cache.h"
+#include "cache/pinned_allocator.h"
 #include "cache/retrieval.h"
 #include "cache/session.h"
 #include "kernels/common/dtype.h"
@@ -34,6 +37,7 @@ ABSL_FLAG(int32_t, k, 256, "tokens to select besides sink and local ones");
 ABSL_FLAG(int32_t, reps, 7, "timed Selects per row (after one warm-up)");
 ABSL_FLAG(std::string, query_dtype, "f32", "dtype of the queries: f32 or bf16");
 ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, session");
+ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)");
 
 namespace ropekv {
 namespace {
@@ -69,6 +73,13 @@ int Main() {
   KvCache::Options co;
   co.background_maintenance = false;
   co.host_capacity_bytes = 2 * kv_bytes + (64ull << 20);
+  if (absl::GetFlag(FLAGS_pinned_host)) {
+    auto pinned = NewPinnedAllocator(co.host_capacity_bytes);
+    if (!pinned.ok()) {
+      return std::fprintf(stderr, "pinned: %s\n", pinned.status().ToString().c_str()), 1;
+    }
+    co.host_allocator = *std::move(pinned);
+  }
   auto cache = KvCache::Create(std::move(co));
   if (!cache.ok()) return std::fprintf(stderr, "cache: %s\n", cache.status().ToString().c_str()), 1;
   if (auto reg = (*cache)->RegisterModel(spec, "llama-3-8b"); !reg.ok()) {

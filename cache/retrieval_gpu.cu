@@ -83,6 +83,24 @@ struct Layout {
   }
 };
 
+// Whether every block of the blocked view `v` (`rows` rows) is page-locked host memory that the
+// device reads at the same address (cudaHostAlloc on a system with unified addressing: the
+// daemon's pinned host tier), so that SelectCuda can read the keys in place over the bus instead
+// of a staged copy. A pointer the runtime does not know is pageable memory.
+bool ReadableInPlace(const topk::MatrixView& v, int64_t rows) {
+  if (v.blocks == nullptr) return false;
+  const int64_t blocks = (rows + v.rows_per_block - 1) / v.rows_per_block;
+  for (int64_t b = 0; b < blocks; ++b) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, v.blocks[b]) != cudaSuccess) {
+      cudaGetLastError();  // clears the error of an unknown pointer
+      return false;
+    }
+    if (a.type != cudaMemoryTypeHost || a.devicePointer != v.blocks[b]) return false;
+  }
+  return true;
+}
+
 absl::Status Unsupported(const absl::Status& why) {
   return absl::UnavailableError(
       absl::StrCat("the CUDA path of Select does not take this request: ", why.message()));
@@ -159,6 +177,7 @@ struct RetrievalGpu::Impl {
   absl::Mutex mu;
   char* arena ABSL_GUARDED_BY(mu) = nullptr;  // device
   uint64_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
+  uint64_t keys_in_place ABSL_GUARDED_BY(mu) = 0;                  // Selects that read them so
   char* staging[2] ABSL_GUARDED_BY(mu) = {nullptr, nullptr};       // pinned host
   cudaEvent_t staged[2] ABSL_GUARDED_BY(mu) = {nullptr, nullptr};  // staging[i]'s copy is done
 };
@@ -263,6 +282,11 @@ uint64_t RetrievalGpu::arena_bytes() const {
   return impl_->arena_bytes;
 }
 
+uint64_t RetrievalGpu::keys_read_in_place() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->keys_in_place;
+}
+
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
                                   const topk::SelectResult& host_result) {
   if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
@@ -284,9 +308,15 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   const int64_t d = host_req.head_dim;
   const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(host_req));
   const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(host_req));
+  // Keys in pinned blocks are read where they are: only the block pointers go to the device.
+  const bool keys_in_place = reads_keys && ReadableInPlace(host_req.keys, n);
+  const int64_t key_blocks =
+      keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
   Layout l;
   if (reads_keys) {
-    l.key_bytes = static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
+    l.key_bytes = keys_in_place
+                      ? static_cast<uint64_t>(key_blocks) * sizeof(void*)
+                      : static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
     l.keys = l.Place(l.key_bytes);
   }
   if (reads_meta) {
@@ -322,7 +352,12 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   absl::Status status = [&]() -> absl::Status {
     topk::SelectRequest req = host_req;
     Uploader up(impl_.get());
-    if (reads_keys) {
+    if (keys_in_place) {
+      absl::Status s = UploadBytes(up, host_req.keys.blocks, l.key_bytes, base + l.keys);
+      if (!s.ok()) return s;
+      req.keys.blocks = reinterpret_cast<const void* const*>(base + l.keys);
+      ++impl_->keys_in_place;
+    } else if (reads_keys) {
       absl::Status s = UploadView(up, host_req.keys, heads, n, d, base + l.keys);
       if (!s.ok()) return s;
       req.keys = topk::DenseMatrix<const void*>(base + l.keys, host_req.keys.dtype, n, d);

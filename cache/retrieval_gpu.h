@@ -4,7 +4,9 @@
 // ([kv_heads][N][head_dim], [kv_heads][pages][2 * head_dim]), whatever the host view's form (one
 // buffer or a list of blocks, any strides), through pinned double-buffered staging; the queries
 // follow; SelectCuda runs with a workspace of SelectWorkspaceBytes; indices, counts, scores and
-// mass come back. Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without
+// mass come back. Keys in blocks of page-locked host memory the device can address (the daemon's
+// pinned host tier) are not copied: SelectCuda reads them in place over the bus, given only the
+// block pointers. Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without
 // (Create answers UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
 //
 // Device memory is one grow-only arena owned by the object: it grows to the largest request seen
@@ -55,6 +57,8 @@ class RetrievalGpu {
 
   // Bytes of device memory the arena holds now.
   uint64_t arena_bytes() const;
+  // Selects whose keys were read in place from pinned host blocks (not copied).
+  uint64_t keys_read_in_place() const;
 
   struct Impl;
 

@@ -20,6 +20,7 @@ RetrievalGpu::RetrievalGpu(int device, std::unique_ptr<Impl> impl)
 RetrievalGpu::~RetrievalGpu() = default;
 
 uint64_t RetrievalGpu::arena_bytes() const { return 0; }
+uint64_t RetrievalGpu::keys_read_in_place() const { return 0; }
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
                                   const topk::SelectResult& /*host_result*/) {

@@ -12,6 +12,8 @@
 // the CUDA path lacks falling back to the CPU. Skips itself without a GPU.
 #include "cache/retrieval_gpu.h"
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -460,12 +462,17 @@ struct HostRequest {
   std::string keys, meta, queries;
   std::vector<std::string> key_blocks_bytes, meta_blocks_bytes;
   std::vector<const void*> key_blocks, meta_blocks;
+  std::vector<void*> pinned;  // cudaHostAlloc'd key blocks (layout 2)
   topk::SelectRequest req;
+  ~HostRequest() {
+    for (void* p : pinned) cudaFreeHost(p);
+  }
 };
 
 // Selection over `n` tokens of `heads` KV heads (d = 128, bf16) in a given key layout:
 // 0 = vLLM-style [N][heads][d] (rows not packed), 1 = blocks of 48 tokens with padded rows
-// (row_stride d + 8) and a partial last block; page metadata dense with padded rows.
+// (row_stride d + 8) and a partial last block, 2 = the same blocks in pinned memory (read in
+// place by the device); page metadata dense with padded rows.
 void MakeHostRequest(int layout, int heads, int64_t n, std::mt19937_64& rng, HostRequest* h) {
   const int d = 128;
   const DType dt = DType::kBF16;
@@ -492,7 +499,17 @@ void MakeHostRequest(int layout, int heads, int64_t n, std::mt19937_64& rng, Hos
       h->key_blocks_bytes.push_back(
           RandomElems(static_cast<uint64_t>(heads) * bt * stride, dt, rng));
     }
-    for (const std::string& s : h->key_blocks_bytes) h->key_blocks.push_back(s.data());
+    for (const std::string& s : h->key_blocks_bytes) {
+      if (layout == 2) {
+        void* p = nullptr;
+        ASSERT_EQ(cudaHostAlloc(&p, s.size(), cudaHostAllocDefault), cudaSuccess);
+        std::memcpy(p, s.data(), s.size());
+        h->pinned.push_back(p);
+        h->key_blocks.push_back(p);
+      } else {
+        h->key_blocks.push_back(s.data());
+      }
+    }
     r.keys.dtype = dt;
     r.keys.blocks = h->key_blocks.data();
     r.keys.rows_per_block = bt;
@@ -521,7 +538,7 @@ TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   std::mt19937_64 rng(7);
   uint64_t arena = 0;
-  for (int layout : {0, 1}) {
+  for (int layout : {0, 1, 2}) {
     HostRequest h;
     MakeHostRequest(layout, 3, 1000, rng, &h);
     for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
@@ -534,9 +551,12 @@ TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
       std::vector<int32_t> ci(rows * cap, -7), gi(rows * cap, -7), cc(rows, -7), gc(rows, -7);
       std::vector<float> cs(rows * cap, 99.f), gs(rows * cap, 99.f), cm(rows, 99.f), gm(rows, 99.f);
       ASSERT_TRUE(topk::SelectCpu(req, {ci.data(), cc.data(), cs.data(), cm.data()}).ok());
+      const uint64_t in_place = (*gpu)->keys_read_in_place();
       const absl::Status s = (*gpu)->Select(req, {gi.data(), gc.data(), gs.data(), gm.data()});
       ASSERT_TRUE(s.ok()) << s;
       const std::string what = absl::StrCat("layout ", layout, " ", ModeName(mode));
+      // Every mode reads the keys here (scores and mass are wanted): pinned blocks in place.
+      EXPECT_EQ((*gpu)->keys_read_in_place() - in_place, layout == 2 ? 1u : 0u) << what;
       EXPECT_EQ(gi, ci) << what;
       EXPECT_EQ(gc, cc) << what;
       for (size_t i = 0; i < cs.size(); ++i) {
