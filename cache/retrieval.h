@@ -1,7 +1,7 @@
 // Retrieval: query-aware top-k selection over the daemon's caches (Quest, TidalDecode). Given the
 // post-RoPE queries of one layer at a decode step, RetrievalStore::Select picks per KV head (or per
-// query head) the cached tokens that matter most, through kernels/topk (SelectCpu; or SelectCuda on
-// a copy of the keys when Options::device names a GPU, see cache/retrieval_gpu.h), over either the
+// query head) the cached tokens that matter most, through kernels/topk (SelectCpu; or SelectCuda
+// when Options::device names a GPU, see cache/retrieval_gpu.h), over either the
 // longest cached prefix of a prompt (KvCache blocks, read in place) or an editor session
 // (SessionStore: its keys re-rotated to their current positions). A selection can be kept for a
 // short idle TTL and gathered at other layers of the same step (position-persistent selection).
@@ -166,7 +166,8 @@ class RetrievalStore {
     // The clock (tests inject one); default absl::Now.
     std::function<absl::Time()> now;
     // CUDA device on which Select runs topk::SelectCuda (the source's keys and page metadata are
-    // copied there for each call); -1: SelectCpu only. A call the GPU cannot take (no room on the
+    // copied there for each call, except keys in pinned host blocks, read in place); -1: SelectCpu
+    // only. A call the GPU cannot take (no room on the
     // device, a shape the CUDA path lacks) runs SelectCpu instead (Stats::gpu_fallbacks).
     int device = -1;
   };

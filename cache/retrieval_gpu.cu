@@ -1,5 +1,6 @@
 // RetrievalGpu with CUDA: host views packed into dense device buffers through two pinned staging
-// buffers (memcpy of one while the other's copy runs), a grow-only device arena, one stream.
+// buffers (memcpy of one while the other's copy runs), or keys in pinned blocks read in place; a
+// grow-only device arena, one stream.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -356,7 +357,6 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
       absl::Status s = UploadBytes(up, host_req.keys.blocks, l.key_bytes, base + l.keys);
       if (!s.ok()) return s;
       req.keys.blocks = reinterpret_cast<const void* const*>(base + l.keys);
-      ++impl_->keys_in_place;
     } else if (reads_keys) {
       absl::Status s = UploadView(up, host_req.keys, heads, n, d, base + l.keys);
       if (!s.ok()) return s;
@@ -386,6 +386,7 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
     const absl::Status s =
         topk::SelectCuda(req, result, base + l.workspace, l.workspace_bytes, impl_->stream);
     if (!s.ok()) return s.code() == absl::StatusCode::kInvalidArgument ? Unsupported(s) : s;
+    if (keys_in_place) ++impl_->keys_in_place;
 
     cudaStream_t st = impl_->stream;
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.indices, result.indices, l.index_bytes,

@@ -311,53 +311,6 @@ inline uint32_t MatchAny(uint32_t v) {
   return m;
 }
 
-// mbarrier with transaction counts, and bulk copies that complete at once (blocks run one at a
-// time, so a barrier's state lives in a map keyed by its address).
-struct Mbar {
-  int expected = 0, pending = 0;
-  int64_t tx = 0;
-  uint32_t phase = 0;
-};
-inline std::vector<std::pair<const void*, Mbar>>& Mbars() {
-  static std::vector<std::pair<const void*, Mbar>> m;
-  return m;
-}
-inline Mbar& MbarOf(const void* bar) {
-  for (auto& e : Mbars()) {
-    if (e.first == bar) return e.second;
-  }
-  Mbars().push_back({bar, Mbar{}});
-  return Mbars().back().second;
-}
-inline void MbarMaybeComplete(Mbar& b) {
-  if (b.pending == 0 && b.tx == 0) {
-    b.phase ^= 1u;
-    b.pending = b.expected;
-  }
-  ++g_progress;
-}
-inline void MbarInit(const void* bar, uint32_t count) {
-  Mbar& b = MbarOf(bar);
-  b = Mbar{static_cast<int>(count), static_cast<int>(count), 0, 0};
-}
-inline void MbarArriveExpectTx(const void* bar, uint32_t bytes) {
-  Mbar& b = MbarOf(bar);
-  b.tx += bytes;
-  --b.pending;
-  MbarMaybeComplete(b);
-}
-inline void BulkCopy(void* dst, const void* src, uint32_t bytes, const void* bar) {
-  std::memcpy(dst, src, bytes);
-  Mbar& b = MbarOf(bar);
-  b.tx -= bytes;
-  MbarMaybeComplete(b);
-}
-inline bool MbarTryWait(const void* bar, uint32_t parity) {
-  if (MbarOf(bar).phase != parity) return true;
-  Yield();
-  return false;
-}
-
 // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp: every lane publishes its
 // fragments (A: 4 registers, B: 2), then computes its 4 accumulators from the whole 16x16 A and
 // 16x8 B (products exact, sum in double, added in fp32).

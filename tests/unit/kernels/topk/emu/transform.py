@@ -24,11 +24,6 @@ def asm(op, repl):
     src = re.sub(r'asm volatile\(\s*"' + op + r'.*?\);', repl, src, flags=re.S)
 asm(r'mma\.sync', 'emu::MmaBf16(c, a, b);')
 asm(r'ld\.global\.nc', 'v = *reinterpret_cast<const uint4*>(src);')
-asm(r'mbarrier\.init', 'emu::MbarInit(bar, count);')
-asm(r'fence\.', '')
-asm(r'mbarrier\.arrive\.expect_tx', 'emu::MbarArriveExpectTx(bar, bytes);')
-asm(r'cp\.async\.bulk', 'emu::BulkCopy(dst, src, bytes, bar);')
-asm(r'\{\\n\.reg \.pred p;', 'ok = emu::MbarTryWait(bar, parity);')
 assert 'asm volatile' not in src, 'asm left'
 # Launches: NAME<<<cfg>>>(args);
 out = []
