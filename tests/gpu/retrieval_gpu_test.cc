@@ -33,6 +33,7 @@
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
 #include "kernels/common/dtype.h"
+#include "tests/unit/cache/block_layout.h"
 
 namespace ropekv {
 namespace {
@@ -58,16 +59,7 @@ std::string RandomElems(uint64_t elems, DType dtype, std::mt19937_64& rng) {
   return out;
 }
 
-// Element (layer, kv, head, token, column) of block-layout bytes.
-size_t BlockIndex(const ModelSpec& s, int layer, int kv, int head, int64_t t, int c) {
-  const int64_t b = t / s.block_tokens;
-  const int64_t tok = t % s.block_tokens;
-  return ((((static_cast<size_t>(b) * s.layers + layer) * 2 + kv) * s.kv_heads + head) *
-              s.block_tokens +
-          tok) *
-             s.head_dim +
-         c;
-}
+using testing::BlockIndex;
 
 KeyFn BlockKeys(const ModelSpec& s, const std::string& blocks, int layer) {
   return [&s, &blocks, layer](int h, int64_t t, int c) {

@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
 #include "kernels/common/dtype.h"
+#include "tests/unit/cache/block_layout.h"
 
 namespace ropekv {
 namespace {
@@ -48,16 +49,7 @@ std::string RandomBlocks(const ModelSpec& spec, int64_t blocks, std::mt19937_64&
   return out;
 }
 
-// Element (layer, kv, head, token, column) of block-layout bytes.
-size_t BlockIndex(const ModelSpec& s, int layer, int kv, int head, int64_t t, int c) {
-  const int64_t b = t / s.block_tokens;
-  const int64_t tok = t % s.block_tokens;
-  return ((((static_cast<size_t>(b) * s.layers + layer) * 2 + kv) * s.kv_heads + head) *
-              s.block_tokens +
-          tok) *
-             s.head_dim +
-         c;
-}
+using testing::BlockIndex;
 
 KeyFn BlockKeys(const ModelSpec& s, const std::string& blocks, int layer, int kv = 0) {
   return [&s, &blocks, layer, kv](int h, int64_t t, int c) {
