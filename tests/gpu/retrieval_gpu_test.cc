@@ -228,6 +228,15 @@ class RetrievalGpuTest : public ::testing::Test {
     return kv;
   }
 
+  // A Select over the prefix PutRandom stored for `tokens`.
+  static SelectArgs PrefixArgs(const std::vector<int32_t>& tokens) {
+    SelectArgs a;
+    a.source.model = "m";
+    a.source.tenant = "t";
+    a.source.tokens = tokens;
+    return a;
+  }
+
   // Runs `a` on both stores; checks GPU == CPU. Counts the GPU selects.
   void Compare(const SelectArgs& a, const std::string& queries, const KeyFn& key,
                const std::string& what) {
@@ -302,10 +311,7 @@ TEST_P(RetrievalGpuGridTest, PrefixGpuEqualsCpu) {
   const int64_t n = 992;  // 62 pages
   std::vector<int32_t> tokens;
   const std::string kv = PutRandom(n / spec_.block_tokens, &tokens);
-  SelectArgs base;
-  base.source.model = "m";
-  base.source.tenant = "t";
-  base.source.tokens = tokens;
+  SelectArgs base = PrefixArgs(tokens);
   base.query_heads = 16;  // 4 per KV head
   base.k = 64;
   base.n_sink = 4;
@@ -363,10 +369,7 @@ TEST_F(RetrievalGpuTest, LongPrefixGpuEqualsCpu) {
   const int64_t n = 20480;
   std::vector<int32_t> tokens;
   const std::string kv = PutRandom(n / spec_.block_tokens, &tokens);
-  SelectArgs a;
-  a.source.model = "m";
-  a.source.tenant = "t";
-  a.source.tokens = tokens;
+  SelectArgs a = PrefixArgs(tokens);
   a.layer = 1;
   a.query_heads = 16;
   a.k = 256;
@@ -408,10 +411,7 @@ TEST_F(RetrievalGpuTest, ShapeWithoutCudaPathFallsBackToCpu) {
   Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/1);
   std::vector<int32_t> tokens;
   const std::string kv = PutRandom(4, &tokens);
-  SelectArgs a;
-  a.source.model = "m";
-  a.source.tenant = "t";
-  a.source.tokens = tokens;
+  SelectArgs a = PrefixArgs(tokens);
   a.query_heads = 512;
   a.k = 8;
   a.mode = Mode::kExact;
@@ -433,10 +433,7 @@ TEST_F(RetrievalGpuTest, NanQueriesRejectedOnBothPaths) {
   Init(16, DType::kBF16);
   std::vector<int32_t> tokens;
   PutRandom(4, &tokens);
-  SelectArgs a;
-  a.source.model = "m";
-  a.source.tenant = "t";
-  a.source.tokens = tokens;
+  SelectArgs a = PrefixArgs(tokens);
   a.query_heads = 4;
   a.k = 8;
   std::vector<float> q(4 * 128, 0.5f);
