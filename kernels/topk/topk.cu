@@ -1349,66 +1349,113 @@ __global__ void __launch_bounds__(kSelThreads)
 
 // ---------------------------------------------------------------------------------------------
 // Short rows (len <= kSmallMaxLen, e.g. the pages of 128K tokens): the whole selection of a row
-// in one block, in shared memory: order keys, four 8-bit radix passes to the threshold key, ties
-// by lower index through one ordered block scan, then chosen (and pinned) tokens -> ascending
-// indices. No histogram or bitmap in global memory, so no memset and no last-block hand-off: the
-// short row's latency chain stays on chip.
+// in one block, on chip. One block is one SM issuing four warp instructions a cycle, so this
+// kernel is bound by its instruction count and by its longest dependent chain, not by memory:
+// - each thread holds a run of PER consecutive elements in registers (PER a compile-time power
+//   of two), loaded with independent loads; all index arithmetic is 32-bit;
+// - the row's minimum and maximum key fix the bits every key shares, so the radix passes (8-bit
+//   digits, shared-memory histograms) start at the first bit that differs: fewer passes, and the
+//   first one does not pile every atomic onto one bin;
+// - ties on the threshold key go to the lower index through one block scan; a second scan places
+//   each element's tokens (all of them when chosen, else only its sink / local tokens) in the
+//   ascending output, and each warp writes its runs of tokens together, 32 lanes at a time, so
+//   no thread writes a long run alone.
+// No global workspace, no memset, no last-block hand-off.
 
 constexpr int kSmallThreads = 1024;
-constexpr int64_t kSmallMaxLen = 16384;
+constexpr int kSmallMaxPer = 16;
+constexpr int64_t kSmallMaxLen = kSmallThreads * kSmallMaxPer;
 using SmallScan = cub::BlockScan<uint32_t, kSmallThreads>;
 
-// Dynamic shared memory of SmallSelectKernel: the keys and the token bitmap.
-size_t SmallSelectSmem(int64_t len, int64_t n) {
-  return static_cast<size_t>((len + 3) / 4 * 4) * 4 + static_cast<size_t>((n + 31) / 32) * 4;
-}
-
+// \tparam PER elements a thread (PER * kSmallThreads >= len).
 // \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
+template <int PER>
 __global__ void __launch_bounds__(kSmallThreads)
     SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ SmallScan::TempStorage scan;
-  __shared__ uint32_t hist[256];
+  __shared__ SmallScan::TempStorage scan_tie, scan_out;
+  __shared__ uint32_t hist[2][256];
+  __shared__ uint32_t s_nz[32], s_hi[32], s_lo[32];
   __shared__ uint32_t s_digit, s_above;
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int64_t row = blockIdx.x;
-  const int64_t len = src.len;
-  const int64_t words = (out.n + 31) / 32;
-  uint32_t* keys = reinterpret_cast<uint32_t*>(smem);  // [len]
-  uint32_t* bitmap = keys + (len + 3) / 4 * 4;         // [words]
-  uint32_t nz = 0;
-  for (int64_t e = tid; e < len; e += kSmallThreads) {
-    uint32_t key, tie;
-    KeyTie(src, row, e, &key, &tie);
-    keys[e] = key;
-    nz += key != 0u ? 1u : 0u;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int len = static_cast<int>(src.len);
+  const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
+  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));  // local, not sink
+  const int unit = pages ? static_cast<int>(kPageTokens) : 1;
+  // Elements that take part: [f_lo, f_hi) (the others hold only sink / local tokens).
+  int f_lo = 0, f_hi = len;
+  if (src.kind != SrcKind::kPlain) {
+    const int free_lo = static_cast<int>(min(src.n_sink, src.n));
+    const int free_hi = static_cast<int>(max(src.n - src.n_local, int64_t{0}));
+    f_lo = free_lo / unit;
+    f_hi = free_lo < free_hi ? (free_hi + unit - 1) / unit : f_lo;
   }
-  for (int64_t w = tid; w < words; w += kSmallThreads) bitmap[w] = 0u;
-  uint32_t unused = 0, total = 0;
-  SmallScan(scan).ExclusiveSum(nz, unused, total);
+  const int e0 = tid * PER;
+  const float* scores = src.scores + blockIdx.x * src.len;
+  uint32_t key[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int e = e0 + j;
+    key[j] = e >= f_lo && e < f_hi ? internal::OrderKey(scores[e]) : 0u;
+  }
+  // Count, maximum and minimum of the keys that take part.
+  uint32_t nz = 0, hi = 0u, lo = 0xffffffffu;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    nz += key[j] != 0u ? 1u : 0u;
+    hi = max(hi, key[j]);
+    lo = min(lo, key[j] != 0u ? key[j] : 0xffffffffu);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    nz += __shfl_xor_sync(0xffffffffu, nz, off);
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+  }
+  if (lane == 0) {
+    s_nz[warp] = nz;
+    s_hi[warp] = hi;
+    s_lo[warp] = lo;
+  }
+  if (tid < 256) hist[0][tid] = 0u;
   __syncthreads();
+  uint32_t total = 0;
+  hi = 0u;
+  lo = 0xffffffffu;
+#pragma unroll 8
+  for (int w = 0; w < kSmallThreads / 32; ++w) {
+    total += s_nz[w];
+    hi = max(hi, s_hi[w]);
+    lo = min(lo, s_lo[w]);
+  }
   uint32_t k_rem = min(k_sel, total);
-  const bool all = k_rem == total;  // every element that is not excluded
-  uint32_t prefix = 0, mask = 0;
-  if (!all) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += kSmallThreads) hist[i] = 0u;
-      __syncthreads();
-      for (int64_t e = tid; e < len; e += kSmallThreads) {
-        const uint32_t key = keys[e];
-        if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+  const bool all = k_rem == total;  // every element that takes part
+  // The threshold key: above it chosen; on it the k_rem lowest indices.
+  uint32_t prefix = hi;
+  if (!all && hi != lo) {
+    const int top = 31 - __clz(hi ^ lo);  // the highest bit that differs
+    uint32_t mask = ~((2u << top) - 1u);  // the bits above it, which every key shares
+    prefix = hi & mask;
+    for (int h = top, pass = 0; h >= 0; h -= 8, ++pass) {
+      const int l = max(h - 7, 0);
+      const uint32_t dmask = (2u << (h - l)) - 1u;
+      uint32_t* bins = hist[pass & 1];
+      // The other buffer's last reader (warp 0's scan) finished before the last barrier.
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0u;
+#pragma unroll
+      for (int j = 0; j < PER; ++j) {
+        if (key[j] != 0u && (key[j] & mask) == prefix) atomicAdd(&bins[(key[j] >> l) & dmask], 1u);
       }
       __syncthreads();
-      if (tid < 32) {
+      if (warp == 0) {
         // Lane l holds bins 255 - 8l .. 248 - 8l (from the top); inclusive scan over lanes.
         uint32_t c[8];
         uint32_t sum = 0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          c[j] = hist[255 - 8 * lane - j];
+          c[j] = bins[255 - 8 * lane - j];
           sum += c[j];
         }
         uint32_t incl = sum;
+#pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
           const uint32_t o = __shfl_sync(0xffffffffu, incl, lane >= off ? lane - off : 0);
           if (lane >= off) incl += o;
@@ -1427,74 +1474,96 @@ __global__ void __launch_bounds__(kSmallThreads)
       }
       __syncthreads();
       k_rem -= s_above;
-      prefix |= s_digit << shift;
-      mask |= 255u << shift;
+      prefix |= s_digit << l;
+      mask |= dmask << l;
     }
   }
-  // prefix is the threshold key: above it chosen; on it the k_rem lowest indices.
-  const int64_t per = (len + kSmallThreads - 1) / kSmallThreads;
-  const int64_t e0 = tid * per, e1 = min(len, e0 + per);
   uint32_t eq = 0;
   if (!all) {
-    for (int64_t e = e0; e < e1; ++e) eq += keys[e] == prefix ? 1u : 0u;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) eq += key[j] == prefix && key[j] != 0u ? 1u : 0u;
   }
   uint32_t rank = 0;
-  SmallScan(scan).ExclusiveSum(eq, rank, total);
-  for (int64_t e = e0; e < e1; ++e) {
-    const uint32_t key = keys[e];
-    bool take = false;
-    if (all) {
-      take = key != 0u;
-    } else if (key > prefix) {
-      take = true;
-    } else if (key == prefix) {
-      take = rank < k_rem;
-      ++rank;
+  SmallScan(scan_tie).ExclusiveSum(eq, rank);
+  // Elements taken, and how many tokens each puts in the output.
+  uint32_t take = 0, mine = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const uint32_t k = key[j];
+    bool t = false;
+    if (k != 0u) {
+      if (all || k > prefix) {
+        t = true;
+      } else if (k == prefix) {
+        t = rank < k_rem;
+        ++rank;
+      }
     }
-    if (!take) continue;
-    if (pages) {
-      const int64_t t0 = e * kPageTokens;
-      const int64_t cnt = min(static_cast<int64_t>(kPageTokens), out.n - t0);
-      const uint32_t bits = (cnt >= 16 ? 0xffffu : ((1u << cnt) - 1u)) << (t0 & 31);
-      atomicOr(&bitmap[t0 >> 5], bits);
-    } else {
-      atomicOr(&bitmap[e >> 5], 1u << (e & 31));
-    }
+    const int a = (e0 + j) * unit, b = min(n, a + unit);
+    take |= t ? 1u << j : 0u;
+    if (a < n) mine += t ? b - a : max(0, min(b, n_sink) - a) + max(0, b - max(a, pin_lo));
   }
-  __syncthreads();
-  // Ascending indices with sink and local tokens, as CompactRow.
-  const int64_t wper = (words + kSmallThreads - 1) / kSmallThreads;
-  const int64_t w0 = tid * wper, w1 = min(words, w0 + wper);
-  auto word = [&](int64_t w) {
-    const uint32_t pinned = RangeMask(w, 0, out.n_sink) | RangeMask(w, out.n - out.n_local, out.n);
-    return (bitmap[w] | pinned) & RangeMask(w, 0, out.n);
-  };
-  uint32_t mine = 0;
-  for (int64_t w = w0; w < w1; ++w) mine += __popc(word(w));
   uint32_t start = 0;
-  SmallScan(scan).ExclusiveSum(mine, start, total);
-  for (int64_t w = w0; w < w1; ++w) {
-    uint32_t m = word(w);
-    while (m != 0) {
-      const int b = __ffs(m) - 1;
-      m &= m - 1;
-      const int64_t t = w * 32 + b;
-      if (start < out.cap) {
-        out.indices[row * out.cap + start] = static_cast<int32_t>(t);
-        if (out.out_scores != nullptr && out.row_scores != nullptr) {
-          out.out_scores[row * out.cap + start] = out.row_scores[row * out.n + t];
+  SmallScan(scan_out).ExclusiveSum(mine, start, total);
+  // Each element's tokens are at most two runs (the whole element, or its sink part and its local
+  // part); the warp writes the runs of its lanes one after another, all lanes on each.
+  int32_t* indices = out.indices + blockIdx.x * out.cap;
+  const bool copy_scores = out.out_scores != nullptr && out.row_scores != nullptr;
+  float* out_scores = copy_scores ? out.out_scores + blockIdx.x * out.cap : nullptr;
+  const float* row_scores = copy_scores ? out.row_scores + blockIdx.x * out.n : nullptr;
+  const int cap = static_cast<int>(out.cap);
+  int o = static_cast<int>(start);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int a = (e0 + j) * unit, b = min(n, a + unit);
+    int ra[2] = {a, max(a, pin_lo)}, rb[2] = {b, b};
+    if (!((take >> j) & 1u)) rb[0] = min(b, n_sink);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool has = a < n && ra[r] < rb[r] && (r == 0 || !((take >> j) & 1u));
+      const int ro = o;
+      if (has) o += rb[r] - ra[r];
+      for (uint32_t m = __ballot_sync(0xffffffffu, has); m != 0; m &= m - 1) {
+        const int src_lane = __ffs(m) - 1;
+        const int s = __shfl_sync(0xffffffffu, ra[r], src_lane);
+        const int e = __shfl_sync(0xffffffffu, rb[r], src_lane);
+        const int at = __shfl_sync(0xffffffffu, ro, src_lane);
+        for (int t = s + lane; t < e && at + (t - s) < cap; t += 32) {
+          indices[at + (t - s)] = t;
+          if (out_scores != nullptr) out_scores[at + (t - s)] = row_scores[t];
         }
       }
-      ++start;
     }
   }
-  const int64_t count =
-      static_cast<int64_t>(total) < out.cap ? static_cast<int64_t>(total) : out.cap;
-  for (int64_t j = count + tid; j < out.cap; j += kSmallThreads) {
-    out.indices[row * out.cap + j] = -1;
-    if (out.out_scores != nullptr) out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+  const int count = min(static_cast<int>(total), cap);
+  for (int j = count + tid; j < cap; j += kSmallThreads) {
+    indices[j] = -1;
+    if (out.out_scores != nullptr) {
+      out.out_scores[blockIdx.x * out.cap + j] = __uint_as_float(0x7fc00000u);
+    }
   }
-  if (tid == 0 && out.counts != nullptr) out.counts[row] = static_cast<int32_t>(count);
+  if (tid == 0 && out.counts != nullptr) out.counts[blockIdx.x] = count;
+}
+
+// Launches SmallSelectKernel with the smallest PER that covers the row.
+absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel, bool pages,
+                               const CompactArgs& out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(rows));
+  const uint32_t k = static_cast<uint32_t>(k_sel);
+  const int64_t per = (src.len + kSmallThreads - 1) / kSmallThreads;
+  if (per <= 1) {
+    SmallSelectKernel<1><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
+  } else if (per <= 2) {
+    SmallSelectKernel<2><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
+  } else if (per <= 4) {
+    SmallSelectKernel<4><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
+  } else if (per <= 8) {
+    SmallSelectKernel<8><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
+  } else {
+    SmallSelectKernel<16><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
+  }
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 // Whether SmallSelectKernel takes this selection.
@@ -1520,12 +1589,7 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
         absl::StrCat("the CUDA path selects over at most 65535 rows, got ", rows));
   }
   if (UseSmallSelect(src, sink, out)) {
-    const size_t smem = SmallSelectSmem(src.len, out.n);
-    ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<SmallSelectKernel>(smem));
-    SmallSelectKernel<<<static_cast<unsigned>(rows), kSmallThreads, smem, stream>>>(
-        src, static_cast<uint32_t>(k_sel), sink.kind == SinkKind::kMarkPage, out);
-    ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    return absl::OkStatus();
+    return LaunchSmallSelect(src, rows, k_sel, sink.kind == SinkKind::kMarkPage, out, stream);
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
   if (!hist_done) {

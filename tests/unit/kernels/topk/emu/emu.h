@@ -76,6 +76,7 @@ inline uint32_t __float_as_uint(float f) {
 }
 inline int __popc(uint32_t x) { return __builtin_popcount(x); }
 inline int __ffs(uint32_t x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __clz(uint32_t x) { return x == 0 ? 32 : __builtin_clz(x); }
 
 template <class A, class B>
 inline std::common_type_t<A, B> min(A a, B b) {
