@@ -52,6 +52,7 @@ struct uint2 {
 inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 
 struct __half {
   uint16_t x;
@@ -298,6 +299,13 @@ inline uint32_t Ballot(bool p) {
   return m;
 }
 
+// __reduce_{add,min,max}_sync over the whole warp (unsigned), by butterfly.
+template <typename F>
+uint32_t ReduceXor(uint32_t v, F f) {
+  for (int off = 16; off > 0; off >>= 1) v = f(v, ShflXor(v, off));
+  return v;
+}
+
 // __match_any_sync over the whole warp: the lanes holding the same value.
 inline uint32_t MatchAny(uint32_t v) {
   const unsigned t = tl_thread.x;
@@ -360,6 +368,11 @@ inline void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
 #define __shfl_xor_sync(mask, v, off) emu::ShflXor((v), (off))
 #define __shfl_sync(mask, v, src) emu::ShflIdx((v), (src))
 #define __ballot_sync(mask, p) emu::Ballot(p)
+#define __reduce_add_sync(mask, v) emu::ReduceXor((v), [](uint32_t a, uint32_t b) { return a + b; })
+#define __reduce_max_sync(mask, v) \
+  emu::ReduceXor((v), [](uint32_t a, uint32_t b) { return a > b ? a : b; })
+#define __reduce_min_sync(mask, v) \
+  emu::ReduceXor((v), [](uint32_t a, uint32_t b) { return a < b ? a : b; })
 #define __match_any_sync(mask, v) emu::MatchAny(v)
 #define __syncwarp() emu::Arrive(emu::g_ctx->warp_barriers[emu::tl_thread.x / 32])
 #define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
