@@ -488,15 +488,16 @@ __host__ __device__ constexpr int TcColumn(int ks, int tig) {
 // allocation, and the L2 fetches the whole 256-byte span around it (the neighbouring chunks of the
 // row are read by the next loads of the warp). Rows that are not 16-byte aligned are read element
 // by element.
+__device__ __forceinline__ uint4 TcLoadAligned(const char* src) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
+}
 __device__ __forceinline__ uint4 TcLoad(const char* src) {
   if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
-  uint4 v;
-  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(src));
-    return v;
-  }
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) return TcLoadAligned(src);
   uint32_t w[4];
   for (int i = 0; i < 4; ++i) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(src) + 2 * i;
@@ -523,6 +524,10 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   if (p.hist0 != nullptr) {
     for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
   }
+  // bf16 queries (one part): the 4 consecutive elements of a fragment in one 8-byte load.
+  const bool q_bf16 = P == 1 && p.qtype == DType::kBF16 && p.d % 4 == 0 &&
+                      (reinterpret_cast<uintptr_t>(p.queries) & 7u) == 0;
+#pragma unroll 4
   for (int i = tid; i < nt_total * kSteps * P * 32; i += kTcThreads) {
     const int l = i % 32;
     const int part = (i / 32) % P;
@@ -531,7 +536,18 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     const int head = nt * 8 + (l >> 2);
     const int c0 = TcColumn(ks, l & 3);
     uint32_t w[2] = {0u, 0u};
-    if (head < p.group) {
+    if (head < p.group && q_bf16) {
+      // As TcQuery element by element: c0 .. c0 + 3 lie on one side of d (d % 4 == 0).
+      const int dd = c0 < p.d ? c0 : c0 - p.d;
+      const uint2 raw = *reinterpret_cast<const uint2*>(
+          static_cast<const uint16_t*>(p.queries) + static_cast<int64_t>(q0 + head) * p.d + dd);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float x = __uint_as_float((((j < 2 ? raw.x : raw.y) >> (16 * (j & 1))) & 0xffffu) << 16);
+        if (p.bound) x = c0 < p.d ? fmaxf(x, 0.0f) : fminf(x, 0.0f);
+        w[j >> 1] |= SplitPart(x, 0) << (16 * (j & 1));
+      }
+    } else if (head < p.group) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         w[j >> 1] |= SplitPart(TcQuery(p, q0 + head, c0 + j), part) << (16 * (j & 1));
@@ -550,6 +566,20 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     const int64_t r0 = tile * kTcTileRows + g;
     const char* row_a = tile < end && r0 < p.len ? RowPtr(p.rows, kvh, r0) : nullptr;
     const char* row_b = tile < end && r0 + 8 < p.len ? RowPtr(p.rows, kvh, r0 + 8) : nullptr;
+    // 16-byte aligned rows (the usual case) take no per-chunk alignment branches.
+    if (__all_sync(0xffffffffu, ((reinterpret_cast<uintptr_t>(row_a) |
+                                  reinterpret_cast<uintptr_t>(row_b)) & 15u) == 0)) {
+#pragma unroll
+      for (int pr = 0; pr < kPairs; ++pr) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const char* row = j < 2 ? row_a : row_b;
+          b[pr][j] = row == nullptr ? make_uint4(0u, 0u, 0u, 0u)
+                                    : TcLoadAligned(row + (8 * pr + 4 * (j & 1) + tig) * 16);
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int pr = 0; pr < kPairs; ++pr) {
 #pragma unroll
