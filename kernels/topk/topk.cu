@@ -541,11 +541,17 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
       const int dd = c0 < p.d ? c0 : c0 - p.d;
       const uint2 raw = *reinterpret_cast<const uint2*>(
           static_cast<const uint16_t*>(p.queries) + static_cast<int64_t>(q0 + head) * p.d + dd);
+      w[0] = raw.x;
+      w[1] = raw.y;
+      if (p.bound) {
+        // max(x, 0) / min(x, 0) of a bf16 is a bf16: its bits are the fp32 result's upper half.
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float x = __uint_as_float((((j < 2 ? raw.x : raw.y) >> (16 * (j & 1))) & 0xffffu) << 16);
-        if (p.bound) x = c0 < p.d ? fmaxf(x, 0.0f) : fminf(x, 0.0f);
-        w[j >> 1] |= SplitPart(x, 0) << (16 * (j & 1));
+        for (int j = 0; j < 4; ++j) {
+          const float x = __uint_as_float(((w[j >> 1] >> (16 * (j & 1))) & 0xffffu) << 16);
+          const float y = c0 < p.d ? fmaxf(x, 0.0f) : fminf(x, 0.0f);
+          w[j >> 1] = (w[j >> 1] & (0xffff0000u >> (16 * (j & 1)))) |
+                      ((__float_as_uint(y) >> 16) << (16 * (j & 1)));
+        }
       }
     } else if (head < p.group) {
 #pragma unroll
@@ -1394,6 +1400,7 @@ __global__ void __launch_bounds__(kSelThreads)
 //   32 lanes a run, so no thread writes a long run alone and warps without runs skip the step.
 // No global workspace, no memset, no last-block hand-off.
 
+static_assert(kPageTokens == 16, "SmallSelectKernel shifts by log2(kPageTokens)");
 constexpr int kSmallThreads = 1024;
 constexpr int kSmallMaxPer = 16;
 constexpr int64_t kSmallMaxLen = kSmallThreads * kSmallMaxPer;
@@ -1412,14 +1419,15 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int len = static_cast<int>(src.len);
   const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
   const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));  // local, not sink
-  const int unit = pages ? static_cast<int>(kPageTokens) : 1;
+  const int unit_log2 = pages ? 4 : 0;  // kPageTokens == 16
+  const int unit = 1 << unit_log2;
   // Elements that take part: [f_lo, f_hi) (the others hold only sink / local tokens).
   int f_lo = 0, f_hi = len;
   if (src.kind != SrcKind::kPlain) {
     const int free_lo = static_cast<int>(min(src.n_sink, src.n));
     const int free_hi = static_cast<int>(max(src.n - src.n_local, int64_t{0}));
-    f_lo = free_lo / unit;
-    f_hi = free_lo < free_hi ? (free_hi + unit - 1) / unit : f_lo;
+    f_lo = free_lo >> unit_log2;
+    f_hi = free_lo < free_hi ? (free_hi + unit - 1) >> unit_log2 : f_lo;
   }
   const int e0 = tid * PER;
   const float* scores = src.scores + blockIdx.x * src.len;
@@ -1559,20 +1567,21 @@ __global__ void __launch_bounds__(kSmallThreads)
   float* out_scores = copy_scores ? out.out_scores + blockIdx.x * out.cap : nullptr;
   const float* row_scores = copy_scores ? out.row_scores + blockIdx.x * out.n : nullptr;
   const int cap = static_cast<int>(out.cap);
+  // A run is at most one element (unit <= 32 tokens): one step of the warp.
   auto put = [&](int a, int b, int at) {
-    for (int t = a + lane; t < b && at + (t - a) < cap; t += 32) {
-      indices[at + (t - a)] = t;
-      if (copy_scores) out_scores[at + (t - a)] = row_scores[t];
+    const int t = a + lane;
+    if (t < b && at + lane < cap) {
+      indices[at + lane] = t;
+      if (copy_scores) out_scores[at + lane] = row_scores[t];
     }
   };
   for (uint32_t lanes = __ballot_sync(0xffffffffu, runs != 0u); lanes != 0; lanes &= lanes - 1) {
     const int src_lane = __ffs(lanes) - 1;
-    const uint32_t bits = __shfl_sync(0xffffffffu, runs, src_lane);
     const uint32_t tk = __shfl_sync(0xffffffffu, take, src_lane);
     int at = static_cast<int>(__shfl_sync(0xffffffffu, start, src_lane));
     const int se0 = (warp * 32 + src_lane) * PER;
-    for (int j = 0; j < PER; ++j) {
-      if (!((bits >> j) & 1u)) continue;
+    for (uint32_t bits = __shfl_sync(0xffffffffu, runs, src_lane); bits != 0; bits &= bits - 1) {
+      const int j = __ffs(bits) - 1;
       const int a = (se0 + j) * unit, b = min(n, a + unit);
       if ((tk >> j) & 1u) {
         put(a, b, at);

@@ -368,6 +368,8 @@ inline void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
 #define __shfl_xor_sync(mask, v, off) emu::ShflXor((v), (off))
 #define __shfl_sync(mask, v, src) emu::ShflIdx((v), (src))
 #define __ballot_sync(mask, p) emu::Ballot(p)
+#define __all_sync(mask, p) (emu::Ballot(p) == 0xffffffffu)  // full warps only
+#define __any_sync(mask, p) (emu::Ballot(p) != 0u)
 #define __reduce_add_sync(mask, v) emu::ReduceXor((v), [](uint32_t a, uint32_t b) { return a + b; })
 #define __reduce_max_sync(mask, v) \
   emu::ReduceXor((v), [](uint32_t a, uint32_t b) { return a > b ? a : b; })
