@@ -822,9 +822,12 @@ absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceI
   ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
   const int64_t y = p.kv_heads_for_grid;
   constexpr int64_t kWarps = kTcThreads / 32;
-  // One wave of warps over all heads, no more warps than tiles.
-  const int64_t x = std::max<int64_t>(
-      1, std::min(static_cast<int64_t>(info.sms) * *per_sm / y, (p.n_tiles + kWarps - 1) / kWarps));
+  // One wave of warps over all heads, and every warp the same number of tiles: the fewest blocks
+  // that keep the tiles a warp of a full wave takes (8192 pages: 64 blocks a head of 2 tiles a
+  // warp, not 82 of 1 or 2).
+  const int64_t x_wave = std::max<int64_t>(1, static_cast<int64_t>(info.sms) * *per_sm / y);
+  const int64_t per_warp = (p.n_tiles + x_wave * kWarps - 1) / (x_wave * kWarps);
+  const int64_t x = std::max<int64_t>(1, (p.n_tiles + per_warp * kWarps - 1) / (per_warp * kWarps));
   kKernel<<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kTcThreads, smem, stream>>>(
       p);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
