@@ -1417,7 +1417,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ SmallScan::TempStorage scan_tie, scan_out;
   __shared__ uint32_t hist[2][256];
   __shared__ uint32_t s_nz[32], s_hi[32], s_lo[32];
-  __shared__ uint32_t s_digit, s_above, s_on;
+  __shared__ uint32_t s_digit, s_above, s_on, s_count;
+  __shared__ uint32_t s_ck[32], s_ci[32];  // the last candidates: keys, indices
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int len = static_cast<int>(src.len);
   const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
@@ -1471,6 +1472,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     s_lo[warp] = lo;
   }
   if (tid < 256) hist[0][tid] = 0u;
+  if (tid == 0) s_count = 0u;
   __syncthreads();
   uint32_t total = __reduce_add_sync(0xffffffffu, s_nz[lane]);
   hi = __reduce_max_sync(0xffffffffu, s_hi[lane]);
@@ -1527,6 +1529,43 @@ __global__ void __launch_bounds__(kSmallThreads)
       on = s_on;
       prefix |= s_digit << l;
       mask |= dmask << l;
+      if (l > 0 && on <= 32) {
+        // At most 32 keys left on the prefix: one warp ranks them (larger key first, then lower
+        // index) instead of the remaining passes.
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+          if (key[j] != 0u && (key[j] & mask) == prefix) {
+            const uint32_t at = atomicAdd(&s_count, 1u);
+            s_ck[at] = key[j];
+            s_ci[at] = static_cast<uint32_t>(e0 + j);
+          }
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const bool valid = static_cast<uint32_t>(lane) < on;
+          const uint32_t kl = valid ? s_ck[lane] : 0u, il = valid ? s_ci[lane] : 0xffffffffu;
+          uint32_t before = 0;
+          for (int m = 0; m < 32; ++m) {
+            const uint32_t km = __shfl_sync(0xffffffffu, kl, m);
+            const uint32_t im = __shfl_sync(0xffffffffu, il, m);
+            before += static_cast<uint32_t>(m) < on && (km > kl || (km == kl && im < il)) ? 1u : 0u;
+          }
+          const uint32_t hit = __ballot_sync(0xffffffffu, valid && before == k_rem - 1);
+          const uint32_t thr = __shfl_sync(0xffffffffu, kl, __ffs(hit) - 1);
+          const uint32_t gt = __popc(__ballot_sync(0xffffffffu, valid && kl > thr));
+          const uint32_t eqc = __popc(__ballot_sync(0xffffffffu, valid && kl == thr));
+          if (lane == 0) {
+            s_digit = thr;
+            s_above = gt;
+            s_on = eqc;
+          }
+        }
+        __syncthreads();
+        prefix = s_digit;
+        k_rem -= s_above;
+        on = s_on;
+        break;
+      }
     }
   }
   // Ranks among the elements on the threshold key, when not all of them are taken.
