@@ -1175,16 +1175,25 @@ __device__ void CompactRow(const uint32_t* bitmap, int64_t words, const CompactA
   const int64_t per = (words + kSelThreads - 1) / kSelThreads;
   const int64_t w0 = threadIdx.x * per;
   const int64_t w1 = min(words, w0 + per);
+  // Interior words (no sink or local token, all tokens < n) are the bitmap word itself.
+  const int64_t free_lo = o.n_sink, free_hi = o.n - o.n_local;
   auto word = [&](int64_t w) {
     const uint32_t chosen = __ldcg(&bitmap[row * words + w]);
+    if (w * 32 >= free_lo && w * 32 + 32 <= free_hi) return chosen;
     const uint32_t pinned = RangeMask(w, 0, o.n_sink) | RangeMask(w, o.n - o.n_local, o.n);
     return (chosen | pinned) & RangeMask(w, 0, o.n);
   };
   // Words in batches of independent loads: this runs in one block after the rest of the
-  // selection, so its latency chain is the selection's tail.
+  // selection, so its latency chain is the selection's tail. The first batch (the only one up to
+  // kBatch * kSelThreads words: 128K tokens) stays in registers for the writing pass.
   constexpr int kBatch = 8;
+  uint32_t first[kBatch];
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) first[j] = w0 + j < w1 ? word(w0 + j) : 0u;
   uint32_t mine = 0;
-  for (int64_t w = w0; w < w1; w += kBatch) {
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) mine += __popc(first[j]);
+  for (int64_t w = w0 + kBatch; w < w1; w += kBatch) {
     uint32_t v[kBatch];
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) v[j] = w + j < w1 ? word(w + j) : 0u;
@@ -1196,7 +1205,7 @@ __device__ void CompactRow(const uint32_t* bitmap, int64_t words, const CompactA
   for (int64_t wb = w0; wb < w1; wb += kBatch) {
     uint32_t v[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) v[j] = wb + j < w1 ? word(wb + j) : 0u;
+    for (int j = 0; j < kBatch; ++j) v[j] = wb == w0 ? first[j] : (wb + j < w1 ? word(wb + j) : 0u);
     for (int j = 0; j < kBatch; ++j) {
       uint32_t m = v[j];
       while (m != 0) {
