@@ -237,11 +237,11 @@ absl::StatusOr<SelectPlan> MakeSelectPlan(const SelectRequest& req, bool want_ma
   p.zero_begin = cur;
   p.sel.hist0 = Take(&cur, hist_bytes);
   p.sel.hist1 = Take(&cur, hist_bytes);
-  p.sel.counters = Take(&cur, rows * 16);
+  p.sel.counters = Take(&cur, rows * kCountersPerRow * 4);
   if (req.mode == Mode::kBoundThenExact) {
     p.sel2.hist0 = Take(&cur, hist_bytes);
     p.sel2.hist1 = Take(&cur, hist_bytes);
-    p.sel2.counters = Take(&cur, rows * 16);
+    p.sel2.counters = Take(&cur, rows * kCountersPerRow * 4);
   }
   p.bitmap = Take(&cur, rows * static_cast<size_t>(p.bitmap_words) * 4);
   p.zero_end = cur;
@@ -276,7 +276,7 @@ absl::StatusOr<SelectPlan> MakeTopKPlan(int64_t rows, int64_t len, int64_t k) {
   p.zero_begin = cur;
   p.sel.hist0 = Take(&cur, r * kRadixBins * 4);
   p.sel.hist1 = Take(&cur, r * kRadixBins * 4);
-  p.sel.counters = Take(&cur, r * 16);
+  p.sel.counters = Take(&cur, r * kCountersPerRow * 4);
   p.bitmap = Take(&cur, r * static_cast<size_t>(p.bitmap_words) * 4);
   p.zero_end = cur;
   p.sel.cand = Take(&cur, r * static_cast<size_t>(len) * 4);

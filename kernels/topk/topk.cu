@@ -995,8 +995,16 @@ struct SelSource {
   SrcKind kind = SrcKind::kPlain;
   int64_t n = 0, n_sink = 0, n_local = 0;
   const int32_t* pages = nullptr;           // kSlots: [rows][cand_pages]
-  const uint32_t* page_counters = nullptr;  // kSlots: [rows][4], entry 2 = pages listed
+  const uint32_t* page_counters = nullptr;  // kSlots: counters of the page selection
   int64_t cand_pages = 0;
+  // Long page rows: the counters holding each row's largest key and largest ~key (RangeKernel).
+  // A kernel reads its row's range once (WithRange) and KeyTie then spreads the keys of
+  // [lo, hi] over all 32 bits, order kept: the bounds of one KV head's pages lie close together,
+  // so their top 11 bits, the first radix digit, would put most pages in one bin.
+  const uint32_t* range = nullptr;
+  bool spread = false;
+  uint32_t lo = 0;
+  int shift = 0;
 };
 
 // Order key (0 = excluded) and tie index of element e of `row`. Ties prefer a lower tie index;
@@ -1017,11 +1025,12 @@ __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t 
       *key = internal::PageAllPinned(e, s.n, s.n_sink, s.n_local)
                  ? 0u
                  : internal::OrderKey(s.scores[row * s.len + e]);
+      if (s.spread && *key != 0u) *key = (*key - s.lo + 1u) << s.shift;
       return;
     case SrcKind::kSlots: {
       const int64_t pi = e >> 4;
       *key = 0u;
-      const uint32_t listed = __ldcg(&s.page_counters[row * 4 + 2]);
+      const uint32_t listed = __ldcg(&s.page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
       if (pi >= static_cast<int64_t>(listed) || pi >= s.cand_pages) return;
       const int64_t t =
           static_cast<int64_t>(__ldcg(&s.pages[row * s.cand_pages + pi])) * 16 + (e & 15);
@@ -1031,6 +1040,19 @@ __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t 
       return;
     }
   }
+}
+
+// src with its row's key range read (a no-op without src.range). (key - lo + 1) << shift is
+// order-preserving, non-zero, and fits 32 bits: key - lo + 1 <= hi - lo + 1 < 2^(32 - shift).
+__device__ __forceinline__ SelSource WithRange(SelSource s, int64_t row) {
+  if (s.range == nullptr) return s;
+  const uint32_t* c = s.range + row * internal::kCountersPerRow;
+  const uint32_t hi = __ldcg(&c[internal::kCounterMaxKey]);
+  const uint32_t lo = ~__ldcg(&c[internal::kCounterMaxNotKey]);
+  s.spread = hi >= lo;  // else no element takes part
+  s.lo = lo;
+  s.shift = s.spread ? __clz(hi - lo + 1u) : 0;
+  return s;
 }
 
 enum class SinkKind : int {
@@ -1057,7 +1079,7 @@ __device__ __forceinline__ void Emit(const SelSink& s, int64_t row, uint32_t tar
       atomicOr(&s.bitmap[row * s.words + (target >> 1)], 0xffffu << (16u * (target & 1u)));
       return;
     case SinkKind::kAppend: {
-      const uint32_t pos = atomicAdd(&s.counters[row * 4 + 2], 1u);
+      const uint32_t pos = atomicAdd(&s.counters[row * internal::kCountersPerRow + internal::kCounterAppended], 1u);
       if (pos < s.list_cap) s.list[row * s.list_cap + pos] = static_cast<int32_t>(target);
       return;
     }
@@ -1067,7 +1089,7 @@ __device__ __forceinline__ void Emit(const SelSink& s, int64_t row, uint32_t tar
 struct SelWs {
   uint32_t* hist0;     // [rows][kRadixBins]
   uint32_t* hist1;     // [rows][kRadixBins]
-  uint32_t* counters;  // [rows][4]: 0 candidates, 1 finished blocks
+  uint32_t* counters;  // [rows][internal::kCountersPerRow]
   uint32_t* cand;      // [rows][len]
 };
 
@@ -1085,13 +1107,46 @@ __device__ __forceinline__ uint32_t Digit(int p, uint32_t key, uint32_t tie) {
 }
 __device__ __forceinline__ int DigitBins(int p) { return p % 3 == 2 ? 1024 : 2048; }
 
-__global__ void __launch_bounds__(kSelThreads) HistKernel(const SelSource src,
+// The largest and smallest key of each row (src.range's counters, zeroed before), by blocks of
+// `chunk` elements.
+__global__ void __launch_bounds__(kSelThreads) RangeKernel(const SelSource src, uint32_t* counters,
+                                                           int64_t chunk) {
+  const int64_t row = blockIdx.y;
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(src.len, begin + chunk);
+  uint32_t hi = 0u, not_lo = 0u;
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    uint32_t key[kSelItems], tie[kSelItems];
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = base + j * kSelThreads + threadIdx.x;
+      key[j] = 0u;
+      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      if (key[j] != 0u) {
+        hi = max(hi, key[j]);
+        not_lo = max(not_lo, ~key[j]);
+      }
+    }
+  }
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  not_lo = __reduce_max_sync(0xffffffffu, not_lo);
+  if ((threadIdx.x & 31) == 0 && hi != 0u) {
+    atomicMax(&counters[row * internal::kCountersPerRow + internal::kCounterMaxKey], hi);
+    atomicMax(&counters[row * internal::kCountersPerRow + internal::kCounterMaxNotKey], not_lo);
+  }
+}
+
+__global__ void __launch_bounds__(kSelThreads) HistKernel(const SelSource src_in,
                                                           uint32_t* hist0,  // [rows][kRadixBins]
                                                           int64_t chunk) {
   __shared__ uint32_t h[kRadixBins];
   for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) h[i] = 0;
   __syncthreads();
   const int64_t row = blockIdx.y;
+  const SelSource src = WithRange(src_in, row);
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
   for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
@@ -1237,7 +1292,7 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
   const int tid = threadIdx.x;
   const int64_t len = src.len;
 
-  uint32_t n_cand = __ldcg(&ws.counters[row * 4 + 0]);
+  uint32_t n_cand = __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates]);
   for (int i = tid; i < kRadixBins; i += kSelThreads) {
     hist_a[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
   }
@@ -1302,7 +1357,7 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
 // Threshold filtering of one row chunk per block; the last block of a row resolves the rest and,
 // with `out.indices`, writes the row's output.
 __global__ void __launch_bounds__(kSelThreads)
-    FilterKernel(const SelSource src, const SelSink sink, const SelWs ws, uint32_t k_sel,
+    FilterKernel(const SelSource src_in, const SelSink sink, const SelWs ws, uint32_t k_sel,
                  int64_t chunk, const CompactArgs out) {
   __shared__ uint32_t hist_a[kRadixBins];
   __shared__ uint32_t hist_b[kRadixBins];
@@ -1312,6 +1367,7 @@ __global__ void __launch_bounds__(kSelThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int64_t row = blockIdx.y;
+  const SelSource src = WithRange(src_in, row);
   const int64_t len = src.len;
 
   for (int i = tid; i < kRadixBins; i += kSelThreads) {
@@ -1357,7 +1413,7 @@ __global__ void __launch_bounds__(kSelThreads)
     // Warp-aggregated append to the candidate list: one atomic for all items of the warp.
     if (n_keep != 0) {
       uint32_t pos = 0;
-      if (lane == 0) pos = atomicAdd(&ws.counters[row * 4 + 0], n_keep);
+      if (lane == 0) pos = atomicAdd(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates], n_keep);
       pos = __shfl_sync(0xffffffffu, pos, 0);
 #pragma unroll
       for (int j = 0; j < kSelItems; ++j) {
@@ -1379,7 +1435,7 @@ __global__ void __launch_bounds__(kSelThreads)
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    const uint32_t ticket = atomicAdd(&ws.counters[row * 4 + 1], 1u);
+    const uint32_t ticket = atomicAdd(&ws.counters[row * internal::kCountersPerRow + internal::kCounterFinished], 1u);
     is_last = ticket == gridDim.x - 1;
   }
   __syncthreads();
@@ -1703,11 +1759,19 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
     return LaunchSmallSelect(src, rows, k_sel, sink.kind == SinkKind::kMarkPage, out, stream);
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
+  SelSource s = src;
+  if (src.kind == SrcKind::kPages) {
+    // Page bounds: the first digit comes from the keys spread over their range (see SelSource).
+    RangeKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.counters, chunk);
+    ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    s.range = ws.counters;
+    hist_done = false;
+  }
   if (!hist_done) {
-    HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
+    HistKernel<<<grid, kSelThreads, 0, stream>>>(s, ws.hist0, chunk);
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  FilterKernel<<<grid, kSelThreads, 0, stream>>>(src, sink, ws, static_cast<uint32_t>(k_sel), chunk,
+  FilterKernel<<<grid, kSelThreads, 0, stream>>>(s, sink, ws, static_cast<uint32_t>(k_sel), chunk,
                                                  out);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -1822,7 +1886,7 @@ __global__ void __launch_bounds__(kListThreads)
   const int64_t len2 = cand_pages * 16;
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(len2, begin + chunk);
-  const uint32_t listed = __ldcg(&page_counters[row * 4 + 2]);
+  const uint32_t listed = __ldcg(&page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
   for (int64_t base = begin + warp * per_warp; base < end;
        base += static_cast<int64_t>(kListThreads / 32) * per_warp) {
     const int64_t j = base + lane / ls.lpt;
@@ -2252,7 +2316,8 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   // 1. Scores or bounds (with the first histogram when it can be fused), and the softmax
   // denominators.
   bool hist_done = false;
-  uint32_t* hist0 = small ? nullptr : sel.hist0;
+  // (Long page rows take their histogram after RangeKernel: see RunSelection.)
+  uint32_t* hist0 = small || req.mode != Mode::kExact ? nullptr : sel.hist0;
   if (req.mode == Mode::kExact) {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.keys, false, scores,
                                               want_mass ? lse : nullptr, plan.lse_parts, stream,

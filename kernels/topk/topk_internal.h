@@ -44,11 +44,20 @@ bool SmallRowSelection();
 // index (ties by lower index).
 inline constexpr int kRadixBins = 2048;
 
+// The per-row counters of a selection: candidates, finished blocks, appended pages, and the
+// largest key and largest ~key (the smallest key) of a long page row (see RangeKernel).
+inline constexpr int kCounterCandidates = 0;
+inline constexpr int kCounterFinished = 1;
+inline constexpr int kCounterAppended = 2;
+inline constexpr int kCounterMaxKey = 3;
+inline constexpr int kCounterMaxNotKey = 4;
+inline constexpr int kCountersPerRow = 8;
+
 // Offsets (bytes from the workspace start) of one radix selection over [rows][len].
 struct SelectionLayout {
   size_t hist0 = 0;     // uint32 [rows][kRadixBins], zeroed
   size_t hist1 = 0;     // uint32 [rows][kRadixBins], zeroed
-  size_t counters = 0;  // uint32 [rows][4]: candidates, finished blocks, appended, spare; zeroed
+  size_t counters = 0;  // uint32 [rows][kCountersPerRow]: see kCounterCandidates..; zeroed
   size_t cand = 0;      // uint32 [rows][len]: candidate element indices
 };
 

@@ -389,6 +389,13 @@ inline uint32_t atomicAdd(uint32_t* p, uint32_t v) {
 inline uint32_t atomicOr(uint32_t* p, uint32_t v) {
   return std::atomic_ref<uint32_t>(*p).fetch_or(v);
 }
+inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
+  std::atomic_ref<uint32_t> a(*p);
+  uint32_t cur = a.load();
+  while (cur < v && !a.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}
 inline unsigned __cvta_generic_to_shared(const void*) { return 0; }
 
 // CUB subset.
