@@ -402,8 +402,8 @@ int Main(int argc, char** argv) {
       static_cast<long long>(kSink), static_cast<long long>(kLocal), reps);
   std::printf("%5s %8s %5s %8s %9s %9s %9s %9s %9s %10s %9s %9s %9s %6s %9s %9s %9s %9s %9s\n",
               "hq", "N", "k", "keyMB", "read_us", "score_us", "stream_us", "score_cc", "bscore_us",
-              "bstream_us", "topk_us", "exact_us", "exact_g", "ratio", "pqh_us", "bound_us", "bound_g",
-              "bound_flt", "bte_us");
+              "bstream_us", "topk_us", "exact_us", "exact_g", "ratio", "pqh_us", "bound_us",
+              "bound_g", "bound_flt", "bte_us");
   for (int hq : hqs) {
     for (int64_t n : ns) {
       const DeviceInputs in = MakeInputs(hq, n, stream);
@@ -475,7 +475,8 @@ int Main(int argc, char** argv) {
           cudaFree(tidx);
         }
         std::printf(
-            "%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %9.1f %10.1f %9.1f %9.1f %9.1f %6.2f %9.1f "
+            "%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %9.1f %10.1f %9.1f %9.1f %9.1f %6.2f "
+            "%9.1f "
             "%9.1f %9.1f %9.1f %9.1f\n",
             hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6, read_us,
             score_us, stream_us, score_cc_us, bscore_us, bstream_us, topk_us, exact_us, exact_g,
@@ -494,8 +495,8 @@ int Main(int argc, char** argv) {
                             "\"bound_graph_us\":%.2f,"
                             "\"bound_filter_graph_us\":%.2f,\"bte_us\":%.2f}",
                             hq, n, k, key_bytes, read_us, score_us, stream_us, score_cc_us,
-                            bscore_us, bstream_us, topk_us, exact_us, exact_g, exact_g / read_us, pqh_us,
-                            bound_us, bound_g, bound_filter_g, bte_us));
+                            bscore_us, bstream_us, topk_us, exact_us, exact_g, exact_g / read_us,
+                            pqh_us, bound_us, bound_g, bound_filter_g, bte_us));
       }
       cudaFree(score_out);
       FreeInputs(in);

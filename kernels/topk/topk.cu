@@ -539,8 +539,8 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     if (head < p.group && q_bf16) {
       // As TcQuery element by element: c0 .. c0 + 3 lie on one side of d (d % 4 == 0).
       const int dd = c0 < p.d ? c0 : c0 - p.d;
-      const uint2 raw = *reinterpret_cast<const uint2*>(
-          static_cast<const uint16_t*>(p.queries) + static_cast<int64_t>(q0 + head) * p.d + dd);
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.queries) +
+                                                        static_cast<int64_t>(q0 + head) * p.d + dd);
       w[0] = raw.x;
       w[1] = raw.y;
       if (p.bound) {
@@ -573,8 +573,9 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     const char* row_a = tile < end && r0 < p.len ? RowPtr(p.rows, kvh, r0) : nullptr;
     const char* row_b = tile < end && r0 + 8 < p.len ? RowPtr(p.rows, kvh, r0 + 8) : nullptr;
     // 16-byte aligned rows (the usual case) take no per-chunk alignment branches.
-    if (__all_sync(0xffffffffu, ((reinterpret_cast<uintptr_t>(row_a) |
-                                  reinterpret_cast<uintptr_t>(row_b)) & 15u) == 0)) {
+    if (__all_sync(0xffffffffu,
+                   ((reinterpret_cast<uintptr_t>(row_a) | reinterpret_cast<uintptr_t>(row_b)) &
+                    15u) == 0)) {
 #pragma unroll
       for (int pr = 0; pr < kPairs; ++pr) {
 #pragma unroll
@@ -1030,7 +1031,8 @@ __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t 
     case SrcKind::kSlots: {
       const int64_t pi = e >> 4;
       *key = 0u;
-      const uint32_t listed = __ldcg(&s.page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
+      const uint32_t listed =
+          __ldcg(&s.page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
       if (pi >= static_cast<int64_t>(listed) || pi >= s.cand_pages) return;
       const int64_t t =
           static_cast<int64_t>(__ldcg(&s.pages[row * s.cand_pages + pi])) * 16 + (e & 15);
@@ -1079,7 +1081,8 @@ __device__ __forceinline__ void Emit(const SelSink& s, int64_t row, uint32_t tar
       atomicOr(&s.bitmap[row * s.words + (target >> 1)], 0xffffu << (16u * (target & 1u)));
       return;
     case SinkKind::kAppend: {
-      const uint32_t pos = atomicAdd(&s.counters[row * internal::kCountersPerRow + internal::kCounterAppended], 1u);
+      const uint32_t pos =
+          atomicAdd(&s.counters[row * internal::kCountersPerRow + internal::kCounterAppended], 1u);
       if (pos < s.list_cap) s.list[row * s.list_cap + pos] = static_cast<int32_t>(target);
       return;
     }
@@ -1109,8 +1112,8 @@ __device__ __forceinline__ int DigitBins(int p) { return p % 3 == 2 ? 1024 : 204
 
 // The largest and smallest key of each row (src.range's counters, zeroed before), by blocks of
 // `chunk` elements.
-__global__ void __launch_bounds__(kSelThreads) RangeKernel(const SelSource src, uint32_t* counters,
-                                                           int64_t chunk) {
+__global__ void __launch_bounds__(kSelThreads)
+    RangeKernel(const SelSource src, uint32_t* counters, int64_t chunk) {
   const int64_t row = blockIdx.y;
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
@@ -1292,7 +1295,8 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
   const int tid = threadIdx.x;
   const int64_t len = src.len;
 
-  uint32_t n_cand = __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates]);
+  uint32_t n_cand =
+      __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates]);
   for (int i = tid; i < kRadixBins; i += kSelThreads) {
     hist_a[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
   }
@@ -1413,7 +1417,9 @@ __global__ void __launch_bounds__(kSelThreads)
     // Warp-aggregated append to the candidate list: one atomic for all items of the warp.
     if (n_keep != 0) {
       uint32_t pos = 0;
-      if (lane == 0) pos = atomicAdd(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates], n_keep);
+      if (lane == 0)
+        pos = atomicAdd(
+            &ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates], n_keep);
       pos = __shfl_sync(0xffffffffu, pos, 0);
 #pragma unroll
       for (int j = 0; j < kSelItems; ++j) {
@@ -1435,7 +1441,8 @@ __global__ void __launch_bounds__(kSelThreads)
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    const uint32_t ticket = atomicAdd(&ws.counters[row * internal::kCountersPerRow + internal::kCounterFinished], 1u);
+    const uint32_t ticket =
+        atomicAdd(&ws.counters[row * internal::kCountersPerRow + internal::kCounterFinished], 1u);
     is_last = ticket == gridDim.x - 1;
   }
   __syncthreads();
@@ -1488,7 +1495,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int len = static_cast<int>(src.len);
   const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
   const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));  // local, not sink
-  const int unit_log2 = pages ? 4 : 0;  // kPageTokens == 16
+  const int unit_log2 = pages ? 4 : 0;                                        // kPageTokens == 16
   const int unit = 1 << unit_log2;
   // Elements that take part: [f_lo, f_hi) (the others hold only sink / local tokens).
   int f_lo = 0, f_hi = len;
@@ -1886,7 +1893,8 @@ __global__ void __launch_bounds__(kListThreads)
   const int64_t len2 = cand_pages * 16;
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(len2, begin + chunk);
-  const uint32_t listed = __ldcg(&page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
+  const uint32_t listed =
+      __ldcg(&page_counters[row * internal::kCountersPerRow + internal::kCounterAppended]);
   for (int64_t base = begin + warp * per_warp; base < end;
        base += static_cast<int64_t>(kListThreads / 32) * per_warp) {
     const int64_t j = base + lane / ls.lpt;
