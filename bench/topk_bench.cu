@@ -421,13 +421,17 @@ int Main(int argc, char** argv) {
       const SelectRequest score_req = MakeRequest(in, Mode::kExact, GqaReduction::kMax, 1);
       const double score_us =
           timer.MedianUs([&] { BENCH_OK(ScoreCuda(score_req, score_out, stream)); }, stream, reps);
-      const double stream_us = timer.MedianUs(
-          [&] {
-            ReadAll<<<1024, 256, 0, stream>>>(reinterpret_cast<const uint4*>(in.keys),
-                                              static_cast<int64_t>(key_bytes) / 16,
-                                              reinterpret_cast<uint32_t*>(score_out));
-          },
-          stream, reps);
+      // A plain kernel reading `bytes` at p once: the floor of a scorer over them.
+      auto stream_read_us = [&](const void* p, double bytes) {
+        return timer.MedianUs(
+            [&] {
+              ReadAll<<<1024, 256, 0, stream>>>(static_cast<const uint4*>(p),
+                                                static_cast<int64_t>(bytes) / 16,
+                                                reinterpret_cast<uint32_t*>(score_out));
+            },
+            stream, reps);
+      };
+      const double stream_us = stream_read_us(in.keys, key_bytes);
       internal::SetTensorCoreScoring(false);
       const double score_cc_us =
           timer.MedianUs([&] { BENCH_OK(ScoreCuda(score_req, score_out, stream)); }, stream, reps);
@@ -435,13 +439,7 @@ int Main(int argc, char** argv) {
       const double bscore_us = timer.MedianUs(
           [&] { BENCH_OK(PageBoundCuda(score_req, score_out, stream)); }, stream, reps);
       const double meta_bytes = static_cast<double>(kKvHeads) * NumPages(n) * 2 * kHeadDim * 2;
-      const double bstream_us = timer.MedianUs(
-          [&] {
-            ReadAll<<<1024, 256, 0, stream>>>(reinterpret_cast<const uint4*>(in.meta),
-                                              static_cast<int64_t>(meta_bytes) / 16,
-                                              reinterpret_cast<uint32_t*>(score_out));
-          },
-          stream, reps);
+      const double bstream_us = stream_read_us(in.meta, meta_bytes);
       BENCH_OK(ScoreCuda(score_req, score_out, stream));  // the scores topk_us selects from
       for (int64_t k : ks) {
         Run exact(MakeRequest(in, Mode::kExact, GqaReduction::kMax, k));
