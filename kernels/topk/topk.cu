@@ -1,10 +1,14 @@
 // CUDA version of kernels/topk. One pipeline for every mode (docs/retrieval.md has the picture):
 //
-//   ScoreTilesKernel   rows of keys (exact q.k) or page metadata ([q+, q-].[M; m]) -> fp32 row
-//                      values; each block streams tiles of one KV head through shared memory with
-//                      cp.async and computes all query heads of the group from one read
+//   TcScoreKernel      bf16 rows of keys (exact q.k) or page metadata ([q+, q-].[M; m]) -> fp32
+//                      row values on tensor cores, tiles streamed straight into registers, all
+//                      query heads of the GQA group from one read (+ the first radix histogram)
+//   ScoreTilesKernel   the same on CUDA cores (f16/f32 rows, LSE partials of the captured mass)
+//   SmallSelectKernel  rows of <= 16384 elements (e.g. the pages of 128K tokens): the whole
+//                      selection of a row in one block, on chip
+//   RangeKernel        long page rows: each row's key range, so the radix digits spread them
 //   HistKernel         11-bit histogram of the top digit of each value's order key (fused
-//                      into ScoreTilesKernel for kMax / kSum when it costs no occupancy)
+//                      into the scorer for exact kMax / kSum when it costs no occupancy)
 //   FilterKernel       threshold filtering: every block finds the threshold digit from the
 //                      histogram, emits what lies above, keeps what lies on it as candidates; the
 //                      last block of a row to finish resolves the candidates digit by digit
@@ -1468,6 +1472,8 @@ __global__ void __launch_bounds__(kSelThreads)
 // - the row's minimum and maximum key fix the bits every key shares, so the radix passes (8-bit
 //   digits, shared-memory histograms) start at the first bit that differs: fewer passes, and the
 //   first one does not pile every atomic onto one bin;
+// - once at most 32 keys remain on the threshold prefix, one warp ranks them (key, then lower
+//   index) instead of the remaining passes;
 // - ties on the threshold key go to the lower index through a block scan, run only when the
 //   threshold key has more elements than the selection still needs;
 // - a block scan places each element's tokens (all of them when chosen, else only its sink /
