@@ -61,6 +61,31 @@ constexpr float kInf = __builtin_huge_valf();
     if (!_topk_status.ok()) return _topk_status;       \
   } while (0)
 
+// Programmatic dependent launch (sm_90): a kernel launched by LaunchDependent may start its blocks
+// while the kernel before it in the stream drains, once every block of that one has called
+// AllowDependents (or exited); it calls WaitForPrevious before reading that kernel's results,
+// which returns when the previous grid has completed and its memory is visible.
+__device__ __forceinline__ void AllowDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitForPrevious() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+template <typename... Params, typename... Args>
+cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                            Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs}
+  const cudaLaunchConfig_t config = {grid, block, 0, stream, attr, 1};
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Device-side views and element access.
 
@@ -525,6 +550,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   const int g = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
   const int q0 = kvh * p.group;
+  AllowDependents();  // the one-block selection's blocks take SMs as this grid drains
   if (p.hist0 != nullptr) {
     for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
   }
@@ -1513,6 +1539,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
   const int e0 = tid * PER;
   const float* scores = src.scores + blockIdx.x * src.len;
+  WaitForPrevious();  // the scores (launched by LaunchDependent)
   float v[PER];
   if (PER % 4 == 0 && len % 4 == 0 && (reinterpret_cast<uintptr_t>(src.scores) & 15u) == 0) {
 #pragma unroll
@@ -1731,18 +1758,14 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
   const dim3 grid(static_cast<unsigned>(rows));
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t per = (src.len + kSmallThreads - 1) / kSmallThreads;
-  if (per <= 1) {
-    SmallSelectKernel<1><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
-  } else if (per <= 2) {
-    SmallSelectKernel<2><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
-  } else if (per <= 4) {
-    SmallSelectKernel<4><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
-  } else if (per <= 8) {
-    SmallSelectKernel<8><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
-  } else {
-    SmallSelectKernel<16><<<grid, kSmallThreads, 0, stream>>>(src, k, pages, out);
-  }
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  auto kernel = per <= 1   ? SmallSelectKernel<1>
+                : per <= 2 ? SmallSelectKernel<2>
+                : per <= 4 ? SmallSelectKernel<4>
+                : per <= 8 ? SmallSelectKernel<8>
+                           : SmallSelectKernel<16>;
+  // A dependent launch: the selection's blocks start as the scorer's SMs free up.
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      LaunchDependent(kernel, grid, dim3(kSmallThreads), stream, src, k, pages, out));
   return absl::OkStatus();
 }
 

@@ -593,6 +593,30 @@ inline float cospif(float x) { return std::cos(3.14159265358979f * x); }
 #define EMU_LAUNCH(grid, block, smem, stream, ...) \
   emu::Enqueue([=] { emu::Launch(dim3(grid), dim3(block), (smem), [=] { __VA_ARGS__; }); })
 
+// cudaLaunchKernelEx: launch attributes (programmatic dependent launch) have no meaning here.
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 3 };
+struct cudaLaunchAttributeValue {
+  unsigned programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {  // CUDA's field order (gridDim and blockDim are macros here)
+  dim3 grid_dim, block_dim;
+  size_t dynamic_smem_bytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned num_attrs;
+};
+template <typename... P, typename... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*kernel)(P...), A... args) {
+  const dim3 g = c->grid_dim, b = c->block_dim;
+  const size_t smem = c->dynamic_smem_bytes;
+  emu::Enqueue([=] { emu::Launch(g, b, smem, [=] { kernel(args...); }); });
+  return cudaSuccess;
+}
+
 namespace ropekv {
 inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* file, int line) {
   if (err == cudaSuccess) return absl::OkStatus();

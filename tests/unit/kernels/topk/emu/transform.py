@@ -24,6 +24,7 @@ def asm(op, repl):
     src = re.sub(r'asm volatile\(\s*"' + op + r'.*?\);', repl, src, flags=re.S)
 asm(r'mma\.sync', 'emu::MmaBf16(c, a, b);')
 asm(r'ld\.global\.nc', 'v = *reinterpret_cast<const uint4*>(src);')
+asm(r'griddepcontrol', '')  # programmatic dependent launch: blocks run in order here
 assert 'asm volatile' not in src, 'asm left'
 # Launches: NAME<<<cfg>>>(args);
 out = []
