@@ -1401,6 +1401,7 @@ __global__ void __launch_bounds__(kSelThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int64_t row = blockIdx.y;
+  WaitForPrevious();  // the scores and histogram (launched by LaunchDependent)
   const SelSource src = WithRange(src_in, row);
   const int64_t len = src.len;
 
@@ -1807,9 +1808,8 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
     HistKernel<<<grid, kSelThreads, 0, stream>>>(s, ws.hist0, chunk);
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  FilterKernel<<<grid, kSelThreads, 0, stream>>>(s, sink, ws, static_cast<uint32_t>(k_sel), chunk,
-                                                 out);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FilterKernel, grid, dim3(kSelThreads), stream, s,
+                                              sink, ws, static_cast<uint32_t>(k_sel), chunk, out));
   return absl::OkStatus();
 }
 
