@@ -598,11 +598,18 @@ TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
 }
 
 // Short rows selected in one block (SmallSelectKernel) give exactly what the multi-block
-// threshold filter gives, ties included (bf16 keys quantised to few values make many).
+// threshold filter gives, ties included (bf16 keys quantised to few values make many). The
+// filter path spreads page keys over their row's range (RangeKernel): ±inf keys on KV head 0 of
+// the longest rows make that range span most of the 32 bits.
 TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
   for (int64_t n : {int64_t{700}, int64_t{16384}, int64_t{200000}}) {
     Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 930 + n);
     for (int64_t t = 0; t < n; t += 3) p.SetKey(1, t, 0, 2.0f);  // ties on KV head 1
+    if (n > 16384) {
+      const float inf = std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
+      for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+    }
     p.BuildMeta(DType::kBF16);
     OnDevice dev(p);
     for (Mode mode : {Mode::kExact, Mode::kBound}) {
