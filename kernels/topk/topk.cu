@@ -747,12 +747,15 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo() {
 
 // Allows `kKernel` `smem` bytes of dynamic shared memory on the current device. The attribute is
 // set once per (kernel, device, size) so that launches inside stream capture make no such call
-// after the first use. Without it a block may have 48 KB of static plus dynamic shared memory:
-// the attribute is set from 32 KB of dynamic memory on, which leaves room for the static memory
-// of these kernels (SmallSelectKernel: ~5 KB).
+// after the first use. Without it a block may have 48 KB of static plus dynamic shared memory,
+// so it is set when the kernel's static shared memory (read once) and `smem` exceed that.
 template <auto kKernel>
 absl::Status EnsureSmem(size_t smem) {
-  if (smem <= 32 * 1024) return absl::OkStatus();
+  static const size_t static_bytes = [] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, kKernel) == cudaSuccess ? a.sharedSizeBytes : size_t{48 << 10};
+  }();
+  if (smem + static_bytes <= size_t{48 << 10}) return absl::OkStatus();
   static std::atomic<int> allowed[64];
   int dev = 0;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));

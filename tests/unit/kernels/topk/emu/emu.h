@@ -482,6 +482,14 @@ inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
   return v <= 232448 ? cudaSuccess : cudaErrorInvalidValue;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;  // static shared memory: not modelled (the 48 KB limit is not)
+};
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  *a = cudaFuncAttributes{};
+  return cudaSuccess;
+}
 
 // Stream capture: operations recorded instead of run.
 namespace emu {
