@@ -45,6 +45,7 @@ size_t Take(size_t* cursor, size_t bytes) {
 
 std::atomic<bool> g_tensor_core_scoring{true};
 std::atomic<bool> g_small_row_selection{true};
+std::atomic<bool> g_chunk_selection{true};
 
 }  // namespace
 
@@ -52,6 +53,8 @@ void SetTensorCoreScoring(bool on) { g_tensor_core_scoring.store(on, std::memory
 bool TensorCoreScoring() { return g_tensor_core_scoring.load(std::memory_order_relaxed); }
 void SetSmallRowSelection(bool on) { g_small_row_selection.store(on, std::memory_order_relaxed); }
 bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_relaxed); }
+void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_relaxed); }
+bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
 
 absl::Status ValidateShape(const SelectRequest& req) {
   if (req.kv_heads < 1) {

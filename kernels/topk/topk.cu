@@ -76,13 +76,13 @@ __device__ __forceinline__ void WaitForPrevious() {
 #endif
 }
 template <typename... Params, typename... Args>
-cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                            Args... args) {
+cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                            cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs}
-  const cudaLaunchConfig_t config = {grid, block, 0, stream, attr, 1};
+  const cudaLaunchConfig_t config = {grid, block, smem, stream, attr, 1};
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
@@ -466,7 +466,10 @@ struct TcParams {
   float* out;       // [out_rows][len]
   int64_t n_tiles;  // 16-row tiles per head
   uint32_t* hist0;  // [kv_heads][kRadixBins] fused first radix histogram (kMax / kSum); or null
-  SrcKind hist_kind;
+  // [kv_heads][n_tiles]: per 16-row tile, the largest order key of its rows that take part (0:
+  // none), for ChunkSelectKernel (kMax / kSum); or null.
+  uint32_t* chunk_keys;
+  SrcKind hist_kind;  // which rows are excluded from hist0 and chunk_keys
   int64_t n, n_sink, n_local;
 };
 
@@ -683,6 +686,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
     // The registers of this tile are free: load the next one.
     load(tile + stride, buf);
     if (!per_head) {
+      uint32_t chunk_key = 0u;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
 #pragma unroll
@@ -695,6 +699,10 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         float v = red[r];
         if (v != v) v = p.bound ? kInf : -kInf;
         if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
+        if (p.chunk_keys != nullptr && mine &&
+            !Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)) {
+          chunk_key = max(chunk_key, internal::OrderKey(v));
+        }
         if (p.hist0 != nullptr) {
           // Neighbouring rows mostly share a bin: one shared atomic per distinct bin.
           const uint32_t bin = !mine ? 0xffffffffu
@@ -705,6 +713,10 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           const uint32_t peers = __match_any_sync(0xffffffffu, bin);
           if (mine && __ffs(peers) - 1 == lane) atomicAdd(&hist_s[bin], __popc(peers));
         }
+      }
+      if (p.chunk_keys != nullptr) {
+        chunk_key = __reduce_max_sync(0xffffffffu, chunk_key);
+        if (lane == 0) p.chunk_keys[static_cast<int64_t>(kvh) * p.n_tiles + tile] = chunk_key;
       }
     }
   }
@@ -880,25 +892,45 @@ absl::Status LaunchTcW(const TcParams& p, int parts, bool* hist, cudaStream_t st
              : LaunchTc<W, 3, kTcChunkTiles>(p, hist, stream, info);
 }
 
-// Scores (or bounds) on tensor cores when the rows are bf16, no LSE partials are wanted and the
-// block's shared memory holds the group's query fragments; *launched tells whether it ran.
+// What the scoring kernel may make for the selection that follows, besides the scores
+// (reductions kMax and kSum only).
+struct ScoreExtras {
+  // In: the first radix histogram of the selection, fused when it costs no occupancy.
+  uint32_t* hist0 = nullptr;
+  // In: per-tile maximum keys for ChunkSelectKernel (tensor-core scoring only).
+  uint32_t* chunk_keys = nullptr;
+  SrcKind kind = SrcKind::kPlain;  // which elements the selection excludes
+  bool hist_done = false;          // out: hist0 was made
+  bool chunks_done = false;        // out: chunk_keys were made
+};
+
+// Whether RunTcScore scores `view` (out set, no LSE partials) on tensor cores: bf16 rows of a
+// supported width whose group's query fragments (and, with `hist`, a histogram) fit a block.
+bool TcScores(const SelectRequest& req, const MatrixView& view, bool bound, bool hist,
+              const DeviceInfo& info) {
+  const int width = bound ? 2 * req.head_dim : req.head_dim;
+  const int group = req.query_heads / req.kv_heads;
+  const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
+  return internal::TensorCoreScoring() && view.dtype == DType::kBF16 &&
+         (width == 64 || width == 128 || width == 256 || width == 512) &&
+         TcSmem(width, parts, (group + 7) / 8, hist) + 1024 <=
+             static_cast<size_t>(info.smem_per_sm) &&
+         req.kv_heads <= 65535;
+}
+
+// Scores (or bounds) on tensor cores where TcScores says so; *launched tells whether it ran.
 absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool bound, float* out,
-                        cudaStream_t stream, uint32_t* hist0, SrcKind hist_kind, bool* hist_fused,
-                        bool* launched, const DeviceInfo& info) {
+                        cudaStream_t stream, ScoreExtras* extras, bool* launched,
+                        const DeviceInfo& info) {
   *launched = false;
-  if (!internal::TensorCoreScoring() || view.dtype != DType::kBF16 || out == nullptr) {
-    return absl::OkStatus();
-  }
+  const bool reduced = req.reduction != GqaReduction::kPerQueryHead;
+  bool hist = extras != nullptr && extras->hist0 != nullptr && reduced;
+  if (out == nullptr || !TcScores(req, view, bound, hist, info)) return absl::OkStatus();
   const int width = bound ? 2 * req.head_dim : req.head_dim;
   const int group = req.query_heads / req.kv_heads;
   const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
   TcParams p;
   p.n_tiles8 = (group + 7) / 8;
-  bool hist = hist0 != nullptr && req.reduction != GqaReduction::kPerQueryHead;
-  if (TcSmem(width, parts, p.n_tiles8, hist) + 1024 > static_cast<size_t>(info.smem_per_sm) ||
-      req.kv_heads > 65535) {
-    return absl::OkStatus();
-  }
   p.rows = ToDev(view);
   p.queries = req.queries;
   p.qtype = req.query_dtype;
@@ -910,8 +942,9 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   p.len = bound ? NumPages(req.num_tokens) : req.num_tokens;
   p.out = out;
   p.n_tiles = (p.len + kTcTileRows - 1) / kTcTileRows;
-  p.hist0 = hist ? hist0 : nullptr;
-  p.hist_kind = hist_kind;
+  p.hist0 = hist ? extras->hist0 : nullptr;
+  p.chunk_keys = extras != nullptr && reduced ? extras->chunk_keys : nullptr;
+  p.hist_kind = extras != nullptr ? extras->kind : SrcKind::kPlain;
   p.n = req.num_tokens;
   p.n_sink = req.n_sink;
   p.n_local = req.n_local;
@@ -927,28 +960,27 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
         return LaunchTcW<512>(p, parts, &hist, stream, info);
     }
   };
-  if (width != 64 && width != 128 && width != 256 && width != 512) return absl::OkStatus();
   ROPEKV_TOPK_RETURN_IF_ERROR(launch());
   *launched = true;
-  if (hist_fused != nullptr) *hist_fused = hist;
+  if (extras != nullptr) {
+    extras->hist_done = hist;
+    extras->chunks_done = p.chunk_keys != nullptr;
+  }
   return absl::OkStatus();
 }
 
 // Scores (or bounds) of every row of `view` for the request's queries, into out[rows][len]
-// and/or LSE partials. With `hist0`, also the first radix histogram of the selection over `out`
-// (elements excluded as `hist_kind` says) when the reduction allows it and it costs no
-// occupancy; *hist_fused tells whether it did.
+// and/or LSE partials, with what `extras` asks for where the scoring kernel makes it.
 absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, bool bound, float* out,
                            float2* lse, int64_t lse_parts, cudaStream_t stream,
-                           uint32_t* hist0 = nullptr, SrcKind hist_kind = SrcKind::kPlain,
-                           bool* hist_fused = nullptr) {
-  if (hist_fused != nullptr) *hist_fused = false;
+                           ScoreExtras* extras = nullptr) {
+  if (extras != nullptr) extras->hist_done = extras->chunks_done = false;
   absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
   if (!info.ok()) return info.status();
   if (lse == nullptr) {
     bool launched = false;
     ROPEKV_TOPK_RETURN_IF_ERROR(
-        RunTcScore(req, view, bound, out, stream, hist0, hist_kind, hist_fused, &launched, *info));
+        RunTcScore(req, view, bound, out, stream, extras, &launched, *info));
     if (launched) return absl::OkStatus();
   }
   const int width = bound ? 2 * req.head_dim : req.head_dim;
@@ -984,16 +1016,17 @@ absl::Status RunScoreTiles(const SelectRequest& req, const MatrixView& view, boo
   size_t smem = static_cast<size_t>(kStages) * kScoreThreads * ts.slot_bytes +
                 static_cast<size_t>(p.heads_per_block) * ts.q_stride * 4;
   p.hist0 = nullptr;
-  p.hist_kind = hist_kind;
+  p.hist_kind = extras != nullptr ? extras->kind : SrcKind::kPlain;
   p.n = req.num_tokens;
   p.n_sink = req.n_sink;
   p.n_local = req.n_local;
   const size_t hist_smem = kRadixBins * 4;
-  if (hist0 != nullptr && out != nullptr && req.reduction != GqaReduction::kPerQueryHead &&
+  if (extras != nullptr && extras->hist0 != nullptr && out != nullptr &&
+      req.reduction != GqaReduction::kPerQueryHead &&
       ScoreBlocksPerSm(*info, smem + hist_smem) >= ScoreBlocksPerSm(*info, smem)) {
     smem += hist_smem;
-    p.hist0 = hist0;
-    if (hist_fused != nullptr) *hist_fused = true;
+    p.hist0 = extras->hist0;
+    extras->hist_done = true;
   }
   const int hpb = p.heads_per_block;
   const int gc = hpb >= 8 ? 8 : (hpb >= 4 ? 4 : (hpb >= 2 ? 2 : 1));
@@ -1517,16 +1550,176 @@ constexpr int kSmallMaxPer = 16;
 constexpr int64_t kSmallMaxLen = kSmallThreads * kSmallMaxPer;
 using SmallScan = cub::BlockScan<uint32_t, kSmallThreads>;
 
+// Shared memory of BlockTopK.
+struct TopKSmem {
+  SmallScan::TempStorage scan;
+  uint32_t hist[2][256];
+  uint32_t nz[32], hi[32], lo[32];
+  uint32_t digit, above, on, count;
+  uint32_t ck[32], ci[32];  // the last candidates: keys, positions
+};
+
+// The k_sel largest of the block's keys (0: takes no part), larger key first, then lower
+// position; thread tid holds positions tid * PER .. tid * PER + PER - 1 (PER * kSmallThreads
+// covers them). Returns the thread's take mask (bit j: position tid * PER + j chosen); *thr is the
+// threshold key (every key above it is chosen, on it the lowest positions), *all whether every key
+// that takes part is chosen (then *thr means nothing). Block-wide; begins with a barrier, so it may
+// run again on the same shared memory.
+// With max_keep >= k_sel (0: off) it may stop early: as soon as at most max_keep keys are at or
+// above a radix prefix it takes all of them, *thr the prefix's smallest key (at least k_sel keys
+// are >= *thr, none above *thr is left out).
+template <int PER>
+__device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSmem& sm,
+                              uint32_t* thr, bool* all_out, uint32_t max_keep = 0) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int e0 = tid * PER;
+  __syncthreads();
+  // Count, maximum and minimum of the keys that take part.
+  uint32_t nz = 0, hi = 0u, lo = 0xffffffffu;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    nz += key[j] != 0u ? 1u : 0u;
+    hi = max(hi, key[j]);
+    lo = min(lo, key[j] != 0u ? key[j] : 0xffffffffu);
+  }
+  nz = __reduce_add_sync(0xffffffffu, nz);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  if (lane == 0) {
+    sm.nz[warp] = nz;
+    sm.hi[warp] = hi;
+    sm.lo[warp] = lo;
+  }
+  if (tid < 256) sm.hist[0][tid] = 0u;
+  if (tid == 0) sm.count = 0u;
+  __syncthreads();
+  const uint32_t total = __reduce_add_sync(0xffffffffu, sm.nz[lane]);
+  hi = __reduce_max_sync(0xffffffffu, sm.hi[lane]);
+  lo = __reduce_min_sync(0xffffffffu, sm.lo[lane]);
+  uint32_t k_rem = min(k_sel, total);
+  const bool all = k_rem == total || total <= max_keep;  // every element that takes part
+  // The threshold key (above it chosen; on it the k_rem lowest indices) and how many have it.
+  uint32_t prefix = hi, on = total;
+  bool early = false;  // stopped at max_keep: every key >= prefix chosen
+  if (!all && hi != lo) {
+    const int top = 31 - __clz(hi ^ lo);  // the highest bit that differs
+    uint32_t mask = ~((2u << top) - 1u);  // the bits above it, which every key shares
+    prefix = hi & mask;
+    for (int h = top, pass = 0; h >= 0; h -= 8, ++pass) {
+      const int l = max(h - 7, 0);
+      const uint32_t dmask = (2u << (h - l)) - 1u;
+      uint32_t* bins = sm.hist[pass & 1];
+      // The other buffer's last reader (warp 0's scan) finished before the last barrier.
+      if (tid < 256) sm.hist[(pass + 1) & 1][tid] = 0u;
+#pragma unroll
+      for (int j = 0; j < PER; ++j) {
+        if (key[j] != 0u && (key[j] & mask) == prefix) atomicAdd(&bins[(key[j] >> l) & dmask], 1u);
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane l holds bins 255 - 8l .. 248 - 8l (from the top); inclusive scan over lanes.
+        uint32_t c[8];
+        uint32_t sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          c[j] = bins[255 - 8 * lane - j];
+          sum += c[j];
+        }
+        uint32_t incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const uint32_t o = __shfl_sync(0xffffffffu, incl, lane >= off ? lane - off : 0);
+          if (lane >= off) incl += o;
+        }
+        uint32_t acc = incl - sum;
+        if (acc < k_rem && incl >= k_rem) {
+          for (int j = 0; j < 8; ++j) {
+            if (acc + c[j] >= k_rem) {
+              sm.digit = static_cast<uint32_t>(255 - 8 * lane - j);
+              sm.above = acc;
+              sm.on = c[j];
+              break;
+            }
+            acc += c[j];
+          }
+        }
+      }
+      __syncthreads();
+      k_rem -= sm.above;
+      on = sm.on;
+      prefix |= sm.digit << l;
+      mask |= dmask << l;
+      if (min(k_sel, total) - k_rem + on <= max_keep) {
+        early = true;
+        break;
+      }
+      if (l > 0 && on <= 32) {
+        // At most 32 keys left on the prefix: one warp ranks them (larger key first, then lower
+        // index) instead of the remaining passes.
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+          if (key[j] != 0u && (key[j] & mask) == prefix) {
+            const uint32_t at = atomicAdd(&sm.count, 1u);
+            sm.ck[at] = key[j];
+            sm.ci[at] = static_cast<uint32_t>(e0 + j);
+          }
+        }
+        __syncthreads();
+        if (warp == 0) {
+          const bool valid = static_cast<uint32_t>(lane) < on;
+          const uint32_t kl = valid ? sm.ck[lane] : 0u, il = valid ? sm.ci[lane] : 0xffffffffu;
+          uint32_t before = 0;
+          for (int m = 0; m < 32; ++m) {
+            const uint32_t km = __shfl_sync(0xffffffffu, kl, m);
+            const uint32_t im = __shfl_sync(0xffffffffu, il, m);
+            before += static_cast<uint32_t>(m) < on && (km > kl || (km == kl && im < il)) ? 1u : 0u;
+          }
+          const uint32_t hit = __ballot_sync(0xffffffffu, valid && before == k_rem - 1);
+          const uint32_t thr = __shfl_sync(0xffffffffu, kl, __ffs(hit) - 1);
+          const uint32_t gt = __popc(__ballot_sync(0xffffffffu, valid && kl > thr));
+          const uint32_t eqc = __popc(__ballot_sync(0xffffffffu, valid && kl == thr));
+          if (lane == 0) {
+            sm.digit = thr;
+            sm.above = gt;
+            sm.on = eqc;
+          }
+        }
+        __syncthreads();
+        prefix = sm.digit;
+        k_rem -= sm.above;
+        on = sm.on;
+        break;
+      }
+    }
+  }
+  // Ranks among the elements on the threshold key, when not all of them are taken.
+  uint32_t rank = 0;
+  if (!all && !early && on > k_rem) {
+    uint32_t eq = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) eq += key[j] == prefix ? 1u : 0u;
+    SmallScan(sm.scan).ExclusiveSum(eq, rank);
+  }
+  uint32_t take = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const uint32_t k = key[j];
+    bool t = k != 0u && (all || k > prefix || (early && k == prefix));
+    if (k != 0u && !all && !early && k == prefix) t = rank++ < k_rem;
+    take |= t ? 1u << j : 0u;
+  }
+  *thr = prefix;
+  *all_out = all;
+  return take;
+}
+
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
 // \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
 template <int PER>
 __global__ void __launch_bounds__(kSmallThreads)
     SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
-  __shared__ SmallScan::TempStorage scan_tie, scan_out;
-  __shared__ uint32_t hist[2][256];
-  __shared__ uint32_t s_nz[32], s_hi[32], s_lo[32];
-  __shared__ uint32_t s_digit, s_above, s_on, s_count;
-  __shared__ uint32_t s_ck[32], s_ci[32];  // the last candidates: keys, indices
+  __shared__ TopKSmem sm;
+  __shared__ SmallScan::TempStorage scan_out;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int len = static_cast<int>(src.len);
   const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
@@ -1564,135 +1757,9 @@ __global__ void __launch_bounds__(kSmallThreads)
   for (int j = 0; j < PER; ++j) {
     key[j] = e0 + j >= f_lo && e0 + j < f_hi ? internal::OrderKey(v[j]) : 0u;
   }
-  // Count, maximum and minimum of the keys that take part.
-  uint32_t nz = 0, hi = 0u, lo = 0xffffffffu;
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    nz += key[j] != 0u ? 1u : 0u;
-    hi = max(hi, key[j]);
-    lo = min(lo, key[j] != 0u ? key[j] : 0xffffffffu);
-  }
-  nz = __reduce_add_sync(0xffffffffu, nz);
-  hi = __reduce_max_sync(0xffffffffu, hi);
-  lo = __reduce_min_sync(0xffffffffu, lo);
-  if (lane == 0) {
-    s_nz[warp] = nz;
-    s_hi[warp] = hi;
-    s_lo[warp] = lo;
-  }
-  if (tid < 256) hist[0][tid] = 0u;
-  if (tid == 0) s_count = 0u;
-  __syncthreads();
-  uint32_t total = __reduce_add_sync(0xffffffffu, s_nz[lane]);
-  hi = __reduce_max_sync(0xffffffffu, s_hi[lane]);
-  lo = __reduce_min_sync(0xffffffffu, s_lo[lane]);
-  uint32_t k_rem = min(k_sel, total);
-  const bool all = k_rem == total;  // every element that takes part
-  // The threshold key (above it chosen; on it the k_rem lowest indices) and how many have it.
-  uint32_t prefix = hi, on = total;
-  if (!all && hi != lo) {
-    const int top = 31 - __clz(hi ^ lo);  // the highest bit that differs
-    uint32_t mask = ~((2u << top) - 1u);  // the bits above it, which every key shares
-    prefix = hi & mask;
-    for (int h = top, pass = 0; h >= 0; h -= 8, ++pass) {
-      const int l = max(h - 7, 0);
-      const uint32_t dmask = (2u << (h - l)) - 1u;
-      uint32_t* bins = hist[pass & 1];
-      // The other buffer's last reader (warp 0's scan) finished before the last barrier.
-      if (tid < 256) hist[(pass + 1) & 1][tid] = 0u;
-#pragma unroll
-      for (int j = 0; j < PER; ++j) {
-        if (key[j] != 0u && (key[j] & mask) == prefix) atomicAdd(&bins[(key[j] >> l) & dmask], 1u);
-      }
-      __syncthreads();
-      if (warp == 0) {
-        // Lane l holds bins 255 - 8l .. 248 - 8l (from the top); inclusive scan over lanes.
-        uint32_t c[8];
-        uint32_t sum = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          c[j] = bins[255 - 8 * lane - j];
-          sum += c[j];
-        }
-        uint32_t incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const uint32_t o = __shfl_sync(0xffffffffu, incl, lane >= off ? lane - off : 0);
-          if (lane >= off) incl += o;
-        }
-        uint32_t acc = incl - sum;
-        if (acc < k_rem && incl >= k_rem) {
-          for (int j = 0; j < 8; ++j) {
-            if (acc + c[j] >= k_rem) {
-              s_digit = static_cast<uint32_t>(255 - 8 * lane - j);
-              s_above = acc;
-              s_on = c[j];
-              break;
-            }
-            acc += c[j];
-          }
-        }
-      }
-      __syncthreads();
-      k_rem -= s_above;
-      on = s_on;
-      prefix |= s_digit << l;
-      mask |= dmask << l;
-      if (l > 0 && on <= 32) {
-        // At most 32 keys left on the prefix: one warp ranks them (larger key first, then lower
-        // index) instead of the remaining passes.
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-          if (key[j] != 0u && (key[j] & mask) == prefix) {
-            const uint32_t at = atomicAdd(&s_count, 1u);
-            s_ck[at] = key[j];
-            s_ci[at] = static_cast<uint32_t>(e0 + j);
-          }
-        }
-        __syncthreads();
-        if (warp == 0) {
-          const bool valid = static_cast<uint32_t>(lane) < on;
-          const uint32_t kl = valid ? s_ck[lane] : 0u, il = valid ? s_ci[lane] : 0xffffffffu;
-          uint32_t before = 0;
-          for (int m = 0; m < 32; ++m) {
-            const uint32_t km = __shfl_sync(0xffffffffu, kl, m);
-            const uint32_t im = __shfl_sync(0xffffffffu, il, m);
-            before += static_cast<uint32_t>(m) < on && (km > kl || (km == kl && im < il)) ? 1u : 0u;
-          }
-          const uint32_t hit = __ballot_sync(0xffffffffu, valid && before == k_rem - 1);
-          const uint32_t thr = __shfl_sync(0xffffffffu, kl, __ffs(hit) - 1);
-          const uint32_t gt = __popc(__ballot_sync(0xffffffffu, valid && kl > thr));
-          const uint32_t eqc = __popc(__ballot_sync(0xffffffffu, valid && kl == thr));
-          if (lane == 0) {
-            s_digit = thr;
-            s_above = gt;
-            s_on = eqc;
-          }
-        }
-        __syncthreads();
-        prefix = s_digit;
-        k_rem -= s_above;
-        on = s_on;
-        break;
-      }
-    }
-  }
-  // Ranks among the elements on the threshold key, when not all of them are taken.
-  uint32_t rank = 0;
-  if (!all && on > k_rem) {
-    uint32_t eq = 0;
-#pragma unroll
-    for (int j = 0; j < PER; ++j) eq += key[j] == prefix ? 1u : 0u;
-    SmallScan(scan_tie).ExclusiveSum(eq, rank);
-  }
-  uint32_t take = 0;
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const uint32_t k = key[j];
-    bool t = k != 0u && (all || k > prefix);
-    if (k != 0u && !all && k == prefix) t = rank++ < k_rem;
-    take |= t ? 1u << j : 0u;
-  }
+  uint32_t prefix;
+  bool all;
+  const uint32_t take = BlockTopK<PER>(key, k_sel, sm, &prefix, &all);
   // Tokens this thread puts in the output; most threads' elements are whole, unpinned tokens.
   const int t0 = e0 * unit, t1 = (e0 + PER) * unit;
   const bool plain = t0 >= n_sink && t1 <= pin_lo && t1 <= n;
@@ -1709,7 +1776,7 @@ __global__ void __launch_bounds__(kSmallThreads)
       runs |= pinned > 0 ? 1u << j : 0u;
     }
   }
-  uint32_t start = 0;
+  uint32_t start = 0, total = 0;
   SmallScan(scan_out).ExclusiveSum(mine, start, total);
   // Each element's tokens are the whole element, or its sink part and its local part; the warp
   // writes the runs of its lanes one lane after another, all 32 lanes on each run.
@@ -1769,8 +1836,216 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
                            : SmallSelectKernel<16>;
   // A dependent launch: the selection's blocks start as the scorer's SMs free up.
   ROPEKV_CUDA_RETURN_IF_ERROR(
-      LaunchDependent(kernel, grid, dim3(kSmallThreads), stream, src, k, pages, out));
+      LaunchDependent(kernel, grid, dim3(kSmallThreads), 0, stream, src, k, pages, out));
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact selection over long rows from tile maxima (ChunkSelectKernel): rows of more than
+// kSmallMaxLen tokens scored on tensor cores, reductions kMax / kSum. The scorer writes, per
+// 16-token tile, the largest order key of its tokens that take part (0: none). One block a row
+// then, on chip:
+// 1. takes the k_sel largest chunks of `pool` tiles (chunk key, then lower chunk). Every token of
+//    the row's top k_sel lies in them: a token outside ranks below each chosen chunk's maximum
+//    (a larger key, or the same key at a lower index), and there are k_sel of those;
+// 2. takes the top k_sel of the tokens of those chunks whose key is at least the k_sel-th chunk
+//    key (a token below it ranks below k_sel chunk maxima), laid out in token order, so that ties
+//    go to the lower token as in the other paths;
+// 3. writes the sink tokens, the selection and the local tokens, ascending.
+// Two one-block selections (BlockTopK) over len / (16 pool) and k_sel * 16 pool keys replace the
+// multi-block threshold filter over len. The chunk keys pass through shared memory (dynamic, one
+// word a chunk) so that they load as coalesced, independent reads and pool with shuffles.
+
+struct ChunkPlan {
+  int pool = 0;  // tiles a chunk; 0: the selection does not fit
+  int per1 = 0;  // chunks a thread in step 1
+  int per2 = 0;  // tokens a thread in step 2 (divides 16 * pool)
+};
+
+int PowerOfTwoAtLeast(int64_t x, int lo) {
+  int p = lo;
+  while (p < x) p *= 2;
+  return p;
+}
+
+// The pool that keeps both selections within one block with the fewest keys a thread.
+ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel) {
+  const int64_t tiles = (len + kTcTileRows - 1) / kTcTileRows;
+  ChunkPlan best;
+  for (int pool = 1; pool <= 32; pool *= 2) {
+    const int64_t chunks = (tiles + pool - 1) / pool;
+    const int64_t slots = k_sel * kTcTileRows * pool;
+    if (chunks > kSmallMaxLen || slots > kSmallMaxLen) continue;
+    ChunkPlan c;
+    c.pool = pool;
+    c.per1 = PowerOfTwoAtLeast((chunks + kSmallThreads - 1) / kSmallThreads, 2);
+    c.per2 = PowerOfTwoAtLeast((slots + kSmallThreads - 1) / kSmallThreads, 4);
+    if (best.pool == 0 || c.per1 + c.per2 < best.per1 + best.per2) best = c;
+  }
+  return best;
+}
+
+// \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
+template <int PER1, int PER2>
+__global__ void __launch_bounds__(kSmallThreads)
+    ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
+                      uint32_t k_sel, const CompactArgs out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* s_keys = reinterpret_cast<uint32_t*>(smem);  // [chunks]
+  __shared__ TopKSmem sm;
+  __shared__ SmallScan::TempStorage scan_out;
+  __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int64_t row = blockIdx.x;
+  const int n = static_cast<int>(out.n);
+  const int tiles = static_cast<int>(n_tiles);
+  const int chunks = (tiles + pool - 1) / pool;
+  const int chunk_tokens = pool * kTcTileRows;
+  WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
+
+  // 1. Chunk keys: lane-consecutive tiles, pooled by shuffles (pool <= 32 divides the warp).
+  const uint32_t* ck = chunk_keys + row * n_tiles;
+  const int tiles_up = (tiles + 31) & ~31;
+#pragma unroll 16
+  for (int t = tid; t < tiles_up; t += kSmallThreads) {
+    uint32_t m = t < tiles ? ck[t] : 0u;
+    for (int off = 1; off < pool; off <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (t < tiles && (lane & (pool - 1)) == 0) s_keys[t / pool] = m;
+  }
+  __syncthreads();
+  uint32_t key1[PER1];
+#pragma unroll
+  for (int j = 0; j < PER1; ++j) {
+    const int c = tid * PER1 + j;
+    key1[j] = c < chunks ? s_keys[c] : 0u;
+  }
+  uint32_t thr1;
+  bool all1;
+  // Any chunks the second selection holds will do, as long as all chunks >= thr1 are in.
+  const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
+  const uint32_t take1 = BlockTopK<PER1>(key1, k_sel, sm, &thr1, &all1, max_keep);
+  uint32_t at = 0, n_chosen = 0;
+  SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take1)), at, n_chosen);
+#pragma unroll
+  for (int j = 0; j < PER1; ++j) {
+    if ((take1 >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(tid * PER1 + j);
+  }
+  __syncthreads();
+
+  // 2. The tokens of the chosen chunks; a thread's PER2 tokens lie in one chunk.
+  const uint32_t key_min = all1 ? 1u : thr1;
+  const int e0 = tid * PER2;
+  const int c_at = e0 / chunk_tokens;
+  const int t0 = c_at < static_cast<int>(n_chosen)
+                     ? static_cast<int>(s_chunk[c_at]) * chunk_tokens + e0 % chunk_tokens
+                     : n;
+  const float* row_scores = scores + row * out.n;
+  float v[PER2];
+  if (n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0) {
+#pragma unroll
+    for (int j = 0; j < PER2; j += 4) {
+      const float4 x = t0 + j < n ? *reinterpret_cast<const float4*>(row_scores + t0 + j)
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      v[j] = x.x;
+      v[j + 1] = x.y;
+      v[j + 2] = x.z;
+      v[j + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < PER2; ++j) v[j] = t0 + j < n ? row_scores[t0 + j] : 0.0f;
+  }
+  uint32_t key2[PER2];
+#pragma unroll
+  for (int j = 0; j < PER2; ++j) {
+    const int t = t0 + j;
+    const uint32_t k = internal::OrderKey(v[j]);
+    key2[j] =
+        t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= key_min ? k : 0u;
+  }
+  uint32_t thr2;
+  bool all2;
+  const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm, &thr2, &all2);
+
+  // 3. Sink tokens, the selection, local tokens.
+  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
+  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
+  const int n_loc = max(0, n - pin_lo);
+  uint32_t start = 0, chosen = 0;
+  SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take2)), start, chosen);
+  int32_t* indices = out.indices + row * out.cap;
+  const bool copy_scores = out.out_scores != nullptr && out.row_scores != nullptr;
+  float* out_scores = copy_scores ? out.out_scores + row * out.cap : nullptr;
+  const float* src_scores = copy_scores ? out.row_scores + row * out.n : nullptr;
+  const int cap = static_cast<int>(out.cap);
+  auto put = [&](int slot, int t) {
+    if (slot < cap) {
+      indices[slot] = t;
+      if (copy_scores) out_scores[slot] = src_scores[t];
+    }
+  };
+  int slot = n_sink + static_cast<int>(start);
+#pragma unroll
+  for (int j = 0; j < PER2; ++j) {
+    if ((take2 >> j) & 1u) put(slot++, t0 + j);
+  }
+  for (int t = tid; t < n_sink; t += kSmallThreads) put(t, t);
+  const int loc_at = n_sink + static_cast<int>(chosen);
+  for (int i = tid; i < n_loc; i += kSmallThreads) put(loc_at + i, pin_lo + i);
+  const int count = min(loc_at + n_loc, cap);
+  for (int j = count + tid; j < cap; j += kSmallThreads) {
+    indices[j] = -1;
+    if (out.out_scores != nullptr) {
+      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+    }
+  }
+  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
+}
+
+template <int PER1, int PER2>
+absl::Status LaunchChunkKernel(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
+                               int64_t rows, int64_t n_tiles, uint32_t k_sel,
+                               const CompactArgs& out, cudaStream_t stream) {
+  constexpr auto kKernel = ChunkSelectKernel<PER1, PER2>;
+  const size_t smem = static_cast<size_t>((n_tiles + cp.pool - 1) / cp.pool) * 4;
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
+  // A dependent launch: the selection's blocks start as the scorer's SMs free up.
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(kKernel, dim3(static_cast<unsigned>(rows)),
+                                              dim3(kSmallThreads), smem, stream, scores, chunk_keys,
+                                              n_tiles, cp.pool, k_sel, out));
+  return absl::OkStatus();
+}
+
+template <int PER1>
+absl::Status LaunchChunkPer2(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
+                             int64_t rows, int64_t n_tiles, uint32_t k_sel, const CompactArgs& out,
+                             cudaStream_t stream) {
+  switch (cp.per2) {
+    case 4:
+      return LaunchChunkKernel<PER1, 4>(cp, scores, chunk_keys, rows, n_tiles, k_sel, out, stream);
+    case 8:
+      return LaunchChunkKernel<PER1, 8>(cp, scores, chunk_keys, rows, n_tiles, k_sel, out, stream);
+    default:
+      return LaunchChunkKernel<PER1, 16>(cp, scores, chunk_keys, rows, n_tiles, k_sel, out, stream);
+  }
+}
+
+// Enqueues ChunkSelectKernel for a plan PlanChunkSelect made (cp.pool > 0).
+absl::Status LaunchChunkSelect(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
+                               int64_t rows, int64_t len, int64_t k_sel, const CompactArgs& out,
+                               cudaStream_t stream) {
+  const uint32_t k = static_cast<uint32_t>(k_sel);
+  const int64_t n_tiles = (len + kTcTileRows - 1) / kTcTileRows;
+  switch (cp.per1) {
+    case 2:
+      return LaunchChunkPer2<2>(cp, scores, chunk_keys, rows, n_tiles, k, out, stream);
+    case 4:
+      return LaunchChunkPer2<4>(cp, scores, chunk_keys, rows, n_tiles, k, out, stream);
+    case 8:
+      return LaunchChunkPer2<8>(cp, scores, chunk_keys, rows, n_tiles, k, out, stream);
+    default:
+      return LaunchChunkPer2<16>(cp, scores, chunk_keys, rows, n_tiles, k, out, stream);
+  }
 }
 
 // Whether SmallSelectKernel takes this selection.
@@ -1811,7 +2086,7 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
     HistKernel<<<grid, kSelThreads, 0, stream>>>(s, ws.hist0, chunk);
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FilterKernel, grid, dim3(kSelThreads), stream, s,
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FilterKernel, grid, dim3(kSelThreads), 0, stream, s,
                                               sink, ws, static_cast<uint32_t>(k_sel), chunk, out));
   return absl::OkStatus();
 }
@@ -2331,14 +2606,25 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   float* scores = reinterpret_cast<float*>(ws + plan.scores);
   float2* lse = reinterpret_cast<float2*>(ws + plan.lse);
   const bool want_mass = result.mass != nullptr;
+  absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
+  if (!info.ok()) return info.status();
   // A short row selected in one block (SmallSelectKernel) needs neither the zeroed workspace nor
-  // the fused histogram.
+  // the fused histogram; nor does a long exact row selected from the scorer's tile maxima
+  // (ChunkSelectKernel).
   const bool small = req.mode != Mode::kBoundThenExact && internal::SmallRowSelection() &&
                      plan.len <= kSmallMaxLen;
-  if (!small) {
+  ChunkPlan chunked;
+  if (req.mode == Mode::kExact && !want_mass && !small && internal::ChunkSelection() &&
+      req.reduction != GqaReduction::kPerQueryHead &&
+      TcScores(req, req.keys, false, false, *info)) {
+    chunked = PlanChunkSelect(plan.len, plan.k_sel);
+  }
+  auto zero_workspace = [&]() -> absl::Status {
     ROPEKV_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
-  }
+    return absl::OkStatus();
+  };
+  if (!small && chunked.pool == 0) ROPEKV_TOPK_RETURN_IF_ERROR(zero_workspace());
 
   // The output rows, written by the last selection.
   CompactArgs out;
@@ -2353,18 +2639,27 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   const SelWs sel = MakeSelWs(ws, plan.sel);
   const SrcKind kind = req.mode == Mode::kExact ? SrcKind::kTokens : SrcKind::kPages;
 
-  // 1. Scores or bounds (with the first histogram when it can be fused), and the softmax
-  // denominators.
-  bool hist_done = false;
+  // 1. Scores or bounds (with the first histogram or the tile maxima when they can be fused),
+  // and the softmax denominators.
+  ScoreExtras extras;
+  extras.kind = kind;
   // (Long page rows take their histogram after RangeKernel: see RunSelection.)
-  uint32_t* hist0 = small || req.mode != Mode::kExact ? nullptr : sel.hist0;
+  extras.hist0 = small || chunked.pool > 0 || req.mode != Mode::kExact ? nullptr : sel.hist0;
+  uint32_t* chunk_keys = chunked.pool > 0 ? sel.cand : nullptr;
+  extras.chunk_keys = chunk_keys;
   if (req.mode == Mode::kExact) {
-    ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.keys, false, scores,
-                                              want_mass ? lse : nullptr, plan.lse_parts, stream,
-                                              hist0, kind, &hist_done));
+    ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(
+        req, req.keys, false, scores, want_mass ? lse : nullptr, plan.lse_parts, stream, &extras));
+    if (chunked.pool > 0) {
+      if (extras.chunks_done) {
+        return LaunchChunkSelect(chunked, scores, chunk_keys, plan.rows, plan.len, plan.k_sel, out,
+                                 stream);
+      }
+      ROPEKV_TOPK_RETURN_IF_ERROR(zero_workspace());  // the filter path after all
+    }
   } else {
-    ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream,
-                                              hist0, kind, &hist_done));
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        RunScoreTiles(req, req.page_meta, true, scores, nullptr, 0, stream, &extras));
     if (want_mass) {
       ROPEKV_TOPK_RETURN_IF_ERROR(
           RunScoreTiles(req, req.keys, false, nullptr, lse, plan.lse_parts, stream));
@@ -2397,7 +2692,7 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
       sink.list_cap = plan.cand_pages;
       break;
   }
-  ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src, sink, sel, plan.rows, plan.k_sel, hist_done,
+  ROPEKV_TOPK_RETURN_IF_ERROR(RunSelection(src, sink, sel, plan.rows, plan.k_sel, extras.hist_done,
                                            req.mode == Mode::kBoundThenExact ? CompactArgs{} : out,
                                            stream));
 

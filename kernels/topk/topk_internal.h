@@ -39,6 +39,11 @@ bool TensorCoreScoring();
 // multi-block threshold filter. Same contract as above.
 void SetSmallRowSelection(bool on);
 bool SmallRowSelection();
+// Whether an exact selection over rows of more than 16384 tokens scored on tensor cores (kMax /
+// kSum, k * 16 <= 16384) starts from the scorer's per-tile maxima in one block per row
+// (ChunkSelectKernel; default on) instead of the multi-block threshold filter. Same contract.
+void SetChunkSelection(bool on);
+bool ChunkSelection();
 
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).

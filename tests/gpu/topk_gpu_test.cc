@@ -639,6 +639,49 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
   }
 }
 
+// Long exact rows scored on tensor cores are selected from the scorer's tile maxima
+// (ChunkSelectKernel) and give exactly what the multi-block threshold filter gives: ties (KV
+// head 1: every key is one of five multiples of one vector, so its scores take five values and
+// the k-th lies in a tie of ~n / 5 tokens), ±inf
+// keys, lengths that are not a multiple of 16 or 4, chunks of 1 to 8 tiles, k up to the largest
+// the chunk path takes, and sink / local windows that leave fewer free tokens than k.
+TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
+    Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 960 + n);
+    for (int64_t t = 0; t < n; ++t) {
+      const float level = static_cast<float>((t * 7919) % 5);
+      for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));
+    }
+    for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
+    for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+    OnDevice dev(p);
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum}) {
+      for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{256}, int64_t{1000}}) {
+        for (int64_t n_local : {int64_t{17}, n - 40}) {
+          SelectRequest req = p.Request(Mode::kExact, red, k);
+          req.n_sink = 3;
+          req.n_local = n_local;
+          Output a, b;
+          internal::SetChunkSelection(false);
+          const absl::Status s0 = RunGpu(dev.Retarget(req), true, false, &a);
+          internal::SetChunkSelection(true);
+          ASSERT_TRUE(s0.ok()) << s0;
+          ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &b).ok());
+          const std::string w =
+              absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k, " n_local ", n_local);
+          EXPECT_EQ(b.indices, a.indices) << w;
+          EXPECT_EQ(b.counts, a.counts) << w;
+          for (size_t i = 0; i < a.scores.size(); ++i) {
+            if (std::isnan(a.scores[i]) && std::isnan(b.scores[i])) continue;
+            ASSERT_EQ(b.scores[i], a.scores[i]) << w << " slot " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_F(TopkGpuTest, PageMetadataEqualsCpuBitForBit) {
   for (auto [kt, mt] :
        {std::make_pair(DType::kF32, DType::kBF16), std::make_pair(DType::kF32, DType::kF16),
