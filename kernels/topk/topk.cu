@@ -539,8 +539,10 @@ __device__ __forceinline__ uint4 TcLoad(const char* src) {
 }
 
 // \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
-// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles).
-template <int W, int P, int NTC>
+// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles). \tparam CK writes p.chunk_keys
+// (a template parameter: the code, even when skipped, cost the bound scorer 3% and changed the
+// exact scorer's register allocation).
+template <int W, int P, int NTC, bool CK>
 __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
   constexpr int kPairs = W / 64;  // chunk pairs a lane loads per row (two chunks of 8 columns)
@@ -699,8 +701,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         float v = red[r];
         if (v != v) v = p.bound ? kInf : -kInf;
         if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
-        if (p.chunk_keys != nullptr && mine &&
-            !Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)) {
+        if (CK && mine && !Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)) {
           chunk_key = max(chunk_key, internal::OrderKey(v));
         }
         if (p.hist0 != nullptr) {
@@ -714,7 +715,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           if (mine && __ffs(peers) - 1 == lane) atomicAdd(&hist_s[bin], __popc(peers));
         }
       }
-      if (p.chunk_keys != nullptr) {
+      if (CK) {
         chunk_key = __reduce_max_sync(0xffffffffu, chunk_key);
         if (lane == 0) p.chunk_keys[static_cast<int64_t>(kvh) * p.n_tiles + tile] = chunk_key;
       }
@@ -846,9 +847,9 @@ absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
   return blocks;
 }
 
-template <int W, int P, int NTC>
+template <int W, int P, int NTC, bool CK>
 absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
-  constexpr auto kKernel = TcScoreKernel<W, P, NTC>;
+  constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK>;
   const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false);
   absl::StatusOr<int> per_sm = BlocksPerSm<kKernel>(kTcThreads, smem_plain);
   if (!per_sm.ok()) return per_sm.status();
@@ -884,12 +885,20 @@ template <int W>
 absl::Status LaunchTcW(const TcParams& p, int parts, bool* hist, cudaStream_t stream,
                        const DeviceInfo& info) {
   const bool one = p.n_tiles8 == 1;
-  if (parts == 1) {
-    return one ? LaunchTc<W, 1, 1>(p, hist, stream, info)
-               : LaunchTc<W, 1, kTcChunkTiles>(p, hist, stream, info);
+  if (p.chunk_keys != nullptr) {
+    if (parts == 1) {
+      return one ? LaunchTc<W, 1, 1, true>(p, hist, stream, info)
+                 : LaunchTc<W, 1, kTcChunkTiles, true>(p, hist, stream, info);
+    }
+    return one ? LaunchTc<W, 3, 1, true>(p, hist, stream, info)
+               : LaunchTc<W, 3, kTcChunkTiles, true>(p, hist, stream, info);
   }
-  return one ? LaunchTc<W, 3, 1>(p, hist, stream, info)
-             : LaunchTc<W, 3, kTcChunkTiles>(p, hist, stream, info);
+  if (parts == 1) {
+    return one ? LaunchTc<W, 1, 1, false>(p, hist, stream, info)
+               : LaunchTc<W, 1, kTcChunkTiles, false>(p, hist, stream, info);
+  }
+  return one ? LaunchTc<W, 3, 1, false>(p, hist, stream, info)
+             : LaunchTc<W, 3, kTcChunkTiles, false>(p, hist, stream, info);
 }
 
 // What the scoring kernel may make for the selection that follows, besides the scores
@@ -1563,17 +1572,16 @@ struct TopKSmem {
 // position; thread tid holds positions tid * PER .. tid * PER + PER - 1 (PER * kSmallThreads
 // covers them). Returns the thread's take mask (bit j: position tid * PER + j chosen); *thr is the
 // threshold key (every key above it is chosen, on it the lowest positions), *all whether every key
-// that takes part is chosen (then *thr means nothing). Block-wide; begins with a barrier, so it may
-// run again on the same shared memory.
-// With max_keep >= k_sel (0: off) it may stop early: as soon as at most max_keep keys are at or
-// above a radix prefix it takes all of them, *thr the prefix's smallest key (at least k_sel keys
-// are >= *thr, none above *thr is left out).
-template <int PER>
+// that takes part is chosen (then *thr means nothing). Block-wide; two calls on the same shared
+// memory need a barrier between them.
+// \tparam EARLY it may stop early: as soon as at most max_keep (>= k_sel) keys are at or above a
+// radix prefix it takes all of them, *thr the prefix's smallest key (at least k_sel keys are
+// >= *thr, and no key >= *thr is left out).
+template <int PER, bool EARLY = false>
 __device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSmem& sm,
                               uint32_t* thr, bool* all_out, uint32_t max_keep = 0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e0 = tid * PER;
-  __syncthreads();
   // Count, maximum and minimum of the keys that take part.
   uint32_t nz = 0, hi = 0u, lo = 0xffffffffu;
 #pragma unroll
@@ -1597,7 +1605,7 @@ __device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSm
   hi = __reduce_max_sync(0xffffffffu, sm.hi[lane]);
   lo = __reduce_min_sync(0xffffffffu, sm.lo[lane]);
   uint32_t k_rem = min(k_sel, total);
-  const bool all = k_rem == total || total <= max_keep;  // every element that takes part
+  const bool all = k_rem == total || (EARLY && total <= max_keep);  // every element that takes part
   // The threshold key (above it chosen; on it the k_rem lowest indices) and how many have it.
   uint32_t prefix = hi, on = total;
   bool early = false;  // stopped at max_keep: every key >= prefix chosen
@@ -1649,7 +1657,7 @@ __device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSm
       on = sm.on;
       prefix |= sm.digit << l;
       mask |= dmask << l;
-      if (min(k_sel, total) - k_rem + on <= max_keep) {
+      if (EARLY && min(k_sel, total) - k_rem + on <= max_keep) {
         early = true;
         break;
       }
@@ -1923,7 +1931,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   bool all1;
   // Any chunks the second selection holds will do, as long as all chunks >= thr1 are in.
   const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
-  const uint32_t take1 = BlockTopK<PER1>(key1, k_sel, sm, &thr1, &all1, max_keep);
+  const uint32_t take1 = BlockTopK<PER1, true>(key1, k_sel, sm, &thr1, &all1, max_keep);
   uint32_t at = 0, n_chosen = 0;
   SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take1)), at, n_chosen);
 #pragma unroll
