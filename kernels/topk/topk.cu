@@ -2,10 +2,13 @@
 //
 //   TcScoreKernel      bf16 rows of keys (exact q.k) or page metadata ([q+, q-].[M; m]) -> fp32
 //                      row values on tensor cores, tiles streamed straight into registers, all
-//                      query heads of the GQA group from one read (+ the first radix histogram)
+//                      query heads of the GQA group from one read (+ the first radix histogram,
+//                      or each 16-row tile's largest key for ChunkSelectKernel)
 //   ScoreTilesKernel   the same on CUDA cores (f16/f32 rows, LSE partials of the captured mass)
 //   SmallSelectKernel  rows of <= 16384 elements (e.g. the pages of 128K tokens): the whole
 //                      selection of a row in one block, on chip
+//   ChunkSelectKernel  longer exact rows scored on tensor cores (k <= 1024): one block a row
+//                      takes the k largest tile maxima, then the top k of those tiles' tokens
 //   RangeKernel        long page rows: each row's key range, so the radix digits spread them
 //   HistKernel         11-bit histogram of the top digit of each value's order key (fused
 //                      into the scorer for exact kMax / kSum when it costs no occupancy)
@@ -466,8 +469,8 @@ struct TcParams {
   float* out;       // [out_rows][len]
   int64_t n_tiles;  // 16-row tiles per head
   uint32_t* hist0;  // [kv_heads][kRadixBins] fused first radix histogram (kMax / kSum); or null
-  // [kv_heads][n_tiles]: per 16-row tile, the largest order key of its rows that take part (0:
-  // none), for ChunkSelectKernel (kMax / kSum); or null.
+  // [out rows][n_tiles]: per 16-row tile, the largest order key of the row's values that take
+  // part (0: none), for ChunkSelectKernel; or null.
   uint32_t* chunk_keys;
   SrcKind hist_kind;  // which rows are excluded from hist0 and chunk_keys
   int64_t n, n_sink, n_local;
@@ -539,10 +542,13 @@ __device__ __forceinline__ uint4 TcLoad(const char* src) {
 }
 
 // \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
-// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles). \tparam CK writes p.chunk_keys
-// (a template parameter: the code, even when skipped, cost the bound scorer 3% and changed the
-// exact scorer's register allocation).
-template <int W, int P, int NTC, bool CK>
+// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles). \tparam CK writes p.chunk_keys:
+// kChunkKeysNone, kChunkKeysReduced or kChunkKeysPerHead (a template parameter: the code, even
+// when skipped, cost the bound scorer 3% and the exact scorer registers).
+constexpr int kChunkKeysNone = 0;
+constexpr int kChunkKeysReduced = 1;  // kMax / kSum rows
+constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
+template <int W, int P, int NTC, int CK>
 __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
   constexpr int kPairs = W / 64;  // chunk pairs a lane loads per row (two chunks of 8 columns)
@@ -677,10 +683,35 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           if (s != s) s = p.bound ? kInf : -kInf;
           if (per_head) {
             p.out[static_cast<int64_t>(q0 + head) * p.len + row] = s;
+            if (CK == kChunkKeysPerHead) acc[j][e] = s;
           } else if (is_max) {
             red[r] = fmaxf(red[r], s);
           } else {
             red[r] += s;
+          }
+        }
+      }
+      if (CK == kChunkKeysPerHead) {
+        // Each query head's tile maximum: rows g and g + 8 in the lane, then over the 8 lanes of
+        // the same tig (the same two heads).
+        const bool out_a = row0 >= p.len || Excluded(p.hist_kind, row0, p.n, p.n_sink, p.n_local);
+        const bool out_b =
+            row0 + 8 >= p.len || Excluded(p.hist_kind, row0 + 8, p.n, p.n_sink, p.n_local);
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+          if (NTC > 1 && n0 + j >= nt_total) break;  // warp-uniform
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            uint32_t key = max(out_a ? 0u : internal::OrderKey(acc[j][c]),
+                               out_b ? 0u : internal::OrderKey(acc[j][c + 2]));
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+              key = max(key, __shfl_xor_sync(0xffffffffu, key, off));
+            }
+            const int head = (n0 + j) * 8 + 2 * tig + c;
+            if (g == 0 && head < p.group) {
+              p.chunk_keys[static_cast<int64_t>(q0 + head) * p.n_tiles + tile] = key;
+            }
           }
         }
       }
@@ -701,7 +732,8 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
         float v = red[r];
         if (v != v) v = p.bound ? kInf : -kInf;
         if (mine) p.out[static_cast<int64_t>(kvh) * p.len + row] = v;
-        if (CK && mine && !Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)) {
+        if (CK == kChunkKeysReduced && mine &&
+            !Excluded(p.hist_kind, row, p.n, p.n_sink, p.n_local)) {
           chunk_key = max(chunk_key, internal::OrderKey(v));
         }
         if (p.hist0 != nullptr) {
@@ -715,7 +747,7 @@ __global__ void __launch_bounds__(kTcThreads) TcScoreKernel(const TcParams p) {
           if (mine && __ffs(peers) - 1 == lane) atomicAdd(&hist_s[bin], __popc(peers));
         }
       }
-      if (CK) {
+      if (CK == kChunkKeysReduced) {
         chunk_key = __reduce_max_sync(0xffffffffu, chunk_key);
         if (lane == 0) p.chunk_keys[static_cast<int64_t>(kvh) * p.n_tiles + tile] = chunk_key;
       }
@@ -847,7 +879,7 @@ absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
   return blocks;
 }
 
-template <int W, int P, int NTC, bool CK>
+template <int W, int P, int NTC, int CK>
 absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
   constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK>;
   const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false);
@@ -881,30 +913,32 @@ absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceI
   return absl::OkStatus();
 }
 
+template <int W, int CK>
+absl::Status LaunchTcCk(const TcParams& p, int parts, bool* hist, cudaStream_t stream,
+                        const DeviceInfo& info) {
+  const bool one = p.n_tiles8 == 1;
+  if (parts == 1) {
+    return one ? LaunchTc<W, 1, 1, CK>(p, hist, stream, info)
+               : LaunchTc<W, 1, kTcChunkTiles, CK>(p, hist, stream, info);
+  }
+  return one ? LaunchTc<W, 3, 1, CK>(p, hist, stream, info)
+             : LaunchTc<W, 3, kTcChunkTiles, CK>(p, hist, stream, info);
+}
+
 template <int W>
 absl::Status LaunchTcW(const TcParams& p, int parts, bool* hist, cudaStream_t stream,
                        const DeviceInfo& info) {
-  const bool one = p.n_tiles8 == 1;
-  if (p.chunk_keys != nullptr) {
-    if (parts == 1) {
-      return one ? LaunchTc<W, 1, 1, true>(p, hist, stream, info)
-                 : LaunchTc<W, 1, kTcChunkTiles, true>(p, hist, stream, info);
-    }
-    return one ? LaunchTc<W, 3, 1, true>(p, hist, stream, info)
-               : LaunchTc<W, 3, kTcChunkTiles, true>(p, hist, stream, info);
+  if (p.chunk_keys == nullptr) return LaunchTcCk<W, kChunkKeysNone>(p, parts, hist, stream, info);
+  if (p.red == GqaReduction::kPerQueryHead) {
+    return LaunchTcCk<W, kChunkKeysPerHead>(p, parts, hist, stream, info);
   }
-  if (parts == 1) {
-    return one ? LaunchTc<W, 1, 1, false>(p, hist, stream, info)
-               : LaunchTc<W, 1, kTcChunkTiles, false>(p, hist, stream, info);
-  }
-  return one ? LaunchTc<W, 3, 1, false>(p, hist, stream, info)
-             : LaunchTc<W, 3, kTcChunkTiles, false>(p, hist, stream, info);
+  return LaunchTcCk<W, kChunkKeysReduced>(p, parts, hist, stream, info);
 }
 
-// What the scoring kernel may make for the selection that follows, besides the scores
-// (reductions kMax and kSum only).
+// What the scoring kernel may make for the selection that follows, besides the scores.
 struct ScoreExtras {
-  // In: the first radix histogram of the selection, fused when it costs no occupancy.
+  // In: the first radix histogram of the selection (kMax / kSum), fused when it costs no
+  // occupancy.
   uint32_t* hist0 = nullptr;
   // In: per-tile maximum keys for ChunkSelectKernel (tensor-core scoring only).
   uint32_t* chunk_keys = nullptr;
@@ -952,7 +986,7 @@ absl::Status RunTcScore(const SelectRequest& req, const MatrixView& view, bool b
   p.out = out;
   p.n_tiles = (p.len + kTcTileRows - 1) / kTcTileRows;
   p.hist0 = hist ? extras->hist0 : nullptr;
-  p.chunk_keys = extras != nullptr && reduced ? extras->chunk_keys : nullptr;
+  p.chunk_keys = extras != nullptr ? extras->chunk_keys : nullptr;
   p.hist_kind = extras != nullptr ? extras->kind : SrcKind::kPlain;
   p.n = req.num_tokens;
   p.n_sink = req.n_sink;
@@ -1850,15 +1884,17 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
 
 // ---------------------------------------------------------------------------------------------
 // Exact selection over long rows from tile maxima (ChunkSelectKernel): rows of more than
-// kSmallMaxLen tokens scored on tensor cores, reductions kMax / kSum. The scorer writes, per
-// 16-token tile, the largest order key of its tokens that take part (0: none). One block a row
-// then, on chip:
-// 1. takes the k_sel largest chunks of `pool` tiles (chunk key, then lower chunk). Every token of
-//    the row's top k_sel lies in them: a token outside ranks below each chosen chunk's maximum
-//    (a larger key, or the same key at a lower index), and there are k_sel of those;
+// kSmallMaxLen tokens scored on tensor cores (any reduction; a row is a KV head or, per query
+// head, a query head). The scorer writes, per 16-token tile and row, the largest order key of its
+// tokens that take part (0: none). One block a row then, on chip:
+// 1. takes the k_sel largest chunks of `pool` tiles (chunk key, then lower chunk), or, where the
+//    radix passes get there first, every chunk at or above a key T that at least k_sel chunks
+//    reach, as long as step 2 holds them. Every token of the row's top k_sel lies in them: a
+//    token outside ranks below each chosen chunk's maximum (a larger key, or the same key at a
+//    lower index), and there are at least k_sel of those;
 // 2. takes the top k_sel of the tokens of those chunks whose key is at least the k_sel-th chunk
-//    key (a token below it ranks below k_sel chunk maxima), laid out in token order, so that ties
-//    go to the lower token as in the other paths;
+//    key, or T (a token below it ranks below k_sel chunk maxima), laid out in token order, so
+//    that ties go to the lower token as in the other paths;
 // 3. writes the sink tokens, the selection and the local tokens, ascending.
 // Two one-block selections (BlockTopK) over len / (16 pool) and k_sel * 16 pool keys replace the
 // multi-block threshold filter over len. The chunk keys pass through shared memory (dynamic, one
@@ -2623,7 +2659,6 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
                      plan.len <= kSmallMaxLen;
   ChunkPlan chunked;
   if (req.mode == Mode::kExact && !want_mass && !small && internal::ChunkSelection() &&
-      req.reduction != GqaReduction::kPerQueryHead &&
       TcScores(req, req.keys, false, false, *info)) {
     chunked = PlanChunkSelect(plan.len, plan.k_sel);
   }

@@ -39,9 +39,9 @@ bool TensorCoreScoring();
 // multi-block threshold filter. Same contract as above.
 void SetSmallRowSelection(bool on);
 bool SmallRowSelection();
-// Whether an exact selection over rows of more than 16384 tokens scored on tensor cores (kMax /
-// kSum, k * 16 <= 16384) starts from the scorer's per-tile maxima in one block per row
-// (ChunkSelectKernel; default on) instead of the multi-block threshold filter. Same contract.
+// Whether an exact selection over rows of more than 16384 tokens scored on tensor cores
+// (k * 16 <= 16384, no captured mass) starts from the scorer's per-tile maxima in one block per
+// row (ChunkSelectKernel; default on) instead of the multi-block threshold filter. Same contract.
 void SetChunkSelection(bool on);
 bool ChunkSelection();
 

@@ -656,7 +656,7 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
     for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
     for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
     OnDevice dev(p);
-    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum}) {
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
       for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{256}, int64_t{1000}}) {
         for (int64_t n_local : {int64_t{17}, n - 40}) {
           SelectRequest req = p.Request(Mode::kExact, red, k);
