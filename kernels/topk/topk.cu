@@ -544,7 +544,7 @@ __device__ __forceinline__ uint4 TcLoad(const char* src) {
 // \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
 // \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles). \tparam CK writes p.chunk_keys:
 // kChunkKeysNone, kChunkKeysReduced or kChunkKeysPerHead (a template parameter: the code, even
-// when skipped, cost the bound scorer 3% and the exact scorer registers).
+// when skipped, cost the bound scorer 3% and changed the exact scorer's registers).
 constexpr int kChunkKeysNone = 0;
 constexpr int kChunkKeysReduced = 1;  // kMax / kSum rows
 constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
@@ -1593,6 +1593,27 @@ constexpr int kSmallMaxPer = 16;
 constexpr int64_t kSmallMaxLen = kSmallThreads * kSmallMaxPer;
 using SmallScan = cub::BlockScan<uint32_t, kSmallThreads>;
 
+// v = row[at .. at + PER) (0 from len on), 16 bytes at a time when `vec` says the row's base is
+// 16-byte aligned and len and `at` are multiples of 4.
+template <int PER>
+__device__ __forceinline__ void LoadRun(const float* row, int at, int len, bool vec,
+                                        float (&v)[PER]) {
+  if (PER % 4 == 0 && vec) {
+#pragma unroll
+    for (int j = 0; j < PER; j += 4) {
+      const float4 x = at + j < len ? *reinterpret_cast<const float4*>(row + at + j)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      v[j] = x.x;
+      v[j + 1] = x.y;
+      v[j + 2] = x.z;
+      v[j + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) v[j] = at + j < len ? row[at + j] : 0.0f;
+  }
+}
+
 // Shared memory of BlockTopK.
 struct TopKSmem {
   SmallScan::TempStorage scan;
@@ -1780,20 +1801,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   const float* scores = src.scores + blockIdx.x * src.len;
   WaitForPrevious();  // the scores (launched by LaunchDependent)
   float v[PER];
-  if (PER % 4 == 0 && len % 4 == 0 && (reinterpret_cast<uintptr_t>(src.scores) & 15u) == 0) {
-#pragma unroll
-    for (int j = 0; j < PER; j += 4) {
-      const float4 x = e0 + j < len ? *reinterpret_cast<const float4*>(scores + e0 + j)
-                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      v[j] = x.x;
-      v[j + 1] = x.y;
-      v[j + 2] = x.z;
-      v[j + 3] = x.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < PER; ++j) v[j] = e0 + j < len ? scores[e0 + j] : 0.0f;
-  }
+  LoadRun<PER>(scores, e0, len,
+               len % 4 == 0 && (reinterpret_cast<uintptr_t>(src.scores) & 15u) == 0, v);
   uint32_t key[PER];
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
@@ -1985,20 +1994,9 @@ __global__ void __launch_bounds__(kSmallThreads)
                      : n;
   const float* row_scores = scores + row * out.n;
   float v[PER2];
-  if (n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0) {
-#pragma unroll
-    for (int j = 0; j < PER2; j += 4) {
-      const float4 x = t0 + j < n ? *reinterpret_cast<const float4*>(row_scores + t0 + j)
-                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      v[j] = x.x;
-      v[j + 1] = x.y;
-      v[j + 2] = x.z;
-      v[j + 3] = x.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < PER2; ++j) v[j] = t0 + j < n ? row_scores[t0 + j] : 0.0f;
-  }
+  // (t0 is a multiple of 4: chunk_tokens is a multiple of 16 and PER2 of 4.)
+  LoadRun<PER2>(row_scores, t0, n, n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0,
+                v);
   uint32_t key2[PER2];
 #pragma unroll
   for (int j = 0; j < PER2; ++j) {
@@ -2658,8 +2656,8 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   const bool small = req.mode != Mode::kBoundThenExact && internal::SmallRowSelection() &&
                      plan.len <= kSmallMaxLen;
   ChunkPlan chunked;
-  if (req.mode == Mode::kExact && !want_mass && !small && internal::ChunkSelection() &&
-      TcScores(req, req.keys, false, false, *info)) {
+  if (req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
+      internal::ChunkSelection() && TcScores(req, req.keys, false, false, *info)) {
     chunked = PlanChunkSelect(plan.len, plan.k_sel);
   }
   auto zero_workspace = [&]() -> absl::Status {

@@ -597,6 +597,24 @@ TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
   }
 }
 
+// Runs `req` with a selection path switched off, then on (its default), and expects the same
+// output bit for bit: indices, counts and scores.
+void ExpectSameOnAndOff(void (*set_path)(bool), const SelectRequest& req, const std::string& what) {
+  Output a, b;
+  set_path(false);
+  const absl::Status s0 = RunGpu(req, true, false, &a);
+  set_path(true);
+  ASSERT_TRUE(s0.ok()) << what << ": " << s0;
+  const absl::Status s1 = RunGpu(req, true, false, &b);
+  ASSERT_TRUE(s1.ok()) << what << ": " << s1;
+  EXPECT_EQ(b.indices, a.indices) << what;
+  EXPECT_EQ(b.counts, a.counts) << what;
+  for (size_t i = 0; i < a.scores.size(); ++i) {
+    if (std::isnan(a.scores[i]) && std::isnan(b.scores[i])) continue;
+    ASSERT_EQ(b.scores[i], a.scores[i]) << what << " slot " << i;
+  }
+}
+
 // Short rows selected in one block (SmallSelectKernel) give exactly what the multi-block
 // threshold filter gives, ties included (bf16 keys quantised to few values make many). The
 // filter path spreads page keys over their row's range (RangeKernel): ±inf keys on KV head 0 of
@@ -619,20 +637,9 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
           SelectRequest req = p.Request(mode, red, k);
           req.n_sink = 3;
           req.n_local = 17;
-          Output a, b;
-          internal::SetSmallRowSelection(false);
-          const absl::Status s0 = RunGpu(dev.Retarget(req), true, false, &a);
-          internal::SetSmallRowSelection(true);
-          ASSERT_TRUE(s0.ok()) << s0;
-          ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &b).ok());
-          const std::string w = absl::StrCat("n ", n, " mode ", static_cast<int>(mode), " red ",
-                                             static_cast<int>(red), " k ", k);
-          EXPECT_EQ(b.indices, a.indices) << w;
-          EXPECT_EQ(b.counts, a.counts) << w;
-          for (size_t i = 0; i < a.scores.size(); ++i) {
-            if (std::isnan(a.scores[i]) && std::isnan(b.scores[i])) continue;
-            ASSERT_EQ(b.scores[i], a.scores[i]) << w << " slot " << i;
-          }
+          ExpectSameOnAndOff(internal::SetSmallRowSelection, dev.Retarget(req),
+                             absl::StrCat("n ", n, " mode ", static_cast<int>(mode), " red ",
+                                          static_cast<int>(red), " k ", k));
         }
       }
     }
@@ -662,20 +669,9 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
           SelectRequest req = p.Request(Mode::kExact, red, k);
           req.n_sink = 3;
           req.n_local = n_local;
-          Output a, b;
-          internal::SetChunkSelection(false);
-          const absl::Status s0 = RunGpu(dev.Retarget(req), true, false, &a);
-          internal::SetChunkSelection(true);
-          ASSERT_TRUE(s0.ok()) << s0;
-          ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &b).ok());
-          const std::string w =
-              absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k, " n_local ", n_local);
-          EXPECT_EQ(b.indices, a.indices) << w;
-          EXPECT_EQ(b.counts, a.counts) << w;
-          for (size_t i = 0; i < a.scores.size(); ++i) {
-            if (std::isnan(a.scores[i]) && std::isnan(b.scores[i])) continue;
-            ASSERT_EQ(b.scores[i], a.scores[i]) << w << " slot " << i;
-          }
+          ExpectSameOnAndOff(internal::SetChunkSelection, dev.Retarget(req),
+                             absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k,
+                                          " n_local ", n_local));
         }
       }
     }
