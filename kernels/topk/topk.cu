@@ -1962,16 +1962,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   const uint32_t* ck = chunk_keys + row * n_tiles;
   const int tiles_up = (tiles + 31) & ~31;
   constexpr int kBatch = 16;
-  for (int t0 = tid; t0 < tiles_up; t0 += kBatch * kSmallThreads) {
+  for (int first = tid; first < tiles_up; first += kBatch * kSmallThreads) {
     uint32_t m[kBatch];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int t = t0 + b * kSmallThreads;
+      const int t = first + b * kSmallThreads;
       m[b] = t < tiles ? ck[t] : 0u;
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int t = t0 + b * kSmallThreads;
+      const int t = first + b * kSmallThreads;
       if (t >= tiles_up) break;  // warp-uniform: tiles_up is a multiple of 32
       uint32_t x = m[b];
       for (int off = 1; off < pool; off <<= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, off));
