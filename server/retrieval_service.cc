@@ -325,6 +325,9 @@ grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* c
   resp->set_metadata_stale(s.metadata_stale);
   resp->set_metadata_evictions(s.metadata_evictions);
   resp->set_selections(s.selections);
+  resp->set_gpu_selects(s.gpu_selects);
+  resp->set_gpu_fallbacks(s.gpu_fallbacks);
+  resp->set_metadata_put_builds(s.metadata_put_builds);
   return Done(ctx, absl::OkStatus());
 }
 

@@ -294,6 +294,9 @@ TEST_F(RetrievalServiceTest, BoundModeFindsNeedleAndKeepsMetadata) {
   auto stats = retrieval_->Stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_EQ(stats->metadata_builds(), 0u);
+  EXPECT_EQ(stats->metadata_put_builds(), 64u * kLayers);  // all built when the Put stored them
+  EXPECT_EQ(stats->gpu_selects(), 0u);                     // --retrieval_device=cpu
+  EXPECT_EQ(stats->gpu_fallbacks(), 0u);
   EXPECT_EQ(stats->metadata_hits(), 2u * 64);
   EXPECT_EQ(stats->metadata_entries(), 64u * kLayers);
   EXPECT_EQ(stats->metadata_bytes(), 64u * kLayers * 2 * 128 * 2);

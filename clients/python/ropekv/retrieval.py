@@ -187,5 +187,6 @@ class Retrieval:
                            rpb.ReleaseSelectionRequest(selection_id=selection_id))
 
     def stats(self):
-        """The RetrievalStatsResponse (selects, gathers, metadata_* counters, selections)."""
+        """The RetrievalStatsResponse (selects, gathers, metadata_* counters, selections,
+        gpu_selects, gpu_fallbacks)."""
         return self._client._call(self.stub.Stats, rpb.RetrievalStatsRequest())
