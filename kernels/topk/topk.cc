@@ -56,6 +56,27 @@ bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_r
 void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_relaxed); }
 bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
 
+ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel) {
+  const auto power_of_two_at_least = [](int64_t x, int lo) {
+    int p = lo;
+    while (p < x) p *= 2;
+    return p;
+  };
+  const int64_t tiles = (len + kScoreTileTokens - 1) / kScoreTileTokens;
+  ChunkPlan best;
+  for (int pool = 1; pool <= 32; pool *= 2) {
+    const int64_t chunks = (tiles + pool - 1) / pool;
+    const int64_t slots = k_sel * kScoreTileTokens * pool;
+    if (chunks > kOneBlockMaxKeys || slots > kOneBlockMaxKeys) continue;
+    ChunkPlan c;
+    c.pool = pool;
+    c.per1 = power_of_two_at_least((chunks + kOneBlockThreads - 1) / kOneBlockThreads, 2);
+    c.per2 = power_of_two_at_least((slots + kOneBlockThreads - 1) / kOneBlockThreads, 4);
+    if (best.pool == 0 || c.per1 + c.per2 < best.per1 + best.per2) best = c;
+  }
+  return best;
+}
+
 absl::Status ValidateShape(const SelectRequest& req) {
   if (req.kv_heads < 1) {
     return absl::InvalidArgumentError(absl::StrCat("kv_heads must be >= 1, got ", req.kv_heads));

@@ -1909,34 +1909,11 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
 // multi-block threshold filter over len. The chunk keys pass through shared memory (dynamic, one
 // word a chunk) so that they load as coalesced, independent reads and pool with shuffles.
 
-struct ChunkPlan {
-  int pool = 0;  // tiles a chunk; 0: the selection does not fit
-  int per1 = 0;  // chunks a thread in step 1
-  int per2 = 0;  // tokens a thread in step 2 (divides 16 * pool)
-};
-
-int PowerOfTwoAtLeast(int64_t x, int lo) {
-  int p = lo;
-  while (p < x) p *= 2;
-  return p;
-}
-
-// The pool that keeps both selections within one block with the fewest keys a thread.
-ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel) {
-  const int64_t tiles = (len + kTcTileRows - 1) / kTcTileRows;
-  ChunkPlan best;
-  for (int pool = 1; pool <= 32; pool *= 2) {
-    const int64_t chunks = (tiles + pool - 1) / pool;
-    const int64_t slots = k_sel * kTcTileRows * pool;
-    if (chunks > kSmallMaxLen || slots > kSmallMaxLen) continue;
-    ChunkPlan c;
-    c.pool = pool;
-    c.per1 = PowerOfTwoAtLeast((chunks + kSmallThreads - 1) / kSmallThreads, 2);
-    c.per2 = PowerOfTwoAtLeast((slots + kSmallThreads - 1) / kSmallThreads, 4);
-    if (best.pool == 0 || c.per1 + c.per2 < best.per1 + best.per2) best = c;
-  }
-  return best;
-}
+static_assert(kSmallThreads == internal::kOneBlockThreads &&
+                  kSmallMaxLen == internal::kOneBlockMaxKeys &&
+                  kTcTileRows == internal::kScoreTileTokens,
+              "internal::PlanChunkSelect plans for these kernels");
+using internal::ChunkPlan;
 
 // \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
 template <int PER1, int PER2>
@@ -2085,7 +2062,7 @@ absl::Status LaunchChunkPer2(const ChunkPlan& cp, const float* scores, const uin
   }
 }
 
-// Enqueues ChunkSelectKernel for a plan PlanChunkSelect made (cp.pool > 0).
+// Enqueues ChunkSelectKernel for a plan internal::PlanChunkSelect made (cp.pool > 0).
 absl::Status LaunchChunkSelect(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
                                int64_t rows, int64_t len, int64_t k_sel, const CompactArgs& out,
                                cudaStream_t stream) {
@@ -2671,7 +2648,7 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   ChunkPlan chunked;
   if (req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
       internal::ChunkSelection() && TcScores(req, req.keys, false, false, *info)) {
-    chunked = PlanChunkSelect(plan.len, plan.k_sel);
+    chunked = internal::PlanChunkSelect(plan.len, plan.k_sel);
   }
   auto zero_workspace = [&]() -> absl::Status {
     ROPEKV_CUDA_RETURN_IF_ERROR(

@@ -45,6 +45,25 @@ bool SmallRowSelection();
 void SetChunkSelection(bool on);
 bool ChunkSelection();
 
+// The one-block selections of topk.cu (SmallSelectKernel, ChunkSelectKernel): kOneBlockThreads
+// threads hold at most kOneBlockMaxKeys keys; the tensor-core scorer's tiles are kScoreTileTokens
+// rows.
+inline constexpr int kOneBlockThreads = 1024;
+inline constexpr int kOneBlockMaxKeys = 16384;
+inline constexpr int kScoreTileTokens = 16;
+
+// How ChunkSelectKernel splits a row of `len` tokens for k_sel: chunks of `pool` tiles; its first
+// selection takes per1 chunk keys a thread, its second per2 tokens a thread (the tokens of up to
+// k_sel chosen chunks; per2 divides the chunk's tokens, so a thread's run lies in one chunk).
+struct ChunkPlan {
+  int pool = 0;  // tiles a chunk (1..32, a power of two); 0: the selection does not fit one block
+  int per1 = 0;  // 2, 4, 8 or 16
+  int per2 = 0;  // 4, 8 or 16
+};
+// The pool (1, 2, 4, .. 32) that keeps both selections within one block with the fewest keys a
+// thread (per1 + per2; ties to the smaller pool).
+ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel);
+
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).
 inline constexpr int kRadixBins = 2048;

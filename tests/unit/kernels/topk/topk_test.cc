@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/topk/topk_internal.h"
 #include "tests/unit/kernels/topk/topk_test_util.h"
 
 namespace ropekv {
@@ -771,6 +772,53 @@ TEST(SelectCpuTest, BadArgumentsAreInvalidArgument) {
   absl::StatusOr<size_t> ws = SelectWorkspaceBytes(r, true);
   ASSERT_TRUE(ws.ok());
   EXPECT_GT(*ws, 0u);
+}
+
+// The plan of the GPU's chunk selection (ChunkSelectKernel), host code: both one-block
+// selections fit their block, a thread's tokens lie in one chunk, and the shapes of the issue's
+// benchmark get the pools measured fastest (bench/RESULTS.md, run 8) or none where the chunk
+// path does not apply.
+TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
+  using internal::ChunkPlan;
+  using internal::PlanChunkSelect;
+  for (int64_t len : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003},
+                      int64_t{1} << 20, int64_t{1} << 22}) {
+    for (int64_t k : {int64_t{1}, int64_t{64}, int64_t{256}, int64_t{1000}, int64_t{1024},
+                      int64_t{1025}, int64_t{4096}}) {
+      const ChunkPlan c = PlanChunkSelect(len, k);
+      const std::string w = absl::StrCat("len ", len, " k ", k);
+      const int64_t tiles = (len + 15) / 16;
+      // Whether any pool fits both selections: brute force over the pools.
+      bool any = false;
+      for (int pool = 1; pool <= 32; pool *= 2) {
+        any |= (tiles + pool - 1) / pool <= 16384 && k * 16 * pool <= 16384;
+      }
+      if (!any) {
+        EXPECT_EQ(c.pool, 0) << w;
+        continue;
+      }
+      ASSERT_GT(c.pool, 0) << w;
+      EXPECT_EQ(c.pool & (c.pool - 1), 0) << w;
+      const int64_t chunks = (tiles + c.pool - 1) / c.pool;
+      EXPECT_LE(chunks, int64_t{c.per1} * 1024) << w;
+      EXPECT_LE(k * 16 * c.pool, int64_t{c.per2} * 1024) << w;
+      EXPECT_LE(c.per1, 16) << w;
+      EXPECT_LE(c.per2, 16) << w;
+      EXPECT_GE(c.per2, 4) << w;
+      EXPECT_EQ((16 * c.pool) % c.per2, 0) << w;
+    }
+  }
+  // 128K tokens: k 256 in tiles (8192 chunk keys, 4096 tokens), k 64 in chunks of 4 tiles;
+  // k 1024 still fits, 4096 does not. 1M tokens: chunks of 4 tiles at k 256; k 1024 does not fit.
+  EXPECT_EQ(PlanChunkSelect(131072, 256).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 256).per1, 8);
+  EXPECT_EQ(PlanChunkSelect(131072, 256).per2, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 64).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024).per2, 16);
+  EXPECT_EQ(PlanChunkSelect(131072, 4096).pool, 0);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024).pool, 0);
 }
 
 }  // namespace
