@@ -1625,16 +1625,16 @@ struct TopKSmem {
 
 // The k_sel largest of the block's keys (0: takes no part), larger key first, then lower
 // position; thread tid holds positions tid * PER .. tid * PER + PER - 1 (PER * kSmallThreads
-// covers them). Returns the thread's take mask (bit j: position tid * PER + j chosen); *thr is the
-// threshold key (every key above it is chosen, on it the lowest positions), *all whether every key
-// that takes part is chosen (then *thr means nothing). Block-wide; two calls on the same shared
-// memory need a barrier between them.
+// covers them). Block-wide; two calls on the same shared memory need a barrier between them.
 // \tparam EARLY it may stop early: as soon as at most max_keep (>= k_sel) keys are at or above a
-// radix prefix it takes all of them, *thr the prefix's smallest key (at least k_sel keys are
-// >= *thr, and no key >= *thr is left out).
+// radix prefix it takes all of them.
+struct BlockTake {
+  uint32_t take;   // the thread's take mask: bit j, position tid * PER + j chosen
+  uint32_t floor;  // no key below it is chosen, and at least min(k_sel, keys) keys are >= it
+};
 template <int PER, bool EARLY = false>
-__device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSmem& sm,
-                              uint32_t* thr, bool* all_out, uint32_t max_keep = 0) {
+__device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSmem& sm,
+                               uint32_t max_keep = 0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e0 = tid * PER;
   // Count, maximum and minimum of the keys that take part.
@@ -1771,9 +1771,7 @@ __device__ uint32_t BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSm
     if (k != 0u && !all && !early && k == prefix) t = rank++ < k_rem;
     take |= t ? 1u << j : 0u;
   }
-  *thr = prefix;
-  *all_out = all;
-  return take;
+  return BlockTake{take, all ? 1u : prefix};
 }
 
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
@@ -1808,9 +1806,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   for (int j = 0; j < PER; ++j) {
     key[j] = e0 + j >= f_lo && e0 + j < f_hi ? internal::OrderKey(v[j]) : 0u;
   }
-  uint32_t prefix;
-  bool all;
-  const uint32_t take = BlockTopK<PER>(key, k_sel, sm, &prefix, &all);
+  const uint32_t take = BlockTopK<PER>(key, k_sel, sm).take;
   // Tokens this thread puts in the output; most threads' elements are whole, unpinned tokens.
   const int t0 = e0 * unit, t1 = (e0 + PER) * unit;
   const bool plain = t0 >= n_sink && t1 <= pin_lo && t1 <= n;
@@ -1962,11 +1958,10 @@ __global__ void __launch_bounds__(kSmallThreads)
     const int c = tid * PER1 + j;
     key1[j] = c < chunks ? s_keys[c] : 0u;
   }
-  uint32_t thr1;
-  bool all1;
-  // Any chunks the second selection holds will do, as long as all chunks >= thr1 are in.
+  // Any chunks the second selection holds will do, as long as all chunks >= the floor are in.
   const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
-  const uint32_t take1 = BlockTopK<PER1, true>(key1, k_sel, sm, &thr1, &all1, max_keep);
+  const BlockTake chunks1 = BlockTopK<PER1, true>(key1, k_sel, sm, max_keep);
+  const uint32_t take1 = chunks1.take;
   uint32_t at = 0, n_chosen = 0;
   SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take1)), at, n_chosen);
 #pragma unroll
@@ -1976,7 +1971,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   __syncthreads();
 
   // 2. The tokens of the chosen chunks; a thread's PER2 tokens lie in one chunk.
-  const uint32_t key_min = all1 ? 1u : thr1;
+  const uint32_t key_min = chunks1.floor;
   const int e0 = tid * PER2;
   const int c_at = e0 / chunk_tokens;
   const int t0 = c_at < static_cast<int>(n_chosen)
@@ -1995,9 +1990,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     key2[j] =
         t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= key_min ? k : 0u;
   }
-  uint32_t thr2;
-  bool all2;
-  const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm, &thr2, &all2);
+  const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm).take;
 
   // 3. Sink tokens, the selection, local tokens.
   const int n_sink = static_cast<int>(min(out.n_sink, out.n));
