@@ -1732,6 +1732,7 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
           const bool valid = static_cast<uint32_t>(lane) < on;
           const uint32_t kl = valid ? sm.ck[lane] : 0u, il = valid ? sm.ci[lane] : 0xffffffffu;
           uint32_t before = 0;
+#pragma unroll
           for (int m = 0; m < 32; ++m) {
             const uint32_t km = __shfl_sync(0xffffffffu, kl, m);
             const uint32_t im = __shfl_sync(0xffffffffu, il, m);
@@ -1755,23 +1756,26 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
       }
     }
   }
-  // Ranks among the elements on the threshold key, when not all of them are taken.
-  uint32_t rank = 0;
+  const uint32_t floor = all ? 1u : prefix;
+  uint32_t take = 0;
   if (!all && !early && on > k_rem) {
-    uint32_t eq = 0;
+    // Not every key on the threshold is taken: the k_rem lowest positions among them.
+    uint32_t eq = 0, rank = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) eq += key[j] == prefix ? 1u : 0u;
     SmallScan(sm.scan).ExclusiveSum(eq, rank);
-  }
-  uint32_t take = 0;
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const uint32_t k = key[j];
-    bool t = k != 0u && (all || k > prefix || (early && k == prefix));
-    if (k != 0u && !all && !early && k == prefix) t = rank++ < k_rem;
-    take |= t ? 1u << j : 0u;
+    for (int j = 0; j < PER; ++j) {
+      const bool t = key[j] > prefix || (key[j] == prefix && rank++ < k_rem);
+      take |= t ? 1u << j : 0u;
+    }
+  } else {
+    // Every key at or above the floor (the common case, kept apart: the loop above, interleaved
+    // with it, cost 1.2 µs at 8 keys a thread).
+#pragma unroll
+    for (int j = 0; j < PER; ++j) take |= key[j] >= floor ? 1u << j : 0u;
   }
-  return BlockTake{take, all ? 1u : prefix};
+  return BlockTake{take, floor};
 }
 
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
@@ -1902,8 +1906,7 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
 //    that ties go to the lower token as in the other paths;
 // 3. writes the sink tokens, the selection and the local tokens, ascending.
 // Two one-block selections (BlockTopK) over len / (16 pool) and k_sel * 16 pool keys replace the
-// multi-block threshold filter over len. The chunk keys pass through shared memory (dynamic, one
-// word a chunk) so that they load as coalesced, independent reads and pool with shuffles.
+// multi-block threshold filter over len.
 
 static_assert(kSmallThreads == internal::kOneBlockThreads &&
                   kSmallMaxLen == internal::kOneBlockMaxKeys &&
@@ -1911,13 +1914,17 @@ static_assert(kSmallThreads == internal::kOneBlockThreads &&
               "internal::PlanChunkSelect plans for these kernels");
 using internal::ChunkPlan;
 
+// The keys of tiles t and t + 1 (t even; 0 past `tiles`). vec: the row is 8-byte aligned.
+__device__ __forceinline__ uint2 LoadTileKeys2(const uint32_t* ck, int t, int tiles, bool vec) {
+  if (vec && t + 1 < tiles) return *reinterpret_cast<const uint2*>(ck + t);
+  return make_uint2(t < tiles ? ck[t] : 0u, t + 1 < tiles ? ck[t + 1] : 0u);
+}
+
 // \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
 template <int PER1, int PER2>
 __global__ void __launch_bounds__(kSmallThreads)
     ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
                       uint32_t k_sel, const CompactArgs out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  uint32_t* s_keys = reinterpret_cast<uint32_t*>(smem);  // [chunks]
   __shared__ TopKSmem sm;
   __shared__ SmallScan::TempStorage scan_out;
   __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
@@ -1925,38 +1932,33 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int64_t row = blockIdx.x;
   const int n = static_cast<int>(out.n);
   const int tiles = static_cast<int>(n_tiles);
-  const int chunks = (tiles + pool - 1) / pool;
   const int chunk_tokens = pool * kTcTileRows;
   WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
 
-  // 1. Chunk keys: lane-consecutive tiles, pooled by shuffles (pool <= 32 divides the warp), in
-  // batches of independent loads (a load per step, shuffles between, ran one latency a tile:
-  // 30 µs for the 64 tiles a thread of 1M tokens).
+  // 1. Chunk keys: a thread's PER1 chunks are PER1 * pool consecutive tiles, read as independent
+  // 8-byte loads (a round of PER1 of them a tile pair of each chunk). Staging them in shared memory
+  // to pool them with shuffles cost 2.5-3.4 µs at 128K; reading a thread's consecutive words there
+  // was an 8-way bank conflict.
   const uint32_t* ck = chunk_keys + row * n_tiles;
-  const int tiles_up = (tiles + 31) & ~31;
-  constexpr int kBatch = 16;
-  for (int first = tid; first < tiles_up; first += kBatch * kSmallThreads) {
-    uint32_t m[kBatch];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int t = first + b * kSmallThreads;
-      m[b] = t < tiles ? ck[t] : 0u;
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int t = first + b * kSmallThreads;
-      if (t >= tiles_up) break;  // warp-uniform: tiles_up is a multiple of 32
-      uint32_t x = m[b];
-      for (int off = 1; off < pool; off <<= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, off));
-      if (t < tiles && (lane & (pool - 1)) == 0) s_keys[t / pool] = x;
-    }
-  }
-  __syncthreads();
+  const bool vec = n_tiles % 2 == 0 && (reinterpret_cast<uintptr_t>(chunk_keys) & 7u) == 0;
   uint32_t key1[PER1];
+  if (pool == 1) {
 #pragma unroll
-  for (int j = 0; j < PER1; ++j) {
-    const int c = tid * PER1 + j;
-    key1[j] = c < chunks ? s_keys[c] : 0u;
+    for (int j = 0; j < PER1; j += 2) {
+      const uint2 m = LoadTileKeys2(ck, tid * PER1 + j, tiles, vec);
+      key1[j] = m.x;
+      key1[j + 1] = m.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < PER1; ++j) key1[j] = 0u;
+    for (int q = 0; q < pool; q += 2) {
+#pragma unroll
+      for (int j = 0; j < PER1; ++j) {
+        const uint2 m = LoadTileKeys2(ck, (tid * PER1 + j) * pool + q, tiles, vec);
+        key1[j] = max(key1[j], max(m.x, m.y));
+      }
+    }
   }
   // Any chunks the second selection holds will do, as long as all chunks >= the floor are in.
   const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
@@ -1973,9 +1975,9 @@ __global__ void __launch_bounds__(kSmallThreads)
   // 2. The tokens of the chosen chunks; a thread's PER2 tokens lie in one chunk.
   const uint32_t key_min = chunks1.floor;
   const int e0 = tid * PER2;
-  const int c_at = e0 / chunk_tokens;
+  const int c_at = e0 >> (__ffs(chunk_tokens) - 1);  // chunk_tokens: a power of two
   const int t0 = c_at < static_cast<int>(n_chosen)
-                     ? static_cast<int>(s_chunk[c_at]) * chunk_tokens + e0 % chunk_tokens
+                     ? static_cast<int>(s_chunk[c_at]) * chunk_tokens + (e0 & (chunk_tokens - 1))
                      : n;
   const float* row_scores = scores + row * out.n;
   float v[PER2];
@@ -2031,13 +2033,10 @@ template <int PER1, int PER2>
 absl::Status LaunchChunkKernel(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
                                int64_t rows, int64_t n_tiles, uint32_t k_sel,
                                const CompactArgs& out, cudaStream_t stream) {
-  constexpr auto kKernel = ChunkSelectKernel<PER1, PER2>;
-  const size_t smem = static_cast<size_t>((n_tiles + cp.pool - 1) / cp.pool) * 4;
-  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
   // A dependent launch: the selection's blocks start as the scorer's SMs free up.
-  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(kKernel, dim3(static_cast<unsigned>(rows)),
-                                              dim3(kSmallThreads), smem, stream, scores, chunk_keys,
-                                              n_tiles, cp.pool, k_sel, out));
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(
+      ChunkSelectKernel<PER1, PER2>, dim3(static_cast<unsigned>(rows)), dim3(kSmallThreads), 0,
+      stream, scores, chunk_keys, n_tiles, cp.pool, k_sel, out));
   return absl::OkStatus();
 }
 
