@@ -1591,7 +1591,33 @@ static_assert(kPageTokens == 16, "SmallSelectKernel shifts by log2(kPageTokens)"
 constexpr int kSmallThreads = 1024;
 constexpr int kSmallMaxPer = 16;
 constexpr int64_t kSmallMaxLen = kSmallThreads * kSmallMaxPer;
-using SmallScan = cub::BlockScan<uint32_t, kSmallThreads>;
+static_assert(kSmallThreads == 1024, "SmallExclusiveSum: 32 warps");
+constexpr int64_t kWideFirstPassMinK = 64;
+
+// Shared memory of SmallExclusiveSum.
+struct SmallScanSmem {
+  uint32_t warp_total[32];
+};
+
+// Exclusive prefix sum of v over the block of kSmallThreads (and the block's total): warp scans by
+// shuffles, one barrier, then each warp adds the totals of the warps before it in one
+// __reduce_add_sync. (CUB's BlockScan took ~0.3 µs more a call here, raking; more still with warp
+// scans.) Two calls on the same shared memory need a barrier between them.
+__device__ __forceinline__ uint32_t SmallExclusiveSum(uint32_t v, SmallScanSmem& s,
+                                                      uint32_t& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += o;
+  }
+  if (lane == 31) s.warp_total[warp] = incl;
+  __syncthreads();
+  const uint32_t t = s.warp_total[lane];
+  total = __reduce_add_sync(0xffffffffu, t);
+  return __reduce_add_sync(0xffffffffu, lane < warp ? t : 0u) + incl - v;
+}
 
 // v = row[at .. at + PER) (0 from len on), 16 bytes at a time when `vec` says the row's base is
 // 16-byte aligned and len and `at` are multiples of 4.
@@ -1616,8 +1642,9 @@ __device__ __forceinline__ void LoadRun(const float* row, int at, int len, bool 
 
 // Shared memory of BlockTopK.
 struct TopKSmem {
-  SmallScan::TempStorage scan;
+  SmallScanSmem scan;
   uint32_t hist[2][256];
+  uint32_t wide[2048], wsum[32];  // the 11-bit first pass (WIDE)
   uint32_t nz[32], hi[32], lo[32];
   uint32_t digit, above, on, count;
   uint32_t ck[32], ci[32];  // the last candidates: keys, positions
@@ -1628,11 +1655,14 @@ struct TopKSmem {
 // covers them). Block-wide; two calls on the same shared memory need a barrier between them.
 // \tparam EARLY it may stop early: as soon as at most max_keep (>= k_sel) keys are at or above a
 // radix prefix it takes all of them.
+// \tparam WIDE the first radix pass takes 11 bits (2048 bins, a scan in two levels) instead of 8:
+// one barrier more, but where the 8-bit pass leaves more than 32 keys on the threshold bin (a
+// large k_sel over thousands of keys) it saves the second pass.
 struct BlockTake {
   uint32_t take;   // the thread's take mask: bit j, position tid * PER + j chosen
   uint32_t floor;  // no key below it is chosen, and at least min(k_sel, keys) keys are >= it
 };
-template <int PER, bool EARLY = false>
+template <int PER, bool EARLY = false, bool WIDE = false>
 __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKSmem& sm,
                                uint32_t max_keep = 0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1653,7 +1683,12 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
     sm.hi[warp] = hi;
     sm.lo[warp] = lo;
   }
-  if (tid < 256) sm.hist[0][tid] = 0u;
+  if (WIDE) {
+    sm.wide[tid] = 0u;
+    sm.wide[tid + kSmallThreads] = 0u;
+  } else if (tid < 256) {
+    sm.hist[0][tid] = 0u;
+  }
   if (tid == 0) sm.count = 0u;
   __syncthreads();
   const uint32_t total = __reduce_add_sync(0xffffffffu, sm.nz[lane]);
@@ -1668,10 +1703,11 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
     const int top = 31 - __clz(hi ^ lo);  // the highest bit that differs
     uint32_t mask = ~((2u << top) - 1u);  // the bits above it, which every key shares
     prefix = hi & mask;
-    for (int h = top, pass = 0; h >= 0; h -= 8, ++pass) {
-      const int l = max(h - 7, 0);
+    for (int h = top, pass = 0; h >= 0; ++pass) {
+      const bool wide = WIDE && pass == 0;
+      const int l = max(h - (wide ? 10 : 7), 0);
       const uint32_t dmask = (2u << (h - l)) - 1u;
-      uint32_t* bins = sm.hist[pass & 1];
+      uint32_t* bins = wide ? sm.wide : sm.hist[pass & 1];
       // The other buffer's last reader (warp 0's scan) finished before the last barrier.
       if (tid < 256) sm.hist[(pass + 1) & 1][tid] = 0u;
 #pragma unroll
@@ -1679,7 +1715,39 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
         if (key[j] != 0u && (key[j] & mask) == prefix) atomicAdd(&bins[(key[j] >> l) & dmask], 1u);
       }
       __syncthreads();
-      if (warp == 0) {
+      if (wide) {
+        // Warp w sums the 64 bins 2047 - 64 w .. 1984 - 64 w; warp 0 finds the group, then the bin.
+        const int top_bin = 2047 - 64 * warp - 2 * lane;
+        const uint32_t wsum = __reduce_add_sync(0xffffffffu, bins[top_bin] + bins[top_bin - 1]);
+        if (lane == 0) sm.wsum[warp] = wsum;
+        __syncthreads();
+        if (warp == 0) {
+          const uint32_t g = sm.wsum[lane];
+          uint32_t incl = g;
+#pragma unroll
+          for (int off = 1; off < 32; off <<= 1) {
+            const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += o;
+          }
+          const int grp = __ffs(__ballot_sync(0xffffffffu, incl >= k_rem)) - 1;
+          const uint32_t before_grp = __shfl_sync(0xffffffffu, incl - g, grp);
+          const int b = 2047 - 64 * grp - 2 * lane;
+          const uint32_t c0 = bins[b], c1 = bins[b - 1];
+          uint32_t in2 = c0 + c1;
+#pragma unroll
+          for (int off = 1; off < 32; off <<= 1) {
+            const uint32_t o = __shfl_up_sync(0xffffffffu, in2, off);
+            if (lane >= off) in2 += o;
+          }
+          const uint32_t acc = before_grp + in2 - c0 - c1;
+          if (acc < k_rem && acc + c0 + c1 >= k_rem) {
+            const bool first = acc + c0 >= k_rem;
+            sm.digit = static_cast<uint32_t>(first ? b : b - 1);
+            sm.above = first ? acc : acc + c0;
+            sm.on = first ? c0 : c1;
+          }
+        }
+      } else if (warp == 0) {
         // Lane l holds bins 255 - 8l .. 248 - 8l (from the top); inclusive scan over lanes.
         uint32_t c[8];
         uint32_t sum = 0;
@@ -1712,6 +1780,7 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
       on = sm.on;
       prefix |= sm.digit << l;
       mask |= dmask << l;
+      h = l - 1;
       if (EARLY && min(k_sel, total) - k_rem + on <= max_keep) {
         early = true;
         break;
@@ -1763,7 +1832,8 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
     uint32_t eq = 0, rank = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) eq += key[j] == prefix ? 1u : 0u;
-    SmallScan(sm.scan).ExclusiveSum(eq, rank);
+    uint32_t all_eq;
+    rank = SmallExclusiveSum(eq, sm.scan, all_eq);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const bool t = key[j] > prefix || (key[j] == prefix && rank++ < k_rem);
@@ -1780,11 +1850,12 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
 
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
 // \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
-template <int PER>
+// \tparam WIDE BlockTopK's 11-bit first pass.
+template <int PER, bool WIDE>
 __global__ void __launch_bounds__(kSmallThreads)
     SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
   __shared__ TopKSmem sm;
-  __shared__ SmallScan::TempStorage scan_out;
+  __shared__ SmallScanSmem scan_out;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int len = static_cast<int>(src.len);
   const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
@@ -1810,7 +1881,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   for (int j = 0; j < PER; ++j) {
     key[j] = e0 + j >= f_lo && e0 + j < f_hi ? internal::OrderKey(v[j]) : 0u;
   }
-  const uint32_t take = BlockTopK<PER>(key, k_sel, sm).take;
+  const uint32_t take = BlockTopK<PER, false, WIDE>(key, k_sel, sm).take;
   // Tokens this thread puts in the output; most threads' elements are whole, unpinned tokens.
   const int t0 = e0 * unit, t1 = (e0 + PER) * unit;
   const bool plain = t0 >= n_sink && t1 <= pin_lo && t1 <= n;
@@ -1827,8 +1898,8 @@ __global__ void __launch_bounds__(kSmallThreads)
       runs |= pinned > 0 ? 1u << j : 0u;
     }
   }
-  uint32_t start = 0, total = 0;
-  SmallScan(scan_out).ExclusiveSum(mine, start, total);
+  uint32_t total = 0;
+  const uint32_t start = SmallExclusiveSum(mine, scan_out, total);
   // Each element's tokens are the whole element, or its sink part and its local part; the warp
   // writes the runs of its lanes one lane after another, all 32 lanes on each run.
   int32_t* indices = out.indices + blockIdx.x * out.cap;
@@ -1880,11 +1951,14 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
   const dim3 grid(static_cast<unsigned>(rows));
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t per = (src.len + kSmallThreads - 1) / kSmallThreads;
-  auto kernel = per <= 1   ? SmallSelectKernel<1>
-                : per <= 2 ? SmallSelectKernel<2>
-                : per <= 4 ? SmallSelectKernel<4>
-                : per <= 8 ? SmallSelectKernel<8>
-                           : SmallSelectKernel<16>;
+  // The 11-bit first pass pays where the 8-bit one leaves more than 32 keys on the threshold bin:
+  // at 8192 pages that was k_sel >= 64 (one pass instead of two).
+  const bool wide = k_sel >= kWideFirstPassMinK && per >= 8;
+  auto kernel = per <= 1   ? SmallSelectKernel<1, false>
+                : per <= 2 ? SmallSelectKernel<2, false>
+                : per <= 4 ? SmallSelectKernel<4, false>
+                : per <= 8 ? (wide ? SmallSelectKernel<8, true> : SmallSelectKernel<8, false>)
+                           : (wide ? SmallSelectKernel<16, true> : SmallSelectKernel<16, false>);
   // A dependent launch: the selection's blocks start as the scorer's SMs free up.
   ROPEKV_CUDA_RETURN_IF_ERROR(
       LaunchDependent(kernel, grid, dim3(kSmallThreads), 0, stream, src, k, pages, out));
@@ -1926,9 +2000,9 @@ __global__ void __launch_bounds__(kSmallThreads)
     ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
                       uint32_t k_sel, const CompactArgs out) {
   __shared__ TopKSmem sm;
-  __shared__ SmallScan::TempStorage scan_out;
+  __shared__ SmallScanSmem scan_out;
   __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
   const int n = static_cast<int>(out.n);
   const int tiles = static_cast<int>(n_tiles);
@@ -1962,10 +2036,10 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
   // Any chunks the second selection holds will do, as long as all chunks >= the floor are in.
   const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
-  const BlockTake chunks1 = BlockTopK<PER1, true>(key1, k_sel, sm, max_keep);
+  const BlockTake chunks1 = BlockTopK<PER1, true, (PER1 >= 8)>(key1, k_sel, sm, max_keep);
   const uint32_t take1 = chunks1.take;
-  uint32_t at = 0, n_chosen = 0;
-  SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take1)), at, n_chosen);
+  uint32_t n_chosen = 0;
+  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take1)), scan_out, n_chosen);
 #pragma unroll
   for (int j = 0; j < PER1; ++j) {
     if ((take1 >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(tid * PER1 + j);
@@ -1998,8 +2072,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   const int n_sink = static_cast<int>(min(out.n_sink, out.n));
   const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
   const int n_loc = max(0, n - pin_lo);
-  uint32_t start = 0, chosen = 0;
-  SmallScan(scan_out).ExclusiveSum(static_cast<uint32_t>(__popc(take2)), start, chosen);
+  uint32_t chosen = 0;
+  const uint32_t start = SmallExclusiveSum(static_cast<uint32_t>(__popc(take2)), scan_out, chosen);
   int32_t* indices = out.indices + row * out.cap;
   const bool copy_scores = out.out_scores != nullptr && out.row_scores != nullptr;
   float* out_scores = copy_scores ? out.out_scores + row * out.cap : nullptr;
