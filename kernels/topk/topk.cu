@@ -1603,15 +1603,21 @@ struct SmallScanSmem {
 // shuffles, one barrier, then each warp adds the totals of the warps before it in one
 // __reduce_add_sync. (CUB's BlockScan took ~0.3 µs more a call here, raking; more still with warp
 // scans.) Two calls on the same shared memory need a barrier between them.
+// The inclusive prefix sum of v over the lanes of a full warp.
+__device__ __forceinline__ uint32_t WarpInclusiveSum(uint32_t v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t o = __shfl_sync(0xffffffffu, v, lane >= off ? lane - off : 0);
+    if (lane >= off) v += o;
+  }
+  return v;
+}
+
 __device__ __forceinline__ uint32_t SmallExclusiveSum(uint32_t v, SmallScanSmem& s,
                                                       uint32_t& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint32_t incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += o;
-  }
+  const uint32_t incl = WarpInclusiveSum(v);
   if (lane == 31) s.warp_total[warp] = incl;
   __syncthreads();
   const uint32_t t = s.warp_total[lane];
@@ -1723,22 +1729,12 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
         __syncthreads();
         if (warp == 0) {
           const uint32_t g = sm.wsum[lane];
-          uint32_t incl = g;
-#pragma unroll
-          for (int off = 1; off < 32; off <<= 1) {
-            const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
-            if (lane >= off) incl += o;
-          }
+          const uint32_t incl = WarpInclusiveSum(g);
           const int grp = __ffs(__ballot_sync(0xffffffffu, incl >= k_rem)) - 1;
           const uint32_t before_grp = __shfl_sync(0xffffffffu, incl - g, grp);
           const int b = 2047 - 64 * grp - 2 * lane;
           const uint32_t c0 = bins[b], c1 = bins[b - 1];
-          uint32_t in2 = c0 + c1;
-#pragma unroll
-          for (int off = 1; off < 32; off <<= 1) {
-            const uint32_t o = __shfl_up_sync(0xffffffffu, in2, off);
-            if (lane >= off) in2 += o;
-          }
+          const uint32_t in2 = WarpInclusiveSum(c0 + c1);
           const uint32_t acc = before_grp + in2 - c0 - c1;
           if (acc < k_rem && acc + c0 + c1 >= k_rem) {
             const bool first = acc + c0 >= k_rem;
@@ -1756,12 +1752,7 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
           c[j] = bins[255 - 8 * lane - j];
           sum += c[j];
         }
-        uint32_t incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const uint32_t o = __shfl_sync(0xffffffffu, incl, lane >= off ? lane - off : 0);
-          if (lane >= off) incl += o;
-        }
+        const uint32_t incl = WarpInclusiveSum(sum);
         uint32_t acc = incl - sum;
         if (acc < k_rem && incl >= k_rem) {
           for (int j = 0; j < 8; ++j) {
