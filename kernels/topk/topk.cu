@@ -1979,10 +1979,23 @@ static_assert(kSmallThreads == internal::kOneBlockThreads &&
               "internal::PlanChunkSelect plans for these kernels");
 using internal::ChunkPlan;
 
-// The keys of tiles t and t + 1 (t even; 0 past `tiles`). vec: the row is 8-byte aligned.
-__device__ __forceinline__ uint2 LoadTileKeys2(const uint32_t* ck, int t, int tiles, bool vec) {
-  if (vec && t + 1 < tiles) return *reinterpret_cast<const uint2*>(ck + t);
-  return make_uint2(t < tiles ? ck[t] : 0u, t + 1 < tiles ? ck[t + 1] : 0u);
+// The keys of tiles t .. t + W - 1 (W 2 or 4, t a multiple of W; 0 past `tiles`), in one load
+// where `vec` says the row is 4W-byte aligned.
+template <int W>
+__device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tiles, bool vec,
+                                             uint32_t (&m)[W]) {
+  if (vec && t + W - 1 < tiles) {
+    if constexpr (W == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(ck + t);
+      m[0] = v.x, m[1] = v.y, m[2] = v.z, m[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(ck + t);
+      m[0] = v.x, m[1] = v.y;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < W; ++i) m[i] = t + i < tiles ? ck[t + i] : 0u;
 }
 
 // \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
@@ -2001,27 +2014,41 @@ __global__ void __launch_bounds__(kSmallThreads)
   WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
 
   // 1. Chunk keys: a thread's PER1 chunks are PER1 * pool consecutive tiles, read as independent
-  // 8-byte loads (a round of PER1 of them a tile pair of each chunk). Staging them in shared memory
-  // to pool them with shuffles cost 2.5-3.4 µs at 128K; reading a thread's consecutive words there
-  // was an 8-way bank conflict.
+  // 16-byte loads (8-byte for pools of 2, or PER1 2 at pool 1; a round of PER1 of them, one a
+  // chunk, for pools of 4 or more). Staging them in shared memory to pool them with shuffles cost
+  // 2.5-3.4 µs at 128K; reading a thread's consecutive words there was an 8-way bank conflict.
   const uint32_t* ck = chunk_keys + row * n_tiles;
-  const bool vec = n_tiles % 2 == 0 && (reinterpret_cast<uintptr_t>(chunk_keys) & 7u) == 0;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(chunk_keys);
+  const bool vec2 = n_tiles % 2 == 0 && (base & 7u) == 0;
+  const bool vec4 = n_tiles % 4 == 0 && (base & 15u) == 0;
   uint32_t key1[PER1];
   if (pool == 1) {
+    constexpr int kW = PER1 % 4 == 0 ? 4 : 2;
 #pragma unroll
-    for (int j = 0; j < PER1; j += 2) {
-      const uint2 m = LoadTileKeys2(ck, tid * PER1 + j, tiles, vec);
-      key1[j] = m.x;
-      key1[j + 1] = m.y;
+    for (int j = 0; j < PER1; j += kW) {
+      uint32_t m[kW];
+      LoadTileKeys<kW>(ck, tid * PER1 + j, tiles, kW == 4 ? vec4 : vec2, m);
+#pragma unroll
+      for (int i = 0; i < kW; ++i) key1[j + i] = m[i];
     }
   } else {
 #pragma unroll
     for (int j = 0; j < PER1; ++j) key1[j] = 0u;
-    for (int q = 0; q < pool; q += 2) {
+    if (pool == 2) {
 #pragma unroll
       for (int j = 0; j < PER1; ++j) {
-        const uint2 m = LoadTileKeys2(ck, (tid * PER1 + j) * pool + q, tiles, vec);
-        key1[j] = max(key1[j], max(m.x, m.y));
+        uint32_t m[2];
+        LoadTileKeys<2>(ck, (tid * PER1 + j) * 2, tiles, vec2, m);
+        key1[j] = max(m[0], m[1]);
+      }
+    } else {
+      for (int q = 0; q < pool; q += 4) {
+#pragma unroll
+        for (int j = 0; j < PER1; ++j) {
+          uint32_t m[4];
+          LoadTileKeys<4>(ck, (tid * PER1 + j) * pool + q, tiles, vec4, m);
+          key1[j] = max(key1[j], max(max(m[0], m[1]), max(m[2], m[3])));
+        }
       }
     }
   }
