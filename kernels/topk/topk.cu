@@ -1577,11 +1577,14 @@ __global__ void __launch_bounds__(kSelThreads)
 //   of two), loaded 16 bytes at a time where the row allows; all index arithmetic is 32-bit;
 // - the row's minimum and maximum key fix the bits every key shares, so the radix passes (8-bit
 //   digits, shared-memory histograms) start at the first bit that differs: fewer passes, and the
-//   first one does not pile every atomic onto one bin;
+//   first one does not pile every atomic onto one bin; where an 8-bit first pass would leave more
+//   than 32 keys on its threshold bin, the first pass takes 11 bits (BlockTopK's WIDE);
 // - once at most 32 keys remain on the threshold prefix, one warp ranks them (key, then lower
 //   index) instead of the remaining passes;
 // - ties on the threshold key go to the lower index through a block scan, run only when the
-//   threshold key has more elements than the selection still needs;
+//   threshold key has more elements than the selection still needs; otherwise every key at or
+//   above the threshold is taken in a loop of its own;
+// - block scans are warp shuffles, one barrier and __reduce_add_sync (SmallExclusiveSum);
 // - a block scan places each element's tokens (all of them when chosen, else only its sink /
 //   local tokens) in the ascending output; each warp then writes the runs of its lanes together,
 //   32 lanes a run, so no thread writes a long run alone and warps without runs skip the step.
@@ -1599,10 +1602,6 @@ struct SmallScanSmem {
   uint32_t warp_total[32];
 };
 
-// Exclusive prefix sum of v over the block of kSmallThreads (and the block's total): warp scans by
-// shuffles, one barrier, then each warp adds the totals of the warps before it in one
-// __reduce_add_sync. (CUB's BlockScan took ~0.3 µs more a call here, raking; more still with warp
-// scans.) Two calls on the same shared memory need a barrier between them.
 // The inclusive prefix sum of v over the lanes of a full warp.
 __device__ __forceinline__ uint32_t WarpInclusiveSum(uint32_t v) {
   const int lane = threadIdx.x & 31;
@@ -1614,6 +1613,10 @@ __device__ __forceinline__ uint32_t WarpInclusiveSum(uint32_t v) {
   return v;
 }
 
+// Exclusive prefix sum of v over the block of kSmallThreads (and the block's total): warp scans by
+// shuffles, one barrier, then each warp adds the totals of the warps before it in one
+// __reduce_add_sync. (CUB's BlockScan took ~0.3 µs more a call here, raking; more still with warp
+// scans.) Two calls on the same shared memory need a barrier between them.
 __device__ __forceinline__ uint32_t SmallExclusiveSum(uint32_t v, SmallScanSmem& s,
                                                       uint32_t& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1820,11 +1823,10 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
   uint32_t take = 0;
   if (!all && !early && on > k_rem) {
     // Not every key on the threshold is taken: the k_rem lowest positions among them.
-    uint32_t eq = 0, rank = 0;
+    uint32_t eq = 0, all_eq = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) eq += key[j] == prefix ? 1u : 0u;
-    uint32_t all_eq;
-    rank = SmallExclusiveSum(eq, sm.scan, all_eq);
+    uint32_t rank = SmallExclusiveSum(eq, sm.scan, all_eq);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const bool t = key[j] > prefix || (key[j] == prefix && rank++ < k_rem);
@@ -1942,8 +1944,9 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
   const dim3 grid(static_cast<unsigned>(rows));
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t per = (src.len + kSmallThreads - 1) / kSmallThreads;
-  // The 11-bit first pass pays where the 8-bit one leaves more than 32 keys on the threshold bin:
-  // at 8192 pages that was k_sel >= 64 (one pass instead of two).
+  // The 11-bit first pass pays where the 8-bit one leaves more than 32 keys on the threshold bin
+  // (at 8192 pages, k_sel 256 took two 8-bit passes and takes one 11-bit pass; k_sel 16 takes one
+  // 8-bit pass); kWideFirstPassMinK lies between.
   const bool wide = k_sel >= kWideFirstPassMinK && per >= 8;
   auto kernel = per <= 1   ? SmallSelectKernel<1, false>
                 : per <= 2 ? SmallSelectKernel<2, false>
@@ -1987,10 +1990,14 @@ __device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tile
   if (vec && t + W - 1 < tiles) {
     if constexpr (W == 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(ck + t);
-      m[0] = v.x, m[1] = v.y, m[2] = v.z, m[3] = v.w;
+      m[0] = v.x;
+      m[1] = v.y;
+      m[2] = v.z;
+      m[3] = v.w;
     } else {
       const uint2 v = *reinterpret_cast<const uint2*>(ck + t);
-      m[0] = v.x, m[1] = v.y;
+      m[0] = v.x;
+      m[1] = v.y;
     }
     return;
   }
