@@ -74,6 +74,16 @@ ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel) {
     c.per2 = power_of_two_at_least((slots + kOneBlockThreads - 1) / kOneBlockThreads, 4);
     if (best.pool == 0 || c.per1 + c.per2 < best.per1 + best.per2) best = c;
   }
+  if (best.pool > 0 || k_sel > kRoundsMaxK) return best;
+  for (int pool = 1; pool <= 32; pool *= 2) {
+    const int64_t chunks = (tiles + pool - 1) / pool;
+    if (chunks > kOneBlockMaxKeys) continue;
+    if (2 * k_sel > chunks) break;  // larger pools only stream more of the row
+    best.pool = pool;
+    best.per1 = power_of_two_at_least((chunks + kOneBlockThreads - 1) / kOneBlockThreads, 2);
+    best.rounds = true;
+    break;
+  }
   return best;
 }
 

@@ -2005,22 +2005,51 @@ __device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tile
   for (int i = 0; i < W; ++i) m[i] = t + i < tiles ? ck[t + i] : 0u;
 }
 
-// \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
-template <int PER1, int PER2>
-__global__ void __launch_bounds__(kSmallThreads)
-    ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
-                      uint32_t k_sel, const CompactArgs out) {
-  __shared__ TopKSmem sm;
-  __shared__ SmallScanSmem scan_out;
-  __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
+// A row's output slot `slot` (ignored from out.cap on): token t, and its score when asked.
+__device__ __forceinline__ void PutToken(const CompactArgs& out, int64_t row, int slot, int t) {
+  if (slot < out.cap) {
+    out.indices[row * out.cap + slot] = t;
+    if (out.out_scores != nullptr && out.row_scores != nullptr) {
+      out.out_scores[row * out.cap + slot] = out.row_scores[row * out.n + t];
+    }
+  }
+}
+
+// The rest of a row's output once its `chosen` selected tokens are in slots n_sink ..: the sink
+// tokens before them, the local tokens after them, -1 (scores NaN) in the slots left, the count.
+__device__ void PutPinnedAndPad(const CompactArgs& out, int64_t row, int chosen) {
+  const int tid = threadIdx.x;
+  const int n = static_cast<int>(out.n), cap = static_cast<int>(out.cap);
+  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
+  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
+  const int n_loc = max(0, n - pin_lo);
+  for (int t = tid; t < n_sink; t += blockDim.x) PutToken(out, row, t, t);
+  const int loc_at = n_sink + chosen;
+  for (int i = tid; i < n_loc; i += blockDim.x) PutToken(out, row, loc_at + i, pin_lo + i);
+  const int count = min(loc_at + n_loc, cap);
+  for (int j = count + tid; j < cap; j += blockDim.x) {
+    out.indices[row * out.cap + j] = -1;
+    if (out.out_scores != nullptr) {
+      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+    }
+  }
+  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
+}
+
+// Step 1 of the chunk selections: the row's chunk keys into registers, then the chosen chunks
+// (BlockTopK; EARLY: every chunk at or above a radix prefix once at most max_keep are), ascending
+// into s_chunk. Returns how many, and BlockTake's floor.
+struct ChosenChunks {
+  uint32_t count, floor;
+};
+template <int PER1, bool EARLY>
+__device__ ChosenChunks ChooseChunks(const uint32_t* chunk_keys, int64_t n_tiles, int pool,
+                                     uint32_t k_sel, uint32_t max_keep, TopKSmem& sm,
+                                     SmallScanSmem& scan, uint32_t* s_chunk) {
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
-  const int n = static_cast<int>(out.n);
   const int tiles = static_cast<int>(n_tiles);
-  const int chunk_tokens = pool * kTcTileRows;
-  WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
-
-  // 1. Chunk keys: a thread's PER1 chunks are PER1 * pool consecutive tiles, read as independent
+  // A thread's PER1 chunks are PER1 * pool consecutive tiles, their keys read as independent
   // 16-byte loads (8-byte for pools of 2, or PER1 2 at pool 1; a round of PER1 of them, one a
   // chunk, for pools of 4 or more). Staging them in shared memory to pool them with shuffles cost
   // 2.5-3.4 µs at 128K; reading a thread's consecutive words there was an 8-way bank conflict.
@@ -2059,20 +2088,40 @@ __global__ void __launch_bounds__(kSmallThreads)
       }
     }
   }
-  // Any chunks the second selection holds will do, as long as all chunks >= the floor are in.
-  const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
-  const BlockTake chunks1 = BlockTopK<PER1, true, (PER1 >= 8)>(key1, k_sel, sm, max_keep);
-  const uint32_t take1 = chunks1.take;
-  uint32_t n_chosen = 0;
-  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take1)), scan_out, n_chosen);
+  const BlockTake chosen = BlockTopK<PER1, EARLY, (PER1 >= 8)>(key1, k_sel, sm, max_keep);
+  uint32_t count = 0;
+  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(chosen.take)), scan, count);
 #pragma unroll
   for (int j = 0; j < PER1; ++j) {
-    if ((take1 >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(tid * PER1 + j);
+    if ((chosen.take >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(tid * PER1 + j);
   }
   __syncthreads();
+  return ChosenChunks{count, chosen.floor};
+}
+
+// \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
+template <int PER1, int PER2>
+__global__ void __launch_bounds__(kSmallThreads)
+    ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
+                      uint32_t k_sel, const CompactArgs out) {
+  __shared__ TopKSmem sm;
+  __shared__ SmallScanSmem scan_out;
+  __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  const int n = static_cast<int>(out.n);
+  const int chunk_tokens = pool * kTcTileRows;
+  WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
+
+  // 1. The chosen chunks.
+  // Any chunks the second selection holds will do, as long as all chunks >= the floor are in.
+  const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
+  const ChosenChunks chunks =
+      ChooseChunks<PER1, true>(chunk_keys, n_tiles, pool, k_sel, max_keep, sm, scan_out, s_chunk);
+  const uint32_t n_chosen = chunks.count;
 
   // 2. The tokens of the chosen chunks; a thread's PER2 tokens lie in one chunk.
-  const uint32_t key_min = chunks1.floor;
+  const uint32_t key_min = chunks.floor;
   const int e0 = tid * PER2;
   const int c_at = e0 >> (__ffs(chunk_tokens) - 1);  // chunk_tokens: a power of two
   const int t0 = c_at < static_cast<int>(n_chosen)
@@ -2094,38 +2143,14 @@ __global__ void __launch_bounds__(kSmallThreads)
   const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm).take;
 
   // 3. Sink tokens, the selection, local tokens.
-  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
-  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
-  const int n_loc = max(0, n - pin_lo);
   uint32_t chosen = 0;
   const uint32_t start = SmallExclusiveSum(static_cast<uint32_t>(__popc(take2)), scan_out, chosen);
-  int32_t* indices = out.indices + row * out.cap;
-  const bool copy_scores = out.out_scores != nullptr && out.row_scores != nullptr;
-  float* out_scores = copy_scores ? out.out_scores + row * out.cap : nullptr;
-  const float* src_scores = copy_scores ? out.row_scores + row * out.n : nullptr;
-  const int cap = static_cast<int>(out.cap);
-  auto put = [&](int slot, int t) {
-    if (slot < cap) {
-      indices[slot] = t;
-      if (copy_scores) out_scores[slot] = src_scores[t];
-    }
-  };
-  int slot = n_sink + static_cast<int>(start);
+  int slot = static_cast<int>(min(out.n_sink, out.n)) + static_cast<int>(start);
 #pragma unroll
   for (int j = 0; j < PER2; ++j) {
-    if ((take2 >> j) & 1u) put(slot++, t0 + j);
+    if ((take2 >> j) & 1u) PutToken(out, row, slot++, t0 + j);
   }
-  for (int t = tid; t < n_sink; t += kSmallThreads) put(t, t);
-  const int loc_at = n_sink + static_cast<int>(chosen);
-  for (int i = tid; i < n_loc; i += kSmallThreads) put(loc_at + i, pin_lo + i);
-  const int count = min(loc_at + n_loc, cap);
-  for (int j = count + tid; j < cap; j += kSmallThreads) {
-    indices[j] = -1;
-    if (out.out_scores != nullptr) {
-      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
-    }
-  }
-  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
+  PutPinnedAndPad(out, row, static_cast<int>(chosen));
 }
 
 template <int PER1, int PER2>
@@ -2153,12 +2178,153 @@ absl::Status LaunchChunkPer2(const ChunkPlan& cp, const float* scores, const uin
   }
 }
 
-// Enqueues ChunkSelectKernel for a plan internal::PlanChunkSelect made (cp.pool > 0).
+// ---------------------------------------------------------------------------------------------
+// Exact selection over long rows for larger k (ChunkRoundsKernel): where the chosen chunks' tokens
+// exceed one block's registers (k_sel x 16 x pool > 16384; k_sel <= kRoundsMaxK and the chosen
+// chunks at most half the row). One block a row:
+// 1. the k_sel largest chunks exactly (ChooseChunks, as ChunkSelectKernel's step 1);
+// 2. their tokens, streamed in rounds of kRoundTokens (a thread's run in one chunk): those at or
+//    above the floor are appended to a candidate list in shared memory, in token order; before a
+//    round that might not fit, the list keeps only its top k_sel (KeepTop: BlockTopK, compacted in
+//    place, order kept). Ties go to the lower token as in the other paths: the list is in token
+//    order, and BlockTopK prefers the lower position;
+// 3. the list's top k_sel, with the sink and local tokens, ascending.
+using internal::kRoundsMaxK;
+constexpr int kRoundPer = 8;
+constexpr int kRoundTokens = kRoundPer * kSmallThreads;
+constexpr int kCandCap = static_cast<int>(kSmallMaxLen);  // BlockTopK's reach
+static_assert(kRoundsMaxK + kRoundTokens <= kCandCap, "KeepTop must leave room for a round");
+
+// Keeps the top k_sel of the `count` candidates (keys c_key, tokens c_tok), in their order, at the
+// front of the list; returns how many. Block-wide.
+__device__ uint32_t KeepTop(uint32_t* c_key, int32_t* c_tok, uint32_t count, uint32_t k_sel,
+                            TopKSmem& sm, SmallScanSmem& scan) {
+  constexpr int PER = kSmallMaxPer;
+  const int e0 = threadIdx.x * PER;
+  uint32_t key[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) key[j] = e0 + j < static_cast<int>(count) ? c_key[e0 + j] : 0u;
+  const uint32_t take = BlockTopK<PER>(key, k_sel, sm).take;
+  int32_t tok[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) tok[j] = (take >> j) & 1u ? c_tok[e0 + j] : 0;
+  // Every thread has read its entries before the scan's barrier; entries only move forward.
+  uint32_t kept = 0;
+  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take)), scan, kept);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    if ((take >> j) & 1u) {
+      c_key[at] = key[j];
+      c_tok[at] = tok[j];
+      ++at;
+    }
+  }
+  __syncthreads();
+  return kept;
+}
+
+// \tparam PER1 chunks a thread (step 1).
+template <int PER1>
+__global__ void __launch_bounds__(kSmallThreads)
+    ChunkRoundsKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
+                      uint32_t k_sel, const CompactArgs out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* c_key = reinterpret_cast<uint32_t*>(smem);            // [kCandCap]
+  int32_t* c_tok = reinterpret_cast<int32_t*>(c_key + kCandCap);  // [kCandCap]
+  __shared__ TopKSmem sm;
+  __shared__ SmallScanSmem scan_out;
+  __shared__ uint32_t s_chunk[kRoundsMaxK];  // chosen chunks, ascending
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  const int n = static_cast<int>(out.n);
+  const int chunk_tokens = pool * kTcTileRows;  // a power of two
+  WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
+
+  // 1. Exactly the k_sel largest chunks.
+  const ChosenChunks chunks =
+      ChooseChunks<PER1, false>(chunk_keys, n_tiles, pool, k_sel, 0, sm, scan_out, s_chunk);
+
+  // 2. Their tokens at or above the floor, round by round.
+  const int total = static_cast<int>(chunks.count) * chunk_tokens;
+  const float* row_scores = scores + row * out.n;
+  const bool vec = n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0;
+  uint32_t count = 0;
+  for (int base = 0; base < total; base += kRoundTokens) {
+    if (count + kRoundTokens > kCandCap) count = KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
+    const int e0 = base + tid * kRoundPer;
+    const int t0 = e0 < total
+                       ? static_cast<int>(s_chunk[e0 >> (__ffs(chunk_tokens) - 1)]) * chunk_tokens +
+                             (e0 & (chunk_tokens - 1))
+                       : n;
+    float v[kRoundPer];
+    LoadRun<kRoundPer>(row_scores, t0, n, vec, v);
+    uint32_t key[kRoundPer];
+    uint32_t mine = 0;
+#pragma unroll
+    for (int j = 0; j < kRoundPer; ++j) {
+      const int t = t0 + j;
+      const uint32_t k = internal::OrderKey(v[j]);
+      key[j] = t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= chunks.floor
+                   ? k
+                   : 0u;
+      mine += key[j] != 0u ? 1u : 0u;
+    }
+    uint32_t added = 0;
+    uint32_t at = count + SmallExclusiveSum(mine, scan_out, added);
+#pragma unroll
+    for (int j = 0; j < kRoundPer; ++j) {
+      if (key[j] != 0u) {
+        c_key[at] = key[j];
+        c_tok[at] = t0 + j;
+        ++at;
+      }
+    }
+    count += added;
+    __syncthreads();
+  }
+  count = KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
+
+  // 3. Sink tokens, the selection, local tokens.
+  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
+  for (int i = tid; i < static_cast<int>(count); i += kSmallThreads) {
+    PutToken(out, row, n_sink + i, c_tok[i]);
+  }
+  PutPinnedAndPad(out, row, static_cast<int>(count));
+}
+
+template <int PER1>
+absl::Status LaunchChunkRounds(const float* scores, const uint32_t* chunk_keys, int64_t rows,
+                               int64_t n_tiles, int pool, uint32_t k_sel, const CompactArgs& out,
+                               cudaStream_t stream) {
+  constexpr auto kKernel = ChunkRoundsKernel<PER1>;
+  constexpr size_t kSmem = static_cast<size_t>(kCandCap) * 8;
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(kSmem));
+  // A dependent launch: the selection's blocks start as the scorer's SMs free up.
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(kKernel, dim3(static_cast<unsigned>(rows)),
+                                              dim3(kSmallThreads), kSmem, stream, scores,
+                                              chunk_keys, n_tiles, pool, k_sel, out));
+  return absl::OkStatus();
+}
+
+// Enqueues ChunkSelectKernel or ChunkRoundsKernel (cp.rounds) for a plan internal::PlanChunkSelect
+// made (cp.pool > 0).
 absl::Status LaunchChunkSelect(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
                                int64_t rows, int64_t len, int64_t k_sel, const CompactArgs& out,
                                cudaStream_t stream) {
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t n_tiles = (len + kTcTileRows - 1) / kTcTileRows;
+  if (cp.rounds) {
+    switch (cp.per1) {
+      case 2:
+        return LaunchChunkRounds<2>(scores, chunk_keys, rows, n_tiles, cp.pool, k, out, stream);
+      case 4:
+        return LaunchChunkRounds<4>(scores, chunk_keys, rows, n_tiles, cp.pool, k, out, stream);
+      case 8:
+        return LaunchChunkRounds<8>(scores, chunk_keys, rows, n_tiles, cp.pool, k, out, stream);
+      default:
+        return LaunchChunkRounds<16>(scores, chunk_keys, rows, n_tiles, cp.pool, k, out, stream);
+    }
+  }
   switch (cp.per1) {
     case 2:
       return LaunchChunkPer2<2>(cp, scores, chunk_keys, rows, n_tiles, k, out, stream);

@@ -55,13 +55,18 @@ inline constexpr int kScoreTileTokens = 16;
 // How ChunkSelectKernel splits a row of `len` tokens for k_sel: chunks of `pool` tiles; its first
 // selection takes per1 chunk keys a thread, its second per2 tokens a thread (the tokens of up to
 // k_sel chosen chunks; per2 divides the chunk's tokens, so a thread's run lies in one chunk).
+// `rounds`: the chosen chunks' tokens exceed one block, and ChunkRoundsKernel streams them instead
+// (per2 0): k_sel <= kRoundsMaxK, and the k_sel chunks are at most half the row's.
 struct ChunkPlan {
-  int pool = 0;  // tiles a chunk (1..32, a power of two); 0: the selection does not fit one block
+  int pool = 0;  // tiles a chunk (1..32, a power of two); 0: neither kernel takes the row
   int per1 = 0;  // 2, 4, 8 or 16
-  int per2 = 0;  // 4, 8 or 16
+  int per2 = 0;  // 4, 8 or 16; 0 with rounds
+  bool rounds = false;
 };
+inline constexpr int64_t kRoundsMaxK = 4096;
 // The pool (1, 2, 4, .. 32) that keeps both selections within one block with the fewest keys a
-// thread (per1 + per2; ties to the smaller pool).
+// thread (per1 + per2; ties to the smaller pool); else, where k_sel allows, the smallest pool whose
+// chunk keys fit one block, with rounds.
 ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel);
 
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted

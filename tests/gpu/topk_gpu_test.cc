@@ -647,11 +647,13 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
 }
 
 // Long exact rows scored on tensor cores are selected from the scorer's tile maxima
-// (ChunkSelectKernel) and give exactly what the multi-block threshold filter gives: ties (KV
-// head 1: every key is one of five multiples of one vector, so its scores take five values and
-// the k-th lies in a tie of ~n / 5 tokens), ±inf
-// keys, lengths that are not a multiple of 16 or 4, chunks of 1 to 8 tiles, k up to the largest
-// the chunk path takes, and sink / local windows that leave fewer free tokens than k.
+// (ChunkSelectKernel, and ChunkRoundsKernel where the chosen chunks' tokens exceed one block: k
+// 1000 at 600003 tokens, k 4096 at 131072 and 600003) and give exactly what the multi-block
+// threshold filter gives: ties (KV head 1: every key is one of five multiples of one vector, so
+// its scores take five values and the k-th lies in a tie of ~n / 5 tokens, which fills the rounds'
+// candidate list again and again), ±inf keys, lengths that are not a multiple of 16 or 4, chunks
+// of 1 to 8 tiles, k up to the largest the chunk paths take, and sink / local windows that leave
+// fewer free tokens than k.
 TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
@@ -664,7 +666,7 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
     for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
     OnDevice dev(p);
     for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
-      for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{256}, int64_t{1000}}) {
+      for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{256}, int64_t{1000}, int64_t{4096}}) {
         for (int64_t n_local : {int64_t{17}, n - 40}) {
           SelectRequest req = p.Request(Mode::kExact, red, k);
           req.n_sink = 3;

@@ -794,10 +794,26 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
         any |= (tiles + pool - 1) / pool <= 16384 && k * 16 * pool <= 16384;
       }
       if (!any) {
-        EXPECT_EQ(c.pool, 0) << w;
+        // Rounds (ChunkRoundsKernel): the smallest pool whose chunk keys fit one block, where k
+        // is at most 4096 and half its chunks.
+        int want = 0;
+        for (int pool = 1; pool <= 32 && k <= 4096; pool *= 2) {
+          const int64_t chunks = (tiles + pool - 1) / pool;
+          if (chunks > 16384) continue;
+          if (2 * k <= chunks) want = pool;
+          break;
+        }
+        EXPECT_EQ(c.pool, want) << w;
+        if (want > 0) {
+          EXPECT_TRUE(c.rounds) << w;
+          EXPECT_EQ(c.per2, 0) << w;
+          EXPECT_LE((tiles + want - 1) / want, int64_t{c.per1} * 1024) << w;
+          EXPECT_LE(c.per1, 16) << w;
+        }
         continue;
       }
       ASSERT_GT(c.pool, 0) << w;
+      EXPECT_FALSE(c.rounds) << w;
       EXPECT_EQ(c.pool & (c.pool - 1), 0) << w;
       const int64_t chunks = (tiles + c.pool - 1) / c.pool;
       EXPECT_LE(chunks, int64_t{c.per1} * 1024) << w;
@@ -809,16 +825,19 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
     }
   }
   // 128K tokens: k 256 in tiles (8192 chunk keys, 4096 tokens), k 64 in chunks of 4 tiles;
-  // k 1024 still fits, 4096 does not. 1M tokens: chunks of 4 tiles at k 256; k 1024 does not fit.
+  // k 1024 still fits, 4096 takes rounds. 1M tokens: chunks of 4 tiles at k 256, rounds at 1024.
   EXPECT_EQ(PlanChunkSelect(131072, 256).pool, 1);
   EXPECT_EQ(PlanChunkSelect(131072, 256).per1, 8);
   EXPECT_EQ(PlanChunkSelect(131072, 256).per2, 4);
   EXPECT_EQ(PlanChunkSelect(131072, 64).pool, 4);
   EXPECT_EQ(PlanChunkSelect(131072, 1024).pool, 1);
   EXPECT_EQ(PlanChunkSelect(131072, 1024).per2, 16);
-  EXPECT_EQ(PlanChunkSelect(131072, 4096).pool, 0);
+  EXPECT_EQ(PlanChunkSelect(131072, 4096).pool, 1);
+  EXPECT_TRUE(PlanChunkSelect(131072, 4096).rounds);
   EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256).pool, 4);
-  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024).pool, 0);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024).pool, 4);
+  EXPECT_TRUE(PlanChunkSelect(int64_t{1} << 20, 1024).rounds);
+  EXPECT_EQ(PlanChunkSelect(32768, 4096).pool, 0);  // 4096 of 2048 chunks: the filter path
 }
 
 }  // namespace
