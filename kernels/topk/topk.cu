@@ -2181,7 +2181,8 @@ absl::Status LaunchChunkPer2(const ChunkPlan& cp, const float* scores, const uin
 // ---------------------------------------------------------------------------------------------
 // Exact selection over long rows for larger k (ChunkRoundsKernel): where the chosen chunks' tokens
 // exceed one block's registers (k_sel x 16 x pool > 16384; k_sel <= kRoundsMaxK and the chosen
-// chunks at most half the row). One block a row:
+// chunks at most a quarter of the row, or half with many rows: internal::PlanChunkSelect). One
+// block a row:
 // 1. the k_sel largest chunks exactly (ChooseChunks, as ChunkSelectKernel's step 1);
 // 2. their tokens, streamed in rounds of kRoundTokens (a thread's run in one chunk): those at or
 //    above the floor are appended to a candidate list in shared memory, in token order; before a
@@ -2905,7 +2906,7 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   ChunkPlan chunked;
   if (req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
       internal::ChunkSelection() && TcScores(req, req.keys, false, false, *info)) {
-    chunked = internal::PlanChunkSelect(plan.len, plan.k_sel);
+    chunked = internal::PlanChunkSelect(plan.len, plan.k_sel, plan.rows);
   }
   auto zero_workspace = [&]() -> absl::Status {
     ROPEKV_CUDA_RETURN_IF_ERROR(

@@ -648,16 +648,16 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
 
 // Long exact rows scored on tensor cores are selected from the scorer's tile maxima
 // (ChunkSelectKernel, and ChunkRoundsKernel where the chosen chunks' tokens exceed one block: k
-// 1000 at 600003 tokens, k 4096 at 131072 and 600003) and give exactly what the multi-block
-// threshold filter gives: ties (KV head 1: every key is one of five multiples of one vector, so
-// its scores take five values and the k-th lies in a tie of ~n / 5 tokens, which fills the rounds'
-// candidate list again and again), ±inf keys, lengths that are not a multiple of 16 or 4, chunks
-// of 1 to 8 tiles, k up to the largest the chunk paths take, and sink / local windows that leave
-// fewer free tokens than k.
+// 1000 at 600003 tokens, and per query head, 16 rows, k 4096 at 131072 and 600003) and give
+// exactly what the multi-block threshold filter gives: ties (KV head 1: every key is one of five
+// multiples of one vector, so its scores take five values and the k-th lies in a tie of ~n / 5
+// tokens, which fills the rounds' candidate list again and again), ±inf keys, lengths that are
+// not a multiple of 16 or 4, chunks of 1 to 8 tiles, k up to the largest the chunk paths take, and
+// sink / local windows that leave fewer free tokens than k.
 TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
-    Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 960 + n);
+    Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 960 + n);
     for (int64_t t = 0; t < n; ++t) {
       const float level = static_cast<float>((t * 7919) % 5);
       for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));

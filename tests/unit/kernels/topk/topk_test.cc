@@ -785,59 +785,63 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
                       int64_t{1} << 20, int64_t{1} << 22}) {
     for (int64_t k : {int64_t{1}, int64_t{64}, int64_t{256}, int64_t{1000}, int64_t{1024},
                       int64_t{1025}, int64_t{4096}}) {
-      const ChunkPlan c = PlanChunkSelect(len, k);
-      const std::string w = absl::StrCat("len ", len, " k ", k);
-      const int64_t tiles = (len + 15) / 16;
-      // Whether any pool fits both selections: brute force over the pools.
-      bool any = false;
-      for (int pool = 1; pool <= 32; pool *= 2) {
-        any |= (tiles + pool - 1) / pool <= 16384 && k * 16 * pool <= 16384;
-      }
-      if (!any) {
-        // Rounds (ChunkRoundsKernel): the smallest pool whose chunk keys fit one block, where k
-        // is at most 4096 and half its chunks.
-        int want = 0;
-        for (int pool = 1; pool <= 32 && k <= 4096; pool *= 2) {
-          const int64_t chunks = (tiles + pool - 1) / pool;
-          if (chunks > 16384) continue;
-          if (2 * k <= chunks) want = pool;
-          break;
+      for (int64_t rows : {int64_t{8}, int64_t{512}}) {
+        const ChunkPlan c = PlanChunkSelect(len, k, rows);
+        const std::string w = absl::StrCat("len ", len, " k ", k, " rows ", rows);
+        const int64_t tiles = (len + 15) / 16;
+        // Whether any pool fits both selections: brute force over the pools.
+        bool any = false;
+        for (int pool = 1; pool <= 32; pool *= 2) {
+          any |= (tiles + pool - 1) / pool <= 16384 && k * 16 * pool <= 16384;
         }
-        EXPECT_EQ(c.pool, want) << w;
-        if (want > 0) {
-          EXPECT_TRUE(c.rounds) << w;
-          EXPECT_EQ(c.per2, 0) << w;
-          EXPECT_LE((tiles + want - 1) / want, int64_t{c.per1} * 1024) << w;
-          EXPECT_LE(c.per1, 16) << w;
+        if (!any) {
+          // Rounds (ChunkRoundsKernel): the smallest pool whose chunk keys fit one block, where k
+          // is at most 4096 and a quarter of its chunks (8 rows), or half (16 rows or more).
+          int want = 0;
+          for (int pool = 1; pool <= 32 && k <= 4096; pool *= 2) {
+            const int64_t chunks = (tiles + pool - 1) / pool;
+            if (chunks > 16384) continue;
+            if ((rows >= 16 ? 2 : 4) * k <= chunks) want = pool;
+            break;
+          }
+          EXPECT_EQ(c.pool, want) << w;
+          if (want > 0) {
+            EXPECT_TRUE(c.rounds) << w;
+            EXPECT_EQ(c.per2, 0) << w;
+            EXPECT_LE((tiles + want - 1) / want, int64_t{c.per1} * 1024) << w;
+            EXPECT_LE(c.per1, 16) << w;
+          }
+          continue;
         }
-        continue;
+        ASSERT_GT(c.pool, 0) << w;
+        EXPECT_FALSE(c.rounds) << w;
+        EXPECT_EQ(c.pool & (c.pool - 1), 0) << w;
+        const int64_t chunks = (tiles + c.pool - 1) / c.pool;
+        EXPECT_LE(chunks, int64_t{c.per1} * 1024) << w;
+        EXPECT_LE(k * 16 * c.pool, int64_t{c.per2} * 1024) << w;
+        EXPECT_LE(c.per1, 16) << w;
+        EXPECT_LE(c.per2, 16) << w;
+        EXPECT_GE(c.per2, 4) << w;
+        EXPECT_EQ((16 * c.pool) % c.per2, 0) << w;
       }
-      ASSERT_GT(c.pool, 0) << w;
-      EXPECT_FALSE(c.rounds) << w;
-      EXPECT_EQ(c.pool & (c.pool - 1), 0) << w;
-      const int64_t chunks = (tiles + c.pool - 1) / c.pool;
-      EXPECT_LE(chunks, int64_t{c.per1} * 1024) << w;
-      EXPECT_LE(k * 16 * c.pool, int64_t{c.per2} * 1024) << w;
-      EXPECT_LE(c.per1, 16) << w;
-      EXPECT_LE(c.per2, 16) << w;
-      EXPECT_GE(c.per2, 4) << w;
-      EXPECT_EQ((16 * c.pool) % c.per2, 0) << w;
     }
   }
   // 128K tokens: k 256 in tiles (8192 chunk keys, 4096 tokens), k 64 in chunks of 4 tiles;
-  // k 1024 still fits, 4096 takes rounds. 1M tokens: chunks of 4 tiles at k 256, rounds at 1024.
-  EXPECT_EQ(PlanChunkSelect(131072, 256).pool, 1);
-  EXPECT_EQ(PlanChunkSelect(131072, 256).per1, 8);
-  EXPECT_EQ(PlanChunkSelect(131072, 256).per2, 4);
-  EXPECT_EQ(PlanChunkSelect(131072, 64).pool, 4);
-  EXPECT_EQ(PlanChunkSelect(131072, 1024).pool, 1);
-  EXPECT_EQ(PlanChunkSelect(131072, 1024).per2, 16);
-  EXPECT_EQ(PlanChunkSelect(131072, 4096).pool, 1);
-  EXPECT_TRUE(PlanChunkSelect(131072, 4096).rounds);
-  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256).pool, 4);
-  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024).pool, 4);
-  EXPECT_TRUE(PlanChunkSelect(int64_t{1} << 20, 1024).rounds);
-  EXPECT_EQ(PlanChunkSelect(32768, 4096).pool, 0);  // 4096 of 2048 chunks: the filter path
+  // k 1024 still fits, 4096 takes rounds with many rows. 1M tokens: chunks of 4 tiles at k 256,
+  // rounds at 1024.
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).per1, 8);
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).per2, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 64, 8).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8).per2, 16);
+  EXPECT_EQ(PlanChunkSelect(131072, 4096, 8).pool, 0);  // 8 rows: the filter path
+  EXPECT_EQ(PlanChunkSelect(131072, 4096, 512).pool, 1);
+  EXPECT_TRUE(PlanChunkSelect(131072, 4096, 512).rounds);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256, 8).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024, 8).pool, 4);
+  EXPECT_TRUE(PlanChunkSelect(int64_t{1} << 20, 1024, 8).rounds);
+  EXPECT_EQ(PlanChunkSelect(32768, 4096, 8).pool, 0);  // 4096 of 2048 chunks: the filter path
 }
 
 }  // namespace
