@@ -56,7 +56,7 @@ bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_r
 void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_relaxed); }
 bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
 
-ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows) {
+ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group) {
   const auto power_of_two_at_least = [](int64_t x, int lo) {
     int p = lo;
     while (p < x) p *= 2;
@@ -79,7 +79,8 @@ ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows) {
     const int64_t chunks = (tiles + pool - 1) / pool;
     if (chunks > kOneBlockMaxKeys) continue;
     // Larger pools only stream more of the row.
-    if ((rows >= kRoundsHalfRows ? 2 : 4) * k_sel > chunks) break;
+    const bool half = rows >= kRoundsHalf || group >= kRoundsHalf;
+    if ((half ? 2 : 4) * k_sel > chunks) break;
     best.pool = pool;
     best.per1 = power_of_two_at_least((chunks + kOneBlockThreads - 1) / kOneBlockThreads, 2);
     best.rounds = true;

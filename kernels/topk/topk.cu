@@ -2181,7 +2181,8 @@ absl::Status LaunchChunkPer2(const ChunkPlan& cp, const float* scores, const uin
 // ---------------------------------------------------------------------------------------------
 // Exact selection over long rows for larger k (ChunkRoundsKernel): where the chosen chunks' tokens
 // exceed one block's registers (k_sel x 16 x pool > 16384; k_sel <= kRoundsMaxK and the chosen
-// chunks at most a quarter of the row, or half with many rows: internal::PlanChunkSelect). One
+// chunks at most a quarter of the row, or half with many rows or large groups:
+// internal::PlanChunkSelect). One
 // block a row:
 // 1. the k_sel largest chunks exactly (ChooseChunks, as ChunkSelectKernel's step 1);
 // 2. their tokens, streamed in rounds of kRoundTokens (a thread's run in one chunk): those at or
@@ -2906,7 +2907,8 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   ChunkPlan chunked;
   if (req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
       internal::ChunkSelection() && TcScores(req, req.keys, false, false, *info)) {
-    chunked = internal::PlanChunkSelect(plan.len, plan.k_sel, plan.rows);
+    chunked =
+        internal::PlanChunkSelect(plan.len, plan.k_sel, plan.rows, req.query_heads / req.kv_heads);
   }
   auto zero_workspace = [&]() -> absl::Status {
     ROPEKV_CUDA_RETURN_IF_ERROR(

@@ -57,9 +57,11 @@ inline constexpr int kScoreTileTokens = 16;
 // k_sel chosen chunks; per2 divides the chunk's tokens, so a thread's run lies in one chunk).
 // `rounds`: the chosen chunks' tokens exceed one block, and ChunkRoundsKernel streams them instead
 // (per2 0): k_sel <= kRoundsMaxK, and the k_sel chunks are at most a quarter of the row's, or half
-// of it where there are kRoundsHalfRows rows or more (one block a row streams half of each row;
-// the filter path spreads a row over many blocks, which won for 8 rows of 128K at k 4096 on the
-// H100, 129.9 vs 132.9 µs, and lost for 32 rows, 169.9 vs 136.2).
+// of it where there are kRoundsHalf rows or more, or query heads per KV head (one block a row
+// streams half of each row; the filter path spreads a row over many blocks, but its histogram
+// fused into the scorer costs more the larger the group. On the H100 at 128K, k 4096: 8 rows of 1
+// or 4 heads, filter 129.9 / 132.7 µs against rounds 132.9 / 134.5; of 64 heads, 247.6 against
+// 229.8; 32 rows, 169.9 against 136.2).
 struct ChunkPlan {
   int pool = 0;  // tiles a chunk (1..32, a power of two); 0: neither kernel takes the row
   int per1 = 0;  // 2, 4, 8 or 16
@@ -67,11 +69,11 @@ struct ChunkPlan {
   bool rounds = false;
 };
 inline constexpr int64_t kRoundsMaxK = 4096;
-inline constexpr int64_t kRoundsHalfRows = 16;
+inline constexpr int64_t kRoundsHalf = 16;
 // The pool (1, 2, 4, .. 32) that keeps both selections within one block with the fewest keys a
-// thread (per1 + per2; ties to the smaller pool); else, where k_sel and `rows` allow, the smallest
-// pool whose chunk keys fit one block, with rounds.
-ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows);
+// thread (per1 + per2; ties to the smaller pool); else, where k_sel, `rows` and `group` (query
+// heads per KV head) allow, the smallest pool whose chunk keys fit one block, with rounds.
+ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group);
 
 // Radix select: 11 + 11 + 10 bits of the score key, then 11 + 11 + 10 bits of the inverted
 // index (ties by lower index).

@@ -10,6 +10,7 @@
 #include <set>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -785,9 +786,11 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
                       int64_t{1} << 20, int64_t{1} << 22}) {
     for (int64_t k : {int64_t{1}, int64_t{64}, int64_t{256}, int64_t{1000}, int64_t{1024},
                       int64_t{1025}, int64_t{4096}}) {
-      for (int64_t rows : {int64_t{8}, int64_t{512}}) {
-        const ChunkPlan c = PlanChunkSelect(len, k, rows);
-        const std::string w = absl::StrCat("len ", len, " k ", k, " rows ", rows);
+      for (const auto& [rows, group] :
+           {std::pair<int64_t, int64_t>{8, 4}, std::pair<int64_t, int64_t>{8, 64},
+            std::pair<int64_t, int64_t>{512, 1}}) {
+        const ChunkPlan c = PlanChunkSelect(len, k, rows, group);
+        const std::string w = absl::StrCat("len ", len, " k ", k, " rows ", rows, " group ", group);
         const int64_t tiles = (len + 15) / 16;
         // Whether any pool fits both selections: brute force over the pools.
         bool any = false;
@@ -796,12 +799,13 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
         }
         if (!any) {
           // Rounds (ChunkRoundsKernel): the smallest pool whose chunk keys fit one block, where k
-          // is at most 4096 and a quarter of its chunks (8 rows), or half (16 rows or more).
+          // is at most 4096 and a quarter of its chunks (8 rows of 4 heads), or half (16 rows or
+          // more, or 16 heads a KV head or more).
           int want = 0;
           for (int pool = 1; pool <= 32 && k <= 4096; pool *= 2) {
             const int64_t chunks = (tiles + pool - 1) / pool;
             if (chunks > 16384) continue;
-            if ((rows >= 16 ? 2 : 4) * k <= chunks) want = pool;
+            if ((rows >= 16 || group >= 16 ? 2 : 4) * k <= chunks) want = pool;
             break;
           }
           EXPECT_EQ(c.pool, want) << w;
@@ -829,19 +833,20 @@ TEST(ChunkPlanTest, FitsOneBlockAndPicksTheFewestKeysAThread) {
   // 128K tokens: k 256 in tiles (8192 chunk keys, 4096 tokens), k 64 in chunks of 4 tiles;
   // k 1024 still fits, 4096 takes rounds with many rows. 1M tokens: chunks of 4 tiles at k 256,
   // rounds at 1024.
-  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).pool, 1);
-  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).per1, 8);
-  EXPECT_EQ(PlanChunkSelect(131072, 256, 8).per2, 4);
-  EXPECT_EQ(PlanChunkSelect(131072, 64, 8).pool, 4);
-  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8).pool, 1);
-  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8).per2, 16);
-  EXPECT_EQ(PlanChunkSelect(131072, 4096, 8).pool, 0);  // 8 rows: the filter path
-  EXPECT_EQ(PlanChunkSelect(131072, 4096, 512).pool, 1);
-  EXPECT_TRUE(PlanChunkSelect(131072, 4096, 512).rounds);
-  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256, 8).pool, 4);
-  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024, 8).pool, 4);
-  EXPECT_TRUE(PlanChunkSelect(int64_t{1} << 20, 1024, 8).rounds);
-  EXPECT_EQ(PlanChunkSelect(32768, 4096, 8).pool, 0);  // 4096 of 2048 chunks: the filter path
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8, 4).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8, 4).per1, 8);
+  EXPECT_EQ(PlanChunkSelect(131072, 256, 8, 4).per2, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 64, 8, 4).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8, 4).pool, 1);
+  EXPECT_EQ(PlanChunkSelect(131072, 1024, 8, 4).per2, 16);
+  EXPECT_EQ(PlanChunkSelect(131072, 4096, 8, 4).pool, 0);  // 8 rows of 4: the filter path
+  EXPECT_TRUE(PlanChunkSelect(131072, 4096, 8, 64).rounds);
+  EXPECT_EQ(PlanChunkSelect(131072, 4096, 512, 1).pool, 1);
+  EXPECT_TRUE(PlanChunkSelect(131072, 4096, 512, 1).rounds);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 256, 8, 4).pool, 4);
+  EXPECT_EQ(PlanChunkSelect(int64_t{1} << 20, 1024, 8, 4).pool, 4);
+  EXPECT_TRUE(PlanChunkSelect(int64_t{1} << 20, 1024, 8, 4).rounds);
+  EXPECT_EQ(PlanChunkSelect(32768, 4096, 8, 4).pool, 0);  // 4096 of 2048 chunks: the filter path
 }
 
 }  // namespace
