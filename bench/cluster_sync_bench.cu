@@ -54,19 +54,27 @@ __device__ void ScanBins(const uint32_t* bins, uint32_t* digit) {
   if (lane == 31) *digit = c;
 }
 
+// Iteration `it` of a pass: clears the other of the two histograms (its last readers finished
+// before the caller's last barrier) and adds the thread's PER keys to this one, which it returns.
+template <int PER>
+__device__ uint32_t* AddKeys(uint32_t (&hist)[2][kBins], int it) {
+  uint32_t* bins = hist[it & 1];
+  if (threadIdx.x < kBins) hist[(it + 1) & 1][threadIdx.x] = 0;
+  for (int j = 0; j < PER; ++j) atomicAdd(&bins[(Key(j) + it) % kBins], 1u);
+  return bins;
+}
+
 // One block: PER keys a thread into a shared histogram, a barrier, warp 0 scans, a barrier.
 template <int PER>
 __global__ void BlockPass(long long* out, int iters) {
   __shared__ uint32_t hist[2][kBins];
   __shared__ uint32_t digit;
-  for (int i = threadIdx.x; i < 2 * kBins; i += blockDim.x) (&hist[0][0])[i] = 0;
+  if (threadIdx.x < kBins) hist[0][threadIdx.x] = 0;
   __syncthreads();
   uint32_t acc = 0;
   const long long t0 = clock64();
   for (int it = 0; it < iters; ++it) {
-    uint32_t* bins = hist[it & 1];
-    if (threadIdx.x < kBins) hist[(it + 1) & 1][threadIdx.x] = 0;
-    for (int j = 0; j < PER; ++j) atomicAdd(&bins[(Key(j) + it) % kBins], 1u);
+    uint32_t* bins = AddKeys<PER>(hist, it);
     __syncthreads();
     ScanBins(bins, &digit);
     __syncthreads();
@@ -84,15 +92,13 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1) ClusterPass(long long* ou
   __shared__ uint32_t total[kBins];
   __shared__ uint32_t digit;
   cg::cluster_group cluster = cg::this_cluster();
-  for (int i = threadIdx.x; i < 2 * kBins; i += blockDim.x) (&hist[0][0])[i] = 0;
+  if (threadIdx.x < kBins) hist[0][threadIdx.x] = 0;
   cluster.sync();
   uint32_t acc = 0;
   const long long t0 = clock64();
   for (int it = 0; it < iters; ++it) {
-    uint32_t* bins = hist[it & 1];
-    // The other buffer's last remote readers finished before the last cluster barrier.
-    if (threadIdx.x < kBins) hist[(it + 1) & 1][threadIdx.x] = 0;
-    for (int j = 0; j < PER; ++j) atomicAdd(&bins[(Key(j) + it) % kBins], 1u);
+    // The other histogram's last remote readers finished before the last cluster barrier.
+    uint32_t* bins = AddKeys<PER>(hist, it);
     cluster.sync();
     if (threadIdx.x < kBins) {
       uint32_t sum = 0;
