@@ -57,9 +57,10 @@ void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_
 bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
 
 ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group) {
-  const auto power_of_two_at_least = [](int64_t x, int lo) {
+  // Keys a thread (a power of two, at least lo) for n keys over one block.
+  const auto per_thread = [](int64_t n, int lo) {
     int p = lo;
-    while (p < x) p *= 2;
+    while (p * int64_t{kOneBlockThreads} < n) p *= 2;
     return p;
   };
   const int64_t tiles = (len + kScoreTileTokens - 1) / kScoreTileTokens;
@@ -70,22 +71,20 @@ ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t grou
     if (chunks > kOneBlockMaxKeys || slots > kOneBlockMaxKeys) continue;
     ChunkPlan c;
     c.pool = pool;
-    c.per1 = power_of_two_at_least((chunks + kOneBlockThreads - 1) / kOneBlockThreads, 2);
-    c.per2 = power_of_two_at_least((slots + kOneBlockThreads - 1) / kOneBlockThreads, 4);
+    c.per1 = per_thread(chunks, 2);
+    c.per2 = per_thread(slots, 4);
     if (best.pool == 0 || c.per1 + c.per2 < best.per1 + best.per2) best = c;
   }
   if (best.pool > 0 || k_sel > kRoundsMaxK) return best;
-  for (int pool = 1; pool <= 32; pool *= 2) {
-    const int64_t chunks = (tiles + pool - 1) / pool;
-    if (chunks > kOneBlockMaxKeys) continue;
-    // Larger pools only stream more of the row.
-    const bool half = rows >= kRoundsHalf || group >= kRoundsHalf;
-    if ((half ? 2 : 4) * k_sel > chunks) break;
-    best.pool = pool;
-    best.per1 = power_of_two_at_least((chunks + kOneBlockThreads - 1) / kOneBlockThreads, 2);
-    best.rounds = true;
-    break;
-  }
+  // Rounds: the smallest pool whose chunk keys fit one block (larger ones only stream more).
+  int pool = 1;
+  while (pool <= 32 && (tiles + pool - 1) / pool > kOneBlockMaxKeys) pool *= 2;
+  const int64_t chunks = (tiles + pool - 1) / pool;
+  const bool half = rows >= kRoundsHalf || group >= kRoundsHalf;
+  if (pool > 32 || (half ? 2 : 4) * k_sel > chunks) return best;
+  best.pool = pool;
+  best.per1 = per_thread(chunks, 2);
+  best.rounds = true;
   return best;
 }
 

@@ -2099,6 +2099,32 @@ __device__ ChosenChunks ChooseChunks(const uint32_t* chunk_keys, int64_t n_tiles
   return ChosenChunks{count, chosen.floor};
 }
 
+// Step 2's run of a thread: the PER tokens from slot e0 of the chosen chunks' tokens laid end to
+// end (one chunk: chunk_tokens is a power of two >= 16, e0 a multiple of PER <= 16), their keys
+// where they take part (not pinned, at or above the floor), else 0. Returns the run's first token
+// (out.n past the chosen chunks' tokens). vec: the score rows are 16-byte aligned.
+template <int PER>
+__device__ int ChosenTokenKeys(const float* row_scores, const uint32_t* s_chunk,
+                               const ChosenChunks& chunks, int chunk_tokens, int e0,
+                               const CompactArgs& out, bool vec, uint32_t (&key)[PER]) {
+  const int n = static_cast<int>(out.n);
+  const int c_at = e0 >> (__ffs(chunk_tokens) - 1);
+  const int t0 = c_at < static_cast<int>(chunks.count)
+                     ? static_cast<int>(s_chunk[c_at]) * chunk_tokens + (e0 & (chunk_tokens - 1))
+                     : n;
+  float v[PER];
+  LoadRun<PER>(row_scores, t0, n, vec, v);  // t0 is a multiple of 4
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int t = t0 + j;
+    const uint32_t k = internal::OrderKey(v[j]);
+    key[j] = t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= chunks.floor
+                 ? k
+                 : 0u;
+  }
+  return t0;
+}
+
 // \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
 template <int PER1, int PER2>
 __global__ void __launch_bounds__(kSmallThreads)
@@ -2107,9 +2133,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ TopKSmem sm;
   __shared__ SmallScanSmem scan_out;
   __shared__ uint32_t s_chunk[kSmallMaxLen / kTcTileRows];  // chosen chunks, ascending
-  const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
-  const int n = static_cast<int>(out.n);
   const int chunk_tokens = pool * kTcTileRows;
   WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
 
@@ -2118,28 +2142,12 @@ __global__ void __launch_bounds__(kSmallThreads)
   const uint32_t max_keep = static_cast<uint32_t>(PER2 * kSmallThreads / chunk_tokens);
   const ChosenChunks chunks =
       ChooseChunks<PER1, true>(chunk_keys, n_tiles, pool, k_sel, max_keep, sm, scan_out, s_chunk);
-  const uint32_t n_chosen = chunks.count;
 
-  // 2. The tokens of the chosen chunks; a thread's PER2 tokens lie in one chunk.
-  const uint32_t key_min = chunks.floor;
-  const int e0 = tid * PER2;
-  const int c_at = e0 >> (__ffs(chunk_tokens) - 1);  // chunk_tokens: a power of two
-  const int t0 = c_at < static_cast<int>(n_chosen)
-                     ? static_cast<int>(s_chunk[c_at]) * chunk_tokens + (e0 & (chunk_tokens - 1))
-                     : n;
-  const float* row_scores = scores + row * out.n;
-  float v[PER2];
-  // (t0 is a multiple of 4: chunk_tokens is a multiple of 16 and PER2 of 4.)
-  LoadRun<PER2>(row_scores, t0, n, n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0,
-                v);
+  // 2. The tokens of the chosen chunks.
+  const bool vec = out.n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0;
   uint32_t key2[PER2];
-#pragma unroll
-  for (int j = 0; j < PER2; ++j) {
-    const int t = t0 + j;
-    const uint32_t k = internal::OrderKey(v[j]);
-    key2[j] =
-        t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= key_min ? k : 0u;
-  }
+  const int t0 = ChosenTokenKeys<PER2>(scores + row * out.n, s_chunk, chunks, chunk_tokens,
+                                       threadIdx.x * PER2, out, vec, key2);
   const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm).take;
 
   // 3. Sink tokens, the selection, local tokens.
@@ -2238,7 +2246,6 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ uint32_t s_chunk[kRoundsMaxK];  // chosen chunks, ascending
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
-  const int n = static_cast<int>(out.n);
   const int chunk_tokens = pool * kTcTileRows;  // a power of two
   WaitForPrevious();  // the scores and chunk keys (launched by LaunchDependent)
 
@@ -2249,28 +2256,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   // 2. Their tokens at or above the floor, round by round.
   const int total = static_cast<int>(chunks.count) * chunk_tokens;
   const float* row_scores = scores + row * out.n;
-  const bool vec = n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0;
+  const bool vec = out.n % 4 == 0 && (reinterpret_cast<uintptr_t>(scores) & 15u) == 0;
   uint32_t count = 0;
   for (int base = 0; base < total; base += kRoundTokens) {
     if (count + kRoundTokens > kCandCap) count = KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
-    const int e0 = base + tid * kRoundPer;
-    const int t0 = e0 < total
-                       ? static_cast<int>(s_chunk[e0 >> (__ffs(chunk_tokens) - 1)]) * chunk_tokens +
-                             (e0 & (chunk_tokens - 1))
-                       : n;
-    float v[kRoundPer];
-    LoadRun<kRoundPer>(row_scores, t0, n, vec, v);
     uint32_t key[kRoundPer];
+    const int t0 = ChosenTokenKeys<kRoundPer>(row_scores, s_chunk, chunks, chunk_tokens,
+                                              base + tid * kRoundPer, out, vec, key);
     uint32_t mine = 0;
 #pragma unroll
-    for (int j = 0; j < kRoundPer; ++j) {
-      const int t = t0 + j;
-      const uint32_t k = internal::OrderKey(v[j]);
-      key[j] = t < n && !internal::IsPinned(t, out.n, out.n_sink, out.n_local) && k >= chunks.floor
-                   ? k
-                   : 0u;
-      mine += key[j] != 0u ? 1u : 0u;
-    }
+    for (int j = 0; j < kRoundPer; ++j) mine += key[j] != 0u ? 1u : 0u;
     uint32_t added = 0;
     uint32_t at = count + SmallExclusiveSum(mine, scan_out, added);
 #pragma unroll
