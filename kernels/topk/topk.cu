@@ -1585,9 +1585,10 @@ __global__ void __launch_bounds__(kSelThreads)
 //   threshold key has more elements than the selection still needs; otherwise every key at or
 //   above the threshold is taken in a loop of its own;
 // - block scans are warp shuffles, one barrier and __reduce_add_sync (SmallExclusiveSum);
-// - a block scan places each element's tokens (all of them when chosen, else only its sink /
-//   local tokens) in the ascending output; each warp then writes the runs of its lanes together,
-//   32 lanes a run, so no thread writes a long run alone and warps without runs skip the step.
+// - a block scan places the chosen elements' tokens in the ascending output and each chosen
+//   element in a shared-memory slot; the block then writes the output in one coalesced pass, the
+//   sink and local tokens as the chunk selections do (PutPinnedAndPad). (A warp writing the runs
+//   of its lanes one after another took 7.6 µs for a local window of 64 single tokens.)
 // No global workspace, no memset, no last-block hand-off.
 
 static_assert(kPageTokens == 16, "SmallSelectKernel shifts by log2(kPageTokens)");
@@ -1841,6 +1842,37 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
   return BlockTake{take, floor};
 }
 
+// A row's output slot `slot` (ignored from out.cap on): token t, and its score when asked.
+__device__ __forceinline__ void PutToken(const CompactArgs& out, int64_t row, int slot, int t) {
+  if (slot < out.cap) {
+    out.indices[row * out.cap + slot] = t;
+    if (out.out_scores != nullptr && out.row_scores != nullptr) {
+      out.out_scores[row * out.cap + slot] = out.row_scores[row * out.n + t];
+    }
+  }
+}
+
+// The rest of a row's output once its `chosen` selected tokens are in slots n_sink ..: the sink
+// tokens before them, the local tokens after them, -1 (scores NaN) in the slots left, the count.
+__device__ void PutPinnedAndPad(const CompactArgs& out, int64_t row, int chosen) {
+  const int tid = threadIdx.x;
+  const int n = static_cast<int>(out.n), cap = static_cast<int>(out.cap);
+  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
+  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
+  const int n_loc = max(0, n - pin_lo);
+  for (int t = tid; t < n_sink; t += blockDim.x) PutToken(out, row, t, t);
+  const int loc_at = n_sink + chosen;
+  for (int i = tid; i < n_loc; i += blockDim.x) PutToken(out, row, loc_at + i, pin_lo + i);
+  const int count = min(loc_at + n_loc, cap);
+  for (int j = count + tid; j < cap; j += blockDim.x) {
+    out.indices[row * out.cap + j] = -1;
+    if (out.out_scores != nullptr) {
+      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+    }
+  }
+  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
+}
+
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
 // \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
 // \tparam WIDE BlockTopK's 11-bit first pass.
@@ -1848,12 +1880,16 @@ template <int PER, bool WIDE>
 __global__ void __launch_bounds__(kSmallThreads)
     SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
   __shared__ TopKSmem sm;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* slot = reinterpret_cast<uint16_t*>(smem);  // min(k_sel, len) + 1: see below
   __shared__ SmallScanSmem scan_out;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __shared__ uint32_t head;  // the middle's tokens of a chosen element that starts in the sink
+  const int tid = threadIdx.x;
+  if (tid == 0) head = 0;
   const int len = static_cast<int>(src.len);
-  const int n = static_cast<int>(out.n), n_sink = static_cast<int>(min(out.n_sink, out.n));
-  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));  // local, not sink
-  const int unit_log2 = pages ? 4 : 0;                                        // kPageTokens == 16
+  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
+  const int mid_hi = static_cast<int>(min(max(out.n_sink, out.n - out.n_local), out.n));
+  const int unit_log2 = pages ? 4 : 0;  // kPageTokens == 16
   const int unit = 1 << unit_log2;
   // Elements that take part: [f_lo, f_hi) (the others hold only sink / local tokens).
   int f_lo = 0, f_hi = len;
@@ -1875,67 +1911,48 @@ __global__ void __launch_bounds__(kSmallThreads)
     key[j] = e0 + j >= f_lo && e0 + j < f_hi ? internal::OrderKey(v[j]) : 0u;
   }
   const uint32_t take = BlockTopK<PER, false, WIDE>(key, k_sel, sm).take;
-  // Tokens this thread puts in the output; most threads' elements are whole, unpinned tokens.
-  const int t0 = e0 * unit, t1 = (e0 + PER) * unit;
-  const bool plain = t0 >= n_sink && t1 <= pin_lo && t1 <= n;
-  uint32_t mine = 0, runs = take;
-  if (plain) {
-    mine = static_cast<uint32_t>(__popc(take) * unit);
+
+  // The output is the sink tokens, the middle (the chosen elements' tokens in [n_sink, mid_hi):
+  // an element may straddle either end) and the local tokens. The middle goes through shared
+  // memory, so that the block writes it in one coalesced pass: its positions are an exclusive sum
+  // of the threads' token counts; a chosen element that starts in the sink leaves `head` tokens
+  // at the front, and every other chosen element starts at a position p = head + unit * i and
+  // takes slot p >> unit_log2 = i (i < k_sel).
+  auto in_middle = [&](int e) {
+    const int a = e << unit_log2;
+    return max(0, min(a + unit, mid_hi) - max(a, n_sink));
+  };
+  const bool whole = e0 << unit_log2 >= n_sink && (e0 + PER) << unit_log2 <= mid_hi;
+  uint32_t mine = 0;
+  if (whole) {
+    mine = static_cast<uint32_t>(__popc(take)) << unit_log2;
   } else {
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      const int a = (e0 + j) * unit, b = min(n, a + unit);
-      if (a >= n) break;
-      const int pinned = max(0, min(b, n_sink) - a) + max(0, b - max(a, pin_lo));
-      mine += (take >> j) & 1u ? b - a : pinned;
-      runs |= pinned > 0 ? 1u << j : 0u;
-    }
+    for (int j = 0; j < PER; ++j) mine += (take >> j) & 1u ? in_middle(e0 + j) : 0;
   }
-  uint32_t total = 0;
-  const uint32_t start = SmallExclusiveSum(mine, scan_out, total);
-  // Each element's tokens are the whole element, or its sink part and its local part; the warp
-  // writes the runs of its lanes one lane after another, all 32 lanes on each run.
-  int32_t* indices = out.indices + blockIdx.x * out.cap;
-  const bool copy_scores = out.out_scores != nullptr && out.row_scores != nullptr;
-  float* out_scores = copy_scores ? out.out_scores + blockIdx.x * out.cap : nullptr;
-  const float* row_scores = copy_scores ? out.row_scores + blockIdx.x * out.n : nullptr;
-  const int cap = static_cast<int>(out.cap);
-  // A run is at most one element (unit <= 32 tokens): one step of the warp.
-  auto put = [&](int a, int b, int at) {
-    const int t = a + lane;
-    if (t < b && at + lane < cap) {
-      indices[at + lane] = t;
-      if (copy_scores) out_scores[at + lane] = row_scores[t];
-    }
-  };
-  for (uint32_t lanes = __ballot_sync(0xffffffffu, runs != 0u); lanes != 0; lanes &= lanes - 1) {
-    const int src_lane = __ffs(lanes) - 1;
-    const uint32_t tk = __shfl_sync(0xffffffffu, take, src_lane);
-    int at = static_cast<int>(__shfl_sync(0xffffffffu, start, src_lane));
-    const int se0 = (warp * 32 + src_lane) * PER;
-    for (uint32_t bits = __shfl_sync(0xffffffffu, runs, src_lane); bits != 0; bits &= bits - 1) {
-      const int j = __ffs(bits) - 1;
-      const int a = (se0 + j) * unit, b = min(n, a + unit);
-      if ((tk >> j) & 1u) {
-        put(a, b, at);
-        at += b - a;
+  uint32_t chosen = 0;
+  uint32_t at = SmallExclusiveSum(mine, scan_out, chosen);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    if ((take >> j) & 1u) {
+      const int e = e0 + j;
+      if (e << unit_log2 < n_sink) {
+        head = in_middle(e);
       } else {
-        const int sb = min(b, n_sink), la = max(a, pin_lo);
-        put(a, sb, at);
-        at += max(0, sb - a);
-        put(la, b, at);
-        at += max(0, b - la);
+        slot[at >> unit_log2] = static_cast<uint16_t>(e);
       }
+      at += whole ? unit : in_middle(e);
     }
   }
-  const int count = min(static_cast<int>(total), cap);
-  for (int j = count + tid; j < cap; j += kSmallThreads) {
-    indices[j] = -1;
-    if (out.out_scores != nullptr) {
-      out.out_scores[blockIdx.x * out.cap + j] = __uint_as_float(0x7fc00000u);
-    }
+  __syncthreads();
+  const uint32_t h = head;
+  for (uint32_t p = tid; p < chosen; p += kSmallThreads) {
+    const uint32_t d = p - h;  // h < unit: the offset in the element, for p >= h
+    const int t = p < h ? n_sink + static_cast<int>(p)
+                        : slot[d >> unit_log2] << unit_log2 | static_cast<int>(d & (unit - 1));
+    PutToken(out, blockIdx.x, n_sink + static_cast<int>(p), t);
   }
-  if (tid == 0 && out.counts != nullptr) out.counts[blockIdx.x] = count;
+  PutPinnedAndPad(out, blockIdx.x, static_cast<int>(chosen));
 }
 
 // Launches SmallSelectKernel with the smallest PER that covers the row.
@@ -1948,6 +1965,7 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
   // (at 8192 pages, k_sel 256 took two 8-bit passes and takes one 11-bit pass; k_sel 16 takes one
   // 8-bit pass); kWideFirstPassMinK lies between.
   const bool wide = k_sel >= kWideFirstPassMinK && per >= 8;
+  const size_t slot_bytes = (std::min(k_sel, src.len) + 1) * sizeof(uint16_t);
   auto kernel = per <= 1   ? SmallSelectKernel<1, false>
                 : per <= 2 ? SmallSelectKernel<2, false>
                 : per <= 4 ? SmallSelectKernel<4, false>
@@ -1955,7 +1973,7 @@ absl::Status LaunchSmallSelect(const SelSource& src, int64_t rows, int64_t k_sel
                            : (wide ? SmallSelectKernel<16, true> : SmallSelectKernel<16, false>);
   // A dependent launch: the selection's blocks start as the scorer's SMs free up.
   ROPEKV_CUDA_RETURN_IF_ERROR(
-      LaunchDependent(kernel, grid, dim3(kSmallThreads), 0, stream, src, k, pages, out));
+      LaunchDependent(kernel, grid, dim3(kSmallThreads), slot_bytes, stream, src, k, pages, out));
   return absl::OkStatus();
 }
 
@@ -2003,37 +2021,6 @@ __device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tile
   }
 #pragma unroll
   for (int i = 0; i < W; ++i) m[i] = t + i < tiles ? ck[t + i] : 0u;
-}
-
-// A row's output slot `slot` (ignored from out.cap on): token t, and its score when asked.
-__device__ __forceinline__ void PutToken(const CompactArgs& out, int64_t row, int slot, int t) {
-  if (slot < out.cap) {
-    out.indices[row * out.cap + slot] = t;
-    if (out.out_scores != nullptr && out.row_scores != nullptr) {
-      out.out_scores[row * out.cap + slot] = out.row_scores[row * out.n + t];
-    }
-  }
-}
-
-// The rest of a row's output once its `chosen` selected tokens are in slots n_sink ..: the sink
-// tokens before them, the local tokens after them, -1 (scores NaN) in the slots left, the count.
-__device__ void PutPinnedAndPad(const CompactArgs& out, int64_t row, int chosen) {
-  const int tid = threadIdx.x;
-  const int n = static_cast<int>(out.n), cap = static_cast<int>(out.cap);
-  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
-  const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
-  const int n_loc = max(0, n - pin_lo);
-  for (int t = tid; t < n_sink; t += blockDim.x) PutToken(out, row, t, t);
-  const int loc_at = n_sink + chosen;
-  for (int i = tid; i < n_loc; i += blockDim.x) PutToken(out, row, loc_at + i, pin_lo + i);
-  const int count = min(loc_at + n_loc, cap);
-  for (int j = count + tid; j < cap; j += blockDim.x) {
-    out.indices[row * out.cap + j] = -1;
-    if (out.out_scores != nullptr) {
-      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
-    }
-  }
-  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
 }
 
 // Step 1 of the chunk selections: the row's chunk keys into registers, then the chosen chunks
@@ -2342,15 +2329,23 @@ bool UseSmallSelect(const SelSource& src, const SelSink& sink, const CompactArgs
          (sink.kind == SinkKind::kMarkToken || sink.kind == SinkKind::kMarkPage);
 }
 
-// Plan of the grid of one selection.
-int64_t SelChunk(int64_t len) { return std::min<int64_t>(len, kSelChunk); }
+// Elements a block of one selection takes: kSelChunk, or a multiple of it where rows of that many
+// would make more than kSelBlocks blocks (FilterKernel holds two blocks an SM: about two waves on
+// an H100). A block's fixed cost (its shared histogram, the threshold scan, the hand-off to its
+// row's last block) is paid per block: at 512 rows of 32K tokens and k 4096, 4096 blocks of one
+// step took 61 + 233 µs (HistKernel + FilterKernel), 512 blocks of eight 51 + 172 µs.
+constexpr int64_t kSelBlocks = 512;
+int64_t SelChunk(int64_t len, int64_t rows) {
+  const int64_t blocks = rows * ((len + kSelChunk - 1) / kSelChunk);
+  return std::min(len, kSelChunk * std::max<int64_t>(1, blocks / kSelBlocks));
+}
 
 // Enqueues one selection: the histogram (unless the scoring kernel made it) and the filter,
 // which also writes the output rows when out.indices is set.
 absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs& ws, int64_t rows,
                           int64_t k_sel, bool hist_done, const CompactArgs& out,
                           cudaStream_t stream) {
-  const int64_t chunk = SelChunk(src.len);
+  const int64_t chunk = SelChunk(src.len, rows);
   const int64_t bpr = (src.len + chunk - 1) / chunk;
   if (rows > 65535) {
     return absl::InvalidArgumentError(

@@ -624,8 +624,11 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
     Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 930 + n);
     for (int64_t t = 0; t < n; t += 3) p.SetKey(1, t, 0, 2.0f);  // ties on KV head 1
     if (n > 16384) {
+      // Page rows: the +inf keys put page 0 (sink tokens 0-2, then free ones) and the page that
+      // holds both free and local tokens (n - 20 .. n - 18 free) among the chosen pages.
       const float inf = std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
+      p.SetKey(0, n - 20, 1, inf);
       for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
     }
     p.BuildMeta(DType::kBF16);
