@@ -1117,6 +1117,22 @@ struct SelSource {
   int shift = 0;
 };
 
+// Order key (0 = excluded) of element e with score v, for the sources whose element e is score e
+// (all but kSlots).
+__device__ __forceinline__ uint32_t DirectKey(const SelSource& s, int64_t e, float v) {
+  switch (s.kind) {
+    case SrcKind::kTokens:
+      return internal::IsPinned(e, s.n, s.n_sink, s.n_local) ? 0u : internal::OrderKey(v);
+    case SrcKind::kPages: {
+      const uint32_t key =
+          internal::PageAllPinned(e, s.n, s.n_sink, s.n_local) ? 0u : internal::OrderKey(v);
+      return s.spread && key != 0u ? (key - s.lo + 1u) << s.shift : key;
+    }
+    default:
+      return internal::OrderKey(v);
+  }
+}
+
 // Order key (0 = excluded) and tie index of element e of `row`. Ties prefer a lower tie index;
 // for emitted (non-excluded) elements the tie index is also what is emitted (token or page).
 __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t e, uint32_t* key,
@@ -1124,18 +1140,9 @@ __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t 
   *tie = static_cast<uint32_t>(e);
   switch (s.kind) {
     case SrcKind::kPlain:
-      *key = internal::OrderKey(s.scores[row * s.len + e]);
-      return;
     case SrcKind::kTokens:
-      *key = internal::IsPinned(e, s.n, s.n_sink, s.n_local)
-                 ? 0u
-                 : internal::OrderKey(s.scores[row * s.len + e]);
-      return;
     case SrcKind::kPages:
-      *key = internal::PageAllPinned(e, s.n, s.n_sink, s.n_local)
-                 ? 0u
-                 : internal::OrderKey(s.scores[row * s.len + e]);
-      if (s.spread && *key != 0u) *key = (*key - s.lo + 1u) << s.shift;
+      *key = DirectKey(s, e, s.scores[row * s.len + e]);
       return;
     case SrcKind::kSlots: {
       const int64_t pi = e >> 4;
@@ -1150,6 +1157,38 @@ __device__ __forceinline__ void KeyTie(const SelSource& s, int64_t row, int64_t 
       *key = internal::OrderKey(s.scores[row * s.len + e]);
       return;
     }
+  }
+}
+
+// KeyTie of the elements base + j * kSelThreads + threadIdx.x (j < kSelItems; key 0 from end on)
+// of one pass of a selection block. All scores are loaded before any is keyed, so that their
+// latencies overlap: with the kind's switch between them, each load waited for the one before
+// (ncu, 512 rows of 32K: a third of FilterKernel's stall samples).
+__device__ __forceinline__ void KeyTieStep(const SelSource& s, int64_t row, int64_t base,
+                                           int64_t end, uint32_t (&key)[kSelItems],
+                                           uint32_t (&tie)[kSelItems]) {
+  if (s.kind == SrcKind::kSlots) {
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = base + j * kSelThreads + threadIdx.x;
+      uint32_t k = 0u, t = 0u;
+      if (e < end) KeyTie(s, row, e, &k, &t);
+      key[j] = k;
+      tie[j] = t;
+    }
+    return;
+  }
+  float v[kSelItems];
+#pragma unroll
+  for (int j = 0; j < kSelItems; ++j) {
+    const int64_t e = base + j * kSelThreads + threadIdx.x;
+    v[j] = e < end ? s.scores[row * s.len + e] : 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < kSelItems; ++j) {
+    const int64_t e = base + j * kSelThreads + threadIdx.x;
+    tie[j] = static_cast<uint32_t>(e);
+    key[j] = e < end ? DirectKey(s, e, v[j]) : 0u;
   }
 }
 
@@ -1229,12 +1268,7 @@ __global__ void __launch_bounds__(kSelThreads)
   uint32_t hi = 0u, not_lo = 0u;
   for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
     uint32_t key[kSelItems], tie[kSelItems];
-#pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      const int64_t e = base + j * kSelThreads + threadIdx.x;
-      key[j] = 0u;
-      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
-    }
+    KeyTieStep(src, row, base, end, key, tie);
 #pragma unroll
     for (int j = 0; j < kSelItems; ++j) {
       if (key[j] != 0u) {
@@ -1262,13 +1296,8 @@ __global__ void __launch_bounds__(kSelThreads) HistKernel(const SelSource src_in
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
   for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
-    // All loads first, then the counting.
     uint32_t key[kSelItems], tie[kSelItems];
-#pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      const int64_t e = base + j * kSelThreads + threadIdx.x;
-      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
-    }
+    KeyTieStep(src, row, base, end, key, tie);
 #pragma unroll
     for (int j = 0; j < kSelItems; ++j) {
       if (base + j * kSelThreads + threadIdx.x < end) atomicAdd(&h[key[j] >> 21], 1u);
@@ -1497,15 +1526,8 @@ __global__ void __launch_bounds__(kSelThreads)
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(len, begin + chunk);
   for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
-    // All loads first (independent, so their latencies overlap), then the decisions.
     uint32_t key[kSelItems], tie[kSelItems];
-#pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      const int64_t e = base + j * kSelThreads + tid;
-      key[j] = 0;
-      tie[j] = 0;
-      if (e < end) KeyTie(src, row, e, &key[j], &tie[j]);
-    }
+    KeyTieStep(src, row, base, end, key, tie);
     uint32_t masks[kSelItems];
     uint32_t n_keep = 0;
 #pragma unroll
