@@ -1609,8 +1609,8 @@ __global__ void __launch_bounds__(kSelThreads)
 // - block scans are warp shuffles, one barrier and __reduce_add_sync (SmallExclusiveSum);
 // - a block scan places the chosen elements' tokens in the ascending output and each chosen
 //   element in a shared-memory slot; the block then writes the output in one coalesced pass, the
-//   sink and local tokens as the chunk selections do (PutPinnedAndPad). (A warp writing the runs
-//   of its lanes one after another took 7.6 µs for a local window of 64 single tokens.)
+//   sink and local tokens in the same pass (PutRow, as the chunk selections). (A warp writing the
+//   runs of its lanes one after another took 7.6 µs for a local window of 64 single tokens.)
 // No global workspace, no memset, no last-block hand-off.
 
 static_assert(kPageTokens == 16, "SmallSelectKernel shifts by log2(kPageTokens)");
@@ -1864,42 +1864,40 @@ __device__ BlockTake BlockTopK(const uint32_t (&key)[PER], uint32_t k_sel, TopKS
   return BlockTake{take, floor};
 }
 
-// A row's output slot `slot` (ignored from out.cap on): token t, and its score when asked.
-__device__ __forceinline__ void PutToken(const CompactArgs& out, int64_t row, int slot, int t) {
-  if (slot < out.cap) {
-    out.indices[row * out.cap + slot] = t;
-    if (out.out_scores != nullptr && out.row_scores != nullptr) {
-      out.out_scores[row * out.cap + slot] = out.row_scores[row * out.n + t];
-    }
-  }
-}
-
-// The rest of a row's output once its `chosen` selected tokens are in slots n_sink ..: the sink
-// tokens before them, the local tokens after them, -1 (scores NaN) in the slots left, the count.
-__device__ void PutPinnedAndPad(const CompactArgs& out, int64_t row, int chosen) {
-  const int tid = threadIdx.x;
+// Writes row `row` of the output in one pass of the block over its slots: the sink tokens, the
+// `chosen` selected ones (middle(i): the i-th, from shared memory), the local tokens, -1 (score
+// NaN) in the slots left, then the count; scores copied where out.row_scores is set. One loop:
+// after a one-block selection this code runs once a block, and each separate loop (sink, middle,
+// local, padding) cost its first warp 600-900 cycles (clock64 stamps, page mode), most likely
+// instruction fetch; one score load a slot.
+template <typename Middle>
+__device__ __forceinline__ void PutRow(const CompactArgs& out, int64_t row, int chosen,
+                                       Middle middle) {
   const int n = static_cast<int>(out.n), cap = static_cast<int>(out.cap);
   const int n_sink = static_cast<int>(min(out.n_sink, out.n));
   const int pin_lo = static_cast<int>(max(out.n_sink, out.n - out.n_local));
-  const int n_loc = max(0, n - pin_lo);
-  for (int t = tid; t < n_sink; t += blockDim.x) PutToken(out, row, t, t);
   const int loc_at = n_sink + chosen;
-  for (int i = tid; i < n_loc; i += blockDim.x) PutToken(out, row, loc_at + i, pin_lo + i);
-  const int count = min(loc_at + n_loc, cap);
-  for (int j = count + tid; j < cap; j += blockDim.x) {
-    out.indices[row * out.cap + j] = -1;
-    if (out.out_scores != nullptr) {
-      out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
-    }
+  const int count = min(loc_at + max(0, n - pin_lo), cap);
+  int32_t* indices = out.indices + row * out.cap;
+  float* scores = out.out_scores != nullptr ? out.out_scores + row * out.cap : nullptr;
+  const float* row_scores = out.row_scores != nullptr ? out.row_scores + row * out.n : nullptr;
+  for (int p = threadIdx.x; p < cap; p += blockDim.x) {
+    const int t = p < n_sink   ? p
+                  : p < loc_at ? middle(p - n_sink)
+                  : p < count  ? pin_lo + (p - loc_at)
+                               : -1;
+    indices[p] = t;
+    if (t < 0 && scores != nullptr) scores[p] = __uint_as_float(0x7fc00000u);
+    if (t >= 0 && row_scores != nullptr && scores != nullptr) scores[p] = row_scores[t];
   }
-  if (tid == 0 && out.counts != nullptr) out.counts[row] = count;
+  if (threadIdx.x == 0 && out.counts != nullptr) out.counts[row] = count;
 }
 
 // \tparam PER elements a thread (PER * kSmallThreads >= len).
 // \param pages elements are pages of 16 tokens (kPages), else tokens (or plain elements).
 // \tparam WIDE BlockTopK's 11-bit first pass.
 template <int PER, bool WIDE>
-__global__ void __launch_bounds__(kSmallThreads)
+__global__ void __launch_bounds__(kSmallThreads, 1)
     SmallSelectKernel(const SelSource src, uint32_t k_sel, bool pages, const CompactArgs out) {
   __shared__ TopKSmem sm;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -1967,14 +1965,11 @@ __global__ void __launch_bounds__(kSmallThreads)
     }
   }
   __syncthreads();
-  const uint32_t h = head;
-  for (uint32_t p = tid; p < chosen; p += kSmallThreads) {
-    const uint32_t d = p - h;  // h < unit: the offset in the element, for p >= h
-    const int t = p < h ? n_sink + static_cast<int>(p)
-                        : slot[d >> unit_log2] << unit_log2 | static_cast<int>(d & (unit - 1));
-    PutToken(out, blockIdx.x, n_sink + static_cast<int>(p), t);
-  }
-  PutPinnedAndPad(out, blockIdx.x, static_cast<int>(chosen));
+  const int h = static_cast<int>(head);
+  PutRow(out, blockIdx.x, static_cast<int>(chosen), [&](int p) {
+    const int d = p - h;  // h < unit: the offset in the element, for p >= h
+    return p < h ? n_sink + p : slot[d >> unit_log2] << unit_log2 | (d & (unit - 1));
+  });
 }
 
 // Launches SmallSelectKernel with the smallest PER that covers the row.
@@ -2136,7 +2131,7 @@ __device__ int ChosenTokenKeys(const float* row_scores, const uint32_t* s_chunk,
 
 // \tparam PER1 chunks a thread (step 1). \tparam PER2 tokens a thread (step 2).
 template <int PER1, int PER2>
-__global__ void __launch_bounds__(kSmallThreads)
+__global__ void __launch_bounds__(kSmallThreads, 1)
     ChunkSelectKernel(const float* scores, const uint32_t* chunk_keys, int64_t n_tiles, int pool,
                       uint32_t k_sel, const CompactArgs out) {
   __shared__ TopKSmem sm;
@@ -2159,15 +2154,16 @@ __global__ void __launch_bounds__(kSmallThreads)
                                        threadIdx.x * PER2, out, vec, key2);
   const uint32_t take2 = BlockTopK<PER2>(key2, k_sel, sm).take;
 
-  // 3. Sink tokens, the selection, local tokens.
+  // 3. Sink tokens, the selection (in token order, through s_chunk: k_sel <= its 1024 entries,
+  // free once BlockTopK has run), local tokens.
   uint32_t chosen = 0;
-  const uint32_t start = SmallExclusiveSum(static_cast<uint32_t>(__popc(take2)), scan_out, chosen);
-  int slot = static_cast<int>(min(out.n_sink, out.n)) + static_cast<int>(start);
+  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take2)), scan_out, chosen);
 #pragma unroll
   for (int j = 0; j < PER2; ++j) {
-    if ((take2 >> j) & 1u) PutToken(out, row, slot++, t0 + j);
+    if ((take2 >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(t0 + j);
   }
-  PutPinnedAndPad(out, row, static_cast<int>(chosen));
+  __syncthreads();
+  PutRow(out, row, static_cast<int>(chosen), [&](int p) { return static_cast<int>(s_chunk[p]); });
 }
 
 template <int PER1, int PER2>
@@ -2291,11 +2287,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   count = KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
 
   // 3. Sink tokens, the selection, local tokens.
-  const int n_sink = static_cast<int>(min(out.n_sink, out.n));
-  for (int i = tid; i < static_cast<int>(count); i += kSmallThreads) {
-    PutToken(out, row, n_sink + i, c_tok[i]);
-  }
-  PutPinnedAndPad(out, row, static_cast<int>(count));
+  PutRow(out, row, static_cast<int>(count), [&](int p) { return c_tok[p]; });
 }
 
 template <int PER1>
