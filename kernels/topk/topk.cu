@@ -1651,6 +1651,20 @@ __device__ __forceinline__ uint32_t SmallExclusiveSum(uint32_t v, SmallScanSmem&
   return __reduce_add_sync(0xffffffffu, lane < warp ? t : 0u) + incl - v;
 }
 
+// Writes value(j) for each position j this thread took (bit j of `take`) to dst, in the block's
+// position order (a block scan), and returns how many the block took. dst is read after a barrier.
+template <int PER, typename Value>
+__device__ __forceinline__ uint32_t PackTaken(uint32_t take, SmallScanSmem& scan, uint32_t* dst,
+                                              Value value) {
+  uint32_t count = 0;
+  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take)), scan, count);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    if ((take >> j) & 1u) dst[at++] = value(j);
+  }
+  return count;
+}
+
 // v = row[at .. at + PER) (0 from len on), 16 bytes at a time when `vec` says the row's base is
 // 16-byte aligned and len and `at` are multiples of 4.
 template <int PER>
@@ -2093,12 +2107,8 @@ __device__ ChosenChunks ChooseChunks(const uint32_t* chunk_keys, int64_t n_tiles
     }
   }
   const BlockTake chosen = BlockTopK<PER1, EARLY, (PER1 >= 8)>(key1, k_sel, sm, max_keep);
-  uint32_t count = 0;
-  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(chosen.take)), scan, count);
-#pragma unroll
-  for (int j = 0; j < PER1; ++j) {
-    if ((chosen.take >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(tid * PER1 + j);
-  }
+  const uint32_t count = PackTaken<PER1>(
+      chosen.take, scan, s_chunk, [&](int j) { return static_cast<uint32_t>(tid * PER1 + j); });
   __syncthreads();
   return ChosenChunks{count, chosen.floor};
 }
@@ -2158,12 +2168,8 @@ __global__ void __launch_bounds__(kSmallThreads, 1)
 
   // 3. Sink tokens, the selection (in token order, through s_chunk: k_sel <= its 1024 entries,
   // free once BlockTopK has run), local tokens.
-  uint32_t chosen = 0;
-  uint32_t at = SmallExclusiveSum(static_cast<uint32_t>(__popc(take2)), scan_out, chosen);
-#pragma unroll
-  for (int j = 0; j < PER2; ++j) {
-    if ((take2 >> j) & 1u) s_chunk[at++] = static_cast<uint32_t>(t0 + j);
-  }
+  const uint32_t chosen = PackTaken<PER2>(take2, scan_out, s_chunk,
+                                          [&](int j) { return static_cast<uint32_t>(t0 + j); });
   __syncthreads();
   PutRow(out, row, static_cast<int>(chosen), [&](int p) { return static_cast<int>(s_chunk[p]); });
 }
