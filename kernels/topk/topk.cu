@@ -451,9 +451,10 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreTilesKernel(const ScorePar
 // inf * 0 of a zero split part could make a NaN the plain dot product does not) is recomputed
 // with fp32 FMAs over the row, so inf / NaN handling is that of ScoreTilesKernel.
 
-constexpr int kTcThreads = 128;   // 4 independent warps
-constexpr int kTcTileRows = 16;   // rows of one warp tile (the mma's M)
-constexpr int kTcChunkTiles = 4;  // n-tiles (8 query heads each) per accumulator pass
+constexpr int kTcThreads = 128;             // 4 independent warps
+constexpr int kTcTileRows = 16;             // rows of one warp tile (the mma's M)
+constexpr int kTcChunkTiles = 4;            // n-tiles (8 query heads each) per accumulator pass
+constexpr int kTcInFlightPerSm = 64 << 10;  // bytes of keys a memory-bound scorer keeps in flight
 
 struct TcParams {
   DevView rows;         // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
@@ -901,10 +902,20 @@ absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceI
   ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<kKernel>(smem));
   const int64_t y = p.kv_heads_for_grid;
   constexpr int64_t kWarps = kTcThreads / 32;
+  // A scorer of one n-tile (at most 8 query heads a KV head) is bound by the key read: it keeps
+  // about kTcInFlightPerSm bytes of keys in flight a SM (a warp has one tile in flight), not as
+  // many blocks as fit. More only queue on the DRAM, and each warp's last tile then waits longer
+  // at the end of the grid: 7 blocks a SM took 95.2 µs for 32 heads / 128K, 4 blocks 93.4
+  // (exact 104.8 -> 103.0 µs; RESULTS run 12).
+  int blocks = *per_sm;
+  if (p.n_tiles8 == 1) {
+    constexpr int kFit = kTcInFlightPerSm / (kWarps * kTcTileRows * W * 2);
+    blocks = std::min(blocks, std::max(kFit, 2));
+  }
   // One wave of warps over all heads, and every warp the same number of tiles: the fewest blocks
   // that keep the tiles a warp of a full wave takes (8192 pages: 64 blocks a head of 2 tiles a
   // warp, not 82 of 1 or 2).
-  const int64_t x_wave = std::max<int64_t>(1, static_cast<int64_t>(info.sms) * *per_sm / y);
+  const int64_t x_wave = std::max<int64_t>(1, static_cast<int64_t>(info.sms) * blocks / y);
   const int64_t per_warp = (p.n_tiles + x_wave * kWarps - 1) / (x_wave * kWarps);
   const int64_t x = std::max<int64_t>(1, (p.n_tiles + per_warp * kWarps - 1) / (per_warp * kWarps));
   kKernel<<<dim3(static_cast<unsigned>(x), static_cast<unsigned>(y)), kTcThreads, smem, stream>>>(
