@@ -905,8 +905,10 @@ absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceI
   // A scorer of one n-tile (at most 8 query heads a KV head) is bound by the key read: it keeps
   // about kTcInFlightPerSm bytes of keys in flight a SM (a warp has one tile in flight), not as
   // many blocks as fit. More only queue on the DRAM, and each warp's last tile then waits longer
-  // at the end of the grid: 7 blocks a SM took 95.2 µs for 32 heads / 128K, 4 blocks 93.4
-  // (exact 104.8 -> 103.0 µs; RESULTS run 12).
+  // at the end of the grid (globaltimer stamps: warps of equal tile counts ended 62-93 µs into
+  // the grid at 7 blocks a SM). 32 heads / 128K: 7 blocks 95.3 µs, 4 blocks 93.6 (exact k 256
+  // 104.7 -> 102.3 µs), 3 slower in both variants tried; the bound's 256-wide rows take 2 blocks
+  // (level at 128K, 1-2% faster at 1M tokens). RESULTS run 12.
   int blocks = *per_sm;
   if (p.n_tiles8 == 1) {
     constexpr int kFit = kTcInFlightPerSm / (kWarps * kTcTileRows * W * 2);
