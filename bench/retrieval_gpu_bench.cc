@@ -3,15 +3,15 @@
 // SelectCuda), over the same in-process cache: a Llama-3-8B-shaped model (8 KV heads, head_dim 128,
 // bf16, 16-token blocks, llama3 rope; --layers of it stored), 32 query heads, k 256, 4 sink and 64
 // local tokens, over a cached prefix (blocked keys read in place) and an editor session of the same
-// tokens (the whole layer re-rotated by SessionReader first, on both paths). Wall clock around
+// tokens (the layer's keys materialised by SessionReader first, on both paths). Wall clock around
 // RetrievalStore::Select (resolving the source, metadata fingerprints, copies and the kernel all
 // included): median and min of --reps after one warm-up. The GPU's selection is compared with the
 // CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the cache's host tier in
 // pinned memory, as the daemon has it beside a GPU tier (the GPU path then reads a prefix's keys
-// in place instead of copying them).
+// in place instead of copying them). --cpu_only: the CPU path alone (a machine without a GPU).
 //
 //   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
-//                       [--source prefix,session] [--pinned_host]
+//                       [--source prefix,session] [--pinned_host] [--cpu_only]
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -38,6 +38,7 @@ ABSL_FLAG(int32_t, reps, 7, "timed Selects per row (after one warm-up)");
 ABSL_FLAG(std::string, query_dtype, "f32", "dtype of the queries: f32 or bf16");
 ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, session");
 ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)");
+ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 
 namespace ropekv {
 namespace {
@@ -95,7 +96,8 @@ int Main() {
   ro.device = 0;
   auto gpu = RetrievalStore::Create(cache->get(), sessions->get(), ro);
   if (!cpu.ok()) return 1;
-  if (!gpu.ok()) {
+  const bool cpu_only = absl::GetFlag(FLAGS_cpu_only);
+  if (!gpu.ok() && !cpu_only) {
     std::fprintf(stderr, "no GPU path: %s\n", gpu.status().ToString().c_str());
     return 1;
   }
@@ -165,7 +167,9 @@ int Main() {
                  : mode == topk::Mode::kBound ? "bound"
                                               : "bound_then_exact";
       std::vector<int32_t> first_cpu, first_gpu;
-      for (RetrievalStore* store : {cpu->get(), gpu->get()}) {
+      std::vector<RetrievalStore*> stores = {cpu->get()};
+      if (!cpu_only) stores.push_back(gpu->get());
+      for (RetrievalStore* store : stores) {
         std::vector<double> ms;
         for (int r = 0; r <= reps; ++r) {
           const absl::Time s = absl::Now();
@@ -184,16 +188,17 @@ int Main() {
         (store == cpu->get() ? row.cpu_ms : row.gpu_ms) = Median(ms);
         (store == cpu->get() ? row.cpu_min : row.gpu_min) = *std::min_element(ms.begin(), ms.end());
       }
-      row.same = first_cpu == first_gpu;
-      row.gpu_selects = (*gpu)->stats().gpu_selects;
+      row.same = cpu_only || first_cpu == first_gpu;
+      if (!cpu_only) row.gpu_selects = (*gpu)->stats().gpu_selects;
       std::printf("%-8s %-16s %12.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
                   row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
-                  row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
+                  cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms,
+                  row.same ? "" : "  (selections differ)");
       std::fflush(stdout);
       rows.push_back(row);
     }
   }
-  const auto st = (*gpu)->stats();
+  const auto st = cpu_only ? RetrievalStore::Stats() : (*gpu)->stats();
   std::string json = absl::StrFormat(
       "{\"bench\":\"retrieval_gpu\",\"tokens\":%d,\"kv_heads\":8,\"query_heads\":%d,"
       "\"head_dim\":128,\"dtype\":\"bf16\",\"query_dtype\":\"%s\",\"k\":%d,\"reps\":%d,"

@@ -46,7 +46,9 @@ struct RetrievalStore::LayerViews {
   std::vector<const void*> key_blocks;
   std::vector<const void*> value_blocks;
   std::vector<const void*> meta_blocks;
-  std::string layer;  // session: [k|v][kv_heads][N][head_dim]
+  // Session: the layer as re-rotated now, [k|v][kv_heads][N][head_dim] (the key plane alone when
+  // no values are read). Not zero-filled: the reader writes every byte the views cover.
+  std::unique_ptr<char[]> layer;
   std::vector<std::shared_ptr<const std::string>> meta_hold;
   bool metadata_cached = true;
 };
@@ -217,16 +219,20 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
   return src;
 }
 
-absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, LayerViews* out) const {
+absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool values,
+                                     LayerViews* out) const {
   const ModelSpec& spec = src.spec;
   if (src.session()) {
     const int64_t n = src.num_tokens;
-    out->layer.resize(src.reader->layer_bytes());
-    absl::Status s = src.reader->WriteLayer(layer, out->layer.data());
+    const uint64_t plane = PlaneBytes(spec, n);
+    out->layer.reset(new char[values ? 2 * plane : plane]);
+    absl::Status s = src.reader->WriteLayer(layer, out->layer.get(), /*keys_only=*/!values);
     if (!s.ok()) return s;
-    out->keys = topk::DenseMatrix<const void*>(out->layer.data(), spec.dtype, n, spec.head_dim);
-    out->values = topk::DenseMatrix<const void*>(out->layer.data() + PlaneBytes(spec, n),
-                                                 spec.dtype, n, spec.head_dim);
+    out->keys = topk::DenseMatrix<const void*>(out->layer.get(), spec.dtype, n, spec.head_dim);
+    if (values) {
+      out->values =
+          topk::DenseMatrix<const void*>(out->layer.get() + plane, spec.dtype, n, spec.head_dim);
+    }
     return absl::OkStatus();
   }
   const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
@@ -420,7 +426,7 @@ absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerV
   std::string key;
   if (src.session()) {
     // Always checked: a Fill may replace keys without changing the session's version.
-    fingerprint = BlockChecksum(views->layer.data(), PlaneBytes(spec, n));
+    fingerprint = BlockChecksum(views->layer.get(), PlaneBytes(spec, n));
     key = LayerKey('S', src.session_id, layer);
   } else {
     if (verify) {
@@ -498,7 +504,10 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   }
 
   LayerViews views;
-  if (absl::Status s = ViewsOf(*src, args.layer, &views); !s.ok()) return s;
+  // A session's layer is materialised for the Select: its values only when they are gathered.
+  if (absl::Status s = ViewsOf(*src, args.layer, /*values=*/args.gather, &views); !s.ok()) {
+    return s;
+  }
   const bool page_mode = args.mode != topk::Mode::kExact;
   if (page_mode) {
     if (absl::Status s = PageMetaOf(*src, args.layer, &views); !s.ok()) return s;
@@ -699,7 +708,7 @@ absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, vo
     }
   }
   LayerViews views;
-  if (absl::Status s = ViewsOf(src, layer, &views); !s.ok()) return s;
+  if (absl::Status s = ViewsOf(src, layer, /*values=*/true, &views); !s.ok()) return s;
   const uint64_t half = sel.layer_bytes() / 2;
   topk::GatherRequest g;
   g.kv_heads = spec.kv_heads;

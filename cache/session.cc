@@ -310,7 +310,7 @@ uint64_t SessionReader::layer_bytes() const {
   return RangeBytes(spec_, range_.size()) / static_cast<uint64_t>(spec_.layers);
 }
 
-absl::Status SessionReader::WriteLayer(int layer, void* dst) const {
+absl::Status SessionReader::WriteLayer(int layer, void* dst, bool keys_only) const {
   if (layer < 0 || layer >= spec_.layers) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, " out of range [0, ", spec_.layers, ")"));
@@ -324,6 +324,7 @@ absl::Status SessionReader::WriteLayer(int layer, void* dst) const {
   for (RerotateCopy& job : *jobs) {
     job.src = static_cast<const char*>(job.src) +
               static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+    job.keys_only = keys_only;
   }
   KvGeometry one_layer = BlockGeometry(spec_);
   one_layer.layers = 1;
@@ -333,7 +334,7 @@ absl::Status SessionReader::WriteLayer(int layer, void* dst) const {
   if (!scratch.ok()) return scratch.status();
   for (RerotateCopy& job : *jobs) job.dst = scratch->get();
   if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, *jobs); !s.ok()) return s;
-  return gpu_->Download(dst, scratch->get(), layer_bytes());
+  return gpu_->Download(dst, scratch->get(), keys_only ? layer_bytes() / 2 : layer_bytes());
 }
 
 absl::Status SessionReader::WriteAll(void* dst) const {

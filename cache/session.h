@@ -304,9 +304,10 @@ class SessionReader {
   // Bytes of one layer: [k|v][kv_head][range.size()][head_dim].
   uint64_t layer_bytes() const;
   uint64_t bytes() const { return layer_bytes() * spec_.layers; }
-  // Writes one layer (layer_bytes() bytes) into dst, keys re-rotated in one rotation.
+  // Writes one layer (layer_bytes() bytes) into dst, keys re-rotated in one rotation; with
+  // keys_only, only its key plane (the first layer_bytes() / 2 bytes: what a selection scores).
   // INVALID_ARGUMENT for a layer out of range.
-  absl::Status WriteLayer(int layer, void* dst) const;
+  absl::Status WriteLayer(int layer, void* dst, bool keys_only = false) const;
   // Writes every layer: [layer][k|v][kv_head][range.size()][head_dim].
   absl::Status WriteAll(void* dst) const;
   // Writes every layer into HOST memory laid out with `dst_strides` (elements), range token 0 at

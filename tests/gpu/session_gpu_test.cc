@@ -7,6 +7,7 @@
 // take KV from device memory. Skips itself without a GPU.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -121,6 +122,14 @@ class SessionGpuTest : public ::testing::Test {
       ASSERT_TRUE(rg->WriteLayer(l, layer.data()).ok());
       ASSERT_EQ(0, std::memcmp(layer.data(), b.data() + l * rg->layer_bytes(), layer.size()))
           << what << " layer " << l;
+      // keys_only: the key plane alone comes back, the rest of dst untouched.
+      std::vector<uint8_t> keys(rg->layer_bytes(), 0xA5);
+      ASSERT_TRUE(rg->WriteLayer(l, keys.data(), /*keys_only=*/true).ok());
+      ASSERT_EQ(0, std::memcmp(keys.data(), layer.data(), keys.size() / 2))
+          << what << " keys of layer " << l;
+      ASSERT_TRUE(std::all_of(keys.begin() + keys.size() / 2, keys.end(),
+                              [](uint8_t x) { return x == 0xA5; }))
+          << what << " layer " << l << ": bytes past the key plane written";
     }
     total_keys_differ_ += differ;
   }

@@ -880,6 +880,22 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
     }
   }
   EXPECT_EQ(store_->stats().metadata_stale, stale_before + 1);
+  {
+    // Gathered by the Select itself: the moved keys re-rotated, the values with them (a Select
+    // without gather materialises the session's keys alone).
+    SelectArgs a = kept_args;
+    a.keep = false;
+    a.mode = Mode::kExact;
+    a.gather = true;
+    auto out = store_->Select(a);
+    ASSERT_TRUE(out.ok()) << out.status();
+    int64_t n = 0;
+    const std::string layer = SessionLayer(id, 1, &n);
+    CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, RangeKeys(spec_, layer, n));
+    CheckGathered(out->gathered, out->indices, out->counts, out->rows, out->capacity,
+                  spec_.kv_heads, spec_.head_dim, spec_.dtype, RangeKeys(spec_, layer, n, 0),
+                  RangeKeys(spec_, layer, n, 1));
+  }
 
   // The kept selection still gathers the document as it was selected over.
   auto g = store_->Gather(kept->selection_id, 2);

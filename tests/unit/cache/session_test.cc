@@ -433,6 +433,16 @@ TEST_F(SessionStoreTest, WriteLayerConcatenatesToWriteAll) {
     ASSERT_TRUE(reader->WriteLayer(l, layers.data() + l * reader->layer_bytes()).ok());
   }
   EXPECT_TRUE(layers == shadow.Expected(1, 20));
+  // keys_only: the layer's key plane (its first half) as above, nothing past it written.
+  const size_t plane = reader->layer_bytes() / 2;
+  for (int l = 0; l < reader->layers(); ++l) {
+    std::vector<uint8_t> keys(reader->layer_bytes(), 0xA5);
+    ASSERT_TRUE(reader->WriteLayer(l, keys.data(), /*keys_only=*/true).ok());
+    EXPECT_EQ(0, std::memcmp(keys.data(), layers.data() + l * reader->layer_bytes(), plane))
+        << "layer " << l;
+    EXPECT_TRUE(std::all_of(keys.begin() + plane, keys.end(), [](uint8_t b) { return b == 0xA5; }))
+        << "layer " << l;
+  }
   EXPECT_EQ(reader->WriteLayer(2, layers.data()).code(), absl::StatusCode::kInvalidArgument);
 }
 
