@@ -143,24 +143,28 @@ int Main() {
   std::vector<Row> rows;
   std::printf("%-8s %-16s %12s %12s %12s %12s %8s\n", "source", "mode", "cpu_med_ms", "cpu_min_ms",
               "gpu_med_ms", "gpu_min_ms", "speedup");
+  const auto select_args = [&](absl::string_view source, topk::Mode mode) {
+    SelectArgs a;
+    if (source == "session") {
+      a.source.session_id = session->id;
+    } else {
+      a.source.model = "llama-3-8b";
+      a.source.tokens = tokens;
+    }
+    a.layer = 0;
+    a.query_heads = hq;
+    a.queries = q;
+    a.query_dtype = *qdt;
+    a.k = absl::GetFlag(FLAGS_k);
+    a.n_sink = 4;
+    a.n_local = 64;
+    a.mode = mode;
+    a.reduction = topk::GqaReduction::kMax;
+    return a;
+  };
   for (absl::string_view source : absl::StrSplit(absl::GetFlag(FLAGS_source), ',')) {
     for (topk::Mode mode : {topk::Mode::kExact, topk::Mode::kBound, topk::Mode::kBoundThenExact}) {
-      SelectArgs a;
-      if (source == "session") {
-        a.source.session_id = session->id;
-      } else {
-        a.source.model = "llama-3-8b";
-        a.source.tokens = tokens;
-      }
-      a.layer = 0;
-      a.query_heads = hq;
-      a.queries = q;
-      a.query_dtype = *qdt;
-      a.k = absl::GetFlag(FLAGS_k);
-      a.n_sink = 4;
-      a.n_local = 64;
-      a.mode = mode;
-      a.reduction = topk::GqaReduction::kMax;
+      const SelectArgs a = select_args(source, mode);
       Row row;
       row.source = std::string(source);
       row.mode = mode == topk::Mode::kExact   ? "exact"
@@ -197,6 +201,33 @@ int Main() {
       std::fflush(stdout);
       rows.push_back(row);
     }
+    // Gather of a kept selection at one layer (what the other layers of a step ask for; always on
+    // the CPU): cpu columns only.
+    SelectArgs a = select_args(source, topk::Mode::kExact);
+    a.keep = true;
+    auto kept = (*cpu)->Select(a);
+    if (!kept.ok()) {
+      std::fprintf(stderr, "select to keep: %s\n", kept.status().ToString().c_str());
+      return 1;
+    }
+    std::vector<double> ms;
+    for (int r = 0; r <= reps; ++r) {
+      const absl::Time s = absl::Now();
+      auto g = (*cpu)->Gather(kept->selection_id, 0);
+      const double t = absl::ToDoubleMilliseconds(absl::Now() - s);
+      if (!g.ok()) return std::fprintf(stderr, "gather: %s\n", g.status().ToString().c_str()), 1;
+      if (r > 0) ms.push_back(t);
+    }
+    Row row;
+    row.source = std::string(source);
+    row.mode = "gather";
+    row.cpu_ms = Median(ms);
+    row.cpu_min = *std::min_element(ms.begin(), ms.end());
+    row.same = true;
+    std::printf("%-8s %-16s %12.2f %12.2f %12s %12s %8s\n", row.source.c_str(), row.mode.c_str(),
+                row.cpu_ms, row.cpu_min, "-", "-", "-");
+    std::fflush(stdout);
+    rows.push_back(row);
   }
   const auto st = cpu_only ? RetrievalStore::Stats() : (*gpu)->stats();
   std::string json = absl::StrFormat(

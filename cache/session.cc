@@ -337,6 +337,49 @@ absl::Status SessionReader::WriteLayer(int layer, void* dst, bool keys_only) con
   return gpu_->Download(dst, scratch->get(), keys_only ? layer_bytes() / 2 : layer_bytes());
 }
 
+absl::Status SessionReader::WriteLayerTokens(int layer, absl::Span<const int32_t> tokens,
+                                             void* dst) const {
+  if (layer < 0 || layer >= spec_.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", spec_.layers, ")"));
+  }
+  const int64_t n = range_.size();
+  const int64_t m = static_cast<int64_t>(tokens.size());
+  for (int64_t i = 0; i < m; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= n || (i > 0 && tokens[i] <= tokens[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokens must be ascending and distinct in [0, ", n, "), got ", tokens[i], " at ", i));
+    }
+  }
+  if (m == 0) return absl::OkStatus();
+  // One read plan per run of consecutive tokens, each placed after the runs before it.
+  const KvStrides out = RangeStrides(spec_, m);
+  const size_t es = DTypeSize(spec_.dtype);
+  std::vector<RerotateCopy> jobs;
+  for (int64_t i = 0; i < m;) {
+    int64_t j = i + 1;
+    while (j < m && tokens[j] == tokens[j - 1] + 1) ++j;
+    auto run = PlanRead(pieces_, TokenRange{tokens[i], tokens[j - 1] + 1}, base_position_,
+                        to_table_, dst, out, i);
+    if (!run.ok()) return run.status();
+    for (RerotateCopy& job : *run) {
+      job.src = static_cast<const char*>(job.src) +
+                static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+      jobs.push_back(job);
+    }
+    i = j;
+  }
+  KvGeometry one_layer = BlockGeometry(spec_);
+  one_layer.layers = 1;
+  if (gpu_ == nullptr) return RerotateCopyCpu(spec_.rope, one_layer, jobs);
+  const uint64_t bytes = RangeBytes(spec_, m) / static_cast<uint64_t>(spec_.layers);
+  auto scratch = gpu_->Alloc(bytes);
+  if (!scratch.ok()) return scratch.status();
+  for (RerotateCopy& job : jobs) job.dst = scratch->get();
+  if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, jobs); !s.ok()) return s;
+  return gpu_->Download(dst, scratch->get(), bytes);
+}
+
 absl::Status SessionReader::WriteAll(void* dst) const {
   return WriteAllToHost(dst, RangeStrides(spec_, range_.size()), 0);
 }

@@ -308,6 +308,11 @@ class SessionReader {
   // keys_only, only its key plane (the first layer_bytes() / 2 bytes: what a selection scores).
   // INVALID_ARGUMENT for a layer out of range.
   absl::Status WriteLayer(int layer, void* dst, bool keys_only = false) const;
+  // Writes the K and V of `tokens` (range-relative, ascending, distinct) of one layer, keys
+  // re-rotated as WriteLayer does, packed: [k|v][kv_head][tokens.size()][head_dim] (entry i is
+  // token tokens[i]). What a gather of a few hundred selected tokens needs, without the layer.
+  // INVALID_ARGUMENT for a layer out of range or tokens not ascending within the range.
+  absl::Status WriteLayerTokens(int layer, absl::Span<const int32_t> tokens, void* dst) const;
   // Writes every layer: [layer][k|v][kv_head][range.size()][head_dim].
   absl::Status WriteAll(void* dst) const;
   // Writes every layer into HOST memory laid out with `dst_strides` (elements), range token 0 at

@@ -130,6 +130,19 @@ class SessionGpuTest : public ::testing::Test {
       ASSERT_TRUE(std::all_of(keys.begin() + keys.size() / 2, keys.end(),
                               [](uint8_t x) { return x == 0xA5; }))
           << what << " layer " << l << ": bytes past the key plane written";
+      // A gather's tokens (every third, and the last): the device session's packed K/V equal the
+      // host session's.
+      std::vector<int32_t> tokens;
+      const int64_t n = rg->range().size();
+      for (int32_t t = 0; t < n; t += 3) tokens.push_back(t);
+      if (tokens.back() != n - 1) tokens.push_back(static_cast<int32_t>(n - 1));
+      const size_t packed = layer.size() / n * tokens.size();
+      std::vector<uint8_t> ph(packed, 0x11), pg(packed, 0x22);
+      ASSERT_TRUE(rh->WriteLayerTokens(l, tokens, ph.data()).ok());
+      ASSERT_TRUE(rg->WriteLayerTokens(l, tokens, pg.data()).ok());
+      ASSERT_GE(ExpectSameRead(spec_, static_cast<int64_t>(tokens.size()), pg, ph,
+                               what + " WriteLayerTokens"),
+                0);
     }
     total_keys_differ_ += differ;
   }

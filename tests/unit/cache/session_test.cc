@@ -446,6 +446,52 @@ TEST_F(SessionStoreTest, WriteLayerConcatenatesToWriteAll) {
   EXPECT_EQ(reader->WriteLayer(2, layers.data()).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(SessionStoreTest, WriteLayerTokensPacksTheTokensOfWriteLayer) {
+  Shadow shadow(spec_, 0);
+  const std::string id = OpenRandom(40, &shadow);
+  // Pieces moved by the edits: their keys are re-rotated.
+  EditAndFill(id, &shadow, {EditOp::Insert(5, {7, 8, 9}), EditOp::Delete(20, 24)});
+  auto reader = store_->Read(id, std::nullopt);
+  ASSERT_TRUE(reader.ok());
+  const int64_t n = reader->range().size();
+  const size_t es = DTypeSize(spec_.dtype);
+  const size_t row = static_cast<size_t>(spec_.head_dim) * es;
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 4; ++trial) {
+    // Runs and single tokens, ascending: the first and last token included in one trial.
+    std::vector<int32_t> tokens;
+    for (int32_t t = 0; t < n; ++t) {
+      if (trial == 3 || rng() % 3 == 0) tokens.push_back(t);
+    }
+    for (int l = 0; l < reader->layers(); ++l) {
+      std::vector<uint8_t> layer(reader->layer_bytes(), 0xFF);
+      ASSERT_TRUE(reader->WriteLayer(l, layer.data()).ok());
+      const size_t m = tokens.size();
+      std::vector<uint8_t> packed(2 * spec_.kv_heads * m * row, 0xEE);
+      ASSERT_TRUE(reader->WriteLayerTokens(l, tokens, packed.data()).ok());
+      for (int kv = 0; kv < 2; ++kv) {
+        for (int h = 0; h < spec_.kv_heads; ++h) {
+          for (size_t i = 0; i < m; ++i) {
+            const uint8_t* want = layer.data() + ((kv * spec_.kv_heads + h) * n + tokens[i]) * row;
+            const uint8_t* got = packed.data() + ((kv * spec_.kv_heads + h) * m + i) * row;
+            ASSERT_EQ(0, std::memcmp(want, got, row))
+                << "trial " << trial << " layer " << l << " kv " << kv << " head " << h << " token "
+                << tokens[i];
+          }
+        }
+      }
+    }
+  }
+  std::vector<uint8_t> out(reader->layer_bytes());
+  const std::vector<int32_t> unsorted = {3, 2}, repeated = {4, 4}, outside = {0, 100};
+  for (const auto* bad : {&unsorted, &repeated, &outside}) {
+    EXPECT_EQ(reader->WriteLayerTokens(0, *bad, out.data()).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_EQ(reader->WriteLayerTokens(2, {}, out.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(reader->WriteLayerTokens(0, {}, out.data()).ok());
+}
+
 TEST_F(SessionStoreTest, BadEditsLeaveTheSessionUnchanged) {
   Shadow shadow(spec_, 0);
   const std::string id = OpenRandom(10, &shadow);
