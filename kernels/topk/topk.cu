@@ -555,9 +555,10 @@ constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
 // instead of 75-80 with up to 32 bytes of spills in three of the six variants. 512 query heads,
 // against the default (RESULTS run 13): scores at 128K 176.4 -> 171 µs, exact k 256 201 -> 190.5,
 // per-query-head 385 -> 357; at 32K exact 2-4% and per-query-head 5-6% faster; at 4K
-// per-query-head 2-3% faster, exact k 4096 (every token) 1.7 µs slower (22.7 -> 24.4), the other k
-// level within the 4K rows' ±1 µs. Scorers of one n-tile keep the default: with the hint they
-// took more registers and exact at 32 heads / 128K was 0.4 µs slower.
+// per-query-head 2-3% faster but exact ~1-1.7 µs slower (22.7 -> 24.4 at k 4096) although the
+// scorer alone is faster: most likely the selection's 1024-thread block now finds an SM's
+// registers free only when fewer scorer blocks remain there. Scorers of one n-tile keep the
+// default: with the hint they took more registers and exact at 32 heads / 128K was 0.4 µs slower.
 template <int W, int P, int NTC, int CK>
 __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
     TcScoreKernel(const TcParams p) {
