@@ -9,9 +9,12 @@
 // CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the cache's host tier in
 // pinned memory, as the daemon has it beside a GPU tier (the GPU path then reads a prefix's keys
 // in place instead of copying them). --cpu_only: the CPU path alone (a machine without a GPU).
+// --session_device gpu: the session in GPU memory (EXACT on the GPU path then reads its keys
+// there).
 //
 //   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
 //                       [--source prefix,session] [--pinned_host] [--cpu_only]
+//                       [--session_device cpu|gpu]
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -39,6 +42,7 @@ ABSL_FLAG(std::string, query_dtype, "f32", "dtype of the queries: f32 or bf16");
 ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, session");
 ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)");
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
+ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
 
 namespace ropekv {
 namespace {
@@ -87,7 +91,11 @@ int Main() {
     return std::fprintf(stderr, "model: %s\n", reg.status().ToString().c_str()), 1;
   }
   SessionStore::Options so;
-  so.device = SessionDevice::kCpu;
+  auto session_device = ParseSessionDevice(absl::GetFlag(FLAGS_session_device));
+  if (!session_device.ok()) {
+    return std::fprintf(stderr, "%s\n", session_device.status().ToString().c_str()), 1;
+  }
+  so.device = *session_device;
   so.capacity_bytes = 2 * kv_bytes + (64ull << 20);
   auto sessions = SessionStore::Create(cache->get(), so);
   if (!sessions.ok()) return 1;

@@ -49,6 +49,9 @@ struct RetrievalStore::LayerViews {
   // Session: the layer's keys as re-rotated now, [kv_heads][N][head_dim]. Not zero-filled: the
   // reader writes every byte.
   std::unique_ptr<char[]> layer;
+  // Or, for a GPU session selected over on its own device, the same keys in device memory
+  // (SessionReader::LayerOnDevice): `keys` then points there and only SelectCuda may read it.
+  std::shared_ptr<void> device_keys;
   std::vector<std::shared_ptr<const std::string>> meta_hold;
   bool metadata_cached = true;
 };
@@ -280,11 +283,20 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
   return src;
 }
 
-absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, LayerViews* out) const {
+absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool device_keys,
+                                     LayerViews* out) const {
   const ModelSpec& spec = src.spec;
   if (src.session()) {
     // The keys alone (a session's gathers materialise only the selected tokens' K and V).
     const int64_t n = src.num_tokens;
+    if (device_keys) {
+      auto keys = src.reader->LayerOnDevice(layer, /*keys_only=*/true);
+      if (!keys.ok()) return keys.status();
+      out->device_keys = *std::move(keys);
+      out->keys =
+          topk::DenseMatrix<const void*>(out->device_keys.get(), spec.dtype, n, spec.head_dim);
+      return absl::OkStatus();
+    }
     out->layer.reset(new char[PlaneBytes(spec, n)]);
     absl::Status s = src.reader->WriteLayer(layer, out->layer.get(), /*keys_only=*/true);
     if (!s.ok()) return s;
@@ -559,8 +571,13 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     }
   }
 
+  // A GPU session selected over on its own device in EXACT mode keeps its keys there (the page
+  // modes build and check metadata from host keys).
+  const bool device_keys = src->session() && src->reader->on_gpu() && gpu_ != nullptr &&
+                           gpu_->device() == src->reader->gpu_device() &&
+                           args.mode == topk::Mode::kExact;
   LayerViews views;
-  if (absl::Status s = ViewsOf(*src, args.layer, &views); !s.ok()) return s;
+  if (absl::Status s = ViewsOf(*src, args.layer, device_keys, &views); !s.ok()) return s;
   const bool page_mode = args.mode != topk::Mode::kExact;
   if (page_mode) {
     if (absl::Status s = PageMetaOf(*src, args.layer, &views); !s.ok()) return s;
@@ -632,6 +649,12 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     }
   }
   if (!on_gpu) {
+    if (device_keys) {
+      // The CPU reads host keys.
+      views = LayerViews();
+      if (absl::Status s = ViewsOf(*src, args.layer, false, &views); !s.ok()) return s;
+      req.keys = views.keys;
+    }
     if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
   }
   out.metadata_cached = page_mode && views.metadata_cached;
@@ -765,7 +788,7 @@ absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, vo
                           sel.counts_, dst, dst_values);
   } else {
     LayerViews views;
-    s = ViewsOf(src, layer, &views);
+    s = ViewsOf(src, layer, /*device_keys=*/false, &views);
     if (!s.ok()) return s;
     s = GatherFromViews(spec, sel.num_tokens_, views.keys, views.values, sel.rows_, sel.capacity_,
                         sel.indices_.data(), sel.counts_.data(), dst, dst_values);

@@ -255,8 +255,9 @@ class RetrievalStore {
   // Resolves and holds the source; checks layer and the request's shapes against the model.
   absl::StatusOr<SourceData> Resolve(const RetrievalSource& source);
   // Views of one layer of a resolved source: a prefix's keys and values in place; a session's
-  // keys materialised (its gathers go through GatherFromSession).
-  absl::Status ViewsOf(SourceData& src, int layer, LayerViews* out) const;
+  // keys materialised (its gathers go through GatherFromSession), in the GPU session's device
+  // memory with `device_keys`.
+  absl::Status ViewsOf(SourceData& src, int layer, bool device_keys, LayerViews* out) const;
   // The page metadata of one layer (built or from the store), as a view for SelectRequest.
   absl::Status PageMetaOf(const SourceData& src, int layer, LayerViews* views);
   // The entry `key` if its fingerprint matches, else one built by `build` and kept.

@@ -102,6 +102,18 @@ bool ReadableInPlace(const topk::MatrixView& v, int64_t rows) {
   return true;
 }
 
+// Whether the dense view `v` points into device memory of `device` (a GPU session's keys): then
+// SelectCuda reads it where it is.
+bool OnDevice(const topk::MatrixView& v, int device) {
+  if (v.blocks != nullptr || v.base == nullptr) return false;
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, v.base) != cudaSuccess) {
+    cudaGetLastError();  // clears the error of an unknown pointer
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice && a.device == device;
+}
+
 absl::Status Unsupported(const absl::Status& why) {
   return absl::UnavailableError(
       absl::StrCat("the CUDA path of Select does not take this request: ", why.message()));
@@ -309,12 +321,14 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   const int64_t d = host_req.head_dim;
   const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(host_req));
   const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(host_req));
-  // Keys in pinned blocks are read where they are: only the block pointers go to the device.
-  const bool keys_in_place = reads_keys && ReadableInPlace(host_req.keys, n);
+  // Keys in pinned blocks are read where they are: only the block pointers go to the device. Keys
+  // already in this device's memory are read there.
+  const bool keys_on_device = reads_keys && OnDevice(host_req.keys, device_);
+  const bool keys_in_place = reads_keys && !keys_on_device && ReadableInPlace(host_req.keys, n);
   const int64_t key_blocks =
       keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
   Layout l;
-  if (reads_keys) {
+  if (reads_keys && !keys_on_device) {
     l.key_bytes = keys_in_place
                       ? static_cast<uint64_t>(key_blocks) * sizeof(void*)
                       : static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
@@ -353,7 +367,9 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   absl::Status status = [&]() -> absl::Status {
     topk::SelectRequest req = host_req;
     Uploader up(impl_.get());
-    if (keys_in_place) {
+    if (keys_on_device) {
+      req.keys = host_req.keys;
+    } else if (keys_in_place) {
       absl::Status s = UploadBytes(up, host_req.keys.blocks, l.key_bytes, base + l.keys);
       if (!s.ok()) return s;
       req.keys.blocks = reinterpret_cast<const void* const*>(base + l.keys);
@@ -386,7 +402,7 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
     const absl::Status s =
         topk::SelectCuda(req, result, base + l.workspace, l.workspace_bytes, impl_->stream);
     if (!s.ok()) return s.code() == absl::StatusCode::kInvalidArgument ? Unsupported(s) : s;
-    if (keys_in_place) ++impl_->keys_in_place;
+    if (keys_in_place || keys_on_device) ++impl_->keys_in_place;
 
     cudaStream_t st = impl_->stream;
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.indices, result.indices, l.index_bytes,

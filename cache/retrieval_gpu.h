@@ -6,8 +6,9 @@
 // follow; SelectCuda runs with a workspace of SelectWorkspaceBytes; indices, counts, scores and
 // mass come back. Keys in blocks of page-locked host memory the device can address (the daemon's
 // pinned host tier) are not copied: SelectCuda reads them in place over the bus, given only the
-// block pointers. Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without
-// (Create answers UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
+// block pointers; dense keys already in this device's memory (a GPU session's) are read there.
+// Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without (Create answers
+// UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
 //
 // Device memory is one grow-only arena owned by the object: it grows to the largest request seen
 // and is kept (a repeated Select of the same shape allocates nothing) until the object goes.
@@ -57,7 +58,8 @@ class RetrievalGpu {
 
   // Bytes of device memory the arena holds now.
   uint64_t arena_bytes() const;
-  // Selects whose keys were read in place from pinned host blocks (not copied).
+  // Selects whose keys were read in place (not copied): pinned host blocks, or device memory of
+  // this device (a GPU session's keys).
   uint64_t keys_read_in_place() const;
 
   struct Impl;

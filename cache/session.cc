@@ -310,15 +310,15 @@ uint64_t SessionReader::layer_bytes() const {
   return RangeBytes(spec_, range_.size()) / static_cast<uint64_t>(spec_.layers);
 }
 
-absl::Status SessionReader::WriteLayer(int layer, void* dst, bool keys_only) const {
+absl::StatusOr<std::vector<RerotateCopy>> SessionReader::PlanLayer(int layer, void* dst,
+                                                                   bool keys_only) const {
   if (layer < 0 || layer >= spec_.layers) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, " out of range [0, ", spec_.layers, ")"));
   }
   const int64_t n = range_.size();
-  if (n == 0) return absl::OkStatus();
-  KvStrides out = RangeStrides(spec_, n);
-  auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst, out, 0);
+  auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, dst,
+                       RangeStrides(spec_, n), 0);
   if (!jobs.ok()) return jobs.status();
   const size_t es = DTypeSize(spec_.dtype);
   for (RerotateCopy& job : *jobs) {
@@ -326,15 +326,38 @@ absl::Status SessionReader::WriteLayer(int layer, void* dst, bool keys_only) con
               static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
     job.keys_only = keys_only;
   }
+  return jobs;
+}
+
+absl::Status SessionReader::WriteLayer(int layer, void* dst, bool keys_only) const {
+  if (gpu_ != nullptr) {
+    // GPU session: rotated into device memory (the pool reuses it across layers), copied back.
+    auto on_device = LayerOnDevice(layer, keys_only);
+    if (!on_device.ok()) return on_device.status();
+    if (range_.size() == 0) return absl::OkStatus();
+    return gpu_->Download(dst, on_device->get(), keys_only ? layer_bytes() / 2 : layer_bytes());
+  }
+  auto jobs = PlanLayer(layer, dst, keys_only);
+  if (!jobs.ok()) return jobs.status();
   KvGeometry one_layer = BlockGeometry(spec_);
   one_layer.layers = 1;
-  if (gpu_ == nullptr) return RerotateCopyCpu(spec_.rope, one_layer, *jobs);
-  // GPU session: rotate into device scratch (the pool reuses it across layers), copy back.
-  auto scratch = gpu_->Alloc(layer_bytes());
-  if (!scratch.ok()) return scratch.status();
-  for (RerotateCopy& job : *jobs) job.dst = scratch->get();
+  return RerotateCopyCpu(spec_.rope, one_layer, *jobs);
+}
+
+absl::StatusOr<std::shared_ptr<void>> SessionReader::LayerOnDevice(int layer,
+                                                                   bool keys_only) const {
+  if (gpu_ == nullptr) {
+    return absl::FailedPreconditionError("LayerOnDevice: the session is in host memory");
+  }
+  auto device = gpu_->Alloc(std::max<uint64_t>(1, keys_only ? layer_bytes() / 2 : layer_bytes()));
+  if (!device.ok()) return device.status();
+  auto jobs = PlanLayer(layer, device->get(), keys_only);
+  if (!jobs.ok()) return jobs.status();
+  if (range_.size() == 0) return device;
+  KvGeometry one_layer = BlockGeometry(spec_);
+  one_layer.layers = 1;
   if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, *jobs); !s.ok()) return s;
-  return gpu_->Download(dst, scratch->get(), keys_only ? layer_bytes() / 2 : layer_bytes());
+  return device;
 }
 
 absl::Status SessionReader::WriteLayerTokens(int layer, absl::Span<const int32_t> tokens,

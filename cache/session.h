@@ -308,6 +308,10 @@ class SessionReader {
   // keys_only, only its key plane (the first layer_bytes() / 2 bytes: what a selection scores).
   // INVALID_ARGUMENT for a layer out of range.
   absl::Status WriteLayer(int layer, void* dst, bool keys_only = false) const;
+  // GPU sessions: the same layer (or its key plane) written into device memory of gpu_device(),
+  // [k|v][kv_head][range.size()][head_dim], held by the returned pointer (the memory returns to
+  // the session's pool with it). FAILED_PRECONDITION for a session in host memory.
+  absl::StatusOr<std::shared_ptr<void>> LayerOnDevice(int layer, bool keys_only) const;
   // Writes the K and V of `tokens` (range-relative, ascending, distinct) of one layer, keys
   // re-rotated as WriteLayer does, packed: [k|v][kv_head][tokens.size()][head_dim] (entry i is
   // token tokens[i]). What a gather of a few hundred selected tokens needs, without the layer.
@@ -331,6 +335,8 @@ class SessionReader {
 
  private:
   friend class SessionStore;
+  // The copy jobs of one layer (or its key plane) into dst, laid out as WriteLayer writes it.
+  absl::StatusOr<std::vector<RerotateCopy>> PlanLayer(int layer, void* dst, bool keys_only) const;
   // GPU sessions: the read's copy jobs into dst run as one launch.
   absl::Status RunOnGpu(absl::Span<const RerotateCopy> jobs, int layers) const;
 

@@ -167,7 +167,8 @@ class RetrievalGpuTest : public ::testing::Test {
     if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
   }
 
-  void Init(int block_tokens, DType dtype, int head_dim = 128, int kv_heads = 4) {
+  void Init(int block_tokens, DType dtype, int head_dim = 128, int kv_heads = 4,
+            SessionDevice session_device = SessionDevice::kCpu) {
     gpu_.reset();  // before their cache goes
     cpu_.reset();
     sessions_.reset();
@@ -188,7 +189,7 @@ class RetrievalGpuTest : public ::testing::Test {
     auto reg = cache_->RegisterModel(spec_, "m");
     ASSERT_TRUE(reg.ok()) << reg.status();
     SessionStore::Options so;
-    so.device = SessionDevice::kCpu;
+    so.device = session_device;
     auto sessions = SessionStore::Create(cache_.get(), so);
     ASSERT_TRUE(sessions.ok()) << sessions.status();
     sessions_ = *std::move(sessions);
@@ -361,6 +362,62 @@ TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
   RunGrid(base, spec_.head_dim, RangeKeys(spec_, layer, n), rng_,
           [&](const SelectArgs& a, const std::string& q, const KeyFn& key,
               const std::string& what) { Compare(a, q, key, "session " + what); });
+}
+
+// A session in GPU memory: EXACT selects over its keys where they are
+// (SessionReader::LayerOnDevice, no host copy), after an edit that moved keys; the page modes and
+// gathers go through the host.
+TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
+  Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
+  const int64_t n = 30 * 16 + 9;
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(n);
+  const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
+  const std::string kv =
+      RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
+  auto opened = sessions_->Open(open, kv);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  // Delete 5 tokens at 40: every later key moves (re-rotated on the device).
+  ASSERT_TRUE(sessions_->Edit(opened->id, {EditOp::Delete(40, 45)}).ok());
+  auto reader = sessions_->Read(opened->id, std::nullopt);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  ASSERT_TRUE(reader->on_gpu());
+  std::string layer(reader->layer_bytes(), '\0');
+  ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
+  const int64_t m = reader->range().size();
+  SelectArgs base;
+  base.source.session_id = opened->id;
+  base.layer = 1;
+  base.query_heads = 8;
+  base.k = 50;
+  base.n_sink = 2;
+  base.n_local = 6;
+  base.gather = true;
+  RunGrid(
+      base, spec_.head_dim, RangeKeys(spec_, layer, m), rng_,
+      [&](const SelectArgs& a, const std::string& q, const KeyFn& key, const std::string& what) {
+        auto gpu_out = gpu_->Select(a);
+        ASSERT_TRUE(gpu_out.ok()) << gpu_out.status();
+        Compare(a, q, key, "device session " + what);
+        // The gathered K/V are the host session's layer at the selected tokens.
+        const SelectOutput& o = *gpu_out;
+        const size_t row = spec_.head_dim * DTypeSize(spec_.dtype);
+        const size_t half = o.rows * o.capacity * row;
+        ASSERT_EQ(o.gathered.size(), 2 * half);
+        const int64_t group = o.rows / spec_.kv_heads;
+        for (int64_t r = 0; r < o.rows; ++r) {
+          for (int64_t j = 0; j < o.counts[r]; ++j) {
+            const int64_t t = o.indices[r * o.capacity + j];
+            for (int kv = 0; kv < 2; ++kv) {
+              const char* want = layer.data() + ((kv * spec_.kv_heads + r / group) * m + t) * row;
+              const char* got = o.gathered.data() + kv * half + (r * o.capacity + j) * row;
+              ASSERT_EQ(0, std::memcmp(want, got, row))
+                  << what << ": row " << r << " entry " << j << (kv ? " value" : " key");
+            }
+          }
+        }
+      });
 }
 
 // Rows longer than one block's shared memory (the multi-block selection), gather and keep.
