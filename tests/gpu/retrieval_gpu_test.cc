@@ -229,6 +229,19 @@ class RetrievalGpuTest : public ::testing::Test {
     return kv;
   }
 
+  // Opens a session of `n` random tokens with random KV; returns its id.
+  std::string OpenRandomSession(int64_t n) {
+    OpenSessionArgs open;
+    open.model = "m";
+    open.tokens = Tokens(n);
+    const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
+    const std::string kv =
+        RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
+    auto opened = sessions_->Open(open, kv);
+    EXPECT_TRUE(opened.ok()) << opened.status();
+    return opened.ok() ? opened->id : std::string();
+  }
+
   // A Select over the prefix PutRandom stored for `tokens`.
   static SelectArgs PrefixArgs(const std::vector<int32_t>& tokens) {
     SelectArgs a;
@@ -339,21 +352,15 @@ INSTANTIATE_TEST_SUITE_P(BlocksDtypes, RetrievalGpuGridTest,
 TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
   Init(16, DType::kBF16, /*head_dim=*/64, /*kv_heads=*/2);
   const int64_t n = 40 * 16 + 5;  // a partial last page
-  OpenSessionArgs open;
-  open.model = "m";
-  open.tokens = Tokens(n);
-  const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
-  const std::string kv =
-      RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
-  auto opened = sessions_->Open(open, kv);
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  auto reader = sessions_->Read(opened->id, std::nullopt);
+  const std::string id = OpenRandomSession(n);
+  ASSERT_FALSE(id.empty());
+  auto reader = sessions_->Read(id, std::nullopt);
   ASSERT_TRUE(reader.ok()) << reader.status();
   ASSERT_EQ(reader->range().size(), n);
   std::string layer(reader->layer_bytes(), '\0');
   ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
   SelectArgs base;
-  base.source.session_id = opened->id;
+  base.source.session_id = id;
   base.layer = 1;
   base.query_heads = 8;
   base.k = 40;
@@ -369,25 +376,18 @@ TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
 // gathers go through the host.
 TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
   Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
-  const int64_t n = 30 * 16 + 9;
-  OpenSessionArgs open;
-  open.model = "m";
-  open.tokens = Tokens(n);
-  const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
-  const std::string kv =
-      RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * blocks, spec_.dtype, rng_);
-  auto opened = sessions_->Open(open, kv);
-  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string id = OpenRandomSession(30 * 16 + 9);
+  ASSERT_FALSE(id.empty());
   // Delete 5 tokens at 40: every later key moves (re-rotated on the device).
-  ASSERT_TRUE(sessions_->Edit(opened->id, {EditOp::Delete(40, 45)}).ok());
-  auto reader = sessions_->Read(opened->id, std::nullopt);
+  ASSERT_TRUE(sessions_->Edit(id, {EditOp::Delete(40, 45)}).ok());
+  auto reader = sessions_->Read(id, std::nullopt);
   ASSERT_TRUE(reader.ok()) << reader.status();
   ASSERT_TRUE(reader->on_gpu());
   std::string layer(reader->layer_bytes(), '\0');
   ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
   const int64_t m = reader->range().size();
   SelectArgs base;
-  base.source.session_id = opened->id;
+  base.source.session_id = id;
   base.layer = 1;
   base.query_heads = 8;
   base.k = 50;
