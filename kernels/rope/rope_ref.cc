@@ -138,6 +138,16 @@ absl::Status ApplyRopeCpu(const RopeSpec& spec, RopeTableId table, DType dtype, 
   return absl::OkStatus();
 }
 
+// Six fmaf a rotated pair (RotatePair): built for baseline x86-64 they are calls into libm, with
+// FMA one instruction each (the same bits: a fused multiply-add is rounded once either way). The
+// loader picks the clone the CPU runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ROPEKV_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define ROPEKV_FMA_CLONES
+#endif
+
+ROPEKV_FMA_CLONES
 absl::Status RerotateCopyCpu(const RopeSpec& spec, const KvGeometry& geometry,
                              absl::Span<const RerotateCopy> jobs, RerotateMode mode) {
   if (absl::Status s = rope_internal::ValidateJobs(spec, geometry, jobs); !s.ok()) return s;
