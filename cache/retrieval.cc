@@ -46,8 +46,11 @@ struct RetrievalStore::LayerViews {
   std::vector<const void*> key_blocks;
   std::vector<const void*> value_blocks;
   std::vector<const void*> meta_blocks;
-  // Session: the layer's keys as re-rotated now, [kv_heads][N][head_dim]. Not zero-filled: the
-  // reader writes every byte.
+  bool keys_ready = false;  // keys (and a prefix's values) set
+  // Host session: the layer's keys as re-rotated now, page by page (SessionReader::LayerKeyPages).
+  std::optional<SessionReader::KeyPages> key_pages;
+  // GPU session (or blocks of a size pages do not divide): the same keys downloaded,
+  // [kv_heads][N][head_dim]. Not zero-filled: the reader writes every byte.
   std::unique_ptr<char[]> layer;
   // Or, for a GPU session selected over on its own device, the same keys in device memory
   // (SessionReader::LayerOnDevice): `keys` then points there and only SelectCuda may read it.
@@ -285,6 +288,8 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
 
 absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool device_keys,
                                      LayerViews* out) const {
+  if (out->keys_ready) return absl::OkStatus();
+  out->keys_ready = true;
   const ModelSpec& spec = src.spec;
   if (src.session()) {
     // The keys alone (a session's gathers materialise only the selected tokens' K and V).
@@ -295,6 +300,15 @@ absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool device_key
       out->device_keys = *std::move(keys);
       out->keys =
           topk::DenseMatrix<const void*>(out->device_keys.get(), spec.dtype, n, spec.head_dim);
+      return absl::OkStatus();
+    }
+    if (!src.reader->on_gpu() && spec.block_tokens % topk::kPageTokens == 0) {
+      auto pages = src.reader->LayerKeyPages(layer, topk::kPageTokens);
+      if (!pages.ok()) return pages.status();
+      out->key_pages = *std::move(pages);
+      out->keys = topk::BlockedMatrix(out->key_pages->pages.data(), spec.dtype, topk::kPageTokens,
+                                      spec.head_dim);
+      out->keys.head_stride = out->key_pages->head_stride;
       return absl::OkStatus();
     }
     out->layer.reset(new char[PlaneBytes(spec, n)]);
@@ -361,7 +375,8 @@ void RetrievalStore::EraseLocked(const std::string& key) {
 }
 
 void RetrievalStore::InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
-                                  uint64_t fingerprint) {
+                                  uint64_t fingerprint,
+                                  std::shared_ptr<const std::vector<uint64_t>> page_names) {
   const uint64_t size = bytes->size();
   if (size > options_.metadata_capacity_bytes) return;  // too large to keep
   EraseLocked(key);  // a concurrent call built it too, or a Put replaced it
@@ -373,7 +388,8 @@ void RetrievalStore::InsertLocked(const std::string& key, std::shared_ptr<const 
     ++counters_.metadata_evictions;
   }
   meta_lru_.push_front(key);
-  meta_.emplace(key, MetaEntry{std::move(bytes), fingerprint, meta_lru_.begin()});
+  meta_.emplace(key,
+                MetaEntry{std::move(bytes), fingerprint, std::move(page_names), meta_lru_.begin()});
   meta_bytes_ += size;
 }
 
@@ -439,7 +455,8 @@ std::shared_ptr<const std::string> RetrievalStore::CachedPageMeta(const BlockHas
   return it == meta_.end() ? nullptr : it->second.bytes;
 }
 
-absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerViews* views) {
+absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* views) {
+  if (src.session()) return SessionPageMetaOf(src, layer, views);
   const ModelSpec& spec = src.spec;
   const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
   const size_t es = DTypeSize(spec.dtype);
@@ -485,26 +502,19 @@ absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerV
     return absl::OkStatus();
   }
 
-  // One entry over the whole sequence: a session's layer (keys as re-rotated now), or a prefix
-  // whose pages straddle blocks (keyed by its last block, whose chained hash names the prefix).
+  // One entry over the whole prefix whose pages straddle blocks (keyed by its last block, whose
+  // chained hash names the prefix).
   const int64_t n = src.num_tokens;
   const int64_t pages = topk::NumPages(n);
   const uint64_t entry_bytes = static_cast<uint64_t>(spec.kv_heads) * pages * width * es;
   uint64_t fingerprint = 0;
-  std::string key;
-  if (src.session()) {
-    // Always checked: a Fill may replace keys without changing the session's version.
-    fingerprint = BlockChecksum(views->layer.get(), PlaneBytes(spec, n));
-    key = LayerKey('S', src.session_id, layer);
-  } else {
-    if (verify) {
-      const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
-      std::vector<uint64_t> sums(views->key_blocks.size());
-      for (size_t b = 0; b < sums.size(); ++b) sums[b] = BlockChecksum(views->key_blocks[b], plane);
-      fingerprint = BlockChecksum(sums.data(), sums.size() * sizeof(uint64_t));
-    }
-    key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
+  if (verify) {
+    const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+    std::vector<uint64_t> sums(views->key_blocks.size());
+    for (size_t b = 0; b < sums.size(); ++b) sums[b] = BlockChecksum(views->key_blocks[b], plane);
+    fingerprint = BlockChecksum(sums.data(), sums.size() * sizeof(uint64_t));
   }
+  const std::string key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
   bool cached = false;
   auto meta = Metadata(
       key, fingerprint, entry_bytes,
@@ -518,6 +528,135 @@ absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerV
   views->metadata_cached = cached;
   views->page_meta = topk::DenseMatrix<const void*>((*meta)->data(), spec.dtype, pages, width);
   views->meta_hold.push_back(*std::move(meta));
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The first key row of page `page` of `keys` (dense, or blocks of a multiple of kPageTokens rows).
+const void* PageRows(const topk::MatrixView& keys, int64_t page) {
+  const int64_t row = page * topk::kPageTokens;
+  const uint64_t es = DTypeSize(keys.dtype);
+  if (keys.blocks == nullptr) {
+    return static_cast<const char*>(keys.base) + row * keys.row_stride * es;
+  }
+  return static_cast<const char*>(keys.blocks[row / keys.rows_per_block]) +
+         (row % keys.rows_per_block) * keys.row_stride * es;
+}
+
+}  // namespace
+
+absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, LayerViews* views) {
+  const ModelSpec& spec = src.spec;
+  const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
+  const uint64_t row_bytes = width * DTypeSize(spec.dtype);
+  const int64_t n = src.num_tokens;
+  const int64_t pages = topk::NumPages(n);
+  auto names =
+      std::make_shared<const std::vector<uint64_t>>(src.reader->PageNames(topk::kPageTokens));
+  const std::string key = LayerKey('S', src.session_id, layer);
+
+  // The entry as it is, if any: kept whole when no page's name changed.
+  std::shared_ptr<const std::string> old;
+  std::shared_ptr<const std::vector<uint64_t>> old_names;
+  {
+    absl::MutexLock lock(&meta_mu_);
+    auto it = meta_.find(key);
+    if (it != meta_.end() && it->second.page_names != nullptr) {
+      if (*it->second.page_names == *names) {
+        ++counters_.metadata_hits;
+        meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
+        views->metadata_cached = true;
+        views->page_meta =
+            topk::DenseMatrix<const void*>(it->second.bytes->data(), spec.dtype, pages, width);
+        views->meta_hold.push_back(it->second.bytes);
+        return absl::OkStatus();
+      }
+      ++counters_.metadata_stale;
+      old = it->second.bytes;
+      old_names = it->second.page_names;
+    }
+  }
+  views->metadata_cached = false;
+
+  // Pages whose keys are new are built from the keys; the others are copied from the entry.
+  const int64_t old_pages = old_names != nullptr ? static_cast<int64_t>(old_names->size()) : 0;
+  std::vector<int64_t> build;
+  for (int64_t p = 0; p < pages; ++p) {
+    if (p >= old_pages || (*old_names)[p] != (*names)[p]) build.push_back(p);
+  }
+  auto built =
+      std::make_shared<std::string>(static_cast<uint64_t>(spec.kv_heads) * pages * row_bytes, '\0');
+  const int64_t common = std::min(pages, old_pages);
+  size_t next = 0;  // first entry of `build` at or after p
+  for (int64_t p = 0; p < common;) {
+    while (next < build.size() && build[next] < p) ++next;
+    if (next < build.size() && build[next] == p) {
+      ++p;
+      continue;
+    }
+    // Pages [p, q) are kept.
+    const int64_t q = next < build.size() ? std::min(build[next], common) : common;
+    for (int h = 0; h < spec.kv_heads; ++h) {
+      std::memcpy(built->data() + (h * pages + p) * row_bytes,
+                  old->data() + (h * old_pages + p) * row_bytes, (q - p) * row_bytes);
+    }
+    p = q;
+  }
+  if (!build.empty()) {
+    // The keys of the pages to build: from the views when the selection reads them anyway, else
+    // those pages alone (a decode step's append re-reads one page, not the moved rest).
+    std::vector<const void*> key_rows(build.size());
+    int64_t head_stride = 0;
+    std::optional<SessionReader::KeyPages> some_pages;
+    std::unique_ptr<char[]> packed;
+    if (views->keys_ready) {
+      for (size_t i = 0; i < build.size(); ++i) key_rows[i] = PageRows(views->keys, build[i]);
+      head_stride = views->keys.head_stride;
+    } else if (!src.reader->on_gpu() && spec.block_tokens % topk::kPageTokens == 0) {
+      auto got = src.reader->LayerKeyPages(layer, topk::kPageTokens, &build);
+      if (!got.ok()) return got.status();
+      some_pages = *std::move(got);
+      for (size_t i = 0; i < build.size(); ++i) key_rows[i] = some_pages->pages[build[i]];
+      head_stride = some_pages->head_stride;
+    } else {
+      std::vector<int32_t> tokens;
+      for (int64_t p : build) {
+        for (int64_t t = p * topk::kPageTokens; t < std::min(n, (p + 1) * topk::kPageTokens); ++t) {
+          tokens.push_back(static_cast<int32_t>(t));
+        }
+      }
+      const int64_t m = static_cast<int64_t>(tokens.size());
+      packed.reset(new char[2 * PlaneBytes(spec, m)]);
+      if (absl::Status s = src.reader->WriteLayerTokens(layer, tokens, packed.get()); !s.ok()) {
+        return s;
+      }
+      const topk::MatrixView dense =
+          topk::DenseMatrix<const void*>(packed.get(), spec.dtype, m, spec.head_dim);
+      for (size_t i = 0; i < build.size(); ++i) key_rows[i] = PageRows(dense, i);
+      head_stride = dense.head_stride;
+    }
+    std::vector<void*> meta_rows(build.size());
+    for (size_t i = 0; i < build.size(); ++i) meta_rows[i] = built->data() + build[i] * row_bytes;
+    topk::MatrixView keys =
+        topk::BlockedMatrix(key_rows.data(), spec.dtype, topk::kPageTokens, spec.head_dim);
+    keys.head_stride = head_stride;
+    topk::MutableMatrixView meta = topk::BlockedMatrix(meta_rows.data(), spec.dtype, 1, width);
+    meta.head_stride = pages * width;
+    // Every built page holds kPageTokens tokens but the document's last one.
+    const int64_t tokens = static_cast<int64_t>(build.size()) * topk::kPageTokens -
+                           (build.back() == pages - 1 ? pages * topk::kPageTokens - n : 0);
+    absl::Status s = topk::BuildPageMetaCpu(
+        keys, topk::PageMetaShape{spec.kv_heads, spec.head_dim, tokens}, meta);
+    if (!s.ok()) return s;
+  }
+  std::shared_ptr<const std::string> result = std::move(built);
+  views->page_meta = topk::DenseMatrix<const void*>(result->data(), spec.dtype, pages, width);
+  views->meta_hold.push_back(result);
+  absl::MutexLock lock(&meta_mu_);
+  ++counters_.metadata_builds;
+  counters_.metadata_session_pages_built += build.size();
+  InsertLocked(key, std::move(result), 0, std::move(names));
   return absl::OkStatus();
 }
 
@@ -576,9 +715,14 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   const bool device_keys = src->session() && src->reader->on_gpu() && gpu_ != nullptr &&
                            gpu_->device() == src->reader->gpu_device() &&
                            args.mode == topk::Mode::kExact;
-  LayerViews views;
-  if (absl::Status s = ViewsOf(*src, args.layer, device_keys, &views); !s.ok()) return s;
+  // A session's keys are read only where the selection reads them (not by BOUND without scores
+  // or mass) or where its metadata must be built.
   const bool page_mode = args.mode != topk::Mode::kExact;
+  const bool reads_keys = args.mode != topk::Mode::kBound || args.want_scores || args.want_mass;
+  LayerViews views;
+  if (!src->session() || reads_keys) {
+    if (absl::Status s = ViewsOf(*src, args.layer, device_keys, &views); !s.ok()) return s;
+  }
   if (page_mode) {
     if (absl::Status s = PageMetaOf(*src, args.layer, &views); !s.ok()) return s;
   }

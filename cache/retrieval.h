@@ -19,13 +19,16 @@
 // - Prefix blocks whose block_tokens is a multiple of 16: one entry per (block hash, layer), shared
 //   by every prompt that has the block; a block re-rotated to its place: per (hash, position,
 //   layer), always checked against a fingerprint (min/max do not commute with rotation).
-// - Sessions, and blocks whose pages straddle blocks: one entry per (session | last block hash,
-//   layer) over the whole sequence.
-// Every entry carries a 64-bit XXH3 fingerprint of the keys it was built from, checked on use when
-// Options::verify_metadata is on (default): min/max do not commute with rotation, so a session
-// edit that moves keys, a Fill that replaces them, or a block re-Put with other bytes after an
-// eviction is detected and the metadata re-derived from the keys as they are now. (Without the
-// check a page mode reads only the metadata; with it, the keys once at memory speed.)
+// - Sessions: one entry per (session, layer) over the document, with the name of every page's
+//   keys (SessionReader::PageNames: the immutable chunks, offsets, positions and tables they are
+//   read from). A Select rebuilds only the pages whose name changed (an edit re-rotates the pages
+//   after it, a Fill or an append makes new ones) and reads no key when none did.
+// - Blocks whose pages straddle blocks: one entry per (last block hash, layer) over the sequence.
+// Every block entry carries a 64-bit XXH3 fingerprint of the keys it was built from, checked on
+// use when Options::verify_metadata is on (default): min/max do not commute with rotation, so a
+// block re-rotated to another place or re-Put with other bytes after an eviction is detected and
+// the metadata re-derived from the keys as they are now. (Without the check a page mode reads
+// only the metadata; with it, the keys once at memory speed.)
 //
 // Prefix blocks whose keys were stored at another position than their place in the prompt
 // (Put with rotated_at) are re-rotated to their positions first (one rotation, as Get does).
@@ -183,6 +186,9 @@ class RetrievalStore {
     uint64_t metadata_put_builds = 0;  // (block, layer) entries built when a Put stored the block
     uint64_t metadata_stale = 0;       // entries found whose keys had changed (rebuilt)
     uint64_t metadata_evictions = 0;
+    // Pages built for session entries: all of them at first use, then only those whose keys an
+    // edit, a Fill or an append changed (SessionReader::PageNames).
+    uint64_t metadata_session_pages_built = 0;
     uint64_t selections = 0;     // kept selections alive
     uint64_t gpu_selects = 0;    // selects run by SelectCuda (Options::device >= 0)
     uint64_t gpu_fallbacks = 0;  // selects meant for the GPU that ran SelectCpu instead
@@ -242,6 +248,7 @@ class RetrievalStore {
   struct MetaEntry {
     std::shared_ptr<const std::string> bytes;
     uint64_t fingerprint = 0;
+    std::shared_ptr<const std::vector<uint64_t>> page_names;  // session entries: per page
     std::list<std::string>::iterator lru;
   };
   struct SelectionEntry {
@@ -255,11 +262,14 @@ class RetrievalStore {
   // Resolves and holds the source; checks layer and the request's shapes against the model.
   absl::StatusOr<SourceData> Resolve(const RetrievalSource& source);
   // Views of one layer of a resolved source: a prefix's keys and values in place; a session's
-  // keys materialised (its gathers go through GatherFromSession), in the GPU session's device
-  // memory with `device_keys`.
+  // keys alone (its gathers go through GatherFromSession): a host session's in place where they
+  // sit at their own positions (SessionReader::LayerKeyPages), a GPU session's downloaded, or in
+  // its device memory with `device_keys`. Does nothing when the keys are there already.
   absl::Status ViewsOf(SourceData& src, int layer, bool device_keys, LayerViews* out) const;
-  // The page metadata of one layer (built or from the store), as a view for SelectRequest.
-  absl::Status PageMetaOf(const SourceData& src, int layer, LayerViews* views);
+  // The page metadata of one layer (built or from the store), as a view for SelectRequest. Reads
+  // a session's keys (ViewsOf) only for the pages it must build.
+  absl::Status PageMetaOf(SourceData& src, int layer, LayerViews* views);
+  absl::Status SessionPageMetaOf(SourceData& src, int layer, LayerViews* views);
   // The entry `key` if its fingerprint matches, else one built by `build` and kept.
   absl::StatusOr<std::shared_ptr<const std::string>> Metadata(
       const std::string& key, uint64_t fingerprint, uint64_t bytes,
@@ -267,7 +277,9 @@ class RetrievalStore {
 
   // Keeps `bytes` under `key`, replacing an entry there and evicting least recently used ones.
   void InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
-                    uint64_t fingerprint) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
+                    uint64_t fingerprint,
+                    std::shared_ptr<const std::vector<uint64_t>> page_names = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   void EraseLocked(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // The PutHook's work (see BlockObserver).
   void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block, const void* bytes);

@@ -9,9 +9,16 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cache/hash.h"
 
 namespace ropekv {
 namespace {
+
+// A serial for a new chunk: never reused in the process (KvChunk::serial).
+uint64_t NextChunkSerial() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
 
 const char* KindName(EditOp::Kind kind) {
   switch (kind) {
@@ -403,6 +410,135 @@ absl::Status SessionReader::WriteLayerTokens(int layer, absl::Span<const int32_t
   return gpu_->Download(dst, scratch->get(), bytes);
 }
 
+namespace {
+
+// A piece of a list with the index of its first token.
+struct PlacedPiece {
+  const Piece* piece;
+  int64_t start;
+  int64_t end() const { return start + piece->tokens; }
+};
+
+std::vector<PlacedPiece> PlacePieces(const PieceList& list) {
+  std::vector<PlacedPiece> placed;
+  placed.reserve(list.pieces().size());
+  int64_t start = 0;
+  for (const Piece& p : list.pieces()) {
+    placed.push_back(PlacedPiece{&p, start});
+    start += p.tokens;
+  }
+  return placed;
+}
+
+}  // namespace
+
+std::vector<uint64_t> SessionReader::PageNames(int64_t page_tokens) const {
+  const int64_t n = range_.size();
+  const std::vector<PlacedPiece> placed = PlacePieces(pieces_);
+  std::vector<uint64_t> names((n + page_tokens - 1) / page_tokens);
+  std::vector<int64_t> fields;
+  size_t i = 0;
+  for (size_t page = 0; page < names.size(); ++page) {
+    const int64_t s = static_cast<int64_t>(page) * page_tokens;
+    const int64_t e = std::min(n, s + page_tokens);
+    while (placed[i].end() <= s) ++i;
+    // Per piece the page reads: chunk, offset, tokens, position and table read from; then the
+    // position and table read at.
+    fields.clear();
+    for (size_t j = i; j < placed.size() && placed[j].start < e; ++j) {
+      const Piece& p = *placed[j].piece;
+      const int64_t from = std::max(s, placed[j].start) - placed[j].start;
+      const int64_t to = std::min(e, placed[j].end()) - placed[j].start;
+      fields.insert(fields.end(),
+                    {p.hole() ? -1 : static_cast<int64_t>(p.chunk->serial), p.offset + from,
+                     to - from, p.rotated_at + from, static_cast<int64_t>(p.table)});
+    }
+    fields.insert(fields.end(), {base_position_ + s, static_cast<int64_t>(to_table_)});
+    names[page] = BlockChecksum(fields.data(), fields.size() * sizeof(int64_t));
+  }
+  return names;
+}
+
+absl::StatusOr<SessionReader::KeyPages> SessionReader::LayerKeyPages(
+    int layer, int64_t page_tokens, const std::vector<int64_t>* only) const {
+  if (gpu_ != nullptr) {
+    return absl::FailedPreconditionError("LayerKeyPages: the session is in GPU memory");
+  }
+  if (layer < 0 || layer >= spec_.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", spec_.layers, ")"));
+  }
+  if (page_tokens < 1 || spec_.block_tokens % page_tokens != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pages of ", page_tokens, " tokens do not divide blocks of ", spec_.block_tokens));
+  }
+  const int64_t n = range_.size();
+  const size_t es = DTypeSize(spec_.dtype);
+  const KvStrides block = BlockStrides(spec_);
+  const std::vector<PlacedPiece> placed = PlacePieces(pieces_);
+  KeyPages out;
+  out.head_stride = block.head;
+  out.pages.resize((n + page_tokens - 1) / page_tokens);
+  std::vector<int64_t> copied;
+  size_t i = 0;
+  size_t wanted = 0;  // next entry of *only
+  for (size_t page = 0; page < out.pages.size(); ++page) {
+    if (only != nullptr) {
+      if (wanted == only->size() || (*only)[wanted] != static_cast<int64_t>(page)) continue;
+      ++wanted;
+    }
+    const int64_t s = static_cast<int64_t>(page) * page_tokens;
+    const int64_t e = std::min(n, s + page_tokens);
+    while (placed[i].end() <= s) ++i;
+    const Piece& p = *placed[i].piece;
+    const bool in_place =
+        !p.hole() && placed[i].end() >= e && p.chunk->device < 0 && p.table == to_table_ &&
+        p.rotated_at - placed[i].start == base_position_ && p.chunk->strides.head == block.head &&
+        p.chunk->strides.token == block.token;
+    if (!in_place) {
+      copied.push_back(static_cast<int64_t>(page));
+      continue;
+    }
+    out.pages[page] =
+        static_cast<const char*>(p.chunk->data) +
+        (layer * p.chunk->strides.layer + (p.offset + s - placed[i].start) * block.token) * es;
+  }
+  for (const PlacedPiece& p : placed) {
+    if (!p.piece->hole()) out.hold.push_back(p.piece->chunk);
+  }
+  // The other pages are read as WriteLayer reads them, page_tokens rows of a block-sized buffer
+  // each.
+  const int64_t per_buffer = spec_.block_tokens / page_tokens;
+  const uint64_t buffer_bytes = static_cast<uint64_t>(spec_.kv_heads) * block.head * es;
+  std::vector<RerotateCopy> jobs;
+  char* buffer = nullptr;
+  for (size_t c = 0; c < copied.size(); ++c) {
+    const int64_t slot = static_cast<int64_t>(c) % per_buffer;
+    if (slot == 0) {
+      std::shared_ptr<char> owned(new char[buffer_bytes], std::default_delete<char[]>());
+      buffer = owned.get();
+      out.hold.push_back(std::move(owned));
+    }
+    const int64_t s = copied[c] * page_tokens;
+    auto run = PlanRead(pieces_, TokenRange{s, std::min(n, s + page_tokens)}, base_position_,
+                        to_table_, buffer, block, slot * page_tokens);
+    if (!run.ok()) return run.status();
+    for (RerotateCopy& job : *run) {
+      job.src = static_cast<const char*>(job.src) +
+                static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+      job.keys_only = true;
+      jobs.push_back(job);
+    }
+    out.pages[copied[c]] = buffer + slot * page_tokens * block.token * es;
+  }
+  out.copied_pages = static_cast<int64_t>(copied.size());
+  if (jobs.empty()) return out;
+  KvGeometry one_layer = BlockGeometry(spec_);
+  one_layer.layers = 1;
+  if (absl::Status s = RerotateCopyCpu(spec_.rope, one_layer, jobs); !s.ok()) return s;
+  return out;
+}
+
 absl::Status SessionReader::WriteAll(void* dst) const {
   return WriteAllToHost(dst, RangeStrides(spec_, range_.size()), 0);
 }
@@ -677,6 +813,7 @@ absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec&
       return mem.status();
     }
     auto chunk = std::make_shared<KvChunk>();
+    chunk->serial = NextChunkSerial();
     void* const p = mem->get();  // before the deleter takes `mem` (argument order is unspecified)
     chunk->data = p;
     chunk->owner =
@@ -695,6 +832,7 @@ absl::StatusOr<std::shared_ptr<KvChunk>> SessionStore::NewChunk(const ModelSpec&
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
   }
   auto chunk = std::make_shared<KvChunk>();
+  chunk->serial = NextChunkSerial();
   chunk->owner = std::shared_ptr<const void>(data, [budget, bytes](const void* p) {
     delete[] static_cast<const char*>(p);
     budget->used.fetch_sub(bytes);

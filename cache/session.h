@@ -81,8 +81,9 @@ struct KvChunk {
   std::shared_ptr<const void> owner;
   const void* data = nullptr;  // [layer][k|v][kv_head][tokens][head_dim] addressed with strides
   KvStrides strides;
-  int64_t tokens = 0;  // capacity in tokens
-  int device = -1;     // CUDA device holding data; -1: host memory
+  int64_t tokens = 0;   // capacity in tokens
+  int device = -1;      // CUDA device holding data; -1: host memory
+  uint64_t serial = 0;  // unique in the process: names the chunk's bytes (they never change)
 };
 
 // KV of a run of tokens in memory the caller owns, laid out [layer][k|v][kv_head][token][head_dim]
@@ -317,6 +318,26 @@ class SessionReader {
   // token tokens[i]). What a gather of a few hundred selected tokens needs, without the layer.
   // INVALID_ARGUMENT for a layer out of range or tokens not ascending within the range.
   absl::Status WriteLayerTokens(int layer, absl::Span<const int32_t> tokens, void* dst) const;
+  // One layer's keys as pages of `page_tokens` tokens, for selections (cache/retrieval.cc): a page
+  // whose keys lie in one host chunk at the position they are read at is read where it is; the
+  // others (keys an edit moved, pages that span pieces) are re-rotated into block-sized buffers
+  // held by the result. Page p's keys: pages[p] + h * head_stride + t * head_dim elements (KV head
+  // h, page row t). With `only` (ascending page indices), just those pages; the others are null.
+  // FAILED_PRECONDITION for a GPU session; INVALID_ARGUMENT for a bad layer or block_tokens not a
+  // multiple of page_tokens.
+  struct KeyPages {
+    std::vector<const void*> pages;
+    int64_t head_stride = 0;
+    int64_t copied_pages = 0;                       // pages written into buffers
+    std::vector<std::shared_ptr<const void>> hold;  // the chunks and buffers read
+  };
+  absl::StatusOr<KeyPages> LayerKeyPages(int layer, int64_t page_tokens,
+                                         const std::vector<int64_t>* only = nullptr) const;
+  // Per page of `page_tokens` tokens, a 64-bit name of its keys at every layer: the chunks, the
+  // offsets in them and the positions and tables read from and at. Equal names, equal keys: what
+  // is derived from a page's keys (its metadata) can be kept under its name across edits, Fills
+  // and appends that leave the page alone. Any session, GPU ones included.
+  std::vector<uint64_t> PageNames(int64_t page_tokens) const;
   // Writes every layer: [layer][k|v][kv_head][range.size()][head_dim].
   absl::Status WriteAll(void* dst) const;
   // Writes every layer into HOST memory laid out with `dst_strides` (elements), range token 0 at

@@ -328,6 +328,7 @@ grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* c
   resp->set_gpu_selects(s.gpu_selects);
   resp->set_gpu_fallbacks(s.gpu_fallbacks);
   resp->set_metadata_put_builds(s.metadata_put_builds);
+  resp->set_metadata_session_pages_built(s.metadata_session_pages_built);
   return Done(ctx, absl::OkStatus());
 }
 

@@ -843,6 +843,7 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
     ASSERT_EQ(n, n0);
     CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, RangeKeys(spec_, layer, n));
   }
+  EXPECT_EQ(store_->stats().metadata_session_pages_built, 12u);  // 192 tokens
   auto [kept_args, kept] = select(Mode::kBound, true);
   ASSERT_TRUE(kept.ok());
   EXPECT_TRUE(kept->metadata_cached);
@@ -880,6 +881,8 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
     }
   }
   EXPECT_EQ(store_->stats().metadata_stale, stale_before + 1);
+  // Page 0 (tokens 0-15) kept; page 1 (holding token 30) and every later one built: 12 of 13.
+  EXPECT_EQ(store_->stats().metadata_session_pages_built, 24u);
   {
     // Gathered by the Select itself: the moved keys re-rotated, the values with them (a Select
     // without gather materialises the session's keys alone).
@@ -908,6 +911,76 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
   EXPECT_TRUE(store_->Gather(kept->selection_id, 0).ok());
   EXPECT_EQ(select(Mode::kExact, false).second.status().code(), absl::StatusCode::kNotFound);
 }
+
+// Decode: each append rebuilds the one page it changes (the others' metadata is kept under their
+// names), and the selection stays that of the keys as they are now. Blocks of 16 tokens read the
+// page's keys where they are (SessionReader::LayerKeyPages), blocks of 8 through
+// SessionReader::WriteLayerTokens.
+class SessionAppendTest : public RetrievalTest, public ::testing::WithParamInterface<int> {
+ protected:
+  void SetUp() override { Init(GetParam(), DType::kBF16); }
+};
+
+TEST_P(SessionAppendTest, AppendsRebuildOnlyTheirPage) {
+  const int64_t n0 = 100;  // 7 pages, the last of 4 tokens
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(n0);
+  const int64_t blocks = (n0 + spec_.block_tokens - 1) / spec_.block_tokens;
+  auto opened = sessions_->Open(open, RandomBlocks(spec_, blocks, rng_));
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string id = opened->id;
+  const int group = 2;
+  const std::vector<float> q = RandomQueries(spec_.kv_heads * group, spec_.head_dim, rng_);
+  auto bound = [&](bool want_cached, uint64_t want_pages_built) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = spec_.kv_heads * group;
+    a.queries = Bytes(q);
+    a.mode = Mode::kBound;
+    a.k = 16;  // one page a row
+    auto out = store_->Select(a);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->metadata_cached, want_cached);
+    EXPECT_EQ(store_->stats().metadata_session_pages_built, want_pages_built);
+    int64_t n = 0;
+    const std::string layer = SessionLayer(id, 1, &n);
+    CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, n, RangeKeys(spec_, layer, n));
+  };
+  bound(false, 7);
+  bound(true, 7);
+  // Appends of 3 tokens (a decode step's Fill; 8 of them stay below the session's compaction,
+  // which copies every chunk and so renames every page once).
+  const int64_t m = 3;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int step = 0; step < 8; ++step) {
+    const int64_t len = n0 + step * m;
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(m))}).ok());
+    // The last new token's key at layer 1 is a needle for every query head of its group: its
+    // page must win, which it does only if that page's metadata was rebuilt.
+    std::string kv(RangeBytes(spec_, m), '\0');
+    const size_t elems = kv.size() / DTypeSize(spec_.dtype);
+    for (size_t i = 0; i < elems; ++i) StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
+    const KvStrides strides = RangeStrides(spec_, m);
+    for (int h = 0; h < spec_.kv_heads; ++h) {
+      for (int d = 0; d < spec_.head_dim; ++d) {
+        float sum = 0.0f;
+        for (int g = 0; g < group; ++g) sum += q[(h * group + g) * spec_.head_dim + d];
+        const int64_t at = strides.layer + h * strides.head + (m - 1) * strides.token + d;
+        StoreFromFloat(kv.data(), at, spec_.dtype, 4.0f * sum);
+      }
+    }
+    FillArgs fill;
+    fill.range = TokenRange{len, len + m};
+    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+    // Tokens [100, 124): no append spans pages 6 (96-111) and 7.
+    bound(false, 7 + step + 1);
+  }
+  bound(true, 15);
+}
+
+INSTANTIATE_TEST_SUITE_P(BlockTokens, SessionAppendTest, ::testing::Values(16, 8));
 
 // ----------------------------------------------------------------------------------------------
 // Errors

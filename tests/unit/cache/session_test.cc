@@ -492,6 +492,113 @@ TEST_F(SessionStoreTest, WriteLayerTokensPacksTheTokensOfWriteLayer) {
   EXPECT_TRUE(reader->WriteLayerTokens(0, {}, out.data()).ok());
 }
 
+// LayerKeyPages: page p's rows equal WriteLayer's keys of its tokens; pages an edit left at their
+// positions point into the chunks (none copied), the others are re-rotated copies.
+TEST_F(SessionStoreTest, LayerKeyPagesEqualWriteLayerAndCopyOnlyMovedPages) {
+  Shadow shadow(spec_, 0);
+  const std::string id = OpenRandom(41, &shadow);  // a partial last page
+  const size_t es = DTypeSize(spec_.dtype);
+  const size_t row = static_cast<size_t>(spec_.head_dim) * es;
+  auto check = [&](int64_t page_tokens, int64_t want_copied) {
+    auto reader = store_->Read(id, std::nullopt);
+    ASSERT_TRUE(reader.ok());
+    const int64_t n = reader->range().size();
+    for (int l = 0; l < reader->layers(); ++l) {
+      std::vector<uint8_t> keys(reader->layer_bytes(), 0xFF);
+      ASSERT_TRUE(reader->WriteLayer(l, keys.data(), /*keys_only=*/true).ok());
+      auto pages = reader->LayerKeyPages(l, page_tokens);
+      ASSERT_TRUE(pages.ok()) << pages.status();
+      ASSERT_EQ(static_cast<int64_t>(pages->pages.size()), (n + page_tokens - 1) / page_tokens);
+      EXPECT_EQ(pages->copied_pages, want_copied) << "page_tokens " << page_tokens;
+      for (int64_t t = 0; t < n; ++t) {
+        for (int h = 0; h < spec_.kv_heads; ++h) {
+          const uint8_t* got = static_cast<const uint8_t*>(pages->pages[t / page_tokens]) +
+                               (h * pages->head_stride + (t % page_tokens) * spec_.head_dim) * es;
+          ASSERT_EQ(0, std::memcmp(got, keys.data() + (h * n + t) * row, row))
+              << "page_tokens " << page_tokens << " layer " << l << " head " << h << " token " << t;
+        }
+      }
+    }
+  };
+  check(4, 0);
+  check(2, 0);
+  // 4 tokens inserted at 8 and filled at their positions: pages before and of the insert stay,
+  // every later one (its chunk moved by 4 positions) is a copy. 45 tokens: 12 pages of 4, 3 in
+  // place; 23 pages of 2, 6 in place.
+  EditAndFill(id, &shadow, {EditOp::Insert(8, {7, 8, 9, 6})});
+  check(4, 9);
+  check(2, 17);
+  // 1 token inserted at 1: pages of 4 from token 0 on span pieces, and are copies.
+  EditAndFill(id, &shadow, {EditOp::Insert(1, {5})});
+  check(4, 12);
+  auto reader = store_->Read(id, std::nullopt);
+  ASSERT_TRUE(reader.ok());
+  // Some pages only: those as above, the others null.
+  auto all = reader->LayerKeyPages(1, 4);
+  const std::vector<int64_t> only = {0, 5};
+  auto some = reader->LayerKeyPages(1, 4, &only);
+  ASSERT_TRUE(all.ok() && some.ok());
+  EXPECT_EQ(some->copied_pages, 2);
+  ASSERT_EQ(some->pages.size(), all->pages.size());
+  for (size_t p = 0; p < all->pages.size(); ++p) {
+    if (p != 0 && p != 5) {
+      EXPECT_EQ(some->pages[p], nullptr) << "page " << p;
+      continue;
+    }
+    for (int h = 0; h < spec_.kv_heads; ++h) {
+      const size_t at = (h * all->head_stride) * es;
+      EXPECT_EQ(0, std::memcmp(static_cast<const uint8_t*>(some->pages[p]) + at,
+                               static_cast<const uint8_t*>(all->pages[p]) + at, 4 * row))
+          << "page " << p << " head " << h;
+    }
+  }
+  EXPECT_EQ(reader->LayerKeyPages(2, 4).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(reader->LayerKeyPages(0, 3).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// PageNames change exactly for the pages whose keys change.
+TEST_F(SessionStoreTest, PageNamesChangeWithThePagesKeys) {
+  Shadow shadow(spec_, 0);
+  const std::string id = OpenRandom(41, &shadow);
+  auto names = [&] {
+    auto reader = store_->Read(id, std::nullopt);
+    EXPECT_TRUE(reader.ok());
+    return reader.ok() ? reader->PageNames(4) : std::vector<uint64_t>();
+  };
+  const std::vector<uint64_t> before = names();
+  ASSERT_EQ(before.size(), 11u);
+  EXPECT_EQ(names(), before);
+  for (size_t p = 1; p < before.size(); ++p) EXPECT_NE(before[p], before[p - 1]);
+  // An append of 5 tokens: pages 0-9 (tokens 0-39) unchanged, the partial page 10 changes.
+  EditAndFill(id, &shadow, {EditOp::Insert(41, {1, 2, 3, 4, 5})});
+  const std::vector<uint64_t> appended = names();
+  ASSERT_EQ(appended.size(), 12u);
+  for (size_t p = 0; p < 10; ++p) EXPECT_EQ(appended[p], before[p]) << "page " << p;
+  EXPECT_NE(appended[10], before[10]);
+  // An insert at 10: pages 0 and 1 unchanged, every later one moved.
+  EditAndFill(id, &shadow, {EditOp::Insert(10, {7, 8, 9})});
+  const std::vector<uint64_t> inserted = names();
+  ASSERT_EQ(inserted.size(), 13u);
+  for (size_t p = 0; p < inserted.size(); ++p) {
+    EXPECT_EQ(inserted[p] == appended[p], p < 2) << "page " << p;
+  }
+  // Stale tokens filled again: new chunks, new names for their pages only.
+  EditOptions stale;
+  stale.stale = {TokenRange{20, 22}};
+  EditAndFill(id, &shadow, {}, stale);
+  const std::vector<uint64_t> refilled = names();
+  for (size_t p = 0; p < refilled.size(); ++p) {
+    EXPECT_EQ(refilled[p] == inserted[p], p != 5) << "page " << p;
+  }
+  // The first 4 tokens deleted: page p holds what page p + 1 held, from the same chunks, at
+  // positions 4 lower: a new name.
+  EditAndFill(id, &shadow, {EditOp::Delete(0, 4)});
+  const std::vector<uint64_t> deleted = names();
+  ASSERT_EQ(deleted.size(), refilled.size() - 1);
+  for (size_t p = 0; p < deleted.size(); ++p)
+    EXPECT_NE(deleted[p], refilled[p + 1]) << "page " << p;
+}
+
 TEST_F(SessionStoreTest, BadEditsLeaveTheSessionUnchanged) {
   Shadow shadow(spec_, 0);
   const std::string id = OpenRandom(10, &shadow);
