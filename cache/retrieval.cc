@@ -610,7 +610,7 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
     int64_t head_stride = 0;
     std::optional<SessionReader::KeyPages> some_pages;
     std::unique_ptr<char[]> packed;
-    if (views->keys_ready) {
+    if (views->keys_ready && views->device_keys == nullptr) {
       for (size_t i = 0; i < build.size(); ++i) key_rows[i] = PageRows(views->keys, build[i]);
       head_stride = views->keys.head_stride;
     } else if (!src.reader->on_gpu() && spec.block_tokens % topk::kPageTokens == 0) {
@@ -710,11 +710,10 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     }
   }
 
-  // A GPU session selected over on its own device in EXACT mode keeps its keys there (the page
-  // modes build and check metadata from host keys).
+  // A GPU session selected over on its own device keeps its keys there (its page metadata comes
+  // from the store, or is built from the pages it lacks, read alone).
   const bool device_keys = src->session() && src->reader->on_gpu() && gpu_ != nullptr &&
-                           gpu_->device() == src->reader->gpu_device() &&
-                           args.mode == topk::Mode::kExact;
+                           gpu_->device() == src->reader->gpu_device();
   // A session's keys are read only where the selection reads them (not by BOUND without scores
   // or mass) or where its metadata must be built.
   const bool page_mode = args.mode != topk::Mode::kExact;
@@ -793,11 +792,11 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     }
   }
   if (!on_gpu) {
-    if (device_keys) {
+    LayerViews host_views;
+    if (views.device_keys != nullptr) {
       // The CPU reads host keys.
-      views = LayerViews();
-      if (absl::Status s = ViewsOf(*src, args.layer, false, &views); !s.ok()) return s;
-      req.keys = views.keys;
+      if (absl::Status s = ViewsOf(*src, args.layer, false, &host_views); !s.ok()) return s;
+      req.keys = host_views.keys;
     }
     if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
   }
