@@ -6,12 +6,13 @@
 // tokens (its keys read in place where they sit at their own positions, SessionReader re-rotating
 // the others; a GPU session's downloaded). Wall clock around RetrievalStore::Select (resolving the
 // source, metadata lookups, copies and the kernel all included): median and min of --reps after
-// one warm-up. Row bound_after_edit: a BOUND Select after each of --reps editor steps (one token
-// inserted at the session's middle and filled, untimed), which re-derives the moved pages'
-// metadata. The GPU's selection is compared with the
-// CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the cache's host tier in
-// pinned memory, as the daemon has it beside a GPU tier (the GPU path then reads a prefix's keys
-// in place instead of copying them). --cpu_only: the CPU path alone (a machine without a GPU).
+// one warm-up. Rows bound_after_edit / bound_after_append: a BOUND Select after each of --reps
+// editor steps (one token inserted at the session's middle and filled, untimed: the moved pages'
+// metadata is re-derived) or decode steps (one token appended and filled). The GPU's selection is
+// compared with the CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the
+// cache's host tier in pinned memory, as the daemon has it beside a GPU tier (the GPU path then
+// reads a prefix's keys in place instead of copying them). --cpu_only: the CPU path alone (a
+// machine without a GPU).
 // --session_device gpu: the session in GPU memory (EXACT on the GPU path then reads its keys
 // there).
 //
@@ -241,37 +242,39 @@ int Main() {
     std::fflush(stdout);
     rows.push_back(row);
   }
-  // An editor's step: one token inserted at the middle of the session and filled, then a BOUND
-  // Select (untimed edit and Fill; the keys after it moved, so half the pages' metadata is
-  // re-derived). The same document for both paths.
-  if (absl::StrContains(absl::GetFlag(FLAGS_source), "session")) {
+  // An editor's step (one token inserted at the session's middle and filled; the keys after it
+  // move, so half the pages' metadata is re-derived) or a decode step (one token appended and
+  // filled), then a BOUND Select; the edit and Fill untimed. The same document for both paths.
+  const auto step_row = [&](const char* name, bool append) -> bool {
     const SelectArgs a = select_args("session", topk::Mode::kBound);
     Row row;
     row.source = "session";
-    row.mode = "bound_after_edit";
+    row.mode = name;
     row.same = true;
     std::vector<double> cpu_ms, gpu_ms;
     std::string fill_kv(RangeBytes(spec, 1), '\0');
     std::normal_distribution<float> normal(0.f, 1.f);
     for (int r = 0; r <= reps; ++r) {
       auto info = (*sessions)->Info(session->id);
-      if (!info.ok()) return 1;
-      const int64_t at = info->length / 2;
-      if (!(*sessions)->Edit(session->id, {EditOp::Insert(at, {7})}).ok()) return 1;
+      if (!info.ok()) return false;
+      const int64_t at = append ? info->length : info->length / 2;
+      if (!(*sessions)->Edit(session->id, {EditOp::Insert(at, {7})}).ok()) return false;
       for (size_t i = 0; i < fill_kv.size() / 2; ++i) {
         StoreFromFloat(fill_kv.data(), i, spec.dtype, normal(rng));
       }
       FillArgs fill;
       fill.range = TokenRange{at, at + 1};
-      if (!(*sessions)->Fill(session->id, fill, fill_kv).ok()) return 1;
+      if (!(*sessions)->Fill(session->id, fill, fill_kv).ok()) return false;
       std::vector<int32_t> first;
       for (RetrievalStore* store : {cpu->get(), cpu_only ? nullptr : gpu->get()}) {
         if (store == nullptr) continue;
         const absl::Time s = absl::Now();
         auto out = store->Select(a);
         const double t = absl::ToDoubleMilliseconds(absl::Now() - s);
-        if (!out.ok())
-          return std::fprintf(stderr, "select: %s\n", out.status().ToString().c_str()), 1;
+        if (!out.ok()) {
+          std::fprintf(stderr, "select: %s\n", out.status().ToString().c_str());
+          return false;
+        }
         if (r > 0) (store == cpu->get() ? cpu_ms : gpu_ms).push_back(t);
         if (store == cpu->get()) {
           first = out->indices;
@@ -286,11 +289,16 @@ int Main() {
       row.gpu_ms = Median(gpu_ms);
       row.gpu_min = *std::min_element(gpu_ms.begin(), gpu_ms.end());
     }
-    std::printf("%-8s %-16s %12.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
+    std::printf("%-8s %-18s %10.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
                 row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
                 cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
     std::fflush(stdout);
     rows.push_back(row);
+    return true;
+  };
+  if (absl::StrContains(absl::GetFlag(FLAGS_source), "session") &&
+      (!step_row("bound_after_edit", false) || !step_row("bound_after_append", true))) {
+    return std::fprintf(stderr, "editing the session failed\n"), 1;
   }
   const auto st = cpu_only ? RetrievalStore::Stats() : (*gpu)->stats();
   std::string json = absl::StrFormat(

@@ -240,6 +240,9 @@ class RetrievalStore {
   // The kept page metadata of prefix block `block` at `layer` ([kv_heads][pages][2 * head_dim] in
   // the model's dtype), or null when none is kept. For tests and tools.
   std::shared_ptr<const std::string> CachedPageMeta(const BlockHash& block, int layer) const;
+  // The same for session `session_id` at `layer`, as its last Select in a page mode left it.
+  std::shared_ptr<const std::string> CachedSessionPageMeta(absl::string_view session_id,
+                                                           int layer) const;
 
  private:
   class PutHook;

@@ -300,6 +300,32 @@ uint64_t RetrievalGpu::keys_read_in_place() const {
   return impl_->keys_in_place;
 }
 
+absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
+                                         const topk::PageMetaShape& shape, void* host_meta) {
+  if (!OnDevice(device_keys, device_)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("BuildPageMeta: the keys are not in the memory of CUDA device ", device_));
+  }
+  const int64_t pages = topk::NumPages(shape.num_tokens);
+  const int64_t width = 2 * static_cast<int64_t>(shape.head_dim);
+  const uint64_t bytes =
+      static_cast<uint64_t>(shape.kv_heads) * pages * width * DTypeSize(device_keys.dtype);
+  absl::MutexLock lock(&impl_->mu);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  if (absl::Status s = impl_->Reserve(bytes); !s.ok()) return s;
+  absl::Status status = topk::BuildPageMetaCuda(
+      device_keys, shape, topk::DenseMatrix<void*>(impl_->arena, device_keys.dtype, pages, width),
+      impl_->stream);
+  if (status.ok()) {
+    status = CudaStatus(
+        cudaMemcpyAsync(host_meta, impl_->arena, bytes, cudaMemcpyDeviceToHost, impl_->stream),
+        "cudaMemcpyAsync", __FILE__, __LINE__);
+  }
+  status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
+                           __LINE__));
+  return status;
+}
+
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
                                   const topk::SelectResult& host_result) {
   if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;

@@ -56,6 +56,15 @@ class RetrievalGpu {
   // On an error host_result may have been partly written.
   absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result);
 
+  // Builds the page metadata of keys in this device's memory (a dense view, e.g. a GPU session's
+  // layer from SessionReader::LayerOnDevice) with topk::BuildPageMetaCuda, the same bits as
+  // BuildPageMetaCpu, and writes it to `host_meta` ([kv_heads][pages][2 * head_dim] in the keys'
+  // dtype). Returns once it is there. INVALID_ARGUMENT for a view not in this device's memory or a
+  // bad shape; RESOURCE_EXHAUSTED without room; INTERNAL for another CUDA error. NaN keys are not
+  // checked (see topk.h).
+  absl::Status BuildPageMeta(const topk::MatrixView& device_keys, const topk::PageMetaShape& shape,
+                             void* host_meta);
+
   // Bytes of device memory the arena holds now.
   uint64_t arena_bytes() const;
   // Selects whose keys were read in place (not copied): pinned host blocks, or device memory of

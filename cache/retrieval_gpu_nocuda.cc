@@ -22,6 +22,12 @@ RetrievalGpu::~RetrievalGpu() = default;
 uint64_t RetrievalGpu::arena_bytes() const { return 0; }
 uint64_t RetrievalGpu::keys_read_in_place() const { return 0; }
 
+absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& /*device_keys*/,
+                                         const topk::PageMetaShape& /*shape*/,
+                                         void* /*host_meta*/) {
+  return NotBuilt();
+}
+
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
                                   const topk::SelectResult& /*host_result*/) {
   return NotBuilt();

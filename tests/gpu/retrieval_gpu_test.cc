@@ -420,6 +420,56 @@ TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
       });
 }
 
+// A GPU session's page metadata: built on the device when many pages change (opening, an insert
+// near the start), from the changed pages read alone when few do (an append); the same bytes as
+// the CPU store builds, and the same BOUND selections.
+TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
+  Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
+  const std::string id = OpenRandomSession(200 * 16 + 5);  // 201 pages
+  ASSERT_FALSE(id.empty());
+  auto bound = [&](const std::string& what) {
+    auto reader = sessions_->Read(id, std::nullopt);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    std::string layer(reader->layer_bytes(), '\0');
+    ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
+    const int64_t m = reader->range().size();
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = 8;
+    a.mode = Mode::kBound;
+    a.k = 64;
+    a.query_dtype = DType::kF32;
+    const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
+    a.queries = q;
+    Compare(a, q, RangeKeys(spec_, layer, m), what);
+    auto cpu_meta = cpu_->CachedSessionPageMeta(id, 1);
+    auto gpu_meta = gpu_->CachedSessionPageMeta(id, 1);
+    ASSERT_TRUE(cpu_meta != nullptr && gpu_meta != nullptr) << what;
+    EXPECT_TRUE(*cpu_meta == *gpu_meta) << what << ": page metadata differs";
+  };
+  auto insert_and_fill = [&](int64_t at) {
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(at, Tokens(1))}).ok());
+    FillArgs fill;
+    fill.range = TokenRange{at, at + 1};
+    const std::string kv =
+        RandomElems(RangeBytes(spec_, 1) / DTypeSize(spec_.dtype), spec_.dtype, rng_);
+    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+  };
+  bound("opened");
+  EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u);  // on the device
+  insert_and_fill(5);                                           // every page after the first moves
+  bound("after an insert at 5");
+  EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u);
+  EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u);  // the layer, on the device
+  auto info = sessions_->Info(id);
+  ASSERT_TRUE(info.ok());
+  insert_and_fill(info->length);  // an append: the last page alone
+  bound("after an append");
+  EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u + 1u);
+  EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u + 1u);
+}
+
 // Rows longer than one block's shared memory (the multi-block selection), gather and keep.
 TEST_F(RetrievalGpuTest, LongPrefixGpuEqualsCpu) {
   Init(16, DType::kBF16);
