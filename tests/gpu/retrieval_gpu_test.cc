@@ -458,8 +458,9 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   };
   bound("opened");
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u);  // on the device
-  insert_and_fill(5);                                           // every page after the first moves
-  bound("after an insert at 5");
+  // An insert at 20: every page from the second (tokens 16-31) on changes.
+  insert_and_fill(20);
+  bound("after an insert at 20");
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u);  // the layer, on the device
   auto info = sessions_->Info(id);
