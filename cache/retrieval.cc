@@ -57,6 +57,12 @@ struct RetrievalStore::LayerViews {
   std::shared_ptr<void> device_keys;
   std::vector<std::shared_ptr<const std::string>> meta_hold;
   bool metadata_cached = true;
+  // The metadata's name for a device copy (RetrievalGpu::MetaName): per unit of
+  // meta_pages_per_unit pages, an entry's serial (prefix) or a page name (session); empty when an
+  // entry was not kept.
+  std::string meta_key;
+  std::vector<uint64_t> meta_names;
+  int64_t meta_pages_per_unit = 1;
 };
 
 namespace {
@@ -165,7 +171,7 @@ absl::StatusOr<std::unique_ptr<RetrievalStore>> RetrievalStore::Create(KvCache* 
   }
   std::unique_ptr<RetrievalGpu> gpu;
   if (options.device >= 0) {
-    auto made = RetrievalGpu::Create(options.device);
+    auto made = RetrievalGpu::Create(options.device, options.gpu_metadata_capacity_bytes);
     if (!made.ok()) {
       return absl::Status(
           made.status().code(),
@@ -338,7 +344,7 @@ absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool device_key
 
 absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
     const std::string& key, uint64_t fingerprint, uint64_t bytes,
-    const std::function<absl::Status(void*)>& build, bool* cached) {
+    const std::function<absl::Status(void*)>& build, bool* cached, uint64_t* serial) {
   {
     absl::MutexLock lock(&meta_mu_);
     auto it = meta_.find(key);
@@ -347,6 +353,7 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
         ++counters_.metadata_hits;
         meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
         *cached = true;
+        *serial = it->second.serial;
         return it->second.bytes;
       }
       // The keys changed under this entry (a session edit, a re-Put after eviction): drop it.
@@ -362,7 +369,7 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
   std::shared_ptr<const std::string> result = std::move(built);
   absl::MutexLock lock(&meta_mu_);
   ++counters_.metadata_builds;
-  InsertLocked(key, result, fingerprint);
+  *serial = InsertLocked(key, result, fingerprint);
   return result;
 }
 
@@ -374,11 +381,12 @@ void RetrievalStore::EraseLocked(const std::string& key) {
   meta_.erase(it);
 }
 
-void RetrievalStore::InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
-                                  uint64_t fingerprint,
-                                  std::shared_ptr<const std::vector<uint64_t>> page_names) {
+uint64_t RetrievalStore::InsertLocked(const std::string& key,
+                                      std::shared_ptr<const std::string> bytes,
+                                      uint64_t fingerprint,
+                                      std::shared_ptr<const std::vector<uint64_t>> page_names) {
   const uint64_t size = bytes->size();
-  if (size > options_.metadata_capacity_bytes) return;  // too large to keep
+  if (size > options_.metadata_capacity_bytes) return 0;  // too large to keep
   EraseLocked(key);  // a concurrent call built it too, or a Put replaced it
   while (meta_bytes_ + size > options_.metadata_capacity_bytes && !meta_lru_.empty()) {
     auto victim = meta_.find(meta_lru_.back());
@@ -388,9 +396,11 @@ void RetrievalStore::InsertLocked(const std::string& key, std::shared_ptr<const 
     ++counters_.metadata_evictions;
   }
   meta_lru_.push_front(key);
-  meta_.emplace(key,
-                MetaEntry{std::move(bytes), fingerprint, std::move(page_names), meta_lru_.begin()});
+  const uint64_t serial = ++next_meta_serial_;
+  meta_.emplace(key, MetaEntry{std::move(bytes), fingerprint, std::move(page_names), serial,
+                               meta_lru_.begin()});
   meta_bytes_ += size;
+  return serial;
 }
 
 // Metadata on write: the Put's bytes of a fresh block -> all its layers' entries, staged until the
@@ -477,6 +487,7 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
     const std::vector<BlockInfo>& blocks = src.handle->blocks();
     views->meta_blocks.resize(blocks.size());
     views->meta_hold.resize(blocks.size());
+    views->meta_names.resize(blocks.size());
     for (size_t b = 0; b < blocks.size(); ++b) {
       const void* keys = views->key_blocks[b];
       // A block re-rotated to its place has its own entry, always checked: its keys are not the
@@ -499,13 +510,18 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
                 topk::PageMetaShape{spec.kv_heads, spec.head_dim, spec.block_tokens},
                 topk::DenseMatrix<void*>(dst, spec.dtype, ppb, width));
           },
-          &cached);
+          &cached, &views->meta_names[b]);
       if (!meta.ok()) return meta.status();
       views->metadata_cached = views->metadata_cached && cached;
       views->meta_blocks[b] = (*meta)->data();
       views->meta_hold[b] = *std::move(meta);
     }
     views->page_meta = topk::BlockedMatrix(views->meta_blocks.data(), spec.dtype, ppb, width);
+    views->meta_key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
+    views->meta_pages_per_unit = ppb;
+    if (std::count(views->meta_names.begin(), views->meta_names.end(), 0u) > 0) {
+      views->meta_names.clear();
+    }
     return absl::OkStatus();
   }
 
@@ -523,6 +539,7 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
   }
   const std::string key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
   bool cached = false;
+  uint64_t serial = 0;
   auto meta = Metadata(
       key, fingerprint, entry_bytes,
       [&](void* dst) {
@@ -530,11 +547,14 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
                                       topk::PageMetaShape{spec.kv_heads, spec.head_dim, n},
                                       topk::DenseMatrix<void*>(dst, spec.dtype, pages, width));
       },
-      &cached);
+      &cached, &serial);
   if (!meta.ok()) return meta.status();
   views->metadata_cached = cached;
   views->page_meta = topk::DenseMatrix<const void*>((*meta)->data(), spec.dtype, pages, width);
   views->meta_hold.push_back(*std::move(meta));
+  views->meta_key = key;
+  views->meta_pages_per_unit = pages;
+  if (serial != 0) views->meta_names.assign(1, serial);
   return absl::OkStatus();
 }
 
@@ -567,6 +587,9 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
   auto names =
       std::make_shared<const std::vector<uint64_t>>(src.reader->PageNames(topk::kPageTokens));
   const std::string key = LayerKey('S', src.session_id, layer);
+  views->meta_key = key;
+  views->meta_names = *names;
+  views->meta_pages_per_unit = 1;
 
   // The entry as it is, if any: kept whole when no page's name changed.
   std::shared_ptr<const std::string> old;
@@ -801,7 +824,12 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   bool on_gpu = false;
   bool fell_back = false;
   if (gpu_ != nullptr) {
-    absl::Status s = gpu_->Select(req, result);
+    RetrievalGpu::MetaName meta_name;
+    meta_name.key = views.meta_key;
+    meta_name.names = views.meta_names;
+    meta_name.pages_per_unit = views.meta_pages_per_unit;
+    const bool named = page_mode && !views.meta_names.empty();
+    absl::Status s = gpu_->Select(req, result, named ? &meta_name : nullptr);
     if (s.ok()) {
       on_gpu = true;
     } else if (s.code() == absl::StatusCode::kUnavailable ||
@@ -983,6 +1011,10 @@ RetrievalStore::Stats RetrievalStore::stats() const {
     s.metadata_bytes = meta_bytes_;
   }
   s.metadata_capacity_bytes = options_.metadata_capacity_bytes;
+  if (gpu_ != nullptr) {
+    s.gpu_metadata_bytes = gpu_->meta_bytes();
+    s.gpu_metadata_pages_uploaded = gpu_->meta_pages_uploaded();
+  }
   absl::MutexLock lock(&selections_mu_);
   s.selections = selections_.size();
   return s;

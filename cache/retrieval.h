@@ -168,11 +168,15 @@ class RetrievalStore {
     uint64_t max_gather_bytes = 1ull << 30;
     // The clock (tests inject one); default absl::Now.
     std::function<absl::Time()> now;
-    // CUDA device on which Select runs topk::SelectCuda (the source's keys and page metadata are
-    // copied there for each call, except keys in pinned host blocks, read in place); -1: SelectCpu
-    // only. A call the GPU cannot take (no room on the
+    // CUDA device on which Select runs topk::SelectCuda (the source's keys are copied there for
+    // each call, except keys in pinned host blocks, read in place, and a GPU session's keys, read
+    // on its device); -1: SelectCpu only. A call the GPU cannot take (no room on the
     // device, a shape the CUDA path lacks) runs SelectCpu instead (Stats::gpu_fallbacks).
     int device = -1;
+    // Bytes of page metadata the GPU path keeps on the device across Selects (per source and
+    // layer; then a Select uploads only the pages or blocks whose metadata changed); 0: copied for
+    // every call.
+    uint64_t gpu_metadata_capacity_bytes = 1ull << 30;
   };
 
   struct Stats {
@@ -189,9 +193,11 @@ class RetrievalStore {
     // Pages built for session entries: all of them at first use, then only those whose keys an
     // edit, a Fill or an append changed (SessionReader::PageNames).
     uint64_t metadata_session_pages_built = 0;
-    uint64_t selections = 0;     // kept selections alive
-    uint64_t gpu_selects = 0;    // selects run by SelectCuda (Options::device >= 0)
-    uint64_t gpu_fallbacks = 0;  // selects meant for the GPU that ran SelectCpu instead
+    uint64_t selections = 0;          // kept selections alive
+    uint64_t gpu_selects = 0;         // selects run by SelectCuda (Options::device >= 0)
+    uint64_t gpu_fallbacks = 0;       // selects meant for the GPU that ran SelectCpu instead
+    uint64_t gpu_metadata_bytes = 0;  // page metadata kept on the device
+    uint64_t gpu_metadata_pages_uploaded = 0;  // pages of it copied there so far
   };
 
   // `cache` (borrowed, must outlive the store) holds prefixes; `sessions` (borrowed, may be null:
@@ -252,6 +258,7 @@ class RetrievalStore {
     std::shared_ptr<const std::string> bytes;
     uint64_t fingerprint = 0;
     std::shared_ptr<const std::vector<uint64_t>> page_names;  // session entries: per page
+    uint64_t serial = 0;  // unique in the store: names these bytes (a device copy's unit name)
     std::list<std::string>::iterator lru;
   };
   struct SelectionEntry {
@@ -273,15 +280,17 @@ class RetrievalStore {
   // a session's keys (ViewsOf) only for the pages it must build.
   absl::Status PageMetaOf(SourceData& src, int layer, LayerViews* views);
   absl::Status SessionPageMetaOf(SourceData& src, int layer, LayerViews* views);
-  // The entry `key` if its fingerprint matches, else one built by `build` and kept.
+  // The entry `key` if its fingerprint matches, else one built by `build` and kept; *serial is
+  // the entry's (0 when it was not kept).
   absl::StatusOr<std::shared_ptr<const std::string>> Metadata(
       const std::string& key, uint64_t fingerprint, uint64_t bytes,
-      const std::function<absl::Status(void*)>& build, bool* cached);
+      const std::function<absl::Status(void*)>& build, bool* cached, uint64_t* serial);
 
-  // Keeps `bytes` under `key`, replacing an entry there and evicting least recently used ones.
-  void InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
-                    uint64_t fingerprint,
-                    std::shared_ptr<const std::vector<uint64_t>> page_names = nullptr)
+  // Keeps `bytes` under `key`, replacing an entry there and evicting least recently used ones;
+  // returns its serial (0: too large to keep).
+  uint64_t InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
+                        uint64_t fingerprint,
+                        std::shared_ptr<const std::vector<uint64_t>> page_names = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   void EraseLocked(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // The PutHook's work (see BlockObserver).
@@ -301,6 +310,7 @@ class RetrievalStore {
   absl::flat_hash_map<std::string, MetaEntry> meta_ ABSL_GUARDED_BY(meta_mu_);
   std::list<std::string> meta_lru_ ABSL_GUARDED_BY(meta_mu_);  // front = most recent
   uint64_t meta_bytes_ ABSL_GUARDED_BY(meta_mu_) = 0;
+  uint64_t next_meta_serial_ ABSL_GUARDED_BY(meta_mu_) = 0;
   Stats counters_ ABSL_GUARDED_BY(meta_mu_);
   // Metadata built from a Put's bytes, until the Put commits: block -> (key, entry, fingerprint)
   // per layer.

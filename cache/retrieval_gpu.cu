@@ -5,9 +5,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <list>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/retrieval_gpu.h"
@@ -28,39 +32,45 @@ constexpr uint64_t kArenaGranule = 2ull << 20;
 
 uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
-// Calls fn(src, bytes) for the contiguous host runs of `v` (heads x rows x width elements), in
-// the order of a dense [heads][rows][width] destination. A run is as long as the view allows: a
-// whole head of a packed buffer, a block's rows of one head, or one row when rows are padded.
+// Calls fn(src, bytes) for the contiguous host runs of rows [r0, r1) of head h of `v` (width
+// elements a row), in row order. A run is as long as the view allows: a whole head of a packed
+// buffer, a block's rows, or one row when rows are padded.
 template <typename Fn>
-absl::Status ForEachRun(const topk::MatrixView& v, int heads, int64_t rows, int64_t width,
-                        Fn&& fn) {
+absl::Status ForEachRowRun(const topk::MatrixView& v, int h, int64_t r0, int64_t r1, int64_t width,
+                           Fn&& fn) {
   const uint64_t es = DTypeSize(v.dtype);
   const uint64_t row_bytes = static_cast<uint64_t>(width) * es;
   const bool packed_rows = v.row_stride == width;
-  for (int h = 0; h < heads; ++h) {
-    int64_t r = 0;
-    while (r < rows) {
-      const char* first = nullptr;
-      int64_t run = 0;  // rows from r that sit in one buffer
-      if (v.blocks == nullptr) {
-        first = static_cast<const char*>(v.base) + (h * v.head_stride + r * v.row_stride) * es;
-        run = rows - r;
-      } else {
-        const int64_t b = r / v.rows_per_block;
-        const int64_t in = r % v.rows_per_block;
-        first =
-            static_cast<const char*>(v.blocks[b]) + (h * v.head_stride + in * v.row_stride) * es;
-        run = std::min(rows - r, v.rows_per_block - in);
-      }
-      if (packed_rows) {
-        if (absl::Status s = fn(first, run * row_bytes); !s.ok()) return s;
-      } else {
-        for (int64_t i = 0; i < run; ++i) {
-          if (absl::Status s = fn(first + i * v.row_stride * es, row_bytes); !s.ok()) return s;
-        }
-      }
-      r += run;
+  for (int64_t r = r0; r < r1;) {
+    const char* first = nullptr;
+    int64_t run = 0;  // rows from r that sit in one buffer
+    if (v.blocks == nullptr) {
+      first = static_cast<const char*>(v.base) + (h * v.head_stride + r * v.row_stride) * es;
+      run = r1 - r;
+    } else {
+      const int64_t b = r / v.rows_per_block;
+      const int64_t in = r % v.rows_per_block;
+      first = static_cast<const char*>(v.blocks[b]) + (h * v.head_stride + in * v.row_stride) * es;
+      run = std::min(r1 - r, v.rows_per_block - in);
     }
+    if (packed_rows) {
+      if (absl::Status s = fn(first, run * row_bytes); !s.ok()) return s;
+    } else {
+      for (int64_t i = 0; i < run; ++i) {
+        if (absl::Status s = fn(first + i * v.row_stride * es, row_bytes); !s.ok()) return s;
+      }
+    }
+    r += run;
+  }
+  return absl::OkStatus();
+}
+
+// The same for every head and all `rows` rows: the order of a dense [heads][rows][width] copy.
+template <typename Fn>
+absl::Status ForEachRun(const topk::MatrixView& v, int heads, int64_t rows, int64_t width,
+                        Fn&& fn) {
+  for (int h = 0; h < heads; ++h) {
+    if (absl::Status s = ForEachRowRun(v, h, 0, rows, width, fn); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
@@ -122,10 +132,11 @@ absl::Status Unsupported(const absl::Status& why) {
 }  // namespace
 
 struct RetrievalGpu::Impl {
-  ~Impl() {
+  ~Impl() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     cudaSetDevice(device);
     if (stream != nullptr) cudaStreamSynchronize(stream);
     if (arena != nullptr) cudaFree(arena);
+    for (auto& [key, m] : metas) cudaFree(m.dev);
     for (int i = 0; i < 2; ++i) {
       if (staging[i] != nullptr) cudaFreeHost(staging[i]);
       if (staged[i] != nullptr) cudaEventDestroy(staged[i]);
@@ -185,9 +196,91 @@ struct RetrievalGpu::Impl {
     return absl::OkStatus();
   }
 
+  // Page metadata kept on the device across calls under its RetrievalGpu::MetaName key: the
+  // request's pages at rows [0, pages) of [heads][cap_pages][width], unit i's bytes named names[i].
+  struct DeviceMeta {
+    char* dev = nullptr;
+    uint64_t bytes = 0;
+    int heads = 0;
+    int64_t width = 0;
+    DType dtype = DType::kBF16;
+    int64_t cap_pages = 0;
+    int64_t pages_per_unit = 1;
+    std::vector<uint64_t> names;  // of the units on the device; fewer: the rest not there yet
+    std::list<std::string>::iterator lru;
+  };
+
+  void DropMeta(absl::flat_hash_map<std::string, DeviceMeta>::iterator it)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    cudaFree(it->second.dev);  // the stream is idle: every call synchronizes it before returning
+    meta_bytes -= it->second.bytes;
+    meta_lru.erase(it->second.lru);
+    metas.erase(it);
+  }
+
+  // The device copy of `name`'s metadata for a request of `pages` pages, made (or remade, for
+  // another shape or more pages than it holds) room permitting, with the unit runs [u0, u1) whose
+  // bytes must be uploaded in *runs; null when it is not kept (too large, no device memory).
+  DeviceMeta* MetaFor(const RetrievalGpu::MetaName& name, int heads, int64_t pages, int64_t width,
+                      DType dtype, std::vector<std::pair<int64_t, int64_t>>* runs)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const int64_t ppu = name.pages_per_unit;
+    const int64_t units = (pages + ppu - 1) / ppu;
+    if (ppu < 1 || static_cast<int64_t>(name.names.size()) != units) return nullptr;
+    auto it = metas.find(name.key);
+    if (it != metas.end() &&
+        (it->second.heads != heads || it->second.width != width || it->second.dtype != dtype ||
+         it->second.pages_per_unit != ppu || it->second.cap_pages < pages)) {
+      DropMeta(it);
+      it = metas.end();
+    }
+    if (it == metas.end()) {
+      // Room for a quarter more pages: a session growing by decode steps keeps its copy.
+      const int64_t cap = (pages + pages / 4 + ppu) / ppu * ppu;
+      const uint64_t bytes = static_cast<uint64_t>(heads) * cap * width * DTypeSize(dtype);
+      if (bytes > meta_capacity) return nullptr;
+      while (meta_bytes + bytes > meta_capacity) DropMeta(metas.find(meta_lru.back()));
+      void* p = nullptr;
+      if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();  // an out-of-memory error is not sticky
+        return nullptr;
+      }
+      meta_lru.push_front(std::string(name.key));
+      DeviceMeta m;
+      m.dev = static_cast<char*>(p);
+      m.bytes = bytes;
+      m.heads = heads;
+      m.width = width;
+      m.dtype = dtype;
+      m.cap_pages = cap;
+      m.pages_per_unit = ppu;
+      m.lru = meta_lru.begin();
+      meta_bytes += bytes;
+      it = metas.emplace(std::string(name.key), std::move(m)).first;
+    } else {
+      meta_lru.splice(meta_lru.begin(), meta_lru, it->second.lru);
+    }
+    const std::vector<uint64_t>& had = it->second.names;
+    runs->clear();
+    for (int64_t u = 0; u < units; ++u) {
+      if (u < static_cast<int64_t>(had.size()) && had[u] == name.names[u]) continue;
+      if (!runs->empty() && runs->back().second == u) {
+        runs->back().second = u + 1;
+      } else {
+        runs->emplace_back(u, u + 1);
+      }
+    }
+    return &it->second;
+  }
+
   int device = 0;
   cudaStream_t stream = nullptr;
   absl::Mutex mu;
+  uint64_t meta_capacity = 0;
+  absl::flat_hash_map<std::string, DeviceMeta> metas ABSL_GUARDED_BY(mu);
+  std::list<std::string> meta_lru ABSL_GUARDED_BY(mu);  // front = most recent
+  uint64_t meta_bytes ABSL_GUARDED_BY(mu) = 0;
+  uint64_t meta_pages_uploaded ABSL_GUARDED_BY(mu) = 0;
   char* arena ABSL_GUARDED_BY(mu) = nullptr;  // device
   uint64_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
   uint64_t keys_in_place ABSL_GUARDED_BY(mu) = 0;                  // Selects that read them so
@@ -270,7 +363,8 @@ absl::Status UploadBytes(Uploader& up, const void* src, uint64_t n, char* dst) {
 
 bool RetrievalGpuBuilt() { return true; }
 
-absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int device) {
+absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int device,
+                                                                   uint64_t meta_capacity_bytes) {
   if (!GpuAvailable()) return absl::UnavailableError("no usable CUDA device");
   int count = 0;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
@@ -280,6 +374,7 @@ absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int device) {
   }
   auto impl = std::make_unique<Impl>();
   impl->device = device;
+  impl->meta_capacity = meta_capacity_bytes;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
   return std::unique_ptr<RetrievalGpu>(new RetrievalGpu(device, std::move(impl)));
@@ -300,6 +395,16 @@ uint64_t RetrievalGpu::keys_read_in_place() const {
   return impl_->keys_in_place;
 }
 
+uint64_t RetrievalGpu::meta_bytes() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->meta_bytes;
+}
+
+uint64_t RetrievalGpu::meta_pages_uploaded() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->meta_pages_uploaded;
+}
+
 absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
                                          const topk::PageMetaShape& shape, void* host_meta) {
   if (!OnDevice(device_keys, device_)) {
@@ -317,9 +422,9 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
       device_keys, shape, topk::DenseMatrix<void*>(impl_->arena, device_keys.dtype, pages, width),
       impl_->stream);
   if (status.ok()) {
-    status = CudaStatus(
+    status.Update(CudaStatus(
         cudaMemcpyAsync(host_meta, impl_->arena, bytes, cudaMemcpyDeviceToHost, impl_->stream),
-        "cudaMemcpyAsync", __FILE__, __LINE__);
+        "cudaMemcpyAsync", __FILE__, __LINE__));
   }
   status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
                            __LINE__));
@@ -327,7 +432,8 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
 }
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
-                                  const topk::SelectResult& host_result) {
+                                  const topk::SelectResult& host_result,
+                                  const MetaName* meta_name) {
   if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
   const bool want_mass = host_result.mass != nullptr;
   // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
@@ -353,6 +459,16 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   const bool keys_in_place = reads_keys && !keys_on_device && ReadableInPlace(host_req.keys, n);
   const int64_t key_blocks =
       keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
+  const uint64_t meta_row_bytes = 2 * d * DTypeSize(host_req.page_meta.dtype);
+
+  absl::MutexLock lock(&impl_->mu);
+  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  // Named metadata: its device copy, and the units to bring up to date.
+  Impl::DeviceMeta* dm = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> meta_runs;
+  if (reads_meta && meta_name != nullptr) {
+    dm = impl_->MetaFor(*meta_name, heads, pages, 2 * d, host_req.page_meta.dtype, &meta_runs);
+  }
   Layout l;
   if (reads_keys && !keys_on_device) {
     l.key_bytes = keys_in_place
@@ -360,9 +476,8 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
                       : static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
     l.keys = l.Place(l.key_bytes);
   }
-  if (reads_meta) {
-    l.meta_bytes =
-        static_cast<uint64_t>(heads) * pages * 2 * d * DTypeSize(host_req.page_meta.dtype);
+  if (reads_meta && dm == nullptr) {
+    l.meta_bytes = static_cast<uint64_t>(heads) * pages * meta_row_bytes;
     l.meta = l.Place(l.meta_bytes);
   }
   l.query_bytes = static_cast<uint64_t>(host_req.query_heads) * d * DTypeSize(host_req.query_dtype);
@@ -382,8 +497,6 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   l.workspace_bytes = *workspace;
   l.workspace = l.Place(l.workspace_bytes);
 
-  absl::MutexLock lock(&impl_->mu);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   if (absl::Status s = impl_->Reserve(l.total); !s.ok()) return s;
   if (absl::Status s = impl_->InitStaging(); !s.ok()) return s;
   char* base = impl_->arena;
@@ -406,7 +519,27 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
     } else {
       req.keys = topk::MatrixView();
     }
-    if (reads_meta) {
+    if (dm != nullptr) {
+      // The renamed units, head by head, to their rows of the device copy.
+      dm->names.clear();  // until every copy below is enqueued
+      const int64_t ppu = meta_name->pages_per_unit;
+      for (const auto& [u0, u1] : meta_runs) {
+        const int64_t r0 = u0 * ppu, r1 = std::min(u1 * ppu, pages);
+        for (int h = 0; h < heads; ++h) {
+          char* dst = dm->dev + (h * dm->cap_pages + r0) * meta_row_bytes;
+          if (absl::Status s = up.Begin(dst); !s.ok()) return s;
+          absl::Status s =
+              ForEachRowRun(host_req.page_meta, h, r0, r1, 2 * d,
+                            [&](const char* src, uint64_t n) { return up.Add(src, n); });
+          if (!s.ok()) return s;
+        }
+        impl_->meta_pages_uploaded += r1 - r0;
+      }
+      dm->names.assign(meta_name->names.begin(), meta_name->names.end());
+      req.page_meta =
+          topk::DenseMatrix<const void*>(dm->dev, host_req.page_meta.dtype, pages, 2 * d);
+      req.page_meta.head_stride = dm->cap_pages * 2 * d;
+    } else if (reads_meta) {
       absl::Status s = UploadView(up, host_req.page_meta, heads, pages, 2 * d, base + l.meta);
       if (!s.ok()) return s;
       req.page_meta =
@@ -449,6 +582,7 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   }();
   status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
                            __LINE__));
+  if (!status.ok() && dm != nullptr) impl_->DropMeta(impl_->metas.find(meta_name->key));
   return status;
 }
 

@@ -11,7 +11,10 @@
 // UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
 //
 // Device memory is one grow-only arena owned by the object: it grows to the largest request seen
-// and is kept (a repeated Select of the same shape allocates nothing) until the object goes.
+// and is kept (a repeated Select of the same shape allocates nothing) until the object goes. Page
+// metadata a request names (MetaName) is also kept on the device, up to `meta_capacity_bytes`
+// (least recently used first out): a later request under the same name uploads only the units
+// whose names changed (a session's renamed pages, a prefix's rebuilt blocks).
 //
 // Thread safety: thread-safe. One call at a time runs (the arena, the staging and the object's one
 // CUDA stream are behind one mutex); others wait for it. Every call synchronizes its stream before
@@ -24,6 +27,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "kernels/topk/topk.h"
 
 namespace ropekv {
@@ -35,7 +40,18 @@ class RetrievalGpu {
  public:
   // A RetrievalGpu on CUDA device `device` (its stream is made here; memory on first use).
   // UNAVAILABLE without CUDA or a usable GPU; INVALID_ARGUMENT for a device out of range.
-  static absl::StatusOr<std::unique_ptr<RetrievalGpu>> Create(int device);
+  static absl::StatusOr<std::unique_ptr<RetrievalGpu>> Create(int device,
+                                                              uint64_t meta_capacity_bytes = 0);
+
+  // Names a request's page metadata so that its device copy outlives the call: `key` names the
+  // metadata (a source and a layer); names[i] names the bytes of pages [i * pages_per_unit,
+  // (i + 1) * pages_per_unit) (equal names, equal bytes; e.g. SessionReader::PageNames, or a
+  // prefix block entry's serial). Views, not owned: they must live through the call.
+  struct MetaName {
+    absl::string_view key;
+    absl::Span<const uint64_t> names;
+    int64_t pages_per_unit = 1;
+  };
   ~RetrievalGpu();
   RetrievalGpu(const RetrievalGpu&) = delete;
   RetrievalGpu& operator=(const RetrievalGpu&) = delete;
@@ -54,7 +70,10 @@ class RetrievalGpu {
   //   allocated (the message says how many bytes);
   // - INTERNAL: another CUDA error.
   // On an error host_result may have been partly written.
-  absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result);
+  // With `meta_name` (page modes), the metadata is read from its device copy, made or updated first
+  // (a request whose names do not cover its pages, or that does not fit, is copied as without).
+  absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result,
+                      const MetaName* meta_name = nullptr);
 
   // Builds the page metadata of keys in this device's memory (a dense view, e.g. a GPU session's
   // layer from SessionReader::LayerOnDevice) with topk::BuildPageMetaCuda, the same bits as
@@ -70,6 +89,9 @@ class RetrievalGpu {
   // Selects whose keys were read in place (not copied): pinned host blocks, or device memory of
   // this device (a GPU session's keys).
   uint64_t keys_read_in_place() const;
+  // Bytes of page metadata kept on the device, and pages of it copied there so far.
+  uint64_t meta_bytes() const;
+  uint64_t meta_pages_uploaded() const;
 
   struct Impl;
 

@@ -11,7 +11,8 @@ absl::Status NotBuilt() { return absl::UnavailableError("this ropekvd was built 
 
 bool RetrievalGpuBuilt() { return false; }
 
-absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(int /*device*/) {
+absl::StatusOr<std::unique_ptr<RetrievalGpu>> RetrievalGpu::Create(
+    int /*device*/, uint64_t /*meta_capacity_bytes*/) {
   return NotBuilt();
 }
 
@@ -21,6 +22,8 @@ RetrievalGpu::~RetrievalGpu() = default;
 
 uint64_t RetrievalGpu::arena_bytes() const { return 0; }
 uint64_t RetrievalGpu::keys_read_in_place() const { return 0; }
+uint64_t RetrievalGpu::meta_bytes() const { return 0; }
+uint64_t RetrievalGpu::meta_pages_uploaded() const { return 0; }
 
 absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& /*device_keys*/,
                                          const topk::PageMetaShape& /*shape*/,
@@ -29,7 +32,8 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& /*device_keys*/
 }
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
-                                  const topk::SelectResult& /*host_result*/) {
+                                  const topk::SelectResult& /*host_result*/,
+                                  const MetaName* /*meta_name*/) {
   return NotBuilt();
 }
 

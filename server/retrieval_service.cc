@@ -19,7 +19,7 @@ ABSL_FLAG(std::string, retrieval_metadata_capacity, "256MiB",
           "bytes of page metadata (Quest bounds) the retrieval service keeps");
 ABSL_FLAG(bool, retrieval_verify_metadata, true,
           "check kept page metadata of prefix blocks against a fingerprint of their keys before "
-          "use (detects blocks re-Put with other bytes); sessions are always checked");
+          "use (detects blocks re-Put with other bytes); sessions name their pages instead");
 ABSL_FLAG(bool, retrieval_metadata_on_put, true,
           "build the page metadata of every prefix block when a Put stores it (all layers), so "
           "that page-mode Selects find it; off: built on first use");
@@ -34,6 +34,9 @@ ABSL_FLAG(std::string, retrieval_device, "auto",
           "where Select scores and ranks the keys: auto (the GPU when one is present), cpu, gpu "
           "(required: ropekvd does not start without one)");
 ABSL_FLAG(int32_t, retrieval_gpu_device, 0, "CUDA device of Select on the GPU");
+ABSL_FLAG(std::string, retrieval_gpu_metadata_capacity, "1GiB",
+          "bytes of page metadata Select on the GPU keeps in device memory across calls (a later "
+          "Select over the same source and layer copies only what changed); 0: none kept");
 
 namespace ropekv {
 
@@ -199,6 +202,12 @@ absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags() {
         absl::StrCat("--retrieval_max_gather: ", gather.status().message()));
   }
   o.store.max_gather_bytes = *gather;
+  auto gpu_meta = ParseSize(absl::GetFlag(FLAGS_retrieval_gpu_metadata_capacity));
+  if (!gpu_meta.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--retrieval_gpu_metadata_capacity: ", gpu_meta.status().message()));
+  }
+  o.store.gpu_metadata_capacity_bytes = *gpu_meta;
   o.store.verify_metadata = absl::GetFlag(FLAGS_retrieval_verify_metadata);
   o.store.build_metadata_on_put = absl::GetFlag(FLAGS_retrieval_metadata_on_put);
   o.store.max_selections = absl::GetFlag(FLAGS_retrieval_max_selections);
@@ -329,6 +338,8 @@ grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* c
   resp->set_gpu_fallbacks(s.gpu_fallbacks);
   resp->set_metadata_put_builds(s.metadata_put_builds);
   resp->set_metadata_session_pages_built(s.metadata_session_pages_built);
+  resp->set_gpu_metadata_bytes(s.gpu_metadata_bytes);
+  resp->set_gpu_metadata_pages_uploaded(s.gpu_metadata_pages_uploaded);
   return Done(ctx, absl::OkStatus());
 }
 

@@ -8,7 +8,8 @@
 // store and the pool. Its limits come from flags defined here: --retrieval_metadata_capacity,
 // --retrieval_verify_metadata, --retrieval_max_selections, --retrieval_selection_ttl,
 // --retrieval_threads, --retrieval_max_gather, --retrieval_device (auto | cpu | gpu: where Select
-// runs, see RetrievalStore::Options::device), --retrieval_gpu_device.
+// runs, see RetrievalStore::Options::device), --retrieval_gpu_device,
+// --retrieval_gpu_metadata_capacity.
 #ifndef ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 #define ROPEKV_SERVER_RETRIEVAL_SERVICE_H_
 

@@ -168,7 +168,8 @@ class RetrievalGpuTest : public ::testing::Test {
   }
 
   void Init(int block_tokens, DType dtype, int head_dim = 128, int kv_heads = 4,
-            SessionDevice session_device = SessionDevice::kCpu) {
+            SessionDevice session_device = SessionDevice::kCpu,
+            uint64_t gpu_metadata_capacity = 1ull << 30) {
     gpu_.reset();  // before their cache goes
     cpu_.reset();
     sessions_.reset();
@@ -199,6 +200,7 @@ class RetrievalGpuTest : public ::testing::Test {
     cpu_ = *std::move(cpu);
     RetrievalStore::Options go;
     go.device = 0;
+    go.gpu_metadata_capacity_bytes = gpu_metadata_capacity;
     auto gpu = RetrievalStore::Create(cache_.get(), sessions_.get(), go);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = *std::move(gpu);
@@ -371,9 +373,9 @@ TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
               const std::string& what) { Compare(a, q, key, "session " + what); });
 }
 
-// A session in GPU memory: EXACT selects over its keys where they are
-// (SessionReader::LayerOnDevice, no host copy), after an edit that moved keys; the page modes and
-// gathers go through the host.
+// A session in GPU memory: every mode selects over its keys where they are
+// (SessionReader::LayerOnDevice, no host copy), after an edit that moved keys; gathers go through
+// the host.
 TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
   Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
   const std::string id = OpenRandomSession(30 * 16 + 9);
@@ -458,17 +460,52 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   };
   bound("opened");
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u);  // on the device
+  // The device keeps its copy of the metadata: a repeated Select copies no page.
+  EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u);
+  bound("again");
+  EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u);
+  EXPECT_GT(gpu_->stats().gpu_metadata_bytes, 0u);
   // An insert at 20: every page from the second (tokens 16-31) on changes.
   insert_and_fill(20);
   bound("after an insert at 20");
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u);  // the layer, on the device
+  EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u + 200u);   // page 0 kept its name
   auto info = sessions_->Info(id);
   ASSERT_TRUE(info.ok());
   insert_and_fill(info->length);  // an append: the last page alone
   bound("after an append");
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u + 1u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u + 1u);
+  EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u + 200u + 1u);
+}
+
+// Prefix metadata on the device: copied once, then only blocks whose entry changed; with no room
+// for it (capacity 0) copied for every Select, the selections the same.
+TEST_F(RetrievalGpuTest, PrefixMetadataStaysOnTheDevice) {
+  for (uint64_t capacity : {uint64_t{1} << 30, uint64_t{0}}) {
+    Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/4, SessionDevice::kCpu, capacity);
+    std::vector<int32_t> tokens;
+    const std::string kv = PutRandom(300, &tokens);
+    SelectArgs a = PrefixArgs(tokens);
+    a.layer = 1;
+    a.query_heads = 8;
+    a.k = 64;
+    a.n_sink = 2;
+    a.n_local = 16;
+    const std::string what = absl::StrCat("capacity ", capacity);
+    for (int rep = 0; rep < 3; ++rep) {
+      for (Mode mode : {Mode::kBound, Mode::kBoundThenExact}) {
+        a.mode = mode;
+        const std::string q = RandomElems(8 * 128, DType::kF32, rng_);
+        a.queries = q;
+        Compare(a, q, BlockKeys(spec_, kv, 1), absl::StrCat(what, " ", ModeName(mode)));
+      }
+    }
+    const RetrievalStore::Stats st = gpu_->stats();
+    EXPECT_EQ(st.gpu_metadata_pages_uploaded, capacity > 0 ? 300u : 0u) << what;
+    EXPECT_EQ(st.gpu_metadata_bytes > 0, capacity > 0) << what;
+  }
 }
 
 // Rows longer than one block's shared memory (the multi-block selection), gather and keep.
