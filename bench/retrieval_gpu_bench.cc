@@ -48,6 +48,9 @@ ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, sessi
 ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)");
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
+ABSL_FLAG(bool, verify_metadata, true,
+          "check prefix blocks' page metadata against a fingerprint of their keys (the daemon's "
+          "--retrieval_verify_metadata)");
 
 namespace ropekv {
 namespace {
@@ -105,6 +108,7 @@ int Main() {
   auto sessions = SessionStore::Create(cache->get(), so);
   if (!sessions.ok()) return 1;
   RetrievalStore::Options ro;
+  ro.verify_metadata = absl::GetFlag(FLAGS_verify_metadata);
   auto cpu = RetrievalStore::Create(cache->get(), sessions->get(), ro);
   ro.device = 0;
   auto gpu = RetrievalStore::Create(cache->get(), sessions->get(), ro);

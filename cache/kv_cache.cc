@@ -1,6 +1,7 @@
 #include "cache/kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <iostream>
@@ -10,6 +11,15 @@
 #include "absl/time/time.h"
 
 namespace ropekv {
+namespace {
+
+// BlockInfo::serial of a block entering the cache.
+uint64_t NextBlockSerial() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // PutWriter
@@ -228,6 +238,7 @@ absl::Status KvCache::LoadDisk() {
       e.info.rope_table = d.rope_table;
       e.info.pre_rope = d.pre_rope;
       e.info.pinned = d.pinned;
+      e.info.serial = NextBlockSerial();
       lru_.push_front(d.hash);
       e.lru = lru_.begin();
       index_.emplace(d.hash, std::move(e));
@@ -818,6 +829,8 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
   const int bt = w.model_.spec.block_tokens;
   // A segment's blocks chain to each other (evicting one takes the rest) but to no parent.
   const int64_t rotated_base = w.options_.rotated_at.value_or(w.first_position_);
+  std::vector<uint64_t> serials(w.hashes_.size());
+  for (uint64_t& s : serials) s = NextBlockSerial();
   auto info_of = [&](size_t i) {
     BlockInfo info;
     info.hash = w.hashes_[i];
@@ -827,6 +840,7 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
     info.rope_table = w.options_.rope_table;
     info.pre_rope = w.options_.pre_rope;
     info.pinned = w.options_.pin;
+    info.serial = serials[i];
     return info;
   };
   auto parent_of = [&](size_t i) -> std::optional<BlockHash> {

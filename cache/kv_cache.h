@@ -63,6 +63,10 @@ struct BlockInfo {
   RopeTableId rope_table = 0;
   bool pre_rope = false;
   bool pinned = false;
+  // Unique in the process for every time a block enters the cache (a Put that stores it, or its
+  // load from disk at start), kept through tier moves: equal serials, equal bytes. What is derived
+  // from a block's bytes (its page metadata) can be checked against it.
+  uint64_t serial = 0;
 };
 
 // Counters of one tier. A "request" is one block a lookup or read asked for.

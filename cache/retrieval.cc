@@ -429,7 +429,7 @@ void RetrievalStore::OnBlockWritten(const RegisteredModel& model, const BlockInf
         topk::DenseMatrix<void*>(built->data(), spec.dtype, ppb, width));
     if (!s.ok()) return;  // e.g. a NaN key: Select reports it (lazy path)
     pieces.push_back(PendingMeta{LayerKey('B', block.hash.Raw(), layer), std::move(built),
-                                 options_.verify_metadata ? BlockChecksum(keys, plane) : 0});
+                                 options_.verify_metadata ? block.serial : 0});
   }
   absl::MutexLock lock(&meta_mu_);
   pending_[block.hash] = std::move(pieces);
@@ -483,7 +483,6 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
     // One entry per (block, layer): pages never straddle blocks.
     const int64_t ppb = spec.block_tokens / topk::kPageTokens;
     const uint64_t entry_bytes = static_cast<uint64_t>(spec.kv_heads) * ppb * width * es;
-    const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
     const std::vector<BlockInfo>& blocks = src.handle->blocks();
     views->meta_blocks.resize(blocks.size());
     views->meta_hold.resize(blocks.size());
@@ -500,7 +499,9 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
         std::memcpy(pos, &blocks[b].position, sizeof(int64_t));
         key.append(pos, sizeof(int64_t));
       }
-      const uint64_t fingerprint = verify || moved ? BlockChecksum(keys, plane) : 0;
+      // The block's serial names its stored bytes, and with the entry's key (the position a moved
+      // block is re-rotated to) the keys read here.
+      const uint64_t fingerprint = verify || moved ? blocks[b].serial : 0;
       bool cached = false;
       auto meta = Metadata(
           key, fingerprint, entry_bytes,
@@ -532,10 +533,9 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
   const uint64_t entry_bytes = static_cast<uint64_t>(spec.kv_heads) * pages * width * es;
   uint64_t fingerprint = 0;
   if (verify) {
-    const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
-    std::vector<uint64_t> sums(views->key_blocks.size());
-    for (size_t b = 0; b < sums.size(); ++b) sums[b] = BlockChecksum(views->key_blocks[b], plane);
-    fingerprint = BlockChecksum(sums.data(), sums.size() * sizeof(uint64_t));
+    std::vector<uint64_t> serials;
+    for (const BlockInfo& b : src.handle->blocks()) serials.push_back(b.serial);
+    fingerprint = BlockChecksum(serials.data(), serials.size() * sizeof(uint64_t));
   }
   const std::string key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
   bool cached = false;

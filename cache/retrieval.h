@@ -18,17 +18,17 @@
 // over in a page mode, i.e. lazily on first use.
 // - Prefix blocks whose block_tokens is a multiple of 16: one entry per (block hash, layer), shared
 //   by every prompt that has the block; a block re-rotated to its place: per (hash, position,
-//   layer), always checked against a fingerprint (min/max do not commute with rotation).
+//   layer), always checked against the block's serial (min/max do not commute with rotation).
 // - Sessions: one entry per (session, layer) over the document, with the name of every page's
 //   keys (SessionReader::PageNames: the immutable chunks, offsets, positions and tables they are
 //   read from). A Select rebuilds only the pages whose name changed (an edit re-rotates the pages
 //   after it, a Fill or an append makes new ones) and reads no key when none did.
 // - Blocks whose pages straddle blocks: one entry per (last block hash, layer) over the sequence.
-// Every block entry carries a 64-bit XXH3 fingerprint of the keys it was built from, checked on
-// use when Options::verify_metadata is on (default): min/max do not commute with rotation, so a
-// block re-rotated to another place or re-Put with other bytes after an eviction is detected and
-// the metadata re-derived from the keys as they are now. (Without the check a page mode reads
-// only the metadata; with it, the keys once at memory speed.)
+// Every block entry carries the serial of the stored block it was built from (BlockInfo::serial:
+// new each time a block enters the cache, kept through tier moves), checked on use when
+// Options::verify_metadata is on (default): a block evicted and re-Put with other bytes is
+// detected and the metadata re-derived from the keys as they are now. The check reads no key
+// (until 2026-11-27 it was an XXH3 of the keys: 64 MB read per Select at 32K tokens).
 //
 // Prefix blocks whose keys were stored at another position than their place in the prompt
 // (Put with rotated_at) are re-rotated to their positions first (one rotation, as Get does).
@@ -154,7 +154,7 @@ class RetrievalStore {
     // Bytes of page metadata kept (least recently used entries go first). 0: none is kept (built
     // for every call).
     uint64_t metadata_capacity_bytes = 256ull << 20;
-    // Check every metadata entry against a fingerprint of the keys before use (see the top).
+    // Check every prefix metadata entry against its block's serial before use (see the top).
     bool verify_metadata = true;
     // Build the page metadata of every fresh prefix block when a Put stores it (all layers; the
     // Put's thread pays one pass over the block's keys). Off: built on first use only.

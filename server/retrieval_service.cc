@@ -18,8 +18,8 @@
 ABSL_FLAG(std::string, retrieval_metadata_capacity, "256MiB",
           "bytes of page metadata (Quest bounds) the retrieval service keeps");
 ABSL_FLAG(bool, retrieval_verify_metadata, true,
-          "check kept page metadata of prefix blocks against a fingerprint of their keys before "
-          "use (detects blocks re-Put with other bytes); sessions name their pages instead");
+          "check kept page metadata of prefix blocks against the serial of the stored block "
+          "before use (detects blocks re-Put with other bytes); sessions name their pages");
 ABSL_FLAG(bool, retrieval_metadata_on_put, true,
           "build the page metadata of every prefix block when a Put stores it (all layers), so "
           "that page-mode Selects find it; off: built on first use");

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -217,6 +218,33 @@ TEST_F(KvCacheTest, EvictByPrefixTakesDescendants) {
   EXPECT_EQ(*n, 4u);  // the two named blocks and the two chained after them
   EXPECT_EQ(cache_->Lookup("demo", "", t)->matched_tokens, 0u);
   EXPECT_EQ(cache_->Stats().tiers[0].bytes_used, 0u);
+}
+
+// BlockInfo::serial names one store of a block: distinct per block, unchanged by a Put that finds
+// the block, new after it was evicted and stored again.
+TEST_F(KvCacheTest, BlockSerialsNameEachStoreOfABlock) {
+  const auto t = Tokens(40, 3 * 16);
+  ASSERT_TRUE(Put(t, Bytes(41, 3 * bb_)).ok());
+  auto serials = [&] {
+    std::vector<uint64_t> out;
+    auto l = cache_->Lookup("demo", "", t);
+    EXPECT_TRUE(l.ok());
+    if (l.ok()) {
+      for (const BlockInfo& b : l->blocks) out.push_back(b.serial);
+    }
+    return out;
+  };
+  const std::vector<uint64_t> first = serials();
+  ASSERT_EQ(first.size(), 3u);
+  EXPECT_NE(first[0], 0u);
+  EXPECT_EQ(std::set<uint64_t>(first.begin(), first.end()).size(), 3u);
+  ASSERT_TRUE(Put(t, Bytes(42, 3 * bb_)).ok());  // finds the blocks: keeps them
+  EXPECT_EQ(serials(), first);
+  ASSERT_TRUE(cache_->Evict("demo", "", t).ok());
+  ASSERT_TRUE(Put(t, Bytes(43, 3 * bb_)).ok());  // stored again, other bytes
+  const std::vector<uint64_t> again = serials();
+  ASSERT_EQ(again.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_NE(again[i], first[i]) << i;
 }
 
 TEST_F(KvCacheTest, ConcurrentWritersAndReadersLoseNothing) {

@@ -299,10 +299,21 @@ TEST_F(TierTest, WriteThroughOffDemotesUnderPressureAndStillFindsEverything) {
   Register();
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> bytes;
+  std::vector<std::vector<uint64_t>> serials;
+  auto serials_of = [&](const std::vector<int32_t>& tokens) {
+    std::vector<uint64_t> out;
+    auto l = cache_->Lookup("demo", "", tokens);
+    EXPECT_TRUE(l.ok());
+    if (l.ok()) {
+      for (const BlockInfo& b : l->blocks) out.push_back(b.serial);
+    }
+    return out;
+  };
   for (int i = 0; i < 6; ++i) {
     prompts.push_back(Tokens(100 + i, 4 * 16));
     bytes.push_back(Bytes(100 + i, 4 * bb_));
     ASSERT_TRUE(Put(prompts[i], bytes[i]).ok()) << i;
+    serials.push_back(serials_of(prompts[i]));
     const CacheStats s = cache_->Stats();
     EXPECT_LE(TierOf(s, TierKind::kHost).bytes_used, 8 * bb_);
   }
@@ -314,6 +325,8 @@ TEST_F(TierTest, WriteThroughOffDemotesUnderPressureAndStillFindsEverything) {
   EXPECT_EQ(disk.blocks, host.demotions);
   EXPECT_EQ(host.blocks + disk.blocks, 24u);  // every block lives exactly once
   for (int i = 0; i < 6; ++i) EXPECT_EQ(Read(prompts[i]), bytes[i]) << i;
+  // Moved to disk and read back: the same stores of the same blocks.
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(serials_of(prompts[i]), serials[i]) << i;
 }
 
 TEST_F(TierTest, CapacitiesHoldUnderTwiceTheLoad) {
