@@ -244,6 +244,17 @@ class RetrievalGpuTest : public ::testing::Test {
     return opened.ok() ? opened->id : std::string();
   }
 
+  // One layer of session `id` as the reader writes it (K then V); its tokens in *n.
+  std::string SessionLayer(const std::string& id, int layer, int64_t* n) {
+    auto reader = sessions_->Read(id, std::nullopt);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    if (!reader.ok()) return "";
+    *n = reader->range().size();
+    std::string out(reader->layer_bytes(), '\0');
+    EXPECT_TRUE(reader->WriteLayer(layer, out.data()).ok());
+    return out;
+  }
+
   // A Select over the prefix PutRandom stored for `tokens`.
   static SelectArgs PrefixArgs(const std::vector<int32_t>& tokens) {
     SelectArgs a;
@@ -356,11 +367,9 @@ TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
   const int64_t n = 40 * 16 + 5;  // a partial last page
   const std::string id = OpenRandomSession(n);
   ASSERT_FALSE(id.empty());
-  auto reader = sessions_->Read(id, std::nullopt);
-  ASSERT_TRUE(reader.ok()) << reader.status();
-  ASSERT_EQ(reader->range().size(), n);
-  std::string layer(reader->layer_bytes(), '\0');
-  ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
+  int64_t m = 0;
+  const std::string layer = SessionLayer(id, 1, &m);
+  ASSERT_EQ(m, n);
   SelectArgs base;
   base.source.session_id = id;
   base.layer = 1;
@@ -385,9 +394,8 @@ TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
   auto reader = sessions_->Read(id, std::nullopt);
   ASSERT_TRUE(reader.ok()) << reader.status();
   ASSERT_TRUE(reader->on_gpu());
-  std::string layer(reader->layer_bytes(), '\0');
-  ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
-  const int64_t m = reader->range().size();
+  int64_t m = 0;
+  const std::string layer = SessionLayer(id, 1, &m);
   SelectArgs base;
   base.source.session_id = id;
   base.layer = 1;
@@ -430,11 +438,8 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   const std::string id = OpenRandomSession(200 * 16 + 5);  // 201 pages
   ASSERT_FALSE(id.empty());
   auto bound = [&](const std::string& what) {
-    auto reader = sessions_->Read(id, std::nullopt);
-    ASSERT_TRUE(reader.ok()) << reader.status();
-    std::string layer(reader->layer_bytes(), '\0');
-    ASSERT_TRUE(reader->WriteLayer(1, layer.data()).ok());
-    const int64_t m = reader->range().size();
+    int64_t m = 0;
+    const std::string layer = SessionLayer(id, 1, &m);
     SelectArgs a;
     a.source.session_id = id;
     a.layer = 1;
