@@ -561,8 +561,11 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
 namespace {
 
 // Pages of a GPU session's metadata to build from which the whole layer's is built on the GPU
-// instead: one layer rotated on the device and its metadata downloaded (about 1/8 of its key
-// bytes) cost ~1-3 ms at 32K tokens, reading 64 pages' keys alone through the host ~0.5 ms.
+// instead (the layer rotated on the device, its metadata built there and downloaded: 1/8 of its
+// key bytes) rather than from those pages' keys read through the host. Between a decode step's
+// one page and an edit's hundreds; not tuned. Measured at 32K on an H100 host (bench/RESULTS.md
+// run 14): a Select after an edit that renames half the pages 4.3-5.1 ms this way, after a
+// one-page append 1.9-2.4 ms the other.
 constexpr int64_t kGpuMetaPages = 64;
 
 // The first key row of page `page` of `keys` (dense, or blocks of a multiple of kPageTokens rows).
