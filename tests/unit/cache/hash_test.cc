@@ -45,6 +45,19 @@ TEST(HashTest, StableAcrossVersions) {
   ASSERT_TRUE(round.ok());
   EXPECT_EQ(*round, h);
   EXPECT_EQ(BlockHash::FromRaw("short").status().code(), absl::StatusCode::kInvalidArgument);
+  // The values themselves (computed 2026-11-27, before PrefixBlockHash kept per-thread state):
+  // a chain, another model and tenant, then the first again.
+  const BlockHash b = PrefixBlockHash("0123456789abcdef", "t", &h, tokens);
+  const BlockHash c = PrefixBlockHash("fedcba9876543210", "", &b, tokens);
+  EXPECT_EQ(h.Hex(), "455c2780e2e283b0e54ca756b119fc8e101f97754994e909adf921547d63a2ff");
+  EXPECT_EQ(b.Hex(), "e567d6f4afe70171a3223dcbc46ca40c4ef57012bede37b363622311ce737786");
+  EXPECT_EQ(c.Hex(), "067425391d9731336da98cb1de2e314d1fb3b080dc9b477fa0aac09d07a5a548");
+  EXPECT_EQ(PrefixBlockHash("0123456789abcdef", "t", nullptr, tokens), h);
+  // More than 256 tokens (the field's bytes on the heap).
+  std::vector<int32_t> many(1000);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int32_t>(i * 7919);
+  EXPECT_EQ(PrefixBlockHash("0123456789abcdef", "t", nullptr, many).Hex(),
+            "a7f6c563bae75fb5c1a40819e156fb6240e812e44a3d3482735c39c93136e18c");
 }
 
 TEST(HashTest, ChecksumSeesOneBitFlip) {
