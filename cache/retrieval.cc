@@ -347,20 +347,9 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
     const std::function<absl::Status(void*)>& build, bool* cached, uint64_t* serial) {
   {
     absl::MutexLock lock(&meta_mu_);
-    auto it = meta_.find(key);
-    if (it != meta_.end()) {
-      if (it->second.fingerprint == fingerprint && it->second.bytes->size() == bytes) {
-        ++counters_.metadata_hits;
-        meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
-        *cached = true;
-        *serial = it->second.serial;
-        return it->second.bytes;
-      }
-      // The keys changed under this entry (a session edit, a re-Put after eviction): drop it.
-      ++counters_.metadata_stale;
-      meta_bytes_ -= it->second.bytes->size();
-      meta_lru_.erase(it->second.lru);
-      meta_.erase(it);
+    if (auto found = FindLocked(key, fingerprint, bytes, serial); found != nullptr) {
+      *cached = true;
+      return found;
     }
   }
   *cached = false;
@@ -371,6 +360,25 @@ absl::StatusOr<std::shared_ptr<const std::string>> RetrievalStore::Metadata(
   ++counters_.metadata_builds;
   *serial = InsertLocked(key, result, fingerprint);
   return result;
+}
+
+std::shared_ptr<const std::string> RetrievalStore::FindLocked(absl::string_view key,
+                                                              uint64_t fingerprint, uint64_t bytes,
+                                                              uint64_t* serial) {
+  auto it = meta_.find(key);
+  if (it == meta_.end()) return nullptr;
+  if (it->second.fingerprint == fingerprint && it->second.bytes->size() == bytes) {
+    ++counters_.metadata_hits;
+    meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
+    *serial = it->second.serial;
+    return it->second.bytes;
+  }
+  // The keys changed under this entry (a re-Put after eviction): drop it.
+  ++counters_.metadata_stale;
+  meta_bytes_ -= it->second.bytes->size();
+  meta_lru_.erase(it->second.lru);
+  meta_.erase(it);
+  return nullptr;
 }
 
 void RetrievalStore::EraseLocked(const std::string& key) {
@@ -487,21 +495,40 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
     views->meta_blocks.resize(blocks.size());
     views->meta_hold.resize(blocks.size());
     views->meta_names.resize(blocks.size());
-    for (size_t b = 0; b < blocks.size(); ++b) {
-      const void* keys = views->key_blocks[b];
-      // A block re-rotated to its place has its own entry, always checked: its keys are not the
-      // stored ones.
-      const bool moved = !src.rerotated[b].empty();
+    // A block re-rotated to its place has its own entry, always checked: its keys are not the
+    // stored ones. The block's serial names its stored bytes, and with the entry's key (the
+    // position a moved block is re-rotated to) the keys read here.
+    auto key_of = [&](size_t b) {
       std::string key = LayerKey('B', blocks[b].hash.Raw(), layer);
-      if (moved) {
+      if (!src.rerotated[b].empty()) {
         key[0] = 'R';
         char pos[sizeof(int64_t)];
         std::memcpy(pos, &blocks[b].position, sizeof(int64_t));
         key.append(pos, sizeof(int64_t));
       }
-      // The block's serial names its stored bytes, and with the entry's key (the position a moved
-      // block is re-rotated to) the keys read here.
-      const uint64_t fingerprint = verify || moved ? blocks[b].serial : 0;
+      return key;
+    };
+    auto fingerprint_of = [&](size_t b) {
+      return verify || !src.rerotated[b].empty() ? blocks[b].serial : 0;
+    };
+    // The entries there, under one lock; then the others, built and kept one by one.
+    std::vector<size_t> missing;
+    {
+      absl::MutexLock lock(&meta_mu_);
+      for (size_t b = 0; b < blocks.size(); ++b) {
+        auto meta = FindLocked(key_of(b), fingerprint_of(b), entry_bytes, &views->meta_names[b]);
+        if (meta == nullptr) {
+          missing.push_back(b);
+          continue;
+        }
+        views->meta_blocks[b] = meta->data();
+        views->meta_hold[b] = std::move(meta);
+      }
+    }
+    for (size_t b : missing) {
+      const void* keys = views->key_blocks[b];
+      const std::string key = key_of(b);
+      const uint64_t fingerprint = fingerprint_of(b);
       bool cached = false;
       auto meta = Metadata(
           key, fingerprint, entry_bytes,

@@ -286,6 +286,11 @@ class RetrievalStore {
       const std::string& key, uint64_t fingerprint, uint64_t bytes,
       const std::function<absl::Status(void*)>& build, bool* cached, uint64_t* serial);
 
+  // The entry `key` if its fingerprint and size match (a hit, *serial set); else null, and a stale
+  // entry there is dropped.
+  std::shared_ptr<const std::string> FindLocked(absl::string_view key, uint64_t fingerprint,
+                                                uint64_t bytes, uint64_t* serial)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // Keeps `bytes` under `key`, replacing an entry there and evicting least recently used ones;
   // returns its serial (0: too large to keep).
   uint64_t InsertLocked(const std::string& key, std::shared_ptr<const std::string> bytes,
