@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -981,6 +982,85 @@ TEST_P(SessionAppendTest, AppendsRebuildOnlyTheirPage) {
 }
 
 INSTANTIATE_TEST_SUITE_P(BlockTokens, SessionAppendTest, ::testing::Values(16, 8));
+
+// Random edits (inserts, deletes, replaces, stale ranges refilled, appends; the session compacts
+// itself on the way): after each, the metadata a store keeps incrementally (only renamed pages
+// rebuilt) equals, byte for byte, what a fresh store builds from the whole document.
+TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(300);
+  auto opened = sessions_->Open(open, RandomBlocks(spec_, (300 + 15) / 16, rng_));
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string id = opened->id;
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  auto bound = [&](RetrievalStore* store) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 2;
+    a.query_heads = 4;
+    a.queries = Bytes(q);
+    a.mode = Mode::kBound;
+    a.k = 32;
+    return store->Select(a).status();
+  };
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::mt19937_64 rng(0x5e55);
+  uint64_t all_pages = 0;
+  for (int step = 0; step < 60; ++step) {
+    auto info = sessions_->Info(id);
+    ASSERT_TRUE(info.ok());
+    const int64_t len = info->length;
+    const int64_t a = static_cast<int64_t>(rng() % (len + 1));
+    const int64_t b = std::min(len, a + static_cast<int64_t>(rng() % 40));
+    const int64_t n_ins = static_cast<int64_t>(rng() % 40);
+    std::vector<EditOp> ops;
+    EditOptions options;
+    switch (rng() % 5) {
+      case 0:
+        ops.push_back(EditOp::Insert(a, Tokens(n_ins)));
+        break;
+      case 1:
+        if (len > 50) ops.push_back(EditOp::Delete(a, b));
+        break;
+      case 2:
+        ops.push_back(EditOp::Replace(a, b, Tokens(n_ins)));
+        break;
+      case 3:
+        ops.push_back(EditOp::Insert(len, Tokens(1 + n_ins % 3)));  // decode
+        break;
+      default:
+        if (b > a) options.stale.push_back(TokenRange{a, b});
+        break;
+    }
+    auto edit = sessions_->Edit(id, ops, options);
+    ASSERT_TRUE(edit.ok()) << "step " << step << ": " << edit.status();
+    for (const TokenRange& f : edit->fill) {
+      std::string kv(RangeBytes(spec_, f.size()), '\0');
+      for (size_t i = 0; i < kv.size() / DTypeSize(spec_.dtype); ++i) {
+        StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
+      }
+      FillArgs fill;
+      fill.range = f;
+      ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok()) << "step " << step;
+    }
+    ASSERT_TRUE(bound(store_.get()).ok()) << "step " << step;
+    auto fresh = RetrievalStore::Create(cache_.get(), sessions_.get(), RetrievalStore::Options());
+    ASSERT_TRUE(fresh.ok());
+    ASSERT_TRUE(bound(fresh->get()).ok()) << "step " << step;
+    auto kept = store_->CachedSessionPageMeta(id, 2);
+    auto built = (*fresh)->CachedSessionPageMeta(id, 2);
+    ASSERT_TRUE(kept != nullptr && built != nullptr) << "step " << step;
+    ASSERT_TRUE(*kept == *built) << "step " << step << ": the kept metadata differs";
+    all_pages += (*fresh)->stats().metadata_session_pages_built;
+  }
+  // The fresh stores built every page of every step; the kept store far fewer.
+  const uint64_t kept_pages = store_->stats().metadata_session_pages_built;
+  std::printf("[ pages built: kept %llu, fresh %llu ]\n",
+              static_cast<unsigned long long>(kept_pages),
+              static_cast<unsigned long long>(all_pages));
+  EXPECT_LT(kept_pages, all_pages / 2);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Errors
