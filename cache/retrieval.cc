@@ -76,6 +76,21 @@ std::string LayerKey(char kind, absl::string_view id, int layer) {
   return key;
 }
 
+// A session's layer is kept in metadata entries of this many pages ([kv_heads][kMetaChunkPages]
+// [2 * head_dim] each, the last one padded), so that an append or a local edit copies and rebuilds
+// one entry rather than the layer's (8 MB at 32K tokens of Llama-3-8B).
+constexpr int64_t kMetaChunkPages = 64;
+
+// The key of chunk `chunk` of a session layer's metadata.
+std::string SessionChunkKey(absl::string_view session_id, int layer, int64_t chunk) {
+  std::string key = LayerKey('S', session_id, layer);
+  const int32_t c = static_cast<int32_t>(chunk);
+  char b[sizeof(int32_t)];
+  std::memcpy(b, &c, sizeof(int32_t));
+  key.append(b, sizeof(int32_t));
+  return key;
+}
+
 // Bytes of one [kv_heads][tokens][head_dim] plane of keys (or values).
 uint64_t PlaneBytes(const ModelSpec& spec, int64_t tokens) {
   return static_cast<uint64_t>(spec.kv_heads) * tokens * spec.head_dim * DTypeSize(spec.dtype);
@@ -473,11 +488,29 @@ std::shared_ptr<const std::string> RetrievalStore::CachedPageMeta(const BlockHas
   return it == meta_.end() ? nullptr : it->second.bytes;
 }
 
-std::shared_ptr<const std::string> RetrievalStore::CachedSessionPageMeta(
-    absl::string_view session_id, int layer) const {
+std::optional<std::string> RetrievalStore::CachedSessionPageMeta(absl::string_view session_id,
+                                                                 int layer, int64_t pages,
+                                                                 int kv_heads) const {
   absl::MutexLock lock(&meta_mu_);
-  auto it = meta_.find(LayerKey('S', session_id, layer));
-  return it == meta_.end() ? nullptr : it->second.bytes;
+  std::vector<std::shared_ptr<const std::string>> chunks;
+  for (int64_t c = 0; c * kMetaChunkPages < pages; ++c) {
+    auto it = meta_.find(SessionChunkKey(session_id, layer, c));
+    if (it == meta_.end()) return std::nullopt;
+    chunks.push_back(it->second.bytes);
+  }
+  if (chunks.empty() || kv_heads < 1) return std::nullopt;
+  // [kv_heads][kMetaChunkPages][row] a chunk -> [kv_heads][pages][row].
+  const uint64_t row = chunks[0]->size() / (static_cast<uint64_t>(kv_heads) * kMetaChunkPages);
+  std::string out(static_cast<uint64_t>(kv_heads) * pages * row, '\0');
+  for (int h = 0; h < kv_heads; ++h) {
+    for (int64_t p = 0; p < pages; ++p) {
+      std::memcpy(
+          out.data() + (h * pages + p) * row,
+          chunks[p / kMetaChunkPages]->data() + (h * kMetaChunkPages + p % kMetaChunkPages) * row,
+          row);
+    }
+  }
+  return out;
 }
 
 absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* views) {
@@ -614,60 +647,55 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
   const uint64_t row_bytes = width * DTypeSize(spec.dtype);
   const int64_t n = src.num_tokens;
   const int64_t pages = topk::NumPages(n);
-  auto names =
-      std::make_shared<const std::vector<uint64_t>>(src.reader->PageNames(topk::kPageTokens));
-  const std::string key = LayerKey('S', src.session_id, layer);
-  views->meta_key = key;
-  views->meta_names = *names;
+  const int64_t chunks = (pages + kMetaChunkPages - 1) / kMetaChunkPages;
+  const uint64_t chunk_bytes = static_cast<uint64_t>(spec.kv_heads) * kMetaChunkPages * row_bytes;
+  views->meta_key = LayerKey('S', src.session_id, layer);
+  views->meta_names = src.reader->PageNames(topk::kPageTokens);
   views->meta_pages_per_unit = 1;
+  const std::vector<uint64_t>& names = views->meta_names;
 
-  // The entry as it is, if any: kept whole when no page's name changed.
-  std::shared_ptr<const std::string> old;
-  std::shared_ptr<const std::vector<uint64_t>> old_names;
+  // Per chunk: its entry when no page of it was renamed; else the entry as it was (if any), whose
+  // copy gets the renamed pages built below.
+  std::vector<std::shared_ptr<const std::string>> kept(chunks), old(chunks);
+  std::vector<std::shared_ptr<const std::vector<uint64_t>>> old_names(chunks);
   {
     absl::MutexLock lock(&meta_mu_);
-    auto it = meta_.find(key);
-    if (it != meta_.end() && it->second.page_names != nullptr) {
-      if (*it->second.page_names == *names) {
-        ++counters_.metadata_hits;
-        meta_lru_.splice(meta_lru_.begin(), meta_lru_, it->second.lru);
-        views->metadata_cached = true;
-        views->page_meta =
-            topk::DenseMatrix<const void*>(it->second.bytes->data(), spec.dtype, pages, width);
-        views->meta_hold.push_back(it->second.bytes);
-        return absl::OkStatus();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t p0 = c * kMetaChunkPages, p1 = std::min(pages, p0 + kMetaChunkPages);
+      auto it = meta_.find(SessionChunkKey(src.session_id, layer, c));
+      if (it == meta_.end()) continue;
+      const MetaEntry& e = it->second;
+      if (e.page_names != nullptr && e.bytes->size() == chunk_bytes) {
+        if (e.page_names->size() == static_cast<size_t>(p1 - p0) &&
+            std::equal(e.page_names->begin(), e.page_names->end(), names.begin() + p0)) {
+          ++counters_.metadata_hits;
+          meta_lru_.splice(meta_lru_.begin(), meta_lru_, e.lru);
+          kept[c] = e.bytes;
+          continue;
+        }
+        old[c] = e.bytes;
+        old_names[c] = e.page_names;
       }
       ++counters_.metadata_stale;
-      old = it->second.bytes;
-      old_names = it->second.page_names;
     }
   }
-  views->metadata_cached = false;
+  std::vector<std::shared_ptr<std::string>> fresh(chunks);
+  std::vector<int64_t> build;  // pages to build, ascending
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (kept[c] != nullptr) continue;
+    fresh[c] = old[c] != nullptr ? std::make_shared<std::string>(*old[c])
+                                 : std::make_shared<std::string>(chunk_bytes, '\0');
+    const int64_t p0 = c * kMetaChunkPages, p1 = std::min(pages, p0 + kMetaChunkPages);
+    const int64_t had = old_names[c] != nullptr ? static_cast<int64_t>(old_names[c]->size()) : 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      if (p - p0 >= had || (*old_names[c])[p - p0] != names[p]) build.push_back(p);
+    }
+  }
+  // Page p's row of KV head 0 in its chunk (KV head h: kMetaChunkPages * width elements on).
+  auto meta_row = [&](int64_t p) {
+    return fresh[p / kMetaChunkPages]->data() + (p % kMetaChunkPages) * row_bytes;
+  };
 
-  // Pages whose keys are new are built from the keys; the others are copied from the entry.
-  const int64_t old_pages = old_names != nullptr ? static_cast<int64_t>(old_names->size()) : 0;
-  std::vector<int64_t> build;
-  for (int64_t p = 0; p < pages; ++p) {
-    if (p >= old_pages || (*old_names)[p] != (*names)[p]) build.push_back(p);
-  }
-  auto built =
-      std::make_shared<std::string>(static_cast<uint64_t>(spec.kv_heads) * pages * row_bytes, '\0');
-  const int64_t common = std::min(pages, old_pages);
-  size_t next = 0;  // first entry of `build` at or after p
-  for (int64_t p = 0; p < common;) {
-    while (next < build.size() && build[next] < p) ++next;
-    if (next < build.size() && build[next] == p) {
-      ++p;
-      continue;
-    }
-    // Pages [p, q) are kept.
-    const int64_t q = next < build.size() ? std::min(build[next], common) : common;
-    for (int h = 0; h < spec.kv_heads; ++h) {
-      std::memcpy(built->data() + (h * pages + p) * row_bytes,
-                  old->data() + (h * old_pages + p) * row_bytes, (q - p) * row_bytes);
-    }
-    p = q;
-  }
   uint64_t pages_built = build.size();
   // A GPU session with many pages to build (after an edit near its start) on the store's device:
   // the whole layer's metadata is built there from its keys in device memory (the same bits), and
@@ -676,9 +704,17 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
       static_cast<int64_t>(build.size()) >= kGpuMetaPages &&
       (!views->keys_ready || views->device_keys != nullptr)) {
     if (absl::Status s = ViewsOf(src, layer, /*device_keys=*/true, views); !s.ok()) return s;
+    std::unique_ptr<char[]> dense(
+        new char[static_cast<uint64_t>(spec.kv_heads) * pages * row_bytes]);
     absl::Status s = gpu_->BuildPageMeta(
-        views->keys, topk::PageMetaShape{spec.kv_heads, spec.head_dim, n}, built->data());
+        views->keys, topk::PageMetaShape{spec.kv_heads, spec.head_dim, n}, dense.get());
     if (!s.ok()) return s;
+    for (int64_t p : build) {
+      for (int h = 0; h < spec.kv_heads; ++h) {
+        std::memcpy(meta_row(p) + h * kMetaChunkPages * row_bytes,
+                    dense.get() + (h * pages + p) * row_bytes, row_bytes);
+      }
+    }
     pages_built = pages;
   } else if (!build.empty()) {
     // The keys of the pages to build: from the views when the selection reads them anyway, else
@@ -714,12 +750,12 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
       head_stride = dense.head_stride;
     }
     std::vector<void*> meta_rows(build.size());
-    for (size_t i = 0; i < build.size(); ++i) meta_rows[i] = built->data() + build[i] * row_bytes;
+    for (size_t i = 0; i < build.size(); ++i) meta_rows[i] = meta_row(build[i]);
     topk::MatrixView keys =
         topk::BlockedMatrix(key_rows.data(), spec.dtype, topk::kPageTokens, spec.head_dim);
     keys.head_stride = head_stride;
     topk::MutableMatrixView meta = topk::BlockedMatrix(meta_rows.data(), spec.dtype, 1, width);
-    meta.head_stride = pages * width;
+    meta.head_stride = kMetaChunkPages * width;
     // Every built page holds kPageTokens tokens but the document's last one.
     const int64_t tokens = static_cast<int64_t>(build.size()) * topk::kPageTokens -
                            (build.back() == pages - 1 ? pages * topk::kPageTokens - n : 0);
@@ -727,13 +763,26 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
         keys, topk::PageMetaShape{spec.kv_heads, spec.head_dim, tokens}, meta);
     if (!s.ok()) return s;
   }
-  std::shared_ptr<const std::string> result = std::move(built);
-  views->page_meta = topk::DenseMatrix<const void*>(result->data(), spec.dtype, pages, width);
-  views->meta_hold.push_back(result);
+
+  views->meta_blocks.resize(chunks);
+  for (int64_t c = 0; c < chunks; ++c) {
+    std::shared_ptr<const std::string> bytes = kept[c] != nullptr ? kept[c] : fresh[c];
+    views->meta_blocks[c] = bytes->data();
+    views->meta_hold.push_back(std::move(bytes));
+  }
+  views->page_meta =
+      topk::BlockedMatrix(views->meta_blocks.data(), spec.dtype, kMetaChunkPages, width);
+  views->metadata_cached = build.empty();
   absl::MutexLock lock(&meta_mu_);
-  ++counters_.metadata_builds;
   counters_.metadata_session_pages_built += pages_built;
-  InsertLocked(key, std::move(result), 0, std::move(names));
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (fresh[c] == nullptr) continue;
+    const int64_t p0 = c * kMetaChunkPages, p1 = std::min(pages, p0 + kMetaChunkPages);
+    ++counters_.metadata_builds;
+    InsertLocked(
+        SessionChunkKey(src.session_id, layer, c), std::move(fresh[c]), 0,
+        std::make_shared<const std::vector<uint64_t>>(names.begin() + p0, names.begin() + p1));
+  }
   return absl::OkStatus();
 }
 

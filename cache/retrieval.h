@@ -19,10 +19,11 @@
 // - Prefix blocks whose block_tokens is a multiple of 16: one entry per (block hash, layer), shared
 //   by every prompt that has the block; a block re-rotated to its place: per (hash, position,
 //   layer), always checked against the block's serial (min/max do not commute with rotation).
-// - Sessions: one entry per (session, layer) over the document, with the name of every page's
-//   keys (SessionReader::PageNames: the immutable chunks, offsets, positions and tables they are
-//   read from). A Select rebuilds only the pages whose name changed (an edit re-rotates the pages
-//   after it, a Fill or an append makes new ones) and reads no key when none did.
+// - Sessions: one entry per (session, layer, 64 pages), with the name of every page's keys
+//   (SessionReader::PageNames: the immutable chunks, offsets, positions and tables they are read
+//   from). A Select rebuilds only the pages whose name changed (an edit re-rotates the pages after
+//   it, a Fill or an append makes new ones), copying only their entries, and reads no key when no
+//   page was renamed.
 // - Blocks whose pages straddle blocks: one entry per (last block hash, layer) over the sequence.
 // Every block entry carries the serial of the stored block it was built from (BlockInfo::serial:
 // new each time a block enters the cache, kept through tier moves), checked on use when
@@ -45,6 +46,7 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -246,9 +248,10 @@ class RetrievalStore {
   // The kept page metadata of prefix block `block` at `layer` ([kv_heads][pages][2 * head_dim] in
   // the model's dtype), or null when none is kept. For tests and tools.
   std::shared_ptr<const std::string> CachedPageMeta(const BlockHash& block, int layer) const;
-  // The same for session `session_id` at `layer`, as its last Select in a page mode left it.
-  std::shared_ptr<const std::string> CachedSessionPageMeta(absl::string_view session_id,
-                                                           int layer) const;
+  // The same for the first `pages` pages of session `session_id` at `layer` (a model of kv_heads
+  // KV heads), as its last Selects in a page mode left them; nullopt when a part is not kept.
+  std::optional<std::string> CachedSessionPageMeta(absl::string_view session_id, int layer,
+                                                   int64_t pages, int kv_heads) const;
 
  private:
   class PutHook;

@@ -450,9 +450,10 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
     const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
     a.queries = q;
     Compare(a, q, RangeKeys(spec_, layer, m), what);
-    auto cpu_meta = cpu_->CachedSessionPageMeta(id, 1);
-    auto gpu_meta = gpu_->CachedSessionPageMeta(id, 1);
-    ASSERT_TRUE(cpu_meta != nullptr && gpu_meta != nullptr) << what;
+    const int64_t pages = topk::NumPages(m);
+    auto cpu_meta = cpu_->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+    auto gpu_meta = gpu_->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+    ASSERT_TRUE(cpu_meta.has_value() && gpu_meta.has_value()) << what;
     EXPECT_TRUE(*cpu_meta == *gpu_meta) << what << ": page metadata differs";
   };
   auto insert_and_fill = [&](int64_t at) {

@@ -1048,9 +1048,12 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
     auto fresh = RetrievalStore::Create(cache_.get(), sessions_.get(), RetrievalStore::Options());
     ASSERT_TRUE(fresh.ok());
     ASSERT_TRUE(bound(fresh->get()).ok()) << "step " << step;
-    auto kept = store_->CachedSessionPageMeta(id, 2);
-    auto built = (*fresh)->CachedSessionPageMeta(id, 2);
-    ASSERT_TRUE(kept != nullptr && built != nullptr) << "step " << step;
+    auto now = sessions_->Info(id);
+    ASSERT_TRUE(now.ok());
+    const int64_t pages = topk::NumPages(now->length);
+    auto kept = store_->CachedSessionPageMeta(id, 2, pages, spec_.kv_heads);
+    auto built = (*fresh)->CachedSessionPageMeta(id, 2, pages, spec_.kv_heads);
+    ASSERT_TRUE(kept.has_value() && built.has_value()) << "step " << step;
     ASSERT_TRUE(*kept == *built) << "step " << step << ": the kept metadata differs";
     all_pages += (*fresh)->stats().metadata_session_pages_built;
   }
