@@ -3,6 +3,7 @@
 #include "cache/retrieval.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -10,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -1063,6 +1065,71 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
               static_cast<unsigned long long>(kept_pages),
               static_cast<unsigned long long>(all_pages));
   EXPECT_LT(kept_pages, all_pages / 2);
+}
+
+// Selects from several threads while the session grows: every Select answers (a token awaiting its
+// Fill is FAILED_PRECONDITION), and what the store keeps at the end equals a fresh build.
+TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(500);
+  auto opened = sessions_->Open(open, RandomBlocks(spec_, (500 + 15) / 16, rng_));
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string id = opened->id;
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  auto args = [&](Mode mode) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = 4;
+    a.queries = Bytes(q);
+    a.mode = mode;
+    a.k = 24;
+    return a;
+  };
+  std::atomic<bool> done{false};
+  std::atomic<int> answered{0}, failed{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 4; ++t) {
+    readers.emplace_back([&, t] {
+      while (!done.load()) {
+        auto out = store_->Select(args(t % 2 == 0 ? Mode::kBound : Mode::kBoundThenExact));
+        if (out.ok() || out.status().code() == absl::StatusCode::kFailedPrecondition) {
+          ++answered;
+        } else {
+          ++failed;
+          ADD_FAILURE() << out.status();
+        }
+      }
+    });
+  }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int step = 0; step < 40; ++step) {
+    auto info = sessions_->Info(id);
+    ASSERT_TRUE(info.ok());
+    const int64_t len = info->length;
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(3))}).ok());
+    std::string kv(RangeBytes(spec_, 3), '\0');
+    for (size_t i = 0; i < kv.size() / DTypeSize(spec_.dtype); ++i) {
+      StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
+    }
+    FillArgs fill;
+    fill.range = TokenRange{len, len + 3};
+    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+  }
+  done = true;
+  for (std::thread& r : readers) r.join();
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_GT(answered.load(), 0);
+  ASSERT_TRUE(store_->Select(args(Mode::kBound)).ok());
+  auto fresh = RetrievalStore::Create(cache_.get(), sessions_.get(), RetrievalStore::Options());
+  ASSERT_TRUE(fresh.ok());
+  ASSERT_TRUE((*fresh)->Select(args(Mode::kBound)).ok());
+  const int64_t pages = topk::NumPages(500 + 40 * 3);
+  auto kept = store_->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+  auto built = (*fresh)->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+  ASSERT_TRUE(kept.has_value() && built.has_value());
+  EXPECT_TRUE(*kept == *built);
 }
 
 // ----------------------------------------------------------------------------------------------
