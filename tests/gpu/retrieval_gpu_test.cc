@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -23,6 +24,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -484,6 +486,63 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u + 1u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u + 1u);
   EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u + 200u + 1u);
+}
+
+// A GPU session selected over from four threads on the GPU path while it grows: every Select
+// answers, and the metadata kept at the end (on the host and, copied, on the device) equals the
+// CPU store's.
+TEST_F(RetrievalGpuTest, ConcurrentDeviceSessionSelectsWhileAppending) {
+  Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
+  const std::string id = OpenRandomSession(100 * 16);
+  ASSERT_FALSE(id.empty());
+  const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
+  auto args = [&](Mode mode) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = 8;
+    a.mode = mode;
+    a.k = 64;
+    a.query_dtype = DType::kF32;
+    a.queries = q;
+    return a;
+  };
+  std::atomic<bool> done{false};
+  std::atomic<int> failed{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 4; ++t) {
+    readers.emplace_back([&, t] {
+      while (!done.load()) {
+        auto out = gpu_->Select(args(t % 2 == 0 ? Mode::kBound : Mode::kBoundThenExact));
+        if (!out.ok() && out.status().code() != absl::StatusCode::kFailedPrecondition) {
+          ++failed;
+          ADD_FAILURE() << out.status();
+        }
+      }
+    });
+  }
+  for (int step = 0; step < 30; ++step) {
+    auto info = sessions_->Info(id);
+    ASSERT_TRUE(info.ok());
+    const int64_t len = info->length;
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(2))}).ok());
+    FillArgs fill;
+    fill.range = TokenRange{len, len + 2};
+    const std::string kv =
+        RandomElems(RangeBytes(spec_, 2) / DTypeSize(spec_.dtype), spec_.dtype, rng_);
+    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+  }
+  done = true;
+  for (std::thread& r : readers) r.join();
+  EXPECT_EQ(failed.load(), 0);
+  int64_t m = 0;
+  const std::string layer = SessionLayer(id, 1, &m);
+  Compare(args(Mode::kBound), q, RangeKeys(spec_, layer, m), "after the appends");
+  const int64_t pages = topk::NumPages(m);
+  auto cpu_meta = cpu_->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+  auto gpu_meta = gpu_->CachedSessionPageMeta(id, 1, pages, spec_.kv_heads);
+  ASSERT_TRUE(cpu_meta.has_value() && gpu_meta.has_value());
+  EXPECT_TRUE(*cpu_meta == *gpu_meta);
 }
 
 // Prefix metadata on the device: copied once, then only blocks whose entry changed; with no room
