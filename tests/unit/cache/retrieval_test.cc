@@ -372,6 +372,27 @@ class RetrievalTest : public ::testing::Test {
     return a;
   }
 
+  // Opens a session of n random tokens with random KV; returns its id.
+  std::string OpenRandomSession(int64_t n) {
+    OpenSessionArgs open;
+    open.model = "m";
+    open.tokens = Tokens(n);
+    const int64_t blocks = (n + spec_.block_tokens - 1) / spec_.block_tokens;
+    auto opened = sessions_->Open(open, RandomBlocks(spec_, blocks, rng_));
+    EXPECT_TRUE(opened.ok()) << opened.status();
+    return opened.ok() ? opened->id : std::string();
+  }
+
+  // Random KV of n tokens in the Fill layout ([layer][k|v][kv_head][n][head_dim]).
+  std::string RandomRange(int64_t n) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::string kv(RangeBytes(spec_, n), '\0');
+    for (size_t i = 0; i < kv.size() / DTypeSize(spec_.dtype); ++i) {
+      StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
+    }
+    return kv;
+  }
+
   // The whole layer of a session as the reader writes it.
   std::string SessionLayer(const std::string& id, int layer, int64_t* n) {
     auto reader = sessions_->Read(id, std::nullopt);
@@ -864,12 +885,7 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
   }
   FillArgs fill;
   fill.range = TokenRange{30, 37};
-  std::string fill_kv(RangeBytes(spec_, 7), '\0');
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (size_t i = 0; i < fill_kv.size() / DTypeSize(spec_.dtype); ++i) {
-    StoreFromFloat(fill_kv.data(), i, spec_.dtype, normal(rng_));
-  }
-  ASSERT_TRUE(sessions_->Fill(id, fill, fill_kv).ok());
+  ASSERT_TRUE(sessions_->Fill(id, fill, RandomRange(7)).ok());
   const uint64_t stale_before = store_->stats().metadata_stale;
   for (Mode mode : {Mode::kBound, Mode::kBoundThenExact, Mode::kExact}) {
     auto [a, out] = select(mode, false);
@@ -926,13 +942,8 @@ class SessionAppendTest : public RetrievalTest, public ::testing::WithParamInter
 
 TEST_P(SessionAppendTest, AppendsRebuildOnlyTheirPage) {
   const int64_t n0 = 100;  // 7 pages, the last of 4 tokens
-  OpenSessionArgs open;
-  open.model = "m";
-  open.tokens = Tokens(n0);
-  const int64_t blocks = (n0 + spec_.block_tokens - 1) / spec_.block_tokens;
-  auto opened = sessions_->Open(open, RandomBlocks(spec_, blocks, rng_));
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  const std::string id = opened->id;
+  const std::string id = OpenRandomSession(n0);
+  ASSERT_FALSE(id.empty());
   const int group = 2;
   const std::vector<float> q = RandomQueries(spec_.kv_heads * group, spec_.head_dim, rng_);
   auto bound = [&](bool want_cached, uint64_t want_pages_built) {
@@ -956,15 +967,12 @@ TEST_P(SessionAppendTest, AppendsRebuildOnlyTheirPage) {
   // Appends of 3 tokens (a decode step's Fill; 8 of them stay below the session's compaction,
   // which copies every chunk and so renames every page once).
   const int64_t m = 3;
-  std::normal_distribution<float> normal(0.0f, 1.0f);
   for (int step = 0; step < 8; ++step) {
     const int64_t len = n0 + step * m;
     ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(m))}).ok());
     // The last new token's key at layer 1 is a needle for every query head of its group: its
     // page must win, which it does only if that page's metadata was rebuilt.
-    std::string kv(RangeBytes(spec_, m), '\0');
-    const size_t elems = kv.size() / DTypeSize(spec_.dtype);
-    for (size_t i = 0; i < elems; ++i) StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
+    std::string kv = RandomRange(m);
     const KvStrides strides = RangeStrides(spec_, m);
     for (int h = 0; h < spec_.kv_heads; ++h) {
       for (int d = 0; d < spec_.head_dim; ++d) {
@@ -989,12 +997,8 @@ INSTANTIATE_TEST_SUITE_P(BlockTokens, SessionAppendTest, ::testing::Values(16, 8
 // itself on the way): after each, the metadata a store keeps incrementally (only renamed pages
 // rebuilt) equals, byte for byte, what a fresh store builds from the whole document.
 TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
-  OpenSessionArgs open;
-  open.model = "m";
-  open.tokens = Tokens(300);
-  auto opened = sessions_->Open(open, RandomBlocks(spec_, (300 + 15) / 16, rng_));
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  const std::string id = opened->id;
+  const std::string id = OpenRandomSession(300);
+  ASSERT_FALSE(id.empty());
   const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
   auto bound = [&](RetrievalStore* store) {
     SelectArgs a;
@@ -1006,7 +1010,6 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
     a.k = 32;
     return store->Select(a).status();
   };
-  std::normal_distribution<float> normal(0.0f, 1.0f);
   std::mt19937_64 rng(0x5e55);
   uint64_t all_pages = 0;
   for (int step = 0; step < 60; ++step) {
@@ -1038,13 +1041,9 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
     auto edit = sessions_->Edit(id, ops, options);
     ASSERT_TRUE(edit.ok()) << "step " << step << ": " << edit.status();
     for (const TokenRange& f : edit->fill) {
-      std::string kv(RangeBytes(spec_, f.size()), '\0');
-      for (size_t i = 0; i < kv.size() / DTypeSize(spec_.dtype); ++i) {
-        StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
-      }
       FillArgs fill;
       fill.range = f;
-      ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok()) << "step " << step;
+      ASSERT_TRUE(sessions_->Fill(id, fill, RandomRange(f.size())).ok()) << "step " << step;
     }
     ASSERT_TRUE(bound(store_.get()).ok()) << "step " << step;
     auto fresh = RetrievalStore::Create(cache_.get(), sessions_.get(), RetrievalStore::Options());
@@ -1070,12 +1069,8 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
 // Selects from several threads while the session grows: every Select answers (a token awaiting its
 // Fill is FAILED_PRECONDITION), and what the store keeps at the end equals a fresh build.
 TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
-  OpenSessionArgs open;
-  open.model = "m";
-  open.tokens = Tokens(500);
-  auto opened = sessions_->Open(open, RandomBlocks(spec_, (500 + 15) / 16, rng_));
-  ASSERT_TRUE(opened.ok()) << opened.status();
-  const std::string id = opened->id;
+  const std::string id = OpenRandomSession(500);
+  ASSERT_FALSE(id.empty());
   const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
   auto args = [&](Mode mode) {
     SelectArgs a;
@@ -1103,19 +1098,14 @@ TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
       }
     });
   }
-  std::normal_distribution<float> normal(0.0f, 1.0f);
   for (int step = 0; step < 40; ++step) {
     auto info = sessions_->Info(id);
     ASSERT_TRUE(info.ok());
     const int64_t len = info->length;
     ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(3))}).ok());
-    std::string kv(RangeBytes(spec_, 3), '\0');
-    for (size_t i = 0; i < kv.size() / DTypeSize(spec_.dtype); ++i) {
-      StoreFromFloat(kv.data(), i, spec_.dtype, normal(rng_));
-    }
     FillArgs fill;
     fill.range = TokenRange{len, len + 3};
-    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+    ASSERT_TRUE(sessions_->Fill(id, fill, RandomRange(3)).ok());
   }
   done = true;
   for (std::thread& r : readers) r.join();
