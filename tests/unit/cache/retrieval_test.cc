@@ -383,6 +383,19 @@ class RetrievalTest : public ::testing::Test {
     return opened.ok() ? opened->id : std::string();
   }
 
+  // A Select over session `id` at `layer` with fp32 queries q (q.size() / head_dim query heads).
+  SelectArgs SessionArgs(const std::string& id, int layer, const std::vector<float>& q, Mode mode,
+                         int64_t k) const {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = layer;
+    a.query_heads = static_cast<int>(q.size() / spec_.head_dim);
+    a.queries = Bytes(q);
+    a.mode = mode;
+    a.k = k;
+    return a;
+  }
+
   // Random KV of n tokens in the Fill layout ([layer][k|v][kv_head][n][head_dim]).
   std::string RandomRange(int64_t n) {
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -846,13 +859,7 @@ TEST_F(RetrievalTest, SessionSelectionFollowsEdits) {
   const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
 
   auto select = [&](Mode mode, bool keep) {
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 1;
-    a.query_heads = 4;
-    a.queries = Bytes(q);
-    a.mode = mode;
-    a.k = 20;
+    SelectArgs a = SessionArgs(id, 1, q, mode, 20);
     a.n_sink = 2;
     a.n_local = 5;
     a.want_scores = true;
@@ -947,13 +954,7 @@ TEST_P(SessionAppendTest, AppendsRebuildOnlyTheirPage) {
   const int group = 2;
   const std::vector<float> q = RandomQueries(spec_.kv_heads * group, spec_.head_dim, rng_);
   auto bound = [&](bool want_cached, uint64_t want_pages_built) {
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 1;
-    a.query_heads = spec_.kv_heads * group;
-    a.queries = Bytes(q);
-    a.mode = Mode::kBound;
-    a.k = 16;  // one page a row
+    const SelectArgs a = SessionArgs(id, 1, q, Mode::kBound, 16);  // one page a row
     auto out = store_->Select(a);
     ASSERT_TRUE(out.ok()) << out.status();
     EXPECT_EQ(out->metadata_cached, want_cached);
@@ -1001,14 +1002,7 @@ TEST_F(RetrievalTest, IncrementalSessionMetadataEqualsAFreshBuild) {
   ASSERT_FALSE(id.empty());
   const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
   auto bound = [&](RetrievalStore* store) {
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 2;
-    a.query_heads = 4;
-    a.queries = Bytes(q);
-    a.mode = Mode::kBound;
-    a.k = 32;
-    return store->Select(a).status();
+    return store->Select(SessionArgs(id, 2, q, Mode::kBound, 32)).status();
   };
   std::mt19937_64 rng(0x5e55);
   uint64_t all_pages = 0;
@@ -1072,16 +1066,7 @@ TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
   const std::string id = OpenRandomSession(500);
   ASSERT_FALSE(id.empty());
   const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
-  auto args = [&](Mode mode) {
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 1;
-    a.query_heads = 4;
-    a.queries = Bytes(q);
-    a.mode = mode;
-    a.k = 24;
-    return a;
-  };
+  auto args = [&](Mode mode) { return SessionArgs(id, 1, q, mode, 24); };
   std::atomic<bool> done{false};
   std::atomic<int> answered{0}, failed{0};
   std::vector<std::thread> readers;
