@@ -49,7 +49,7 @@ ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)"
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
 ABSL_FLAG(bool, verify_metadata, true,
-          "check prefix blocks' page metadata against a fingerprint of their keys (the daemon's "
+          "check prefix blocks' page metadata against their blocks' serials (the daemon's "
           "--retrieval_verify_metadata)");
 
 namespace ropekv {
@@ -62,9 +62,19 @@ struct Row {
   uint64_t gpu_selects = 0;
 };
 
-double Median(std::vector<double> v) {
+// The median and the minimum of timed repetitions, into *med and *min.
+void Summarise(std::vector<double> v, double* med, double* min) {
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  *med = v[v.size() / 2];
+  *min = v.front();
+}
+
+// A timed row of the table (the GPU columns empty with --cpu_only).
+void PrintRow(const Row& row, bool cpu_only) {
+  std::printf("%-8s %-18s %12.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
+              row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
+              cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
+  std::fflush(stdout);
 }
 
 int Main() {
@@ -158,7 +168,7 @@ int Main() {
   }
 
   std::vector<Row> rows;
-  std::printf("%-8s %-16s %12s %12s %12s %12s %8s\n", "source", "mode", "cpu_med_ms", "cpu_min_ms",
+  std::printf("%-8s %-18s %12s %12s %12s %12s %8s\n", "source", "mode", "cpu_med_ms", "cpu_min_ms",
               "gpu_med_ms", "gpu_min_ms", "speedup");
   const auto select_args = [&](absl::string_view source, topk::Mode mode) {
     SelectArgs a;
@@ -206,16 +216,15 @@ int Main() {
             ms.push_back(t);
           }
         }
-        (store == cpu->get() ? row.cpu_ms : row.gpu_ms) = Median(ms);
-        (store == cpu->get() ? row.cpu_min : row.gpu_min) = *std::min_element(ms.begin(), ms.end());
+        if (store == cpu->get()) {
+          Summarise(ms, &row.cpu_ms, &row.cpu_min);
+        } else {
+          Summarise(ms, &row.gpu_ms, &row.gpu_min);
+        }
       }
       row.same = cpu_only || first_cpu == first_gpu;
       if (!cpu_only) row.gpu_selects = (*gpu)->stats().gpu_selects;
-      std::printf("%-8s %-16s %12.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
-                  row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
-                  cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms,
-                  row.same ? "" : "  (selections differ)");
-      std::fflush(stdout);
+      PrintRow(row, cpu_only);
       rows.push_back(row);
     }
     // Gather of a kept selection at one layer (what the other layers of a step ask for; always on
@@ -238,10 +247,9 @@ int Main() {
     Row row;
     row.source = std::string(source);
     row.mode = "gather";
-    row.cpu_ms = Median(ms);
-    row.cpu_min = *std::min_element(ms.begin(), ms.end());
+    Summarise(ms, &row.cpu_ms, &row.cpu_min);
     row.same = true;
-    std::printf("%-8s %-16s %12.2f %12.2f %12s %12s %8s\n", row.source.c_str(), row.mode.c_str(),
+    std::printf("%-8s %-18s %12.2f %12.2f %12s %12s %8s\n", row.source.c_str(), row.mode.c_str(),
                 row.cpu_ms, row.cpu_min, "-", "-", "-");
     std::fflush(stdout);
     rows.push_back(row);
@@ -287,16 +295,9 @@ int Main() {
         }
       }
     }
-    row.cpu_ms = Median(cpu_ms);
-    row.cpu_min = *std::min_element(cpu_ms.begin(), cpu_ms.end());
-    if (!cpu_only) {
-      row.gpu_ms = Median(gpu_ms);
-      row.gpu_min = *std::min_element(gpu_ms.begin(), gpu_ms.end());
-    }
-    std::printf("%-8s %-18s %10.2f %12.2f %12.2f %12.2f %7.1fx%s\n", row.source.c_str(),
-                row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
-                cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
-    std::fflush(stdout);
+    Summarise(cpu_ms, &row.cpu_ms, &row.cpu_min);
+    if (!cpu_only) Summarise(gpu_ms, &row.gpu_ms, &row.gpu_min);
+    PrintRow(row, cpu_only);
     rows.push_back(row);
     return true;
   };

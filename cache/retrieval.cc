@@ -843,7 +843,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   // A session's keys are read only where the selection reads them (not by BOUND without scores
   // or mass) or where its metadata must be built.
   const bool page_mode = args.mode != topk::Mode::kExact;
-  const bool reads_keys = args.mode != topk::Mode::kBound || args.want_scores || args.want_mass;
+  const bool reads_keys = topk::SelectReadsKeys(args.mode, args.want_scores, args.want_mass);
   LayerViews views;
   if (!src->session() || reads_keys) {
     if (absl::Status s = ViewsOf(*src, args.layer, device_keys, &views); !s.ok()) return s;

@@ -246,17 +246,18 @@ struct RetrievalGpu::Impl {
         return nullptr;
       }
       meta_lru.push_front(std::string(name.key));
-      DeviceMeta m;
-      m.dev = static_cast<char*>(p);
-      m.bytes = bytes;
-      m.heads = heads;
-      m.width = width;
-      m.dtype = dtype;
-      m.cap_pages = cap;
-      m.pages_per_unit = ppu;
-      m.lru = meta_lru.begin();
       meta_bytes += bytes;
-      it = metas.emplace(std::string(name.key), std::move(m)).first;
+      it = metas
+               .emplace(std::string(name.key), DeviceMeta{static_cast<char*>(p),
+                                                          bytes,
+                                                          heads,
+                                                          width,
+                                                          dtype,
+                                                          cap,
+                                                          ppu,
+                                                          {},
+                                                          meta_lru.begin()})
+               .first;
     } else {
       meta_lru.splice(meta_lru.begin(), meta_lru, it->second.lru);
     }
@@ -438,7 +439,7 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   const bool want_mass = host_result.mass != nullptr;
   // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
   const bool reads_keys =
-      host_req.mode != topk::Mode::kBound || host_result.scores != nullptr || want_mass;
+      topk::SelectReadsKeys(host_req.mode, host_result.scores != nullptr, want_mass);
   const bool reads_meta = host_req.mode != topk::Mode::kExact;
   absl::StatusOr<size_t> workspace = topk::SelectWorkspaceBytes(host_req, want_mass);
   if (!workspace.ok()) {

@@ -20,6 +20,13 @@ uint64_t NextChunkSerial() {
   return next.fetch_add(1, std::memory_order_relaxed);
 }
 
+// A read plan's job for all layers, moved to read layer `layer` of its source (es: element size).
+RerotateCopy AtLayer(RerotateCopy job, int layer, size_t es) {
+  job.src = static_cast<const char*>(job.src) +
+            static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+  return job;
+}
+
 const char* KindName(EditOp::Kind kind) {
   switch (kind) {
     case EditOp::Kind::kInsert:
@@ -329,8 +336,7 @@ absl::StatusOr<std::vector<RerotateCopy>> SessionReader::PlanLayer(int layer, vo
   if (!jobs.ok()) return jobs.status();
   const size_t es = DTypeSize(spec_.dtype);
   for (RerotateCopy& job : *jobs) {
-    job.src = static_cast<const char*>(job.src) +
-              static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
+    job = AtLayer(job, layer, es);
     job.keys_only = keys_only;
   }
   return jobs;
@@ -392,11 +398,7 @@ absl::Status SessionReader::WriteLayerTokens(int layer, absl::Span<const int32_t
     auto run = PlanRead(pieces_, TokenRange{tokens[i], tokens[j - 1] + 1}, base_position_,
                         to_table_, dst, out, i);
     if (!run.ok()) return run.status();
-    for (RerotateCopy& job : *run) {
-      job.src = static_cast<const char*>(job.src) +
-                static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
-      jobs.push_back(job);
-    }
+    for (const RerotateCopy& job : *run) jobs.push_back(AtLayer(job, layer, es));
     i = j;
   }
   KvGeometry one_layer = BlockGeometry(spec_);
@@ -523,11 +525,9 @@ absl::StatusOr<SessionReader::KeyPages> SessionReader::LayerKeyPages(
     auto run = PlanRead(pieces_, TokenRange{s, std::min(n, s + page_tokens)}, base_position_,
                         to_table_, buffer, block, slot * page_tokens);
     if (!run.ok()) return run.status();
-    for (RerotateCopy& job : *run) {
-      job.src = static_cast<const char*>(job.src) +
-                static_cast<size_t>(layer) * static_cast<size_t>(job.src_strides.layer) * es;
-      job.keys_only = true;
-      jobs.push_back(job);
+    for (const RerotateCopy& job : *run) {
+      jobs.push_back(AtLayer(job, layer, es));
+      jobs.back().keys_only = true;
     }
     out.pages[copied[c]] = buffer + slot * page_tokens * block.token * es;
   }
@@ -573,10 +573,7 @@ absl::Status SessionReader::WriteAllToHost(void* dst, const KvStrides& dst_strid
     auto jobs = PlanRead(pieces_, TokenRange{0, n}, base_position_, to_table_, scratch->get(),
                          RangeStrides(spec_, n), 0);
     if (!jobs.ok()) return jobs.status();
-    for (RerotateCopy& job : *jobs) {
-      job.src = static_cast<const char*>(job.src) +
-                static_cast<size_t>(l) * static_cast<size_t>(job.src_strides.layer) * es;
-    }
+    for (RerotateCopy& job : *jobs) job = AtLayer(job, l, es);
     KvGeometry one_layer = BlockGeometry(spec_);
     one_layer.layers = 1;
     if (auto s = gpu_->Rerotate(gpu_key_, spec_.rope, one_layer, *jobs); !s.ok()) return s;

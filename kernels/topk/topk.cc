@@ -321,14 +321,16 @@ absl::StatusOr<SelectPlan> MakeTopKPlan(int64_t rows, int64_t len, int64_t k) {
 
 }  // namespace internal
 
+bool SelectReadsKeys(Mode mode, bool want_scores, bool want_mass) {
+  return mode != Mode::kBound || want_scores || want_mass;
+}
+
 absl::Status ValidateSelectRequest(const SelectRequest& req, const SelectResult& result) {
   absl::Status s = internal::ValidateShape(req);
   if (!s.ok()) return s;
   if (req.queries == nullptr) return absl::InvalidArgumentError("queries must be set");
-  const bool reads_keys =
-      req.mode != Mode::kBound || result.scores != nullptr || result.mass != nullptr;
   const bool reads_meta = req.mode != Mode::kExact;
-  if (reads_keys) {
+  if (SelectReadsKeys(req.mode, result.scores != nullptr, result.mass != nullptr)) {
     s = internal::ValidateView(req.keys, "keys", req.head_dim, req.num_tokens, req.kv_heads);
     if (!s.ok()) return s;
   }

@@ -190,6 +190,9 @@ struct SelectResult {
 
 // kv_heads, or query_heads for kPerQueryHead.
 int64_t SelectRows(const SelectRequest& req);
+// Whether a selection reads the keys: kExact and kBoundThenExact do, kBound only for scores or
+// mass (`want_scores`, `want_mass`). Page modes read the metadata.
+bool SelectReadsKeys(Mode mode, bool want_scores, bool want_mass);
 // Slots per output row: min(N, n_sink + n_local + k') with k' = k (exact modes) or
 // 16 * ceil(k / 16) (kBound). counts[row] <= capacity.
 int64_t SelectCapacity(const SelectRequest& req);

@@ -257,6 +257,17 @@ class RetrievalGpuTest : public ::testing::Test {
     return out;
   }
 
+  // A Select of k tokens over layer 1 of session `id` with 8 query heads (mode and queries the
+  // caller's).
+  static SelectArgs SessionArgs(const std::string& id, int64_t k) {
+    SelectArgs a;
+    a.source.session_id = id;
+    a.layer = 1;
+    a.query_heads = 8;
+    a.k = k;
+    return a;
+  }
+
   // A Select over the prefix PutRandom stored for `tokens`.
   static SelectArgs PrefixArgs(const std::vector<int32_t>& tokens) {
     SelectArgs a;
@@ -372,11 +383,7 @@ TEST_F(RetrievalGpuTest, SessionGpuEqualsCpu) {
   int64_t m = 0;
   const std::string layer = SessionLayer(id, 1, &m);
   ASSERT_EQ(m, n);
-  SelectArgs base;
-  base.source.session_id = id;
-  base.layer = 1;
-  base.query_heads = 8;
-  base.k = 40;
+  SelectArgs base = SessionArgs(id, 40);
   base.n_sink = 1;
   base.n_local = 7;
   RunGrid(base, spec_.head_dim, RangeKeys(spec_, layer, n), rng_,
@@ -398,11 +405,7 @@ TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
   ASSERT_TRUE(reader->on_gpu());
   int64_t m = 0;
   const std::string layer = SessionLayer(id, 1, &m);
-  SelectArgs base;
-  base.source.session_id = id;
-  base.layer = 1;
-  base.query_heads = 8;
-  base.k = 50;
+  SelectArgs base = SessionArgs(id, 50);
   base.n_sink = 2;
   base.n_local = 6;
   base.gather = true;
@@ -442,12 +445,8 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   auto bound = [&](const std::string& what) {
     int64_t m = 0;
     const std::string layer = SessionLayer(id, 1, &m);
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 1;
-    a.query_heads = 8;
+    SelectArgs a = SessionArgs(id, 64);
     a.mode = Mode::kBound;
-    a.k = 64;
     a.query_dtype = DType::kF32;
     const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
     a.queries = q;
@@ -497,12 +496,8 @@ TEST_F(RetrievalGpuTest, ConcurrentDeviceSessionSelectsWhileAppending) {
   ASSERT_FALSE(id.empty());
   const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
   auto args = [&](Mode mode) {
-    SelectArgs a;
-    a.source.session_id = id;
-    a.layer = 1;
-    a.query_heads = 8;
+    SelectArgs a = SessionArgs(id, 64);
     a.mode = mode;
-    a.k = 64;
     a.query_dtype = DType::kF32;
     a.queries = q;
     return a;
