@@ -3,6 +3,8 @@
 #include <openssl/evp.h>
 #include <xxhash.h>
 
+#include <algorithm>
+
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
@@ -110,6 +112,83 @@ BlockHash PrefixBlockHash(absl::string_view model_id, absl::string_view tenant,
   unsigned int n = 0;
   EVP_DigestFinal_ex(c.work, h.bytes.data(), &n);
   return h;
+}
+
+std::vector<BlockHash> PrefixHashMemo::Hashes(absl::string_view model_id, absl::string_view tenant,
+                                              size_t block_tokens,
+                                              absl::Span<const int32_t> tokens) {
+  const size_t blocks = block_tokens == 0 ? 0 : tokens.size() / block_tokens;
+  const size_t full = blocks * block_tokens;
+  std::vector<BlockHash> hashes;
+  hashes.reserve(blocks);
+  const bool memo = blocks >= options_.min_blocks && full <= options_.max_tokens;
+  // Tokens of `tokens` that remembered prompt p shares from the start, in whole blocks' worth.
+  auto shared = [&](const Prompt& p) -> size_t {
+    if (p.block_tokens != block_tokens || p.model_id != model_id || p.tenant != tenant) return 0;
+    const size_t n = std::min(p.tokens.size(), full);
+    const size_t same =
+        std::mismatch(p.tokens.begin(), p.tokens.begin() + n, tokens.begin()).first -
+        p.tokens.begin();
+    return same / block_tokens * block_tokens;
+  };
+  if (memo) {
+    absl::MutexLock lock(&mu_);
+    Prompt* best = nullptr;
+    size_t best_tokens = 0;
+    for (Prompt& p : prompts_) {
+      if (const size_t s = shared(p); s > best_tokens) {
+        best = &p;
+        best_tokens = s;
+      }
+    }
+    if (best != nullptr) {
+      hashes.assign(best->hashes.begin(), best->hashes.begin() + best_tokens / block_tokens);
+      best->used = ++clock_;
+      reused_ += hashes.size();
+    }
+  }
+  const size_t reused = hashes.size();
+  for (size_t b = reused; b < blocks; ++b) {
+    hashes.push_back(PrefixBlockHash(model_id, tenant, b == 0 ? nullptr : &hashes[b - 1],
+                                     tokens.subspan(b * block_tokens, block_tokens)));
+  }
+  if (!memo || reused == blocks) return hashes;
+
+  // Remember the prompt: in place of one it extends, else beside the others.
+  absl::MutexLock lock(&mu_);
+  Prompt* slot = nullptr;
+  for (Prompt& p : prompts_) {
+    const size_t s = shared(p);
+    if (s == full) return hashes;  // remembered meanwhile, whole
+    if (s == p.tokens.size()) slot = &p;
+  }
+  if (slot == nullptr) {
+    prompts_.emplace_back();
+    slot = &prompts_.back();
+    slot->model_id.assign(model_id.data(), model_id.size());
+    slot->tenant.assign(tenant.data(), tenant.size());
+    slot->block_tokens = block_tokens;
+  }
+  tokens_ += full - slot->tokens.size();
+  slot->tokens.assign(tokens.begin(), tokens.begin() + full);
+  slot->hashes = hashes;
+  slot->used = ++clock_;
+  const uint64_t keep = slot->used;
+  while (tokens_ > options_.max_tokens || prompts_.size() > options_.max_prompts) {
+    auto victim = prompts_.end();
+    for (auto it = prompts_.begin(); it != prompts_.end(); ++it) {
+      if (it->used != keep && (victim == prompts_.end() || it->used < victim->used)) victim = it;
+    }
+    if (victim == prompts_.end()) break;
+    tokens_ -= victim->tokens.size();
+    prompts_.erase(victim);
+  }
+  return hashes;
+}
+
+uint64_t PrefixHashMemo::reused_blocks() const {
+  absl::MutexLock lock(&mu_);
+  return reused_;
 }
 
 BlockHash SegmentHash(absl::string_view model_id, absl::string_view tenant,

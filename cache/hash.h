@@ -8,9 +8,12 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 
 namespace ropekv {
@@ -35,6 +38,44 @@ struct BlockHash {
 // The hash of a prefix block whose predecessor is `parent` (nullptr for the first block).
 BlockHash PrefixBlockHash(absl::string_view model_id, absl::string_view tenant,
                           const BlockHash* parent, absl::Span<const int32_t> tokens);
+
+// The chain hashes of the full blocks of a prompt (parent of the first: none), remembered for the
+// prompts hashed last, so that a prompt sent again, or grown by a few tokens (a decode loop that
+// selects or looks up over the same prompt at every step), hashes only the blocks it does not
+// share with one of them. A remembered prompt is compared token by token, never by a hash of its
+// tokens: the result is always what PrefixBlockHash gives block by block. Thread-safe.
+class PrefixHashMemo {
+ public:
+  struct Options {
+    size_t max_prompts = 16;       // prompts remembered (least recently used out)
+    size_t max_tokens = 4u << 20;  // tokens remembered in all (16 MiB, plus 32 bytes a block)
+    size_t min_blocks = 64;        // shorter prompts are hashed without the memo
+  };
+  PrefixHashMemo() : PrefixHashMemo(Options()) {}
+  explicit PrefixHashMemo(Options options) : options_(options) {}
+
+  // PrefixBlockHash chained over the tokens.size() / block_tokens full blocks of `tokens`.
+  std::vector<BlockHash> Hashes(absl::string_view model_id, absl::string_view tenant,
+                                size_t block_tokens, absl::Span<const int32_t> tokens);
+
+  // Blocks taken from the memo rather than hashed, since creation.
+  uint64_t reused_blocks() const;
+
+ private:
+  struct Prompt {
+    std::string model_id, tenant;
+    size_t block_tokens = 0;
+    std::vector<int32_t> tokens;  // the full blocks'
+    std::vector<BlockHash> hashes;
+    uint64_t used = 0;
+  };
+  const Options options_;
+  mutable absl::Mutex mu_;
+  std::vector<Prompt> prompts_ ABSL_GUARDED_BY(mu_);
+  size_t tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t clock_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t reused_ ABSL_GUARDED_BY(mu_) = 0;
+};
 
 // The hash of a position-independent segment.
 BlockHash SegmentHash(absl::string_view model_id, absl::string_view tenant,

@@ -23,6 +23,9 @@ class Allocator {
   // Returns `bytes` bytes aligned to at least 64, or nullptr when the system refuses.
   virtual void* Allocate(size_t bytes) = 0;
   virtual void Free(void* p, size_t bytes) = 0;
+  // Whether every buffer is page-locked memory that each CUDA device of the process reads at the
+  // same address (cudaHostAlloc with cudaHostAllocPortable, unified addressing).
+  virtual bool device_readable() const { return false; }
 };
 
 // 4 KiB-aligned memory from the C library.
@@ -46,6 +49,8 @@ class HostTier {
   void FreeSlot(void* slot, uint64_t bytes);
 
   uint64_t capacity_bytes() const { return capacity_bytes_; }
+  // Whether every slot is memory CUDA devices read in place (Allocator::device_readable).
+  bool device_readable() const { return allocator_->device_readable(); }
   uint64_t used_bytes() const;
   // Whether `bytes` more would fit now.
   bool Fits(uint64_t bytes) const;

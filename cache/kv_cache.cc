@@ -346,21 +346,21 @@ std::vector<BlockHash> KvCache::SegmentHashes(const RegisteredModel& m, absl::st
   return ChainHashes(m, tenant, &key, tokens, /*partial_tail=*/true);
 }
 
-size_t KvCache::MatchLocked(absl::Span<const BlockHash> hashes) const {
-  size_t n = 0;
-  while (n < hashes.size()) {
-    auto it = index_.find(hashes[n]);
+std::vector<KvCache::Entry*> KvCache::MatchLocked(absl::Span<const BlockHash> hashes) {
+  std::vector<Entry*> found;
+  found.reserve(hashes.size());
+  for (const BlockHash& h : hashes) {
+    auto it = index_.find(h);
     // An entry without a copy (its disk copy just failed verification) is a miss.
     if (it == index_.end() || !HasCopy(it->second)) break;
-    ++n;
+    found.push_back(&it->second);
   }
-  return n;
+  return found;
 }
 
-void KvCache::TouchLocked(absl::Span<const BlockHash> hashes) {
-  for (auto it = hashes.rbegin(); it != hashes.rend(); ++it) {
-    Entry& e = index_.at(*it);
-    lru_.splice(lru_.begin(), lru_, e.lru);
+void KvCache::TouchLocked(absl::Span<Entry* const> entries) {
+  for (auto it = entries.rbegin(); it != entries.rend(); ++it) {
+    lru_.splice(lru_.begin(), lru_, (*it)->lru);
   }
 }
 
@@ -370,10 +370,9 @@ TierKind KvCache::FastestTier(const Entry& e) const {
   return TierKind::kDisk;
 }
 
-void KvCache::CountRequestsLocked(absl::Span<const BlockHash> found, bool missed) {
-  for (const BlockHash& h : found) {
-    const Entry& e = index_.at(h);
-    const TierKind fastest = FastestTier(e);
+void KvCache::CountRequestsLocked(absl::Span<Entry* const> found, bool missed) {
+  for (const Entry* e : found) {
+    const TierKind fastest = FastestTier(*e);
     (fastest == TierKind::kHost ? host_counters_.hits : host_counters_.misses) += 1;
     if (gpu_ != nullptr) (fastest == TierKind::kGpu ? gpu_counters_.hits : gpu_counters_.misses)++;
     if (disk_ != nullptr) {
@@ -794,9 +793,10 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
                      model->id, ", got ", options.tokens.size()));
   }
   const BlockHash* parent = options.parent ? &*options.parent : nullptr;
-  std::vector<BlockHash> hashes = options.segment
-                                      ? SegmentHashes(*model, options.tenant, options.tokens)
-                                      : ChainHashes(*model, options.tenant, parent, options.tokens);
+  std::vector<BlockHash> hashes =
+      options.segment     ? SegmentHashes(*model, options.tenant, options.tokens)
+      : parent == nullptr ? PromptHashes(*model, options.tenant, options.tokens)
+                          : ChainHashes(*model, options.tenant, parent, options.tokens);
   std::vector<bool> present(hashes.size(), false);
   int64_t first_position = 0;
   {
@@ -987,7 +987,7 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
       }
       // Blocks of this Put already committed stay: they are complete and reachable.
     } else {
-      TouchLocked(w.hashes_);
+      TouchLocked(MatchLocked(w.hashes_));
       if (options_.policy.write_tier == WriteTier::kDisk) {
         for (const BlockHash& h : fresh) {
           Entry& e = index_.at(h);
@@ -1020,17 +1020,17 @@ absl::StatusOr<LookupResult> KvCache::Lookup(absl::string_view model, absl::stri
                                              absl::Span<const int32_t> tokens) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
-  const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
+  const std::vector<BlockHash> hashes = PromptHashes(*m, tenant, tokens);
   LookupResult result;
   absl::MutexLock lock(&mu_);
-  const size_t n = MatchLocked(hashes);
-  TouchLocked(absl::MakeConstSpan(hashes).subspan(0, n));
-  for (size_t i = 0; i < n; ++i) result.blocks.push_back(index_.at(hashes[i]).info);
-  result.matched_tokens = static_cast<uint32_t>(n) * m->spec.block_tokens;
+  const std::vector<Entry*> found = MatchLocked(hashes);
+  TouchLocked(found);
+  for (const Entry* e : found) result.blocks.push_back(e->info);
+  result.matched_tokens = static_cast<uint32_t>(found.size()) * m->spec.block_tokens;
   ++stats_.lookups;
   stats_.lookup_hit_tokens += result.matched_tokens;
   stats_.lookup_miss_tokens += tokens.size() - result.matched_tokens;
-  CountRequestsLocked(absl::MakeConstSpan(hashes).subspan(0, n), n < hashes.size());
+  CountRequestsLocked(found, found.size() < hashes.size());
   return result;
 }
 
@@ -1041,16 +1041,19 @@ absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
   std::vector<Load> loads;
   {
     absl::MutexLock lock(&mu_);
-    const size_t n = MatchLocked(hashes);
+    const std::vector<Entry*> found = MatchLocked(hashes);
+    const size_t n = found.size();
     if (all_or_none && n != hashes.size()) {
       CountRequestsLocked({}, true);
       return absl::NotFoundError(
           absl::StrCat("segment of ", hashes.size(), " blocks is not cached for model ", m.id));
     }
-    TouchLocked(hashes.subspan(0, n));
-    CountRequestsLocked(hashes.subspan(0, n), n < hashes.size());
+    TouchLocked(found);
+    CountRequestsLocked(found, n < hashes.size());
+    handle.blocks_.reserve(n);
+    handle.data_.reserve(n);
     for (size_t i = 0; i < n; ++i) {
-      Entry& e = index_.at(hashes[i]);
+      Entry& e = *found[i];
       ++e.readers;
       handle.blocks_.push_back(e.info);
       handle.data_.push_back(e.data);
@@ -1166,7 +1169,7 @@ absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl:
                                                   uint32_t max_blocks) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
-  std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
+  std::vector<BlockHash> hashes = PromptHashes(*m, tenant, tokens);
   if (max_blocks > 0 && hashes.size() > max_blocks) hashes.resize(max_blocks);
   auto handle = Acquire(*m, hashes, /*all_or_none=*/false);
   if (!handle.ok()) return handle.status();
@@ -1214,16 +1217,17 @@ absl::StatusOr<LookupResult> KvCache::LookupSegment(absl::string_view model,
   LookupResult result;
   absl::MutexLock lock(&mu_);
   ++stats_.lookups;
-  if (tokens.empty() || MatchLocked(hashes) != hashes.size()) {
+  const std::vector<Entry*> found = MatchLocked(hashes);
+  if (tokens.empty() || found.size() != hashes.size()) {
     CountRequestsLocked({}, true);
     stats_.lookup_miss_tokens += tokens.size();
     return result;
   }
-  TouchLocked(hashes);
-  for (const BlockHash& h : hashes) result.blocks.push_back(index_.at(h).info);
+  TouchLocked(found);
+  for (const Entry* e : found) result.blocks.push_back(e->info);
   result.matched_tokens = static_cast<uint32_t>(tokens.size());
   stats_.lookup_hit_tokens += tokens.size();
-  CountRequestsLocked(hashes, false);
+  CountRequestsLocked(found, false);
   return result;
 }
 
@@ -1256,8 +1260,8 @@ absl::StatusOr<uint32_t> KvCache::Evict(absl::string_view model, absl::string_vi
       }
       for (const BlockHash& h : all) n += EvictTreeLocked(h);
     } else {
-      const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
-      const size_t matched = MatchLocked(hashes);
+      const std::vector<BlockHash> hashes = PromptHashes(*m, tenant, tokens);
+      const size_t matched = MatchLocked(hashes).size();
       for (size_t i = matched; i-- > 0;) n += EvictTreeLocked(hashes[i]);
     }
   }
@@ -1269,16 +1273,16 @@ absl::StatusOr<uint32_t> KvCache::Pin(absl::string_view model, absl::string_view
                                       absl::Span<const int32_t> tokens, bool pin) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
-  const std::vector<BlockHash> hashes = ChainHashes(*m, tenant, nullptr, tokens);
+  const std::vector<BlockHash> hashes = PromptHashes(*m, tenant, tokens);
   std::vector<DiskBlockMeta> persist;
   size_t n = 0;
   {
     absl::MutexLock lock(&mu_);
-    n = MatchLocked(hashes);
-    for (size_t i = 0; i < n; ++i) {
-      Entry& e = index_.at(hashes[i]);
-      e.info.pinned = pin;
-      if (e.on_disk) persist.push_back(DiskMetaOf(e));
+    const std::vector<Entry*> found = MatchLocked(hashes);
+    n = found.size();
+    for (Entry* e : found) {
+      e->info.pinned = pin;
+      if (e->on_disk) persist.push_back(DiskMetaOf(*e));
     }
   }
   // Pins survive a restart. A block deleted meanwhile is NOT_FOUND: nothing to keep then.

@@ -297,6 +297,9 @@ class KvCache {
   const TierPolicy& policy() const { return options_.policy; }
   bool has_gpu_tier() const { return gpu_ != nullptr; }
   bool has_disk_tier() const { return disk_ != nullptr; }
+  // Whether every host copy a ReadHandle hands out is page-locked memory that CUDA devices read at
+  // the same address (the pinned host tier beside a GPU tier).
+  bool host_device_readable() const { return host_->device_readable(); }
 
  private:
   friend class PutWriter;
@@ -340,15 +343,22 @@ class KvCache {
                                             const BlockHash* parent,
                                             absl::Span<const int32_t> tokens,
                                             bool partial_tail = false);
+  // ChainHashes of a prompt's full blocks from its start, through the memo of recent prompts.
+  std::vector<BlockHash> PromptHashes(const RegisteredModel& m, absl::string_view tenant,
+                                      absl::Span<const int32_t> tokens) {
+    return prompt_hashes_.Hashes(m.id, tenant, m.spec.block_tokens, tokens);
+  }
   // The block hashes of a segment: chained from its SegmentHash.
   static std::vector<BlockHash> SegmentHashes(const RegisteredModel& m, absl::string_view tenant,
                                               absl::Span<const int32_t> tokens);
-  // Number of leading hashes present in the index.
-  size_t MatchLocked(absl::Span<const BlockHash> hashes) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The entries of the leading hashes present in the index, each looked up once (valid until the
+  // index changes: under one hold of mu_).
+  std::vector<Entry*> MatchLocked(absl::Span<const BlockHash> hashes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks blocks used, last first, so that leaves are older than their prefixes.
-  void TouchLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TouchLocked(absl::Span<Entry* const> entries) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Counts hits and misses of `found` blocks (and one missing block when `missed`).
-  void CountRequestsLocked(absl::Span<const BlockHash> found, bool missed)
+  void CountRequestsLocked(absl::Span<Entry* const> found, bool missed)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   TierKind FastestTier(const Entry& e) const;
 
@@ -406,6 +416,7 @@ class KvCache {
   std::unique_ptr<DiskTier> disk_;
   std::unique_ptr<GpuTier> gpu_;
   ModelRegistry models_;
+  PrefixHashMemo prompt_hashes_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<BlockHash, Entry> index_ ABSL_GUARDED_BY(mu_);

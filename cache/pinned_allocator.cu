@@ -27,6 +27,8 @@ class PinnedAllocator final : public Allocator {
     }
   }
 
+  bool device_readable() const override { return true; }
+
   void* Allocate(size_t bytes) override {
     const size_t size = RoundUp(bytes);
     std::vector<void*> release;

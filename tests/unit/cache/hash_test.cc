@@ -2,6 +2,8 @@
 
 #include <openssl/sha.h>
 
+#include <random>
+
 #include "gtest/gtest.h"
 
 namespace ropekv {
@@ -58,6 +60,71 @@ TEST(HashTest, StableAcrossVersions) {
   for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int32_t>(i * 7919);
   EXPECT_EQ(PrefixBlockHash("0123456789abcdef", "t", nullptr, many).Hex(),
             "a7f6c563bae75fb5c1a40819e156fb6240e812e44a3d3482735c39c93136e18c");
+}
+
+// PrefixBlockHash block by block: what the memo must give.
+std::vector<BlockHash> Chain(absl::string_view model, absl::string_view tenant, size_t bt,
+                             const std::vector<int32_t>& tokens) {
+  std::vector<BlockHash> out;
+  for (size_t i = 0; i + bt <= tokens.size(); i += bt) {
+    out.push_back(PrefixBlockHash(model, tenant, out.empty() ? nullptr : &out.back(),
+                                  absl::MakeConstSpan(tokens).subspan(i, bt)));
+  }
+  return out;
+}
+
+TEST(HashTest, PrefixHashMemoEqualsTheChain) {
+  PrefixHashMemo::Options o;
+  o.min_blocks = 4;
+  o.max_prompts = 3;
+  o.max_tokens = 16 * 80;
+  PrefixHashMemo memo(o);
+  std::mt19937 rng(11);
+  auto random_tokens = [&](size_t n) {
+    std::vector<int32_t> t(n);
+    for (int32_t& x : t) x = static_cast<int32_t>(rng() % 50000);
+    return t;
+  };
+  const std::vector<int32_t> a = random_tokens(16 * 20 + 5);  // a partial last block
+  uint64_t reused = 0;
+  auto check = [&](absl::string_view model, absl::string_view tenant,
+                   const std::vector<int32_t>& t, uint64_t expect_reused, const char* what) {
+    EXPECT_EQ(memo.Hashes(model, tenant, 16, t), Chain(model, tenant, 16, t)) << what;
+    EXPECT_EQ(memo.reused_blocks() - reused, expect_reused) << what;
+    reused = memo.reused_blocks();
+  };
+  check("m", "", a, 0, "first");
+  check("m", "", a, 20, "again");
+  // Grown by a decode step, then by a block and a half: the 20 shared blocks come from the memo.
+  std::vector<int32_t> grown = a;
+  grown.push_back(7);
+  check("m", "", grown, 20, "one token more");
+  for (int i = 0; i < 24; ++i) grown.push_back(static_cast<int32_t>(rng() % 50000));
+  check("m", "", grown, 20, "a block and a half more");
+  check("m", "", grown, 21, "the grown prompt again");  // it replaced the one it extends
+  // An edit in block 9 (its fifth token): blocks 0-8 shared, the rest hashed again.
+  std::vector<int32_t> edited = grown;
+  edited[16 * 9 + 4] += 1;
+  check("m", "", edited, 9, "edited");
+  // Another tenant or model with the same tokens shares nothing (the chains differ).
+  check("m", "t2", a, 0, "another tenant");
+  check("m2", "", a, 0, "another model");
+  // At most 3 prompts: the grown one (least recently used) is out, the edited one is in. A shorter
+  // prompt than one remembered comes all from the memo; one below min_blocks does not use it.
+  check("m", "", std::vector<int32_t>(grown.begin(), grown.begin() + 16 * 6), 6, "shorter");
+  check("m", "", std::vector<int32_t>(grown.begin(), grown.begin() + 16 * 3), 0, "short");
+  check("m", "", std::vector<int32_t>(grown.begin(), grown.begin() + 16 * 12), 9, "grown's start");
+  // At most 1280 tokens: two prompts of 800 do not stay together; one of 1296 is never kept.
+  const std::vector<int32_t> b = random_tokens(16 * 50), c = random_tokens(16 * 50);
+  check("m", "", b, 0, "b");
+  check("m", "", c, 0, "c");
+  check("m", "", c, 50, "c again");
+  check("m", "", b, 0, "b forgotten");
+  const std::vector<int32_t> long_prompt = random_tokens(16 * 81);
+  check("m", "", long_prompt, 0, "long");
+  check("m", "", long_prompt, 0, "long again");
+  // Blocks of 8 tokens over the same tokens: another chain.
+  EXPECT_EQ(memo.Hashes("m", "", 8, a), Chain("m", "", 8, a));
 }
 
 TEST(HashTest, ChecksumSeesOneBitFlip) {
