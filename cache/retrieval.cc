@@ -56,6 +56,7 @@ struct RetrievalStore::LayerViews {
   // (SessionReader::LayerOnDevice): `keys` then points there and only SelectCuda may read it.
   std::shared_ptr<void> device_keys;
   std::vector<std::shared_ptr<const std::string>> meta_hold;
+  std::shared_ptr<const PrefixMetaView> meta_view;  // a prefix's block entries, when from a view
   bool metadata_cached = true;
   // The metadata's name for a device copy (RetrievalGpu::MetaName): per unit of
   // meta_pages_per_unit pages, an entry's serial (prefix) or a page name (session); empty when an
@@ -75,6 +76,10 @@ std::string LayerKey(char kind, absl::string_view id, int layer) {
   key.append(l, sizeof(int));
   return key;
 }
+
+// Blocks all prefix views may reference together (~40 bytes of bookkeeping each: 10 MiB); past it
+// the views are dropped and made again by the next Selects.
+constexpr uint64_t kMaxPrefixViewBlocks = 1 << 18;
 
 // A session's layer is kept in metadata entries of this many pages ([kv_heads][kMetaChunkPages]
 // [2 * head_dim] each, the last one padded), so that an append or a local edit copies and rebuilds
@@ -390,6 +395,7 @@ std::shared_ptr<const std::string> RetrievalStore::FindLocked(absl::string_view 
   }
   // The keys changed under this entry (a re-Put after eviction): drop it.
   ++counters_.metadata_stale;
+  ForgetLocked(key);
   meta_bytes_ -= it->second.bytes->size();
   meta_lru_.erase(it->second.lru);
   meta_.erase(it);
@@ -399,9 +405,17 @@ std::shared_ptr<const std::string> RetrievalStore::FindLocked(absl::string_view 
 void RetrievalStore::EraseLocked(const std::string& key) {
   auto it = meta_.find(key);
   if (it == meta_.end()) return;
+  ForgetLocked(key);
   meta_bytes_ -= it->second.bytes->size();
   meta_lru_.erase(it->second.lru);
   meta_.erase(it);
+}
+
+void RetrievalStore::ForgetLocked(absl::string_view key) {
+  if (key.empty() || (key[0] != 'B' && key[0] != 'R')) return;
+  ++block_meta_generation_;
+  meta_views_.clear();
+  meta_view_blocks_ = 0;
 }
 
 uint64_t RetrievalStore::InsertLocked(const std::string& key,
@@ -413,6 +427,7 @@ uint64_t RetrievalStore::InsertLocked(const std::string& key,
   EraseLocked(key);  // a concurrent call built it too, or a Put replaced it
   while (meta_bytes_ + size > options_.metadata_capacity_bytes && !meta_lru_.empty()) {
     auto victim = meta_.find(meta_lru_.back());
+    ForgetLocked(victim->first);
     meta_bytes_ -= victim->second.bytes->size();
     meta_.erase(victim);
     meta_lru_.pop_back();
@@ -544,10 +559,33 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
     auto fingerprint_of = [&](size_t b) {
       return verify || !src.rerotated[b].empty() ? blocks[b].serial : 0;
     };
+    auto use_view = [&](std::shared_ptr<const PrefixMetaView> view) {
+      views->page_meta = topk::BlockedMatrix(view->blocks.data(), spec.dtype, ppb, width);
+      views->meta_names = view->names;
+      views->meta_view = std::move(view);
+    };
+    views->meta_key = LayerKey('P', blocks.back().hash.Raw(), layer);
+    views->meta_pages_per_unit = ppb;
+    // The prefix's view, when no block changed since it was made: one lookup for the layer (the
+    // last block's chained hash names the prefix).
+    const std::string view_key = LayerKey('V', blocks.back().hash.Raw(), layer);
+    uint64_t generation = 0;
     // The entries there, under one lock; then the others, built and kept one by one.
     std::vector<size_t> missing;
     {
       absl::MutexLock lock(&meta_mu_);
+      generation = block_meta_generation_;
+      if (auto it = meta_views_.find(view_key); it != meta_views_.end()) {
+        const PrefixMetaView& v = *it->second;
+        bool same = v.serials.size() == blocks.size();
+        for (size_t b = 0; same && b < blocks.size(); ++b) same = v.serials[b] == blocks[b].serial;
+        if (same) {
+          counters_.metadata_hits += blocks.size();
+          ++counters_.metadata_prefix_view_hits;
+          use_view(it->second);
+          return absl::OkStatus();
+        }
+      }
       for (size_t b = 0; b < blocks.size(); ++b) {
         auto meta = FindLocked(key_of(b), fingerprint_of(b), entry_bytes, &views->meta_names[b]);
         if (meta == nullptr) {
@@ -578,11 +616,30 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
       views->meta_hold[b] = *std::move(meta);
     }
     views->page_meta = topk::BlockedMatrix(views->meta_blocks.data(), spec.dtype, ppb, width);
-    views->meta_key = LayerKey('P', src.handle->blocks().back().hash.Raw(), layer);
-    views->meta_pages_per_unit = ppb;
     if (std::count(views->meta_names.begin(), views->meta_names.end(), 0u) > 0) {
       views->meta_names.clear();
+      return absl::OkStatus();  // an entry was not kept: no view
     }
+    // Every entry is kept: the next Select over this prefix and layer looks them up once.
+    auto view = std::make_shared<PrefixMetaView>();
+    view->serials.reserve(blocks.size());
+    for (const BlockInfo& b : blocks) view->serials.push_back(b.serial);
+    view->holds = std::move(views->meta_hold);
+    view->blocks = std::move(views->meta_blocks);
+    view->names = views->meta_names;
+    use_view(view);
+    absl::MutexLock lock(&meta_mu_);
+    // Entries that left meta_ since the lookup may be among the holds: such a view is not kept.
+    if (generation != block_meta_generation_) return absl::OkStatus();
+    if (meta_view_blocks_ + blocks.size() > kMaxPrefixViewBlocks) {
+      meta_views_.clear();
+      meta_view_blocks_ = 0;
+    }
+    if (blocks.size() > kMaxPrefixViewBlocks) return absl::OkStatus();
+    std::shared_ptr<const PrefixMetaView>& slot = meta_views_[view_key];
+    if (slot != nullptr) meta_view_blocks_ -= slot->serials.size();
+    meta_view_blocks_ += blocks.size();
+    slot = std::move(view);
     return absl::OkStatus();
   }
 
@@ -908,7 +965,11 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     meta_name.names = views.meta_names;
     meta_name.pages_per_unit = views.meta_pages_per_unit;
     const bool named = page_mode && !views.meta_names.empty();
-    absl::Status s = gpu_->Select(req, result, named ? &meta_name : nullptr);
+    // Blocks of a pinned host tier are read in place without asking the driver about each one.
+    const bool keys_pinned = !src->session() && cache_->host_device_readable() &&
+                             std::all_of(src->rerotated.begin(), src->rerotated.end(),
+                                         [](const std::string& r) { return r.empty(); });
+    absl::Status s = gpu_->Select(req, result, named ? &meta_name : nullptr, keys_pinned);
     if (s.ok()) {
       on_gpu = true;
     } else if (s.code() == absl::StatusCode::kUnavailable ||

@@ -195,6 +195,9 @@ class RetrievalStore {
     // Pages built for session entries: all of them at first use, then only those whose keys an
     // edit, a Fill or an append changed (SessionReader::PageNames).
     uint64_t metadata_session_pages_built = 0;
+    // Page-mode Selects over a prefix that found the whole layer's block entries in one lookup
+    // (a prefix layer view: the blocks' serials unchanged since the last Select over it).
+    uint64_t metadata_prefix_view_hits = 0;
     uint64_t selections = 0;          // kept selections alive
     uint64_t gpu_selects = 0;         // selects run by SelectCuda (Options::device >= 0)
     uint64_t gpu_fallbacks = 0;       // selects meant for the GPU that ran SelectCpu instead
@@ -264,6 +267,16 @@ class RetrievalStore {
     uint64_t serial = 0;  // unique in the store: names these bytes (a device copy's unit name)
     std::list<std::string>::iterator lru;
   };
+  // One layer's block entries of a prefix, as a page-mode Select found or built them, so that the
+  // next Select over the same prefix and layer looks them up once instead of once per block. Valid
+  // while every block has the serial it had then; dropped (all of them) whenever a prefix block's
+  // entry leaves meta_, so that views never hold bytes meta_ no longer accounts for.
+  struct PrefixMetaView {
+    std::vector<uint64_t> serials;  // per block: BlockInfo::serial
+    std::vector<std::shared_ptr<const std::string>> holds;
+    std::vector<const void*> blocks;  // holds[b]->data()
+    std::vector<uint64_t> names;      // per block: its entry's serial
+  };
   struct SelectionEntry {
     std::shared_ptr<const KeptSelection> selection;
     absl::Time last_used;
@@ -301,6 +314,8 @@ class RetrievalStore {
                         std::shared_ptr<const std::vector<uint64_t>> page_names = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   void EraseLocked(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
+  // Called for every entry leaving meta_: a prefix block's drops the prefix views.
+  void ForgetLocked(absl::string_view key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // The PutHook's work (see BlockObserver).
   void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block, const void* bytes);
   void OnPutDone(absl::Span<const BlockHash> written, absl::Span<const BlockHash> committed);
@@ -319,6 +334,12 @@ class RetrievalStore {
   std::list<std::string> meta_lru_ ABSL_GUARDED_BY(meta_mu_);  // front = most recent
   uint64_t meta_bytes_ ABSL_GUARDED_BY(meta_mu_) = 0;
   uint64_t next_meta_serial_ ABSL_GUARDED_BY(meta_mu_) = 0;
+  // Prefix views by (last block, layer), and the block entries they reference in all; bumped
+  // generation = a block entry left meta_ (views made before are not kept).
+  absl::flat_hash_map<std::string, std::shared_ptr<const PrefixMetaView>> meta_views_
+      ABSL_GUARDED_BY(meta_mu_);
+  uint64_t meta_view_blocks_ ABSL_GUARDED_BY(meta_mu_) = 0;
+  uint64_t block_meta_generation_ ABSL_GUARDED_BY(meta_mu_) = 0;
   Stats counters_ ABSL_GUARDED_BY(meta_mu_);
   // Metadata built from a Put's bytes, until the Put commits: block -> (key, entry, fingerprint)
   // per layer.

@@ -97,11 +97,13 @@ struct Layout {
 // Whether every block of the blocked view `v` (`rows` rows) is page-locked host memory that the
 // device reads at the same address (cudaHostAlloc on a system with unified addressing: the
 // daemon's pinned host tier), so that SelectCuda can read the keys in place over the bus instead
-// of a staged copy. A pointer the runtime does not know is pageable memory.
-bool ReadableInPlace(const topk::MatrixView& v, int64_t rows) {
+// of a staged copy. A pointer the runtime does not know is pageable memory. With `pinned` (every
+// block from one allocator of such memory, as the caller knows) the first and last blocks stand
+// for the rest.
+bool ReadableInPlace(const topk::MatrixView& v, int64_t rows, bool pinned) {
   if (v.blocks == nullptr) return false;
   const int64_t blocks = (rows + v.rows_per_block - 1) / v.rows_per_block;
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks; b = pinned && b < blocks - 1 ? blocks - 1 : b + 1) {
     cudaPointerAttributes a;
     if (cudaPointerGetAttributes(&a, v.blocks[b]) != cudaSuccess) {
       cudaGetLastError();  // clears the error of an unknown pointer
@@ -433,8 +435,8 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
 }
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
-                                  const topk::SelectResult& host_result,
-                                  const MetaName* meta_name) {
+                                  const topk::SelectResult& host_result, const MetaName* meta_name,
+                                  bool keys_pinned) {
   if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
   const bool want_mass = host_result.mass != nullptr;
   // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
@@ -457,7 +459,8 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   // Keys in pinned blocks are read where they are: only the block pointers go to the device. Keys
   // already in this device's memory are read there.
   const bool keys_on_device = reads_keys && OnDevice(host_req.keys, device_);
-  const bool keys_in_place = reads_keys && !keys_on_device && ReadableInPlace(host_req.keys, n);
+  const bool keys_in_place =
+      reads_keys && !keys_on_device && ReadableInPlace(host_req.keys, n, keys_pinned);
   const int64_t key_blocks =
       keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
   const uint64_t meta_row_bytes = 2 * d * DTypeSize(host_req.page_meta.dtype);

@@ -340,6 +340,7 @@ grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* c
   resp->set_metadata_session_pages_built(s.metadata_session_pages_built);
   resp->set_gpu_metadata_bytes(s.gpu_metadata_bytes);
   resp->set_gpu_metadata_pages_uploaded(s.gpu_metadata_pages_uploaded);
+  resp->set_metadata_prefix_view_hits(s.metadata_prefix_view_hits);
   return Done(ctx, absl::OkStatus());
 }
 

@@ -757,9 +757,16 @@ TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
         EXPECT_TRUE(SameFloat(gs[i], cs[i], 1e-3)) << what << " score " << i;
       }
       for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(gm[r], cm[r], 1e-4) << what << " mass";
-      // The same request again: the arena is reused as it is.
+      // The same request again, told that the keys are pinned blocks (only the first and last
+      // are checked then; pageable blocks are still copied): the arena is reused as it is.
       if (arena == 0) arena = (*gpu)->arena_bytes();
-      ASSERT_TRUE((*gpu)->Select(req, {gi.data(), gc.data(), gs.data(), gm.data()}).ok());
+      std::fill(gi.begin(), gi.end(), -7);
+      const uint64_t in_place_before = (*gpu)->keys_read_in_place();
+      ASSERT_TRUE((*gpu)
+                      ->Select(req, {gi.data(), gc.data(), gs.data(), gm.data()}, nullptr,
+                               /*keys_pinned=*/true)
+                      .ok());
+      EXPECT_EQ((*gpu)->keys_read_in_place() - in_place_before, layout == 2 ? 1u : 0u) << what;
       EXPECT_EQ(gi, ci) << what << " again";
     }
   }

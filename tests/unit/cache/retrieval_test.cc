@@ -673,6 +673,57 @@ TEST_F(RetrievalTest, MetadataBuiltOnceAndRederivedWhenKeysChange) {
   CheckSelection(*fourth, a, q, spec_.kv_heads, spec_.head_dim, 96, BlockKeys(spec_, kv, 0));
 }
 
+// A page-mode Select over a prefix it selected over before finds the layer's block entries in
+// one lookup (a prefix view), as long as no block changed; views never keep an entry's bytes
+// after the store let the entry go.
+TEST_F(RetrievalTest, PrefixViewLooksUpTheLayerOnce) {
+  std::vector<int32_t> tokens;
+  PutRandom(6, &tokens);
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 4);
+  a.mode = Mode::kBound;
+  a.k = 24;
+  a.layer = 1;
+  auto first = store_->Select(a);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 0u);
+  EXPECT_EQ(store_->stats().metadata_hits, 6u);
+  auto second = store_->Select(a);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 1u);
+  EXPECT_EQ(store_->stats().metadata_hits, 12u);  // a view hit counts its blocks' entries
+  EXPECT_TRUE(second->metadata_cached);
+  EXPECT_EQ(second->indices, first->indices);
+  a.mode = Mode::kBoundThenExact;
+  auto third = store_->Select(a);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 2u);
+  // Another layer has its own view.
+  a.layer = 2;
+  ASSERT_TRUE(store_->Select(a).ok());
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 2u);
+  ASSERT_TRUE(store_->Select(a).ok());
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 3u);
+
+  // Evicted, the blocks' entries go, and no view holds their bytes.
+  auto lookup = cache_->Lookup("m", tenant_, tokens);
+  ASSERT_TRUE(lookup.ok());
+  std::weak_ptr<const std::string> entry = store_->CachedPageMeta(lookup->blocks[3].hash, 1);
+  ASSERT_FALSE(entry.expired());
+  ASSERT_TRUE(cache_->Evict("m", tenant_, {}).ok());
+  EXPECT_TRUE(entry.expired());
+  // The same tokens put again with other keys: new serials, so the view is not used, and the
+  // selection follows the new keys.
+  const std::string kv = RandomBlocks(spec_, 6, rng_);
+  ASSERT_TRUE(Put(tokens, kv).ok());
+  a.layer = 1;
+  a.mode = Mode::kBound;
+  auto fourth = store_->Select(a);
+  ASSERT_TRUE(fourth.ok()) << fourth.status();
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 3u);
+  CheckSelection(*fourth, a, q, spec_.kv_heads, spec_.head_dim, 96, BlockKeys(spec_, kv, 1));
+}
+
 TEST_F(RetrievalTest, MetadataStoreIsBounded) {
   RetrievalStore::Options o;
   // One block's metadata of a layer: 2 heads x 1 page x 128 x 2 bytes = 512 bytes.
