@@ -1,4 +1,8 @@
 // CPU reference of kernels/topk and the daemon's CPU path: plain loops, fp64 accumulation.
+//
+// Every score and bound is a sum of products of two fp32-representable values, each exact in fp64;
+// the sums run in four interleaved fp64 partial sums (so that the compiler can use vectors), added
+// pairwise at the end. The result differs from a sequential sum only by fp64 rounding.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,6 +37,48 @@ char* MutableRowAddress(const MutableMatrixView& v, int64_t head, int64_t row) {
   return const_cast<char*>(RowAddress(v, head, row));
 }
 
+// n elements of `row` (dtype t) as doubles.
+void LoadRow(const char* row, int n, DType t, double* out) {
+  if (t == DType::kBF16) {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+    for (int i = 0; i < n; ++i) out[i] = BFloat16ToFloat(r[i]);
+  } else if (t == DType::kF32) {
+    const float* r = reinterpret_cast<const float*>(row);
+    for (int i = 0; i < n; ++i) out[i] = r[i];
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = LoadAsFloat(row, i, t);
+  }
+}
+
+// out[g] = q[g] . k for the `group` rows of q ([group][d]); d is a multiple of 4 (64, 128, 256).
+__attribute__((target_clones("avx2", "default"))) void GroupDots(const double* q, int group, int d,
+                                                                 const double* k, double* out) {
+  for (int g = 0; g < group; ++g, q += d) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int i = 0; i < d; i += 4) {
+      for (int j = 0; j < 4; ++j) s[j] += q[i + j] * k[i + j];
+    }
+    out[g] = (s[0] + s[1]) + (s[2] + s[3]);
+  }
+}
+
+// out[g] = sum over i of max(q[g][i] hi[i], q[g][i] lo[i]): the Quest bound, from the positive
+// and negative parts of the queries (qp = max(q, 0), qn = min(q, 0), [group][d] each), with finite
+// hi and lo (one of each term's two products is then an exact zero). d as GroupDots.
+__attribute__((target_clones("avx2", "default"))) void GroupBoundDots(const double* qp,
+                                                                      const double* qn, int group,
+                                                                      int d, const double* hi,
+                                                                      const double* lo,
+                                                                      double* out) {
+  for (int g = 0; g < group; ++g, qp += d, qn += d) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int i = 0; i < d; i += 4) {
+      for (int j = 0; j < 4; ++j) s[j] += qp[i + j] * hi[i + j] + qn[i + j] * lo[i + j];
+    }
+    out[g] = (s[0] + s[1]) + (s[2] + s[3]);
+  }
+}
+
 // One selected element and its score, ordered larger score first, then lower index.
 struct Scored {
   float score;
@@ -57,6 +103,8 @@ class Scorer {
       : req_(req),
         group_(req.query_heads / req.kv_heads),
         q_(static_cast<size_t>(req.query_heads) * req.head_dim),
+        qp_(q_.size()),
+        qn_(q_.size()),
         k_(req.head_dim) {}
 
   // Loads the queries; INVALID_ARGUMENT if one holds NaN.
@@ -70,6 +118,8 @@ class Scorer {
               absl::StrCat("query head ", h, " holds NaN at column ", d));
         }
         q_[i] = v;
+        qp_[i] = v > 0 ? v : 0.0;
+        qn_[i] = v < 0 ? v : 0.0;
       }
     }
     return absl::OkStatus();
@@ -80,18 +130,15 @@ class Scorer {
   // Scores of the `group()` query heads of KV head `kvh` against token t: out[g] for query head
   // kvh * group + g. INVALID_ARGUMENT on a NaN score (NaN key, or inf - inf).
   absl::Status GroupScores(int kvh, int64_t t, double* out) {
-    const char* row = RowAddress(req_.keys, kvh, t);
-    for (int d = 0; d < req_.head_dim; ++d) k_[d] = LoadAsFloat(row, d, req_.keys.dtype);
+    LoadRow(RowAddress(req_.keys, kvh, t), req_.head_dim, req_.keys.dtype, k_.data());
+    GroupDots(&q_[static_cast<size_t>(kvh) * group_ * req_.head_dim], group_, req_.head_dim,
+              k_.data(), out);
     for (int g = 0; g < group_; ++g) {
-      const double* q = &q_[static_cast<size_t>(kvh * group_ + g) * req_.head_dim];
-      double acc = 0.0;
-      for (int d = 0; d < req_.head_dim; ++d) acc += q[d] * k_[d];
-      if (std::isnan(acc)) {
+      if (std::isnan(out[g])) {
         return absl::InvalidArgumentError(
             absl::StrCat("score of query head ", kvh * group_ + g, " at token ", t,
                          " is NaN (NaN in the key of kv head ", kvh, ", or infinite values)"));
       }
-      out[g] = acc;
     }
     return absl::OkStatus();
   }
@@ -126,16 +173,22 @@ class Scorer {
     const char* row = RowAddress(req_.page_meta, kvh, p);
     std::vector<double>& mm = scratch_meta_;
     mm.resize(2 * d_all);
+    LoadRow(row, 2 * d_all, req_.page_meta.dtype, mm.data());
+    bool finite = true;
     for (int d = 0; d < 2 * d_all; ++d) {
-      const float v = LoadAsFloat(row, d, req_.page_meta.dtype);
-      if (std::isnan(v)) {
+      if (std::isnan(mm[d])) {
         return absl::InvalidArgumentError(absl::StrCat("page metadata of kv head ", kvh, ", page ",
                                                        p, " holds NaN at column ", d));
       }
-      mm[d] = v;
+      finite = finite && std::isfinite(mm[d]);
+    }
+    const size_t q0 = static_cast<size_t>(kvh) * group_ * d_all;
+    if (finite) {
+      GroupBoundDots(&qp_[q0], &qn_[q0], group_, d_all, mm.data(), mm.data() + d_all, out);
+      return absl::OkStatus();
     }
     for (int g = 0; g < group_; ++g) {
-      const double* q = &q_[static_cast<size_t>(kvh * group_ + g) * d_all];
+      const double* q = &q_[q0 + static_cast<size_t>(g) * d_all];
       double acc = 0.0;
       for (int d = 0; d < d_all; ++d) {
         // max(q M, q m) without 0 * inf.
@@ -153,8 +206,10 @@ class Scorer {
  private:
   const SelectRequest& req_;
   const int group_;
-  std::vector<double> q_;  // [query_heads][head_dim]
-  std::vector<double> k_;  // [head_dim]
+  std::vector<double> q_;   // [query_heads][head_dim]
+  std::vector<double> qp_;  // max(q_, 0)
+  std::vector<double> qn_;  // min(q_, 0)
+  std::vector<double> k_;   // [head_dim]
   std::vector<double> scratch_;
   std::vector<double> scratch_meta_;
 };

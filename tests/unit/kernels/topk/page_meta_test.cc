@@ -175,6 +175,51 @@ INSTANTIATE_TEST_SUITE_P(Types, PageMetaTypesTest,
                                                "_meta_", DTypeName(std::get<1>(info.param)));
                          });
 
+// Infinite keys make infinite metadata: a query column of 0 ignores it (no 0 * inf), one of the
+// right sign makes the bound +inf; finite pages keep their finite bound.
+TEST(PageMetaTest, BoundWithInfiniteMetadata) {
+  Problem p(1, 3, 64, 48, DType::kBF16, DType::kF32, 302);
+  p.SetKey(0, 3, 5, kInf);    // page 0: M[5] = +inf
+  p.SetKey(0, 20, 7, -kInf);  // page 1: m[7] = -inf
+  p.queries.Set(0 * 64 + 5, 0.0f);
+  p.queries.Set(0 * 64 + 7, 0.0f);   // head 0 ignores both
+  p.queries.Set(1 * 64 + 5, 0.5f);   // head 1: page 0 is +inf
+  p.queries.Set(1 * 64 + 7, 0.25f);  // ... page 1 finite (q > 0 reads M[7])
+  p.queries.Set(2 * 64 + 5, -0.5f);  // head 2: page 0 finite (q < 0 reads m[5])
+  p.queries.Set(2 * 64 + 7, -2.0f);  // ... page 1 is +inf (-2 * -inf)
+  p.BuildMeta(DType::kBF16);
+  std::vector<float> bounds(3 * p.pages(), -1.0f);
+  ASSERT_TRUE(
+      PageBoundCpu(p.Request(Mode::kBound, GqaReduction::kPerQueryHead, 1), bounds.data()).ok());
+  // The bound as the branches define it: a term q M for q > 0, q m for q < 0, none for q = 0.
+  auto bound = [&](int h, int64_t page) {
+    double acc = 0.0;
+    for (int c = 0; c < 64; ++c) {
+      const double q = p.Query(h, c);
+      if (q > 0) acc += q * p.MetaHi(0, page, c);
+      if (q < 0) acc += q * p.MetaLo(0, page, c);
+    }
+    return acc;
+  };
+  const double want[3][3] = {{bound(0, 0), bound(0, 1), bound(0, 2)},
+                             {kInf, bound(1, 1), bound(1, 2)},
+                             {bound(2, 0), kInf, bound(2, 2)}};
+  for (int h = 0; h < 3; ++h) {
+    for (int64_t page = 0; page < 3; ++page) {
+      const float got = bounds[h * p.pages() + page];
+      if (std::isinf(want[h][page])) {
+        EXPECT_EQ(got, kInf) << "head " << h << " page " << page;
+      } else {
+        ASSERT_TRUE(std::isfinite(want[h][page]));
+        EXPECT_NEAR(got, want[h][page], 1e-6 * std::fabs(want[h][page]))
+            << "head " << h << " page " << page;
+      }
+    }
+  }
+  EXPECT_EQ(p.MetaHi(0, 0, 5), kInf);
+  EXPECT_EQ(p.MetaLo(0, 1, 7), -kInf);
+}
+
 TEST(PageMetaTest, DenseViewOfMetadataMustUseTheFullPageCount) {
   // The dense views above have head_stride = pages(n) * 2d for the final n; check that a
   // prefix build with that stride equals the bulk build's pages of the prefix.
