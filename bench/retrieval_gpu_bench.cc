@@ -11,13 +11,14 @@
 // metadata is re-derived) or decode steps (one token appended and filled). The GPU's selection is
 // compared with the CPU's (rows equal). Prints a table and one JSON line. --pinned_host: the
 // cache's host tier in pinned memory, as the daemon has it beside a GPU tier (the GPU path then
-// reads a prefix's keys in place instead of copying them). --cpu_only: the CPU path alone (a
-// machine without a GPU).
+// reads a prefix's keys in place instead of copying them). --gpu_tier: Puts also land in a GPU
+// tier on device 0 (write tier gpu), whose blocks the GPU path reads where they are. --cpu_only:
+// the CPU path alone (a machine without a GPU).
 // --session_device gpu: the session in GPU memory (EXACT on the GPU path then reads its keys
 // there).
 //
 //   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
-//                       [--source prefix,session] [--pinned_host] [--cpu_only]
+//                       [--source prefix,session] [--pinned_host] [--gpu_tier] [--cpu_only]
 //                       [--session_device cpu|gpu]
 #include <algorithm>
 #include <cstdio>
@@ -32,6 +33,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "cache/gpu_tier.h"
 #include "cache/kv_cache.h"
 #include "cache/pinned_allocator.h"
 #include "cache/retrieval.h"
@@ -46,6 +48,7 @@ ABSL_FLAG(int32_t, reps, 7, "timed Selects per row (after one warm-up)");
 ABSL_FLAG(std::string, query_dtype, "f32", "dtype of the queries: f32 or bf16");
 ABSL_FLAG(std::string, source, "prefix,session", "sources to time: prefix, session");
 ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)");
+ABSL_FLAG(bool, gpu_tier, false, "Puts also land in a GPU tier on device 0 (write tier gpu)");
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
 ABSL_FLAG(bool, verify_metadata, true,
@@ -102,6 +105,16 @@ int Main() {
       return std::fprintf(stderr, "pinned: %s\n", pinned.status().ToString().c_str()), 1;
     }
     co.host_allocator = *std::move(pinned);
+  }
+  if (absl::GetFlag(FLAGS_gpu_tier)) {
+    GpuTier::Options g;
+    g.slot_bytes = (BlockBytes(spec) + 255) / 256 * 256;
+    g.capacity_bytes = g.slot_bytes * static_cast<uint64_t>(n / spec.block_tokens);
+    auto tier = GpuTier::Create(g);
+    if (!tier.ok())
+      return std::fprintf(stderr, "gpu tier: %s\n", tier.status().ToString().c_str()), 1;
+    co.gpu = *std::move(tier);
+    co.policy.write_tier = WriteTier::kGpu;
   }
   auto cache = KvCache::Create(std::move(co));
   if (!cache.ok()) return std::fprintf(stderr, "cache: %s\n", cache.status().ToString().c_str()), 1;

@@ -96,6 +96,7 @@ ReadHandle& ReadHandle::operator=(ReadHandle&& o) noexcept {
     block_bytes_ = o.block_bytes_;
     blocks_ = std::move(o.blocks_);
     data_ = std::move(o.data_);
+    device_ = std::move(o.device_);
     tokens_ = o.tokens_;
     temp_ = std::move(o.temp_);
   }
@@ -112,6 +113,7 @@ void ReadHandle::Release() {
   cache_ = nullptr;
   blocks_.clear();
   data_.clear();
+  device_.clear();
   temp_.clear();
 }
 
@@ -1052,11 +1054,13 @@ absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
     CountRequestsLocked(found, n < hashes.size());
     handle.blocks_.reserve(n);
     handle.data_.reserve(n);
+    handle.device_.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       Entry& e = *found[i];
-      ++e.readers;
+      ++e.readers;  // a held block keeps its GPU copy too (GPU copies of read blocks stay)
       handle.blocks_.push_back(e.info);
       handle.data_.push_back(e.data);
+      handle.device_.push_back(e.gpu && !e.gpu_pending ? gpu_->SlotPointer(*e.gpu) : nullptr);
       if (e.data == nullptr) loads.push_back({i, hashes[i], e.model, e.gpu, nullptr, {}});
     }
     ++stats_.gets;
@@ -1151,6 +1155,7 @@ absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
     handle.temp_ = std::move(temp_kept);
     handle.blocks_.resize(keep);
     handle.data_.resize(keep);
+    handle.device_.resize(keep);
     for (const BlockHash& h : dead) {
       auto it = index_.find(h);
       if (it != index_.end() && it->second.readers == 0) EvictTreeLocked(h, /*ignore_pins=*/true);

@@ -196,6 +196,9 @@ class ReadHandle {
 
   // The stored bytes of block i, [layer][k|v][kv_head][token][head_dim].
   absl::string_view bytes(size_t i) const;
+  // Block i's copy in the GPU tier (device memory of KvCache::gpu_device(), the same layout), kept
+  // while the handle holds the block; nullptr when the block had none when it was acquired.
+  const void* device_bytes(size_t i) const { return device_[i]; }
   // Writes block i into dst (block_bytes() bytes) with its keys at positions starting from
   // `target_position` (nullopt: as stored), re-rotated from the stored copy in one rotation.
   absl::Status CopyBlock(size_t i, void* dst, std::optional<int64_t> target_position) const;
@@ -211,6 +214,7 @@ class ReadHandle {
   uint64_t block_bytes_;
   std::vector<BlockInfo> blocks_;
   std::vector<const void*> data_;
+  std::vector<const void*> device_;  // GPU-tier copies, or nullptr
   uint32_t tokens_ = 0;
   // Host copies made for this read only (promote_on_read off), freed on release.
   std::vector<void*> temp_;
@@ -296,6 +300,8 @@ class KvCache {
 
   const TierPolicy& policy() const { return options_.policy; }
   bool has_gpu_tier() const { return gpu_ != nullptr; }
+  // The CUDA device of the GPU tier, or -1 without one.
+  int gpu_device() const { return gpu_ != nullptr ? gpu_->device() : -1; }
   bool has_disk_tier() const { return disk_ != nullptr; }
   // Whether every host copy a ReadHandle hands out is page-locked memory that CUDA devices read at
   // the same address (the pinned host tier beside a GPU tier).

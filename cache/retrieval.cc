@@ -965,11 +965,30 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     meta_name.names = views.meta_names;
     meta_name.pages_per_unit = views.meta_pages_per_unit;
     const bool named = page_mode && !views.meta_names.empty();
-    // Blocks of a pinned host tier are read in place without asking the driver about each one.
-    const bool keys_pinned = !src->session() && cache_->host_device_readable() &&
-                             std::all_of(src->rerotated.begin(), src->rerotated.end(),
-                                         [](const std::string& r) { return r.empty(); });
-    absl::Status s = gpu_->Select(req, result, named ? &meta_name : nullptr, keys_pinned);
+    // A prefix's keys as stored (none re-rotated) come from one pool: the GPU tier on this
+    // device when every block has a copy there (read in HBM), else the host tier, which the driver
+    // need not be asked about block by block when it is pinned.
+    topk::SelectRequest gpu_req = req;
+    bool one_pool = false;
+    std::vector<const void*> device_key_blocks;
+    if (!src->session() && std::all_of(src->rerotated.begin(), src->rerotated.end(),
+                                       [](const std::string& r) { return r.empty(); })) {
+      one_pool = cache_->host_device_readable();
+      const ReadHandle& h = *src->handle;
+      if (reads_keys && cache_->gpu_device() == gpu_->device()) {
+        const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+        for (size_t b = 0; b < h.blocks().size() && h.device_bytes(b) != nullptr; ++b) {
+          device_key_blocks.push_back(static_cast<const char*>(h.device_bytes(b)) +
+                                      2 * static_cast<uint64_t>(args.layer) * plane);
+        }
+        if (device_key_blocks.size() == h.blocks().size()) {
+          gpu_req.keys = topk::BlockedMatrix(device_key_blocks.data(), spec.dtype,
+                                             spec.block_tokens, spec.head_dim);
+          one_pool = true;
+        }
+      }
+    }
+    absl::Status s = gpu_->Select(gpu_req, result, named ? &meta_name : nullptr, one_pool);
     if (s.ok()) {
       on_gpu = true;
     } else if (s.code() == absl::StatusCode::kUnavailable ||
@@ -1154,6 +1173,7 @@ RetrievalStore::Stats RetrievalStore::stats() const {
   if (gpu_ != nullptr) {
     s.gpu_metadata_bytes = gpu_->meta_bytes();
     s.gpu_metadata_pages_uploaded = gpu_->meta_pages_uploaded();
+    s.gpu_keys_in_place = gpu_->keys_read_in_place();
   }
   absl::MutexLock lock(&selections_mu_);
   s.selections = selections_.size();

@@ -203,6 +203,9 @@ class RetrievalStore {
     uint64_t gpu_fallbacks = 0;       // selects meant for the GPU that ran SelectCpu instead
     uint64_t gpu_metadata_bytes = 0;  // page metadata kept on the device
     uint64_t gpu_metadata_pages_uploaded = 0;  // pages of it copied there so far
+    // GPU selects that read the keys where they are: pinned host blocks over the bus, blocks of the
+    // GPU tier or a GPU session's layer in device memory (not copied through staging).
+    uint64_t gpu_keys_in_place = 0;
   };
 
   // `cache` (borrowed, must outlive the store) holds prefixes; `sessions` (borrowed, may be null:

@@ -94,22 +94,24 @@ struct Layout {
   }
 };
 
-// Whether every block of the blocked view `v` (`rows` rows) is page-locked host memory that the
-// device reads at the same address (cudaHostAlloc on a system with unified addressing: the
-// daemon's pinned host tier), so that SelectCuda can read the keys in place over the bus instead
-// of a staged copy. A pointer the runtime does not know is pageable memory. With `pinned` (every
-// block from one allocator of such memory, as the caller knows) the first and last blocks stand
-// for the rest.
-bool ReadableInPlace(const topk::MatrixView& v, int64_t rows, bool pinned) {
+// Whether every block of the blocked view `v` (`rows` rows) is memory `device` reads at the same
+// address: page-locked host memory (cudaHostAlloc on a system with unified addressing: the
+// daemon's pinned host tier), read over the bus, or memory of `device` itself (the GPU tier), so
+// that SelectCuda reads the keys in place instead of a staged copy. A pointer the runtime does not
+// know is pageable memory. With `one_pool` (every block from one pool of such memory, as the
+// caller knows) the first and last blocks stand for the rest.
+bool ReadableInPlace(const topk::MatrixView& v, int64_t rows, int device, bool one_pool) {
   if (v.blocks == nullptr) return false;
   const int64_t blocks = (rows + v.rows_per_block - 1) / v.rows_per_block;
-  for (int64_t b = 0; b < blocks; b = pinned && b < blocks - 1 ? blocks - 1 : b + 1) {
+  for (int64_t b = 0; b < blocks; b = one_pool && b < blocks - 1 ? blocks - 1 : b + 1) {
     cudaPointerAttributes a;
     if (cudaPointerGetAttributes(&a, v.blocks[b]) != cudaSuccess) {
       cudaGetLastError();  // clears the error of an unknown pointer
       return false;
     }
-    if (a.type != cudaMemoryTypeHost || a.devicePointer != v.blocks[b]) return false;
+    const bool host = a.type == cudaMemoryTypeHost && a.devicePointer == v.blocks[b];
+    const bool here = a.type == cudaMemoryTypeDevice && a.device == device;
+    if (!host && !here) return false;
   }
   return true;
 }
@@ -436,7 +438,7 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
                                   const topk::SelectResult& host_result, const MetaName* meta_name,
-                                  bool keys_pinned) {
+                                  bool keys_from_one_pool) {
   if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
   const bool want_mass = host_result.mass != nullptr;
   // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
@@ -456,11 +458,11 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
   const int64_t d = host_req.head_dim;
   const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(host_req));
   const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(host_req));
-  // Keys in pinned blocks are read where they are: only the block pointers go to the device. Keys
-  // already in this device's memory are read there.
+  // Keys in blocks the device reads (pinned host memory, or its own: the GPU tier) are read where
+  // they are: only the block pointers go to the device. Dense keys in its memory are read there.
   const bool keys_on_device = reads_keys && OnDevice(host_req.keys, device_);
-  const bool keys_in_place =
-      reads_keys && !keys_on_device && ReadableInPlace(host_req.keys, n, keys_pinned);
+  const bool keys_in_place = reads_keys && !keys_on_device &&
+                             ReadableInPlace(host_req.keys, n, device_, keys_from_one_pool);
   const int64_t key_blocks =
       keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
   const uint64_t meta_row_bytes = 2 * d * DTypeSize(host_req.page_meta.dtype);

@@ -6,7 +6,8 @@
 // follow; SelectCuda runs with a workspace of SelectWorkspaceBytes; indices, counts, scores and
 // mass come back. Keys in blocks of page-locked host memory the device can address (the daemon's
 // pinned host tier) are not copied: SelectCuda reads them in place over the bus, given only the
-// block pointers; dense keys already in this device's memory (a GPU session's) are read there.
+// block pointers; keys already in this device's memory (a GPU session's layer, or blocks of the
+// GPU tier) are read there.
 // Built from retrieval_gpu.cu with CUDA; from retrieval_gpu_nocuda.cc without (Create answers
 // UNAVAILABLE, so the store keeps SelectCpu). No CUDA types here.
 //
@@ -72,12 +73,12 @@ class RetrievalGpu {
   // On an error host_result may have been partly written.
   // With `meta_name` (page modes), the metadata is read from its device copy, made or updated first
   // (a request whose names do not cover its pages, or that does not fit, is copied as without).
-  // `keys_pinned`: the caller knows every key block comes from one allocator of page-locked
-  // memory the device reads at the same address (KvCache::host_device_readable); only the first
-  // and last blocks are checked then, instead of every one (a driver call each: ~0.2 us, 0.4 ms
-  // for the 2048 blocks of 32K tokens).
+  // `keys_from_one_pool`: the caller knows every key block comes from one pool of memory the
+  // device reads at the same address (the pinned host tier: KvCache::host_device_readable; or the
+  // GPU tier's arena on this device); only the first and last blocks are checked then, instead of
+  // every one (a driver call each: ~0.2 us, 0.4 ms for the 2048 blocks of 32K tokens).
   absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result,
-                      const MetaName* meta_name = nullptr, bool keys_pinned = false);
+                      const MetaName* meta_name = nullptr, bool keys_from_one_pool = false);
 
   // Builds the page metadata of keys in this device's memory (a dense view, e.g. a GPU session's
   // layer from SessionReader::LayerOnDevice) with topk::BuildPageMetaCuda, the same bits as

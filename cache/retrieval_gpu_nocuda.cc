@@ -33,7 +33,7 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& /*device_keys*/
 
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
                                   const topk::SelectResult& /*host_result*/,
-                                  const MetaName* /*meta_name*/, bool /*keys_pinned*/) {
+                                  const MetaName* /*meta_name*/, bool /*keys_from_one_pool*/) {
   return NotBuilt();
 }
 

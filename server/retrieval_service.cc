@@ -341,6 +341,7 @@ grpc::ServerUnaryReactor* RetrievalService::Stats(grpc::CallbackServerContext* c
   resp->set_gpu_metadata_bytes(s.gpu_metadata_bytes);
   resp->set_gpu_metadata_pages_uploaded(s.gpu_metadata_pages_uploaded);
   resp->set_metadata_prefix_view_hits(s.metadata_prefix_view_hits);
+  resp->set_gpu_keys_in_place(s.gpu_keys_in_place);
   return Done(ctx, absl::OkStatus());
 }
 

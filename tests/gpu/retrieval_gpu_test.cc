@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cache/gpu_tier.h"
 #include "cache/kv_cache.h"
 #include "cache/retrieval.h"
 #include "cache/session.h"
@@ -171,7 +172,7 @@ class RetrievalGpuTest : public ::testing::Test {
 
   void Init(int block_tokens, DType dtype, int head_dim = 128, int kv_heads = 4,
             SessionDevice session_device = SessionDevice::kCpu,
-            uint64_t gpu_metadata_capacity = 1ull << 30) {
+            uint64_t gpu_metadata_capacity = 1ull << 30, uint32_t gpu_tier_blocks = 0) {
     gpu_.reset();  // before their cache goes
     cpu_.reset();
     sessions_.reset();
@@ -186,6 +187,16 @@ class RetrievalGpuTest : public ::testing::Test {
     KvCache::Options o;
     o.background_maintenance = false;
     o.host_capacity_bytes = 1ull << 30;
+    if (gpu_tier_blocks > 0) {
+      // Puts land in a GPU tier of that many block slots on device 0 too (pageable host tier).
+      GpuTier::Options g;
+      g.slot_bytes = (BlockBytes(spec_) + 255) / 256 * 256;
+      g.capacity_bytes = g.slot_bytes * gpu_tier_blocks;
+      auto tier = GpuTier::Create(g);
+      ASSERT_TRUE(tier.ok()) << tier.status();
+      o.gpu = *std::move(tier);
+      o.policy.write_tier = WriteTier::kGpu;
+    }
     auto cache = KvCache::Create(std::move(o));
     ASSERT_TRUE(cache.ok()) << cache.status();
     cache_ = *std::move(cache);
@@ -569,6 +580,71 @@ TEST_F(RetrievalGpuTest, PrefixMetadataStaysOnTheDevice) {
 }
 
 // Rows longer than one block's shared memory (the multi-block selection), gather and keep.
+// A prefix whose every block has a copy in the GPU tier (on the store's device) is selected over
+// where it is: only the block pointers go to the device. Where a block has no GPU copy, the keys
+// are copied as before. The selections equal the CPU's either way.
+TEST_F(RetrievalGpuTest, PrefixInTheGpuTierIsReadThere) {
+  Init(16, DType::kBF16, 128, 4, SessionDevice::kCpu, 1ull << 30, /*gpu_tier_blocks=*/48);
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(40, &tokens);
+  ASSERT_EQ(cache_->Stats().tiers[1].tier, TierKind::kGpu);
+  ASSERT_EQ(cache_->Stats().tiers[1].blocks, 40u);
+  SelectArgs base = PrefixArgs(tokens);
+  base.layer = 1;
+  base.query_heads = 8;
+  base.k = 100;
+  base.n_sink = 2;
+  base.n_local = 16;
+  const KeyFn key = BlockKeys(spec_, kv, 1);
+  uint64_t reads = 0, in_place = gpu_->stats().gpu_keys_in_place;
+  RunGrid(base, spec_.head_dim, key, rng_,
+          [&](const SelectArgs& a, const std::string& q, const KeyFn& k, const std::string& what) {
+            Compare(a, q, k, what);
+            // Page modes read keys for BOUND_THEN_EXACT, or for scores and mass.
+            if (topk::SelectReadsKeys(a.mode, a.want_scores, a.want_mass)) ++reads;
+            EXPECT_EQ(gpu_->stats().gpu_keys_in_place - in_place, reads) << what;
+          });
+  EXPECT_GT(reads, 0u);
+
+  // A longer prompt of 56 blocks, in a GPU tier of 48 slots: copied, not read in place.
+  const std::vector<int32_t> more = Tokens(16 * spec_.block_tokens);
+  const std::string kv_more =
+      RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * 16, spec_.dtype, rng_);
+  std::vector<int32_t> longer = tokens;
+  longer.insert(longer.end(), more.begin(), more.end());
+  {
+    PutOptions p;
+    p.model = "m";
+    p.tenant = "t";
+    p.tokens = more;
+    p.parent = cache_->Lookup("m", "t", tokens)->blocks.back().hash;
+    auto w = cache_->BeginPut(std::move(p));
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->Write(kv_more).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+  {
+    auto held = cache_->AcquirePrefix("m", "t", longer, 0);
+    ASSERT_TRUE(held.ok());
+    ASSERT_EQ(held->blocks().size(), 56u);
+    int on_gpu = 0;
+    for (size_t b = 0; b < 56; ++b) on_gpu += held->device_bytes(b) != nullptr;
+    EXPECT_EQ(on_gpu, 48);
+  }
+  SelectArgs a = PrefixArgs(longer);
+  a.layer = 0;
+  a.query_heads = 8;
+  a.k = 64;
+  a.mode = Mode::kExact;
+  const std::string q = RandomElems(8 * 128, DType::kF32, rng_);
+  a.queries = q;
+  const uint64_t before = gpu_->stats().gpu_keys_in_place;
+  std::string all_kv = kv;
+  all_kv += kv_more;
+  Compare(a, q, BlockKeys(spec_, all_kv, 0), "longer, partly in the GPU tier");
+  EXPECT_EQ(gpu_->stats().gpu_keys_in_place, before);
+}
+
 TEST_F(RetrievalGpuTest, LongPrefixGpuEqualsCpu) {
   Init(16, DType::kBF16);
   const int64_t n = 20480;
