@@ -1191,6 +1191,45 @@ absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl:
   return handle;
 }
 
+absl::StatusOr<ReadHandle> KvCache::AcquireChain(absl::string_view model, const BlockHash& last) {
+  auto m = models_.Resolve(model);
+  if (!m.ok()) return m.status();
+  std::vector<BlockHash> hashes;
+  {
+    absl::MutexLock lock(&mu_);
+    // Parents up to a block without one: the start of a prompt (or of a segment).
+    std::optional<BlockHash> at = last;
+    while (at.has_value()) {
+      auto it = index_.find(*at);
+      if (it == index_.end() || it->second.model != m->id) {
+        return absl::NotFoundError(
+            hashes.empty() ? absl::StrCat("block ", last.Hex(), " is not cached for model ", m->id)
+                           : absl::StrCat("block ", last.Hex(),
+                                          " is cached, but not every block before "
+                                          "it back to the start of its prompt"));
+      }
+      hashes.push_back(*at);
+      at = it->second.parent;
+    }
+  }
+  std::reverse(hashes.begin(), hashes.end());
+  auto handle = Acquire(*m, hashes, /*all_or_none=*/true);
+  if (!handle.ok()) {
+    if (absl::IsNotFound(handle.status())) {
+      return absl::NotFoundError(absl::StrCat("the chain of block ", last.Hex(),
+                                              " is no longer cached whole for model ", m->id));
+    }
+    return handle.status();
+  }
+  handle->tokens_ = static_cast<uint32_t>(hashes.size()) * m->spec.block_tokens;
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.bytes_out += handle->blocks_.size() * handle->block_bytes_;
+  }
+  if (options_.policy.gpu_promote_on_read && gpu_ != nullptr) UploadToGpu(hashes);
+  return handle;
+}
+
 absl::StatusOr<ReadHandle> KvCache::AcquireSegment(absl::string_view model,
                                                    absl::string_view tenant,
                                                    absl::Span<const int32_t> tokens) {

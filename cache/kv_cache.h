@@ -267,6 +267,13 @@ class KvCache {
   absl::StatusOr<ReadHandle> AcquirePrefix(absl::string_view model, absl::string_view tenant,
                                            absl::Span<const int32_t> tokens, uint32_t max_blocks);
 
+  // Holds the prefix that ends at block `last` (its chained hash, as a Put or Lookup gave it):
+  // `last`, its parent, and so on to the first block of the prompt, all of them; no token is
+  // hashed. A segment's blocks chain the same way (whole blocks: a padded last block counts
+  // whole). NOT_FOUND when `last` is not a cached block of `model`, or a block before it is not
+  // cached; otherwise as AcquirePrefix.
+  absl::StatusOr<ReadHandle> AcquireChain(absl::string_view model, const BlockHash& last);
+
   // Holds the segment of exactly `tokens` for reading; NOT_FOUND when it is not (fully) cached;
   // DATA_LOSS when a block of it failed verification on disk (it is dropped); RESOURCE_EXHAUSTED
   // when the host has no room to copy it in.

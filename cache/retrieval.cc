@@ -23,10 +23,8 @@ struct RetrievalStore::SourceData {
   ModelSpec spec;
   int64_t num_tokens = 0;
   // Prefix.
-  std::string tenant;
   std::optional<ReadHandle> handle;
   std::vector<std::string> rerotated;  // per block: empty = read as stored
-  std::vector<int32_t> tokens;         // the N tokens covered
   // Session.
   std::string session_id;
   std::shared_ptr<const SessionReader> reader;
@@ -246,12 +244,10 @@ int RetrievalStore::device() const { return gpu_ != nullptr ? gpu_->device() : -
 
 namespace {
 
-// Holds the longest cached prefix of `tokens` (max_blocks: 0 = all) into src, with blocks whose
-// keys sit at another position than their place re-rotated to it.
-absl::Status HoldPrefix(KvCache* cache, const std::string& model, const std::string& tenant,
-                        absl::Span<const int32_t> tokens, uint32_t max_blocks,
-                        std::optional<ReadHandle>* handle, std::vector<std::string>* rerotated) {
-  auto h = cache->AcquirePrefix(model, tenant, tokens, max_blocks);
+// Holds the prefix `h` acquired (KvCache::AcquirePrefix or AcquireChain), with blocks whose keys
+// sit at another position than their place re-rotated to it.
+absl::Status HoldPrefix(absl::StatusOr<ReadHandle> h, std::optional<ReadHandle>* handle,
+                        std::vector<std::string>* rerotated) {
   if (!h.ok()) return h.status();
   const std::vector<BlockInfo>& blocks = h->blocks();
   rerotated->assign(blocks.size(), std::string());
@@ -297,9 +293,11 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
   if (!model.ok()) return model.status();
   src.model = model->id;
   src.spec = model->spec;
-  src.tenant = source.tenant;
   absl::Status s =
-      HoldPrefix(cache_, model->id, source.tenant, source.tokens, 0, &src.handle, &src.rerotated);
+      HoldPrefix(source.last_block.has_value()
+                     ? cache_->AcquireChain(model->id, *source.last_block)
+                     : cache_->AcquirePrefix(model->id, source.tenant, source.tokens, 0),
+                 &src.handle, &src.rerotated);
   if (!s.ok()) return s;
   src.num_tokens = src.handle->matched_tokens();
   if (src.num_tokens == 0) {
@@ -308,7 +306,6 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
                                             ", tenant '", source.tenant, "' (blocks of ",
                                             src.spec.block_tokens, " tokens)"));
   }
-  src.tokens.assign(source.tokens.begin(), source.tokens.begin() + src.num_tokens);
   return src;
 }
 
@@ -1041,8 +1038,6 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     if (src->session()) {
       kept->session_ = src->reader;
     } else {
-      kept->tenant_ = src->tenant;
-      kept->tokens_ = src->tokens;
       kept->last_block_ = src->handle->blocks().back().hash;
     }
     auto id = Keep(std::move(kept));
@@ -1123,16 +1118,14 @@ absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, vo
   if (sel.session_ != nullptr) {
     src.reader = sel.session_;
   } else {
-    const uint32_t blocks = static_cast<uint32_t>(sel.num_tokens_ / spec.block_tokens);
-    absl::Status s = HoldPrefix(cache_, sel.model_, sel.tenant_, sel.tokens_, blocks, &src.handle,
-                                &src.rerotated);
-    if (!s.ok()) return s;
-    if (src.handle->matched_tokens() != sel.num_tokens_ ||
-        src.handle->blocks().back().hash != sel.last_block_) {
-      return absl::NotFoundError(absl::StrCat(
-          "the blocks the selection was made over are no longer cached: it covers ",
-          sel.num_tokens_, " tokens, ", src.handle->matched_tokens(), " are cached now"));
+    absl::Status s =
+        HoldPrefix(cache_->AcquireChain(sel.model_, sel.last_block_), &src.handle, &src.rerotated);
+    if (absl::IsNotFound(s)) {
+      return absl::NotFoundError(absl::StrCat("the blocks the selection was made over (",
+                                              sel.num_tokens_,
+                                              " tokens) are no longer all cached: ", s.message()));
     }
+    if (!s.ok()) return s;
   }
   const uint64_t half = sel.layer_bytes() / 2;
   char* dst_values = static_cast<char*>(dst) + half;

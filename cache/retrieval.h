@@ -77,6 +77,9 @@ struct RetrievalSource {
   std::string model;
   std::string tenant;
   std::vector<int32_t> tokens;
+  // Or, instead of tokens and tenant: the prefix that ends at this block (KvCache::AcquireChain),
+  // whose chained hash a Put or Lookup returned; all of it must be cached.
+  std::optional<BlockHash> last_block;
   // When not empty: the whole document of this session (no tokens awaiting Fill).
   std::string session_id;
 };
@@ -143,9 +146,7 @@ class KeptSelection {
   std::vector<int32_t> indices_;
   // Prefix: re-acquired on Gather and checked to be the same blocks (the cache stays free to
   // evict them meanwhile).
-  std::string tenant_;
-  std::vector<int32_t> tokens_;  // the N tokens selected over
-  BlockHash last_block_;
+  BlockHash last_block_;  // a prefix's: Gather holds the chain that ends there
   // Session: the document as it was selected over (chunks are immutable and shared).
   std::shared_ptr<const SessionReader> session_;
 };

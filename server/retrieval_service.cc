@@ -92,6 +92,17 @@ absl::StatusOr<SelectArgs> FromProto(const v1::SelectRequest& req) {
       a.source.tenant = req.source().prefix().tenant();
       a.source.tokens.assign(req.source().prefix().tokens().begin(),
                              req.source().prefix().tokens().end());
+      if (!req.source().prefix().last_block().empty()) {
+        if (!a.source.tokens.empty()) {
+          return absl::InvalidArgumentError("source.prefix: give tokens or last_block, not both");
+        }
+        auto last = BlockHash::FromRaw(req.source().prefix().last_block());
+        if (!last.ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("source.prefix.last_block: ", last.status().message()));
+        }
+        a.source.last_block = *last;
+      }
       break;
     case v1::SelectSource::kSessionId:
       if (req.source().session_id().empty()) {

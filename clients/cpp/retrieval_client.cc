@@ -22,6 +22,7 @@ v1::SelectRequest ToRequest(const SelectArgs& a) {
     p->set_model(a.model);
     p->set_tenant(a.tenant);
     p->mutable_tokens()->Add(a.tokens.begin(), a.tokens.end());
+    p->set_last_block(a.last_block);
   }
   req.set_layer(a.layer);
   req.set_query_heads(a.query_heads);

@@ -29,10 +29,13 @@
 namespace ropekv::client {
 
 struct SelectArgs {
-  // The source: a session when session_id is set, else the longest cached prefix of `tokens`.
+  // The source: a session when session_id is set, else the longest cached prefix of `tokens`, or
+  // (last_block set, tokens empty) the prefix that ends at that block: the 32-byte hash a Put or
+  // Lookup returned for its last block.
   std::string model;  // id or name
   std::string tenant;
   std::vector<int32_t> tokens;
+  std::string last_block;
   std::string session_id;
 
   int32_t layer = 0;

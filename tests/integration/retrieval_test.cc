@@ -108,13 +108,17 @@ class RetrievalServiceTest : public ::testing::Test {
     return q;
   }
 
-  void Put(const std::vector<int32_t>& tokens, const std::vector<uint8_t>& blocks) {
+  // Puts the blocks; returns the last block's hash.
+  std::string Put(const std::vector<int32_t>& tokens, const std::vector<uint8_t>& blocks) {
     client::PutArgs a;
     a.model = "m";
     a.tokens = tokens;
     auto put =
         kv_->Put(a, KvView{blocks, KvShape::Of(Spec(), static_cast<uint32_t>(tokens.size() / 16))});
-    ASSERT_TRUE(put.ok()) << put.status();
+    EXPECT_TRUE(put.ok()) << put.status();
+    return put.ok() && put->block_hashes_size() > 0
+               ? put->block_hashes(put->block_hashes_size() - 1)
+               : std::string();
   }
 
   // Checks row r of an EXACT kMax selection against fp64 scores of `key(layer, head, t, c)`.
@@ -197,7 +201,7 @@ class RetrievalServiceTest : public ::testing::Test {
 TEST_F(RetrievalServiceTest, SelectGatherOverPrefix) {
   const std::vector<int32_t> tokens = Tokens(40 * kBlockTokens);
   const std::vector<uint8_t> blocks = RandomBlocks(40);
-  Put(tokens, blocks);
+  const std::string last_block = Put(tokens, blocks);
   const std::vector<float> q = Queries();
   SelectArgs a;
   a.model = "m";
@@ -253,9 +257,28 @@ TEST_F(RetrievalServiceTest, SelectGatherOverPrefix) {
   EXPECT_EQ(std::memcmp(g->data.data() + lb, sel->gathered.data(), lb), 0);
   CheckGathered(g->data.data() + 2 * lb, h, 0, kv_at);
 
+  // The prefix named by its last block's hash (32 bytes instead of the tokens): the same answer.
+  SelectArgs by_hash = a;
+  by_hash.tokens.clear();
+  by_hash.last_block = last_block;
+  by_hash.keep = false;
+  auto sel2 = retrieval_->Select(by_hash);
+  ASSERT_TRUE(sel2.ok()) << sel2.status();
+  EXPECT_EQ(sel2->header.num_tokens(), 640);
+  ASSERT_EQ(sel2->header.rows_size(), h.rows_size());
+  for (int r = 0; r < h.rows_size(); ++r) {
+    EXPECT_TRUE(std::equal(h.rows(r).indices().begin(), h.rows(r).indices().end(),
+                           sel2->header.rows(r).indices().begin(),
+                           sel2->header.rows(r).indices().end()));
+    EXPECT_TRUE(std::equal(h.rows(r).scores().begin(), h.rows(r).scores().end(),
+                           sel2->header.rows(r).scores().begin(),
+                           sel2->header.rows(r).scores().end()));
+  }
+  EXPECT_EQ(sel2->gathered, sel->gathered);
+
   auto stats = retrieval_->Stats();
   ASSERT_TRUE(stats.ok());
-  EXPECT_EQ(stats->selects(), 1u);
+  EXPECT_EQ(stats->selects(), 2u);
   EXPECT_EQ(stats->gathers(), 3u);
   EXPECT_EQ(stats->selections(), 1u);
   ASSERT_TRUE(retrieval_->Release(h.selection_id()).ok());
@@ -405,6 +428,13 @@ TEST_F(RetrievalServiceTest, BadRequestsGetTheRightCodes) {
   a = good;
   a.session_id = "no-such-session";
   EXPECT_EQ(code(a), absl::StatusCode::kNotFound);
+  a = good;
+  a.last_block = std::string(32, '\x01');  // with tokens
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
+  a.tokens.clear();
+  EXPECT_EQ(code(a), absl::StatusCode::kNotFound);  // no such block
+  a.last_block = "short";
+  EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);
   a = good;
   a.layer = kLayers;
   EXPECT_EQ(code(a), absl::StatusCode::kInvalidArgument);

@@ -67,6 +67,35 @@ def test_exact_selection_matches_fp64_and_gathers(client, model, tenant):
     assert client.retrieval.stats().selects >= 1
 
 
+def test_select_by_last_block_equals_select_by_tokens(client, model, tenant):
+    rng = np.random.default_rng(11)
+    kv = rng.standard_normal((12, LAYERS, 2, KV_HEADS, BT, HEAD_DIM)).astype(np.float32)
+    tokens = rng.integers(0, 50000, size=12 * BT).tolist()
+    put = client.put(model, tokens, kv, tenant=tenant)
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    for mode in ("exact", "bound", "bound_then_exact"):
+        by_tokens = client.select(q, 20, model=model, tokens=tokens, tenant=tenant, layer=1,
+                                  mode=mode, want_scores=True)
+        for last in (put.block_hashes[-1], put.block_hashes[-1].hex()):
+            by_hash = client.select(q, 20, model=model, last_block=last, layer=1, mode=mode,
+                                    want_scores=True)
+            assert by_hash.header.num_tokens == len(tokens)
+            for a, b in zip(by_tokens.indices, by_hash.indices):
+                np.testing.assert_array_equal(a, b)
+            for a, b in zip(by_tokens.scores, by_hash.scores):
+                np.testing.assert_array_equal(a, b)
+    # An earlier block's hash: the prefix that ends there.
+    short = client.select(q, 8, model=model, last_block=put.block_hashes[4], layer=0)
+    assert short.header.num_tokens == 5 * BT
+    assert all(int(r.max()) < 5 * BT for r in short.indices)
+    with pytest.raises(ropekv.Error) as e:
+        client.select(q, 8, model=model, tokens=tokens, last_block=put.block_hashes[4])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ropekv.Error) as e:
+        client.select(q, 8, model=model, last_block=bytes(32))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_gather_into_shared_memory_equals_gather(client, model, tenant):
     """DataPlane.GatherToBuffer: the kept selection's K/V at several layers written by the daemon
     into a registered buffer equal the streamed Gather and the bytes put; bytes outside stay."""

@@ -128,3 +128,13 @@ def tokens_list(tokens):
         if t < -(1 << 31) or t >= (1 << 31):
             raise invalid(f"tokens must fit int32, got {t}")
     return tokens
+
+
+def hash_bytes(h):
+    """A block hash as bytes: given as bytes, or as 64 hex digits."""
+    if isinstance(h, str):
+        try:
+            h = bytes.fromhex(h)
+        except ValueError:
+            raise invalid(f"a block hash in hex has 64 hex digits, got {h!r}") from None
+    return bytes(h)

@@ -237,7 +237,7 @@ class Client:
         header = pb.PutHeader(model=model, tenant=tenant, tokens=tokens, pin=pin,
                               rope_table=rope_table, pre_rope=pre_rope)
         if parent is not None:
-            header.parent = _hash_bytes(parent)
+            header.parent = arrays.hash_bytes(parent)
         if rotated_at is not None:
             header.rotated_at = int(rotated_at)
         return self._put(header, data)
@@ -517,7 +517,7 @@ class Client:
         if segment:
             header.segment = True
         if parent is not None:
-            header.parent = _hash_bytes(parent)
+            header.parent = arrays.hash_bytes(parent)
         if rotated_at is not None:
             header.rotated_at = int(rotated_at)
         req = _shm.dpb.PutFromBufferRequest(
@@ -559,12 +559,3 @@ class Client:
         shape = (spec.layers, 2, spec.kv_heads, resp.header.total_tokens, spec.head_dim)
         return resp.header, _shm.view(buffer, offset, arrays.numpy_dtype(spec.dtype),
                                       _shm.torch_dtype_of(spec.dtype), shape)
-
-
-def _hash_bytes(h):
-    if isinstance(h, str):
-        try:
-            h = bytes.fromhex(h)
-        except ValueError:
-            raise invalid(f"a block hash in hex has 64 hex digits, got {h!r}") from None
-    return bytes(h)

@@ -101,15 +101,18 @@ class Retrieval:
         self._client = client
         self.stub = rpb_grpc.RetrievalStub(client.channel)
 
-    def select(self, queries, k, *, model=None, tokens=None, tenant="", session_id=None, layer=0,
+    def select(self, queries, k, *, model=None, tokens=None, tenant="", last_block=None,
+               session_id=None, layer=0,
                mode="exact", reduction="max", n_sink=0, n_local=0, candidate_tokens=0,
                softmax_scale=0.0, want_scores=False, want_mass=False, gather=False, keep=False,
                query_dtype=None):
         """Selects the top-k cached tokens for the post-RoPE `queries` ([query_heads, head_dim]:
         numpy float32 / float16 / bfloat16, or a torch tensor) of `layer`.
 
-        Source: the longest cached prefix of `tokens` of `model` / `tenant`, or the session
-        `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact"; reduction:
+        Source: the longest cached prefix of `tokens` of `model` / `tenant`; or, with
+        `last_block` (the 32-byte hash, bytes or 64 hex chars, that put() / lookup() returned for
+        a prefix's last block) instead of tokens, the prefix that ends there (no tokens sent);
+        or the session `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact"; reduction:
         "max", "sum" or "per_query_head". Sink tokens [0, n_sink) and the local window
         [N - n_local, N) are always included. Returns a Selection."""
         if (session_id is None) == (model is None):
@@ -130,7 +133,12 @@ class Retrieval:
         else:
             req.source.prefix.model = model
             req.source.prefix.tenant = tenant
-            req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
+            if last_block is not None:
+                if tokens is not None:
+                    raise invalid("give tokens or last_block, not both")
+                req.source.prefix.last_block = arrays.hash_bytes(last_block)
+            else:
+                req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
         header, data = read_stream(self.stub.Select(req, timeout=self._client.timeout), "Select")
         if len(data) != header.gathered_bytes:
             raise Error(grpc.StatusCode.DATA_LOSS,

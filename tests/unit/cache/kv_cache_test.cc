@@ -129,6 +129,65 @@ TEST_F(KvCacheTest, ContinuesFromAParent) {
   EXPECT_EQ(Read(t), bytes);
 }
 
+// A prefix named by its last block's hash: the chain back to the prompt's start, across Puts that
+// continue from a parent; all of it cached, or NOT_FOUND.
+TEST_F(KvCacheTest, AcquireChainHoldsThePrefixThatEndsAtABlock) {
+  const auto t = Tokens(40, 6 * 16);
+  const std::string bytes = Bytes(41, 6 * bb_);
+  auto first = Put(std::vector<int32_t>(t.begin(), t.begin() + 64), bytes.substr(0, 4 * bb_));
+  ASSERT_TRUE(first.ok());
+  PutOptions o;
+  o.model = "demo";
+  o.tokens.assign(t.begin() + 64, t.end());
+  o.parent = first->hashes.back();
+  auto w = cache_->BeginPut(std::move(o));
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE((*w)->Write(absl::string_view(bytes).substr(4 * bb_)).ok());
+  auto second = (*w)->Finish();
+  ASSERT_TRUE(second.ok());
+  auto by_tokens = cache_->AcquirePrefix("demo", "", t, 0);
+  ASSERT_TRUE(by_tokens.ok());
+  ASSERT_EQ(by_tokens->blocks().size(), 6u);
+  for (size_t last = 0; last < 6; ++last) {
+    const BlockHash h = by_tokens->blocks()[last].hash;
+    auto chain = cache_->AcquireChain(model_, h);
+    ASSERT_TRUE(chain.ok()) << chain.status();
+    ASSERT_EQ(chain->blocks().size(), last + 1);
+    EXPECT_EQ(chain->matched_tokens(), 16 * (last + 1));
+    for (size_t b = 0; b <= last; ++b) {
+      EXPECT_EQ(chain->blocks()[b].hash, by_tokens->blocks()[b].hash);
+      EXPECT_EQ(chain->bytes(b), absl::string_view(bytes).substr(b * bb_, bb_));
+    }
+  }
+  EXPECT_EQ(cache_->AcquireChain("demo", second->hashes.back())->blocks().size(), 6u);
+  by_tokens = absl::CancelledError("released");
+  // Unknown block, another model: NOT_FOUND. A segment's blocks chain too (whole blocks).
+  EXPECT_EQ(cache_->AcquireChain("demo", BlockHash()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache_->AcquireChain("nope", second->hashes.back()).status().code(),
+            absl::StatusCode::kNotFound);
+  ModelSpec other = DemoModelSpec();
+  other.layers += 1;
+  ASSERT_TRUE(cache_->RegisterModel(other, "other").ok());
+  EXPECT_EQ(cache_->AcquireChain("other", second->hashes.back()).status().code(),
+            absl::StatusCode::kNotFound);
+  PutOptions seg;
+  seg.model = "demo";
+  seg.segment = true;
+  seg.tokens = Tokens(42, 20);
+  auto sw = cache_->BeginPut(std::move(seg));
+  ASSERT_TRUE(sw.ok());
+  ASSERT_TRUE((*sw)->Write(Bytes(43, 2 * bb_)).ok());
+  auto segment = (*sw)->Finish();
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  EXPECT_EQ(cache_->AcquireChain("demo", segment->hashes.back())->blocks().size(), 2u);
+  // Evicted (the first Put's blocks and what is chained after them), no chain is held.
+  ASSERT_TRUE(cache_->Evict("demo", "", std::vector<int32_t>(t.begin(), t.begin() + 64)).ok());
+  EXPECT_EQ(cache_->AcquireChain("demo", second->hashes.back()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache_->AcquireChain("demo", first->hashes[2]).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
 TEST_F(KvCacheTest, BadInputChangesNothing) {
   const auto tokens = Tokens(10, 32);
   const std::string bytes = Bytes(11, 2 * bb_);

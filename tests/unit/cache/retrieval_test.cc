@@ -724,6 +724,56 @@ TEST_F(RetrievalTest, PrefixViewLooksUpTheLayerOnce) {
   CheckSelection(*fourth, a, q, spec_.kv_heads, spec_.head_dim, 96, BlockKeys(spec_, kv, 1));
 }
 
+// A prefix named by its last block's hash selects what its tokens do; an earlier block's hash
+// names the shorter prefix; kept selections gather through the chain.
+TEST_F(RetrievalTest, PrefixByLastBlockEqualsByTokens) {
+  std::vector<int32_t> tokens;
+  const std::string kv = PutRandom(7, &tokens);
+  auto lookup = cache_->Lookup("m", tenant_, tokens);
+  ASSERT_TRUE(lookup.ok());
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    for (int64_t last : {6, 3}) {
+      SelectArgs by_tokens =
+          PrefixArgs(std::vector<int32_t>(tokens.begin(), tokens.begin() + (last + 1) * 16), q, 4);
+      by_tokens.mode = mode;
+      by_tokens.k = 20;
+      by_tokens.layer = 2;
+      by_tokens.want_scores = true;
+      SelectArgs by_hash = by_tokens;
+      by_hash.source.tokens.clear();
+      by_hash.source.tenant = "ignored";
+      by_hash.source.last_block = lookup->blocks[last].hash;
+      auto a = store_->Select(by_tokens);
+      auto b = store_->Select(by_hash);
+      const std::string what = absl::StrCat(ModeName(mode), " last ", last);
+      ASSERT_TRUE(a.ok()) << what << ": " << a.status();
+      ASSERT_TRUE(b.ok()) << what << ": " << b.status();
+      EXPECT_EQ(b->num_tokens, (last + 1) * 16) << what;
+      EXPECT_EQ(b->indices, a->indices) << what;
+      EXPECT_EQ(b->scores, a->scores) << what;
+      CheckSelection(*b, by_hash, q, spec_.kv_heads, spec_.head_dim, (last + 1) * 16,
+                     BlockKeys(spec_, kv, 2));
+    }
+  }
+  // Kept, then gathered at another layer: the stored bytes of the selected tokens.
+  SelectArgs k = PrefixArgs({}, q, 4);
+  k.source.last_block = lookup->blocks[6].hash;
+  k.k = 10;
+  k.keep = true;
+  auto kept = store_->Select(k);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  auto gathered = store_->Gather(kept->selection_id, 0);
+  ASSERT_TRUE(gathered.ok()) << gathered.status();
+  CheckGathered(*gathered, kept->indices, kept->counts, kept->rows, kept->capacity, spec_.kv_heads,
+                spec_.head_dim, spec_.dtype, BlockKeys(spec_, kv, 0, 0),
+                BlockKeys(spec_, kv, 0, 1));
+  // Unknown block: NOT_FOUND.
+  k.source.last_block = BlockHash();
+  k.keep = false;
+  EXPECT_EQ(store_->Select(k).status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(RetrievalTest, MetadataStoreIsBounded) {
   RetrievalStore::Options o;
   // One block's metadata of a layer: 2 heads x 1 page x 128 x 2 bytes = 512 bytes.
