@@ -99,6 +99,20 @@ uint64_t PlaneBytes(const ModelSpec& spec, int64_t tokens) {
   return static_cast<uint64_t>(spec.kv_heads) * tokens * spec.head_dim * DTypeSize(spec.dtype);
 }
 
+// The device addresses of `layer`'s key plane in the GPU-tier copies of every block `h` holds
+// (ReadHandle::device_bytes), into *out; false when a block has no GPU copy.
+bool GpuTierKeyBlocks(const ReadHandle& h, const ModelSpec& spec, int layer,
+                      std::vector<const void*>* out) {
+  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
+  out->clear();
+  for (size_t b = 0; b < h.blocks().size(); ++b) {
+    if (h.device_bytes(b) == nullptr) return false;
+    out->push_back(static_cast<const char*>(h.device_bytes(b)) +
+                   2 * static_cast<uint64_t>(layer) * plane);
+  }
+  return true;
+}
+
 bool ValidQueryDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
 // Gathers a selection (`rows` lists of `capacity` entries, counts[r] valid) from the keys and
@@ -971,18 +985,11 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     if (!src->session() && std::all_of(src->rerotated.begin(), src->rerotated.end(),
                                        [](const std::string& r) { return r.empty(); })) {
       one_pool = cache_->host_device_readable();
-      const ReadHandle& h = *src->handle;
-      if (reads_keys && cache_->gpu_device() == gpu_->device()) {
-        const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
-        for (size_t b = 0; b < h.blocks().size() && h.device_bytes(b) != nullptr; ++b) {
-          device_key_blocks.push_back(static_cast<const char*>(h.device_bytes(b)) +
-                                      2 * static_cast<uint64_t>(args.layer) * plane);
-        }
-        if (device_key_blocks.size() == h.blocks().size()) {
-          gpu_req.keys = topk::BlockedMatrix(device_key_blocks.data(), spec.dtype,
-                                             spec.block_tokens, spec.head_dim);
-          one_pool = true;
-        }
+      if (reads_keys && cache_->gpu_device() == gpu_->device() &&
+          GpuTierKeyBlocks(*src->handle, spec, args.layer, &device_key_blocks)) {
+        gpu_req.keys = topk::BlockedMatrix(device_key_blocks.data(), spec.dtype, spec.block_tokens,
+                                           spec.head_dim);
+        one_pool = true;
       }
     }
     absl::Status s = gpu_->Select(gpu_req, result, named ? &meta_name : nullptr, one_pool);

@@ -274,7 +274,8 @@ class RetrievalStore {
   // One layer's block entries of a prefix, as a page-mode Select found or built them, so that the
   // next Select over the same prefix and layer looks them up once instead of once per block. Valid
   // while every block has the serial it had then; dropped (all of them) whenever a prefix block's
-  // entry leaves meta_, so that views never hold bytes meta_ no longer accounts for.
+  // entry leaves meta_, so that views never hold bytes meta_ no longer accounts for. A hit does not
+  // move the entries in meta_'s LRU order (they may go first; the view goes with them).
   struct PrefixMetaView {
     std::vector<uint64_t> serials;  // per block: BlockInfo::serial
     std::vector<std::shared_ptr<const std::string>> holds;

@@ -288,6 +288,17 @@ class RetrievalGpuTest : public ::testing::Test {
     return a;
   }
 
+  // The same at layer 1 with 8 query heads, k tokens, 2 sink and 16 local ones.
+  static SelectArgs PrefixArgs(const std::vector<int32_t>& tokens, int64_t k) {
+    SelectArgs a = PrefixArgs(tokens);
+    a.layer = 1;
+    a.query_heads = 8;
+    a.k = k;
+    a.n_sink = 2;
+    a.n_local = 16;
+    return a;
+  }
+
   // Runs `a` on both stores; checks GPU == CPU. Counts the GPU selects.
   void Compare(const SelectArgs& a, const std::string& queries, const KeyFn& key,
                const std::string& what) {
@@ -558,12 +569,7 @@ TEST_F(RetrievalGpuTest, PrefixMetadataStaysOnTheDevice) {
     Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/4, SessionDevice::kCpu, capacity);
     std::vector<int32_t> tokens;
     const std::string kv = PutRandom(300, &tokens);
-    SelectArgs a = PrefixArgs(tokens);
-    a.layer = 1;
-    a.query_heads = 8;
-    a.k = 64;
-    a.n_sink = 2;
-    a.n_local = 16;
+    SelectArgs a = PrefixArgs(tokens, 64);
     const std::string what = absl::StrCat("capacity ", capacity);
     for (int rep = 0; rep < 3; ++rep) {
       for (Mode mode : {Mode::kBound, Mode::kBoundThenExact}) {
@@ -579,7 +585,6 @@ TEST_F(RetrievalGpuTest, PrefixMetadataStaysOnTheDevice) {
   }
 }
 
-// Rows longer than one block's shared memory (the multi-block selection), gather and keep.
 // A prefix whose every block has a copy in the GPU tier (on the store's device) is selected over
 // where it is: only the block pointers go to the device. Where a block has no GPU copy, the keys
 // are copied as before. The selections equal the CPU's either way.
@@ -589,12 +594,7 @@ TEST_F(RetrievalGpuTest, PrefixInTheGpuTierIsReadThere) {
   const std::string kv = PutRandom(40, &tokens);
   ASSERT_EQ(cache_->Stats().tiers[1].tier, TierKind::kGpu);
   ASSERT_EQ(cache_->Stats().tiers[1].blocks, 40u);
-  SelectArgs base = PrefixArgs(tokens);
-  base.layer = 1;
-  base.query_heads = 8;
-  base.k = 100;
-  base.n_sink = 2;
-  base.n_local = 16;
+  const SelectArgs base = PrefixArgs(tokens, 100);
   const KeyFn key = BlockKeys(spec_, kv, 1);
   uint64_t reads = 0, in_place = gpu_->stats().gpu_keys_in_place;
   RunGrid(base, spec_.head_dim, key, rng_,
@@ -645,6 +645,7 @@ TEST_F(RetrievalGpuTest, PrefixInTheGpuTierIsReadThere) {
   EXPECT_EQ(gpu_->stats().gpu_keys_in_place, before);
 }
 
+// Rows longer than one block's shared memory (the multi-block selection), gather and keep.
 TEST_F(RetrievalGpuTest, LongPrefixGpuEqualsCpu) {
   Init(16, DType::kBF16);
   const int64_t n = 20480;

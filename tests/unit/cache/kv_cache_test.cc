@@ -53,6 +53,19 @@ class KvCacheTest : public ::testing::Test {
     return (*w)->Finish();
   }
 
+  // Puts `tokens` after block `parent` (a continuation of its prompt).
+  absl::StatusOr<PutResult> PutAfter(const BlockHash& parent, const std::vector<int32_t>& tokens,
+                                     absl::string_view bytes) {
+    PutOptions o;
+    o.model = "demo";
+    o.tokens = tokens;
+    o.parent = parent;
+    auto w = cache_->BeginPut(std::move(o));
+    if (!w.ok()) return w.status();
+    if (absl::Status s = (*w)->Write(bytes); !s.ok()) return s;
+    return (*w)->Finish();
+  }
+
   std::string Read(const std::vector<int32_t>& tokens) {
     auto h = cache_->AcquirePrefix("demo", "", tokens, 0);
     EXPECT_TRUE(h.ok());
@@ -115,14 +128,9 @@ TEST_F(KvCacheTest, ContinuesFromAParent) {
   const std::string bytes = Bytes(9, 4 * bb_);
   auto first = Put(std::vector<int32_t>(t.begin(), t.begin() + 32), bytes.substr(0, 2 * bb_));
   ASSERT_TRUE(first.ok());
-  PutOptions o;
-  o.model = "demo";
-  o.tokens.assign(t.begin() + 32, t.end());
-  o.parent = first->hashes.back();
-  auto w = cache_->BeginPut(std::move(o));
-  ASSERT_TRUE(w.ok());
-  ASSERT_TRUE((*w)->Write(absl::string_view(bytes).substr(2 * bb_)).ok());
-  ASSERT_TRUE((*w)->Finish().ok());
+  ASSERT_TRUE(PutAfter(first->hashes.back(), std::vector<int32_t>(t.begin() + 32, t.end()),
+                       absl::string_view(bytes).substr(2 * bb_))
+                  .ok());
   auto l = cache_->Lookup("demo", "", t);
   EXPECT_EQ(l->matched_tokens, 64u);
   EXPECT_EQ(l->blocks[3].position, 48);
@@ -136,14 +144,8 @@ TEST_F(KvCacheTest, AcquireChainHoldsThePrefixThatEndsAtABlock) {
   const std::string bytes = Bytes(41, 6 * bb_);
   auto first = Put(std::vector<int32_t>(t.begin(), t.begin() + 64), bytes.substr(0, 4 * bb_));
   ASSERT_TRUE(first.ok());
-  PutOptions o;
-  o.model = "demo";
-  o.tokens.assign(t.begin() + 64, t.end());
-  o.parent = first->hashes.back();
-  auto w = cache_->BeginPut(std::move(o));
-  ASSERT_TRUE(w.ok());
-  ASSERT_TRUE((*w)->Write(absl::string_view(bytes).substr(4 * bb_)).ok());
-  auto second = (*w)->Finish();
+  auto second = PutAfter(first->hashes.back(), std::vector<int32_t>(t.begin() + 64, t.end()),
+                         absl::string_view(bytes).substr(4 * bb_));
   ASSERT_TRUE(second.ok());
   auto by_tokens = cache_->AcquirePrefix("demo", "", t, 0);
   ASSERT_TRUE(by_tokens.ok());
