@@ -50,9 +50,16 @@ void LoadRow(const char* row, int n, DType t, double* out) {
   }
 }
 
+// The loops below in an AVX2 clone too (the loader picks the one the CPU runs): products and sums
+// are the same operations either way, in the same order.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ROPEKV_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ROPEKV_AVX2_CLONES
+#endif
+
 // out[g] = q[g] . k for the `group` rows of q ([group][d]); d is a multiple of 4 (64, 128, 256).
-__attribute__((target_clones("avx2", "default"))) void GroupDots(const double* q, int group, int d,
-                                                                 const double* k, double* out) {
+ROPEKV_AVX2_CLONES void GroupDots(const double* q, int group, int d, const double* k, double* out) {
   for (int g = 0; g < group; ++g, q += d) {
     double s[4] = {0.0, 0.0, 0.0, 0.0};
     for (int i = 0; i < d; i += 4) {
@@ -65,11 +72,8 @@ __attribute__((target_clones("avx2", "default"))) void GroupDots(const double* q
 // out[g] = sum over i of max(q[g][i] hi[i], q[g][i] lo[i]): the Quest bound, from the positive
 // and negative parts of the queries (qp = max(q, 0), qn = min(q, 0), [group][d] each), with finite
 // hi and lo (one of each term's two products is then an exact zero). d as GroupDots.
-__attribute__((target_clones("avx2", "default"))) void GroupBoundDots(const double* qp,
-                                                                      const double* qn, int group,
-                                                                      int d, const double* hi,
-                                                                      const double* lo,
-                                                                      double* out) {
+ROPEKV_AVX2_CLONES void GroupBoundDots(const double* qp, const double* qn, int group, int d,
+                                       const double* hi, const double* lo, double* out) {
   for (int g = 0; g < group; ++g, qp += d, qn += d) {
     double s[4] = {0.0, 0.0, 0.0, 0.0};
     for (int i = 0; i < d; i += 4) {

@@ -112,8 +112,8 @@ class Retrieval:
         Source: the longest cached prefix of `tokens` of `model` / `tenant`; or, with
         `last_block` (the 32-byte hash, bytes or 64 hex chars, that put() / lookup() returned for
         a prefix's last block) instead of tokens, the prefix that ends there (no tokens sent);
-        or the session `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact"; reduction:
-        "max", "sum" or "per_query_head". Sink tokens [0, n_sink) and the local window
+        or the session `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact";
+        reduction: "max", "sum" or "per_query_head". Sink tokens [0, n_sink) and the local window
         [N - n_local, N) are always included. Returns a Selection."""
         if (session_id is None) == (model is None):
             raise invalid("give either model (+ tokens) or session_id")
