@@ -77,23 +77,26 @@ struct RotCoeff {
   float c_hi, c_lo, s_hi, s_lo;
 };
 
-// Combined rotation of one pair from (from_pos, inv_from) to (to_pos, inv_to).
+// The angle of the combined rotation of one pair from (from_pos, inv_from) to (to_pos, inv_to):
 //   engine: delta = fl32(to_pos*inv_to) - fl32(from_pos*inv_from), the difference of the two fp32
 //           angles (exact in fp64), i.e. T(p')·T(p)^T of the engine's own tables;
 //   exact:  delta = to_pos*inv_to - from_pos*inv_from in fp64 ((to-from)*inv when same_table).
-// sin/cos of the fp64 delta reduce it mod 2π exactly (libm / CUDA's Payne-Hanek path).
-ROPEKV_HD RotCoeff RotationCoeffs(bool exact, bool same_table, int64_t from_pos, float inv_from,
-                                  int64_t to_pos, float inv_to) {
-  double delta;
+ROPEKV_HD double RotationDelta(bool exact, bool same_table, int64_t from_pos, float inv_from,
+                               int64_t to_pos, float inv_to) {
   if (!exact) {
-    delta = static_cast<double>(EngineAngle(to_pos, inv_to)) -
-            static_cast<double>(EngineAngle(from_pos, inv_from));
-  } else if (same_table) {
-    delta = MulD(static_cast<double>(to_pos - from_pos), static_cast<double>(inv_to));
-  } else {
-    delta = FmaD(static_cast<double>(to_pos), static_cast<double>(inv_to),
-                 -MulD(static_cast<double>(from_pos), static_cast<double>(inv_from)));
+    return static_cast<double>(EngineAngle(to_pos, inv_to)) -
+           static_cast<double>(EngineAngle(from_pos, inv_from));
   }
+  if (same_table) {
+    return MulD(static_cast<double>(to_pos - from_pos), static_cast<double>(inv_to));
+  }
+  return FmaD(static_cast<double>(to_pos), static_cast<double>(inv_to),
+              -MulD(static_cast<double>(from_pos), static_cast<double>(inv_from)));
+}
+
+// The coefficients of a rotation by `delta`: sin/cos of the fp64 delta reduce it mod 2π exactly
+// (libm / CUDA's Payne-Hanek path). Equal deltas, equal coefficients.
+ROPEKV_HD RotCoeff DeltaCoeffs(double delta) {
   double sd, cd;
 #if defined(__CUDA_ARCH__)
   sincos(delta, &sd, &cd);
@@ -107,6 +110,12 @@ ROPEKV_HD RotCoeff RotationCoeffs(bool exact, bool same_table, int64_t from_pos,
   k.s_hi = static_cast<float>(sd);
   k.s_lo = static_cast<float>(sd - static_cast<double>(k.s_hi));
   return k;
+}
+
+// The combined rotation of one pair from (from_pos, inv_from) to (to_pos, inv_to).
+ROPEKV_HD RotCoeff RotationCoeffs(bool exact, bool same_table, int64_t from_pos, float inv_from,
+                                  int64_t to_pos, float inv_to) {
+  return DeltaCoeffs(RotationDelta(exact, same_table, from_pos, inv_from, to_pos, inv_to));
 }
 
 // Applies the rotation to a stored pair (x1, x2) in fp32:

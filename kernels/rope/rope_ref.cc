@@ -15,8 +15,38 @@
 namespace ropekv {
 namespace {
 
+using rope_internal::DeltaCoeffs;
 using rope_internal::RotatePair;
-using rope_internal::RotationCoeffs;
+using rope_internal::RotationDelta;
+
+// The coefficients of the last few distinct deltas of one pair. Across the tokens of a job a
+// pair's delta takes very few values (kEngine: the two fp32 angles' rounding leaves 1-4 distinct
+// deltas a pair over 16K moved tokens at Llama-3 frequencies; kExact on one table: one), and
+// each libm sin/cos pair costs more than rotating a row: equal deltas (bit for bit) reuse the
+// coefficients, which are then the same bits as computing them again.
+class CoeffMemo {
+ public:
+  rope_internal::RotCoeff Get(double delta) {
+    uint64_t bits;
+    std::memcpy(&bits, &delta, sizeof(bits));
+    for (int i = 0; i < kWays; ++i) {
+      if (used_[i] && bits_[i] == bits) return coeff_[i];
+    }
+    const int i = next_;
+    next_ = (next_ + 1) % kWays;
+    used_[i] = true;
+    bits_[i] = bits;
+    coeff_[i] = DeltaCoeffs(delta);
+    return coeff_[i];
+  }
+
+ private:
+  static constexpr int kWays = 4;
+  bool used_[kWays] = {false, false, false, false};
+  uint64_t bits_[kWays] = {};
+  rope_internal::RotCoeff coeff_[kWays] = {};
+  int next_ = 0;
+};
 
 // Element index of pair k's two members within a head row.
 inline void PairDims(PairLayout layout, int rotary_dim, int k, int* d1, int* d2) {
@@ -147,6 +177,39 @@ absl::Status ApplyRopeCpu(const RopeSpec& spec, RopeTableId table, DType dtype, 
 #define ROPEKV_FMA_CLONES
 #endif
 
+namespace {
+
+// Rows of one head's pairs in four arrays of coefficients and two of each side: RotatePair element
+// by element, in a loop the compiler vectorizes (each lane the same operations, fmaf a vfmadd in
+// the FMA clone: the same bits as the scalar loop).
+inline void RotatePairs(int half, const float* __restrict c_hi, const float* __restrict c_lo,
+                        const float* __restrict s_hi, const float* __restrict s_lo,
+                        const float* __restrict x1, const float* __restrict x2,
+                        float* __restrict y1, float* __restrict y2) {
+  for (int k = 0; k < half; ++k) {
+    const rope_internal::RotCoeff c{c_hi[k], c_lo[k], s_hi[k], s_lo[k]};
+    RotatePair(c, x1[k], x2[k], &y1[k], &y2[k]);
+  }
+}
+
+// Element d of a head row as float, and back rounded once (bf16 and f32 without the type switch).
+inline float LoadElem(const char* row, int d, DType t) {
+  if (t == DType::kBF16) return BFloat16ToFloat(reinterpret_cast<const uint16_t*>(row)[d]);
+  if (t == DType::kF32) return reinterpret_cast<const float*>(row)[d];
+  return LoadAsFloat(row, d, t);
+}
+inline void StoreElem(char* row, int d, DType t, float v) {
+  if (t == DType::kBF16) {
+    reinterpret_cast<uint16_t*>(row)[d] = FloatToBFloat16(v);
+  } else if (t == DType::kF32) {
+    reinterpret_cast<float*>(row)[d] = v;
+  } else {
+    StoreFromFloat(row, d, t, v);
+  }
+}
+
+}  // namespace
+
 ROPEKV_FMA_CLONES
 absl::Status RerotateCopyCpu(const RopeSpec& spec, const KvGeometry& geometry,
                              absl::Span<const RerotateCopy> jobs, RerotateMode mode) {
@@ -159,7 +222,13 @@ absl::Status RerotateCopyCpu(const RopeSpec& spec, const KvGeometry& geometry,
   const size_t row_bytes = static_cast<size_t>(head_dim) * es;
   const bool exact = mode == RerotateMode::kExact;
 
-  std::vector<rope_internal::RotCoeff> coeff(half);
+  std::vector<CoeffMemo> memo(half);
+  // Per pair: its two dims, this token's coefficients (by part), and a row's two sides.
+  std::vector<int> d1(half), d2(half);
+  for (int k = 0; k < half; ++k) PairDims(spec.layout, rotary_dim, k, &d1[k], &d2[k]);
+  std::vector<float> c_hi(half), c_lo(half), s_hi(half), s_lo(half);
+  std::vector<float> x1(half), x2(half), y1(half), y2(half);
+  const bool bf16_neox = dtype == DType::kBF16 && spec.layout == PairLayout::kNeox;
   for (const RerotateCopy& job : jobs) {
     if (job.n_tokens == 0) continue;
     const std::vector<float> inv_from = InvFreq(spec, job.from_table);
@@ -184,8 +253,12 @@ absl::Status RerotateCopyCpu(const RopeSpec& spec, const KvGeometry& geometry,
     for (int64_t t = 0; t < job.n_tokens; ++t) {
       if (!identity) {
         for (int k = 0; k < half; ++k) {
-          coeff[k] = RotationCoeffs(exact, same_table, job.from_pos + t, inv_from[k],
-                                    job.to_pos + t, inv_to[k]);
+          const rope_internal::RotCoeff c = memo[k].Get(RotationDelta(
+              exact, same_table, job.from_pos + t, inv_from[k], job.to_pos + t, inv_to[k]));
+          c_hi[k] = c.c_hi;
+          c_lo[k] = c.c_lo;
+          s_hi[k] = c.s_hi;
+          s_lo[k] = c.s_lo;
         }
       }
       for (int layer = 0; layer < geometry.layers; ++layer) {
@@ -201,15 +274,31 @@ absl::Status RerotateCopyCpu(const RopeSpec& spec, const KvGeometry& geometry,
               std::memmove(k_dst + rotary_dim * es, k_src + rotary_dim * es,
                            (head_dim - rotary_dim) * es);
             }
-            for (int k = 0; k < half; ++k) {
-              int d1, d2;
-              PairDims(spec.layout, rotary_dim, k, &d1, &d2);
-              const float x1 = LoadAsFloat(k_src, d1, dtype);
-              const float x2 = LoadAsFloat(k_src, d2, dtype);
-              float y1, y2;
-              RotatePair(coeff[k], x1, x2, &y1, &y2);
-              StoreFromFloat(k_dst, d1, dtype, y1);
-              StoreFromFloat(k_dst, d2, dtype, y2);
+            if (bf16_neox) {  // the pairs' two sides are the row's two halves: contiguous
+              const uint16_t* r = reinterpret_cast<const uint16_t*>(k_src);
+              for (int k = 0; k < half; ++k) {
+                x1[k] = BFloat16ToFloat(r[k]);
+                x2[k] = BFloat16ToFloat(r[half + k]);
+              }
+            } else {
+              for (int k = 0; k < half; ++k) {
+                x1[k] = LoadElem(k_src, d1[k], dtype);
+                x2[k] = LoadElem(k_src, d2[k], dtype);
+              }
+            }
+            RotatePairs(half, c_hi.data(), c_lo.data(), s_hi.data(), s_lo.data(), x1.data(),
+                        x2.data(), y1.data(), y2.data());
+            if (bf16_neox) {
+              uint16_t* w = reinterpret_cast<uint16_t*>(k_dst);
+              for (int k = 0; k < half; ++k) {
+                w[k] = FloatToBFloat16(y1[k]);
+                w[half + k] = FloatToBFloat16(y2[k]);
+              }
+            } else {
+              for (int k = 0; k < half; ++k) {
+                StoreElem(k_dst, d1[k], dtype, y1[k]);
+                StoreElem(k_dst, d2[k], dtype, y2[k]);
+              }
             }
           }
           if (!job.keys_only) {
