@@ -1,6 +1,7 @@
 #include "cache/kv_cache.h"
 
 #include <cstring>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -39,16 +40,18 @@ class KvCacheTest : public ::testing::Test {
     return b;
   }
 
-  absl::StatusOr<PutResult> Put(const std::vector<int32_t>& tokens, const std::string& bytes,
-                                bool pin = false, size_t piece = 777) {
+  absl::StatusOr<PutResult> Put(const std::vector<int32_t>& tokens, absl::string_view bytes,
+                                bool pin = false, size_t piece = 777,
+                                std::optional<BlockHash> parent = std::nullopt) {
     PutOptions o;
     o.model = "demo";
     o.tokens = tokens;
     o.pin = pin;
+    o.parent = parent;
     auto w = cache_->BeginPut(std::move(o));
     if (!w.ok()) return w.status();
     for (size_t off = 0; off < bytes.size(); off += piece) {
-      if (auto s = (*w)->Write(absl::string_view(bytes).substr(off, piece)); !s.ok()) return s;
+      if (auto s = (*w)->Write(bytes.substr(off, piece)); !s.ok()) return s;
     }
     return (*w)->Finish();
   }
@@ -56,14 +59,7 @@ class KvCacheTest : public ::testing::Test {
   // Puts `tokens` after block `parent` (a continuation of its prompt).
   absl::StatusOr<PutResult> PutAfter(const BlockHash& parent, const std::vector<int32_t>& tokens,
                                      absl::string_view bytes) {
-    PutOptions o;
-    o.model = "demo";
-    o.tokens = tokens;
-    o.parent = parent;
-    auto w = cache_->BeginPut(std::move(o));
-    if (!w.ok()) return w.status();
-    if (absl::Status s = (*w)->Write(bytes); !s.ok()) return s;
-    return (*w)->Finish();
+    return Put(tokens, bytes, /*pin=*/false, /*piece=*/777, parent);
   }
 
   std::string Read(const std::vector<int32_t>& tokens) {
