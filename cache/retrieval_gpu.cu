@@ -420,19 +420,33 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
   const int64_t width = 2 * static_cast<int64_t>(shape.head_dim);
   const uint64_t bytes =
       static_cast<uint64_t>(shape.kv_heads) * pages * width * DTypeSize(device_keys.dtype);
+  const uint64_t flag_at = AlignUp(bytes, kAlign);  // the kernel's NaN flag after the metadata
   absl::MutexLock lock(&impl_->mu);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  if (absl::Status s = impl_->Reserve(bytes); !s.ok()) return s;
-  absl::Status status = topk::BuildPageMetaCuda(
-      device_keys, shape, topk::DenseMatrix<void*>(impl_->arena, device_keys.dtype, pages, width),
-      impl_->stream);
+  if (absl::Status s = impl_->Reserve(flag_at + sizeof(int)); !s.ok()) return s;
+  int* nan_seen = reinterpret_cast<int*>(impl_->arena + flag_at);
+  int nan_host = 0;
+  absl::Status status = CudaStatus(cudaMemsetAsync(nan_seen, 0, sizeof(int), impl_->stream),
+                                   "cudaMemsetAsync", __FILE__, __LINE__);
+  if (status.ok()) {
+    status.Update(topk::BuildPageMetaCuda(
+        device_keys, shape, topk::DenseMatrix<void*>(impl_->arena, device_keys.dtype, pages, width),
+        impl_->stream, nan_seen));
+  }
   if (status.ok()) {
     status.Update(CudaStatus(
         cudaMemcpyAsync(host_meta, impl_->arena, bytes, cudaMemcpyDeviceToHost, impl_->stream),
         "cudaMemcpyAsync", __FILE__, __LINE__));
+    status.Update(CudaStatus(
+        cudaMemcpyAsync(&nan_host, nan_seen, sizeof(int), cudaMemcpyDeviceToHost, impl_->stream),
+        "cudaMemcpyAsync", __FILE__, __LINE__));
   }
   status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
                            __LINE__));
+  if (status.ok() && nan_host != 0) {
+    return absl::InvalidArgumentError(
+        "the keys hold NaN (page metadata needs finite or infinite keys, as on the CPU)");
+  }
   return status;
 }
 

@@ -83,9 +83,9 @@ class RetrievalGpu {
   // Builds the page metadata of keys in this device's memory (a dense view, e.g. a GPU session's
   // layer from SessionReader::LayerOnDevice) with topk::BuildPageMetaCuda, the same bits as
   // BuildPageMetaCpu, and writes it to `host_meta` ([kv_heads][pages][2 * head_dim] in the keys'
-  // dtype). Returns once it is there. INVALID_ARGUMENT for a view not in this device's memory or a
-  // bad shape; RESOURCE_EXHAUSTED without room; INTERNAL for another CUDA error. NaN keys are not
-  // checked (see topk.h).
+  // dtype). Returns once it is there. INVALID_ARGUMENT for a view not in this device's memory, a
+  // bad shape, or a NaN key (as BuildPageMetaCpu); RESOURCE_EXHAUSTED without room; INTERNAL for
+  // another CUDA error.
   absl::Status BuildPageMeta(const topk::MatrixView& device_keys, const topk::PageMetaShape& shape,
                              void* host_meta);
 

@@ -2756,6 +2756,7 @@ struct MetaParams {
   int64_t n;
   int64_t first_token;  // tokens before it are already in the metadata
   int64_t first_page;
+  int* nan_seen;  // or null: set nonzero when a key holds NaN
 };
 
 // One block per (page, head), one thread per column.
@@ -2776,6 +2777,7 @@ __global__ void MetaKernel(const MetaParams p) {
   }
   for (int64_t t = lo; t < t1; ++t) {
     const float v = LoadAny(RowPtr(p.keys, h, t), c, p.key_type);
+    if (v != v && p.nan_seen != nullptr) atomicOr(p.nan_seen, 1);
     const float up = internal::RoundOutward(p.meta_type, v, true);
     const float down = internal::RoundOutward(p.meta_type, v, false);
     // A NaN key is skipped unless it is all the page has.
@@ -2788,8 +2790,9 @@ __global__ void MetaKernel(const MetaParams p) {
 }
 
 absl::Status RunMeta(const MatrixView& keys, const PageMetaShape& shape, int64_t first_token,
-                     const MutableMatrixView& meta, cudaStream_t stream) {
+                     const MutableMatrixView& meta, cudaStream_t stream, int* nan_seen) {
   MetaParams p;
+  p.nan_seen = nan_seen;
   p.keys = ToDev(keys);
   p.key_type = keys.dtype;
   p.meta = ToDev(meta);
@@ -2852,9 +2855,9 @@ __global__ void __launch_bounds__(kListThreads) GatherKernel(const GatherParams 
 // Public entry points.
 
 absl::Status BuildPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
-                               const MutableMatrixView& meta, cudaStream_t stream) {
+                               const MutableMatrixView& meta, cudaStream_t stream, int* nan_seen) {
   ROPEKV_TOPK_RETURN_IF_ERROR(internal::ValidatePageMetaArgs(keys, shape, meta));
-  return RunMeta(keys, shape, 0, meta, stream);
+  return RunMeta(keys, shape, 0, meta, stream, nan_seen);
 }
 
 absl::Status AppendPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
@@ -2865,7 +2868,7 @@ absl::Status AppendPageMetaCuda(const MatrixView& keys, const PageMetaShape& sha
     return absl::InvalidArgumentError(absl::StrCat(
         "first_token must be in [0, num_tokens = ", shape.num_tokens, "), got ", first_token));
   }
-  return RunMeta(keys, shape, first_token, meta, stream);
+  return RunMeta(keys, shape, first_token, meta, stream, nullptr);
 }
 
 absl::Status ScoreCuda(const SelectRequest& req, float* out, cudaStream_t stream) {

@@ -124,10 +124,13 @@ absl::Status BuildPageMetaCpu(const MatrixView& keys, const PageMetaShape& shape
 absl::Status AppendPageMetaCpu(const MatrixView& keys, const PageMetaShape& shape,
                                int64_t first_token, const MutableMatrixView& meta);
 
-// CUDA versions: same results, bit for bit. NaN keys are not checked (a NaN is skipped by the
-// max/min of its page unless every key of the page has NaN in that column).
+// CUDA versions: same results, bit for bit. NaN keys are not rejected (a NaN is skipped by the
+// max/min of its page unless every key of the page has NaN in that column); with `nan_seen` (an
+// int in device memory, zeroed by the caller) BuildPageMetaCuda sets it nonzero when a key read
+// holds NaN, for callers that reject such keys as BuildPageMetaCpu does.
 absl::Status BuildPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
-                               const MutableMatrixView& meta, cudaStream_t stream);
+                               const MutableMatrixView& meta, cudaStream_t stream,
+                               int* nan_seen = nullptr);
 absl::Status AppendPageMetaCuda(const MatrixView& keys, const PageMetaShape& shape,
                                 int64_t first_token, const MutableMatrixView& meta,
                                 cudaStream_t stream);

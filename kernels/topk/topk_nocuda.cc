@@ -13,7 +13,7 @@ absl::Status NoCuda() {
 }  // namespace
 
 absl::Status BuildPageMetaCuda(const MatrixView&, const PageMetaShape&, const MutableMatrixView&,
-                               cudaStream_t) {
+                               cudaStream_t, int*) {
   return NoCuda();
 }
 absl::Status AppendPageMetaCuda(const MatrixView&, const PageMetaShape&, int64_t,

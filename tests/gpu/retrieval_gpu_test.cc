@@ -460,6 +460,35 @@ TEST_F(RetrievalGpuTest, DeviceSessionSelectsOverItsKeysInPlace) {
 // A GPU session's page metadata: built on the device when many pages change (opening, an insert
 // near the start), from the changed pages read alone when few do (an append); the same bytes as
 // the CPU store builds, and the same BOUND selections.
+// A NaN key in a GPU session: its page metadata, built on the device (64 pages or more) or on the
+// host, is refused with INVALID_ARGUMENT on both paths, as BuildPageMetaCpu refuses it.
+TEST_F(RetrievalGpuTest, NanKeyInADeviceSessionIsRefusedOnBothPaths) {
+  Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
+  const int64_t n = 100 * 16;
+  OpenSessionArgs open;
+  open.model = "m";
+  open.tokens = Tokens(n);
+  std::string kv = RandomElems(BlockBytes(spec_) / DTypeSize(spec_.dtype) * 100, spec_.dtype, rng_);
+  // Block 37, layer 1, K, kv head 1, its token 5, column 9: [layer][k|v][kv_head][token][d].
+  const uint64_t elem = (((1 * 2 + 0) * 2 + 1) * 16 + 5) * 128 + 9;
+  const uint16_t nan = 0x7fc0;
+  std::memcpy(&kv[37 * BlockBytes(spec_) + elem * 2], &nan, 2);
+  auto opened = sessions_->Open(open, kv);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  SelectArgs a = SessionArgs(opened->id, 64);
+  a.mode = Mode::kBound;
+  const std::string q = RandomElems(8 * spec_.head_dim, DType::kF32, rng_);
+  a.queries = q;
+  EXPECT_EQ(cpu_->Select(a).status().code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status gpu = gpu_->Select(a).status();
+  EXPECT_EQ(gpu.code(), absl::StatusCode::kInvalidArgument) << gpu;
+  EXPECT_EQ(gpu_->stats().gpu_fallbacks, 0u);
+  // Layer 0 has no NaN: both answer.
+  a.layer = 0;
+  ASSERT_TRUE(cpu_->Select(a).ok());
+  ASSERT_TRUE(gpu_->Select(a).ok());
+}
+
 TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   Init(16, DType::kBF16, /*head_dim=*/128, /*kv_heads=*/2, SessionDevice::kGpu);
   const std::string id = OpenRandomSession(200 * 16 + 5);  // 201 pages
