@@ -257,15 +257,42 @@ int Main() {
       if (!g.ok()) return std::fprintf(stderr, "gather: %s\n", g.status().ToString().c_str()), 1;
       if (r > 0) ms.push_back(t);
     }
-    Row row;
-    row.source = std::string(source);
-    row.mode = "gather";
-    Summarise(ms, &row.cpu_ms, &row.cpu_min);
-    row.same = true;
-    std::printf("%-8s %-18s %12.2f %12.2f %12s %12s %8s\n", row.source.c_str(), row.mode.c_str(),
-                row.cpu_ms, row.cpu_min, "-", "-", "-");
-    std::fflush(stdout);
-    rows.push_back(row);
+    const auto gather_row = [&](const char* mode, const std::vector<double>& times) {
+      Row row;
+      row.source = std::string(source);
+      row.mode = mode;
+      Summarise(times, &row.cpu_ms, &row.cpu_min);
+      row.same = true;
+      std::printf("%-8s %-18s %12.2f %12.2f %12s %12s %8s\n", row.source.c_str(), row.mode.c_str(),
+                  row.cpu_ms, row.cpu_min, "-", "-", "-");
+      std::fflush(stdout);
+      rows.push_back(row);
+    };
+    gather_row("gather", ms);
+    if (spec.layers > 1) {
+      // Every layer of the kept selection (a TidalDecode step's other layers), the source
+      // acquired at each layer (gather_layers) or held once for all (gather_layers_held, as
+      // DataPlane.GatherToBuffer does).
+      auto sel = (*cpu)->FindSelection(kept->selection_id);
+      if (!sel.ok()) return 1;
+      std::string buf((*sel)->layer_bytes(), '\0');
+      for (bool held : {false, true}) {
+        ms.clear();
+        for (int r = 0; r <= reps; ++r) {
+          const absl::Time s = absl::Now();
+          std::shared_ptr<const RetrievalStore::HeldSource> h;
+          if (held) h = *(*cpu)->HoldSource(**sel);
+          for (int l = 0; l < spec.layers; ++l) {
+            const absl::Status st = held ? (*cpu)->GatherLayer(**sel, *h, l, buf.data())
+                                         : (*cpu)->GatherLayer(**sel, l, buf.data());
+            if (!st.ok()) return std::fprintf(stderr, "gather: %s\n", st.ToString().c_str()), 1;
+          }
+          const double t = absl::ToDoubleMilliseconds(absl::Now() - s);
+          if (r > 0) ms.push_back(t);
+        }
+        gather_row(held ? "gather_layers_held" : "gather_layers", ms);
+      }
+    }
   }
   // An editor's step (one token inserted at the session's middle and filled; the keys after it
   // move, so half the pages' metadata is re-derived) or a decode step (one token appended and

@@ -598,9 +598,12 @@ absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store, Buffe
   if (!bytes.ok()) return bytes.status();
   auto lease = buffers.Acquire(dst, *bytes);
   if (!lease.ok()) return lease.status();
+  // The source held once for every layer (a prefix's blocks acquired once, not per layer).
+  auto held = store.HoldSource(sel);
+  if (!held.ok()) return held.status();
   absl::Status s = (*lease)->ProduceParallel(
       layers.size(), layer_bytes, copy_threads,
-      [&](uint64_t i, void* p) { return store.GatherLayer(sel, layers[i], p); });
+      [&](uint64_t i, void* p) { return store.GatherLayer(sel, **held, layers[i], p); });
   if (!s.ok()) return s;
   GatherToBufferResult r;
   r.rows = sel.rows();

@@ -323,7 +323,7 @@ absl::StatusOr<RetrievalStore::SourceData> RetrievalStore::Resolve(const Retriev
   return src;
 }
 
-absl::Status RetrievalStore::ViewsOf(SourceData& src, int layer, bool device_keys,
+absl::Status RetrievalStore::ViewsOf(const SourceData& src, int layer, bool device_keys,
                                      LayerViews* out) const {
   if (out->keys_ready) return absl::OkStatus();
   out->keys_ready = true;
@@ -1112,28 +1112,57 @@ absl::Status RetrievalStore::Release(absl::string_view id) {
   return absl::OkStatus();
 }
 
-absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, void* dst) {
-  const ModelSpec& spec = sel.spec_;
-  if (layer < 0 || layer >= spec.layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer must be in [0, ", spec.layers,
-                                                   ") for model ", sel.model_, ", got ", layer));
-  }
+class RetrievalStore::HeldSource {
+ public:
   SourceData src;
+};
+
+absl::StatusOr<std::shared_ptr<const RetrievalStore::HeldSource>> RetrievalStore::HoldSource(
+    const KeptSelection& sel) {
+  auto held = std::make_shared<HeldSource>();
+  SourceData& src = held->src;
   src.model = sel.model_;
-  src.spec = spec;
+  src.spec = sel.spec_;
   src.num_tokens = sel.num_tokens_;
   if (sel.session_ != nullptr) {
     src.reader = sel.session_;
-  } else {
-    absl::Status s =
-        HoldPrefix(cache_->AcquireChain(sel.model_, sel.last_block_), &src.handle, &src.rerotated);
-    if (absl::IsNotFound(s)) {
-      return absl::NotFoundError(absl::StrCat("the blocks the selection was made over (",
-                                              sel.num_tokens_,
-                                              " tokens) are no longer all cached: ", s.message()));
-    }
-    if (!s.ok()) return s;
+    return held;
   }
+  absl::Status s =
+      HoldPrefix(cache_->AcquireChain(sel.model_, sel.last_block_), &src.handle, &src.rerotated);
+  if (absl::IsNotFound(s)) {
+    return absl::NotFoundError(absl::StrCat("the blocks the selection was made over (",
+                                            sel.num_tokens_,
+                                            " tokens) are no longer all cached: ", s.message()));
+  }
+  if (!s.ok()) return s;
+  return held;
+}
+
+namespace {
+
+absl::Status GatherLayerInRange(const ModelSpec& spec, const ModelId& model, int layer) {
+  if (layer < 0 || layer >= spec.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer must be in [0, ", spec.layers, ") for model ", model, ", got ", layer));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, void* dst) {
+  if (absl::Status s = GatherLayerInRange(sel.spec_, sel.model_, layer); !s.ok()) return s;
+  auto held = HoldSource(sel);
+  if (!held.ok()) return held.status();
+  return GatherLayer(sel, **held, layer, dst);
+}
+
+absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, const HeldSource& held,
+                                         int layer, void* dst) {
+  const ModelSpec& spec = sel.spec_;
+  if (absl::Status s = GatherLayerInRange(spec, sel.model_, layer); !s.ok()) return s;
+  const SourceData& src = held.src;
   const uint64_t half = sel.layer_bytes() / 2;
   char* dst_values = static_cast<char*>(dst) + half;
   absl::Status s;

@@ -241,6 +241,14 @@ class RetrievalStore {
   // range; NOT_FOUND when the prefix blocks it was made over are no longer all cached.
   absl::Status GatherLayer(const KeptSelection& selection, int layer, void* dst);
 
+  // A kept selection's source, held for GatherLayer at several layers: a prefix's blocks are
+  // acquired once for all of them (and cannot be evicted while it lives) instead of at every
+  // layer. Calls from several threads may share it. NOT_FOUND as GatherLayer.
+  class HeldSource;
+  absl::StatusOr<std::shared_ptr<const HeldSource>> HoldSource(const KeptSelection& selection);
+  absl::Status GatherLayer(const KeptSelection& selection, const HeldSource& held, int layer,
+                           void* dst);
+
   // FindSelection + GatherLayer into a new string.
   absl::StatusOr<std::string> Gather(absl::string_view id, int layer);
 
@@ -296,7 +304,7 @@ class RetrievalStore {
   // keys alone (its gathers go through GatherFromSession): a host session's in place where they
   // sit at their own positions (SessionReader::LayerKeyPages), a GPU session's downloaded, or in
   // its device memory with `device_keys`. Does nothing when the keys are there already.
-  absl::Status ViewsOf(SourceData& src, int layer, bool device_keys, LayerViews* out) const;
+  absl::Status ViewsOf(const SourceData& src, int layer, bool device_keys, LayerViews* out) const;
   // The page metadata of one layer (built or from the store), as a view for SelectRequest. Reads
   // a session's keys (ViewsOf) only for the pages it must build.
   absl::Status PageMetaOf(SourceData& src, int layer, LayerViews* views);

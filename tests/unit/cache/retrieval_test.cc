@@ -768,6 +768,30 @@ TEST_F(RetrievalTest, PrefixByLastBlockEqualsByTokens) {
   CheckGathered(*gathered, kept->indices, kept->counts, kept->rows, kept->capacity, spec_.kv_heads,
                 spec_.head_dim, spec_.dtype, BlockKeys(spec_, kv, 0, 0),
                 BlockKeys(spec_, kv, 0, 1));
+  // Held once for every layer: the same bytes as gathering layer by layer; while held, the blocks
+  // survive an eviction, and once released a gather is NOT_FOUND.
+  auto sel = store_->FindSelection(kept->selection_id);
+  ASSERT_TRUE(sel.ok());
+  auto held = store_->HoldSource(**sel);
+  ASSERT_TRUE(held.ok()) << held.status();
+  for (int layer = 0; layer < spec_.layers; ++layer) {
+    std::string a((*sel)->layer_bytes(), '\x11'), b((*sel)->layer_bytes(), '\x22');
+    ASSERT_TRUE(store_->GatherLayer(**sel, layer, a.data()).ok());
+    ASSERT_TRUE(store_->GatherLayer(**sel, **held, layer, b.data()).ok());
+    EXPECT_EQ(a, b) << "layer " << layer;
+  }
+  std::string out((*sel)->layer_bytes(), '\0');
+  EXPECT_EQ(store_->GatherLayer(**sel, **held, spec_.layers, out.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(cache_->Evict("m", tenant_, {}).ok());
+  ASSERT_TRUE(store_->GatherLayer(**sel, **held, 1, out.data()).ok());
+  CheckGathered(out, kept->indices, kept->counts, kept->rows, kept->capacity, spec_.kv_heads,
+                spec_.head_dim, spec_.dtype, BlockKeys(spec_, kv, 1, 0),
+                BlockKeys(spec_, kv, 1, 1));
+  held->reset();
+  ASSERT_TRUE(cache_->Evict("m", tenant_, {}).ok());
+  EXPECT_EQ(store_->GatherLayer(**sel, 1, out.data()).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->HoldSource(**sel).status().code(), absl::StatusCode::kNotFound);
   // Unknown block: NOT_FOUND.
   k.source.last_block = BlockHash();
   k.keep = false;
