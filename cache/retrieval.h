@@ -2,7 +2,8 @@
 // post-RoPE queries of one layer at a decode step, RetrievalStore::Select picks per KV head (or per
 // query head) the cached tokens that matter most, through kernels/topk (SelectCpu; or SelectCuda
 // when Options::device names a GPU, see cache/retrieval_gpu.h), over either the
-// longest cached prefix of a prompt (KvCache blocks, read in place) or an editor session
+// longest cached prefix of a prompt (KvCache blocks, read in place; named by its tokens or by its
+// last block's hash) or an editor session
 // (SessionStore: its keys re-rotated to their current positions). A selection can be kept for a
 // short idle TTL and gathered at other layers of the same step (position-persistent selection).
 // Gather always runs on the CPU (GatherCpu over the host views).
