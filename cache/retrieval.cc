@@ -99,18 +99,32 @@ uint64_t PlaneBytes(const ModelSpec& spec, int64_t tokens) {
   return static_cast<uint64_t>(spec.kv_heads) * tokens * spec.head_dim * DTypeSize(spec.dtype);
 }
 
+// Where `layer`'s keys (kv 0) or values (kv 1) start in a block laid out
+// [layer][k|v][kv_head][token][head_dim].
+const char* BlockPlane(const void* block, const ModelSpec& spec, int layer, int kv) {
+  return static_cast<const char*>(block) +
+         (2 * static_cast<uint64_t>(layer) + kv) * PlaneBytes(spec, spec.block_tokens);
+}
+
 // The device addresses of `layer`'s key plane in the GPU-tier copies of every block `h` holds
 // (ReadHandle::device_bytes), into *out; false when a block has no GPU copy.
 bool GpuTierKeyBlocks(const ReadHandle& h, const ModelSpec& spec, int layer,
                       std::vector<const void*>* out) {
-  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
   out->clear();
   for (size_t b = 0; b < h.blocks().size(); ++b) {
     if (h.device_bytes(b) == nullptr) return false;
-    out->push_back(static_cast<const char*>(h.device_bytes(b)) +
-                   2 * static_cast<uint64_t>(layer) * plane);
+    out->push_back(BlockPlane(h.device_bytes(b), spec, layer, 0));
   }
   return true;
+}
+
+// INVALID_ARGUMENT unless 0 <= layer < the model's layers.
+absl::Status LayerInRange(const ModelSpec& spec, const ModelId& model, int layer) {
+  if (layer < 0 || layer >= spec.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer must be in [0, ", spec.layers, ") for model ", model, ", got ", layer));
+  }
+  return absl::OkStatus();
 }
 
 bool ValidQueryDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
@@ -354,14 +368,12 @@ absl::Status RetrievalStore::ViewsOf(const SourceData& src, int layer, bool devi
     out->keys = topk::DenseMatrix<const void*>(out->layer.get(), spec.dtype, n, spec.head_dim);
     return absl::OkStatus();
   }
-  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
   const size_t blocks = src.handle->blocks().size();
   out->key_blocks.resize(blocks);
   out->value_blocks.resize(blocks);
   for (size_t b = 0; b < blocks; ++b) {
-    const char* base = static_cast<const char*>(src.block(b));
-    out->key_blocks[b] = base + (2 * static_cast<uint64_t>(layer)) * plane;
-    out->value_blocks[b] = base + (2 * static_cast<uint64_t>(layer) + 1) * plane;
+    out->key_blocks[b] = BlockPlane(src.block(b), spec, layer, 0);
+    out->value_blocks[b] = BlockPlane(src.block(b), spec, layer, 1);
   }
   out->keys =
       topk::BlockedMatrix(out->key_blocks.data(), spec.dtype, spec.block_tokens, spec.head_dim);
@@ -464,13 +476,12 @@ void RetrievalStore::OnBlockWritten(const RegisteredModel& model, const BlockInf
   }
   const int64_t ppb = spec.block_tokens / topk::kPageTokens;
   const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
-  const uint64_t plane = PlaneBytes(spec, spec.block_tokens);
   const uint64_t entry_bytes =
       static_cast<uint64_t>(spec.kv_heads) * ppb * width * DTypeSize(spec.dtype);
   std::vector<PendingMeta> pieces;
   pieces.reserve(spec.layers);
   for (int layer = 0; layer < spec.layers; ++layer) {
-    const char* keys = static_cast<const char*>(bytes) + 2 * static_cast<uint64_t>(layer) * plane;
+    const char* keys = BlockPlane(bytes, spec, layer, 0);
     auto built = std::make_shared<std::string>(entry_bytes, '\0');
     const absl::Status s = topk::BuildPageMetaCpu(
         topk::DenseMatrix<const void*>(keys, spec.dtype, spec.block_tokens, spec.head_dim),
@@ -876,10 +887,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   auto src = Resolve(args.source);
   if (!src.ok()) return src.status();
   const ModelSpec& spec = src->spec;
-  if (args.layer < 0 || args.layer >= spec.layers) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer must be in [0, ", spec.layers, ") for model ", src->model, ", got ", args.layer));
-  }
+  if (absl::Status s = LayerInRange(spec, src->model, args.layer); !s.ok()) return s;
   if (!topk::IsSupportedHeadDim(spec.head_dim)) {
     return absl::InvalidArgumentError(absl::StrCat("model ", src->model, " has head_dim ",
                                                    spec.head_dim,
@@ -1139,20 +1147,8 @@ absl::StatusOr<std::shared_ptr<const RetrievalStore::HeldSource>> RetrievalStore
   return held;
 }
 
-namespace {
-
-absl::Status GatherLayerInRange(const ModelSpec& spec, const ModelId& model, int layer) {
-  if (layer < 0 || layer >= spec.layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer must be in [0, ", spec.layers, ") for model ", model, ", got ", layer));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, void* dst) {
-  if (absl::Status s = GatherLayerInRange(sel.spec_, sel.model_, layer); !s.ok()) return s;
+  if (absl::Status s = LayerInRange(sel.spec_, sel.model_, layer); !s.ok()) return s;
   auto held = HoldSource(sel);
   if (!held.ok()) return held.status();
   return GatherLayer(sel, **held, layer, dst);
@@ -1161,7 +1157,7 @@ absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, int layer, vo
 absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, const HeldSource& held,
                                          int layer, void* dst) {
   const ModelSpec& spec = sel.spec_;
-  if (absl::Status s = GatherLayerInRange(spec, sel.model_, layer); !s.ok()) return s;
+  if (absl::Status s = LayerInRange(spec, sel.model_, layer); !s.ok()) return s;
   const SourceData& src = held.src;
   const uint64_t half = sel.layer_bytes() / 2;
   char* dst_values = static_cast<char*>(dst) + half;

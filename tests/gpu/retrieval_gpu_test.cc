@@ -257,6 +257,16 @@ class RetrievalGpuTest : public ::testing::Test {
     return opened.ok() ? opened->id : std::string();
   }
 
+  // Inserts n tokens at `at` into session `id` and fills them with random KV.
+  void InsertAndFill(const std::string& id, int64_t at, int64_t n) {
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(at, Tokens(n))}).ok());
+    FillArgs fill;
+    fill.range = TokenRange{at, at + n};
+    const std::string kv =
+        RandomElems(RangeBytes(spec_, n) / DTypeSize(spec_.dtype), spec_.dtype, rng_);
+    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+  }
+
   // One layer of session `id` as the reader writes it (K then V); its tokens in *n.
   std::string SessionLayer(const std::string& id, int layer, int64_t* n) {
     auto reader = sessions_->Read(id, std::nullopt);
@@ -508,14 +518,6 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
     ASSERT_TRUE(cpu_meta.has_value() && gpu_meta.has_value()) << what;
     EXPECT_TRUE(*cpu_meta == *gpu_meta) << what << ": page metadata differs";
   };
-  auto insert_and_fill = [&](int64_t at) {
-    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(at, Tokens(1))}).ok());
-    FillArgs fill;
-    fill.range = TokenRange{at, at + 1};
-    const std::string kv =
-        RandomElems(RangeBytes(spec_, 1) / DTypeSize(spec_.dtype), spec_.dtype, rng_);
-    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
-  };
   bound("opened");
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u);  // on the device
   // The device keeps its copy of the metadata: a repeated Select copies no page.
@@ -524,14 +526,14 @@ TEST_F(RetrievalGpuTest, DeviceSessionMetadataEqualsTheCpus) {
   EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u);
   EXPECT_GT(gpu_->stats().gpu_metadata_bytes, 0u);
   // An insert at 20: every page from the second (tokens 16-31) on changes.
-  insert_and_fill(20);
+  InsertAndFill(id, 20, 1);
   bound("after an insert at 20");
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u);  // the layer, on the device
   EXPECT_EQ(gpu_->stats().gpu_metadata_pages_uploaded, 201u + 200u);   // page 0 kept its name
   auto info = sessions_->Info(id);
   ASSERT_TRUE(info.ok());
-  insert_and_fill(info->length);  // an append: the last page alone
+  InsertAndFill(id, info->length, 1);  // an append: the last page alone
   bound("after an append");
   EXPECT_EQ(cpu_->stats().metadata_session_pages_built, 201u + 200u + 1u);
   EXPECT_EQ(gpu_->stats().metadata_session_pages_built, 201u + 201u + 1u);
@@ -570,13 +572,7 @@ TEST_F(RetrievalGpuTest, ConcurrentDeviceSessionSelectsWhileAppending) {
   for (int step = 0; step < 30; ++step) {
     auto info = sessions_->Info(id);
     ASSERT_TRUE(info.ok());
-    const int64_t len = info->length;
-    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(2))}).ok());
-    FillArgs fill;
-    fill.range = TokenRange{len, len + 2};
-    const std::string kv =
-        RandomElems(RangeBytes(spec_, 2) / DTypeSize(spec_.dtype), spec_.dtype, rng_);
-    ASSERT_TRUE(sessions_->Fill(id, fill, kv).ok());
+    InsertAndFill(id, info->length, 2);
   }
   done = true;
   for (std::thread& r : readers) r.join();

@@ -406,6 +406,14 @@ class RetrievalTest : public ::testing::Test {
     return kv;
   }
 
+  // Inserts n tokens at `at` into session `id` and fills them with random KV.
+  void InsertAndFill(const std::string& id, int64_t at, int64_t n) {
+    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(at, Tokens(n))}).ok());
+    FillArgs fill;
+    fill.range = TokenRange{at, at + n};
+    ASSERT_TRUE(sessions_->Fill(id, fill, RandomRange(n)).ok());
+  }
+
   // The whole layer of a session as the reader writes it.
   std::string SessionLayer(const std::string& id, int layer, int64_t* n) {
     auto reader = sessions_->Read(id, std::nullopt);
@@ -1211,11 +1219,7 @@ TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
   for (int step = 0; step < 40; ++step) {
     auto info = sessions_->Info(id);
     ASSERT_TRUE(info.ok());
-    const int64_t len = info->length;
-    ASSERT_TRUE(sessions_->Edit(id, {EditOp::Insert(len, Tokens(3))}).ok());
-    FillArgs fill;
-    fill.range = TokenRange{len, len + 3};
-    ASSERT_TRUE(sessions_->Fill(id, fill, RandomRange(3)).ok());
+    InsertAndFill(id, info->length, 3);
   }
   done = true;
   for (std::thread& r : readers) r.join();
