@@ -79,6 +79,15 @@ std::string LayerKey(char kind, absl::string_view id, int layer) {
 // the views are dropped and made again by the next Selects.
 constexpr uint64_t kMaxPrefixViewBlocks = 1 << 18;
 
+// What a prefix view of `blocks` blocks under `key` costs, as counted against the metadata
+// capacity: its vectors (a serial, a held entry, a pointer and a name a block), the object and
+// its map slot.
+uint64_t ViewBytes(absl::string_view key, size_t blocks) {
+  return blocks * (sizeof(uint64_t) + sizeof(std::shared_ptr<const std::string>) +
+                   sizeof(const void*) + sizeof(uint64_t)) +
+         key.size() + 128;
+}
+
 // A session's layer is kept in metadata entries of this many pages ([kv_heads][kMetaChunkPages]
 // [2 * head_dim] each, the last one padded), so that an append or a local edit copies and rebuilds
 // one entry rather than the layer's (8 MB at 32K tokens of Llama-3-8B).
@@ -437,6 +446,11 @@ void RetrievalStore::EraseLocked(const std::string& key) {
 void RetrievalStore::ForgetLocked(absl::string_view key) {
   if (key.empty() || (key[0] != 'B' && key[0] != 'R')) return;
   ++block_meta_generation_;
+  ClearViewsLocked();
+}
+
+void RetrievalStore::ClearViewsLocked() {
+  for (const auto& [key, view] : meta_views_) meta_bytes_ -= ViewBytes(key, view->serials.size());
   meta_views_.clear();
   meta_view_blocks_ = 0;
 }
@@ -653,15 +667,21 @@ absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* 
     absl::MutexLock lock(&meta_mu_);
     // Entries that left meta_ since the lookup may be among the holds: such a view is not kept.
     if (generation != block_meta_generation_) return absl::OkStatus();
-    if (meta_view_blocks_ + blocks.size() > kMaxPrefixViewBlocks) {
-      meta_views_.clear();
-      meta_view_blocks_ = 0;
+    if (meta_view_blocks_ + blocks.size() > kMaxPrefixViewBlocks) ClearViewsLocked();
+    // A view's own bytes count against the metadata capacity: kept only where they fit without
+    // evicting an entry (which would drop every view).
+    const uint64_t bytes = ViewBytes(view_key, blocks.size());
+    auto old = meta_views_.find(view_key);
+    const uint64_t replaced =
+        old != meta_views_.end() ? ViewBytes(view_key, old->second->serials.size()) : 0;
+    if (blocks.size() > kMaxPrefixViewBlocks ||
+        meta_bytes_ - replaced + bytes > options_.metadata_capacity_bytes) {
+      return absl::OkStatus();
     }
-    if (blocks.size() > kMaxPrefixViewBlocks) return absl::OkStatus();
-    std::shared_ptr<const PrefixMetaView>& slot = meta_views_[view_key];
-    if (slot != nullptr) meta_view_blocks_ -= slot->serials.size();
+    if (old != meta_views_.end()) meta_view_blocks_ -= old->second->serials.size();
     meta_view_blocks_ += blocks.size();
-    slot = std::move(view);
+    meta_bytes_ = meta_bytes_ - replaced + bytes;
+    meta_views_[view_key] = std::move(view);
     return absl::OkStatus();
   }
 

@@ -187,7 +187,7 @@ class RetrievalStore {
     uint64_t selects = 0;
     uint64_t gathers = 0;  // layers gathered from kept selections
     uint64_t metadata_entries = 0;
-    uint64_t metadata_bytes = 0;
+    uint64_t metadata_bytes = 0;  // entries and prefix views (their bookkeeping)
     uint64_t metadata_capacity_bytes = 0;
     uint64_t metadata_hits = 0;    // entries found with matching keys
     uint64_t metadata_builds = 0;  // entries built by Select (first use, keys changed, not kept)
@@ -283,8 +283,9 @@ class RetrievalStore {
   // One layer's block entries of a prefix, as a page-mode Select found or built them, so that the
   // next Select over the same prefix and layer looks them up once instead of once per block. Valid
   // while every block has the serial it had then; dropped (all of them) whenever a prefix block's
-  // entry leaves meta_, so that views never hold bytes meta_ no longer accounts for. A hit does not
-  // move the entries in meta_'s LRU order (they may go first; the view goes with them).
+  // entry leaves meta_, so that views never hold bytes meta_ no longer accounts for. A view's own
+  // bytes (~40 a block) count in meta_bytes_ against the metadata capacity. A hit does not move
+  // the entries in meta_'s LRU order (they may go first; the view goes with them).
   struct PrefixMetaView {
     std::vector<uint64_t> serials;  // per block: BlockInfo::serial
     std::vector<std::shared_ptr<const std::string>> holds;
@@ -330,6 +331,8 @@ class RetrievalStore {
   void EraseLocked(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // Called for every entry leaving meta_: a prefix block's drops the prefix views.
   void ForgetLocked(absl::string_view key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
+  // Drops every prefix view and its bytes from meta_bytes_.
+  void ClearViewsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(meta_mu_);
   // The PutHook's work (see BlockObserver).
   void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block, const void* bytes);
   void OnPutDone(absl::Span<const BlockHash> written, absl::Span<const BlockHash> committed);

@@ -732,6 +732,38 @@ TEST_F(RetrievalTest, PrefixViewLooksUpTheLayerOnce) {
   CheckSelection(*fourth, a, q, spec_.kv_heads, spec_.head_dim, 96, BlockKeys(spec_, kv, 1));
 }
 
+// A prefix view's own bytes count against the metadata capacity: kept where they fit, freed with
+// the view; a store with no room left for them keeps no view.
+TEST_F(RetrievalTest, PrefixViewsCountAgainstTheMetadataCapacity) {
+  std::vector<int32_t> tokens;
+  PutRandom(6, &tokens);
+  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
+  SelectArgs a = PrefixArgs(tokens, q, 4);
+  a.mode = Mode::kBound;
+  a.k = 24;
+  a.layer = 1;
+  const uint64_t entries = store_->stats().metadata_bytes;  // every layer's, built by the Put
+  ASSERT_GT(entries, 0u);
+  ASSERT_TRUE(store_->Select(a).ok());
+  const uint64_t with_view = store_->stats().metadata_bytes;
+  EXPECT_GE(with_view, entries + 6 * 40);  // a serial, a held entry, a pointer, a name a block
+  EXPECT_LE(with_view, entries + 6 * 40 + 256);
+  // The view goes with its blocks' entries, and its bytes with it.
+  ASSERT_TRUE(cache_->Evict("m", tenant_, {}).ok());
+  EXPECT_EQ(store_->stats().metadata_bytes, 0u);
+
+  RetrievalStore::Options o;
+  o.metadata_capacity_bytes = entries;  // room for the entries alone
+  MakeStore(o);
+  ASSERT_TRUE(Put(tokens, RandomBlocks(spec_, 6, rng_)).ok());
+  ASSERT_EQ(store_->stats().metadata_bytes, entries);
+  ASSERT_TRUE(store_->Select(a).ok());
+  ASSERT_TRUE(store_->Select(a).ok());
+  EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 0u);
+  EXPECT_EQ(store_->stats().metadata_bytes, entries);
+  EXPECT_EQ(store_->stats().metadata_evictions, 0u);
+}
+
 // A prefix named by its last block's hash selects what its tokens do; an earlier block's hash
 // names the shorter prefix; kept selections gather through the chain.
 TEST_F(RetrievalTest, PrefixByLastBlockEqualsByTokens) {
