@@ -8,15 +8,15 @@
 # CUDA IPC: the real thing in a CUDA build, a stub that answers UNAVAILABLE otherwise.
 if(ROPEKV_WITH_CUDA)
   add_library(ropekv_cuda_ipc cuda_ipc.cu)
-  target_link_libraries(ropekv_cuda_ipc PUBLIC ropekv_kernels_common ropekv_rope_cuda
+  target_link_libraries(ropekv_cuda_ipc PUBLIC ropekv_kernels_common ropekv_rope_cuda ropekv_topk
     CUDA::cudart_static absl::status absl::statusor absl::strings absl::synchronization
     absl::flat_hash_map)
   # cuda.h for the driver's types only: the entry point is fetched at run time (no libcuda link).
   target_include_directories(ropekv_cuda_ipc PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
 else()
   add_library(ropekv_cuda_ipc cuda_ipc_nocuda.cc)
-  target_link_libraries(ropekv_cuda_ipc PUBLIC ropekv_rope absl::status absl::statusor
-    absl::strings)
+  target_link_libraries(ropekv_cuda_ipc PUBLIC ropekv_rope ropekv_topk absl::status
+    absl::statusor absl::strings)
   target_compile_options(ropekv_cuda_ipc PRIVATE ${ROPEKV_WARNINGS})
 endif()
 

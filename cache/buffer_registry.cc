@@ -606,6 +606,8 @@ void* BufferLease::device_data() const {
   return transfer_ != nullptr ? transfer_->DeviceAt(offset_) : nullptr;
 }
 
+int BufferLease::device() const { return region_->cuda != nullptr ? region_->cuda->device() : -1; }
+
 const PagedLayout* BufferLease::paged() const {
   return region_->paged.has_value() ? &*region_->paged : nullptr;
 }

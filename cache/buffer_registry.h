@@ -154,6 +154,8 @@ class BufferLease {
   // one), and the counters such copies report. The caller keeps inside [0, size()).
   CudaIpcTransfer* transfer() const { return transfer_.get(); }
   void* device_data() const;
+  // The CUDA device of a GPU buffer; -1 for shared memory.
+  int device() const;
   const PagedLayout* paged() const;
   void CountWritten(uint64_t n) { written_ += n; }
   void CountRead(uint64_t n) { read_ += n; }

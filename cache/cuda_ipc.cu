@@ -226,6 +226,10 @@ class Transfer final : public CudaIpcTransfer {
     });
   }
 
+  absl::Status Gather(const topk::GatherRequest& req) override {
+    return Enqueue([&] { return topk::GatherCuda(req, staging_->stream); });
+  }
+
   absl::Status Finish() override {
     if (finished_) return status_;
     finished_ = true;

@@ -23,6 +23,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/rope/rope.h"
+#include "kernels/topk/topk.h"
 
 namespace ropekv {
 
@@ -75,6 +76,10 @@ class CudaIpcTransfer {
   virtual absl::Status Rerotate(absl::string_view model_id, const RopeSpec& spec,
                                 const KvGeometry& geometry,
                                 absl::Span<const RerotateCopy> jobs) = 0;
+  // Enqueues topk::GatherCuda over `req`, whose pointers are device addresses on the buffer's
+  // device (the block arrays, indices and counts in Scratch, the blocks in device memory, the
+  // destinations in the buffer). INVALID_ARGUMENT as GatherCuda; CUDA errors as INTERNAL.
+  virtual absl::Status Gather(const topk::GatherRequest& req) = 0;
   // Waits for every copy issued; the first error, if any.
   virtual absl::Status Finish() = 0;
 };

@@ -575,6 +575,61 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
       });
 }
 
+// GatherToBuffer into a GPU buffer from a prefix whose blocks all sit in the GPU tier on the
+// buffer's device: one gather kernel a layer on the transfer's stream, from the blocks' device
+// copies straight into the buffer (no host copy of the rows). The block addresses of every
+// layer, the indices and the counts go to the device in one upload first. False (nothing done)
+// where the store cannot gather there (RetrievalStore::DeviceGatherRequest).
+absl::StatusOr<bool> GatherOnDevice(RetrievalStore& store, const KeptSelection& sel,
+                                    const RetrievalStore::HeldSource& held,
+                                    const std::vector<int>& layers, BufferLease& lease) {
+  CudaIpcTransfer* gpu = lease.transfer();
+  if (gpu == nullptr || layers.empty()) return false;
+  std::vector<topk::GatherRequest> reqs(layers.size());
+  std::vector<const void*> keys, values;
+  std::vector<const void*> planes;  // [layer][k|v][block]
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto ok =
+        store.DeviceGatherRequest(sel, held, layers[i], lease.device(), &keys, &values, &reqs[i]);
+    if (!ok.ok()) return ok.status();
+    if (!*ok) return false;
+    planes.insert(planes.end(), keys.begin(), keys.end());
+    planes.insert(planes.end(), values.begin(), values.end());
+  }
+  const size_t blocks = keys.size();
+  const uint64_t plane_bytes = planes.size() * sizeof(void*);
+  const uint64_t list_bytes = static_cast<uint64_t>(sel.rows()) * sel.capacity() * 4;
+  const uint64_t count_bytes = static_cast<uint64_t>(sel.rows()) * 4;
+  auto scratch = gpu->Scratch(plane_bytes + list_bytes + count_bytes);
+  if (!scratch.ok()) return scratch.status();
+  char* dev = static_cast<char*>(*scratch);
+  const void* const* dev_planes = reinterpret_cast<const void* const*>(dev);
+  const int32_t* dev_indices = reinterpret_cast<const int32_t*>(dev + plane_bytes);
+  const int32_t* dev_counts = reinterpret_cast<const int32_t*>(dev + plane_bytes + list_bytes);
+  if (auto s = gpu->Upload(dev, planes.data(), plane_bytes); !s.ok()) return s;
+  if (auto s = gpu->Upload(dev + plane_bytes, sel.indices().data(), list_bytes); !s.ok()) return s;
+  if (auto s = gpu->Upload(dev + plane_bytes + list_bytes, sel.counts().data(), count_bytes);
+      !s.ok()) {
+    return s;
+  }
+  const uint64_t layer_bytes = sel.layer_bytes();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    topk::GatherRequest& req = reqs[i];
+    req.keys.blocks = dev_planes + 2 * i * blocks;
+    req.values.blocks = dev_planes + (2 * i + 1) * blocks;
+    req.indices = dev_indices;
+    req.counts = dev_counts;
+    char* dst = static_cast<char*>(lease.device_data()) + i * layer_bytes;
+    req.dst_keys = dst;
+    req.dst_values = dst + layer_bytes / 2;
+    if (auto s = gpu->Gather(req); !s.ok()) return s;
+  }
+  // The host vectors stay until the uploads are done.
+  if (auto s = lease.Finish(); !s.ok()) return s;
+  lease.CountWritten(layers.size() * layer_bytes);
+  return true;
+}
+
 absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store, BufferRegistry& buffers,
                                                     absl::string_view selection_id,
                                                     std::vector<int> layers, const BufferRange& dst,
@@ -601,11 +656,16 @@ absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store, Buffe
   // The source held once for every layer (a prefix's blocks acquired once, not per layer).
   auto held = store.HoldSource(sel);
   if (!held.ok()) return held.status();
-  absl::Status s = (*lease)->ProduceParallel(
-      layers.size(), layer_bytes, copy_threads,
-      [&](uint64_t i, void* p) { return store.GatherLayer(sel, **held, layers[i], p); });
-  if (!s.ok()) return s;
+  auto on_device = GatherOnDevice(store, sel, **held, layers, **lease);
+  if (!on_device.ok()) return on_device.status();
+  if (!*on_device) {
+    absl::Status s = (*lease)->ProduceParallel(
+        layers.size(), layer_bytes, copy_threads,
+        [&](uint64_t i, void* p) { return store.GatherLayer(sel, **held, layers[i], p); });
+    if (!s.ok()) return s;
+  }
   GatherToBufferResult r;
+  r.on_device = *on_device;
   r.rows = sel.rows();
   r.capacity = sel.capacity();
   r.counts = sel.counts();

@@ -159,18 +159,19 @@ struct GatherToBufferResult {
   uint64_t bytes_written = 0;   // layers * layer_bytes
   DType dtype = DType::kBF16;   // the model's
   int head_dim = 0;
+  bool on_device = false;  // gathered by a kernel from GPU-tier copies into a GPU buffer
 };
 
 // RetrievalStore::GatherLayer of the kept selection `selection_id` at every layer of `layers`
 // (empty: all of the model's layers, in order) into dst: [layer][k|v][rows][capacity][head_dim]
 // in the model's dtype, zeros after each row's count. NOT_FOUND for an unknown or expired
 // selection, or when its prefix blocks were evicted; INVALID_ARGUMENT for a layer out of range
-// (nothing written) or paged dst; the buffer errors as GetToBuffer.
-absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store,
-                                                    BufferRegistry& buffers,
+// (nothing written) or paged dst; the buffer errors as GetToBuffer. Into a GPU buffer, a prefix
+// whose blocks all have GPU-tier copies on the buffer's device is gathered there by a kernel
+// (on_device); anything else goes through host memory.
+absl::StatusOr<GatherToBufferResult> GatherToBuffer(RetrievalStore& store, BufferRegistry& buffers,
                                                     absl::string_view selection_id,
-                                                    std::vector<int> layers,
-                                                    const BufferRange& dst,
+                                                    std::vector<int> layers, const BufferRange& dst,
                                                     int copy_threads = 1);
 
 }  // namespace ropekv

@@ -115,14 +115,14 @@ const char* BlockPlane(const void* block, const ModelSpec& spec, int layer, int 
          (2 * static_cast<uint64_t>(layer) + kv) * PlaneBytes(spec, spec.block_tokens);
 }
 
-// The device addresses of `layer`'s key plane in the GPU-tier copies of every block `h` holds
-// (ReadHandle::device_bytes), into *out; false when a block has no GPU copy.
-bool GpuTierKeyBlocks(const ReadHandle& h, const ModelSpec& spec, int layer,
-                      std::vector<const void*>* out) {
+// The device addresses of `layer`'s key (kv 0) or value (kv 1) plane in the GPU-tier copies of
+// every block `h` holds (ReadHandle::device_bytes), into *out; false when a block has no GPU copy.
+bool GpuTierBlocks(const ReadHandle& h, const ModelSpec& spec, int layer, int kv,
+                   std::vector<const void*>* out) {
   out->clear();
   for (size_t b = 0; b < h.blocks().size(); ++b) {
     if (h.device_bytes(b) == nullptr) return false;
-    out->push_back(BlockPlane(h.device_bytes(b), spec, layer, 0));
+    out->push_back(BlockPlane(h.device_bytes(b), spec, layer, kv));
   }
   return true;
 }
@@ -1014,7 +1014,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
                                        [](const std::string& r) { return r.empty(); })) {
       one_pool = cache_->host_device_readable();
       if (reads_keys && cache_->gpu_device() == gpu_->device() &&
-          GpuTierKeyBlocks(*src->handle, spec, args.layer, &device_key_blocks)) {
+          GpuTierBlocks(*src->handle, spec, args.layer, 0, &device_key_blocks)) {
         gpu_req.keys = topk::BlockedMatrix(device_key_blocks.data(), spec.dtype, spec.block_tokens,
                                            spec.head_dim);
         one_pool = true;
@@ -1196,6 +1196,35 @@ absl::Status RetrievalStore::GatherLayer(const KeptSelection& sel, const HeldSou
   absl::MutexLock lock(&meta_mu_);
   ++counters_.gathers;
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> RetrievalStore::DeviceGatherRequest(const KeptSelection& sel,
+                                                         const HeldSource& held, int layer,
+                                                         int device,
+                                                         std::vector<const void*>* key_blocks,
+                                                         std::vector<const void*>* value_blocks,
+                                                         topk::GatherRequest* req) const {
+  const ModelSpec& spec = sel.spec_;
+  if (absl::Status s = LayerInRange(spec, sel.model_, layer); !s.ok()) return s;
+  const SourceData& src = held.src;
+  if (src.session() || !src.handle.has_value() || device < 0 || cache_->gpu_device() != device ||
+      std::any_of(src.rerotated.begin(), src.rerotated.end(),
+                  [](const std::string& r) { return !r.empty(); }) ||
+      !GpuTierBlocks(*src.handle, spec, layer, 0, key_blocks) ||
+      !GpuTierBlocks(*src.handle, spec, layer, 1, value_blocks)) {
+    return false;
+  }
+  req->kv_heads = spec.kv_heads;
+  req->head_dim = spec.head_dim;
+  req->num_tokens = sel.num_tokens_;
+  req->rows = sel.rows_;
+  req->capacity = sel.capacity_;
+  req->keys = topk::BlockedMatrix(key_blocks->data(), spec.dtype, spec.block_tokens, spec.head_dim);
+  req->values =
+      topk::BlockedMatrix(value_blocks->data(), spec.dtype, spec.block_tokens, spec.head_dim);
+  req->indices = sel.indices_.data();
+  req->counts = sel.counts_.data();
+  return true;
 }
 
 absl::StatusOr<std::string> RetrievalStore::Gather(absl::string_view id, int layer) {

@@ -249,6 +249,18 @@ class RetrievalStore {
   absl::StatusOr<std::shared_ptr<const HeldSource>> HoldSource(const KeptSelection& selection);
   absl::Status GatherLayer(const KeptSelection& selection, const HeldSource& held, int layer,
                            void* dst);
+  // GatherLayer's work as a request for topk::GatherCuda on `device`, where a kept prefix
+  // selection's blocks all have their GPU-tier copy there (KvCache::gpu_device()) at their own
+  // position: true, with the device addresses of the layer's key and value planes of each block
+  // in *key_blocks / *value_blocks (req's views point at them: the caller copies both to the
+  // device and repoints), and the selection's indices and counts in host memory; dst left unset.
+  // False (req untouched) for a session's selection, a block without a GPU copy or stored at
+  // another position, or another device. INVALID_ARGUMENT for a layer out of range.
+  absl::StatusOr<bool> DeviceGatherRequest(const KeptSelection& selection, const HeldSource& held,
+                                           int layer, int device,
+                                           std::vector<const void*>* key_blocks,
+                                           std::vector<const void*>* value_blocks,
+                                           topk::GatherRequest* req) const;
 
   // FindSelection + GatherLayer into a new string.
   absl::StatusOr<std::string> Gather(absl::string_view id, int layer);

@@ -420,6 +420,7 @@ grpc::ServerUnaryReactor* DataPlaneService::GatherToBuffer(grpc::CallbackServerC
     resp->set_bytes_written(r->bytes_written);
     resp->set_dtype(ToProto(r->dtype));
     resp->set_head_dim(r->head_dim);
+    resp->set_on_device(r->on_device);
     return absl::OkStatus();
   });
 }

@@ -16,6 +16,7 @@
 
 #include "clients/cpp/client.h"
 #include "clients/cpp/dataplane_client.h"
+#include "clients/cpp/retrieval_client.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/common/device.h"
@@ -65,7 +66,7 @@ class DataPlaneGpuTest : public ::testing::Test {
 
   void SetUp() override {
     if (!GpuAvailable()) GTEST_SKIP() << "no GPU";
-    daemon_ = std::make_unique<testing::Daemon>(std::vector<std::string>{"--gpu_capacity=256MiB"});
+    daemon_ = std::make_unique<testing::Daemon>(DaemonFlags());
     ASSERT_TRUE(daemon_->running());
     Client::Options o;
     o.address = daemon_->address();
@@ -86,6 +87,46 @@ class DataPlaneGpuTest : public ::testing::Test {
     EXPECT_EQ(info->kind(), v1::BUFFER_KIND_CUDA_IPC);
     EXPECT_EQ(info->size(), kAlloc - kOffset - 4096);
     EXPECT_GE(info->mapped_bytes(), kAlloc);  // the allocation's real extent, from the driver
+  }
+
+  virtual std::vector<std::string> DaemonFlags() const { return {"--gpu_capacity=256MiB"}; }
+
+  // A kept exact selection (k 24, 4 query heads) over the 40-block prompt `tokens`, gathered into
+  // the GPU buffer at all layers and at layers {3, 1}: the same bytes as the gRPC Gather, with
+  // on_device as expected.
+  void ExpectGatherIntoGpuEqualsGrpcGather(const std::vector<int32_t>& tokens, bool on_device) {
+    Client::Options o;
+    o.address = daemon_->address();
+    auto retrieval = client::RetrievalClient::Connect(o);
+    ASSERT_TRUE(retrieval.ok()) << retrieval.status();
+    std::mt19937_64 rng(17);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> q(4 * 64);
+    for (float& x : q) x = u(rng);
+    client::SelectArgs a;
+    a.model = "demo";
+    a.tokens = tokens;
+    a.query_heads = 4;
+    a.queries = client::F32Bytes(q);
+    a.k = 24;
+    a.n_sink = 2;
+    a.n_local = 8;
+    a.keep = true;
+    auto sel = (*retrieval)->Select(a);
+    ASSERT_TRUE(sel.ok()) << sel.status();
+    const std::string id = sel->header.selection_id();
+    for (const std::vector<int32_t>& layers :
+         {std::vector<int32_t>{}, std::vector<int32_t>{3, 1}}) {
+      auto want =
+          (*retrieval)->Gather(id, layers.empty() ? std::vector<int32_t>{0, 1, 2, 3} : layers);
+      ASSERT_TRUE(want.ok()) << want.status();
+      auto got = dp_->GatherToBuffer(id, layers, BufferRef{"gpu", 2048, 0});
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->on_device(), on_device);
+      EXPECT_EQ(got->bytes_written(), want->data.size());
+      ExpectWritten(2048, want->data);
+      ResetCanaries();
+    }
   }
 
   void TearDown() override {
@@ -168,6 +209,30 @@ TEST_F(DataPlaneGpuTest, GetIntoGpuEqualsGrpcGet) {
     ExpectWritten(1000, want->data, target.has_value());
     ResetCanaries();
   }
+}
+
+// A prefix in host memory only: gathered there, then copied into the GPU buffer.
+TEST_F(DataPlaneGpuTest, GatherIntoGpuThroughHostEqualsGrpcGather) {
+  const auto tokens = Tokens(7, 40 * 16);
+  PutBytes(tokens, Bytes(8, 40 * bb_));
+  ExpectGatherIntoGpuEqualsGrpcGather(tokens, /*on_device=*/false);
+}
+
+// Puts keep a GPU-tier copy of every block (--write_tier=gpu).
+class DataPlaneGpuTierTest : public DataPlaneGpuTest {
+ protected:
+  std::vector<std::string> DaemonFlags() const override {
+    return {"--gpu_capacity=256MiB", "--write_tier=gpu"};
+  }
+};
+
+// A prefix whose blocks all sit in the GPU tier on the buffer's device is gathered there by a
+// kernel, straight into the buffer: the gRPC Gather's bytes (zeros after each row's count
+// included), and nothing outside the range written.
+TEST_F(DataPlaneGpuTierTest, GatherIntoGpuFromTheGpuTierEqualsGrpcGather) {
+  const auto tokens = Tokens(9, 40 * 16);
+  PutBytes(tokens, Bytes(10, 40 * bb_));
+  ExpectGatherIntoGpuEqualsGrpcGather(tokens, /*on_device=*/true);
 }
 
 TEST_F(DataPlaneGpuTest, PutFromGpuThenGrpcGet) {
