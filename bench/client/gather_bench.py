@@ -12,15 +12,12 @@ its own ropekvd (--ropekvd, or $ROPEKVD) with the daemon flags given after `--`.
 
 import argparse
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-import ropekv
+from llama_daemon import llama_daemon
 from ropekv import shm as _shm
 
 
@@ -33,21 +30,8 @@ def main():
     p.add_argument("daemon_flags", nargs="*")
     a = p.parse_args()
     layers, blocks = 32, a.tokens // 16
-    data = tempfile.mkdtemp(prefix="gather_bench_")
-    daemon = subprocess.Popen(
-        [a.ropekvd, f"--listen=127.0.0.1:{a.port}", f"--data_dir={data}",
-         f"--host_capacity={blocks * 2 + 256}MiB", "--disk_enabled=false"] + a.daemon_flags,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        client = ropekv.Client(f"127.0.0.1:{a.port}")
-        for _ in range(100):  # until the daemon answers
-            try:
-                client.register_model(name="m", layers=layers, kv_heads=8, head_dim=128,
-                                      dtype="bfloat16", block_tokens=16,
-                                      rope={"type": "default", "theta": 500000.0})
-                break
-            except ropekv.Error:
-                time.sleep(0.1)
+    with llama_daemon(a.ropekvd, a.port, layers, f"{blocks * 2 + 256}MiB",
+                      a.daemon_flags) as client:
         rng = np.random.default_rng(1)
         tokens = rng.integers(0, 50000, a.tokens).tolist()
         # Random finite bf16 words, one block (2 MiB) pattern per 64 blocks to keep the put cheap.
@@ -86,10 +70,6 @@ def main():
             print(f"{name:<36} median {ts[len(ts) // 2] * 1e3:8.2f} ms  min {ts[0] * 1e3:8.2f} ms",
                   flush=True)
         client.unregister_buffer(buf)
-    finally:
-        daemon.terminate()
-        daemon.wait()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

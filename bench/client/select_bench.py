@@ -10,14 +10,11 @@ minima in ms.
 
 import argparse
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 
 import numpy as np
 
-import ropekv
+from llama_daemon import llama_daemon
 
 
 def main():
@@ -29,21 +26,7 @@ def main():
     p.add_argument("--port", type=int, default=50431)
     p.add_argument("daemon_flags", nargs="*")
     a = p.parse_args()
-    data = tempfile.mkdtemp(prefix="select_bench_")
-    daemon = subprocess.Popen(
-        [a.ropekvd, f"--listen=127.0.0.1:{a.port}", f"--data_dir={data}", "--host_capacity=2GiB",
-         "--disk_enabled=false"] + a.daemon_flags,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        client = ropekv.Client(f"127.0.0.1:{a.port}")
-        for _ in range(100):  # until the daemon answers
-            try:
-                client.register_model(name="m", layers=1, kv_heads=8, head_dim=128,
-                                      dtype="bfloat16", block_tokens=16,
-                                      rope={"type": "default", "theta": 500000.0})
-                break
-            except ropekv.Error:
-                time.sleep(0.1)
+    with llama_daemon(a.ropekvd, a.port, 1, "2GiB", a.daemon_flags) as client:
         rng = np.random.default_rng(1)
         tokens = rng.integers(0, 50000, a.tokens).tolist()
         kv = rng.standard_normal((a.tokens // 16, 1, 2, 8, 16, 128)).astype(np.float32)
@@ -68,10 +51,6 @@ def main():
         s = client.retrieval.stats()
         print(f"gpu_selects {s.gpu_selects}, gpu_keys_in_place {s.gpu_keys_in_place}, "
               f"metadata_prefix_view_hits {s.metadata_prefix_view_hits}")
-    finally:
-        daemon.terminate()
-        daemon.wait()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -372,6 +372,18 @@ class RetrievalTest : public ::testing::Test {
     return a;
   }
 
+  // Puts six random blocks (*tokens) and returns a page-mode Select over them at layer 1: k 24,
+  // four query heads (*q).
+  SelectArgs PutSixBlocksForBound(std::vector<int32_t>* tokens, std::vector<float>* q) {
+    PutRandom(6, tokens);
+    *q = RandomQueries(4, spec_.head_dim, rng_);
+    SelectArgs a = PrefixArgs(*tokens, *q, 4);
+    a.mode = Mode::kBound;
+    a.k = 24;
+    a.layer = 1;
+    return a;
+  }
+
   // Opens a session of n random tokens with random KV; returns its id.
   std::string OpenRandomSession(int64_t n) {
     OpenSessionArgs open;
@@ -686,12 +698,8 @@ TEST_F(RetrievalTest, MetadataBuiltOnceAndRederivedWhenKeysChange) {
 // after the store let the entry go.
 TEST_F(RetrievalTest, PrefixViewLooksUpTheLayerOnce) {
   std::vector<int32_t> tokens;
-  PutRandom(6, &tokens);
-  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
-  SelectArgs a = PrefixArgs(tokens, q, 4);
-  a.mode = Mode::kBound;
-  a.k = 24;
-  a.layer = 1;
+  std::vector<float> q;
+  SelectArgs a = PutSixBlocksForBound(&tokens, &q);
   auto first = store_->Select(a);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(store_->stats().metadata_prefix_view_hits, 0u);
@@ -736,12 +744,8 @@ TEST_F(RetrievalTest, PrefixViewLooksUpTheLayerOnce) {
 // the view; a store with no room left for them keeps no view.
 TEST_F(RetrievalTest, PrefixViewsCountAgainstTheMetadataCapacity) {
   std::vector<int32_t> tokens;
-  PutRandom(6, &tokens);
-  const std::vector<float> q = RandomQueries(4, spec_.head_dim, rng_);
-  SelectArgs a = PrefixArgs(tokens, q, 4);
-  a.mode = Mode::kBound;
-  a.k = 24;
-  a.layer = 1;
+  std::vector<float> q;
+  const SelectArgs a = PutSixBlocksForBound(&tokens, &q);
   const uint64_t entries = store_->stats().metadata_bytes;  // every layer's, built by the Put
   ASSERT_GT(entries, 0u);
   ASSERT_TRUE(store_->Select(a).ok());
