@@ -627,6 +627,7 @@ absl::StatusOr<bool> GatherOnDevice(RetrievalStore& store, const KeptSelection& 
   // The host vectors stay until the uploads are done.
   if (auto s = lease.Finish(); !s.ok()) return s;
   lease.CountWritten(layers.size() * layer_bytes);
+  store.CountDeviceGathers(layers.size());
   return true;
 }
 

@@ -1227,6 +1227,11 @@ absl::StatusOr<bool> RetrievalStore::DeviceGatherRequest(const KeptSelection& se
   return true;
 }
 
+void RetrievalStore::CountDeviceGathers(uint64_t layers) {
+  absl::MutexLock lock(&meta_mu_);
+  counters_.gathers += layers;
+}
+
 absl::StatusOr<std::string> RetrievalStore::Gather(absl::string_view id, int layer) {
   auto sel = FindSelection(id);
   if (!sel.ok()) return sel.status();

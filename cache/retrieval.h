@@ -261,6 +261,8 @@ class RetrievalStore {
                                            std::vector<const void*>* key_blocks,
                                            std::vector<const void*>* value_blocks,
                                            topk::GatherRequest* req) const;
+  // Counts `layers` layers gathered by the caller from DeviceGatherRequest's requests (Stats).
+  void CountDeviceGathers(uint64_t layers);
 
   // FindSelection + GatherLayer into a new string.
   absl::StatusOr<std::string> Gather(absl::string_view id, int layer);

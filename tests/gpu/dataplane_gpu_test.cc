@@ -120,9 +120,14 @@ class DataPlaneGpuTest : public ::testing::Test {
       auto want =
           (*retrieval)->Gather(id, layers.empty() ? std::vector<int32_t>{0, 1, 2, 3} : layers);
       ASSERT_TRUE(want.ok()) << want.status();
+      auto before = (*retrieval)->Stats();
+      ASSERT_TRUE(before.ok()) << before.status();
       auto got = dp_->GatherToBuffer(id, layers, BufferRef{"gpu", 2048, 0});
       ASSERT_TRUE(got.ok()) << got.status();
       EXPECT_EQ(got->on_device(), on_device);
+      auto after = (*retrieval)->Stats();
+      ASSERT_TRUE(after.ok()) << after.status();
+      EXPECT_EQ(after->gathers() - before->gathers(), layers.empty() ? 4u : layers.size());
       EXPECT_EQ(got->bytes_written(), want->data.size());
       ExpectWritten(2048, want->data);
       ResetCanaries();
