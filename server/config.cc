@@ -61,6 +61,10 @@ absl::Status ValidateConfig(const ServerConfig& c) {
     return absl::InvalidArgumentError("write_tier gpu needs the GPU tier (gpu_mode auto or on)");
   }
   if (auto s = ValidateTierPolicy(c.policy); !s.ok()) return s;
+  if (c.kvcache_threads < 1 || c.kvcache_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kvcache_threads must be in [1, 256], got ", c.kvcache_threads));
+  }
   if (c.chunk_bytes == 0 || c.chunk_bytes + (64 << 10) > c.max_message_bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk size ", c.chunk_bytes,

@@ -21,6 +21,10 @@ struct ServerConfig {
   uint64_t max_message_bytes = 64ull << 20;  // gRPC send/receive limit
   uint64_t chunk_bytes = 4ull << 20;         // bulk bytes per streamed message (< max message)
   std::string port_file;                     // if set, the bound port is written there
+  // Worker threads of the KVCache service: a Put's writes and commit, Get, Compose, Lookup,
+  // Evict, Pin and RegisterModel run there, so that disk reads and synced writes never hold a
+  // gRPC thread.
+  int kvcache_threads = 4;
 
   // Tiers (docs/tiers.md).
   std::string gpu_mode = "auto";  // GPU tier: auto (when a GPU is present), on (required), off

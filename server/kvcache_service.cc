@@ -22,14 +22,23 @@ std::vector<int32_t> Tokens(const google::protobuf::RepeatedField<int32_t>& toke
 }
 
 // Client-streaming Put: the first message's header opens a PutWriter, every message's bytes go
-// straight into the cache's slots.
+// straight into the cache's slots. Each message is taken on `pool` (making room may demote
+// blocks to the disk; the commit may write it, synced), the next read started from there.
 class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
  public:
-  PutReactor(KvCache* cache, v1::PutResponse* resp) : cache_(cache), resp_(resp) {
+  PutReactor(KvCache* cache, WorkPool* pool, v1::PutResponse* resp)
+      : cache_(cache), pool_(pool), resp_(resp) {
     StartRead(&req_);
   }
 
   void OnReadDone(bool ok) override {
+    pool_->Submit([this, ok] { Take(ok); });
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  // Its last act is StartRead or Finish (after which `this` may be gone).
+  void Take(bool ok) {
     if (!ok) {  // the client closed its side: commit
       if (!writer_) return Finish(ToGrpc(absl::InvalidArgumentError("Put without a header")));
       auto result = writer_->Finish();
@@ -53,9 +62,6 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     StartRead(&req_);
   }
 
-  void OnDone() override { delete this; }
-
- private:
   absl::Status Open(const v1::PutHeader& h) {
     PutOptions options;
     options.model = h.model();
@@ -84,6 +90,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
   KvCache* cache_;
+  WorkPool* pool_;
   v1::PutResponse* resp_;
   v1::PutRequest req_;
   std::unique_ptr<PutWriter> writer_;
@@ -111,16 +118,25 @@ class PrefixSource final : public ByteSource {
 
 }  // namespace
 
+grpc::ServerUnaryReactor* KvCacheService::Submit(grpc::CallbackServerContext* ctx,
+                                                 std::function<absl::Status()> work) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  pool_->Submit([reactor, work = std::move(work)] { reactor->Finish(ToGrpc(work())); });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* KvCacheService::RegisterModel(grpc::CallbackServerContext* ctx,
                                                         const v1::RegisterModelRequest* req,
                                                         v1::RegisterModelResponse* resp) {
-  auto spec = FromProto(req->spec());
-  if (!spec.ok()) return Done(ctx, spec.status());
-  auto reg = cache_->RegisterModel(*spec, req->name());
-  if (!reg.ok()) return Done(ctx, reg.status());
-  resp->set_model_id(reg->id);
-  resp->set_created(reg->created);
-  return Done(ctx, absl::OkStatus());
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    auto spec = FromProto(req->spec());
+    if (!spec.ok()) return spec.status();
+    auto reg = cache_->RegisterModel(*spec, req->name());
+    if (!reg.ok()) return reg.status();
+    resp->set_model_id(reg->id);
+    resp->set_created(reg->created);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* KvCacheService::ListModels(grpc::CallbackServerContext* ctx,
@@ -139,19 +155,21 @@ grpc::ServerUnaryReactor* KvCacheService::ListModels(grpc::CallbackServerContext
 
 grpc::ServerReadReactor<v1::PutRequest>* KvCacheService::Put(grpc::CallbackServerContext* ctx,
                                                              v1::PutResponse* resp) {
-  return new PutReactor(cache_, resp);
+  return new PutReactor(cache_, pool_.get(), resp);
 }
 
 grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ctx,
                                                  const v1::LookupRequest* req,
                                                  v1::LookupResponse* resp) {
-  const std::vector<int32_t> tokens = Tokens(req->tokens());
-  auto result = req->segment() ? cache_->LookupSegment(req->model(), req->tenant(), tokens)
-                               : cache_->Lookup(req->model(), req->tenant(), tokens);
-  if (!result.ok()) return Done(ctx, result.status());
-  resp->set_matched_tokens(result->matched_tokens);
-  for (const BlockInfo& b : result->blocks) ToProto(b, resp->add_blocks());
-  return Done(ctx, absl::OkStatus());
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    const std::vector<int32_t> tokens = Tokens(req->tokens());
+    auto result = req->segment() ? cache_->LookupSegment(req->model(), req->tenant(), tokens)
+                                 : cache_->Lookup(req->model(), req->tenant(), tokens);
+    if (!result.ok()) return result.status();
+    resp->set_matched_tokens(result->matched_tokens);
+    for (const BlockInfo& b : result->blocks) ToProto(b, resp->add_blocks());
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackServerContext* ctx,
@@ -165,43 +183,51 @@ grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackSer
     }
     target = req->target_position();
   }
-  auto handle =
-      cache_->AcquirePrefix(req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
-  if (!handle.ok()) return new Reactor(handle.status());
-  v1::GetResponse first;
-  v1::GetHeader* header = first.mutable_header();
-  header->set_matched_tokens(handle->matched_tokens());
-  header->set_blocks(handle->blocks().size());
-  header->set_block_bytes(handle->block_bytes());
-  for (const BlockInfo& b : handle->blocks()) ToProto(b, header->add_block_info());
-  return new Reactor(std::make_unique<PrefixSource>(*std::move(handle), target), std::move(first),
-                     ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
+  return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
+                     [this, req, target]() -> absl::StatusOr<Reactor::Prepared> {
+                       auto handle = cache_->AcquirePrefix(
+                           req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
+                       if (!handle.ok()) return handle.status();
+                       Reactor::Prepared p;
+                       v1::GetHeader* header = p.first.mutable_header();
+                       header->set_matched_tokens(handle->matched_tokens());
+                       header->set_blocks(handle->blocks().size());
+                       header->set_block_bytes(handle->block_bytes());
+                       for (const BlockInfo& b : handle->blocks())
+                         ToProto(b, header->add_block_info());
+                       p.source = std::make_unique<PrefixSource>(*std::move(handle), target);
+                       return p;
+                     });
 }
 
 grpc::ServerWriteReactor<v1::ComposeResponse>* KvCacheService::Compose(
     grpc::CallbackServerContext* ctx, const v1::ComposeRequest* req) {
   using Reactor = ChunkedWriteReactor<v1::ComposeResponse>;
-  std::vector<ComposePart> parts;
-  for (const v1::ComposePart& p : req->parts()) {
-    ComposePart part;
-    part.tokens = Tokens(p.tokens());
-    part.segment = p.segment();
-    if (p.has_target_position()) part.target_position = p.target_position();
-    parts.push_back(std::move(part));
-  }
-  auto prompt = ropekv::Compose(*cache_, req->model(), req->tenant(), parts);
-  if (!prompt.ok()) return new Reactor(prompt.status());
-  v1::ComposeResponse first;
-  v1::ComposeHeader* header = first.mutable_header();
-  header->set_total_tokens(prompt->total_tokens());
-  for (const ComposedPartInfo& info : prompt->parts()) {
-    v1::ComposedPart* p = header->add_parts();
-    p->set_tokens(info.tokens);
-    p->set_position(info.position);
-    p->set_hit(info.hit == HitKind::kExact ? v1::HIT_EXACT : v1::HIT_REROTATED);
-  }
-  return new Reactor(std::make_unique<LayerSource<ComposedPrompt>>(*std::move(prompt)),
-                     std::move(first), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes));
+  return new Reactor(
+      pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
+      [this, req]() -> absl::StatusOr<Reactor::Prepared> {
+        std::vector<ComposePart> parts;
+        for (const v1::ComposePart& p : req->parts()) {
+          ComposePart part;
+          part.tokens = Tokens(p.tokens());
+          part.segment = p.segment();
+          if (p.has_target_position()) part.target_position = p.target_position();
+          parts.push_back(std::move(part));
+        }
+        auto prompt = ropekv::Compose(*cache_, req->model(), req->tenant(), parts);
+        if (!prompt.ok()) return prompt.status();
+        Reactor::Prepared p;
+        v1::ComposeHeader* header = p.first.mutable_header();
+        header->set_total_tokens(prompt->total_tokens());
+        for (const ComposedPartInfo& info : prompt->parts()) {
+          v1::ComposedPart* part = header->add_parts();
+          part->set_tokens(info.tokens);
+          part->set_position(info.position);
+          part->set_hit(info.hit == HitKind::kExact ? v1::HIT_EXACT : v1::HIT_REROTATED);
+        }
+        p.source = std::make_unique<LayerSource<ComposedPrompt>>(*std::move(prompt));
+        return p;
+      });
 }
 
 grpc::ServerUnaryReactor* KvCacheService::Stats(grpc::CallbackServerContext* ctx,
@@ -214,18 +240,22 @@ grpc::ServerUnaryReactor* KvCacheService::Stats(grpc::CallbackServerContext* ctx
 grpc::ServerUnaryReactor* KvCacheService::Evict(grpc::CallbackServerContext* ctx,
                                                 const v1::EvictRequest* req,
                                                 v1::EvictResponse* resp) {
-  auto n = cache_->Evict(req->model(), req->tenant(), Tokens(req->tokens()));
-  if (!n.ok()) return Done(ctx, n.status());
-  resp->set_blocks_evicted(*n);
-  return Done(ctx, absl::OkStatus());
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    auto n = cache_->Evict(req->model(), req->tenant(), Tokens(req->tokens()));
+    if (!n.ok()) return n.status();
+    resp->set_blocks_evicted(*n);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* KvCacheService::Pin(grpc::CallbackServerContext* ctx,
                                               const v1::PinRequest* req, v1::PinResponse* resp) {
-  auto n = cache_->Pin(req->model(), req->tenant(), Tokens(req->tokens()), req->pin());
-  if (!n.ok()) return Done(ctx, n.status());
-  resp->set_blocks(*n);
-  return Done(ctx, absl::OkStatus());
+  return Submit(ctx, [this, req, resp]() -> absl::Status {
+    auto n = cache_->Pin(req->model(), req->tenant(), Tokens(req->tokens()), req->pin());
+    if (!n.ok()) return n.status();
+    resp->set_blocks(*n);
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace ropekv

@@ -1,17 +1,24 @@
 // The KVCache gRPC service (callback API). Thin: converts proto <-> domain types, delegates to
-// KvCache, maps statuses. Borrows the cache, which must outlive the service.
+// KvCache, maps statuses. Borrows the cache, which must outlive the service. Work that may touch
+// the disk (reads of demoted blocks, synced writes, deletes, the model registry) runs on
+// config.kvcache_threads worker threads, never on a gRPC thread; Stats and ListModels answer
+// inline.
 #ifndef ROPEKV_SERVER_KVCACHE_SERVICE_H_
 #define ROPEKV_SERVER_KVCACHE_SERVICE_H_
+
+#include <memory>
 
 #include "cache/kv_cache.h"
 #include "ropekv/v1/kvcache.grpc.pb.h"
 #include "server/config.h"
+#include "server/work_pool.h"
 
 namespace ropekv {
 
 class KvCacheService final : public v1::KVCache::CallbackService {
  public:
-  KvCacheService(KvCache* cache, const ServerConfig& config) : cache_(cache), config_(config) {}
+  KvCacheService(KvCache* cache, const ServerConfig& config)
+      : cache_(cache), config_(config), pool_(std::make_unique<WorkPool>(config.kvcache_threads)) {}
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx,
                                           const v1::RegisterModelRequest* req,
@@ -35,8 +42,13 @@ class KvCacheService final : public v1::KVCache::CallbackService {
                                 v1::PinResponse* resp) override;
 
  private:
+  // Finishes the call with what `work` returns, run on the pool.
+  grpc::ServerUnaryReactor* Submit(grpc::CallbackServerContext* ctx,
+                                   std::function<absl::Status()> work);
+
   KvCache* cache_;
   ServerConfig config_;
+  std::unique_ptr<WorkPool> pool_;  // last: its destructor runs the queued jobs first
 };
 
 }  // namespace ropekv

@@ -35,6 +35,9 @@ ABSL_FLAG(std::string, max_block_size, "64MiB", "largest block a registered mode
 ABSL_FLAG(std::string, max_message_size, "64MiB", "gRPC maximum message size");
 ABSL_FLAG(std::string, chunk_size, "4MiB", "bulk bytes per streamed message");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound port to this file");
+ABSL_FLAG(int32_t, kvcache_threads, 4,
+          "worker threads of the KVCache service (Put commits, Get, Compose, Lookup, Evict, Pin: "
+          "disk I/O off the gRPC threads)");
 ABSL_FLAG(std::string, config, "",
           "YAML configuration file (see deploy/ropekvd.yaml); flags given here override it");
 // Tiers (docs/tiers.md).
@@ -83,6 +86,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   }
   c.gpu_mode = absl::GetFlag(FLAGS_gpu_mode);
   c.gpu_device = absl::GetFlag(FLAGS_gpu_device);
+  c.kvcache_threads = absl::GetFlag(FLAGS_kvcache_threads);
   c.host_pinned = absl::GetFlag(FLAGS_host_pinned);
   c.disk_enabled = absl::GetFlag(FLAGS_disk_enabled);
   c.disk_path = absl::GetFlag(FLAGS_disk_path);

@@ -26,5 +26,17 @@ TEST(ConfigTest, ChunkMustFitInAMessage) {
   EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ConfigTest, KvcacheThreadsInRange) {
+  ServerConfig c;
+  for (int threads : {1, 4, 256}) {
+    c.kvcache_threads = threads;
+    EXPECT_TRUE(ValidateConfig(c).ok()) << threads;
+  }
+  for (int threads : {0, -1, 257}) {
+    c.kvcache_threads = threads;
+    EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument) << threads;
+  }
+}
+
 }  // namespace
 }  // namespace ropekv
