@@ -138,4 +138,22 @@ void ToProto(const CacheStats& s, v1::StatsResponse* out) {
   out->set_models(s.models);
 }
 
+std::vector<int32_t> FromProto(const google::protobuf::RepeatedField<int32_t>& tokens) {
+  return std::vector<int32_t>(tokens.begin(), tokens.end());
+}
+
+std::vector<ComposePart> FromProto(
+    const google::protobuf::RepeatedPtrField<v1::ComposePart>& parts) {
+  std::vector<ComposePart> out;
+  out.reserve(parts.size());
+  for (const v1::ComposePart& p : parts) {
+    ComposePart part;
+    part.tokens = FromProto(p.tokens());
+    part.segment = p.segment();
+    if (p.has_target_position()) part.target_position = p.target_position();
+    out.push_back(std::move(part));
+  }
+  return out;
+}
+
 }  // namespace ropekv

@@ -5,7 +5,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "absl/status/statusor.h"
+#include "cache/compose.h"
 #include "cache/kv_cache.h"
 #include "cache/model.h"
 #include "ropekv/v1/kvcache.pb.h"
@@ -22,6 +26,10 @@ v1::DType ToProto(DType dtype);
 v1::Tier ToProto(TierKind tier);
 void ToProto(const BlockInfo& info, v1::BlockInfo* out);
 void ToProto(const CacheStats& stats, v1::StatsResponse* out);
+
+std::vector<int32_t> FromProto(const google::protobuf::RepeatedField<int32_t>& tokens);
+std::vector<ComposePart> FromProto(
+    const google::protobuf::RepeatedPtrField<v1::ComposePart>& parts);
 
 }  // namespace ropekv
 

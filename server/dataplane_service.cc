@@ -27,9 +27,7 @@ namespace ropekv {
 
 namespace {
 
-std::vector<int32_t> Tokens(const google::protobuf::RepeatedField<int32_t>& tokens) {
-  return std::vector<int32_t>(tokens.begin(), tokens.end());
-}
+using ::ropekv::FromProto;  // the wire conversions of convert.h beside this file's own
 
 // A session call's capacity layout (TokenLayout), absent when the request has none.
 template <typename Request>
@@ -77,7 +75,7 @@ absl::StatusOr<PutOptions> FromProto(const v1::PutHeader& h) {
   PutOptions options;
   options.model = h.model();
   options.tenant = h.tenant();
-  options.tokens = Tokens(h.tokens());
+  options.tokens = FromProto(h.tokens());
   if (!h.parent().empty()) {
     auto parent = BlockHash::FromRaw(h.parent());
     if (!parent.ok()) return parent.status();
@@ -251,7 +249,7 @@ grpc::ServerUnaryReactor* DataPlaneService::GetToBuffer(grpc::CallbackServerCont
     GetToBufferArgs a;
     a.model = req->model();
     a.tenant = req->tenant();
-    a.tokens = Tokens(req->tokens());
+    a.tokens = FromProto(req->tokens());
     a.max_blocks = req->max_blocks();
     if (req->has_target_position()) a.target_position = req->target_position();
     a.dst = FromProto(req->dst());
@@ -291,17 +289,8 @@ grpc::ServerUnaryReactor* DataPlaneService::ComposeToBuffer(grpc::CallbackServer
                                                             const v1::ComposeToBufferRequest* req,
                                                             v1::ComposeToBufferResponse* resp) {
   return Submit(ctx, [this, req, resp]() -> absl::Status {
-    std::vector<ComposePart> parts;
-    parts.reserve(req->parts_size());
-    for (const v1::ComposePart& p : req->parts()) {
-      ComposePart part;
-      part.tokens = Tokens(p.tokens());
-      part.segment = p.segment();
-      if (p.has_target_position()) part.target_position = p.target_position();
-      parts.push_back(std::move(part));
-    }
-    auto r = ropekv::ComposeToBuffer(*cache_, *registry_, req->model(), req->tenant(), parts,
-                                     FromProto(req->dst()), copy_threads_);
+    auto r = ropekv::ComposeToBuffer(*cache_, *registry_, req->model(), req->tenant(),
+                                     FromProto(req->parts()), FromProto(req->dst()), copy_threads_);
     if (!r.ok()) return r.status();
     v1::ComposeHeader* h = resp->mutable_header();
     h->set_total_tokens(r->total_tokens);

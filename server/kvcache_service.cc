@@ -17,10 +17,6 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Sta
   return reactor;
 }
 
-std::vector<int32_t> Tokens(const google::protobuf::RepeatedField<int32_t>& tokens) {
-  return std::vector<int32_t>(tokens.begin(), tokens.end());
-}
-
 // Client-streaming Put: the first message's header opens a PutWriter, every message's bytes go
 // straight into the cache's slots. Each message is taken on `pool` (making room may demote
 // blocks to the disk; the commit may write it, synced), the next read started from there.
@@ -66,7 +62,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     PutOptions options;
     options.model = h.model();
     options.tenant = h.tenant();
-    options.tokens = Tokens(h.tokens());
+    options.tokens = FromProto(h.tokens());
     if (!h.parent().empty()) {
       auto parent = BlockHash::FromRaw(h.parent());
       if (!parent.ok()) return parent.status();
@@ -162,7 +158,7 @@ grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ct
                                                  const v1::LookupRequest* req,
                                                  v1::LookupResponse* resp) {
   return Submit(ctx, [this, req, resp]() -> absl::Status {
-    const std::vector<int32_t> tokens = Tokens(req->tokens());
+    const std::vector<int32_t> tokens = FromProto(req->tokens());
     auto result = req->segment() ? cache_->LookupSegment(req->model(), req->tenant(), tokens)
                                  : cache_->Lookup(req->model(), req->tenant(), tokens);
     if (!result.ok()) return result.status();
@@ -185,8 +181,9 @@ grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackSer
   }
   return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
                      [this, req, target]() -> absl::StatusOr<Reactor::Prepared> {
-                       auto handle = cache_->AcquirePrefix(
-                           req->model(), req->tenant(), Tokens(req->tokens()), req->max_blocks());
+                       auto handle =
+                           cache_->AcquirePrefix(req->model(), req->tenant(),
+                                                 FromProto(req->tokens()), req->max_blocks());
                        if (!handle.ok()) return handle.status();
                        Reactor::Prepared p;
                        v1::GetHeader* header = p.first.mutable_header();
@@ -206,15 +203,8 @@ grpc::ServerWriteReactor<v1::ComposeResponse>* KvCacheService::Compose(
   return new Reactor(
       pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
       [this, req]() -> absl::StatusOr<Reactor::Prepared> {
-        std::vector<ComposePart> parts;
-        for (const v1::ComposePart& p : req->parts()) {
-          ComposePart part;
-          part.tokens = Tokens(p.tokens());
-          part.segment = p.segment();
-          if (p.has_target_position()) part.target_position = p.target_position();
-          parts.push_back(std::move(part));
-        }
-        auto prompt = ropekv::Compose(*cache_, req->model(), req->tenant(), parts);
+        auto prompt =
+            ropekv::Compose(*cache_, req->model(), req->tenant(), FromProto(req->parts()));
         if (!prompt.ok()) return prompt.status();
         Reactor::Prepared p;
         v1::ComposeHeader* header = p.first.mutable_header();
@@ -241,7 +231,7 @@ grpc::ServerUnaryReactor* KvCacheService::Evict(grpc::CallbackServerContext* ctx
                                                 const v1::EvictRequest* req,
                                                 v1::EvictResponse* resp) {
   return Submit(ctx, [this, req, resp]() -> absl::Status {
-    auto n = cache_->Evict(req->model(), req->tenant(), Tokens(req->tokens()));
+    auto n = cache_->Evict(req->model(), req->tenant(), FromProto(req->tokens()));
     if (!n.ok()) return n.status();
     resp->set_blocks_evicted(*n);
     return absl::OkStatus();
@@ -251,7 +241,7 @@ grpc::ServerUnaryReactor* KvCacheService::Evict(grpc::CallbackServerContext* ctx
 grpc::ServerUnaryReactor* KvCacheService::Pin(grpc::CallbackServerContext* ctx,
                                               const v1::PinRequest* req, v1::PinResponse* resp) {
   return Submit(ctx, [this, req, resp]() -> absl::Status {
-    auto n = cache_->Pin(req->model(), req->tenant(), Tokens(req->tokens()), req->pin());
+    auto n = cache_->Pin(req->model(), req->tenant(), FromProto(req->tokens()), req->pin());
     if (!n.ok()) return n.status();
     resp->set_blocks(*n);
     return absl::OkStatus();
