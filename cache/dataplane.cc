@@ -585,12 +585,12 @@ absl::StatusOr<bool> GatherOnDevice(RetrievalStore& store, const KeptSelection& 
                                     const std::vector<int>& layers, BufferLease& lease) {
   CudaIpcTransfer* gpu = lease.transfer();
   if (gpu == nullptr || layers.empty()) return false;
-  std::vector<topk::GatherRequest> reqs(layers.size());
+  // The layers' requests differ only in their block addresses and destinations.
+  topk::GatherRequest req;
   std::vector<const void*> keys, values;
   std::vector<const void*> planes;  // [layer][k|v][block]
   for (size_t i = 0; i < layers.size(); ++i) {
-    auto ok =
-        store.DeviceGatherRequest(sel, held, layers[i], lease.device(), &keys, &values, &reqs[i]);
+    auto ok = store.DeviceGatherRequest(sel, held, layers[i], lease.device(), &keys, &values, &req);
     if (!ok.ok()) return ok.status();
     if (!*ok) return false;
     planes.insert(planes.end(), keys.begin(), keys.end());
@@ -613,12 +613,11 @@ absl::StatusOr<bool> GatherOnDevice(RetrievalStore& store, const KeptSelection& 
     return s;
   }
   const uint64_t layer_bytes = sel.layer_bytes();
+  req.indices = dev_indices;
+  req.counts = dev_counts;
   for (size_t i = 0; i < layers.size(); ++i) {
-    topk::GatherRequest& req = reqs[i];
     req.keys.blocks = dev_planes + 2 * i * blocks;
     req.values.blocks = dev_planes + (2 * i + 1) * blocks;
-    req.indices = dev_indices;
-    req.counts = dev_counts;
     char* dst = static_cast<char*>(lease.device_data()) + i * layer_bytes;
     req.dst_keys = dst;
     req.dst_values = dst + layer_bytes / 2;

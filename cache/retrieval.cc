@@ -30,6 +30,11 @@ struct RetrievalStore::SourceData {
   std::shared_ptr<const SessionReader> reader;
 
   bool session() const { return reader != nullptr; }
+  // A prefix all of whose blocks are read as stored (none re-rotated to its place).
+  bool prefix_as_stored() const {
+    return !session() && std::all_of(rerotated.begin(), rerotated.end(),
+                                     [](const std::string& r) { return r.empty(); });
+  }
   const void* block(size_t b) const {
     return rerotated[b].empty() ? static_cast<const void*>(handle->bytes(b).data())
                                 : static_cast<const void*>(rerotated[b].data());
@@ -1010,8 +1015,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     topk::SelectRequest gpu_req = req;
     bool one_pool = false;
     std::vector<const void*> device_key_blocks;
-    if (!src->session() && std::all_of(src->rerotated.begin(), src->rerotated.end(),
-                                       [](const std::string& r) { return r.empty(); })) {
+    if (src->prefix_as_stored()) {
       one_pool = cache_->host_device_readable();
       if (reads_keys && cache_->gpu_device() == gpu_->device() &&
           GpuTierBlocks(*src->handle, spec, args.layer, 0, &device_key_blocks)) {
@@ -1207,10 +1211,8 @@ absl::StatusOr<bool> RetrievalStore::DeviceGatherRequest(const KeptSelection& se
   const ModelSpec& spec = sel.spec_;
   if (absl::Status s = LayerInRange(spec, sel.model_, layer); !s.ok()) return s;
   const SourceData& src = held.src;
-  if (src.session() || !src.handle.has_value() || device < 0 || cache_->gpu_device() != device ||
-      std::any_of(src.rerotated.begin(), src.rerotated.end(),
-                  [](const std::string& r) { return !r.empty(); }) ||
-      !GpuTierBlocks(*src.handle, spec, layer, 0, key_blocks) ||
+  if (!src.prefix_as_stored() || !src.handle.has_value() || device < 0 ||
+      cache_->gpu_device() != device || !GpuTierBlocks(*src.handle, spec, layer, 0, key_blocks) ||
       !GpuTierBlocks(*src.handle, spec, layer, 1, value_blocks)) {
     return false;
   }

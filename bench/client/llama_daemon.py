@@ -19,7 +19,7 @@ def llama_daemon(binary, port, layers, host_capacity, daemon_flags):
     daemon = subprocess.Popen(
         [binary, f"--listen=127.0.0.1:{port}", f"--data_dir={data}",
          f"--host_capacity={host_capacity}", "--disk_enabled=false"] + list(daemon_flags),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL)  # its log to our stderr: an unread pipe could stall it
     try:
         client = ropekv.Client(f"127.0.0.1:{port}")
         for _ in range(100):  # until the daemon answers
