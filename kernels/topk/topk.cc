@@ -43,9 +43,16 @@ size_t Take(size_t* cursor, size_t bytes) {
   return at;
 }
 
+// The split selection's per-block words of a selection over [rows][len].
+void TakeBlocks(size_t* cursor, size_t rows, int64_t len, SelectionLayout* l) {
+  l->block_stride = SelBlocksBound(len);
+  l->blocks = Take(cursor, rows * static_cast<size_t>(l->block_stride) * 4);
+}
+
 std::atomic<bool> g_tensor_core_scoring{true};
 std::atomic<bool> g_small_row_selection{true};
 std::atomic<bool> g_chunk_selection{true};
+std::atomic<bool> g_split_selection{true};
 
 }  // namespace
 
@@ -55,6 +62,8 @@ void SetSmallRowSelection(bool on) { g_small_row_selection.store(on, std::memory
 bool SmallRowSelection() { return g_small_row_selection.load(std::memory_order_relaxed); }
 void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_relaxed); }
 bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
+void SetSplitSelection(bool on) { g_split_selection.store(on, std::memory_order_relaxed); }
+bool SplitSelection() { return g_split_selection.load(std::memory_order_relaxed); }
 
 ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group) {
   // Keys a thread (a power of two, at least lo) for n keys over one block.
@@ -282,6 +291,7 @@ absl::StatusOr<SelectPlan> MakeSelectPlan(const SelectRequest& req, bool want_ma
   p.zero_end = cur;
   p.scores = Take(&cur, rows * static_cast<size_t>(p.len) * 4);
   p.sel.cand = Take(&cur, rows * static_cast<size_t>(p.len) * 4);
+  TakeBlocks(&cur, rows, p.len, &p.sel);
   if (req.mode == Mode::kBoundThenExact) {
     p.pages_list = Take(&cur, rows * static_cast<size_t>(p.cand_pages) * 4);
     p.scores2 = Take(&cur, rows * static_cast<size_t>(p.len2) * 4);
@@ -315,6 +325,7 @@ absl::StatusOr<SelectPlan> MakeTopKPlan(int64_t rows, int64_t len, int64_t k) {
   p.bitmap = Take(&cur, r * static_cast<size_t>(p.bitmap_words) * 4);
   p.zero_end = cur;
   p.sel.cand = Take(&cur, r * static_cast<size_t>(len) * 4);
+  TakeBlocks(&cur, r, len, &p.sel);
   p.total = cur;
   return p;
 }

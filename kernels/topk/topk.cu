@@ -51,6 +51,8 @@ constexpr int kStages = 3;        // cp.async pipeline depth of ScoreTilesKernel
 constexpr int kSelThreads = 512;  // HistKernel, FilterKernel
 constexpr int kSelItems = 8;      // elements per thread per pass of a selection block
 constexpr int kSelChunk = kSelThreads * kSelItems;  // elements per selection block
+static_assert(kSelChunk == internal::kSelChunkElems && kSelItems == 8,
+              "SplitWriteKernel: a thread's kSelItems elements are two float4 in one bitmap word");
 constexpr int kResolveItems = 4;            // candidates per thread per pass of the last block
 constexpr int kListThreads = 256;           // CandScoreKernel, RescoreKernel, GatherKernel
 constexpr int kQuerySmemBytes = 96 * 1024;  // queries of one scoring block
@@ -1266,6 +1268,8 @@ struct SelWs {
   uint32_t* hist1;     // [rows][kRadixBins]
   uint32_t* counters;  // [rows][internal::kCountersPerRow]
   uint32_t* cand;      // [rows][len]
+  uint32_t* blocks;    // [rows][block_stride]: the split selection's per-block counts / offsets
+  int64_t block_stride;
 };
 
 // Digit p of the composite (key, ~tie): 11 + 11 + 10 bits of key, then of ~tie.
@@ -1520,35 +1524,17 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
   }
 }
 
-// Threshold filtering of one row chunk per block; the last block of a row resolves the rest and,
-// with `out.indices`, writes the row's output.
-__global__ void __launch_bounds__(kSelThreads)
-    FilterKernel(const SelSource src_in, const SelSink sink, const SelWs ws, uint32_t k_sel,
-                 int64_t chunk, const CompactArgs out) {
-  __shared__ uint32_t hist_a[kRadixBins];
-  __shared__ uint32_t hist_b[kRadixBins];
-  __shared__ SelScan::TempStorage scan;
-  __shared__ Threshold thr;
-  __shared__ int is_last;
+// One block's threshold-filter pass over [begin, end) of `row` for the first digit's threshold t0:
+// elements above it are emitted (EMIT) or counted (the thread's count is returned); those on it
+// become candidates (appended to the row's list, their second digit counted in hist_b, shared);
+// those below are dropped. Excluded elements (key 0) are never emitted or counted.
+template <bool EMIT>
+__device__ uint32_t FilterPass(const SelSource& src, const SelSink& sink, const SelWs& ws,
+                               int64_t row, int64_t begin, int64_t end, const Threshold& t0,
+                               uint32_t* hist_b) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int64_t row = blockIdx.y;
-  WaitForPrevious();  // the scores and histogram (launched by LaunchDependent)
-  const SelSource src = WithRange(src_in, row);
-  const int64_t len = src.len;
-
-  for (int i = tid; i < kRadixBins; i += kSelThreads) {
-    hist_a[i] = __ldcg(&ws.hist0[row * kRadixBins + i]);
-    hist_b[i] = 0;
-  }
-  __syncthreads();
-  FindThreshold(hist_a, kRadixBins, k_sel, scan, &thr);
-  const Threshold t0 = thr;
-
-  // Above the threshold digit: emitted. On it: candidates (or emitted when the bin is taken
-  // whole). Below: dropped. Excluded elements (key 0) are never emitted.
-  const int64_t begin = blockIdx.x * chunk;
-  const int64_t end = min(len, begin + chunk);
+  uint32_t above = 0;
   for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
     uint32_t key[kSelItems], tie[kSelItems];
     KeyTieStep(src, row, base, end, key, tie);
@@ -1561,7 +1547,11 @@ __global__ void __launch_bounds__(kSelThreads)
       if (e < end) {
         const uint32_t d = key[j] >> 21;
         if (key[j] != 0 && (d > t0.bin || (d == t0.bin && t0.take_all))) {
-          Emit(sink, row, tie[j]);
+          if constexpr (EMIT) {
+            Emit(sink, row, tie[j]);
+          } else {
+            ++above;
+          }
         } else if (d == t0.bin && !t0.take_all) {
           keep = true;
           atomicAdd(&hist_b[(key[j] >> 10) & 2047u], 1u);
@@ -1580,13 +1570,47 @@ __global__ void __launch_bounds__(kSelThreads)
 #pragma unroll
       for (int j = 0; j < kSelItems; ++j) {
         if (masks[j] & (1u << lane)) {
-          ws.cand[row * len + pos + __popc(masks[j] & ((1u << lane) - 1u))] =
+          ws.cand[row * src.len + pos + __popc(masks[j] & ((1u << lane) - 1u))] =
               static_cast<uint32_t>(base + j * kSelThreads + tid);
         }
         pos += __popc(masks[j]);
       }
     }
   }
+  return above;
+}
+
+// Loads row `row`'s first histogram into hist (shared) and finds the first digit's threshold.
+__device__ Threshold FirstThreshold(const SelWs& ws, int64_t row, uint32_t k_sel, uint32_t* hist,
+                                    SelScan::TempStorage& scan, Threshold* thr_s) {
+  for (int i = threadIdx.x; i < kRadixBins; i += kSelThreads) {
+    hist[i] = __ldcg(&ws.hist0[row * kRadixBins + i]);
+  }
+  __syncthreads();
+  FindThreshold(hist, kRadixBins, k_sel, scan, thr_s);
+  return *thr_s;
+}
+
+// Threshold filtering of one row chunk per block; the last block of a row resolves the rest and,
+// with `out.indices`, writes the row's output.
+__global__ void __launch_bounds__(kSelThreads)
+    FilterKernel(const SelSource src_in, const SelSink sink, const SelWs ws, uint32_t k_sel,
+                 int64_t chunk, const CompactArgs out) {
+  __shared__ uint32_t hist_a[kRadixBins];
+  __shared__ uint32_t hist_b[kRadixBins];
+  __shared__ SelScan::TempStorage scan;
+  __shared__ Threshold thr;
+  __shared__ int is_last;
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.y;
+  WaitForPrevious();  // the scores and histogram (launched by LaunchDependent)
+  const SelSource src = WithRange(src_in, row);
+  const int64_t len = src.len;
+
+  for (int i = tid; i < kRadixBins; i += kSelThreads) hist_b[i] = 0;
+  const Threshold t0 = FirstThreshold(ws, row, k_sel, hist_a, scan, &thr);
+  const int64_t begin = blockIdx.x * chunk;
+  FilterPass<true>(src, sink, ws, row, begin, min(len, begin + chunk), t0, hist_b);
   __syncthreads();
   if (!t0.take_all) {
     for (int i = tid; i < kRadixBins; i += kSelThreads) {
@@ -1611,6 +1635,254 @@ __global__ void __launch_bounds__(kSelThreads)
     __syncthreads();
     __threadfence();
     CompactRow(sink.bitmap, sink.words, out, row, scan);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The split selection: FilterKernel's exact token rows in three grids. There, the last block of a
+// row resolves the candidates and compacts the row's bitmap alone, ~17 of the ~26 µs it adds
+// after the scorer at 8 rows of 128K tokens and k 4096 (RESULTS run 13). Here every block of the
+// row writes its own part of the output:
+// SplitFilterKernel   every block: the first digit's threshold; counts its elements above it;
+//                     those on it become candidates (list + second-digit histogram, FilterPass)
+// SplitResolveKernel  one block a row: the second digit's threshold; candidates above it are
+//                     chosen, those on it (a few unless keys tie: at most kTieRankCap) ranked by
+//                     (key, lower token) in shared memory, else ResolveCandidates digit by digit;
+//                     chosen candidates are marked in the bitmap. Then each filter block's offset
+//                     in the output row: a scan of its count above the threshold plus its marked
+//                     candidates
+// SplitWriteKernel    every block: re-keys its elements (from L2) and writes the chosen ones (above
+//                     the threshold digit, or marked) at its offset, in token order by one block
+//                     scan; the row's first block writes the sink tokens, its last the local
+//                     tokens, the padding and the count
+// Bit for bit FilterKernel's output (tested: SplitSelectionEqualsFilterPath).
+
+constexpr int kTieRankCap = 256;       // candidates on the second digit ranked in shared memory
+constexpr int kSplitMaxBlocks = 1024;  // blocks of a row (SelChunk: at most ~1023)
+
+__global__ void __launch_bounds__(kSelThreads)
+    SplitFilterKernel(const SelSource src, const SelWs ws, uint32_t k_sel, int64_t chunk) {
+  __shared__ uint32_t hist_a[kRadixBins];
+  __shared__ uint32_t hist_b[kRadixBins];
+  __shared__ SelScan::TempStorage scan;
+  __shared__ Threshold thr;
+  __shared__ uint32_t warp_above[kSelThreads / 32];
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.y;
+  WaitForPrevious();  // the scores and histogram
+  AllowDependents();  // SplitResolveKernel's blocks may take their SMs now
+
+  for (int i = tid; i < kRadixBins; i += kSelThreads) hist_b[i] = 0;
+  const Threshold t0 = FirstThreshold(ws, row, k_sel, hist_a, scan, &thr);
+  const int64_t begin = blockIdx.x * chunk;
+  uint32_t above =
+      FilterPass<false>(src, SelSink{}, ws, row, begin, min(src.len, begin + chunk), t0, hist_b);
+  above = __reduce_add_sync(0xffffffffu, above);
+  if ((tid & 31) == 0) warp_above[tid >> 5] = above;
+  __syncthreads();
+  if (tid < 32) {
+    uint32_t v = tid < kSelThreads / 32 ? warp_above[tid] : 0u;
+    v = __reduce_add_sync(0xffffffffu, v);
+    if (tid == 0) ws.blocks[row * ws.block_stride + blockIdx.x] = v;
+  }
+  if (!t0.take_all) {
+    for (int i = tid; i < kRadixBins; i += kSelThreads) {
+      if (hist_b[i] != 0) atomicAdd(&ws.hist1[row * kRadixBins + i], hist_b[i]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kSelThreads)
+    SplitResolveKernel(const SelSource src, const SelSink sink, const SelWs ws, uint32_t k_sel,
+                       int64_t chunk, int bpr) {
+  __shared__ uint32_t hist_a[kRadixBins];
+  __shared__ uint32_t hist_b[kRadixBins];
+  __shared__ SelScan::TempStorage scan;
+  __shared__ Threshold thr;
+  __shared__ uint32_t tie_key[kTieRankCap];
+  __shared__ uint32_t tie_tok[kTieRankCap];
+  __shared__ uint32_t n_tie;
+  __shared__ uint32_t marked[kSplitMaxBlocks];  // chosen candidates per filter block
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  uint32_t* bitmap = sink.bitmap + row * sink.words;
+  auto mark = [&](uint32_t e) {
+    atomicOr(&bitmap[e >> 5], 1u << (e & 31u));
+    atomicAdd(&marked[e / chunk], 1u);
+  };
+  WaitForPrevious();  // the filter's counts, candidates and second histogram
+  AllowDependents();
+
+  for (int b = tid; b < bpr; b += kSelThreads) marked[b] = 0;
+  if (tid == 0) n_tie = 0;
+  const Threshold t0 = FirstThreshold(ws, row, k_sel, hist_a, scan, &thr);
+  if (!t0.take_all) {
+    const uint32_t k_rem = k_sel - t0.gt;
+    for (int i = tid; i < kRadixBins; i += kSelThreads) {
+      hist_b[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
+    }
+    __syncthreads();
+    FindThreshold(hist_b, kRadixBins, k_rem, scan, &thr);
+    const Threshold t1 = thr;
+    const uint32_t n_cand =
+        __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterCandidates]);
+    if (t1.take_all || t1.eq <= kTieRankCap) {
+      // One pass over the candidates, kResolveItems a thread, all loaded before any is keyed.
+      const uint32_t* cand = ws.cand + row * src.len;
+      for (uint32_t base = 0; base < n_cand; base += kSelThreads * kResolveItems) {
+        uint32_t e[kResolveItems];
+        float v[kResolveItems];
+#pragma unroll
+        for (int j = 0; j < kResolveItems; ++j) {
+          const uint32_t i = base + j * kSelThreads + tid;
+          e[j] = i < n_cand ? __ldcg(&cand[i]) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < kResolveItems; ++j) {
+          v[j] = base + j * kSelThreads + tid < n_cand ? src.scores[row * src.len + e[j]] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < kResolveItems; ++j) {
+          if (base + j * kSelThreads + tid >= n_cand) continue;
+          const uint32_t key = DirectKey(src, e[j], v[j]);
+          const uint32_t d = (key >> 10) & 2047u;
+          if (key != 0u && (d > t1.bin || (d == t1.bin && t1.take_all))) {
+            mark(e[j]);
+          } else if (d == t1.bin && !t1.take_all) {
+            const uint32_t slot = atomicAdd(&n_tie, 1u);
+            tie_key[slot] = key;
+            tie_tok[slot] = e[j];
+          }
+        }
+      }
+      __syncthreads();
+      if (!t1.take_all) {
+        // Rank of each on the second digit among them: larger key, or equal key and lower token.
+        const uint32_t need = k_rem - t1.gt;
+        const uint32_t m = n_tie;
+        for (uint32_t i = tid; i < m; i += kSelThreads) {
+          const uint32_t ki = tie_key[i], ti = tie_tok[i];
+          uint32_t rank = 0;
+          for (uint32_t j = 0; j < m; ++j) {
+            const uint32_t kj = tie_key[j];
+            rank += kj > ki || (kj == ki && tie_tok[j] < ti);
+          }
+          if (rank < need && ki != 0u) mark(ti);
+        }
+      }
+    } else {
+      // Many keys share the first 22 bits: the filter path's last-block resolve, then the marks
+      // counted per filter block from the bitmap.
+      ResolveCandidates(src, sink, ws, k_rem, row, hist_a, hist_b, scan, &thr);
+      __syncthreads();
+      for (int64_t w = tid; w < sink.words; w += kSelThreads) {
+        const int c = __popc(bitmap[w]);
+        if (c != 0) atomicAdd(&marked[w * 32 / chunk], static_cast<uint32_t>(c));
+      }
+    }
+  }
+  __syncthreads();
+  // Output offsets of the filter blocks (relative to the first chosen slot), in batches.
+  uint32_t* blocks = ws.blocks + row * ws.block_stride;
+  uint32_t carry = 0;
+  for (int b0 = 0; b0 < bpr; b0 += kSelThreads) {
+    const int b = b0 + tid;
+    const uint32_t c = b < bpr ? __ldcg(&blocks[b]) + marked[b] : 0u;
+    uint32_t at = 0, total = 0;
+    SelScan(scan).ExclusiveSum(c, at, total);
+    if (b < bpr) blocks[b] = carry + at;
+    carry += total;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    uint32_t* c = ws.counters + row * internal::kCountersPerRow;
+    c[internal::kCounterThreshold] = t0.bin | (t0.take_all << 16);
+    c[internal::kCounterChosen] = carry;
+  }
+}
+
+__global__ void __launch_bounds__(kSelThreads)
+    SplitWriteKernel(const SelSource src, const SelSink sink, const SelWs ws, int64_t chunk,
+                     const CompactArgs out) {
+  __shared__ SelScan::TempStorage scan;
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.y;
+  WaitForPrevious();  // the resolve's marks, offsets and threshold
+
+  const uint32_t* c = ws.counters + row * internal::kCountersPerRow;
+  const uint32_t thr = __ldcg(&c[internal::kCounterThreshold]);
+  const uint32_t bin = thr & 0xffffu;
+  const bool take_all = (thr >> 16) != 0u;
+  const int64_t chosen = __ldcg(&c[internal::kCounterChosen]);
+  // Sink tokens [0, n_s), chosen ones, local tokens [lo_local, n): ascending, each once.
+  const int64_t n_s = min(out.n_sink, out.n);
+  const int64_t lo_local = max(n_s, out.n - out.n_local);
+  const bool with_scores = out.out_scores != nullptr && out.row_scores != nullptr;
+  int32_t* indices = out.indices + row * out.cap;
+  auto put = [&](int64_t slot, int64_t t, float v) {
+    if (slot < out.cap) {
+      indices[slot] = static_cast<int32_t>(t);
+      if (with_scores) out.out_scores[row * out.cap + slot] = v;
+    }
+  };
+
+  int64_t at = n_s + __ldcg(&ws.blocks[row * ws.block_stride + blockIdx.x]);
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(src.len, begin + chunk);
+  const float* scores = src.scores + row * src.len;
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    // A thread's kSelItems consecutive elements (one bitmap word: base is a multiple of 4096).
+    const int64_t e0 = base + tid * kSelItems;
+    float v[kSelItems];
+    if (e0 + kSelItems <= end && reinterpret_cast<uintptr_t>(scores + e0) % 16 == 0) {
+      const float4 a = __ldcg(reinterpret_cast<const float4*>(scores + e0));
+      const float4 b = __ldcg(reinterpret_cast<const float4*>(scores + e0) + 1);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z,
+      v[7] = b.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kSelItems; ++j) v[j] = e0 + j < end ? scores[e0 + j] : 0.0f;
+    }
+    const uint32_t word =
+        !take_all && e0 < end ? __ldcg(&sink.bitmap[row * sink.words + (e0 >> 5)]) : 0u;
+    uint32_t take = 0;
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const int64_t e = e0 + j;
+      if (e >= end) continue;
+      const uint32_t key = DirectKey(src, e, v[j]);
+      const uint32_t d = key >> 21;
+      if (key != 0u && (d > bin || (d == bin && (take_all || ((word >> (e & 31)) & 1u) != 0u)))) {
+        take |= 1u << j;
+      }
+    }
+    uint32_t start = 0, total = 0;
+    SelScan(scan).ExclusiveSum(static_cast<uint32_t>(__popc(take)), start, total);
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      if (take & (1u << j)) put(at + start++, e0 + j, v[j]);
+    }
+    at += total;
+    __syncthreads();
+  }
+  if (blockIdx.x == 0) {
+    for (int64_t t = tid; t < n_s; t += kSelThreads) {
+      put(t, t, with_scores ? out.row_scores[row * out.n + t] : 0.0f);
+    }
+  }
+  if (blockIdx.x == gridDim.x - 1) {
+    const int64_t first_local = n_s + chosen;
+    for (int64_t t = lo_local + tid; t < out.n; t += kSelThreads) {
+      put(first_local + (t - lo_local), t, with_scores ? out.row_scores[row * out.n + t] : 0.0f);
+    }
+    const int64_t total = first_local + (out.n - lo_local);
+    const int64_t count = total < out.cap ? total : out.cap;
+    for (int64_t j = count + tid; j < out.cap; j += kSelThreads) {
+      indices[j] = -1;
+      if (out.out_scores != nullptr)
+        out.out_scores[row * out.cap + j] = __uint_as_float(0x7fc00000u);
+    }
+    if (tid == 0 && out.counts != nullptr) out.counts[row] = static_cast<int32_t>(count);
   }
 }
 
@@ -2375,6 +2647,16 @@ bool UseSmallSelect(const SelSource& src, const SelSink& sink, const CompactArgs
          (sink.kind == SinkKind::kMarkToken || sink.kind == SinkKind::kMarkPage);
 }
 
+// Whether the split selection (SplitFilterKernel ..) takes this selection: token rows into an
+// output (exact mode, TopKCuda) whose scores, if any, are the rows selected over.
+bool UseSplitSelect(const SelSource& src, const SelSink& sink, const CompactArgs& out,
+                    int64_t bpr) {
+  return internal::SplitSelection() &&
+         (src.kind == SrcKind::kPlain || src.kind == SrcKind::kTokens) &&
+         sink.kind == SinkKind::kMarkToken && out.indices != nullptr && out.n == src.len &&
+         (out.row_scores == nullptr || out.row_scores == src.scores) && bpr <= kSplitMaxBlocks;
+}
+
 // Elements a block of one selection takes: kSelChunk, or a multiple of it where rows of that many
 // would make more than kSelBlocks blocks (FilterKernel holds two blocks an SM: about two waves on
 // an H100). A block's fixed cost (its shared histogram, the threshold scan, the hand-off to its
@@ -2401,6 +2683,21 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
     return LaunchSmallSelect(src, rows, k_sel, sink.kind == SinkKind::kMarkPage, out, stream);
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
+  if (UseSplitSelect(src, sink, out, bpr)) {
+    if (!hist_done) {
+      HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    }
+    const uint32_t k = static_cast<uint32_t>(k_sel);
+    ROPEKV_CUDA_RETURN_IF_ERROR(
+        LaunchDependent(SplitFilterKernel, grid, dim3(kSelThreads), 0, stream, src, ws, k, chunk));
+    ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(SplitResolveKernel, dim3(grid.y), dim3(kSelThreads),
+                                                0, stream, src, sink, ws, k, chunk,
+                                                static_cast<int>(bpr)));
+    ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(SplitWriteKernel, grid, dim3(kSelThreads), 0,
+                                                stream, src, sink, ws, chunk, out));
+    return absl::OkStatus();
+  }
   SelSource s = src;
   if (src.kind == SrcKind::kPages) {
     // Page bounds: the first digit comes from the keys spread over their range (see SelSource).
@@ -2708,6 +3005,8 @@ SelWs MakeSelWs(char* ws, const internal::SelectionLayout& l) {
   s.hist1 = reinterpret_cast<uint32_t*>(ws + l.hist1);
   s.counters = reinterpret_cast<uint32_t*>(ws + l.counters);
   s.cand = reinterpret_cast<uint32_t*>(ws + l.cand);
+  s.blocks = reinterpret_cast<uint32_t*>(ws + l.blocks);
+  s.block_stride = l.block_stride;
   return s;
 }
 

@@ -44,6 +44,12 @@ bool SmallRowSelection();
 // row (ChunkSelectKernel; default on) instead of the multi-block threshold filter. Same contract.
 void SetChunkSelection(bool on);
 bool ChunkSelection();
+// Whether the multi-block threshold filter's exact token rows (and TopKCuda's rows) are selected
+// in three grids (SplitFilterKernel, SplitResolveKernel, SplitWriteKernel; default on) instead
+// of FilterKernel, whose last block of a row resolves the candidates and writes the row alone.
+// Same contract as above.
+void SetSplitSelection(bool on);
+bool SplitSelection();
 
 // The one-block selections of topk.cu (SmallSelectKernel, ChunkSelectKernel): kOneBlockThreads
 // threads hold at most kOneBlockMaxKeys keys; the tensor-core scorer's tiles are kScoreTileTokens
@@ -86,7 +92,17 @@ inline constexpr int kCounterFinished = 1;
 inline constexpr int kCounterAppended = 2;
 inline constexpr int kCounterMaxKey = 3;
 inline constexpr int kCounterMaxNotKey = 4;
+// The split selection: the first digit's threshold bin (bits 0-15) and whether the bin is taken
+// whole (bit 16); the number of chosen elements of the row (neither sink nor local).
+inline constexpr int kCounterThreshold = 5;
+inline constexpr int kCounterChosen = 6;
 inline constexpr int kCountersPerRow = 8;
+
+// Elements a block of the multi-block selection takes (or a multiple of it: topk.cu, SelChunk).
+inline constexpr int64_t kSelChunkElems = 4096;
+inline constexpr int64_t SelBlocksBound(int64_t len) {
+  return (len + kSelChunkElems - 1) / kSelChunkElems;
+}
 
 // Offsets (bytes from the workspace start) of one radix selection over [rows][len].
 struct SelectionLayout {
@@ -94,6 +110,10 @@ struct SelectionLayout {
   size_t hist1 = 0;     // uint32 [rows][kRadixBins], zeroed
   size_t counters = 0;  // uint32 [rows][kCountersPerRow]: see kCounterCandidates..; zeroed
   size_t cand = 0;      // uint32 [rows][len]: candidate element indices
+  // uint32 [rows][block_stride]: the split selection's per-block counts, then output offsets
+  // (block_stride = SelBlocksBound(len), at least the blocks of a row).
+  size_t blocks = 0;
+  int64_t block_stride = 0;
 };
 
 // Everything SelectCuda derives from a request before launching.

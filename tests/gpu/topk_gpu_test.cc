@@ -448,17 +448,22 @@ TEST_F(TopkGpuTest, AdversarialValues) {
   }
 }
 
+// TopKCuda equals TopKCpu exactly, with the multi-block rows (len > 16384) selected both ways:
+// split (SplitFilterKernel ..) and by FilterKernel. Row 3's scores are normal ones rounded to
+// multiples of 1/64: at k 4096 some 140-190 tokens share the k-th score, which the split
+// selection ranks in shared memory; row 1's five values leave more than it ranks there.
 TEST_F(TopkGpuTest, TopKEqualsCpuExactlyOnTheSameScores) {
   for (int64_t len : {int64_t{1}, int64_t{1000}, int64_t{70000}, int64_t{1} << 20}) {
-    const int64_t rows = 3;
+    const int64_t rows = 4;
     std::vector<float> s(rows * len);
     std::mt19937_64 rng(len);
     std::normal_distribution<float> dist;
     for (float& x : s) x = dist(rng);
-    // Row 1: heavy ties; row 2: -inf tail.
+    // Row 1: heavy ties; row 2: -inf tail; row 3: ties of a few hundred.
     for (int64_t i = 0; i < len; ++i) s[len + i] = static_cast<float>(i % 5);
     for (int64_t i = len / 2; i < len; ++i)
       s[2 * len + i] = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < len; ++i) s[3 * len + i] = std::round(s[3 * len + i] * 64.0f) / 64.0f;
     DevBuf ds(s.size() * 4);
     ds.Upload(s.data(), s.size() * 4);
     for (int64_t k : {int64_t{1}, int64_t{64}, int64_t{4096}, len}) {
@@ -467,13 +472,19 @@ TEST_F(TopkGpuTest, TopKEqualsCpuExactlyOnTheSameScores) {
       ASSERT_TRUE(TopKCpu(s.data(), rows, len, k, want.data()).ok());
       absl::StatusOr<size_t> wsb = TopKWorkspaceBytes(rows, len, k);
       ASSERT_TRUE(wsb.ok());
-      DevBuf ws(*wsb), out(rows * keep * 4);
-      cudaMemset(out.get(), kPoison, out.size());
-      ASSERT_TRUE(TopKCuda(static_cast<const float*>(ds.get()), rows, len, k,
-                           static_cast<int32_t*>(out.get()), ws.get(), ws.size(), nullptr)
-                      .ok());
-      CUDA_OK(cudaDeviceSynchronize());
-      EXPECT_EQ(out.Download<int32_t>(rows * keep), want) << "len " << len << " k " << k;
+      for (bool split : {true, false}) {
+        internal::SetSplitSelection(split);
+        DevBuf ws(*wsb), out(rows * keep * 4);
+        cudaMemset(out.get(), kPoison, out.size());
+        const absl::Status st =
+            TopKCuda(static_cast<const float*>(ds.get()), rows, len, k,
+                     static_cast<int32_t*>(out.get()), ws.get(), ws.size(), nullptr);
+        internal::SetSplitSelection(true);
+        ASSERT_TRUE(st.ok()) << st;
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_EQ(out.Download<int32_t>(rows * keep), want)
+            << "len " << len << " k " << k << " split " << split;
+      }
     }
   }
 }
@@ -675,6 +686,43 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
           req.n_sink = 3;
           req.n_local = n_local;
           ExpectSameOnAndOff(internal::SetChunkSelection, dev.Retarget(req),
+                             absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k,
+                                          " n_local ", n_local));
+        }
+      }
+    }
+  }
+}
+
+// Long exact rows that the chunk selection does not take are selected in three grids
+// (SplitFilterKernel, SplitResolveKernel, SplitWriteKernel) and give exactly what FilterKernel
+// gives, whose last block resolves and writes a row alone: the problems of the chunk selection's
+// test (KV head 1's five score values put more tokens on the k-th score than the split
+// selection ranks in shared memory, so it resolves them digit by digit; KV head 0's ±inf keys),
+// k up to 4096, all three reductions, and sink / local windows that leave fewer free tokens
+// than k.
+TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
+  struct ChunkOff {
+    ChunkOff() { internal::SetChunkSelection(false); }
+    ~ChunkOff() { internal::SetChunkSelection(true); }
+  } chunk_off;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {int64_t{16385}, int64_t{131072}, int64_t{600003}}) {
+    Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 990 + n);
+    for (int64_t t = 0; t < n; ++t) {
+      const float level = static_cast<float>((t * 7919) % 5);
+      for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));
+    }
+    for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
+    for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+    OnDevice dev(p);
+    for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
+      for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{1000}, int64_t{4096}}) {
+        for (int64_t n_local : {int64_t{17}, n - 40}) {
+          SelectRequest req = p.Request(Mode::kExact, red, k);
+          req.n_sink = 3;
+          req.n_local = n_local;
+          ExpectSameOnAndOff(internal::SetSplitSelection, dev.Retarget(req),
                              absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k,
                                           " n_local ", n_local));
         }

@@ -389,6 +389,7 @@ inline uint32_t atomicAdd(uint32_t* p, uint32_t v) {
 inline uint32_t atomicOr(uint32_t* p, uint32_t v) {
   return std::atomic_ref<uint32_t>(*p).fetch_or(v);
 }
+inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
 inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
   std::atomic_ref<uint32_t> a(*p);
   uint32_t cur = a.load();

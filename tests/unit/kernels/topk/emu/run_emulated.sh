@@ -27,13 +27,13 @@ for f in "$OUT/topk_emu.cc" "$OUT/gpu_test_emu.cc" "$OUT/driver.cc" "$ROOT/kerne
   objs+=("$o")
 done
 g++ -pthread -o "$OUT/topk_gpu_test_emulated" "${objs[@]}" /usr/lib/x86_64-linux-gnu/libgtest.a \
-    /usr/lib/x86_64-linux-gnu/libgtest_main.a $LIBS
+    /usr/lib/x86_64-linux-gnu/libgtest_main.a $LIBS -latomic
 "$OUT/topk_gpu_test_emulated" --gtest_filter="$FILTER"
 if [ "${3:-}" = "--bench" ]; then
   shift 3
   python3 "$EMU/transform.py" "$ROOT/bench/topk_bench.cu" "$OUT/bench_emu.cc"
   g++ $FLAGS -c "$OUT/bench_emu.cc" -o "$OUT/bench_emu.o"
   g++ -pthread -o "$OUT/topk_bench_emulated" "$OUT/bench_emu.o" "$OUT/topk_emu.o" \
-      "$OUT/topk.o" "$OUT/topk_ref.o" "$OUT/dtype.o" $LIBS
+      "$OUT/topk.o" "$OUT/topk_ref.o" "$OUT/dtype.o" $LIBS -latomic
   "$OUT/topk_bench_emulated" "$@"
 fi
