@@ -5,17 +5,19 @@
 // warm-up (median of many repetitions, L2 flushed and left clean before each one), prints a table
 // and a JSON line.
 //
-//   topk_bench [--quick] [--reps N] [--hq H] [--n N] [--k K] [--once] [--no_split]
+//   topk_bench [--quick] [--reps N] [--hq H] [--n N] [--k K] [--once] [--old_paths]
 // --quick: 32 query heads at N = 128K only; --hq / --n / --k: one value instead of the list;
 // --once: one exact and one page-mode Select per shape and nothing else (for a profiler).
-// --no_split: FilterKernel wherever the split selection would run (old against new in one binary).
+// --old_paths: FilterKernel wherever the split or floor selection would run (old against new in
+// one binary).
 // Besides the whole selections, the table splits the exact pipeline: scoring alone on tensor
 // cores (score_us) and on CUDA cores (score_cc, the path before the tensor-core scorer), a plain
 // streaming read of the keys by a kernel (stream_us: the floor a scorer can reach), the
 // page bound alone (bscore_us) and a plain streaming read of the page metadata (bstream_us: its
-// floor), and the top-k alone over precomputed [8][N] scores (topk_us). exact_spl times the exact
-// mode again without the chunk selection (ChunkSelectKernel): the split selection
-// (SplitFilterKernel ..); exact_flt and bound_flt time the exact and page modes with the
+// floor), and the top-k alone over precomputed [8][N] scores (topk_us). exact_flr and exact_spl
+// time the exact mode again without the chunk selection (ChunkSelectKernel): the floor selection
+// (FloorKernel ..; rows of at most 256K tokens, k <= 4096, else as exact_spl) and the split
+// selection (SplitFilterKernel ..); exact_flt and bound_flt time the exact and page modes with the
 // multi-block threshold filter whose last block finishes a row (FilterKernel), the path the
 // others replace.
 //
@@ -330,17 +332,18 @@ int Main(int argc, char** argv) {
   int64_t only_n = 0;
   int64_t only_k = 0;
   bool once = false;
-  bool no_split = false;
+  bool old_paths = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--once") == 0) once = true;
-    if (std::strcmp(argv[i], "--no_split") == 0) no_split = true;
+    if (std::strcmp(argv[i], "--old_paths") == 0) old_paths = true;
     if (std::strcmp(argv[i], "--k") == 0 && i + 1 < argc) only_k = std::atoll(argv[++i]);
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) reps = std::atoi(argv[++i]);
     if (std::strcmp(argv[i], "--hq") == 0 && i + 1 < argc) only_hq = std::atoi(argv[++i]);
     if (std::strcmp(argv[i], "--n") == 0 && i + 1 < argc) only_n = std::atoll(argv[++i]);
   }
-  internal::SetSplitSelection(!no_split);
+  internal::SetSplitSelection(!old_paths);
+  internal::SetFloorSelection(!old_paths);
   if (only_hq % kKvHeads != 0 || only_hq < 0 || only_n < 0) {
     std::fprintf(stderr, "--hq must be a multiple of %d, --n positive\n", kKvHeads);
     return 2;
@@ -409,10 +412,10 @@ int Main(int argc, char** argv) {
       "times in us (median of %d)\n",
       static_cast<long long>(kSink), static_cast<long long>(kLocal), reps);
   std::printf(
-      "%5s %8s %5s %8s %9s %9s %9s %9s %9s %10s %9s %9s %9s %6s %9s %9s %9s %9s %9s %9s %9s\n",
+      "%5s %8s %5s %8s %9s %9s %9s %9s %9s %10s %9s %9s %9s %6s %9s %9s %9s %9s %9s %9s %9s %9s\n",
       "hq", "N", "k", "keyMB", "read_us", "score_us", "stream_us", "score_cc", "bscore_us",
-      "bstream_us", "topk_us", "exact_us", "exact_g", "ratio", "exact_spl", "exact_flt", "pqh_us",
-      "bound_us", "bound_g", "bound_flt", "bte_us");
+      "bstream_us", "topk_us", "exact_us", "exact_g", "ratio", "exact_flr", "exact_spl",
+      "exact_flt", "pqh_us", "bound_us", "bound_g", "bound_flt", "bte_us");
   for (int hq : hqs) {
     for (int64_t n : ns) {
       const DeviceInputs in = MakeInputs(hq, n, stream);
@@ -457,14 +460,18 @@ int Main(int argc, char** argv) {
         Run bte(MakeRequest(in, Mode::kBoundThenExact, GqaReduction::kMax, k));
         const double exact_us = timer.MedianUs([&] { exact.Launch(stream); }, stream, reps);
         const double exact_g = GraphUs(timer, exact, stream, reps);
-        // The exact mode without the selection from the scorer's tile maxima: the split
-        // selection, then the multi-block threshold filter whose last block finishes a row.
+        // The exact mode without the chunk selection: the floor selection, the split selection,
+        // and the multi-block threshold filter whose last block finishes a row.
         internal::SetChunkSelection(false);
+        internal::SetFloorSelection(true);
         internal::SetSplitSelection(true);
+        const double exact_floor_g = GraphUs(timer, exact, stream, reps);
+        internal::SetFloorSelection(false);
         const double exact_split_g = GraphUs(timer, exact, stream, reps);
         internal::SetSplitSelection(false);
         const double exact_filter_g = GraphUs(timer, exact, stream, reps);
-        internal::SetSplitSelection(!no_split);
+        internal::SetSplitSelection(!old_paths);
+        internal::SetFloorSelection(!old_paths);
         internal::SetChunkSelection(true);
         const double pqh_us = timer.MedianUs([&] { pqh.Launch(stream); }, stream, reps);
         const double bound_us = timer.MedianUs([&] { bound.Launch(stream); }, stream, reps);
@@ -492,11 +499,11 @@ int Main(int argc, char** argv) {
         }
         std::printf(
             "%5d %8lld %5lld %8.1f %9.1f %9.1f %9.1f %9.1f %9.1f %10.1f %9.1f %9.1f %9.1f %6.2f "
-            "%9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f\n",
+            "%9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f\n",
             hq, static_cast<long long>(n), static_cast<long long>(k), key_bytes / 1e6, read_us,
             score_us, stream_us, score_cc_us, bscore_us, bstream_us, topk_us, exact_us, exact_g,
-            exact_g / read_us, exact_split_g, exact_filter_g, pqh_us, bound_us, bound_g,
-            bound_filter_g, bte_us);
+            exact_g / read_us, exact_floor_g, exact_split_g, exact_filter_g, pqh_us, bound_us,
+            bound_g, bound_filter_g, bte_us);
         std::fflush(stdout);
         absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",",
                         absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
@@ -506,6 +513,7 @@ int Main(int argc, char** argv) {
                                         "\"bound_stream_read_us\":%.2f,"
                                         "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
                                         "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
+                                        "\"exact_floor_graph_us\":%.2f,"
                                         "\"exact_split_graph_us\":%.2f,"
                                         "\"exact_filter_graph_us\":%.2f,"
                                         "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"

@@ -53,6 +53,7 @@ std::atomic<bool> g_tensor_core_scoring{true};
 std::atomic<bool> g_small_row_selection{true};
 std::atomic<bool> g_chunk_selection{true};
 std::atomic<bool> g_split_selection{true};
+std::atomic<bool> g_floor_selection{true};
 
 }  // namespace
 
@@ -64,6 +65,8 @@ void SetChunkSelection(bool on) { g_chunk_selection.store(on, std::memory_order_
 bool ChunkSelection() { return g_chunk_selection.load(std::memory_order_relaxed); }
 void SetSplitSelection(bool on) { g_split_selection.store(on, std::memory_order_relaxed); }
 bool SplitSelection() { return g_split_selection.load(std::memory_order_relaxed); }
+void SetFloorSelection(bool on) { g_floor_selection.store(on, std::memory_order_relaxed); }
+bool FloorSelection() { return g_floor_selection.load(std::memory_order_relaxed); }
 
 ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group) {
   // Keys a thread (a power of two, at least lo) for n keys over one block.

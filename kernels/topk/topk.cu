@@ -1659,6 +1659,8 @@ __global__ void __launch_bounds__(kSelThreads)
 
 constexpr int kTieRankCap = 256;       // candidates on the second digit ranked in shared memory
 constexpr int kSplitMaxBlocks = 1024;  // blocks of a row (SelChunk: at most ~1023)
+// A row of one block is resolved and written by that block in FilterKernel, with no hand-off.
+constexpr int kSplitMinBlocks = 2;
 
 __global__ void __launch_bounds__(kSelThreads)
     SplitFilterKernel(const SelSource src, const SelWs ws, uint32_t k_sel, int64_t chunk) {
@@ -1674,6 +1676,11 @@ __global__ void __launch_bounds__(kSelThreads)
 
   for (int i = tid; i < kRadixBins; i += kSelThreads) hist_b[i] = 0;
   const Threshold t0 = FirstThreshold(ws, row, k_sel, hist_a, scan, &thr);
+  if (blockIdx.x == 0 && tid == 0) {
+    uint32_t* c = ws.counters + row * internal::kCountersPerRow;
+    c[internal::kCounterThreshold] = t0.bin | (t0.take_all << 16);
+    c[internal::kCounterAbove] = t0.gt;
+  }
   const int64_t begin = blockIdx.x * chunk;
   uint32_t above =
       FilterPass<false>(src, SelSink{}, ws, row, begin, min(src.len, begin + chunk), t0, hist_b);
@@ -1715,9 +1722,9 @@ __global__ void __launch_bounds__(kSelThreads)
 
   for (int b = tid; b < bpr; b += kSelThreads) marked[b] = 0;
   if (tid == 0) n_tie = 0;
-  const Threshold t0 = FirstThreshold(ws, row, k_sel, hist_a, scan, &thr);
-  if (!t0.take_all) {
-    const uint32_t k_rem = k_sel - t0.gt;
+  const uint32_t* c = ws.counters + row * internal::kCountersPerRow;
+  if (((__ldcg(&c[internal::kCounterThreshold]) >> 16) & 1u) == 0u) {
+    const uint32_t k_rem = k_sel - __ldcg(&c[internal::kCounterAbove]);
     for (int i = tid; i < kRadixBins; i += kSelThreads) {
       hist_b[i] = __ldcg(&ws.hist1[row * kRadixBins + i]);
     }
@@ -1794,11 +1801,20 @@ __global__ void __launch_bounds__(kSelThreads)
     carry += total;
     __syncthreads();
   }
-  if (tid == 0) {
-    uint32_t* c = ws.counters + row * internal::kCountersPerRow;
-    c[internal::kCounterThreshold] = t0.bin | (t0.take_all << 16);
-    c[internal::kCounterChosen] = carry;
+  if (tid == 0) ws.counters[row * internal::kCountersPerRow + internal::kCounterChosen] = carry;
+}
+
+// The kSelItems scores from e0 of a row (0 from end on): two 16-byte loads where aligned.
+__device__ __forceinline__ void LoadSelRun(const float* scores, int64_t e0, int64_t end,
+                                           float (&v)[kSelItems]) {
+  if (e0 + kSelItems <= end && reinterpret_cast<uintptr_t>(scores + e0) % 16 == 0) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(scores + e0));
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(scores + e0) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    return;
   }
+#pragma unroll
+  for (int j = 0; j < kSelItems; ++j) v[j] = e0 + j < end ? scores[e0 + j] : 0.0f;
 }
 
 __global__ void __launch_bounds__(kSelThreads)
@@ -1834,15 +1850,7 @@ __global__ void __launch_bounds__(kSelThreads)
     // A thread's kSelItems consecutive elements (one bitmap word: base is a multiple of 4096).
     const int64_t e0 = base + tid * kSelItems;
     float v[kSelItems];
-    if (e0 + kSelItems <= end && reinterpret_cast<uintptr_t>(scores + e0) % 16 == 0) {
-      const float4 a = __ldcg(reinterpret_cast<const float4*>(scores + e0));
-      const float4 b = __ldcg(reinterpret_cast<const float4*>(scores + e0) + 1);
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z,
-      v[7] = b.w;
-    } else {
-#pragma unroll
-      for (int j = 0; j < kSelItems; ++j) v[j] = e0 + j < end ? scores[e0 + j] : 0.0f;
-    }
+    LoadSelRun(scores, e0, end, v);
     const uint32_t word =
         !take_all && e0 < end ? __ldcg(&sink.bitmap[row * sink.words + (e0 >> 5)]) : 0u;
     uint32_t take = 0;
@@ -2353,6 +2361,21 @@ __device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tile
 // Step 1 of the chunk selections: the row's chunk keys into registers, then the chosen chunks
 // (BlockTopK; EARLY: every chunk at or above a radix prefix once at most max_keep are), ascending
 // into s_chunk. Returns how many, and BlockTake's floor.
+// The PER1 consecutive tile keys of thread tid from ck (one row's, `tiles` of them; 0 past the
+// end), in 8- or 16-byte loads where vec2 / vec4 allow.
+template <int PER1>
+__device__ __forceinline__ void LoadTileRun(const uint32_t* ck, int tid, int tiles, bool vec2,
+                                            bool vec4, uint32_t (&key1)[PER1]) {
+  constexpr int kW = PER1 % 4 == 0 ? 4 : 2;
+#pragma unroll
+  for (int j = 0; j < PER1; j += kW) {
+    uint32_t m[kW];
+    LoadTileKeys<kW>(ck, tid * PER1 + j, tiles, kW == 4 ? vec4 : vec2, m);
+#pragma unroll
+    for (int i = 0; i < kW; ++i) key1[j + i] = m[i];
+  }
+}
+
 struct ChosenChunks {
   uint32_t count, floor;
 };
@@ -2373,14 +2396,7 @@ __device__ ChosenChunks ChooseChunks(const uint32_t* chunk_keys, int64_t n_tiles
   const bool vec4 = n_tiles % 4 == 0 && (base & 15u) == 0;
   uint32_t key1[PER1];
   if (pool == 1) {
-    constexpr int kW = PER1 % 4 == 0 ? 4 : 2;
-#pragma unroll
-    for (int j = 0; j < PER1; j += kW) {
-      uint32_t m[kW];
-      LoadTileKeys<kW>(ck, tid * PER1 + j, tiles, kW == 4 ? vec4 : vec2, m);
-#pragma unroll
-      for (int i = 0; i < kW; ++i) key1[j + i] = m[i];
-    }
+    LoadTileRun<PER1>(ck, tid, tiles, vec2, vec4, key1);
   } else {
 #pragma unroll
     for (int j = 0; j < PER1; ++j) key1[j] = 0u;
@@ -2516,9 +2532,10 @@ static_assert(kRoundsMaxK + kRoundTokens <= kCandCap, "KeepTop must leave room f
 
 // Keeps the top k_sel of the `count` candidates (keys c_key, tokens c_tok), in their order, at the
 // front of the list; returns how many. Block-wide.
+// \tparam PER the list's slots a thread: count <= PER * kSmallThreads.
+template <int PER = kSmallMaxPer>
 __device__ uint32_t KeepTop(uint32_t* c_key, int32_t* c_tok, uint32_t count, uint32_t k_sel,
                             TopKSmem& sm, SmallScanSmem& scan) {
-  constexpr int PER = kSmallMaxPer;
   const int e0 = threadIdx.x * PER;
   uint32_t key[PER];
 #pragma unroll
@@ -2608,6 +2625,193 @@ absl::Status LaunchChunkRounds(const float* scores, const uint32_t* chunk_keys, 
   return absl::OkStatus();
 }
 
+// Elements a block of one selection takes: kSelChunk, or a multiple of it where rows of that many
+// would make more than kSelBlocks blocks (FilterKernel holds two blocks an SM: about two waves on
+// an H100). A block's fixed cost (its shared histogram, the threshold scan, the hand-off to its
+// row's last block) is paid per block: at 512 rows of 32K tokens and k 4096, 4096 blocks of one
+// step took 61 + 233 µs (HistKernel + FilterKernel), 512 blocks of eight 51 + 172 µs.
+constexpr int64_t kSelBlocks = 512;
+int64_t SelChunk(int64_t len, int64_t rows) {
+  const int64_t blocks = rows * ((len + kSelChunk - 1) / kSelChunk);
+  return std::min(len, kSelChunk * std::max<int64_t>(1, blocks / kSelBlocks));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor selection: exact rows of 16K-256K tokens (at most kFloorMaxTiles tiles) scored on
+// tensor cores with their tile maxima, for k up to kRoundsMaxK where the chunk selection does not
+// apply (k 4096 at 128K tokens). The k-th largest tile maximum is a floor: k tiles hold a token at
+// or above it, so the row's k-th largest token is too, and no chosen token lies below it. Three
+// grids, no workspace to zero:
+// FloorKernel        one block a row: the floor, BlockTopK over the row's tile keys
+// FloorFilterKernel  every block (SelChunk's elements): its tokens at or above the floor, in token
+//                    order by one block scan, to its own stretch of the candidate list, and their
+//                    count
+// FloorSelectKernel  one block a row: the row's candidates in token order (a block's stretch found
+//                    by a search over the counts' prefix sums), rounds of kRoundTokens into a
+//                    shared-memory list kept to its top k (KeepTop, as ChunkRoundsKernel); sink,
+//                    selection and local tokens written by PutRow
+// The candidates are the tokens at or above the floor: ~4% of a row at k 4096 over 8192 tiles of
+// independent scores, one round; any number is correct (more rounds). Ties go to the lower token:
+// the list is in token order and BlockTopK prefers the lower position.
+
+template <int PER1>
+__global__ void __launch_bounds__(kSmallThreads, 1)
+    FloorKernel(const uint32_t* tile_keys, int64_t n_tiles, uint32_t k_sel, uint32_t* counters) {
+  __shared__ TopKSmem sm;
+  const int64_t row = blockIdx.x;
+  WaitForPrevious();  // the tile keys
+  AllowDependents();
+  const uintptr_t base = reinterpret_cast<uintptr_t>(tile_keys);
+  uint32_t key1[PER1];
+  LoadTileRun<PER1>(tile_keys + row * n_tiles, threadIdx.x, static_cast<int>(n_tiles),
+                    n_tiles % 2 == 0 && (base & 7u) == 0, n_tiles % 4 == 0 && (base & 15u) == 0,
+                    key1);
+  const BlockTake t = BlockTopK<PER1, false, (PER1 >= 8)>(key1, k_sel, sm);
+  if (threadIdx.x == 0)
+    counters[row * internal::kCountersPerRow + internal::kCounterFloor] = t.floor;
+}
+
+__global__ void __launch_bounds__(kSelThreads)
+    FloorFilterKernel(const SelSource src, const SelWs ws, int64_t chunk) {
+  __shared__ SelScan::TempStorage scan;
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.y;
+  WaitForPrevious();  // the floor (and, before it, the scores)
+  AllowDependents();
+  const uint32_t floor =
+      __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterFloor]);
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(src.len, begin + chunk);
+  const float* scores = src.scores + row * src.len;
+  uint32_t* cand = ws.cand + row * src.len + begin;
+  uint32_t at = 0;
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    const int64_t e0 = base + tid * kSelItems;
+    float v[kSelItems];
+    LoadSelRun(scores, e0, end, v);
+    uint32_t take = 0;
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      const uint32_t key = e0 + j < end ? DirectKey(src, e0 + j, v[j]) : 0u;
+      if (key != 0u && key >= floor) take |= 1u << j;
+    }
+    uint32_t start = 0, total = 0;
+    SelScan(scan).ExclusiveSum(static_cast<uint32_t>(__popc(take)), start, total);
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      if (take & (1u << j)) cand[at + start++] = static_cast<uint32_t>(e0 + j);
+    }
+    at += total;
+    __syncthreads();
+  }
+  if (tid == 0) ws.blocks[row * ws.block_stride + blockIdx.x] = at;
+}
+
+__global__ void __launch_bounds__(kSmallThreads)
+    FloorSelectKernel(const float* scores, const SelWs ws, int bpr, int64_t chunk, uint32_t k_sel,
+                      const CompactArgs out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* c_key = reinterpret_cast<uint32_t*>(smem);            // [kCandCap]
+  int32_t* c_tok = reinterpret_cast<int32_t*>(c_key + kCandCap);  // [kCandCap]
+  __shared__ TopKSmem sm;
+  __shared__ SmallScanSmem scan_out;
+  __shared__ uint32_t s_start[kSplitMaxBlocks + 1];  // candidates before each filter block
+  static_assert(kSplitMaxBlocks == kSmallThreads, "one filter block's count a thread");
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  WaitForPrevious();  // the candidates and their counts
+  uint32_t total = 0;
+  const uint32_t mine = tid < bpr ? __ldcg(&ws.blocks[row * ws.block_stride + tid]) : 0u;
+  s_start[tid] = SmallExclusiveSum(mine, scan_out, total);
+  if (tid == 0) s_start[bpr] = total;
+  __syncthreads();
+
+  const uint32_t* cand = ws.cand + row * out.n;
+  const float* row_scores = scores + row * out.n;
+  uint32_t count = 0;
+  for (uint32_t base = 0; base < total; base += kRoundTokens) {
+    if (count + kRoundTokens > kCandCap) count = KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
+    // A thread's kRoundPer consecutive candidates: the filter block of the first by a binary
+    // search over s_start, the next ones in it or a later one.
+    const uint32_t p0 = base + tid * kRoundPer;
+    int b = 0;
+    for (int step = kSplitMaxBlocks / 2; step > 0; step >>= 1) {
+      if (b + step < bpr && s_start[b + step] <= p0) b += step;
+    }
+    uint32_t tok[kRoundPer];
+#pragma unroll
+    for (int j = 0; j < kRoundPer; ++j) {
+      const uint32_t p = p0 + j;
+      while (b + 1 < bpr && s_start[b + 1] <= p) ++b;
+      tok[j] = p < total ? __ldcg(&cand[b * chunk + (p - s_start[b])]) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kRoundPer; ++j) {
+      const uint32_t p = p0 + j;
+      if (p < total) {
+        c_key[count + (p - base)] = internal::OrderKey(row_scores[tok[j]]);
+        c_tok[count + (p - base)] = static_cast<int32_t>(tok[j]);
+      }
+    }
+    count += min(static_cast<uint32_t>(kRoundTokens), total - base);
+    __syncthreads();
+  }
+  // One round's candidates (the common case) in half the slots a thread.
+  count = count <= kRoundTokens ? KeepTop<kRoundPer>(c_key, c_tok, count, k_sel, sm, scan_out)
+                                : KeepTop(c_key, c_tok, count, k_sel, sm, scan_out);
+  PutRow(out, row, static_cast<int>(count), [&](int p) { return c_tok[p]; });
+}
+
+template <int PER1>
+absl::Status LaunchFloorKernel(const uint32_t* tile_keys, int64_t rows, int64_t n_tiles,
+                               uint32_t k_sel, uint32_t* counters, cudaStream_t stream) {
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FloorKernel<PER1>, dim3(static_cast<unsigned>(rows)),
+                                              dim3(kSmallThreads), 0, stream, tile_keys, n_tiles,
+                                              k_sel, counters));
+  return absl::OkStatus();
+}
+
+// Whether the floor selection takes exact rows of `len` tokens for k_sel: at most half of the
+// row's tiles, so that the floor lies well above most tokens (at k 4096 over 2048 tiles every
+// token is a candidate: 96.4 µs at 32 heads / 32K against the split selection's 54).
+bool UseFloorSelect(int64_t len, int64_t k_sel) {
+  const int64_t tiles = (len + kTcTileRows - 1) / kTcTileRows;
+  return internal::FloorSelection() && len > kSmallMaxLen && tiles <= internal::kFloorMaxTiles &&
+         k_sel <= kRoundsMaxK && 2 * k_sel <= tiles;
+}
+
+// Enqueues the floor selection over the scores and tile keys of a tensor-core scorer.
+absl::Status LaunchFloorSelect(const SelSource& src, const SelWs& ws, const uint32_t* tile_keys,
+                               int64_t rows, int64_t k_sel, const CompactArgs& out,
+                               cudaStream_t stream) {
+  const uint32_t k = static_cast<uint32_t>(k_sel);
+  const int64_t n_tiles = (src.len + kTcTileRows - 1) / kTcTileRows;
+  if (n_tiles <= 2 * kSmallThreads) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        LaunchFloorKernel<2>(tile_keys, rows, n_tiles, k, ws.counters, stream));
+  } else if (n_tiles <= 4 * kSmallThreads) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        LaunchFloorKernel<4>(tile_keys, rows, n_tiles, k, ws.counters, stream));
+  } else if (n_tiles <= 8 * kSmallThreads) {
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        LaunchFloorKernel<8>(tile_keys, rows, n_tiles, k, ws.counters, stream));
+  } else {
+    ROPEKV_TOPK_RETURN_IF_ERROR(
+        LaunchFloorKernel<16>(tile_keys, rows, n_tiles, k, ws.counters, stream));
+  }
+  const int64_t chunk = SelChunk(src.len, rows);
+  const int64_t bpr = (src.len + chunk - 1) / chunk;
+  const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
+  ROPEKV_CUDA_RETURN_IF_ERROR(
+      LaunchDependent(FloorFilterKernel, grid, dim3(kSelThreads), 0, stream, src, ws, chunk));
+  constexpr size_t kSmem = static_cast<size_t>(kCandCap) * 8;
+  ROPEKV_TOPK_RETURN_IF_ERROR(EnsureSmem<FloorSelectKernel>(kSmem));
+  ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FloorSelectKernel, dim3(static_cast<unsigned>(rows)),
+                                              dim3(kSmallThreads), kSmem, stream, src.scores, ws,
+                                              static_cast<int>(bpr), chunk, k, out));
+  return absl::OkStatus();
+}
+
 // Enqueues ChunkSelectKernel or ChunkRoundsKernel (cp.rounds) for a plan internal::PlanChunkSelect
 // made (cp.pool > 0).
 absl::Status LaunchChunkSelect(const ChunkPlan& cp, const float* scores, const uint32_t* chunk_keys,
@@ -2654,18 +2858,8 @@ bool UseSplitSelect(const SelSource& src, const SelSink& sink, const CompactArgs
   return internal::SplitSelection() &&
          (src.kind == SrcKind::kPlain || src.kind == SrcKind::kTokens) &&
          sink.kind == SinkKind::kMarkToken && out.indices != nullptr && out.n == src.len &&
-         (out.row_scores == nullptr || out.row_scores == src.scores) && bpr <= kSplitMaxBlocks;
-}
-
-// Elements a block of one selection takes: kSelChunk, or a multiple of it where rows of that many
-// would make more than kSelBlocks blocks (FilterKernel holds two blocks an SM: about two waves on
-// an H100). A block's fixed cost (its shared histogram, the threshold scan, the hand-off to its
-// row's last block) is paid per block: at 512 rows of 32K tokens and k 4096, 4096 blocks of one
-// step took 61 + 233 µs (HistKernel + FilterKernel), 512 blocks of eight 51 + 172 µs.
-constexpr int64_t kSelBlocks = 512;
-int64_t SelChunk(int64_t len, int64_t rows) {
-  const int64_t blocks = rows * ((len + kSelChunk - 1) / kSelChunk);
-  return std::min(len, kSelChunk * std::max<int64_t>(1, blocks / kSelBlocks));
+         (out.row_scores == nullptr || out.row_scores == src.scores) && bpr >= kSplitMinBlocks &&
+         bpr <= kSplitMaxBlocks;
 }
 
 // Enqueues one selection: the histogram (unless the scoring kernel made it) and the filter,
@@ -3243,17 +3437,19 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   const bool small = req.mode != Mode::kBoundThenExact && internal::SmallRowSelection() &&
                      plan.len <= kSmallMaxLen;
   ChunkPlan chunked;
-  if (req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
-      internal::ChunkSelection() && TcScores(req, req.keys, false, false, *info)) {
+  const bool tc_exact = req.mode == Mode::kExact && !want_mass && plan.len > kSmallMaxLen &&
+                        TcScores(req, req.keys, false, false, *info);
+  if (tc_exact && internal::ChunkSelection()) {
     chunked =
         internal::PlanChunkSelect(plan.len, plan.k_sel, plan.rows, req.query_heads / req.kv_heads);
   }
+  const bool floor = tc_exact && chunked.pool == 0 && UseFloorSelect(plan.len, plan.k_sel);
   auto zero_workspace = [&]() -> absl::Status {
     ROPEKV_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(ws + plan.zero_begin, 0, plan.zero_end - plan.zero_begin, stream));
     return absl::OkStatus();
   };
-  if (!small && chunked.pool == 0) ROPEKV_TOPK_RETURN_IF_ERROR(zero_workspace());
+  if (!small && chunked.pool == 0 && !floor) ROPEKV_TOPK_RETURN_IF_ERROR(zero_workspace());
 
   // The output rows, written by the last selection.
   CompactArgs out;
@@ -3273,13 +3469,24 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   ScoreExtras extras;
   extras.kind = kind;
   // (Long page rows take their histogram after RangeKernel: see RunSelection.)
-  extras.hist0 = small || chunked.pool > 0 || req.mode != Mode::kExact ? nullptr : sel.hist0;
-  uint32_t* chunk_keys = chunked.pool > 0 ? sel.cand : nullptr;
+  extras.hist0 =
+      small || chunked.pool > 0 || floor || req.mode != Mode::kExact ? nullptr : sel.hist0;
+  uint32_t* chunk_keys = chunked.pool > 0 || floor ? sel.cand : nullptr;
   extras.chunk_keys = chunk_keys;
   if (req.mode == Mode::kExact) {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(
         req, req.keys, false, scores, want_mass ? lse : nullptr, plan.lse_parts, stream, &extras));
-    if (chunked.pool > 0) {
+    if (floor && extras.chunks_done) {
+      SelSource fs;
+      fs.scores = scores;
+      fs.len = plan.len;
+      fs.kind = SrcKind::kTokens;
+      fs.n = req.num_tokens;
+      fs.n_sink = req.n_sink;
+      fs.n_local = req.n_local;
+      return LaunchFloorSelect(fs, sel, chunk_keys, plan.rows, plan.k_sel, out, stream);
+    }
+    if (chunked.pool > 0 || floor) {
       if (extras.chunks_done) {
         return LaunchChunkSelect(chunked, scores, chunk_keys, plan.rows, plan.len, plan.k_sel, out,
                                  stream);

@@ -50,6 +50,13 @@ bool ChunkSelection();
 // Same contract as above.
 void SetSplitSelection(bool on);
 bool SplitSelection();
+// Whether an exact selection over rows of 16K-256K tokens scored on tensor cores that the chunk
+// selection does not take (k <= 4096) starts from the k-th largest tile maximum, a floor below
+// which no chosen token lies (FloorKernel, FloorFilterKernel, FloorSelectKernel; default on),
+// instead of the threshold filter. Same contract.
+void SetFloorSelection(bool on);
+bool FloorSelection();
+inline constexpr int64_t kFloorMaxTiles = 16384;
 
 // The one-block selections of topk.cu (SmallSelectKernel, ChunkSelectKernel): kOneBlockThreads
 // threads hold at most kOneBlockMaxKeys keys; the tensor-core scorer's tiles are kScoreTileTokens
@@ -93,9 +100,13 @@ inline constexpr int kCounterAppended = 2;
 inline constexpr int kCounterMaxKey = 3;
 inline constexpr int kCounterMaxNotKey = 4;
 // The split selection: the first digit's threshold bin (bits 0-15) and whether the bin is taken
-// whole (bit 16); the number of chosen elements of the row (neither sink nor local).
+// whole (bit 16); the number of chosen elements of the row (neither sink nor local); the number
+// of elements above the threshold bin.
 inline constexpr int kCounterThreshold = 5;
 inline constexpr int kCounterChosen = 6;
+inline constexpr int kCounterAbove = 7;
+// The floor selection's floor: no chosen token's key is below it.
+inline constexpr int kCounterFloor = 5;
 inline constexpr int kCountersPerRow = 8;
 
 // Elements a block of the multi-block selection takes (or a multiple of it: topk.cu, SelChunk).

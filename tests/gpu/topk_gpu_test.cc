@@ -694,20 +694,21 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
   }
 }
 
-// Long exact rows that the chunk selection does not take are selected in three grids
-// (SplitFilterKernel, SplitResolveKernel, SplitWriteKernel) and give exactly what FilterKernel
-// gives, whose last block resolves and writes a row alone: the problems of the chunk selection's
-// test (KV head 1's five score values put more tokens on the k-th score than the split
-// selection ranks in shared memory, so it resolves them digit by digit; KV head 0's ±inf keys),
-// k up to 4096, all three reductions, and sink / local windows that leave fewer free tokens
-// than k.
-TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
+// Long exact rows that the chunk selection does not take give exactly what FilterKernel gives
+// (whose last block resolves and writes a row alone) when selected in three grids by the split
+// selection (SplitFilterKernel, SplitResolveKernel, SplitWriteKernel) and by the floor selection
+// (FloorKernel, FloorFilterKernel, FloorSelectKernel; rows of at most 16384 tiles). KV head 1's
+// five score values put more tokens on the k-th score than the split selection ranks in shared
+// memory (it resolves them digit by digit) and more tokens above the floor than one round of the
+// floor selection holds; KV head 0 has ±inf keys; k up to 4096, all three reductions, and sink /
+// local windows that leave fewer free tokens than k.
+void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector<int64_t>& ns) {
   struct ChunkOff {
     ChunkOff() { internal::SetChunkSelection(false); }
     ~ChunkOff() { internal::SetChunkSelection(true); }
   } chunk_off;
   const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t n : {int64_t{16385}, int64_t{131072}, int64_t{600003}}) {
+  for (int64_t n : ns) {
     Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 990 + n);
     for (int64_t t = 0; t < n; ++t) {
       const float level = static_cast<float>((t * 7919) % 5);
@@ -722,13 +723,29 @@ TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
           SelectRequest req = p.Request(Mode::kExact, red, k);
           req.n_sink = 3;
           req.n_local = n_local;
-          ExpectSameOnAndOff(internal::SetSplitSelection, dev.Retarget(req),
+          ExpectSameOnAndOff(set_path, dev.Retarget(req),
                              absl::StrCat("n ", n, " red ", static_cast<int>(red), " k ", k,
                                           " n_local ", n_local));
         }
       }
     }
   }
+}
+
+TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
+  struct FloorOff {
+    FloorOff() { internal::SetFloorSelection(false); }
+    ~FloorOff() { internal::SetFloorSelection(true); }
+  } floor_off;
+  ExpectLongRowPathEqualsFilterPath(internal::SetSplitSelection, {16385, 131072, 600003});
+}
+
+TEST_F(TopkGpuTest, FloorSelectionEqualsFilterPath) {
+  struct SplitOff {
+    SplitOff() { internal::SetSplitSelection(false); }
+    ~SplitOff() { internal::SetSplitSelection(true); }
+  } split_off;
+  ExpectLongRowPathEqualsFilterPath(internal::SetFloorSelection, {16385, 50001, 262144});
 }
 
 TEST_F(TopkGpuTest, PageMetadataEqualsCpuBitForBit) {
