@@ -608,6 +608,18 @@ TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
   }
 }
 
+// Switches a selection path off for its scope (internal::Set*Selection).
+class PathOff {
+ public:
+  explicit PathOff(void (*set_path)(bool)) : set_path_(set_path) { set_path_(false); }
+  ~PathOff() { set_path_(true); }
+  PathOff(const PathOff&) = delete;
+  PathOff& operator=(const PathOff&) = delete;
+
+ private:
+  void (*set_path_)(bool);
+};
+
 // Runs `req` with a selection path switched off, then on (its default), and expects the same
 // output bit for bit: indices, counts and scores.
 void ExpectSameOnAndOff(void (*set_path)(bool), const SelectRequest& req, const std::string& what) {
@@ -631,6 +643,7 @@ void ExpectSameOnAndOff(void (*set_path)(bool), const SelectRequest& req, const 
 // filter path spreads page keys over their row's range (RangeKernel): ±inf keys on KV head 0 of
 // the longest rows make that range span most of the 32 bits.
 TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
+  const PathOff split_off(internal::SetSplitSelection);
   for (int64_t n : {int64_t{700}, int64_t{16384}, int64_t{200000}}) {
     Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 930 + n);
     for (int64_t t = 0; t < n; t += 3) p.SetKey(1, t, 0, 2.0f);  // ties on KV head 1
@@ -669,6 +682,7 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
 // not a multiple of 16 or 4, chunks of 1 to 8 tiles, k up to the largest the chunk paths take, and
 // sink / local windows that leave fewer free tokens than k.
 TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
+  const PathOff floor_off(internal::SetFloorSelection), split_off(internal::SetSplitSelection);
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
     Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 960 + n);
@@ -697,16 +711,14 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
 // Long exact rows that the chunk selection does not take give exactly what FilterKernel gives
 // (whose last block resolves and writes a row alone) when selected in three grids by the split
 // selection (SplitFilterKernel, SplitResolveKernel, SplitWriteKernel) and by the floor selection
-// (FloorKernel, FloorFilterKernel, FloorSelectKernel; rows of at most 16384 tiles). KV head 1's
+// (FloorKernel, FloorFilterKernel, FloorSelectKernel; rows of at most 16384 tiles, k at most half
+// of them). KV head 1's
 // five score values put more tokens on the k-th score than the split selection ranks in shared
 // memory (it resolves them digit by digit) and more tokens above the floor than one round of the
 // floor selection holds; KV head 0 has ±inf keys; k up to 4096, all three reductions, and sink /
 // local windows that leave fewer free tokens than k.
 void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector<int64_t>& ns) {
-  struct ChunkOff {
-    ChunkOff() { internal::SetChunkSelection(false); }
-    ~ChunkOff() { internal::SetChunkSelection(true); }
-  } chunk_off;
+  const PathOff chunk_off(internal::SetChunkSelection);
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : ns) {
     Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 990 + n);
@@ -733,18 +745,12 @@ void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector
 }
 
 TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
-  struct FloorOff {
-    FloorOff() { internal::SetFloorSelection(false); }
-    ~FloorOff() { internal::SetFloorSelection(true); }
-  } floor_off;
+  const PathOff floor_off(internal::SetFloorSelection);
   ExpectLongRowPathEqualsFilterPath(internal::SetSplitSelection, {16385, 131072, 600003});
 }
 
 TEST_F(TopkGpuTest, FloorSelectionEqualsFilterPath) {
-  struct SplitOff {
-    SplitOff() { internal::SetSplitSelection(false); }
-    ~SplitOff() { internal::SetSplitSelection(true); }
-  } split_off;
+  const PathOff split_off(internal::SetSplitSelection);
   ExpectLongRowPathEqualsFilterPath(internal::SetFloorSelection, {16385, 50001, 262144});
 }
 
