@@ -673,6 +673,22 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
   }
 }
 
+// The long rows of the path-equality tests: 2 KV heads of 8 query heads, head_dim 64, bf16. KV
+// head 1's keys are five multiples of one vector, so its scores take five values and the k-th
+// lies in a tie of ~n / 5 tokens; KV head 0 has +inf keys every 997 tokens and -inf ones every 991
+// from token 500.
+Problem LongRowProblem(int64_t n, uint64_t seed) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, seed);
+  for (int64_t t = 0; t < n; ++t) {
+    const float level = static_cast<float>((t * 7919) % 5);
+    for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));
+  }
+  for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
+  for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+  return p;
+}
+
 // Long exact rows scored on tensor cores are selected from the scorer's tile maxima
 // (ChunkSelectKernel, and ChunkRoundsKernel where the chosen chunks' tokens exceed one block: k
 // 1000 at 600003 tokens, and per query head, 16 rows, k 4096 at 131072 and 600003) and give
@@ -683,15 +699,8 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
 // sink / local windows that leave fewer free tokens than k.
 TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
   const PathOff floor_off(internal::SetFloorSelection), split_off(internal::SetSplitSelection);
-  const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
-    Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 960 + n);
-    for (int64_t t = 0; t < n; ++t) {
-      const float level = static_cast<float>((t * 7919) % 5);
-      for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));
-    }
-    for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
-    for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+    const Problem p = LongRowProblem(n, 960 + n);
     OnDevice dev(p);
     for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
       for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{256}, int64_t{1000}, int64_t{4096}}) {
@@ -719,15 +728,8 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
 // local windows that leave fewer free tokens than k.
 void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector<int64_t>& ns) {
   const PathOff chunk_off(internal::SetChunkSelection);
-  const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : ns) {
-    Problem p(2, 16, 64, n, DType::kBF16, DType::kBF16, 990 + n);
-    for (int64_t t = 0; t < n; ++t) {
-      const float level = static_cast<float>((t * 7919) % 5);
-      for (int c = 0; c < 64; ++c) p.SetKey(1, t, c, level * (c % 2 == 0 ? 0.25f : -0.125f));
-    }
-    for (int64_t t = 0; t < n; t += 997) p.SetKey(0, t, 1, inf);
-    for (int64_t t = 500; t < n; t += 991) p.SetKey(0, t, 2, -inf);
+    const Problem p = LongRowProblem(n, 990 + n);
     OnDevice dev(p);
     for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
       for (int64_t k : {int64_t{1}, int64_t{100}, int64_t{1000}, int64_t{4096}}) {
