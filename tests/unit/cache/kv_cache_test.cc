@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "gtest/gtest.h"
+#include "tests/unit/cache/block_serials.h"
 
 namespace ropekv {
 namespace {
@@ -282,15 +283,7 @@ TEST_F(KvCacheTest, EvictByPrefixTakesDescendants) {
 TEST_F(KvCacheTest, BlockSerialsNameEachStoreOfABlock) {
   const auto t = Tokens(40, 3 * 16);
   ASSERT_TRUE(Put(t, Bytes(41, 3 * bb_)).ok());
-  auto serials = [&] {
-    std::vector<uint64_t> out;
-    auto l = cache_->Lookup("demo", "", t);
-    EXPECT_TRUE(l.ok());
-    if (l.ok()) {
-      for (const BlockInfo& b : l->blocks) out.push_back(b.serial);
-    }
-    return out;
-  };
+  auto serials = [&] { return testing::BlockSerials(*cache_, "demo", t); };
   const std::vector<uint64_t> first = serials();
   ASSERT_EQ(first.size(), 3u);
   EXPECT_NE(first[0], 0u);

@@ -12,6 +12,7 @@
 #include "cache/kv_cache.h"
 #include "gtest/gtest.h"
 #include "rocksdb/db.h"
+#include "tests/unit/cache/block_serials.h"
 
 namespace ropekv {
 namespace {
@@ -301,13 +302,7 @@ TEST_F(TierTest, WriteThroughOffDemotesUnderPressureAndStillFindsEverything) {
   std::vector<std::string> bytes;
   std::vector<std::vector<uint64_t>> serials;
   auto serials_of = [&](const std::vector<int32_t>& tokens) {
-    std::vector<uint64_t> out;
-    auto l = cache_->Lookup("demo", "", tokens);
-    EXPECT_TRUE(l.ok());
-    if (l.ok()) {
-      for (const BlockInfo& b : l->blocks) out.push_back(b.serial);
-    }
-    return out;
+    return testing::BlockSerials(*cache_, "demo", tokens);
   };
   for (int i = 0; i < 6; ++i) {
     prompts.push_back(Tokens(100 + i, 4 * 16));
