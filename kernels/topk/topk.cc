@@ -54,6 +54,7 @@ std::atomic<bool> g_small_row_selection{true};
 std::atomic<bool> g_chunk_selection{true};
 std::atomic<bool> g_split_selection{true};
 std::atomic<bool> g_floor_selection{true};
+std::atomic<uint64_t> g_path_counts[6];
 
 }  // namespace
 
@@ -67,6 +68,22 @@ void SetSplitSelection(bool on) { g_split_selection.store(on, std::memory_order_
 bool SplitSelection() { return g_split_selection.load(std::memory_order_relaxed); }
 void SetFloorSelection(bool on) { g_floor_selection.store(on, std::memory_order_relaxed); }
 bool FloorSelection() { return g_floor_selection.load(std::memory_order_relaxed); }
+void CountSelection(SelectionPath path) {
+  g_path_counts[static_cast<int>(path)].fetch_add(1, std::memory_order_relaxed);
+}
+SelectionPathCounts SelectionPaths() {
+  auto get = [](SelectionPath p) {
+    return g_path_counts[static_cast<int>(p)].load(std::memory_order_relaxed);
+  };
+  SelectionPathCounts c;
+  c.small = get(SelectionPath::kSmall);
+  c.chunk = get(SelectionPath::kChunk);
+  c.rounds = get(SelectionPath::kRounds);
+  c.floor = get(SelectionPath::kFloor);
+  c.split = get(SelectionPath::kSplit);
+  c.filter = get(SelectionPath::kFilter);
+  return c;
+}
 
 ChunkPlan PlanChunkSelect(int64_t len, int64_t k_sel, int64_t rows, int64_t group) {
   // Keys a thread (a power of two, at least lo) for n keys over one block.

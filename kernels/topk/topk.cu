@@ -2786,6 +2786,7 @@ absl::Status LaunchFloorSelect(const SelSource& src, const SelWs& ws, const uint
                                cudaStream_t stream) {
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t n_tiles = (src.len + kTcTileRows - 1) / kTcTileRows;
+  internal::CountSelection(internal::SelectionPath::kFloor);
   if (n_tiles <= 2 * kSmallThreads) {
     ROPEKV_TOPK_RETURN_IF_ERROR(
         LaunchFloorKernel<2>(tile_keys, rows, n_tiles, k, ws.counters, stream));
@@ -2819,6 +2820,8 @@ absl::Status LaunchChunkSelect(const ChunkPlan& cp, const float* scores, const u
                                cudaStream_t stream) {
   const uint32_t k = static_cast<uint32_t>(k_sel);
   const int64_t n_tiles = (len + kTcTileRows - 1) / kTcTileRows;
+  internal::CountSelection(cp.rounds ? internal::SelectionPath::kRounds
+                                     : internal::SelectionPath::kChunk);
   if (cp.rounds) {
     switch (cp.per1) {
       case 2:
@@ -2874,10 +2877,12 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
         absl::StrCat("the CUDA path selects over at most 65535 rows, got ", rows));
   }
   if (UseSmallSelect(src, sink, out)) {
+    internal::CountSelection(internal::SelectionPath::kSmall);
     return LaunchSmallSelect(src, rows, k_sel, sink.kind == SinkKind::kMarkPage, out, stream);
   }
   const dim3 grid(static_cast<unsigned>(bpr), static_cast<unsigned>(rows));
   if (UseSplitSelect(src, sink, out, bpr)) {
+    internal::CountSelection(internal::SelectionPath::kSplit);
     if (!hist_done) {
       HistKernel<<<grid, kSelThreads, 0, stream>>>(src, ws.hist0, chunk);
       ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -2904,6 +2909,7 @@ absl::Status RunSelection(const SelSource& src, const SelSink& sink, const SelWs
     HistKernel<<<grid, kSelThreads, 0, stream>>>(s, ws.hist0, chunk);
     ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
+  internal::CountSelection(internal::SelectionPath::kFilter);
   ROPEKV_CUDA_RETURN_IF_ERROR(LaunchDependent(FilterKernel, grid, dim3(kSelThreads), 0, stream, s,
                                               sink, ws, static_cast<uint32_t>(k_sel), chunk, out));
   return absl::OkStatus();

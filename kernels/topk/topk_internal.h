@@ -58,6 +58,15 @@ void SetFloorSelection(bool on);
 bool FloorSelection();
 inline constexpr int64_t kFloorMaxTiles = 16384;
 
+// How many selections each CUDA path has enqueued in this process: for tests that must know which
+// path ran. Relaxed atomics, one increment per enqueued selection.
+enum class SelectionPath { kSmall, kChunk, kRounds, kFloor, kSplit, kFilter };
+void CountSelection(SelectionPath path);
+struct SelectionPathCounts {
+  uint64_t small = 0, chunk = 0, rounds = 0, floor = 0, split = 0, filter = 0;
+};
+SelectionPathCounts SelectionPaths();
+
 // The one-block selections of topk.cu (SmallSelectKernel, ChunkSelectKernel): kOneBlockThreads
 // threads hold at most kOneBlockMaxKeys keys; the tensor-core scorer's tiles are kScoreTileTokens
 // rows.

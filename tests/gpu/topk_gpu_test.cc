@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -104,6 +105,18 @@ absl::Status RunCpu(const SelectRequest& req, bool want_scores, bool want_mass, 
 }
 
 // Runs SelectCuda on poisoned outputs; `graph` runs it through a captured CUDA graph.
+// Switches a selection path off for its scope (internal::Set*Selection).
+class PathOff {
+ public:
+  explicit PathOff(void (*set_path)(bool)) : set_path_(set_path) { set_path_(false); }
+  ~PathOff() { set_path_(true); }
+  PathOff(const PathOff&) = delete;
+  PathOff& operator=(const PathOff&) = delete;
+
+ private:
+  void (*set_path_)(bool);
+};
+
 absl::Status RunGpu(const SelectRequest& dreq, bool want_scores, bool want_mass, Output* o,
                     bool graph = false) {
   o->rows = SelectRows(dreq);
@@ -388,6 +401,27 @@ TEST_F(TopkGpuTest, GraphCaptureReplaysGiveTheSameSelection) {
     EXPECT_EQ(graph.counts, plain.counts);
     CheckAgainstReference(p, req, graph, cpu, true, true, "graph");
   }
+  // Exact rows without the captured mass and k 3000 (at most half of the 6250 tiles, more than
+  // the chunk selection takes) go to the floor selection, or with it off to the split selection:
+  // three grids each, no workspace memset.
+  for (bool floor : {true, false}) {
+    std::optional<PathOff> floor_off;
+    if (!floor) floor_off.emplace(internal::SetFloorSelection);
+    const internal::SelectionPathCounts before = internal::SelectionPaths();
+    SelectRequest req = p.Request(Mode::kExact, GqaReduction::kMax, 3000);
+    req.n_sink = 4;
+    req.n_local = 64;
+    Output cpu, plain, graph;
+    ASSERT_TRUE(RunCpu(req, true, false, &cpu).ok());
+    ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &plain).ok());
+    const absl::Status s = RunGpu(dev.Retarget(req), true, false, &graph, /*graph=*/true);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(graph.indices, plain.indices);
+    EXPECT_EQ(graph.counts, plain.counts);
+    CheckAgainstReference(p, req, graph, cpu, true, false, floor ? "graph, floor" : "graph, split");
+    const internal::SelectionPathCounts after = internal::SelectionPaths();
+    EXPECT_EQ(floor ? after.floor - before.floor : after.split - before.split, 2u);
+  }
 }
 
 TEST_F(TopkGpuTest, AdversarialValues) {
@@ -476,10 +510,13 @@ TEST_F(TopkGpuTest, TopKEqualsCpuExactlyOnTheSameScores) {
         internal::SetSplitSelection(split);
         DevBuf ws(*wsb), out(rows * keep * 4);
         cudaMemset(out.get(), kPoison, out.size());
+        const uint64_t splits = internal::SelectionPaths().split;
         const absl::Status st =
             TopKCuda(static_cast<const float*>(ds.get()), rows, len, k,
                      static_cast<int32_t*>(out.get()), ws.get(), ws.size(), nullptr);
         internal::SetSplitSelection(true);
+        // Rows of more than 16384 elements (several blocks each) take the split selection.
+        EXPECT_EQ(internal::SelectionPaths().split - splits, split && len > 16384 ? 1u : 0u);
         ASSERT_TRUE(st.ok()) << st;
         CUDA_OK(cudaDeviceSynchronize());
         EXPECT_EQ(out.Download<int32_t>(rows * keep), want)
@@ -608,18 +645,6 @@ TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
   }
 }
 
-// Switches a selection path off for its scope (internal::Set*Selection).
-class PathOff {
- public:
-  explicit PathOff(void (*set_path)(bool)) : set_path_(set_path) { set_path_(false); }
-  ~PathOff() { set_path_(true); }
-  PathOff(const PathOff&) = delete;
-  PathOff& operator=(const PathOff&) = delete;
-
- private:
-  void (*set_path_)(bool);
-};
-
 // Runs `req` with a selection path switched off, then on (its default), and expects the same
 // output bit for bit: indices, counts and scores.
 void ExpectSameOnAndOff(void (*set_path)(bool), const SelectRequest& req, const std::string& what) {
@@ -645,6 +670,7 @@ void ExpectSameOnAndOff(void (*set_path)(bool), const SelectRequest& req, const 
 TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
   const PathOff split_off(internal::SetSplitSelection);
   for (int64_t n : {int64_t{700}, int64_t{16384}, int64_t{200000}}) {
+    const internal::SelectionPathCounts before = internal::SelectionPaths();
     Problem p(2, 8, 64, n, DType::kBF16, DType::kBF16, 930 + n);
     for (int64_t t = 0; t < n; t += 3) p.SetKey(1, t, 0, 2.0f);  // ties on KV head 1
     if (n > 16384) {
@@ -670,6 +696,9 @@ TEST_F(TopkGpuTest, SmallRowSelectionEqualsFilterPath) {
         }
       }
     }
+    const internal::SelectionPathCounts after = internal::SelectionPaths();
+    EXPECT_GT(after.small - before.small, 0u) << "the one-block selection, n " << n;
+    EXPECT_GT(after.filter, before.filter) << "the filter path, n " << n;
   }
 }
 
@@ -700,6 +729,7 @@ Problem LongRowProblem(int64_t n, uint64_t seed) {
 TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
   const PathOff floor_off(internal::SetFloorSelection), split_off(internal::SetSplitSelection);
   for (int64_t n : {int64_t{16385}, int64_t{50001}, int64_t{131072}, int64_t{600003}}) {
+    const internal::SelectionPathCounts before = internal::SelectionPaths();
     const Problem p = LongRowProblem(n, 960 + n);
     OnDevice dev(p);
     for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
@@ -714,6 +744,10 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
         }
       }
     }
+    const internal::SelectionPathCounts after = internal::SelectionPaths();
+    EXPECT_GT(after.chunk + after.rounds - before.chunk - before.rounds, 0u)
+        << "the chunk selection, n " << n;
+    EXPECT_GT(after.filter, before.filter) << "the filter path, n " << n;
   }
 }
 
@@ -726,9 +760,12 @@ TEST_F(TopkGpuTest, ChunkSelectionEqualsFilterPath) {
 // memory (it resolves them digit by digit) and more tokens above the floor than one round of the
 // floor selection holds; KV head 0 has ±inf keys; k up to 4096, all three reductions, and sink /
 // local windows that leave fewer free tokens than k.
-void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector<int64_t>& ns) {
+void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool),
+                                       uint64_t internal::SelectionPathCounts::*taken,
+                                       const std::vector<int64_t>& ns) {
   const PathOff chunk_off(internal::SetChunkSelection);
   for (int64_t n : ns) {
+    const internal::SelectionPathCounts before = internal::SelectionPaths();
     const Problem p = LongRowProblem(n, 990 + n);
     OnDevice dev(p);
     for (GqaReduction red : {GqaReduction::kMax, GqaReduction::kSum, GqaReduction::kPerQueryHead}) {
@@ -743,17 +780,23 @@ void ExpectLongRowPathEqualsFilterPath(void (*set_path)(bool), const std::vector
         }
       }
     }
+    // Each path ran (on) and so did the filter path it is compared with (off).
+    const internal::SelectionPathCounts after = internal::SelectionPaths();
+    EXPECT_GT(after.*taken, before.*taken) << "n " << n;
+    EXPECT_GT(after.filter, before.filter) << "n " << n;
   }
 }
 
 TEST_F(TopkGpuTest, SplitSelectionEqualsFilterPath) {
   const PathOff floor_off(internal::SetFloorSelection);
-  ExpectLongRowPathEqualsFilterPath(internal::SetSplitSelection, {16385, 131072, 600003});
+  ExpectLongRowPathEqualsFilterPath(internal::SetSplitSelection,
+                                    &internal::SelectionPathCounts::split, {16385, 131072, 600003});
 }
 
 TEST_F(TopkGpuTest, FloorSelectionEqualsFilterPath) {
   const PathOff split_off(internal::SetSplitSelection);
-  ExpectLongRowPathEqualsFilterPath(internal::SetFloorSelection, {16385, 50001, 262144});
+  ExpectLongRowPathEqualsFilterPath(internal::SetFloorSelection,
+                                    &internal::SelectionPathCounts::floor, {16385, 50001, 262144});
 }
 
 TEST_F(TopkGpuTest, PageMetadataEqualsCpuBitForBit) {
