@@ -43,7 +43,7 @@ size_t Take(size_t* cursor, size_t bytes) {
   return at;
 }
 
-// The split selection's per-block words of a selection over [rows][len].
+// The split and floor selections' per-block words of a selection over [rows][len].
 void TakeBlocks(size_t* cursor, size_t rows, int64_t len, SelectionLayout* l) {
   l->block_stride = SelBlocksBound(len);
   l->blocks = Take(cursor, rows * static_cast<size_t>(l->block_stride) * 4);

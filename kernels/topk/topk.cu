@@ -1268,7 +1268,7 @@ struct SelWs {
   uint32_t* hist1;     // [rows][kRadixBins]
   uint32_t* counters;  // [rows][internal::kCountersPerRow]
   uint32_t* cand;      // [rows][len]
-  uint32_t* blocks;    // [rows][block_stride]: the split selection's per-block counts / offsets
+  uint32_t* blocks;    // [rows][block_stride]: split / floor selections' per-block counts
   int64_t block_stride;
 };
 

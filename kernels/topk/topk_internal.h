@@ -51,9 +51,9 @@ bool ChunkSelection();
 void SetSplitSelection(bool on);
 bool SplitSelection();
 // Whether an exact selection over rows of 16K-256K tokens scored on tensor cores that the chunk
-// selection does not take (k <= 4096) starts from the k-th largest tile maximum, a floor below
-// which no chosen token lies (FloorKernel, FloorFilterKernel, FloorSelectKernel; default on),
-// instead of the threshold filter. Same contract.
+// selection does not take (k <= 4096 and at most half the row's tiles) starts from the k-th largest
+// tile maximum, a floor below which no chosen token lies (FloorKernel, FloorFilterKernel,
+// FloorSelectKernel; default on), instead of the threshold filter. Same contract.
 void SetFloorSelection(bool on);
 bool FloorSelection();
 inline constexpr int64_t kFloorMaxTiles = 16384;
@@ -114,7 +114,8 @@ inline constexpr int kCounterMaxNotKey = 4;
 inline constexpr int kCounterThreshold = 5;
 inline constexpr int kCounterChosen = 6;
 inline constexpr int kCounterAbove = 7;
-// The floor selection's floor: no chosen token's key is below it.
+// The floor selection's floor: no chosen token's key is below it (slot 5 too: the two selections
+// never run on one row).
 inline constexpr int kCounterFloor = 5;
 inline constexpr int kCountersPerRow = 8;
 
@@ -130,8 +131,9 @@ struct SelectionLayout {
   size_t hist1 = 0;     // uint32 [rows][kRadixBins], zeroed
   size_t counters = 0;  // uint32 [rows][kCountersPerRow]: see kCounterCandidates..; zeroed
   size_t cand = 0;      // uint32 [rows][len]: candidate element indices
-  // uint32 [rows][block_stride]: the split selection's per-block counts, then output offsets
-  // (block_stride = SelBlocksBound(len), at least the blocks of a row).
+  // uint32 [rows][block_stride]: the split and floor selections' per-block counts (the split
+  // selection's then become output offsets; block_stride = SelBlocksBound(len), at least the
+  // blocks of a row).
   size_t blocks = 0;
   int64_t block_stride = 0;
 };
