@@ -16,7 +16,8 @@
 // page bound alone (bscore_us) and a plain streaming read of the page metadata (bstream_us: its
 // floor), and the top-k alone over precomputed [8][N] scores (topk_us). exact_flr and exact_spl
 // time the exact mode again without the chunk selection (ChunkSelectKernel): the floor selection
-// (FloorKernel ..; rows of at most 256K tokens, k <= 4096, else as exact_spl) and the split
+// (FloorKernel ..; rows of at most 256K tokens, k <= 4096 and at most half the tiles, else as
+// exact_spl) and the split
 // selection (SplitFilterKernel ..); exact_flt and bound_flt time the exact and page modes with the
 // multi-block threshold filter whose last block finishes a row (FilterKernel), the path the
 // others replace.
