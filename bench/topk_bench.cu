@@ -17,10 +17,9 @@
 // floor), and the top-k alone over precomputed [8][N] scores (topk_us). exact_flr and exact_spl
 // time the exact mode again without the chunk selection (ChunkSelectKernel): the floor selection
 // (FloorKernel ..; rows of at most 256K tokens, k <= 4096 and at most half the tiles, else as
-// exact_spl) and the split
-// selection (SplitFilterKernel ..); exact_flt and bound_flt time the exact and page modes with the
-// multi-block threshold filter whose last block finishes a row (FilterKernel), the path the
-// others replace.
+// exact_spl) and the split selection (SplitFilterKernel ..); exact_flt and bound_flt time the
+// exact and page modes with the multi-block threshold filter whose last block finishes a row
+// (FilterKernel), the path the others replace.
 //
 // Shapes: 8 KV heads, head_dim 128, bf16; query heads {8, 32, 512} x N {4K, 32K, 128K, 1M} x
 // k {64, 256, 1024, 4096}; n_sink 4, n_local 64. Targets (issue 7, at 32 query heads, N = 128K):
