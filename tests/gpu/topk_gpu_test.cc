@@ -388,18 +388,22 @@ TEST_F(TopkGpuTest, GraphCaptureReplaysGiveTheSameSelection) {
   Problem p(8, 32, 128, n, DType::kBF16, DType::kBF16, 901);
   p.BuildMeta(DType::kBF16);
   OnDevice dev(p);
-  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
-    SelectRequest req = p.Request(mode, GqaReduction::kMax, 512);
+  // The request run plainly and captured in a graph: the same output, and the CPU's up to ties.
+  auto expect_graph_equal = [&](Mode mode, int64_t k, bool want_mass, const std::string& what) {
+    SelectRequest req = p.Request(mode, GqaReduction::kMax, k);
     req.n_sink = 4;
     req.n_local = 64;
     Output cpu, plain, graph;
-    ASSERT_TRUE(RunCpu(req, true, true, &cpu).ok());
-    ASSERT_TRUE(RunGpu(dev.Retarget(req), true, true, &plain).ok());
-    const absl::Status s = RunGpu(dev.Retarget(req), true, true, &graph, /*graph=*/true);
-    ASSERT_TRUE(s.ok()) << s;
-    EXPECT_EQ(graph.indices, plain.indices);
-    EXPECT_EQ(graph.counts, plain.counts);
-    CheckAgainstReference(p, req, graph, cpu, true, true, "graph");
+    ASSERT_TRUE(RunCpu(req, true, want_mass, &cpu).ok()) << what;
+    ASSERT_TRUE(RunGpu(dev.Retarget(req), true, want_mass, &plain).ok()) << what;
+    const absl::Status s = RunGpu(dev.Retarget(req), true, want_mass, &graph, /*graph=*/true);
+    ASSERT_TRUE(s.ok()) << what << ": " << s;
+    EXPECT_EQ(graph.indices, plain.indices) << what;
+    EXPECT_EQ(graph.counts, plain.counts) << what;
+    CheckAgainstReference(p, req, graph, cpu, true, want_mass, what);
+  };
+  for (Mode mode : {Mode::kExact, Mode::kBound, Mode::kBoundThenExact}) {
+    expect_graph_equal(mode, 512, true, absl::StrCat("graph, mode ", static_cast<int>(mode)));
   }
   // Exact rows without the captured mass and k 3000 (at most half of the 6250 tiles, more than
   // the chunk selection takes) go to the floor selection, or with it off to the split selection:
@@ -408,17 +412,7 @@ TEST_F(TopkGpuTest, GraphCaptureReplaysGiveTheSameSelection) {
     std::optional<PathOff> floor_off;
     if (!floor) floor_off.emplace(internal::SetFloorSelection);
     const internal::SelectionPathCounts before = internal::SelectionPaths();
-    SelectRequest req = p.Request(Mode::kExact, GqaReduction::kMax, 3000);
-    req.n_sink = 4;
-    req.n_local = 64;
-    Output cpu, plain, graph;
-    ASSERT_TRUE(RunCpu(req, true, false, &cpu).ok());
-    ASSERT_TRUE(RunGpu(dev.Retarget(req), true, false, &plain).ok());
-    const absl::Status s = RunGpu(dev.Retarget(req), true, false, &graph, /*graph=*/true);
-    ASSERT_TRUE(s.ok()) << s;
-    EXPECT_EQ(graph.indices, plain.indices);
-    EXPECT_EQ(graph.counts, plain.counts);
-    CheckAgainstReference(p, req, graph, cpu, true, false, floor ? "graph, floor" : "graph, split");
+    expect_graph_equal(Mode::kExact, 3000, false, floor ? "graph, floor" : "graph, split");
     const internal::SelectionPathCounts after = internal::SelectionPaths();
     EXPECT_EQ(floor ? after.floor - before.floor : after.split - before.split, 2u);
   }
