@@ -505,24 +505,30 @@ int Main(int argc, char** argv) {
             exact_g / read_us, exact_floor_g, exact_split_g, exact_filter_g, pqh_us, bound_us,
             bound_g, bound_filter_g, bte_us);
         std::fflush(stdout);
-        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",",
-                        absl::StrFormat("{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
-                                        "\"read_us\":%.2f,\"score_us\":%.2f,"
-                                        "\"stream_read_us\":%.2f,"
-                                        "\"score_cuda_cores_us\":%.2f,\"bound_score_us\":%.2f,"
-                                        "\"bound_stream_read_us\":%.2f,"
-                                        "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
-                                        "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
-                                        "\"exact_floor_graph_us\":%.2f,"
-                                        "\"exact_split_graph_us\":%.2f,"
-                                        "\"exact_filter_graph_us\":%.2f,"
-                                        "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
-                                        "\"bound_graph_us\":%.2f,"
-                                        "\"bound_filter_graph_us\":%.2f,\"bte_us\":%.2f}",
-                                        hq, n, k, key_bytes, read_us, score_us, stream_us,
-                                        score_cc_us, bscore_us, bstream_us, topk_us, exact_us,
-                                        exact_g, exact_g / read_us, exact_split_g, exact_filter_g,
-                                        pqh_us, bound_us, bound_g, bound_filter_g, bte_us));
+        // absl::StrFormat gives "" when its arguments do not match the format (no compile-time
+        // check under nvcc): a row must never be lost silently.
+        const std::string json_row = absl::StrFormat(
+            "{\"query_heads\":%d,\"n\":%d,\"k\":%d,\"key_bytes\":%.0f,"
+            "\"read_us\":%.2f,\"score_us\":%.2f,"
+            "\"stream_read_us\":%.2f,"
+            "\"score_cuda_cores_us\":%.2f,\"bound_score_us\":%.2f,"
+            "\"bound_stream_read_us\":%.2f,"
+            "\"topk_only_us\":%.2f,\"exact_us\":%.2f,"
+            "\"exact_graph_us\":%.2f,\"exact_ratio\":%.3f,"
+            "\"exact_floor_graph_us\":%.2f,"
+            "\"exact_split_graph_us\":%.2f,"
+            "\"exact_filter_graph_us\":%.2f,"
+            "\"exact_pqh_us\":%.2f,\"bound_us\":%.2f,"
+            "\"bound_graph_us\":%.2f,"
+            "\"bound_filter_graph_us\":%.2f,\"bte_us\":%.2f}",
+            hq, n, k, key_bytes, read_us, score_us, stream_us, score_cc_us, bscore_us, bstream_us,
+            topk_us, exact_us, exact_g, exact_g / read_us, exact_floor_g, exact_split_g,
+            exact_filter_g, pqh_us, bound_us, bound_g, bound_filter_g, bte_us);
+        if (json_row.empty()) {
+          std::fprintf(stderr, "topk_bench: the JSON row does not match its format\n");
+          return 1;
+        }
+        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",", json_row);
       }
       cudaFree(score_out);
       FreeInputs(in);
