@@ -14,6 +14,11 @@
 // cudaMemcpy H2D from pinned and pageable memory and D2D of the same bytes.
 //
 //   dataplane_bench [--tokens 32768] [--reps 5] [--slow_reps 1] [--rerotate] [--cuda auto|on|off]
+//                   [--clients N] [--daemon_flags="--kvcache_threads=1 ..."]
+//
+// --clients N adds a row: N clients, each its own connection and buffer, doing a gRPC Get of the
+// whole cache at once (wall time until the last has its bytes; aggregate GB/s). --daemon_flags
+// passes more flags to the daemon it starts.
 //
 // Memory: the daemon holds the cache (tokens/16 x 2 MiB), the client a shared region, a host
 // buffer and (GPU) a pinned buffer of the same size (4x the cache in all; 16 GiB at 32K tokens),
@@ -41,6 +46,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "clients/cpp/client.h"
 #include "clients/cpp/dataplane_client.h"
 
@@ -66,6 +72,11 @@ ABSL_FLAG(int32_t, slow_reps, 1,
           "timed repetitions of the CPU re-rotation rows (seconds each at 32K tokens)");
 ABSL_FLAG(bool, rerotate, true, "also time Gets re-rotated to a new position");
 ABSL_FLAG(std::string, cuda, "auto", "CUDA IPC rows: auto (when a GPU is present), on, off");
+ABSL_FLAG(int32_t, clients, 0,
+          "also time this many clients (each its own connection and buffer) doing a gRPC Get of "
+          "the whole cache at once; 0: not");
+ABSL_FLAG(std::string, daemon_flags, "",
+          "more ropekvd flags, space-separated (e.g. --kvcache_threads=1)");
 
 namespace ropekv {
 namespace {
@@ -106,6 +117,10 @@ class Daemon {
                                      absl::StrCat("--host_capacity=", host_bytes),
                                      "--disk_enabled=false",
                                      "--allow_buffers=on"};
+    for (absl::string_view f :
+         absl::StrSplit(absl::GetFlag(FLAGS_daemon_flags), ' ', absl::SkipEmpty())) {
+      args.emplace_back(f);
+    }
     pid_ = fork();
     if (pid_ == 0) {
       const int log = open((dir_ + "/log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -371,6 +386,47 @@ int Main() {
   table.Row(
       "gRPC Get into a buffer", "grpc_get", "memcpy",
       [&] { CHECK_OK((*kv)->GetInto(get, absl::MakeSpan(host))); }, reps, warmup);
+  // Several clients at once, each its own connection and buffer: the daemon's gRPC Get serves them
+  // on its pool (--kvcache_threads) and gRPC's threads. Wall time until the last has all bytes.
+  const int clients = absl::GetFlag(FLAGS_clients);
+  double clients_ms = 0;
+  if (clients > 0) {
+    std::vector<std::unique_ptr<client::Client>> conns;
+    std::vector<std::vector<uint8_t>> bufs;
+    for (int c = 0; c < clients; ++c) {
+      auto conn = client::Client::Connect(o);
+      CHECK_OK(conn);
+      conns.push_back(*std::move(conn));
+      bufs.emplace_back(total);
+    }
+    auto all_at_once = [&] {
+      std::vector<std::thread> threads;
+      for (int c = 0; c < clients; ++c) {
+        threads.emplace_back([&, c] { CHECK_OK(conns[c]->GetInto(get, absl::MakeSpan(bufs[c]))); });
+      }
+      for (auto& t : threads) t.join();
+    };
+    std::vector<double> ms;
+    for (int r = 0; r < warmup + reps; ++r) {
+      const auto t0 = Clock::now();
+      all_at_once();
+      if (r >= warmup) {
+        ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      }
+    }
+    std::sort(ms.begin(), ms.end());
+    clients_ms = ms[ms.size() / 2];
+    for (int c = 0; c < clients; ++c) {
+      if (pattern.FirstMismatch(bufs[c].data(), blocks) >= 0) {
+        std::printf("client %d: bytes differ\n", c);
+        ok = false;
+      }
+    }
+    std::printf("%-44s %10.2f %8.2f  (%d x %.3f GiB)\n",
+                absl::StrCat("gRPC Get, ", clients, " clients at once").c_str(), clients_ms,
+                clients * static_cast<double>(total) / clients_ms / 1e6, clients,
+                total / 1073741824.0);
+  }
   table.Row(
       "shared-memory Get (GetToBuffer)", "shm_get", "memcpy",
       [&] {
@@ -539,6 +595,11 @@ int Main() {
                    ",\"block_bytes\":", bb, ",\"bytes\":", total, ",\"reps\":", reps,
                    ",\"put_ms\":", put_ms, ",\"bytes_match\":", ok ? "true" : "false",
                    ",\"host\":\"", host_name, "\",\"gpu\":\"", gpu_name, "\"", table.Json());
+  if (clients > 0) {
+    absl::StrAppend(&json, ",\"clients\":", clients,
+                    ",\"clients_get_ms\":", absl::StrFormat("%.3f", clients_ms),
+                    ",\"daemon_flags\":\"", absl::GetFlag(FLAGS_daemon_flags), "\"");
+  }
   if (grpc_ms > 0 && shm_ms > 0) {
     std::printf("shared memory vs gRPC bytes: %.2fx faster (target >= 3x)\n", grpc_ms / shm_ms);
     absl::StrAppend(&json,
