@@ -22,7 +22,7 @@
 //
 // Memory: the daemon holds the cache (tokens/16 x 2 MiB), the client a shared region, a host
 // buffer and (GPU) a pinned buffer of the same size (4x the cache in all; 16 GiB at 32K tokens),
-// and two device buffers of the cache's size.
+// and two device buffers of the cache's size; --clients N adds N host buffers of the cache's size.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
