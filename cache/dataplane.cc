@@ -578,8 +578,8 @@ absl::StatusOr<SessionFromBufferResult> FillFromBuffer(SessionStore& sessions,
 // GatherToBuffer into a GPU buffer from a prefix whose blocks all sit in the GPU tier on the
 // buffer's device: one gather kernel a layer on the transfer's stream, from the blocks' device
 // copies straight into the buffer (no host copy of the rows). The block addresses of every
-// layer, the indices and the counts go to the device in one upload first. False (nothing done)
-// where the store cannot gather there (RetrievalStore::DeviceGatherRequest).
+// layer, the indices and the counts go to the device first, into one scratch allocation. False
+// (nothing done) where the store cannot gather there (RetrievalStore::DeviceGatherRequest).
 absl::StatusOr<bool> GatherOnDevice(RetrievalStore& store, const KeptSelection& sel,
                                     const RetrievalStore::HeldSource& held,
                                     const std::vector<int>& layers, BufferLease& lease) {

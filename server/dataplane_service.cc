@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cache/dataplane.h"
 #include "server/convert.h"
+#include "server/stream_reactor.h"
 #include "server/work_pool.h"
 
 ABSL_FLAG(std::string, allow_buffers, "auto",
@@ -174,13 +175,12 @@ void DataPlaneService::Init(const ServerConfig& config, absl::StatusOr<DataPlane
 
 grpc::ServerUnaryReactor* DataPlaneService::Submit(grpc::CallbackServerContext* ctx,
                                                    std::function<absl::Status()> work) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (!status_.ok()) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     reactor->Finish(ToGrpc(Unavailable(status_)));
     return reactor;
   }
-  pool_->Submit([reactor, work = std::move(work)] { reactor->Finish(ToGrpc(work())); });
-  return reactor;
+  return FinishOnPool(*pool_, ctx, std::move(work));
 }
 
 grpc::ServerUnaryReactor* DataPlaneService::RegisterBuffer(grpc::CallbackServerContext* ctx,

@@ -116,9 +116,7 @@ class PrefixSource final : public ByteSource {
 
 grpc::ServerUnaryReactor* KvCacheService::Submit(grpc::CallbackServerContext* ctx,
                                                  std::function<absl::Status()> work) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  pool_->Submit([reactor, work = std::move(work)] { reactor->Finish(ToGrpc(work())); });
-  return reactor;
+  return FinishOnPool(*pool_, ctx, std::move(work));
 }
 
 grpc::ServerUnaryReactor* KvCacheService::RegisterModel(grpc::CallbackServerContext* ctx,

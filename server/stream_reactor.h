@@ -47,6 +47,15 @@ class LayerSource final : public ByteSource {
   T layers_;
 };
 
+// A unary call finished with the status `work` returns, `work` run on `pool` (not on gRPC's
+// callback thread: it may wait on a disk or a GPU).
+inline grpc::ServerUnaryReactor* FinishOnPool(WorkPool& pool, grpc::CallbackServerContext* ctx,
+                                              std::function<absl::Status()> work) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  pool.Submit([reactor, work = std::move(work)] { reactor->Finish(ToGrpc(work())); });
+  return reactor;
+}
+
 // The chunk size of a call: the client's wish, capped by the server's.
 inline uint64_t ChunkBytes(uint64_t requested, uint64_t server_chunk) {
   return requested > 0 ? std::min(requested, server_chunk) : server_chunk;
