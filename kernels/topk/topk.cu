@@ -1454,6 +1454,28 @@ __device__ void CompactRow(const uint32_t* bitmap, int64_t words, const CompactA
   if (threadIdx.x == 0 && o.counts != nullptr) o.counts[row] = static_cast<int32_t>(count);
 }
 
+// Candidates slot(j), j < kResolveItems, of a row's list: their elements, order keys and tie
+// indices (key and tie 0 past n_cand); every index is loaded before any score, so that the loads
+// overlap.
+template <typename Slot>
+__device__ __forceinline__ void CandidateKeys(const SelSource& src, int64_t row,
+                                              const uint32_t* cand, uint32_t n_cand, Slot slot,
+                                              uint32_t (&e)[kResolveItems],
+                                              uint32_t (&key)[kResolveItems],
+                                              uint32_t (&tie)[kResolveItems]) {
+#pragma unroll
+  for (int j = 0; j < kResolveItems; ++j) {
+    const uint32_t i = slot(j);
+    e[j] = i < n_cand ? __ldcg(&cand[i]) : 0u;
+  }
+#pragma unroll
+  for (int j = 0; j < kResolveItems; ++j) {
+    key[j] = 0;
+    tie[j] = 0;
+    if (slot(j) < n_cand) KeyTie(src, row, e[j], &key[j], &tie[j]);
+  }
+}
+
 // The last block's part of FilterKernel: candidates -> digit by digit until resolved.
 __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, const SelWs& ws,
                                   uint32_t k_rem, int64_t row, uint32_t* hist_a, uint32_t* hist_b,
@@ -1481,17 +1503,9 @@ __device__ void ResolveCandidates(const SelSource& src, const SelSink& sink, con
       uint32_t e[kResolveItems], key[kResolveItems], tie[kResolveItems];
       bool keep[kResolveItems];
       uint32_t n_keep = 0;
-#pragma unroll
-      for (int j = 0; j < kResolveItems; ++j) {
-        const uint32_t i = base + tid * kResolveItems + j;
-        e[j] = i < n_cand ? __ldcg(&cand[i]) : 0u;
-      }
-#pragma unroll
-      for (int j = 0; j < kResolveItems; ++j) {
-        key[j] = 0;
-        tie[j] = 0;
-        if (base + tid * kResolveItems + j < n_cand) KeyTie(src, row, e[j], &key[j], &tie[j]);
-      }
+      CandidateKeys(
+          src, row, cand, n_cand, [&](int j) { return base + tid * kResolveItems + j; }, e, key,
+          tie);
 #pragma unroll
       for (int j = 0; j < kResolveItems; ++j) {
         keep[j] = false;
@@ -1737,28 +1751,21 @@ __global__ void __launch_bounds__(kSelThreads)
       // One pass over the candidates, kResolveItems a thread, all loaded before any is keyed.
       const uint32_t* cand = ws.cand + row * src.len;
       for (uint32_t base = 0; base < n_cand; base += kSelThreads * kResolveItems) {
-        uint32_t e[kResolveItems];
-        float v[kResolveItems];
-#pragma unroll
-        for (int j = 0; j < kResolveItems; ++j) {
-          const uint32_t i = base + j * kSelThreads + tid;
-          e[j] = i < n_cand ? __ldcg(&cand[i]) : 0u;
-        }
-#pragma unroll
-        for (int j = 0; j < kResolveItems; ++j) {
-          v[j] = base + j * kSelThreads + tid < n_cand ? src.scores[row * src.len + e[j]] : 0.0f;
-        }
+        uint32_t e[kResolveItems], key_of[kResolveItems], tie[kResolveItems];
+        CandidateKeys(
+            src, row, cand, n_cand, [&](int j) { return base + j * kSelThreads + tid; }, e, key_of,
+            tie);
 #pragma unroll
         for (int j = 0; j < kResolveItems; ++j) {
           if (base + j * kSelThreads + tid >= n_cand) continue;
-          const uint32_t key = DirectKey(src, e[j], v[j]);
+          const uint32_t key = key_of[j];
           const uint32_t d = (key >> 10) & 2047u;
           if (key != 0u && (d > t1.bin || (d == t1.bin && t1.take_all))) {
-            mark(e[j]);
+            mark(tie[j]);
           } else if (d == t1.bin && !t1.take_all) {
             const uint32_t slot = atomicAdd(&n_tie, 1u);
             tie_key[slot] = key;
-            tie_tok[slot] = e[j];
+            tie_tok[slot] = tie[j];
           }
         }
       }
@@ -1817,6 +1824,31 @@ __device__ __forceinline__ void LoadSelRun(const float* scores, int64_t e0, int6
   for (int j = 0; j < kSelItems; ++j) v[j] = e0 + j < end ? scores[e0 + j] : 0.0f;
 }
 
+// The chosen elements of [begin, end) of a row in token order, block-wide: a thread takes
+// kSelItems consecutive elements a step (begin is a multiple of kSelChunk, so they share one
+// bitmap word), take(e0, v) gives the mask of those chosen among e0 .. e0 + kSelItems - 1 (scores
+// v), and emit(i, e, v) receives the range's i-th chosen element. Returns how many.
+template <typename Take, typename Emit>
+__device__ uint32_t CompactRange(const float* scores, int64_t begin, int64_t end,
+                                 SelScan::TempStorage& scan, Take take, Emit emit) {
+  uint32_t at = 0;
+  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
+    const int64_t e0 = base + threadIdx.x * kSelItems;
+    float v[kSelItems];
+    LoadSelRun(scores, e0, end, v);
+    const uint32_t mask = take(e0, v);
+    uint32_t start = 0, total = 0;
+    SelScan(scan).ExclusiveSum(static_cast<uint32_t>(__popc(mask)), start, total);
+#pragma unroll
+    for (int j = 0; j < kSelItems; ++j) {
+      if (mask & (1u << j)) emit(at + start++, e0 + j, v[j]);
+    }
+    at += total;
+    __syncthreads();
+  }
+  return at;
+}
+
 __global__ void __launch_bounds__(kSelThreads)
     SplitWriteKernel(const SelSource src, const SelSink sink, const SelWs ws, int64_t chunk,
                      const CompactArgs out) {
@@ -1842,37 +1874,30 @@ __global__ void __launch_bounds__(kSelThreads)
     }
   };
 
-  int64_t at = n_s + __ldcg(&ws.blocks[row * ws.block_stride + blockIdx.x]);
+  // This block's chosen elements: above the threshold digit, or on it and marked.
+  const int64_t first = n_s + __ldcg(&ws.blocks[row * ws.block_stride + blockIdx.x]);
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
-  const float* scores = src.scores + row * src.len;
-  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
-    // A thread's kSelItems consecutive elements (one bitmap word: base is a multiple of 4096).
-    const int64_t e0 = base + tid * kSelItems;
-    float v[kSelItems];
-    LoadSelRun(scores, e0, end, v);
-    const uint32_t word =
-        !take_all && e0 < end ? __ldcg(&sink.bitmap[row * sink.words + (e0 >> 5)]) : 0u;
-    uint32_t take = 0;
+  CompactRange(
+      src.scores + row * src.len, begin, end, scan,
+      [&](int64_t e0, const float(&v)[kSelItems]) {
+        const uint32_t word =
+            !take_all && e0 < end ? __ldcg(&sink.bitmap[row * sink.words + (e0 >> 5)]) : 0u;
+        uint32_t take = 0;
 #pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      const int64_t e = e0 + j;
-      if (e >= end) continue;
-      const uint32_t key = DirectKey(src, e, v[j]);
-      const uint32_t d = key >> 21;
-      if (key != 0u && (d > bin || (d == bin && (take_all || ((word >> (e & 31)) & 1u) != 0u)))) {
-        take |= 1u << j;
-      }
-    }
-    uint32_t start = 0, total = 0;
-    SelScan(scan).ExclusiveSum(static_cast<uint32_t>(__popc(take)), start, total);
-#pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      if (take & (1u << j)) put(at + start++, e0 + j, v[j]);
-    }
-    at += total;
-    __syncthreads();
-  }
+        for (int j = 0; j < kSelItems; ++j) {
+          const int64_t e = e0 + j;
+          if (e >= end) continue;
+          const uint32_t key = DirectKey(src, e, v[j]);
+          const uint32_t d = key >> 21;
+          if (key != 0u &&
+              (d > bin || (d == bin && (take_all || ((word >> (e & 31)) & 1u) != 0u)))) {
+            take |= 1u << j;
+          }
+        }
+        return take;
+      },
+      [&](uint32_t i, int64_t e, float v) { put(first + i, e, v); });
   if (blockIdx.x == 0) {
     for (int64_t t = tid; t < n_s; t += kSelThreads) {
       put(t, t, with_scores ? out.row_scores[row * out.n + t] : 0.0f);
@@ -2358,9 +2383,6 @@ __device__ __forceinline__ void LoadTileKeys(const uint32_t* ck, int t, int tile
   for (int i = 0; i < W; ++i) m[i] = t + i < tiles ? ck[t + i] : 0u;
 }
 
-// Step 1 of the chunk selections: the row's chunk keys into registers, then the chosen chunks
-// (BlockTopK; EARLY: every chunk at or above a radix prefix once at most max_keep are), ascending
-// into s_chunk. Returns how many, and BlockTake's floor.
 // The PER1 consecutive tile keys of thread tid from ck (one row's, `tiles` of them; 0 past the
 // end), in 8- or 16-byte loads where vec2 / vec4 allow.
 template <int PER1>
@@ -2376,6 +2398,9 @@ __device__ __forceinline__ void LoadTileRun(const uint32_t* ck, int tid, int til
   }
 }
 
+// Step 1 of the chunk selections: the row's chunk keys into registers, then the chosen chunks
+// (BlockTopK; EARLY: every chunk at or above a radix prefix once at most max_keep are), ascending
+// into s_chunk. Returns how many, and BlockTake's floor.
 struct ChosenChunks {
   uint32_t count, floor;
 };
@@ -2682,28 +2707,19 @@ __global__ void __launch_bounds__(kSelThreads)
       __ldcg(&ws.counters[row * internal::kCountersPerRow + internal::kCounterFloor]);
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(src.len, begin + chunk);
-  const float* scores = src.scores + row * src.len;
   uint32_t* cand = ws.cand + row * src.len + begin;
-  uint32_t at = 0;
-  for (int64_t base = begin; base < end; base += kSelThreads * kSelItems) {
-    const int64_t e0 = base + tid * kSelItems;
-    float v[kSelItems];
-    LoadSelRun(scores, e0, end, v);
-    uint32_t take = 0;
+  const uint32_t at = CompactRange(
+      src.scores + row * src.len, begin, end, scan,
+      [&](int64_t e0, const float(&v)[kSelItems]) {
+        uint32_t take = 0;
 #pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      const uint32_t key = e0 + j < end ? DirectKey(src, e0 + j, v[j]) : 0u;
-      if (key != 0u && key >= floor) take |= 1u << j;
-    }
-    uint32_t start = 0, total = 0;
-    SelScan(scan).ExclusiveSum(static_cast<uint32_t>(__popc(take)), start, total);
-#pragma unroll
-    for (int j = 0; j < kSelItems; ++j) {
-      if (take & (1u << j)) cand[at + start++] = static_cast<uint32_t>(e0 + j);
-    }
-    at += total;
-    __syncthreads();
-  }
+        for (int j = 0; j < kSelItems; ++j) {
+          const uint32_t key = e0 + j < end ? DirectKey(src, e0 + j, v[j]) : 0u;
+          if (key != 0u && key >= floor) take |= 1u << j;
+        }
+        return take;
+      },
+      [&](uint32_t i, int64_t e, float) { cand[i] = static_cast<uint32_t>(e); });
   if (tid == 0) ws.blocks[row * ws.block_stride + blockIdx.x] = at;
 }
 
@@ -3469,6 +3485,14 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   out.out_scores = result.scores;
   const SelWs sel = MakeSelWs(ws, plan.sel);
   const SrcKind kind = req.mode == Mode::kExact ? SrcKind::kTokens : SrcKind::kPages;
+  // What the first selection selects over: the scores or bounds step 1 writes.
+  SelSource src;
+  src.scores = scores;
+  src.len = plan.len;
+  src.kind = kind;
+  src.n = req.num_tokens;
+  src.n_sink = req.n_sink;
+  src.n_local = req.n_local;
 
   // 1. Scores or bounds (with the first histogram or the tile maxima when they can be fused),
   // and the softmax denominators.
@@ -3482,20 +3506,11 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
   if (req.mode == Mode::kExact) {
     ROPEKV_TOPK_RETURN_IF_ERROR(RunScoreTiles(
         req, req.keys, false, scores, want_mass ? lse : nullptr, plan.lse_parts, stream, &extras));
-    if (floor && extras.chunks_done) {
-      SelSource fs;
-      fs.scores = scores;
-      fs.len = plan.len;
-      fs.kind = SrcKind::kTokens;
-      fs.n = req.num_tokens;
-      fs.n_sink = req.n_sink;
-      fs.n_local = req.n_local;
-      return LaunchFloorSelect(fs, sel, chunk_keys, plan.rows, plan.k_sel, out, stream);
-    }
     if (chunked.pool > 0 || floor) {
       if (extras.chunks_done) {
-        return LaunchChunkSelect(chunked, scores, chunk_keys, plan.rows, plan.len, plan.k_sel, out,
-                                 stream);
+        return floor ? LaunchFloorSelect(src, sel, chunk_keys, plan.rows, plan.k_sel, out, stream)
+                     : LaunchChunkSelect(chunked, scores, chunk_keys, plan.rows, plan.len,
+                                         plan.k_sel, out, stream);
       }
       ROPEKV_TOPK_RETURN_IF_ERROR(zero_workspace());  // the filter path after all
     }
@@ -3510,13 +3525,6 @@ absl::Status SelectCuda(const SelectRequest& req, const SelectResult& result, vo
 
   // 2. First selection: tokens, pages, or candidate pages.
   uint32_t* bitmap = reinterpret_cast<uint32_t*>(ws + plan.bitmap);
-  SelSource src;
-  src.scores = scores;
-  src.len = plan.len;
-  src.kind = kind;
-  src.n = req.num_tokens;
-  src.n_sink = req.n_sink;
-  src.n_local = req.n_local;
   SelSink sink;
   sink.bitmap = bitmap;
   sink.words = plan.bitmap_words;
