@@ -40,6 +40,32 @@ def test_health_is_serving(client):
     assert client.health() == "SERVING"
 
 
+def connections_to(port):
+    """Established TCP connections in this network namespace to `port` (/proc/net/tcp, tcp6)."""
+    n = 0
+    for path in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                _, _, remote, state = line.split()[:4]
+                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                    n += 1
+    return n
+
+
+def test_each_client_has_its_own_connection(daemon, client):
+    port = int(daemon.rsplit(":", 1)[1])
+    before = connections_to(port)
+    assert before >= 1  # the session client's
+    a, b = ropekv.Client(daemon, timeout=30), ropekv.Client(daemon, timeout=30)
+    try:
+        a.wait_ready(timeout=10)
+        b.wait_ready(timeout=10)
+        assert connections_to(port) == before + 2
+    finally:
+        a.close()
+        b.close()
+
+
 def test_register_is_idempotent_and_listed(client):
     spec = {"layers": 3, "kv_heads": 4, "head_dim": 32, "dtype": "f16", "block_tokens": 8,
             "rope": {"type": "llama3", "theta": 500000.0, "factor": 8.0,

@@ -104,6 +104,9 @@ class Client:
         options = [
             ("grpc.max_send_message_length", int(max_message_bytes)),
             ("grpc.max_receive_message_length", int(max_message_bytes)),
+            # A TCP connection of its own: grpc otherwise shares one among all channels of the
+            # process to the same address, and clients moving bytes in parallel queue on it.
+            ("grpc.use_local_subchannel_pool", 1),
         ] + list(channel_options)
         self.channel = grpc.insecure_channel(address, options=options)
         self.kvcache = pb_grpc.KVCacheStub(self.channel)
