@@ -114,6 +114,12 @@ class PrefixSource final : public ByteSource {
 
 }  // namespace
 
+KvCacheService::KvCacheService(KvCache* cache, const ServerConfig& config)
+    : cache_(cache), config_(config), pool_(std::make_unique<WorkPool>(config.kvcache_threads)) {
+  ServeBulk(v1::KVCache::service_full_name(), "Get", &KvCacheService::StreamGet);
+  ServeBulk(v1::KVCache::service_full_name(), "Compose", &KvCacheService::StreamCompose);
+}
+
 grpc::ServerUnaryReactor* KvCacheService::Submit(grpc::CallbackServerContext* ctx,
                                                  std::function<absl::Status()> work) {
   return FinishOnPool(*pool_, ctx, std::move(work));
@@ -166,8 +172,8 @@ grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ct
   });
 }
 
-grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackServerContext* ctx,
-                                                               const v1::GetRequest* req) {
+grpc::ServerWriteReactor<BulkMessage>* KvCacheService::StreamGet(grpc::CallbackServerContext* ctx,
+                                                                 const v1::GetRequest* req) {
   using Reactor = ChunkedWriteReactor<v1::GetResponse>;
   std::optional<int64_t> target;
   if (req->has_target_position()) {
@@ -195,7 +201,7 @@ grpc::ServerWriteReactor<v1::GetResponse>* KvCacheService::Get(grpc::CallbackSer
                      });
 }
 
-grpc::ServerWriteReactor<v1::ComposeResponse>* KvCacheService::Compose(
+grpc::ServerWriteReactor<BulkMessage>* KvCacheService::StreamCompose(
     grpc::CallbackServerContext* ctx, const v1::ComposeRequest* req) {
   using Reactor = ChunkedWriteReactor<v1::ComposeResponse>;
   return new Reactor(

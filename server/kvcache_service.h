@@ -11,14 +11,14 @@
 #include "cache/kv_cache.h"
 #include "ropekv/v1/kvcache.grpc.pb.h"
 #include "server/config.h"
+#include "server/stream_reactor.h"
 #include "server/work_pool.h"
 
 namespace ropekv {
 
-class KvCacheService final : public v1::KVCache::CallbackService {
+class KvCacheService final : public WithBulkStreams<v1::KVCache::CallbackService> {
  public:
-  KvCacheService(KvCache* cache, const ServerConfig& config)
-      : cache_(cache), config_(config), pool_(std::make_unique<WorkPool>(config.kvcache_threads)) {}
+  KvCacheService(KvCache* cache, const ServerConfig& config);
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx,
                                           const v1::RegisterModelRequest* req,
@@ -30,10 +30,11 @@ class KvCacheService final : public v1::KVCache::CallbackService {
                                                v1::PutResponse* resp) override;
   grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* ctx, const v1::LookupRequest* req,
                                    v1::LookupResponse* resp) override;
-  grpc::ServerWriteReactor<v1::GetResponse>* Get(grpc::CallbackServerContext* ctx,
-                                                 const v1::GetRequest* req) override;
-  grpc::ServerWriteReactor<v1::ComposeResponse>* Compose(grpc::CallbackServerContext* ctx,
-                                                         const v1::ComposeRequest* req) override;
+  // Get and Compose (GetResponse and ComposeResponse on the wire, sent as BulkMessages).
+  grpc::ServerWriteReactor<BulkMessage>* StreamGet(grpc::CallbackServerContext* ctx,
+                                                   const v1::GetRequest* req);
+  grpc::ServerWriteReactor<BulkMessage>* StreamCompose(grpc::CallbackServerContext* ctx,
+                                                       const v1::ComposeRequest* req);
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
                                   v1::StatsResponse* resp) override;
   grpc::ServerUnaryReactor* Evict(grpc::CallbackServerContext* ctx, const v1::EvictRequest* req,

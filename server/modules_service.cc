@@ -163,6 +163,10 @@ ModulesService::ModulesService(KvCache* cache, const ServerConfig& config)
 ModulesService::ModulesService(KvCache* cache, const ServerConfig& config,
                                ModuleStore::Options options)
     : config_(config) {
+  ServeBulk(v1::Modules::service_full_name(), "ComposePrompt",
+            &ModulesService::StreamComposePrompt);
+  ServeBulk(v1::Modules::service_full_name(), "ComposeParallel",
+            &ModulesService::StreamComposeParallel);
   absl::StatusOr<std::unique_ptr<ModuleStore>> store = ModuleStore::Create(cache, options);
   if (store.ok()) {
     store_ = *std::move(store);
@@ -216,7 +220,7 @@ grpc::ServerReadReactor<v1::PutModuleRequest>* ModulesService::PutModule(
       resp);
 }
 
-grpc::ServerWriteReactor<v1::ComposePromptResponse>* ModulesService::ComposePrompt(
+grpc::ServerWriteReactor<BulkMessage>* ModulesService::StreamComposePrompt(
     grpc::CallbackServerContext* ctx, const v1::ComposePromptRequest* req) {
   if (!status_.ok()) return new ChunkedWriteReactor<v1::ComposePromptResponse>(status_);
   ComposePromptArgs args;
@@ -304,7 +308,7 @@ grpc::ServerReadReactor<v1::PutContextRequest>* ModulesService::PutContext(
       resp);
 }
 
-grpc::ServerWriteReactor<v1::ComposeParallelResponse>* ModulesService::ComposeParallel(
+grpc::ServerWriteReactor<BulkMessage>* ModulesService::StreamComposeParallel(
     grpc::CallbackServerContext* ctx, const v1::ComposeParallelRequest* req) {
   if (!status_.ok()) return new ChunkedWriteReactor<v1::ComposeParallelResponse>(status_);
   absl::StatusOr<ParallelPrompt> prompt = store_->ComposeParallel(FromProto(*req));

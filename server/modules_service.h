@@ -15,10 +15,11 @@
 #include "cache/modules.h"
 #include "ropekv/v1/modules.grpc.pb.h"
 #include "server/config.h"
+#include "server/stream_reactor.h"
 
 namespace ropekv {
 
-class ModulesService final : public v1::Modules::CallbackService {
+class ModulesService final : public WithBulkStreams<v1::Modules::CallbackService> {
  public:
   // Creates the module store with default options. When that fails, status() says why and every
   // call answers with it (UNAVAILABLE); the daemon checks status() at startup.
@@ -37,12 +38,12 @@ class ModulesService final : public v1::Modules::CallbackService {
                                       v1::GetSchemaResponse* resp) override;
   grpc::ServerReadReactor<v1::PutModuleRequest>* PutModule(grpc::CallbackServerContext* ctx,
                                                            v1::PutKvResponse* resp) override;
-  grpc::ServerWriteReactor<v1::ComposePromptResponse>* ComposePrompt(
-      grpc::CallbackServerContext* ctx, const v1::ComposePromptRequest* req) override;
+  grpc::ServerWriteReactor<BulkMessage>* StreamComposePrompt(grpc::CallbackServerContext* ctx,
+                                                             const v1::ComposePromptRequest* req);
   grpc::ServerReadReactor<v1::PutContextRequest>* PutContext(grpc::CallbackServerContext* ctx,
                                                              v1::PutKvResponse* resp) override;
-  grpc::ServerWriteReactor<v1::ComposeParallelResponse>* ComposeParallel(
-      grpc::CallbackServerContext* ctx, const v1::ComposeParallelRequest* req) override;
+  grpc::ServerWriteReactor<BulkMessage>* StreamComposeParallel(
+      grpc::CallbackServerContext* ctx, const v1::ComposeParallelRequest* req);
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* ctx, const v1::AttendRequest* req,
                                    v1::AttendResponse* resp) override;
 

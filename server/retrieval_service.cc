@@ -250,6 +250,8 @@ RetrievalService::~RetrievalService() { pool_.reset(); }
 
 void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
                             absl::StatusOr<RetrievalServiceOptions> options) {
+  ServeBulk(v1::Retrieval::service_full_name(), "Select", &RetrievalService::StreamSelect);
+  ServeBulk(v1::Retrieval::service_full_name(), "Gather", &RetrievalService::StreamGather);
   if (!options.ok()) {
     status_ = options.status();
     return;
@@ -268,7 +270,7 @@ void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
   pool_ = std::make_unique<WorkPool>(options->threads);
 }
 
-grpc::ServerWriteReactor<v1::SelectResponse>* RetrievalService::Select(
+grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamSelect(
     grpc::CallbackServerContext* ctx, const v1::SelectRequest* req) {
   using Reactor = ChunkedWriteReactor<v1::SelectResponse>;
   if (!status_.ok()) return new Reactor(Unavailable(status_));
@@ -286,7 +288,7 @@ grpc::ServerWriteReactor<v1::SelectResponse>* RetrievalService::Select(
                      });
 }
 
-grpc::ServerWriteReactor<v1::GatherResponse>* RetrievalService::Gather(
+grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamGather(
     grpc::CallbackServerContext* ctx, const v1::GatherRequest* req) {
   using Reactor = ChunkedWriteReactor<v1::GatherResponse>;
   if (!status_.ok()) return new Reactor(Unavailable(status_));

@@ -21,6 +21,7 @@
 #include "cache/session.h"
 #include "ropekv/v1/retrieval.grpc.pb.h"
 #include "server/config.h"
+#include "server/stream_reactor.h"
 
 namespace ropekv {
 
@@ -35,7 +36,7 @@ struct RetrievalServiceOptions {
 // count out of range.
 absl::StatusOr<RetrievalServiceOptions> RetrievalOptionsFromFlags();
 
-class RetrievalService final : public v1::Retrieval::CallbackService {
+class RetrievalService final : public WithBulkStreams<v1::Retrieval::CallbackService> {
  public:
   // With RetrievalOptionsFromFlags(). When that or the store fails, status() says why and every
   // call answers UNAVAILABLE; the daemon checks status() at startup. `sessions` may be null
@@ -50,10 +51,10 @@ class RetrievalService final : public v1::Retrieval::CallbackService {
   const absl::Status& status() const { return status_; }
   RetrievalStore* store() { return store_.get(); }
 
-  grpc::ServerWriteReactor<v1::SelectResponse>* Select(grpc::CallbackServerContext* ctx,
-                                                       const v1::SelectRequest* req) override;
-  grpc::ServerWriteReactor<v1::GatherResponse>* Gather(grpc::CallbackServerContext* ctx,
-                                                       const v1::GatherRequest* req) override;
+  grpc::ServerWriteReactor<BulkMessage>* StreamSelect(grpc::CallbackServerContext* ctx,
+                                                      const v1::SelectRequest* req);
+  grpc::ServerWriteReactor<BulkMessage>* StreamGather(grpc::CallbackServerContext* ctx,
+                                                      const v1::GatherRequest* req);
   grpc::ServerUnaryReactor* ReleaseSelection(grpc::CallbackServerContext* ctx,
                                              const v1::ReleaseSelectionRequest* req,
                                              v1::ReleaseSelectionResponse* resp) override;

@@ -224,6 +224,7 @@ SessionService::SessionService(KvCache* cache, const ServerConfig& config,
 }
 
 void SessionService::Init(KvCache* cache, absl::StatusOr<SessionStore::Options> options) {
+  ServeBulk(v1::Sessions::service_full_name(), "Read", &SessionService::StreamRead);
   if (!options.ok()) {
     status_ = options.status();
     return;
@@ -284,8 +285,8 @@ grpc::ServerReadReactor<v1::FillRequest>* SessionService::Fill(grpc::CallbackSer
   return new FillReactor(store_.get(), resp);
 }
 
-grpc::ServerWriteReactor<v1::ReadResponse>* SessionService::Read(grpc::CallbackServerContext* ctx,
-                                                                 const v1::ReadRequest* req) {
+grpc::ServerWriteReactor<BulkMessage>* SessionService::StreamRead(grpc::CallbackServerContext* ctx,
+                                                                  const v1::ReadRequest* req) {
   if (!store_) {
     return new ChunkedWriteReactor<v1::ReadResponse>(Unavailable(status_));
   }

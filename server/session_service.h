@@ -16,13 +16,14 @@
 #include "cache/session.h"
 #include "ropekv/v1/session.grpc.pb.h"
 #include "server/config.h"
+#include "server/stream_reactor.h"
 
 namespace ropekv {
 
 // The session store's options from the --session_* flags. INVALID_ARGUMENT for an unparsable size.
 absl::StatusOr<SessionStore::Options> SessionOptionsFromFlags();
 
-class SessionService final : public v1::Sessions::CallbackService {
+class SessionService final : public WithBulkStreams<v1::Sessions::CallbackService> {
  public:
   // Creates the store with SessionOptionsFromFlags(). When that fails, status() says why and
   // every call answers with it (UNAVAILABLE); the daemon checks status() at startup.
@@ -39,8 +40,8 @@ class SessionService final : public v1::Sessions::CallbackService {
                                  v1::EditResponse* resp) override;
   grpc::ServerReadReactor<v1::FillRequest>* Fill(grpc::CallbackServerContext* ctx,
                                                  v1::FillResponse* resp) override;
-  grpc::ServerWriteReactor<v1::ReadResponse>* Read(grpc::CallbackServerContext* ctx,
-                                                   const v1::ReadRequest* req) override;
+  grpc::ServerWriteReactor<BulkMessage>* StreamRead(grpc::CallbackServerContext* ctx,
+                                                    const v1::ReadRequest* req);
   grpc::ServerUnaryReactor* Snapshot(grpc::CallbackServerContext* ctx,
                                      const v1::SnapshotRequest* req,
                                      v1::SnapshotResponse* resp) override;

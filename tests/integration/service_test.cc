@@ -1,6 +1,9 @@
 // The daemon through its real gRPC API: a ropekvd process on a free loopback port, the C++ client.
 #include <cstring>
+#include <fstream>
 #include <random>
+#include <sstream>
+#include <string>
 #include <thread>
 
 #include "clients/cpp/client.h"
@@ -81,6 +84,45 @@ class ServiceTest : public ::testing::Test {
   uint64_t bb_ = 0;
 };
 
+// Established TCP connections in this network namespace to loopback port `port`, as the kernel
+// lists them (/proc/net/tcp and tcp6: "sl local remote state ...", ports in hex, 01 = established).
+int ConnectionsTo(int port) {
+  int n = 0;
+  for (const char* path : {"/proc/self/net/tcp", "/proc/self/net/tcp6"}) {
+    std::ifstream in(path);
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state;
+      fields >> slot >> local >> remote >> state;
+      const size_t colon = remote.rfind(':');
+      if (colon != std::string::npos && state == "01" &&
+          std::stoi(remote.substr(colon + 1), nullptr, 16) == port) {
+        ++n;
+      }
+    }
+  }
+  return n;
+}
+
+// Clients made to move bytes in parallel must not queue on one connection: gRPC shares one among
+// all channels of a process with the same target and arguments unless told not to.
+TEST_F(ServiceTest, EachClientHasItsOwnConnection) {
+  const std::string address = daemon_->address();
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  const int before = ConnectionsTo(port);
+  ASSERT_GE(before, 1);  // client_'s
+  Client::Options o;
+  o.address = address;
+  auto a = Client::Connect(o);
+  auto b = Client::Connect(o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE((*a)->Health().ok());
+  ASSERT_TRUE((*b)->Health().ok());
+  EXPECT_EQ(ConnectionsTo(port), before + 2);
+}
+
 TEST_F(ServiceTest, PutLookupGetIsByteExact) {
   const auto tokens = Tokens(1, 6 * 16);
   const auto bytes = Bytes(2, 6 * bb_);
@@ -123,6 +165,45 @@ TEST_F(ServiceTest, TwoRequestsShareASystemPrompt) {
   auto got = Get(b);
   ASSERT_TRUE(got.ok());
   EXPECT_EQ(got->data, std::vector<uint8_t>(bytes.begin(), bytes.begin() + 4 * bb_));
+}
+
+// The daemon sends a streamed response's bytes as slices of its blocks (or of the copy it made
+// at a target position) without copying them into messages: messages of 1000 bytes cut every
+// 32 KiB block at a different place and mostly hold the end of one block and the start of the
+// next.
+TEST_F(ServiceTest, StreamedMessagesCutBlocksAnywhere) {
+  Start({"--chunk_size=1000"});
+  const auto tokens = Tokens(11, 3 * 16);
+  const auto bytes = Bytes(12, 3 * bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  auto got = Get(tokens);  // views of the stored blocks
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->data, bytes);
+  client::GetArgs a;
+  a.model = "demo";
+  a.tokens = tokens;
+  a.target_position = 0;  // copies made for the call, at the position they were stored at
+  auto same = client_->Get(a);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_EQ(same->data, bytes);
+  // Composed prompts (made a layer at a time) too.
+  auto composed = client_->Compose("demo", "", {[&] {
+                                     v1::ComposePart p;
+                                     p.mutable_tokens()->Add(tokens.begin(), tokens.end());
+                                     return p;
+                                   }()});
+  ASSERT_TRUE(composed.ok()) << composed.status();
+  // [layer][k|v][head][token][head_dim] of the blocks' [layer][k|v][head][block token][head_dim],
+  // at the positions they were stored at.
+  const size_t row = 64 * 2, bt = 16, n = tokens.size();
+  std::vector<uint8_t> want(bytes.size());
+  for (size_t lkh = 0; lkh < 4 * 2 * 2; ++lkh) {
+    for (size_t t = 0; t < n; ++t) {
+      std::memcpy(&want[(lkh * n + t) * row], &bytes[(t / bt) * bb_ + (lkh * bt + t % bt) * row],
+                  row);
+    }
+  }
+  EXPECT_EQ(composed->data, want);
 }
 
 TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
