@@ -146,11 +146,10 @@ absl::StatusOr<GetResult> Client::Get(const GetArgs& args) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   const v1::GetRequest req = MakeGetRequest(args);
-  auto reader = stub_->Get(&ctx, req);
   GetResult result;
-  auto header = ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+  auto header = ReadBulkStream<v1::GetResponse>(
+      channel_.get(), v1::KVCache::service_full_name(), "Get", &ctx, req,
+      [&](const v1::GetHeader& h, uint64_t offset, absl::string_view bytes) {
         if (result.data.empty()) {
           result.data.resize(uint64_t{h.blocks()} * h.block_bytes());
         }
@@ -171,10 +170,9 @@ absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<ui
   grpc::ClientContext ctx;
   Prepare(&ctx);
   const v1::GetRequest req = MakeGetRequest(args);
-  auto reader = stub_->Get(&ctx, req);
-  return ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::GetHeader& h, uint64_t offset, const std::string& bytes) {
+  return ReadBulkStream<v1::GetResponse>(
+      channel_.get(), v1::KVCache::service_full_name(), "Get", &ctx, req,
+      [&](const v1::GetHeader& h, uint64_t offset, absl::string_view bytes) {
         if (offset + bytes.size() > dst.size()) {
           return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
                                                     " bytes; the cached prefix needs ",
@@ -194,11 +192,10 @@ absl::StatusOr<ComposeResult> Client::Compose(const std::string& model, const st
   req.set_model(model);
   req.set_tenant(tenant);
   for (const v1::ComposePart& p : parts) *req.add_parts() = p;
-  auto reader = stub_->Compose(&ctx, req);
   ComposeResult result;
-  auto header = ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::ComposeHeader&, uint64_t, const std::string& bytes) {
+  auto header = ReadBulkStream<v1::ComposeResponse>(
+      channel_.get(), v1::KVCache::service_full_name(), "Compose", &ctx, req,
+      [&](const v1::ComposeHeader&, uint64_t, absl::string_view bytes) {
         result.data.insert(result.data.end(), bytes.begin(), bytes.end());
         return absl::OkStatus();
       },

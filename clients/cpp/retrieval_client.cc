@@ -65,11 +65,10 @@ absl::StatusOr<SelectResult> RetrievalClient::Select(const SelectArgs& args) {
 absl::StatusOr<SelectResult> RetrievalClient::Select(const v1::SelectRequest& request) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
-  auto reader = stub_->Select(&ctx, request);
   SelectResult result;
-  auto header = ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::SelectHeader& h, uint64_t offset, const std::string& bytes) {
+  auto header = ReadBulkStream<v1::SelectResponse>(
+      channel_.get(), v1::Retrieval::service_full_name(), "Select", &ctx, request,
+      [&](const v1::SelectHeader& h, uint64_t offset, absl::string_view bytes) {
         if (offset + bytes.size() > h.gathered_bytes()) {
           return absl::DataLossError(absl::StrCat("Select: the header promised ",
                                                   h.gathered_bytes(), " gathered bytes, got more"));
@@ -91,11 +90,10 @@ absl::StatusOr<GatherResult> RetrievalClient::Gather(const std::string& selectio
   v1::GatherRequest req;
   req.set_selection_id(selection_id);
   req.mutable_layers()->Add(layers.begin(), layers.end());
-  auto reader = stub_->Gather(&ctx, req);
   GatherResult result;
-  auto header = ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::GatherHeader& h, uint64_t offset, const std::string& bytes) {
+  auto header = ReadBulkStream<v1::GatherResponse>(
+      channel_.get(), v1::Retrieval::service_full_name(), "Gather", &ctx, req,
+      [&](const v1::GatherHeader& h, uint64_t offset, absl::string_view bytes) {
         if (offset + bytes.size() > h.total_bytes()) {
           return absl::DataLossError(
               absl::StrCat("Gather: the header promised ", h.total_bytes(), " bytes, got more"));

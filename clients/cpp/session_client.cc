@@ -135,11 +135,11 @@ absl::StatusOr<ReadResult> SessionClient::Read(const std::string& session_id,
                                                std::optional<int64_t> rope_table) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
-  auto reader = stub_->Read(&ctx, MakeReadRequest(session_id, range, rope_table));
   ReadResult result;
-  auto header = ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
+  auto header = ReadBulkStream<v1::ReadResponse>(
+      channel_.get(), v1::Sessions::service_full_name(), "Read", &ctx,
+      MakeReadRequest(session_id, range, rope_table),
+      [&](const v1::ReadHeader& h, uint64_t offset, absl::string_view bytes) {
         if (result.data.empty()) result.data.reserve(h.total_bytes());
         result.data.insert(result.data.end(), bytes.begin(), bytes.end());
         return absl::OkStatus();
@@ -155,10 +155,10 @@ absl::StatusOr<v1::ReadHeader> SessionClient::ReadInto(const std::string& sessio
                                                        absl::Span<uint8_t> dst) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
-  auto reader = stub_->Read(&ctx, MakeReadRequest(session_id, range, std::nullopt));
-  return ReadBulkStream(
-      reader.get(), &ctx,
-      [&](const v1::ReadHeader& h, uint64_t offset, const std::string& bytes) {
+  return ReadBulkStream<v1::ReadResponse>(
+      channel_.get(), v1::Sessions::service_full_name(), "Read", &ctx,
+      MakeReadRequest(session_id, range, std::nullopt),
+      [&](const v1::ReadHeader& h, uint64_t offset, absl::string_view bytes) {
         if (offset + bytes.size() > dst.size()) {
           return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
                                                     " bytes; the range needs ", h.total_bytes()));
