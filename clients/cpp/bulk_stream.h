@@ -6,6 +6,9 @@
 #define ROPEKV_CLIENTS_CPP_BULK_STREAM_H_
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/rpc_method.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <algorithm>
 #include <chrono>
