@@ -219,13 +219,22 @@ int Main(int argc, char** argv) {
   std::string json = absl::StrFormat(
       "{\"bench\":\"tier_bench\",\"device\":\"%s\",\"block_bytes\":%d,\"blocks\":%d,\"reps\":%d",
       prop.name, block_bytes, blocks, reps);
+  // nvcc does not check absl::StrFormat's arguments at compile time: a mismatch formats nothing
+  // (topk_bench's JSON lost its rows so, RESULTS run 17). Fail instead.
+  bool formatted = !json.empty() && !all.empty();
   for (const Row& r : rows) {
     const double t = Median(r.secs);
     const double bw = total / t;
     std::printf("%-28s %10.2f %10.3f %8.3f\n", r.name.c_str(), bw / 1e9, t * 1e3,
                 bw / base[r.direction]);
+    const size_t before = json.size();
     absl::StrAppendFormat(&json, ",\"%s_gbs\":%.3f,\"%s_ratio\":%.4f", r.key, bw / 1e9, r.key,
                           bw / base[r.direction]);
+    formatted = formatted && json.size() > before;
+  }
+  if (!formatted) {
+    std::fprintf(stderr, "tier_bench: the JSON line does not match its format\n");
+    return 1;
   }
   json += "}";
   std::printf("%s\n", json.c_str());
