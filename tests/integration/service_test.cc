@@ -206,6 +206,42 @@ TEST_F(ServiceTest, StreamedMessagesCutBlocksAnywhere) {
   EXPECT_EQ(composed->data, want);
 }
 
+// The daemon's messages are slices that hold their blocks; once a Get is over (read to its end,
+// or given up by the client halfway) gRPC lets go of them and so does the daemon: the blocks,
+// no longer being read, can be evicted.
+TEST_F(ServiceTest, BlocksAreLetGoWhenAGetEnds) {
+  Start({"--chunk_size=1000"});
+  const auto tokens = Tokens(13, 3 * 16);
+  const auto bytes = Bytes(14, 3 * bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  auto got = Get(tokens);
+  ASSERT_TRUE(got.ok()) << got.status();
+  auto evicted = client_->Evict("demo", "", tokens);
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(*evicted, 3u);
+
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  {
+    grpc::ClientContext ctx;
+    v1::GetRequest req;
+    req.set_model("demo");
+    req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+    auto reader = client_->stub()->Get(&ctx, req);
+    v1::GetResponse msg;
+    ASSERT_TRUE(reader->Read(&msg));  // ~100 messages of 1000 bytes: the rest wait on the client
+    ctx.TryCancel();
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  uint32_t let_go = 0;
+  for (int i = 0; i < 100 && let_go == 0; ++i) {  // the daemon sees the cancel asynchronously
+    auto e = client_->Evict("demo", "", tokens);
+    ASSERT_TRUE(e.ok()) << e.status();
+    let_go = *e;
+    if (let_go == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(let_go, 3u);
+}
+
 TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
   const auto tokens = Tokens(7, 16);
   const auto bytes = Bytes(8, bb_);
