@@ -149,7 +149,8 @@ class ChunkedWriteReactor final : public grpc::ServerWriteReactor<BulkMessage> {
         pending_ = *unit;
         const char* begin = staging.data();
         if (pending_.data() >= begin && pending_.data() < begin + staging.size()) {
-          // Bytes of the staging string: theirs is now the slices' to keep.
+          // Bytes of the staging string: theirs is now the slices' to keep. A call holds at most
+          // two such units: this one and, until gRPC has sent its tail, the one before.
           const size_t at = static_cast<size_t>(pending_.data() - begin);
           auto owned = std::make_shared<std::string>(std::move(staging));
           pending_ = absl::string_view(*owned).substr(at, pending_.size());
