@@ -18,6 +18,8 @@
     }                                                                             \
   } while (0)
 
+// topk_bench's ReadAll and (below) the scorer's streaming load, copied so that this file builds
+// alone and measures the same code.
 __global__ void ReadAll(const uint4* p, int64_t n, uint32_t* sink) {
   uint32_t acc = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;

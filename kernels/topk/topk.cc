@@ -54,7 +54,7 @@ std::atomic<bool> g_small_row_selection{true};
 std::atomic<bool> g_chunk_selection{true};
 std::atomic<bool> g_split_selection{true};
 std::atomic<bool> g_floor_selection{true};
-std::atomic<uint64_t> g_path_counts[6];
+std::atomic<uint64_t> g_path_counts[static_cast<int>(SelectionPath::kFilter) + 1];
 
 }  // namespace
 

@@ -60,7 +60,7 @@ inline constexpr int64_t kFloorMaxTiles = 16384;
 
 // How many selections each CUDA path has enqueued in this process: for tests that must know which
 // path ran. Relaxed atomics, one increment per enqueued selection.
-enum class SelectionPath { kSmall, kChunk, kRounds, kFloor, kSplit, kFilter };
+enum class SelectionPath { kSmall, kChunk, kRounds, kFloor, kSplit, kFilter };  // kFilter last
 void CountSelection(SelectionPath path);
 struct SelectionPathCounts {
   uint64_t small = 0, chunk = 0, rounds = 0, floor = 0, split = 0, filter = 0;

@@ -200,9 +200,10 @@ TEST_F(ServiceTest, StreamedMessagesCutBlocksAnywhere) {
   ASSERT_TRUE(composed.ok()) << composed.status();
   // [layer][k|v][head][token][head_dim] of the blocks' [layer][k|v][head][block token][head_dim],
   // at the positions they were stored at.
-  const size_t row = 64 * 2, bt = 16, n = tokens.size();
+  const v1::ModelSpec spec = Demo();
+  const size_t row = spec.head_dim() * 2, bt = spec.block_tokens(), n = tokens.size();
   std::vector<uint8_t> want(bytes.size());
-  for (size_t lkh = 0; lkh < 4 * 2 * 2; ++lkh) {
+  for (size_t lkh = 0; lkh < size_t{spec.layers()} * 2 * spec.kv_heads(); ++lkh) {
     for (size_t t = 0; t < n; ++t) {
       std::memcpy(&want[(lkh * n + t) * row], &bytes[(t / bt) * bb_ + (lkh * bt + t % bt) * row],
                   row);
