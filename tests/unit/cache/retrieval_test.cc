@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -1251,6 +1253,11 @@ TEST_F(RetrievalTest, ConcurrentSessionSelectsWhileAppending) {
         }
       }
     });
+  }
+  // The session grows once the readers run: on a busy machine they may start late, and the
+  // appends must not all be over before the first Select (seen on a 2-core VM).
+  for (int i = 0; i < 1000 && answered.load() + failed.load() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   for (int step = 0; step < 40; ++step) {
     auto info = sessions_->Info(id);
