@@ -14,11 +14,12 @@
 // cudaMemcpy H2D from pinned and pageable memory and D2D of the same bytes.
 //
 //   dataplane_bench [--tokens 32768] [--reps 5] [--slow_reps 1] [--rerotate] [--cuda auto|on|off]
-//                   [--clients N] [--daemon_flags="--kvcache_threads=1 ..."]
+//                   [--clients N] [--streams S] [--daemon_flags="--kvcache_threads=1 ..."]
 //
 // --clients N adds a row: N clients, each its own connection and buffer, doing a gRPC Get of the
-// whole cache at once (wall time until the last has its bytes; aggregate GB/s). --daemon_flags
-// passes more flags to the daemon it starts.
+// whole cache at once (wall time until the last has its bytes; aggregate GB/s). --streams S adds
+// one: one client's Get of the cache as S block ranges over S connections (GetArgs::streams).
+// --daemon_flags passes more flags to the daemon it starts.
 //
 // Memory: the daemon holds the cache (tokens/16 x 2 MiB), the client a shared region, a host
 // buffer and (GPU) a pinned buffer of the same size (4x the cache in all; 16 GiB at 32K tokens),
@@ -75,6 +76,8 @@ ABSL_FLAG(std::string, cuda, "auto", "CUDA IPC rows: auto (when a GPU is present
 ABSL_FLAG(int32_t, clients, 0,
           "also time this many clients (each its own connection and buffer) doing a gRPC Get of "
           "the whole cache at once; 0: not");
+ABSL_FLAG(int32_t, streams, 0,
+          "also time one client's Get as this many block ranges over as many connections");
 ABSL_FLAG(std::string, daemon_flags, "",
           "more ropekvd flags, space-separated (e.g. --kvcache_threads=1)");
 
@@ -386,6 +389,21 @@ int Main() {
   table.Row(
       "gRPC Get into a buffer", "grpc_get", "memcpy",
       [&] { CHECK_OK((*kv)->GetInto(get, absl::MakeSpan(host))); }, reps, warmup);
+  // One Get as block ranges over several connections of the client (GetArgs::streams).
+  const int streams = absl::GetFlag(FLAGS_streams);
+  if (streams > 1) {
+    client::GetArgs ranged = get;
+    ranged.streams = streams;
+    std::memset(host.data(), 0xFF, total);
+    CHECK_OK((*kv)->GetInto(ranged, absl::MakeSpan(host)));
+    if (pattern.FirstMismatch(host.data(), blocks) >= 0) {
+      ok = false;
+      std::cerr << "gRPC Get over " << streams << " connections: wrong bytes\n";
+    }
+    table.Row(
+        absl::StrCat("gRPC Get over ", streams, " connections"), "grpc_get_streams", "memcpy",
+        [&] { CHECK_OK((*kv)->GetInto(ranged, absl::MakeSpan(host))); }, reps, warmup);
+  }
   // Several clients at once, each its own connection and buffer: the daemon's gRPC Get serves them
   // on its pool (--kvcache_threads) and gRPC's threads. Wall time until the last has all bytes.
   const int clients = absl::GetFlag(FLAGS_clients);

@@ -1029,6 +1029,7 @@ absl::StatusOr<LookupResult> KvCache::Lookup(absl::string_view model, absl::stri
   TouchLocked(found);
   for (const Entry* e : found) result.blocks.push_back(e->info);
   result.matched_tokens = static_cast<uint32_t>(found.size()) * m->spec.block_tokens;
+  result.block_bytes = BlockBytes(m->spec);
   ++stats_.lookups;
   stats_.lookup_hit_tokens += result.matched_tokens;
   stats_.lookup_miss_tokens += tokens.size() - result.matched_tokens;
@@ -1037,20 +1038,25 @@ absl::StatusOr<LookupResult> KvCache::Lookup(absl::string_view model, absl::stri
 }
 
 absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
-                                            absl::Span<const BlockHash> hashes, bool all_or_none) {
+                                            absl::Span<const BlockHash> all_hashes,
+                                            bool all_or_none, size_t first) {
   const uint64_t bb = BlockBytes(m.spec);
   ReadHandle handle(this, m, bb);
   std::vector<Load> loads;
+  const absl::Span<const BlockHash> hashes = all_hashes.subspan(first);
   {
     absl::MutexLock lock(&mu_);
-    const std::vector<Entry*> found = MatchLocked(hashes);
-    const size_t n = found.size();
+    std::vector<Entry*> found = MatchLocked(all_hashes);
+    const size_t n = found.size() - std::min(first, found.size());
     if (all_or_none && n != hashes.size()) {
       CountRequestsLocked({}, true);
       return absl::NotFoundError(
           absl::StrCat("segment of ", hashes.size(), " blocks is not cached for model ", m.id));
     }
+    // The chain to the read's end: a range's blocks before it are touched as its parents (so
+    // that they stay more recent than what hangs off them), not held.
     TouchLocked(found);
+    found.erase(found.begin(), found.end() - n);
     CountRequestsLocked(found, n < hashes.size());
     handle.blocks_.reserve(n);
     handle.data_.reserve(n);
@@ -1171,12 +1177,14 @@ absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
 
 absl::StatusOr<ReadHandle> KvCache::AcquirePrefix(absl::string_view model, absl::string_view tenant,
                                                   absl::Span<const int32_t> tokens,
-                                                  uint32_t max_blocks) {
+                                                  uint32_t max_blocks, uint32_t first_block) {
   auto m = models_.Resolve(model);
   if (!m.ok()) return m.status();
   std::vector<BlockHash> hashes = PromptHashes(*m, tenant, tokens);
-  if (max_blocks > 0 && hashes.size() > max_blocks) hashes.resize(max_blocks);
-  auto handle = Acquire(*m, hashes, /*all_or_none=*/false);
+  const uint64_t end = max_blocks == 0 ? hashes.size() : uint64_t{first_block} + max_blocks;
+  if (hashes.size() > end) hashes.resize(end);
+  auto handle =
+      Acquire(*m, hashes, /*all_or_none=*/false, std::min<size_t>(first_block, hashes.size()));
   if (!handle.ok()) return handle.status();
   handle->tokens_ = static_cast<uint32_t>(handle->blocks_.size()) * m->spec.block_tokens;
   {
@@ -1259,6 +1267,7 @@ absl::StatusOr<LookupResult> KvCache::LookupSegment(absl::string_view model,
   if (!m.ok()) return m.status();
   const std::vector<BlockHash> hashes = SegmentHashes(*m, tenant, tokens);
   LookupResult result;
+  result.block_bytes = BlockBytes(m->spec);
   absl::MutexLock lock(&mu_);
   ++stats_.lookups;
   const std::vector<Entry*> found = MatchLocked(hashes);

@@ -120,6 +120,7 @@ struct PutResult {
 struct LookupResult {
   uint32_t matched_tokens = 0;
   std::vector<BlockInfo> blocks;
+  uint64_t block_bytes = 0;  // of one block of the model
 };
 
 class KvCache;
@@ -263,9 +264,11 @@ class KvCache {
   // Holds the longest cached prefix of `tokens` (at most max_blocks blocks; 0 = all) for reading.
   // Blocks without a host copy are copied to the host (from the GPU, or from disk verified by
   // checksum); a block that fails verification is dropped and the prefix ends before it, as it
-  // does where the host has no room for a copy.
+  // does where the host has no room for a copy. With `first_block`, only the prefix's blocks from
+  // that one on are held (none when the prefix is shorter): one range of a prefix read in parts.
   absl::StatusOr<ReadHandle> AcquirePrefix(absl::string_view model, absl::string_view tenant,
-                                           absl::Span<const int32_t> tokens, uint32_t max_blocks);
+                                           absl::Span<const int32_t> tokens, uint32_t max_blocks,
+                                           uint32_t first_block = 0);
 
   // Holds the prefix that ends at block `last` (its chained hash, as a Put or Lookup gave it):
   // `last`, its parent, and so on to the first block of the prompt, all of them; no token is
@@ -406,10 +409,10 @@ class KvCache {
 
   // Commits a finished Put.
   absl::StatusOr<PutResult> CommitPut(PutWriter& writer);
-  // Holds blocks hashes[0..) for reading: the first `n` present ones (all or none when
-  // `all_or_none`), copying in those without a host copy.
+  // Holds blocks hashes[first..) for reading: those of the first `n` present ones (all or none
+  // when `all_or_none`), copying in those without a host copy.
   absl::StatusOr<ReadHandle> Acquire(const RegisteredModel& m, absl::Span<const BlockHash> hashes,
-                                     bool all_or_none);
+                                     bool all_or_none, size_t first = 0);
   void ReleaseRead(absl::Span<const BlockHash> hashes, absl::Span<void* const> temp,
                    uint64_t block_bytes, const ModelId& model);
   // Returns a disk reservation that was not written.

@@ -168,6 +168,7 @@ grpc::ServerUnaryReactor* KvCacheService::Lookup(grpc::CallbackServerContext* ct
     if (!result.ok()) return result.status();
     resp->set_matched_tokens(result->matched_tokens);
     for (const BlockInfo& b : result->blocks) ToProto(b, resp->add_blocks());
+    resp->set_block_bytes(result->block_bytes);
     return absl::OkStatus();
   });
 }
@@ -185,18 +186,25 @@ grpc::ServerWriteReactor<BulkMessage>* KvCacheService::StreamGet(grpc::CallbackS
   }
   return new Reactor(pool_.get(), ChunkBytes(req->chunk_bytes(), config_.chunk_bytes),
                      [this, req, target]() -> absl::StatusOr<Reactor::Prepared> {
-                       auto handle =
-                           cache_->AcquirePrefix(req->model(), req->tenant(),
-                                                 FromProto(req->tokens()), req->max_blocks());
+                       auto handle = cache_->AcquirePrefix(req->model(), req->tenant(),
+                                                           FromProto(req->tokens()),
+                                                           req->max_blocks(), req->first_block());
                        if (!handle.ok()) return handle.status();
                        Reactor::Prepared p;
                        v1::GetHeader* header = p.first.mutable_header();
                        header->set_matched_tokens(handle->matched_tokens());
                        header->set_blocks(handle->blocks().size());
                        header->set_block_bytes(handle->block_bytes());
+                       header->set_first_block(req->first_block());
                        for (const BlockInfo& b : handle->blocks())
                          ToProto(b, header->add_block_info());
-                       p.source = std::make_unique<PrefixSource>(*std::move(handle), target);
+                       // The range's first block sits first_block blocks after the prompt's
+                       // first token.
+                       std::optional<int64_t> at = target;
+                       if (at) {
+                         *at += int64_t{req->first_block()} * handle->model().spec.block_tokens;
+                       }
+                       p.source = std::make_unique<PrefixSource>(*std::move(handle), at);
                        return p;
                      });
 }

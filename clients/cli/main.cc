@@ -4,11 +4,13 @@
 //   ropekv [--addr HOST:PORT] put-random    --model NAME --tokens N [--seed S] [--tenant T]
 //   ropekv [--addr HOST:PORT] lookup-random --model NAME --tokens N [--seed S] [--tenant T]
 //   ropekv [--addr HOST:PORT] get-random    --model NAME --tokens N [--seed S] [--tenant T]
+//                                           [--streams S]
 //   ropekv [--addr HOST:PORT] evict --model NAME
 //   ropekv [--addr HOST:PORT] bench [--blocks N] [--lookups N] [--redis HOST:PORT]
 //
 // `--model demo` registers the built-in demo model (4 layers, 2 KV heads, head_dim 64, bf16,
 // 16-token blocks) when it is absent; any other unknown name is an error.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -35,8 +37,9 @@ constexpr char kUsage[] =
     "                              store random KV for N random tokens (seeded)\n"
     "  lookup-random --model NAME --tokens N [--seed S] [--tenant T]\n"
     "                              print how many of the same tokens are cached\n"
-    "  get-random    --model NAME --tokens N [--seed S] [--tenant T]\n"
-    "                              fetch them and check the bytes against the seed\n"
+    "  get-random    --model NAME --tokens N [--seed S] [--tenant T] [--streams S]\n"
+    "                              fetch them (over S connections at once) and check the\n"
+    "                              bytes against the seed\n"
     "  evict --model NAME          evict every unpinned block of a model\n"
     "  bench [--blocks N] [--lookups N] [--redis HOST:PORT]\n"
     "                              put/get throughput of 2 MiB blocks, lookup latency\n"
@@ -139,10 +142,13 @@ int RandomCommand(client::Client& c, const std::string& cmd, const Flags& f) {
     return 0;
   }
   // get-random: fetch and compare with the seed's bytes.
+  auto streams = f.Number("streams", 1);
+  if (!streams.ok()) return Fail(streams.status());
   client::GetArgs args;
   args.model = model;
   args.tenant = tenant;
   args.tokens = tokens;
+  args.streams = static_cast<uint32_t>(std::min<uint64_t>(*streams, 64));
   auto r = c.Get(args);
   if (!r.ok()) return Fail(r.status());
   const size_t got = r->data.size();

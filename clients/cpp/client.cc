@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "clients/cpp/bulk_stream.h"
@@ -136,6 +137,7 @@ v1::GetRequest MakeGetRequest(const GetArgs& args) {
   req.set_tenant(args.tenant);
   req.mutable_tokens()->Add(args.tokens.begin(), args.tokens.end());
   req.set_max_blocks(args.max_blocks);
+  req.set_first_block(args.first_block);
   if (args.target_position) req.set_target_position(*args.target_position);
   return req;
 }
@@ -143,23 +145,11 @@ v1::GetRequest MakeGetRequest(const GetArgs& args) {
 }  // namespace
 
 absl::StatusOr<GetResult> Client::Get(const GetArgs& args) {
-  grpc::ClientContext ctx;
-  Prepare(&ctx);
-  const v1::GetRequest req = MakeGetRequest(args);
   GetResult result;
-  auto header = ReadBulkStream<v1::GetResponse>(
-      channel_.get(), v1::KVCache::service_full_name(), "Get", &ctx, req,
-      [&](const v1::GetHeader& h, uint64_t offset, absl::string_view bytes) {
-        if (result.data.empty()) {
-          result.data.resize(uint64_t{h.blocks()} * h.block_bytes());
-        }
-        if (offset + bytes.size() > result.data.size()) {
-          return absl::DataLossError("Get stream longer than its header says");
-        }
-        std::memcpy(result.data.data() + offset, bytes.data(), bytes.size());
-        return absl::OkStatus();
-      },
-      GetBytes);
+  auto header = GetAny(args, [&](uint64_t bytes) -> absl::StatusOr<uint8_t*> {
+    result.data.resize(bytes);
+    return result.data.data();
+  });
   if (!header.ok()) return header.status();
   result.header = *std::move(header);
   result.data.resize(uint64_t{result.header.blocks()} * result.header.block_bytes());
@@ -167,21 +157,107 @@ absl::StatusOr<GetResult> Client::Get(const GetArgs& args) {
 }
 
 absl::StatusOr<v1::GetHeader> Client::GetInto(const GetArgs& args, absl::Span<uint8_t> dst) {
+  return GetAny(args, [&](uint64_t bytes) -> absl::StatusOr<uint8_t*> {
+    if (bytes > dst.size()) {
+      return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
+                                                " bytes; the cached prefix needs ", bytes));
+    }
+    return dst.data();
+  });
+}
+
+absl::StatusOr<v1::GetHeader> Client::GetAny(const GetArgs& args, Reserve reserve) {
+  if (args.streams > 1) return GetParallel(args, reserve);
+  return GetStream(channel_.get(), args, reserve);
+}
+
+absl::StatusOr<v1::GetHeader> Client::GetStream(grpc::ChannelInterface* channel,
+                                                const GetArgs& args, Reserve reserve) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   const v1::GetRequest req = MakeGetRequest(args);
+  uint8_t* dst = nullptr;
   return ReadBulkStream<v1::GetResponse>(
-      channel_.get(), v1::KVCache::service_full_name(), "Get", &ctx, req,
-      [&](const v1::GetHeader& h, uint64_t offset, absl::string_view bytes) {
-        if (offset + bytes.size() > dst.size()) {
-          return absl::OutOfRangeError(absl::StrCat("destination holds ", dst.size(),
-                                                    " bytes; the cached prefix needs ",
-                                                    uint64_t{h.blocks()} * h.block_bytes()));
+      channel, v1::KVCache::service_full_name(), "Get", &ctx, req,
+      [&](const v1::GetHeader& h, uint64_t offset, absl::string_view bytes) -> absl::Status {
+        const uint64_t want = *GetBytes(h);
+        if (dst == nullptr) {
+          auto d = reserve(want);
+          if (!d.ok()) return d.status();
+          dst = *d;
         }
-        std::memcpy(dst.data() + offset, bytes.data(), bytes.size());
+        if (offset + bytes.size() > want) {
+          return absl::DataLossError("Get stream longer than its header says");
+        }
+        std::memcpy(dst + offset, bytes.data(), bytes.size());
         return absl::OkStatus();
       },
       GetBytes);
+}
+
+std::shared_ptr<grpc::Channel> Client::StreamChannel(size_t i) {
+  if (i == 0) return channel_;
+  absl::MutexLock lock(&channels_mu_);
+  while (stream_channels_.size() < i) {
+    stream_channels_.push_back(MakeChannel(options_.address, options_.max_message_bytes));
+  }
+  return stream_channels_[i - 1];
+}
+
+absl::StatusOr<v1::GetHeader> Client::GetParallel(const GetArgs& args, Reserve reserve) {
+  auto match = Lookup(args.model, args.tenant, args.tokens);
+  if (!match.ok()) return match.status();
+  const uint32_t matched = match->blocks_size();
+  const uint32_t first = std::min(args.first_block, matched);
+  const uint32_t blocks =
+      args.max_blocks == 0 ? matched - first : std::min(args.max_blocks, matched - first);
+  const uint32_t streams = std::min({args.streams, blocks, GetArgs::kMaxStreams});
+  if (streams <= 1) {
+    GetArgs one = args;
+    one.streams = 1;
+    return GetStream(channel_.get(), one, reserve);
+  }
+  const uint64_t bb = match->block_bytes();
+  auto dst = reserve(uint64_t{blocks} * bb);
+  if (!dst.ok()) return dst.status();
+
+  // Range r: blocks [first + start[r], first + start[r + 1]), the remainder spread over the first.
+  std::vector<uint32_t> start(streams + 1);
+  for (uint32_t r = 0; r <= streams; ++r) {
+    start[r] = static_cast<uint32_t>(uint64_t{blocks} * r / streams);
+  }
+  std::vector<absl::StatusOr<v1::GetHeader>> got(streams, absl::UnknownError("not read"));
+  auto read = [&](uint32_t r) {
+    GetArgs part = args;
+    part.first_block = first + start[r];
+    part.max_blocks = start[r + 1] - start[r];
+    part.streams = 1;
+    uint8_t* at = *dst + uint64_t{start[r]} * bb;
+    got[r] =
+        GetStream(StreamChannel(r).get(), part, [&](uint64_t bytes) -> absl::StatusOr<uint8_t*> {
+          if (bytes > uint64_t{part.max_blocks} * bb) {
+            return absl::DataLossError("a Get range longer than asked for");
+          }
+          return at;
+        });
+  };
+  std::vector<std::thread> threads;
+  for (uint32_t r = 1; r < streams; ++r) threads.emplace_back(read, r);
+  read(0);
+  for (std::thread& t : threads) t.join();
+
+  // The ranges in order, up to the first that came back short (evicted meanwhile).
+  v1::GetHeader header;
+  header.set_block_bytes(bb);
+  header.set_first_block(first);
+  for (uint32_t r = 0; r < streams; ++r) {
+    if (!got[r].ok()) return got[r].status();
+    header.set_blocks(header.blocks() + got[r]->blocks());
+    header.set_matched_tokens(header.matched_tokens() + got[r]->matched_tokens());
+    for (const v1::BlockInfo& b : got[r]->block_info()) *header.add_block_info() = b;
+    if (got[r]->blocks() < start[r + 1] - start[r]) break;
+  }
+  return header;
 }
 
 absl::StatusOr<ComposeResult> Client::Compose(const std::string& model, const std::string& tenant,

@@ -13,7 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -59,8 +62,18 @@ struct GetArgs {
   std::string model;
   std::string tenant;
   std::vector<int32_t> tokens;
-  uint32_t max_blocks = 0;  // 0 = all matched
+  uint32_t max_blocks = 0;  // 0 = all matched (from first_block on)
+  // Blocks [first_block, first_block + max_blocks) of the longest cached prefix (none when it is
+  // shorter). target_position stays that of the prompt's first token.
+  uint32_t first_block = 0;
   std::optional<int64_t> target_position;
+  // Connections the bytes come over (at most kMaxStreams, and a block each). With more than one,
+  // a Lookup sizes the prefix, then as many block ranges of it are read at once, each over a TCP
+  // connection of its own, made on first use and kept by the Client (one gRPC stream
+  // carries ~2-2.6 GB/s on a 16-core host). Blocks evicted between the Lookup and the reads end
+  // the answer where a Get would have ended it; blocks cached meanwhile are not in it.
+  uint32_t streams = 1;
+  static constexpr uint32_t kMaxStreams = 64;
 };
 
 struct GetResult {
@@ -109,8 +122,8 @@ class Client {
 
   // Fetches the longest cached prefix of args.tokens.
   absl::StatusOr<GetResult> Get(const GetArgs& args);
-  // The same, into a caller's buffer; OUT_OF_RANGE when `dst` is too small (nothing is lost:
-  // the header says how many bytes are needed).
+  // The same, into a caller's buffer; OUT_OF_RANGE when `dst` is too small (the message says how
+  // many bytes are needed; with args.streams > 1 nothing is written then).
   absl::StatusOr<v1::GetHeader> GetInto(const GetArgs& args, absl::Span<uint8_t> dst);
 
   absl::StatusOr<v1::StatsResponse> Stats();
@@ -122,11 +135,25 @@ class Client {
   v1::KVCache::Stub* stub() { return stub_.get(); }
 
  private:
+  // The bytes a Get answer needs -> where they go (at least that many), or an error.
+  using Reserve = absl::FunctionRef<absl::StatusOr<uint8_t*>(uint64_t bytes)>;
+
   explicit Client(Options options, std::shared_ptr<grpc::Channel> channel);
   void Prepare(grpc::ClientContext* ctx) const;
+  // A Get into what `reserve` gives.
+  absl::StatusOr<v1::GetHeader> GetAny(const GetArgs& args, Reserve reserve);
+  // One Get stream over `channel`.
+  absl::StatusOr<v1::GetHeader> GetStream(grpc::ChannelInterface* channel, const GetArgs& args,
+                                          Reserve reserve);
+  // A Get of args.streams ranges at once.
+  absl::StatusOr<v1::GetHeader> GetParallel(const GetArgs& args, Reserve reserve);
+  // Connection i of a parallel Get: channel_ for 0, others made on first use.
+  std::shared_ptr<grpc::Channel> StreamChannel(size_t i) ABSL_LOCKS_EXCLUDED(channels_mu_);
 
   Options options_;
   std::shared_ptr<grpc::Channel> channel_;
+  absl::Mutex channels_mu_;
+  std::vector<std::shared_ptr<grpc::Channel>> stream_channels_ ABSL_GUARDED_BY(channels_mu_);
   std::unique_ptr<v1::KVCache::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };

@@ -26,6 +26,7 @@ expect "stored 64 blocks, 0 already cached" cli put-random --model demo --tokens
 expect "matched 1024 of 1024 tokens" cli lookup-random --model demo --tokens 1024 --seed 7
 expect "matched 0 of 1024 tokens" cli lookup-random --model demo --tokens 1024 --seed 8
 expect "bytes match" cli get-random --model demo --tokens 1024 --seed 7
+expect "got 64 blocks (1024 tokens, 2097152 bytes): bytes match" cli get-random --model demo --tokens 1024 --seed 7 --streams 3
 expect "stored 0 blocks, 64 already cached" cli put-random --model demo --tokens 1024 --seed 7
 expect "fill no block" cli put-random --model demo --tokens 40 --seed 9
 expect "demo" cli models

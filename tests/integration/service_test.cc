@@ -7,6 +7,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "clients/cpp/client.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon.h"
@@ -155,6 +156,121 @@ TEST_F(ServiceTest, PutLookupGetIsByteExact) {
   std::vector<uint8_t> small(bb_);
   EXPECT_EQ(client_->GetInto(a, absl::MakeSpan(small)).status().code(),
             absl::StatusCode::kOutOfRange);
+}
+
+// first_block / max_blocks pick blocks of the longest cached prefix: the same bytes, infos and
+// re-rotation (target_position is the prompt's first token's) as that stretch of the whole Get.
+TEST_F(ServiceTest, BlockRangesAreStretchesOfTheWholeGet) {
+  const auto tokens = Tokens(31, 10 * 16);
+  const auto bytes = Bytes(32, 10 * bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  auto prompt = tokens;
+  prompt[6 * 16 + 3] += 1;  // the longest cached prefix: 6 blocks
+  auto look = client_->Lookup("demo", "", prompt);
+  ASSERT_TRUE(look.ok());
+  EXPECT_EQ(look->blocks_size(), 6);
+  EXPECT_EQ(look->block_bytes(), bb_);
+  for (const std::optional<int64_t> target :
+       {std::optional<int64_t>(), std::optional<int64_t>(4096)}) {
+    client::GetArgs a;
+    a.model = "demo";
+    a.tokens = prompt;
+    a.target_position = target;
+    auto whole = client_->Get(a);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    ASSERT_EQ(whole->header.blocks(), 6u);
+    if (target)
+      ASSERT_NE(whole->data, std::vector<uint8_t>(bytes.begin(), bytes.begin() + 6 * bb_));
+    struct Range {
+      uint32_t first, max, want;
+    };
+    for (const Range r : {Range{0, 0, 6}, Range{2, 0, 4}, Range{2, 3, 3}, Range{4, 9, 2},
+                          Range{5, 1, 1}, Range{6, 0, 0}, Range{40, 2, 0}}) {
+      SCOPED_TRACE(absl::StrCat("first ", r.first, " max ", r.max, target ? " moved" : ""));
+      a.first_block = r.first;
+      a.max_blocks = r.max;
+      auto got = client_->Get(a);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->header.first_block(), r.first);
+      ASSERT_EQ(got->header.blocks(), r.want);
+      EXPECT_EQ(got->header.matched_tokens(), r.want * 16);
+      const uint64_t from = uint64_t{std::min(r.first, 6u)} * bb_;
+      EXPECT_TRUE(std::equal(got->data.begin(), got->data.end(), whole->data.begin() + from,
+                             whole->data.begin() + from + r.want * bb_));
+      ASSERT_EQ(got->header.block_info_size(), static_cast<int>(r.want));
+      for (uint32_t i = 0; i < r.want; ++i) {
+        EXPECT_EQ(got->header.block_info(i).hash(), whole->header.block_info(r.first + i).hash());
+      }
+    }
+  }
+}
+
+// A Get over several connections: the prefix in block ranges read at once, the same answer as one
+// stream, each range over a TCP connection of its own.
+TEST_F(ServiceTest, AGetOverSeveralConnectionsEqualsOneStream) {
+  const auto tokens = Tokens(33, 11 * 16);
+  const auto bytes = Bytes(34, 11 * bb_);
+  ASSERT_TRUE(Put(tokens, bytes).ok());
+  client::GetArgs a;
+  a.model = "demo";
+  a.tokens = tokens;
+  a.target_position = 100;
+  auto one = client_->Get(a);
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_EQ(one->header.blocks(), 11u);
+  for (const uint32_t streams : {2u, 3u, 4u, 11u, 64u}) {
+    for (const uint32_t first : {0u, 3u}) {
+      SCOPED_TRACE(absl::StrCat(streams, " streams from block ", first));
+      a.streams = streams;
+      a.first_block = first;
+      auto got = client_->Get(a);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->header.blocks(), 11 - first);
+      EXPECT_EQ(got->header.first_block(), first);
+      EXPECT_EQ(got->header.matched_tokens(), (11 - first) * 16);
+      EXPECT_EQ(got->header.block_bytes(), bb_);
+      EXPECT_TRUE(std::equal(got->data.begin(), got->data.end(), one->data.begin() + first * bb_,
+                             one->data.end()));
+      ASSERT_EQ(got->header.block_info_size(), static_cast<int>(11 - first));
+      for (uint32_t i = 0; i < 11 - first; ++i) {
+        EXPECT_EQ(got->header.block_info(i).hash(), one->header.block_info(first + i).hash());
+      }
+    }
+  }
+  // Into a caller's buffer; one too small is OUT_OF_RANGE before anything is written.
+  a.first_block = 0;
+  a.streams = 3;
+  std::vector<uint8_t> dst(bytes.size(), 0xa5);
+  auto into = client_->GetInto(a, absl::MakeSpan(dst));
+  ASSERT_TRUE(into.ok()) << into.status();
+  EXPECT_EQ(dst, one->data);
+  std::vector<uint8_t> small(10 * bb_, 0xa5);
+  EXPECT_EQ(client_->GetInto(a, absl::MakeSpan(small)).status().code(),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(small, std::vector<uint8_t>(10 * bb_, 0xa5));
+  // A miss reads nothing, over one stream.
+  a.tokens = Tokens(35, 4 * 16);
+  auto miss = client_->Get(a);
+  ASSERT_TRUE(miss.ok()) << miss.status();
+  EXPECT_EQ(miss->header.blocks(), 0u);
+  EXPECT_TRUE(miss->data.empty());
+
+  // A fresh client's four streams come over four connections.
+  const std::string address = daemon_->address();
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  const std::set<std::string> before = ConnectionsTo(port);
+  Client::Options o;
+  o.address = address;
+  auto c = Client::Connect(o);
+  ASSERT_TRUE(c.ok());
+  a.tokens = tokens;
+  a.streams = 4;
+  auto four = (*c)->Get(a);
+  ASSERT_TRUE(four.ok()) << four.status();
+  EXPECT_EQ(four->data, one->data);
+  int opened = 0;
+  for (const std::string& end : ConnectionsTo(port)) opened += before.count(end) == 0 ? 1 : 0;
+  EXPECT_EQ(opened, 4);
 }
 
 TEST_F(ServiceTest, TwoRequestsShareASystemPrompt) {

@@ -143,6 +143,65 @@ def test_max_blocks_and_out_buffer(client, tenant):
     assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
 
 
+def test_block_ranges_and_several_streams(daemon, client, tenant):
+    """first_block picks a stretch of the prefix; streams > 1 reads the prefix as block ranges at
+    once over connections of their own: the same bytes and infos as one stream."""
+    model = register(client)
+    rng = np.random.default_rng(21)
+    kv = random_kv(rng, 9, "bf16")
+    toks = tokens(rng, 9 * BT)
+    client.put(model, toks, kv, tenant=tenant)
+    assert client.lookup(model, toks, tenant=tenant).block_bytes == kv[0].nbytes
+    whole, all_kv = client.get(model, toks, tenant=tenant, target_position=300)
+    assert whole.blocks == 9
+    for first, max_blocks, want in ((0, 0, 9), (2, 0, 7), (2, 3, 3), (7, 5, 2), (9, 0, 0),
+                                    (30, 1, 0)):
+        header, got = client.get(model, toks, tenant=tenant, target_position=300,
+                                 first_block=first, max_blocks=max_blocks)
+        assert (header.first_block, header.blocks, header.matched_tokens) == (first, want, want * BT)
+        assert np.array_equal(raw(got), raw(all_kv[first:first + want]))
+        assert [b.hash for b in header.block_info] == [
+            b.hash for b in whole.block_info[first:first + want]]
+    port = int(daemon.rsplit(":", 1)[1])
+    for streams in (2, 4, 9, 40):
+        for first in (0, 3):
+            before = connections_to(port)
+            with ropekv.Client(daemon, timeout=30) as c:
+                header, got = c.get(model, toks, tenant=tenant, target_position=300,
+                                    first_block=first, streams=streams)
+                opened = len(connections_to(port) - before)
+            assert (header.first_block, header.blocks, header.block_bytes) == (
+                first, 9 - first, kv[0].nbytes)
+            assert np.array_equal(raw(got), raw(all_kv[first:]))
+            assert [b.hash for b in header.block_info] == [b.hash for b in whole.block_info[first:]]
+            assert opened == min(streams, 9 - first)
+    out = np.full(kv.shape, 0xFFFF, np.uint16)  # poisoned
+    header, got = client.get(model, toks, tenant=tenant, out=out, streams=3)
+    assert np.shares_memory(got, out) and np.array_equal(out, kv)
+    with pytest.raises(ropekv.Error) as e:
+        client.get(model, toks, tenant=tenant, out=np.empty(kv.nbytes - 2, np.uint8), streams=3)
+    assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_several_streams_end_where_a_range_came_back_short(client, tenant, monkeypatch):
+    """Blocks evicted between the lookup and the ranges: the answer ends where the prefix now
+    ends, as one stream would (the lookup is made to promise more than is cached)."""
+    model = register(client)
+    rng = np.random.default_rng(22)
+    kv = random_kv(rng, 8, "bf16")
+    toks = tokens(rng, 8 * BT)
+    client.put(model, toks[:5 * BT], kv[:5], tenant=tenant)
+    real = client.lookup
+    promised = real(model, toks, tenant=tenant)
+    assert len(promised.blocks) == 5
+    promised.blocks.extend(promised.blocks[:3])  # "8 blocks"
+
+    monkeypatch.setattr(client, "lookup", lambda *a, **k: promised)
+    header, got = client.get(model, toks, tenant=tenant, streams=4)  # ranges 0-1, 2-3, 4-5, 6-7
+    assert (header.blocks, header.matched_tokens) == (5, 5 * BT)
+    assert np.array_equal(raw(got), raw(kv[:5]))
+
+
 def test_bf16_accepts_int16_bits_and_bytes(client, tenant):
     model = register(client)
     rng = np.random.default_rng(3)

@@ -10,6 +10,7 @@ model-spec cache is guarded by a lock).
 """
 
 import threading
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -21,6 +22,7 @@ from ropekv.errors import Error, invalid, read_stream
 from ropekv.spec import model_spec
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+MAX_STREAMS = 64  # connections of one parallel Get (Client.get's streams)
 # grpc.health.v1.HealthCheckResponse.ServingStatus
 _SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
@@ -108,7 +110,10 @@ class Client:
             # process to the same address, and clients moving bytes in parallel queue on it.
             ("grpc.use_local_subchannel_pool", 1),
         ] + list(channel_options)
+        self._options = options
         self.channel = grpc.insecure_channel(address, options=options)
+        self._stream_channels = []  # further connections of parallel Gets, made on first use
+        self._pool, self._pool_workers = None, 0  # their threads
         self.kvcache = pb_grpc.KVCacheStub(self.channel)
         self._health = self.channel.unary_unary(_HEALTH_CHECK)
         self._specs = {}  # model id or name -> ModelSpec
@@ -119,6 +124,10 @@ class Client:
 
     def close(self):
         self.channel.close()
+        for ch in self._stream_channels:
+            ch.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def __enter__(self):
         return self
@@ -288,13 +297,20 @@ class Client:
         return self._call(self.kvcache.Lookup, req)
 
     def get(self, model, tokens, tenant="", target_position=None, max_blocks=0, out=None,
-            block_ids=None):
+            block_ids=None, first_block=0, streams=1):
         """Fetches the KV of the longest cached prefix of `tokens`.
 
-        target_position: where the first returned token's key should sit; keys are re-rotated
+        target_position: where the prompt's first token's key should sit; keys are re-rotated
           from their stored position by the daemon, in one rotation; values are returned as
           stored. None: as stored.
-        max_blocks: at most this many blocks (0 = all matched).
+        max_blocks: at most this many blocks (0 = all matched, from first_block on).
+        first_block: blocks [first_block, first_block + max_blocks) of the prefix (none when it
+          is shorter); the header's first_block says so.
+        streams: connections the bytes come over (at most MAX_STREAMS, 64, and a block each).
+          With more than one, a lookup sizes the prefix, then as many block ranges of it are
+          read at once, each over a connection of its own (made on first use and kept). Blocks evicted between the lookup and the reads end the
+          answer where a Get would have ended it. Not with a registered buffer as `out` (the
+          daemon writes those itself).
         out: optional writable C-contiguous numpy array to receive the bytes (reused buffers);
           OUT_OF_RANGE when it is smaller than the answer. Or a registered ShmBuffer /
           CudaBuffer, or a (buffer, offset) pair: the daemon writes the blocks there itself
@@ -309,18 +325,39 @@ class Client:
         INVALID_ARGUMENT for a negative target_position, DATA_LOSS when the stream is short.
         """
         spec = self.spec(model)
+        if first_block < 0 or streams < 1:
+            raise invalid(f"first_block must be >= 0 and streams >= 1, got {first_block}, {streams}")
         if _shm.resolve_out(out) is not None:
+            if first_block:
+                raise invalid("first_block is not available with out= a registered buffer")
             return self._get_to_buffer(spec, model, tokens, tenant, target_position, max_blocks,
                                        out, block_ids)
         if block_ids is not None:
             raise invalid("block_ids need out= a buffer registered with a paged layout")
         req = pb.GetRequest(model=model, tenant=tenant, tokens=arrays.tokens_list(tokens),
                             max_blocks=max_blocks)
+        if first_block:
+            if not has_field(pb.GetRequest, "first_block"):
+                raise Error(grpc.StatusCode.UNIMPLEMENTED, "this API revision has no block ranges")
+            req.first_block = int(first_block)
         if target_position is not None:
             req.target_position = int(target_position)
+        if streams > 1:
+            return self._get_parallel(spec, req, streams, out)
+        header, flat = self._get_stream(self.kvcache, spec, req,
+                                        lambda total: self._buffer(out, total, spec))
+        return header, self._kv(spec, flat, header.blocks)
+
+    @staticmethod
+    def _kv(spec, flat, blocks):
+        flat = flat[:blocks * arrays.block_bytes(spec)]
+        return flat.view(arrays.numpy_dtype(spec.dtype)).reshape(arrays.kv_shape(spec, blocks))
+
+    def _get_stream(self, stub, spec, req, reserve):
+        """One Get stream: (GetHeader, the flat uint8 array reserve(bytes) gave, filled)."""
         stream = None
         try:
-            stream = self.kvcache.Get(req, timeout=self.timeout)
+            stream = stub.Get(req, timeout=self.timeout)
             header, flat, filled = None, None, 0
             for msg in stream:
                 if header is None:
@@ -330,10 +367,9 @@ class Client:
                     want_bb = arrays.block_bytes(spec)
                     if header.blocks and header.block_bytes != want_bb:
                         raise Error(grpc.StatusCode.DATA_LOSS,
-                                    f"Get: blocks of model {model} have {want_bb} bytes, the "
+                                    f"Get: blocks of model {req.model} have {want_bb} bytes, the "
                                     f"daemon sent {header.block_bytes}")
-                    total = header.blocks * want_bb
-                    flat = self._buffer(out, total, spec)
+                    flat = reserve(header.blocks * want_bb)
                 n = len(msg.data)
                 if filled + n > flat.size:
                     raise Error(grpc.StatusCode.DATA_LOSS,
@@ -352,8 +388,68 @@ class Client:
         if filled != flat.size:
             raise Error(grpc.StatusCode.DATA_LOSS,
                         f"Get: want {flat.size} bytes of {header.blocks} blocks, got {filled}")
-        arr = flat.view(arrays.numpy_dtype(spec.dtype)).reshape(arrays.kv_shape(spec, header.blocks))
-        return header, arr
+        return header, flat
+
+    def _get_parallel(self, spec, req, streams, out):
+        match = self.lookup(req.model, req.tokens, tenant=req.tenant)
+        first = min(req.first_block, len(match.blocks))
+        count = len(match.blocks) - first
+        if req.max_blocks:
+            count = min(count, req.max_blocks)
+        streams = min(streams, count, MAX_STREAMS)
+        if streams <= 1:
+            header, flat = self._get_stream(self.kvcache, spec, req,
+                                            lambda total: self._buffer(out, total, spec))
+            return header, self._kv(spec, flat, header.blocks)
+        bb = arrays.block_bytes(spec)
+        flat = self._buffer(out, count * bb, spec)
+        start = [count * r // streams for r in range(streams + 1)]
+
+        def read(r):
+            part = pb.GetRequest()
+            part.CopyFrom(req)
+            part.first_block = first + start[r]
+            part.max_blocks = start[r + 1] - start[r]
+            dst = flat[start[r] * bb:start[r + 1] * bb]
+
+            def reserve(total):
+                if total > dst.size:
+                    raise Error(grpc.StatusCode.DATA_LOSS, "Get: a range longer than asked for")
+                return dst[:total]
+            return self._get_stream(self._stream_stub(r), spec, part, reserve)[0]
+
+        with self._lock:
+            if self._pool_workers < streams - 1:  # (a smaller pool in use ends when unused)
+                self._pool = futures.ThreadPoolExecutor(max_workers=streams - 1,
+                                                        thread_name_prefix="ropekv-get")
+                self._pool_workers = streams - 1
+            pool = self._pool
+        parts = [pool.submit(read, r) for r in range(1, streams)]
+        try:
+            first_part = read(0)
+        finally:
+            futures.wait(parts)  # every range has ended before the answer or an error returns
+        # The ranges in order, up to the first that came back short (evicted meanwhile); an
+        # error of a range before that is raised.
+        header = pb.GetHeader(block_bytes=bb, first_block=first)
+        for r in range(streams):
+            h = first_part if r == 0 else parts[r - 1].result()
+            header.blocks += h.blocks
+            header.matched_tokens += h.matched_tokens
+            header.block_info.extend(h.block_info)
+            if h.blocks < start[r + 1] - start[r]:
+                break
+        return header, self._kv(spec, flat, header.blocks)
+
+    def _stream_stub(self, i):
+        """The KVCache stub of connection i of a parallel Get: this client's own for 0."""
+        if i == 0:
+            return self.kvcache
+        with self._lock:
+            while len(self._stream_channels) < i:
+                self._stream_channels.append(grpc.insecure_channel(self.address,
+                                                                   options=self._options))
+            return pb_grpc.KVCacheStub(self._stream_channels[i - 1])
 
     @staticmethod
     def _buffer(out, total, spec):
@@ -369,11 +465,11 @@ class Client:
         return out.reshape(-1).view(np.uint8)[:total]
 
     def get_torch(self, model, tokens, tenant="", target_position=None, max_blocks=0,
-                  device=None):
+                  device=None, streams=1):
         """get() as a torch tensor of the model's dtype (torch.bfloat16 for bf16) on `device`."""
         spec = self.spec(model)
         header, arr = self.get(model, tokens, tenant=tenant, target_position=target_position,
-                               max_blocks=max_blocks)
+                               max_blocks=max_blocks, streams=streams)
         return header, arrays.numpy_to_torch(arr, spec.dtype, device)
 
     def compose(self, model, parts, tenant="", out=None):
