@@ -12,6 +12,9 @@ the gRPC path's buffer). --tokens scales it down.
     python3 clients/python/bench_get.py --ropekvd build/ropekvd               # 4 GiB
     python3 clients/python/bench_get.py --ropekvd build/ropekvd --tokens 4096 # 512 MiB
 
+--streams 2,4 adds rows: the gRPC Get into the buffer over that many connections at once
+(`get(..., streams=N)`: block ranges, a connection each), each checked once into a poisoned buffer.
+
 Prints a table and one JSON line. Needs the ropekv package on PYTHONPATH (<build>/python).
 """
 
@@ -51,6 +54,7 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--streams", default="", help="comma-separated connection counts to time too")
     args = ap.parse_args()
     if args.tokens <= 0 or args.tokens % args.block_tokens:
         sys.exit(f"--tokens must be a positive multiple of --block-tokens {args.block_tokens}")
@@ -110,8 +114,17 @@ def main():
         del view
         ok = True
 
+        streams = [int(n) for n in args.streams.split(",") if n]
+        for n in streams:
+            out.fill(0xFF)
+            header, _ = client.get(model, tokens, out=out, streams=n)
+            if header.blocks != blocks or not np.array_equal(out, kv.reshape(-1)):
+                sys.exit(f"Get over {n} connections answered {header.blocks} blocks / wrong bytes")
+
         get_s, get_all = median_seconds(lambda: client.get(model, tokens, out=out), args.reps,
                                         args.warmup)
+        streams_s = {n: median_seconds(lambda: client.get(model, tokens, out=out, streams=n),
+                                       args.reps, args.warmup)[0] for n in streams}
         shm_s, shm_all = median_seconds(lambda: client.get(model, tokens, out=shm), args.reps,
                                         args.warmup)
         alloc_s, _ = median_seconds(lambda: client.get(model, tokens), args.reps, args.warmup)
@@ -129,6 +142,7 @@ def main():
         ("memcpy (numpy copyto)", copy_s),
         ("shared-memory Get (view)", shm_s),
         ("gRPC Get into a buffer", get_s),
+    ] + [(f"gRPC Get, {n} connections", t) for n, t in streams_s.items()] + [
         ("gRPC Get, new array", alloc_s),
         ("gRPC Put (once, not median)", put_s),
     ]
@@ -148,6 +162,7 @@ def main():
         "shm_speedup_over_grpc": get_s / shm_s, "shm_times_ms": [t * 1e3 for t in shm_all],
         "memcpy_gbps": total / copy_s / 1e9, "get_over_memcpy": get_s / copy_s,
         "get_times_ms": [t * 1e3 for t in get_all], "bytes_match": ok,
+        "get_streams_ms": {n: t * 1e3 for n, t in streams_s.items()},
         "daemon_bytes_out": stats.bytes_out, "host": platform.node()}))
     return 0
 
