@@ -121,7 +121,8 @@ std::vector<BlockHash> PrefixHashMemo::Hashes(absl::string_view model_id, absl::
   const size_t full = blocks * block_tokens;
   std::vector<BlockHash> hashes;
   hashes.reserve(blocks);
-  const bool memo = blocks >= options_.min_blocks && full <= options_.max_tokens;
+  const bool memo =
+      options_.max_prompts > 0 && blocks >= options_.min_blocks && full <= options_.max_tokens;
   // Tokens of `tokens` that remembered prompt p shares from the start, in whole blocks' worth.
   auto shared = [&](const Prompt& p) -> size_t {
     if (p.block_tokens != block_tokens || p.model_id != model_id || p.tenant != tenant) return 0;

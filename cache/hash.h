@@ -47,7 +47,7 @@ BlockHash PrefixBlockHash(absl::string_view model_id, absl::string_view tenant,
 class PrefixHashMemo {
  public:
   struct Options {
-    size_t max_prompts = 16;       // prompts remembered (least recently used out)
+    size_t max_prompts = 16;       // prompts remembered (least recently used out); 0: no memo
     size_t max_tokens = 4u << 20;  // tokens remembered in all (16 MiB, plus 32 bytes a block)
     size_t min_blocks = 64;        // shorter prompts are hashed without the memo
   };

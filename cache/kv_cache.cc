@@ -172,7 +172,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Options options) {
 }
 
 KvCache::KvCache(Options options, std::unique_ptr<HostTier> host)
-    : options_(std::move(options)), host_(std::move(host)) {
+    : options_(std::move(options)), host_(std::move(host)), prompt_hashes_(options_.prompt_memo) {
   host_counters_.tier = TierKind::kHost;
   gpu_counters_.tier = TierKind::kGpu;
   disk_counters_.tier = TierKind::kDisk;
@@ -1348,6 +1348,7 @@ absl::StatusOr<uint32_t> KvCache::Pin(absl::string_view model, absl::string_view
 CacheStats KvCache::Stats() const {
   absl::MutexLock lock(&mu_);
   CacheStats s = stats_;
+  s.prompt_blocks_reused = prompt_hashes_.reused_blocks();
   TierCounters host = host_counters_;
   host.bytes_used = host_->used_bytes();
   host.capacity_bytes = host_->capacity_bytes();

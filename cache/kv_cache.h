@@ -95,6 +95,7 @@ struct CacheStats {
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
   uint32_t models = 0;
+  uint64_t prompt_blocks_reused = 0;  // block hashes taken from the prompt memo, not computed
 };
 
 struct PutOptions {
@@ -233,6 +234,9 @@ class KvCache {
     // The GPU tier. None: no GPU tier.
     std::unique_ptr<GpuTier> gpu;
     TierPolicy policy;
+    // The chains of the last prompts, so that a prompt sent again (or grown) hashes only its new
+    // blocks.
+    PrefixHashMemo::Options prompt_memo;
     // Run the watermark pass on a background thread (every `maintenance_interval_ms` and when a
     // tier passes its high watermark). Off: only RunMaintenance() runs it (tests).
     bool background_maintenance = true;

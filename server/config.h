@@ -25,6 +25,10 @@ struct ServerConfig {
   // Evict, Pin and RegisterModel run there, so that disk reads and synced writes never hold a
   // gRPC thread.
   int kvcache_threads = 4;
+  // The prompt memo (cache/hash.h): prompts whose block hashes are remembered (0: none), and
+  // their tokens in all.
+  uint64_t prompt_memo_prompts = 16;
+  uint64_t prompt_memo_tokens = 4u << 20;
 
   // Tiers (docs/tiers.md).
   std::string gpu_mode = "auto";  // GPU tier: auto (when a GPU is present), on (required), off

@@ -136,6 +136,7 @@ void ToProto(const CacheStats& s, v1::StatsResponse* out) {
   out->set_bytes_in(s.bytes_in);
   out->set_bytes_out(s.bytes_out);
   out->set_models(s.models);
+  out->set_prompt_blocks_reused(s.prompt_blocks_reused);
 }
 
 std::vector<int32_t> FromProto(const google::protobuf::RepeatedField<int32_t>& tokens) {

@@ -38,6 +38,11 @@ ABSL_FLAG(std::string, port_file, "", "if set, write the bound port to this file
 ABSL_FLAG(int32_t, kvcache_threads, 4,
           "worker threads of the KVCache service (Put commits, Get, Compose, Lookup, Evict, Pin: "
           "disk I/O off the gRPC threads)");
+ABSL_FLAG(uint64_t, prompt_memo_prompts, 16,
+          "prompts whose block hashes are remembered, so that one sent again or grown by decode "
+          "steps hashes only its new blocks (0: none)");
+ABSL_FLAG(uint64_t, prompt_memo_tokens, 4 << 20,
+          "tokens of the remembered prompts in all (4 bytes a token, plus 32 a block)");
 ABSL_FLAG(std::string, config, "",
           "YAML configuration file (see deploy/ropekvd.yaml); flags given here override it");
 // Tiers (docs/tiers.md).
@@ -87,6 +92,8 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.gpu_mode = absl::GetFlag(FLAGS_gpu_mode);
   c.gpu_device = absl::GetFlag(FLAGS_gpu_device);
   c.kvcache_threads = absl::GetFlag(FLAGS_kvcache_threads);
+  c.prompt_memo_prompts = absl::GetFlag(FLAGS_prompt_memo_prompts);
+  c.prompt_memo_tokens = absl::GetFlag(FLAGS_prompt_memo_tokens);
   c.host_pinned = absl::GetFlag(FLAGS_host_pinned);
   c.disk_enabled = absl::GetFlag(FLAGS_disk_enabled);
   c.disk_path = absl::GetFlag(FLAGS_disk_path);
@@ -187,6 +194,8 @@ int Run(const ServerConfig& config) {
   options.host_capacity_bytes = config.host_capacity_bytes;
   options.max_block_bytes = config.max_block_bytes;
   options.policy = config.policy;
+  options.prompt_memo.max_prompts = config.prompt_memo_prompts;
+  options.prompt_memo.max_tokens = config.prompt_memo_tokens;
   std::string tiers;
   if (auto s = BuildTiers(config, &options, &tiers); !s.ok()) {
     std::cerr << "ropekvd: " << s << "\n";

@@ -273,6 +273,25 @@ TEST_F(ServiceTest, AGetOverSeveralConnectionsEqualsOneStream) {
   EXPECT_EQ(opened, 4);
 }
 
+// A prompt of 64 blocks or more sent again takes its block hashes from the prompt memo (counted in
+// Stats), unless --prompt_memo_prompts=0 turns the memo off; the answers are the same.
+TEST_F(ServiceTest, PromptMemoIsCountedAndCanBeTurnedOff) {
+  for (const bool off : {false, true}) {
+    SCOPED_TRACE(off ? "off" : "on");
+    if (off) Start({"--prompt_memo_prompts=0"});
+    const auto tokens = Tokens(41, 64 * 16);
+    ASSERT_TRUE(Put(tokens, Bytes(42, 64 * bb_)).ok());
+    for (int i = 0; i < 2; ++i) {
+      auto look = client_->Lookup("demo", "", tokens);
+      ASSERT_TRUE(look.ok());
+      EXPECT_EQ(look->matched_tokens(), 64u * 16);
+    }
+    auto stats = client_->Stats();
+    ASSERT_TRUE(stats.ok());
+    EXPECT_EQ(stats->prompt_blocks_reused(), off ? 0u : 128u);  // both Lookups after the Put
+  }
+}
+
 TEST_F(ServiceTest, TwoRequestsShareASystemPrompt) {
   const auto system = Tokens(3, 4 * 16);
   auto a = system, b = system;

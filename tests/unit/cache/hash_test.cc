@@ -87,8 +87,8 @@ TEST(HashTest, PrefixHashMemoEqualsTheChain) {
   };
   const std::vector<int32_t> a = random_tokens(16 * 20 + 5);  // a partial last block
   uint64_t reused = 0;
-  auto check = [&](absl::string_view model, absl::string_view tenant,
-                   const std::vector<int32_t>& t, uint64_t expect_reused, const char* what) {
+  auto check = [&](absl::string_view model, absl::string_view tenant, const std::vector<int32_t>& t,
+                   uint64_t expect_reused, const char* what) {
     EXPECT_EQ(memo.Hashes(model, tenant, 16, t), Chain(model, tenant, 16, t)) << what;
     EXPECT_EQ(memo.reused_blocks() - reused, expect_reused) << what;
     reused = memo.reused_blocks();
@@ -125,6 +125,17 @@ TEST(HashTest, PrefixHashMemoEqualsTheChain) {
   check("m", "", long_prompt, 0, "long again");
   // Blocks of 8 tokens over the same tokens: another chain.
   EXPECT_EQ(memo.Hashes("m", "", 8, a), Chain("m", "", 8, a));
+}
+
+TEST(HashTest, PrefixHashMemoOfNoPromptsRemembersNothing) {
+  PrefixHashMemo::Options o;
+  o.min_blocks = 1;
+  o.max_prompts = 0;
+  PrefixHashMemo memo(o);
+  std::vector<int32_t> t(16 * 8);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<int32_t>(i * 7919 % 50000);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(memo.Hashes("m", "", 16, t), Chain("m", "", 16, t));
+  EXPECT_EQ(memo.reused_blocks(), 0u);
 }
 
 TEST(HashTest, ChecksumSeesOneBitFlip) {
