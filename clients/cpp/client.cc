@@ -175,6 +175,9 @@ absl::StatusOr<v1::GetHeader> Client::GetStream(grpc::ChannelInterface* channel,
                                                 const GetArgs& args, Reserve reserve) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
+  // A range's fresh connection to a daemon that has just answered the Lookup: a failed connect is
+  // transient, so the call waits for it (within the deadline) instead of failing at once.
+  ctx.set_wait_for_ready(channel != channel_.get());
   const v1::GetRequest req = MakeGetRequest(args);
   uint8_t* dst = nullptr;
   return ReadBulkStream<v1::GetResponse>(

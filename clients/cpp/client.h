@@ -142,7 +142,7 @@ class Client {
   void Prepare(grpc::ClientContext* ctx) const;
   // A Get into what `reserve` gives.
   absl::StatusOr<v1::GetHeader> GetAny(const GetArgs& args, Reserve reserve);
-  // One Get stream over `channel`.
+  // One Get stream over `channel` (one other than channel_ waits for its connection).
   absl::StatusOr<v1::GetHeader> GetStream(grpc::ChannelInterface* channel, const GetArgs& args,
                                           Reserve reserve);
   // A Get of args.streams ranges at once.

@@ -344,6 +344,7 @@ def test_unreachable_daemon_is_unavailable():
     c = ropekv.Client("127.0.0.1:1", timeout=2)
     expect_error(grpc.StatusCode.UNAVAILABLE, c.health)
     expect_error(grpc.StatusCode.UNAVAILABLE, c.wait_ready, timeout=0.2)
+    expect_error(grpc.StatusCode.UNAVAILABLE, c.get, "m", list(range(32)), streams=4)
     c.close()
 
 

@@ -39,46 +39,48 @@ def _varint(n):
             return bytes(out)
 
 
-def _health_status(raw):
-    """The `status` (field 1, varint) of a serialized HealthCheckResponse; 0 when absent."""
-    i, status = 0, 0
+def _read_varint(raw, i, what):
+    value, shift = 0, 0
+    while True:
+        if i >= len(raw) or shift > 63:
+            raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: a varint runs past the message")
+        b = raw[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def _fields(raw, what):
+    """The fields of a serialized protobuf message, in order: (number, value), the value an int
+    for a varint and a (start, end) range of `raw` for a length-delimited field; fixed-width
+    fields are skipped. DATA_LOSS for a field that runs past the message or a bad wire type."""
+    i = 0
     while i < len(raw):
-        key, shift = 0, 0
-        while True:
-            b = raw[i]
-            i += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        key, i = _read_varint(raw, i, what)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, shift = 0, 0
-            while True:
-                b = raw[i]
-                i += 1
-                value |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
-            if field == 1:
-                status = value
+            value, i = _read_varint(raw, i, what)
+            yield field, value
         elif wire == 2:
-            length, shift = 0, 0
-            while True:
-                b = raw[i]
-                i += 1
-                length |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            length, i = _read_varint(raw, i, what)
+            if i + length > len(raw):
+                raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: a field runs past the message")
+            yield field, (i, i + length)
             i += length
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
         else:
-            raise Error(grpc.StatusCode.DATA_LOSS, f"health response: bad wire type {wire}")
+            raise Error(grpc.StatusCode.DATA_LOSS, f"{what}: bad wire type {wire}")
+
+
+def _health_status(raw):
+    """The `status` (field 1, varint) of a serialized HealthCheckResponse; 0 when absent."""
+    status = 0
+    for field, value in _fields(raw, "health response"):
+        if field == 1 and isinstance(value, int):
+            status = value
     return status
 
 
@@ -115,6 +117,7 @@ class Client:
         self._stream_channels = []  # further connections of parallel Gets, made on first use
         self._pool, self._pool_workers = None, 0  # their threads
         self.kvcache = pb_grpc.KVCacheStub(self.channel)
+        self._stream_stubs = [self.kvcache]  # a stub per connection of parallel Gets
         self._health = self.channel.unary_unary(_HEALTH_CHECK)
         self._specs = {}  # model id or name -> ModelSpec
         self._lock = threading.Lock()
@@ -357,7 +360,9 @@ class Client:
         """One Get stream: (GetHeader, the flat uint8 array reserve(bytes) gave, filled)."""
         stream = None
         try:
-            stream = stub.Get(req, timeout=self.timeout)
+            # A range's own connection (not the client's) to a daemon that has just answered
+            # the lookup: a failed connect is transient, so the call waits for it.
+            stream = stub.Get(req, timeout=self.timeout, wait_for_ready=stub is not self.kvcache)
             header, flat, filled = None, None, 0
             for msg in stream:
                 if header is None:
@@ -442,14 +447,14 @@ class Client:
         return header, self._kv(spec, flat, header.blocks)
 
     def _stream_stub(self, i):
-        """The KVCache stub of connection i of a parallel Get: this client's own for 0."""
-        if i == 0:
-            return self.kvcache
+        """The KVCache stub of connection i of a parallel Get: this client's own for 0, the others
+        made on first use and kept."""
         with self._lock:
-            while len(self._stream_channels) < i:
-                self._stream_channels.append(grpc.insecure_channel(self.address,
-                                                                   options=self._options))
-            return pb_grpc.KVCacheStub(self._stream_channels[i - 1])
+            while len(self._stream_stubs) <= i:
+                self._stream_channels.append(
+                    grpc.insecure_channel(self.address, options=self._options))
+                self._stream_stubs.append(pb_grpc.KVCacheStub(self._stream_channels[-1]))
+            return self._stream_stubs[i]
 
     @staticmethod
     def _buffer(out, total, spec):
