@@ -178,9 +178,12 @@ grpc::ServerWriteReactor<BulkMessage>* KvCacheService::StreamGet(grpc::CallbackS
   using Reactor = ChunkedWriteReactor<v1::GetResponse>;
   std::optional<int64_t> target;
   if (req->has_target_position()) {
-    if (req->target_position() < 0) {
+    // Bounded so that the positions of a range's blocks (first_block and the block index added)
+    // cannot overflow.
+    constexpr int64_t kMaxTarget = int64_t{1} << 62;
+    if (req->target_position() < 0 || req->target_position() > kMaxTarget) {
       return new Reactor(absl::InvalidArgumentError(
-          absl::StrCat("target_position must be >= 0, got ", req->target_position())));
+          absl::StrCat("target_position must be in [0, 2^62], got ", req->target_position())));
     }
     target = req->target_position();
   }

@@ -1,6 +1,7 @@
 // The daemon through its real gRPC API: a ropekvd process on a free loopback port, the C++ client.
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <set>
 #include <sstream>
@@ -401,6 +402,9 @@ TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
   EXPECT_NE(std::memcmp(moved->data.data(), bytes.data(), half), 0);  // layer 0 keys moved
   EXPECT_EQ(std::memcmp(moved->data.data() + half, bytes.data() + half, half), 0);  // values not
   a.target_position = -1;
+  EXPECT_EQ(client_->Get(a).status().code(), absl::StatusCode::kInvalidArgument);
+  a.target_position = std::numeric_limits<int64_t>::max();
+  a.first_block = ~0u;
   EXPECT_EQ(client_->Get(a).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
