@@ -1,4 +1,5 @@
 // The daemon through its real gRPC API: a ropekvd process on a free loopback port, the C++ client.
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -557,6 +558,56 @@ TEST_F(ServiceTest, EvictionUnderPressureNeverReturnsAWrongBlock) {
   }
   EXPECT_GE(hits, 3);
   auto stats = client_->Stats();
+  EXPECT_GT(stats->tiers(0).evictions(), 0u);
+  EXPECT_LE(stats->tiers(0).bytes_used(), stats->tiers(0).capacity_bytes());
+}
+
+// Block ranges and Gets over several connections while Puts evict: every answer is a stretch of
+// the right prompt's bytes, from the block it names (no disk tier: evicted blocks are gone).
+TEST_F(ServiceTest, RangesUnderEvictionNeverReturnAWrongBlock) {
+  daemon_.reset();
+  Start({"--host_capacity=" + std::to_string(10 * bb_), "--disk_enabled=false"});
+  constexpr int kPrompts = 12, kBlocks = 6;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<uint8_t>> payloads;
+  for (int i = 0; i < kPrompts; ++i) {
+    prompts.push_back(Tokens(300 + i, kBlocks * 16));
+    payloads.push_back(Bytes(400 + i, kBlocks * bb_));
+  }
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    for (int round = 0; !stop.load(); ++round) {
+      const int i = round % kPrompts;
+      auto put = Put(prompts[i], payloads[i]);
+      EXPECT_TRUE(put.ok() || put.status().code() == absl::StatusCode::kResourceExhausted)
+          << put.status();
+    }
+  });
+  int answered = 0;
+  for (int round = 0; round < 300 && !HasFailure(); ++round) {
+    const int i = round % kPrompts;
+    client::GetArgs a;
+    a.model = "demo";
+    a.tokens = prompts[i];
+    a.first_block = round % 3;
+    a.streams = 1 + round % 3;
+    auto got = client_->Get(a);
+    EXPECT_TRUE(got.ok()) << got.status();
+    if (!got.ok()) break;
+    const uint32_t n = got->header.blocks();
+    EXPECT_LE(a.first_block + n, static_cast<uint32_t>(kBlocks));
+    EXPECT_EQ(got->data.size(), n * bb_);
+    EXPECT_TRUE(
+        a.first_block + n <= kBlocks && got->data.size() == n * bb_ &&
+        std::equal(got->data.begin(), got->data.end(), payloads[i].begin() + a.first_block * bb_))
+        << "prompt " << i << " from block " << a.first_block << ", " << a.streams << " streams";
+    answered += n > 0;
+  }
+  stop = true;
+  writer.join();
+  EXPECT_GT(answered, 0);
+  auto stats = client_->Stats();
+  ASSERT_TRUE(stats.ok());
   EXPECT_GT(stats->tiers(0).evictions(), 0u);
   EXPECT_LE(stats->tiers(0).bytes_used(), stats->tiers(0).capacity_bytes());
 }
