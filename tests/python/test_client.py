@@ -329,7 +329,7 @@ def test_daemon_status_codes(client, tenant):
     expect_error(bad, client.register_model, layers=0, kv_heads=1, head_dim=8, dtype="f32",
                  block_tokens=4, contains="layers")
     expect_error(bad, client.get, model, toks, tenant=tenant, target_position=-1,
-                 contains="target_position must be >= 0, got -1")
+                 contains="target_position must be in [0, 2^62], got -1")
     expect_error(bad, client.put, model, toks, kv, tenant=tenant, rotated_at=-5,
                  contains="rotated_at must be >= 0")
     expect_error(bad, client.put, model, toks, kv, tenant=tenant, parent=b"short",
