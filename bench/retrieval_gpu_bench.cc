@@ -108,8 +108,8 @@ int Main() {
   }
   if (absl::GetFlag(FLAGS_gpu_tier)) {
     GpuTier::Options g;
-    g.slot_bytes = (BlockBytes(spec) + 255) / 256 * 256;
-    g.capacity_bytes = g.slot_bytes * static_cast<uint64_t>(n / spec.block_tokens);
+    g.chunk_bytes = SlotAllocator::SlotSize(BlockBytes(spec));  // a block a chunk
+    g.capacity_bytes = g.chunk_bytes * static_cast<uint64_t>(n / spec.block_tokens);
     auto tier = GpuTier::Create(g);
     if (!tier.ok())
       return std::fprintf(stderr, "gpu tier: %s\n", tier.status().ToString().c_str()), 1;

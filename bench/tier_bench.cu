@@ -111,7 +111,7 @@ int Main(int argc, char** argv) {
   // The tier and its host slots, as the cache uses them.
   GpuTier::Options options;
   options.capacity_bytes = total;
-  options.slot_bytes = block_bytes;
+  options.chunk_bytes = block_bytes;  // a block a chunk
   options.device = device;
   std::unique_ptr<GpuTier> tier = Check(GpuTier::Create(options), "GpuTier::Create");
   std::unique_ptr<Allocator> pinned = Check(NewPinnedAllocator(3 * total), "NewPinnedAllocator");
@@ -129,7 +129,7 @@ int Main(int argc, char** argv) {
       const uint64_t v = rng();
       std::memcpy(host[i] + j, &v, std::min<uint64_t>(8, block_bytes - j));
     }
-    const GpuSlot slot = Check(tier->AllocateSlot(), "AllocateSlot");
+    const GpuSlot slot = Check(tier->AllocateSlot(block_bytes), "AllocateSlot");
     in[i] = {slot, host[i], block_bytes};
     out[i] = {slot, back[i], block_bytes};
   }

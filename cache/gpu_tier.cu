@@ -14,8 +14,7 @@ namespace ropekv {
 
 struct GpuTier::Impl {
   int device = 0;
-  uint64_t slot_bytes = 0;
-  char* arena = nullptr;            // [slots][slot_bytes] device memory
+  char* arena = nullptr;            // [chunks][chunk_bytes] device memory
   cudaStream_t upload = nullptr;    // host -> GPU
   cudaStream_t download = nullptr;  // GPU -> host
 
@@ -43,8 +42,8 @@ struct GpuTier::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<GpuTier>> GpuTier::Create(const Options& options) {
-  auto slots = CheckOptions(options);
-  if (!slots.ok()) return slots.status();
+  auto chunks = CheckOptions(options);
+  if (!chunks.ok()) return chunks.status();
   if (!GpuAvailable()) {
     return absl::UnavailableError("GPU tier absent: no CUDA device is available");
   }
@@ -56,33 +55,32 @@ absl::StatusOr<std::unique_ptr<GpuTier>> GpuTier::Create(const Options& options)
   }
   auto impl = std::make_unique<Impl>();
   impl->device = options.device;
-  impl->slot_bytes = options.slot_bytes;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   void* arena = nullptr;
-  const cudaError_t err = cudaMalloc(&arena, uint64_t{*slots} * options.slot_bytes);
+  const uint64_t arena_bytes = *chunks * options.chunk_bytes;
+  const cudaError_t err = cudaMalloc(&arena, arena_bytes);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the (non-sticky) allocation error
-    return absl::ResourceExhaustedError(absl::StrCat("GPU tier: cudaMalloc of ",
-                                                     uint64_t{*slots} * options.slot_bytes,
+    return absl::ResourceExhaustedError(absl::StrCat("GPU tier: cudaMalloc of ", arena_bytes,
                                                      " bytes failed: ", cudaGetErrorString(err)));
   }
   impl->arena = static_cast<char*>(arena);
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->upload, cudaStreamNonBlocking));
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->download, cudaStreamNonBlocking));
-  return std::unique_ptr<GpuTier>(new GpuTier(options, *slots, std::move(impl)));
+  return std::unique_ptr<GpuTier>(new GpuTier(options, *chunks, std::move(impl)));
 }
 
-GpuTier::GpuTier(const Options& options, uint32_t slots, std::unique_ptr<Impl> impl)
-    : options_(options), slots_(slots), impl_(std::move(impl)) {
-  counters_.slots = slots;
-  counters_.slot_bytes = options.slot_bytes;
+GpuTier::GpuTier(const Options& options, uint64_t chunks, std::unique_ptr<Impl> impl)
+    : options_(options), slots_(chunks, options.chunk_bytes), impl_(std::move(impl)) {
+  counters_.chunks = chunks;
+  counters_.chunk_bytes = options.chunk_bytes;
 }
 
 GpuTier::~GpuTier() = default;
 
 void* GpuTier::SlotPointer(GpuSlot slot) const {
-  if (slot >= slots_.slots()) return nullptr;
-  return impl_->arena + static_cast<uint64_t>(slot) * options_.slot_bytes;
+  if (slots_.SlotBytes(slot) == 0) return nullptr;
+  return impl_->arena + slot;
 }
 
 absl::StatusOr<GpuTier::Ticket> GpuTier::Enqueue(absl::Span<const GpuMove> moves, bool to_device) {
@@ -103,7 +101,7 @@ absl::StatusOr<GpuTier::Ticket> GpuTier::Enqueue(absl::Span<const GpuMove> moves
     }
     for (const GpuMove& m : moves) {
       if (m.bytes == 0) continue;
-      char* dev = impl_->arena + static_cast<uint64_t>(m.slot) * options_.slot_bytes;
+      char* dev = impl_->arena + m.slot;
       const cudaError_t err =
           to_device ? cudaMemcpyAsync(dev, m.host, m.bytes, cudaMemcpyHostToDevice, stream)
                     : cudaMemcpyAsync(m.host, dev, m.bytes, cudaMemcpyDeviceToHost, stream);

@@ -725,15 +725,51 @@ absl::Status KvCache::ReserveDisk(uint64_t bytes, const ModelId& model) {
       absl::StrCat("disk tier: no room for ", bytes, " bytes after repeated eviction"));
 }
 
-uint64_t KvCache::FreeGpuSlotsLocked(uint64_t count) {
-  uint64_t n = 0;
-  for (auto it = lru_.rbegin(); it != lru_.rend() && n < count; ++it) {
+uint64_t KvCache::FreeGpuBytesLocked(uint64_t bytes) {
+  uint64_t freed = 0;
+  for (auto it = lru_.rbegin(); it != lru_.rend() && freed < bytes; ++it) {
     Entry& e = index_.at(*it);
     if (!e.gpu || e.gpu_pending || e.readers > 0 || e.info.pinned) continue;
+    freed += gpu_->SlotBytes(*e.gpu);
     DropGpuCopyLocked(e);  // backed by its host or disk copy
-    ++n;
   }
-  return n;
+  return freed;
+}
+
+absl::StatusOr<GpuSlot> KvCache::AllocateGpuSlotLocked(uint64_t bytes) {
+  auto slot = gpu_->AllocateSlot(bytes);
+  if (slot.ok() || !absl::IsResourceExhausted(slot.status())) return slot;
+  auto may_go = [](const Entry& e) { return !e.gpu_pending && e.readers == 0 && !e.info.pinned; };
+  // The GPU blocks of each chunk, and the chunks with a block that may not go; made on first need.
+  absl::flat_hash_map<uint64_t, std::vector<Entry*>> by_chunk;
+  absl::flat_hash_set<uint64_t> stuck;
+  bool mapped = false;
+  const uint64_t size = SlotAllocator::SlotSize(bytes);
+  for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
+    Entry& e = index_.at(*it);
+    if (!e.gpu || !may_go(e)) continue;
+    if (gpu_->SlotBytes(*e.gpu) == size) {  // the least recently used block gives its slot
+      DropGpuCopyLocked(e);
+      return gpu_->AllocateSlot(bytes);
+    }
+    // It has a slot of another size: its whole chunk goes, so that the chunk serves this size.
+    if (!mapped) {
+      for (auto& [hash, other] : index_) {
+        if (!other.gpu) continue;
+        const uint64_t chunk = *other.gpu / gpu_->chunk_bytes();
+        by_chunk[chunk].push_back(&other);
+        if (!may_go(other)) stuck.insert(chunk);
+      }
+      mapped = true;
+    }
+    const uint64_t chunk = *e.gpu / gpu_->chunk_bytes();
+    if (stuck.contains(chunk)) continue;
+    for (Entry* other : by_chunk[chunk]) DropGpuCopyLocked(*other);
+    stuck.insert(chunk);  // emptied: its entries are gone from the GPU
+    slot = gpu_->AllocateSlot(bytes);
+    if (slot.ok() || !absl::IsResourceExhausted(slot.status())) return slot;
+  }
+  return slot;
 }
 
 void KvCache::UploadToGpu(absl::Span<const BlockHash> hashes) {
@@ -746,9 +782,8 @@ void KvCache::UploadToGpu(absl::Span<const BlockHash> hashes) {
       auto it = index_.find(h);
       if (it == index_.end()) continue;
       Entry& e = it->second;
-      if (e.data == nullptr || e.gpu || e.gpu_pending || e.bytes > gpu_->slot_bytes()) continue;
-      auto slot = gpu_->AllocateSlot();
-      if (!slot.ok() && FreeGpuSlotsLocked(1) > 0) slot = gpu_->AllocateSlot();
+      if (e.data == nullptr || e.gpu || e.gpu_pending || e.bytes > gpu_->chunk_bytes()) continue;
+      auto slot = AllocateGpuSlotLocked(e.bytes);
       if (!slot.ok()) break;
       e.gpu_pending = true;
       ++e.readers;  // holds the host copy until the upload is done
@@ -1396,10 +1431,10 @@ void KvCache::RunMaintenance() {
   {
     absl::MutexLock lock(&mu_);
     if (gpu_ != nullptr) {
-      const uint64_t slots = gpu_->slot_count();
-      const uint64_t used = gpu_->used_bytes() / gpu_->slot_bytes();
-      if (used > p.high_watermark * slots) {
-        FreeGpuSlotsLocked(used - static_cast<uint64_t>(p.low_watermark * slots));
+      const uint64_t cap = gpu_->capacity_bytes();
+      const uint64_t used = gpu_->used_bytes();
+      if (used > p.high_watermark * cap) {
+        FreeGpuBytesLocked(used - static_cast<uint64_t>(p.low_watermark * cap));
       }
     }
     if (disk_ != nullptr) {

@@ -393,9 +393,13 @@ class KvCache {
   uint64_t FreeHost(uint64_t bytes, const ModelId& model) ABSL_LOCKS_EXCLUDED(mu_);
   // Makes room on disk for `bytes` more of `model`, and reserves them in the model's account.
   absl::Status ReserveDisk(uint64_t bytes, const ModelId& model) ABSL_LOCKS_EXCLUDED(mu_);
-  // Drops up to `count` least recently used GPU copies (each backed by a host or disk copy);
-  // returns how many.
-  uint64_t FreeGpuSlotsLocked(uint64_t count) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops least recently used GPU copies (each backed by a host or disk copy) until their slots
+  // add up to `bytes`; returns the bytes.
+  uint64_t FreeGpuBytesLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A GPU slot for `bytes`. When the tier is full, the least recently used GPU block that may go
+  // makes room: one of that slot size gives its slot; one of another size, its whole chunk (when
+  // every block in it may go), which then serves this size. RESOURCE_EXHAUSTED when none can.
+  absl::StatusOr<GpuSlot> AllocateGpuSlotLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Uploads the host copies of `hashes` to the GPU (batched), where they fit and are missing.
   void UploadToGpu(absl::Span<const BlockHash> hashes) ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -8,14 +8,14 @@ namespace ropekv {
 struct GpuTier::Impl {};
 
 absl::StatusOr<std::unique_ptr<GpuTier>> GpuTier::Create(const Options& options) {
-  if (auto slots = CheckOptions(options); !slots.ok()) return slots.status();
+  if (auto chunks = CheckOptions(options); !chunks.ok()) return chunks.status();
   return absl::UnavailableError("GPU tier absent: ropekv was built without CUDA");
 }
 
-GpuTier::GpuTier(const Options& options, uint32_t slots, std::unique_ptr<Impl> impl)
-    : options_(options), slots_(slots), impl_(std::move(impl)) {
-  counters_.slots = slots;
-  counters_.slot_bytes = options.slot_bytes;
+GpuTier::GpuTier(const Options& options, uint64_t chunks, std::unique_ptr<Impl> impl)
+    : options_(options), slots_(chunks, options.chunk_bytes), impl_(std::move(impl)) {
+  counters_.chunks = chunks;
+  counters_.chunk_bytes = options.chunk_bytes;
 }
 
 GpuTier::~GpuTier() = default;

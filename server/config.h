@@ -33,7 +33,7 @@ struct ServerConfig {
   // Tiers (docs/tiers.md).
   std::string gpu_mode = "auto";  // GPU tier: auto (when a GPU is present), on (required), off
   uint64_t gpu_capacity_bytes = 4ull << 30;  // GPU arena
-  uint64_t gpu_slot_bytes = 2ull << 20;      // bytes per GPU slot (largest block on the GPU)
+  uint64_t gpu_chunk_bytes = 64ull << 20;    // GPU arena chunk (largest block on the GPU)
   int gpu_device = 0;                        // CUDA device ordinal
   std::string host_pinned = "auto";          // pinned host memory: auto (with a GPU tier), on, off
   bool disk_enabled = true;                  // disk tier (RocksDB)

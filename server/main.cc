@@ -49,8 +49,9 @@ ABSL_FLAG(std::string, config, "",
 ABSL_FLAG(std::string, gpu_mode, "auto",
           "GPU tier: auto (when a GPU is present), on (fail without one), off");
 ABSL_FLAG(std::string, gpu_capacity, "4GiB", "GPU tier arena size");
-ABSL_FLAG(std::string, gpu_slot_size, "2MiB",
-          "bytes per GPU slot (larger blocks stay off the GPU)");
+ABSL_FLAG(std::string, gpu_chunk_size, "64MiB",
+          "the GPU arena is cut into chunks of this size, each holding slots of one block size "
+          "(larger blocks stay off the GPU)");
 ABSL_FLAG(int32_t, gpu_device, 0, "CUDA device of the GPU tier");
 ABSL_FLAG(std::string, host_pinned, "auto",
           "pinned (cudaHostAlloc) host tier: auto (with a GPU tier), on, off");
@@ -102,7 +103,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     std::string text;
     uint64_t* out;
   } tier_sizes[] = {{"gpu_capacity", absl::GetFlag(FLAGS_gpu_capacity), &c.gpu_capacity_bytes},
-                    {"gpu_slot_size", absl::GetFlag(FLAGS_gpu_slot_size), &c.gpu_slot_bytes},
+                    {"gpu_chunk_size", absl::GetFlag(FLAGS_gpu_chunk_size), &c.gpu_chunk_bytes},
                     {"disk_capacity", absl::GetFlag(FLAGS_disk_capacity), &c.disk_capacity_bytes}};
   for (auto& s : tier_sizes) {
     auto v = ParseSize(s.text);
@@ -135,14 +136,13 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
   if (config.gpu_mode != "off") {
     GpuTier::Options g;
     g.capacity_bytes = config.gpu_capacity_bytes;
-    g.slot_bytes = config.gpu_slot_bytes;
+    g.chunk_bytes = config.gpu_chunk_bytes;
     g.device = config.gpu_device;
     auto gpu = GpuTier::Create(g);
     if (gpu.ok()) {
       options->gpu = *std::move(gpu);
-      absl::StrAppend(summary, "GPU tier ", options->gpu->capacity_bytes(), " bytes (",
-                      options->gpu->slot_count(), " slots of ", config.gpu_slot_bytes,
-                      ") on device ", config.gpu_device);
+      absl::StrAppend(summary, "GPU tier ", options->gpu->capacity_bytes(), " bytes (chunks of ",
+                      config.gpu_chunk_bytes, ") on device ", config.gpu_device);
     } else if (config.gpu_mode == "on") {
       return gpu.status();
     } else {

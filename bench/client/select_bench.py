@@ -5,7 +5,7 @@ ropekvd (--ropekvd, or $ROPEKVD) with the daemon flags given after `--`; prints 
 minima in ms.
 
   ROPEKVD=build/ropekvd PYTHONPATH=build/python /usr/bin/python3 bench/client/select_bench.py \\
-      [--tokens 32768] [--reps 15] [--passes 2] [-- --write_tier=gpu --gpu_slot_size=65536]
+      [--tokens 32768] [--reps 15] [--passes 2] [-- --write_tier=gpu]
 """
 
 import argparse

@@ -50,30 +50,35 @@ void FillRandom(std::mt19937_64& rng, char* p, size_t n) {
 
 constexpr uint64_t kSlot = 1 << 20;
 
-std::unique_ptr<GpuTier> MakeTier(uint32_t slots) {
+// A tier of `chunks` chunks of kSlot bytes (one slot of kSlot each).
+std::unique_ptr<GpuTier> MakeTier(uint32_t chunks) {
   GpuTier::Options o;
-  o.capacity_bytes = kSlot * slots;
-  o.slot_bytes = kSlot;
+  o.capacity_bytes = kSlot * chunks;
+  o.chunk_bytes = kSlot;
   auto t = GpuTier::Create(o);
   EXPECT_TRUE(t.ok()) << t.status();
   return t.ok() ? *std::move(t) : nullptr;
 }
 
+// Slots of 16 sizes, each in a chunk of its own: every byte of each comes back.
 TEST(GpuTierTest, RoundTripKeepsEveryByteOfEverySlot) {
   SKIP_WITHOUT_GPU();
   constexpr uint32_t kSlots = 16;
   auto tier = MakeTier(kSlots);
   ASSERT_NE(tier, nullptr);
-  EXPECT_EQ(tier->slot_count(), kSlots);
+  EXPECT_EQ(tier->capacity_bytes(), kSlots * kSlot);
+  uint64_t used = 0;
   PinnedBuffers buffers(64 << 20);
   std::mt19937_64 rng(7);
   std::vector<GpuSlot> slots;
   std::vector<char*> in, out;
   std::vector<GpuMove> up, down;
   for (uint32_t i = 0; i < kSlots; ++i) {
-    slots.push_back(*tier->AllocateSlot());
-    // Sizes vary, and the last one fills the slot exactly.
+    // Sizes vary, and the last one fills its chunk exactly.
     const uint64_t n = i + 1 == kSlots ? kSlot : kSlot - 4096 * i - 8 * i;
+    slots.push_back(*tier->AllocateSlot(n));
+    EXPECT_EQ(tier->SlotBytes(slots.back()), SlotAllocator::SlotSize(n));
+    used += SlotAllocator::SlotSize(n);
     in.push_back(buffers.Get(n));
     out.push_back(buffers.Get(n));
     ASSERT_NE(in.back(), nullptr);
@@ -83,7 +88,8 @@ TEST(GpuTierTest, RoundTripKeepsEveryByteOfEverySlot) {
     up.push_back({slots.back(), in.back(), n});
     down.push_back({slots.back(), out.back(), n});
   }
-  EXPECT_EQ(tier->used_bytes(), kSlots * kSlot);
+  EXPECT_EQ(tier->used_bytes(), used);
+  EXPECT_EQ(tier->AllocateSlot(256).status().code(), absl::StatusCode::kResourceExhausted);
   auto t_up = tier->CopyIn(up);
   ASSERT_TRUE(t_up.ok()) << t_up.status();
   ASSERT_TRUE(tier->Wait(*t_up).ok());
@@ -115,8 +121,8 @@ TEST(GpuTierTest, SlotsAreIndependentAndReuseKeepsNewBytes) {
   char* out = buffers.Get(kSlot);
   FillRandom(rng, a, kSlot);
   FillRandom(rng, b, kSlot);
-  const GpuSlot sa = *tier->AllocateSlot();
-  const GpuSlot sb = *tier->AllocateSlot();
+  const GpuSlot sa = *tier->AllocateSlot(kSlot);
+  const GpuSlot sb = *tier->AllocateSlot(kSlot);
   ASSERT_NE(sa, sb);
   EXPECT_NE(tier->SlotPointer(sa), tier->SlotPointer(sb));
   ASSERT_TRUE(tier->Wait(*tier->CopyIn({{sa, a, kSlot}, {sb, b, kSlot}})).ok());
@@ -125,7 +131,7 @@ TEST(GpuTierTest, SlotsAreIndependentAndReuseKeepsNewBytes) {
   EXPECT_EQ(std::memcmp(out, a, kSlot), 0);
   // Free a, reuse its slot for new bytes: b is untouched, the slot holds the new bytes.
   ASSERT_TRUE(tier->FreeSlot(sa).ok());
-  const GpuSlot sc = *tier->AllocateSlot();
+  const GpuSlot sc = *tier->AllocateSlot(kSlot);
   FillRandom(rng, a, kSlot);
   ASSERT_TRUE(tier->Wait(*tier->CopyIn({{sc, a, kSlot}})).ok());
   std::memset(out, 0xff, kSlot);
@@ -142,9 +148,12 @@ TEST(GpuTierTest, FullTierAndBadMovesAreRefused) {
   ASSERT_NE(tier, nullptr);
   PinnedBuffers buffers(8 << 20);
   char* host = buffers.Get(2 * kSlot);
-  ASSERT_TRUE(tier->AllocateSlot().ok());
-  ASSERT_TRUE(tier->AllocateSlot().ok());
-  EXPECT_EQ(tier->AllocateSlot().status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(tier->AllocateSlot(kSlot).ok());
+  ASSERT_TRUE(tier->AllocateSlot(kSlot).ok());
+  EXPECT_EQ(tier->AllocateSlot(kSlot).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(tier->AllocateSlot(kSlot + 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(tier->CopyIn({{2 * kSlot, host, 16}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(tier->CopyIn({{2, host, 16}}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(tier->CopyIn({{0, host, kSlot + 1}}).status().code(),
             absl::StatusCode::kInvalidArgument);
@@ -163,7 +172,7 @@ TEST(GpuTierTest, PollReportsCompletion) {
   for (uint32_t i = 0; i < 8; ++i) {
     char* p = buffers.Get(kSlot);
     std::memset(p, static_cast<int>(i), kSlot);
-    moves.push_back({*tier->AllocateSlot(), p, kSlot});
+    moves.push_back({*tier->AllocateSlot(kSlot), p, kSlot});
   }
   auto t = tier->CopyIn(moves);
   ASSERT_TRUE(t.ok());
@@ -226,9 +235,11 @@ class KvCacheGpuTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  void Make(uint32_t gpu_slots, uint64_t host_blocks, TierPolicy policy, bool disk) {
+  // A GPU tier of gpu_slots demo blocks, in chunks of chunk_blocks of them.
+  void Make(uint32_t gpu_slots, uint64_t host_blocks, TierPolicy policy, bool disk,
+            uint32_t chunk_blocks = 1) {
     GpuTier::Options g;
-    g.slot_bytes = bb_;
+    g.chunk_bytes = chunk_blocks * bb_;
     g.capacity_bytes = gpu_slots * bb_;
     auto gpu = GpuTier::Create(g);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -263,14 +274,30 @@ class KvCacheGpuTest : public ::testing::Test {
     FillRandom(rng, b.data(), n);
     return b;
   }
-  void Put(uint64_t seed, int blocks) {
+  void Put(uint64_t seed, int blocks, const std::string& model = "demo", uint64_t bb = 0) {
     PutOptions o;
-    o.model = "demo";
+    o.model = model;
     o.tokens = Tokens(seed, blocks * 16);
     auto w = cache_->BeginPut(o);
     ASSERT_TRUE(w.ok());
-    ASSERT_TRUE((*w)->Write(Bytes(seed, blocks * bb_)).ok());
+    ASSERT_TRUE((*w)->Write(Bytes(seed, blocks * (bb == 0 ? bb_ : bb))).ok());
     ASSERT_TRUE((*w)->Finish().ok());
+  }
+  // The blocks of prompt `seed` with GPU copies whose device bytes are the bytes put.
+  int OnGpuAndExact(uint64_t seed, int blocks, const std::string& model, uint64_t bb) {
+    auto h = cache_->AcquirePrefix(model, "", Tokens(seed, blocks * 16), 0);
+    EXPECT_TRUE(h.ok());
+    const std::string want = Bytes(seed, blocks * bb);
+    std::string buf(bb, '\0');
+    int n = 0;
+    for (size_t i = 0; h.ok() && i < h->blocks().size(); ++i) {
+      if (h->device_bytes(i) == nullptr) continue;
+      EXPECT_EQ(cudaMemcpy(buf.data(), h->device_bytes(i), bb, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      EXPECT_EQ(buf, want.substr(i * bb, bb)) << model << " block " << i;
+      ++n;
+    }
+    return n;
   }
   std::string Read(uint64_t seed, int blocks) {
     auto h = cache_->AcquirePrefix("demo", "", Tokens(seed, blocks * 16), 0);
@@ -283,7 +310,8 @@ class KvCacheGpuTest : public ::testing::Test {
   std::set<std::string> DeviceBlocks() {
     std::set<std::string> out;
     std::string buf(bb_, '\0');
-    for (GpuSlot s = 0; s < gpu_->slot_count(); ++s) {
+    for (GpuSlot s = 0; s < gpu_->capacity_bytes(); s += bb_) {
+      if (gpu_->SlotPointer(s) == nullptr) continue;  // a free chunk
       EXPECT_EQ(cudaMemcpy(buf.data(), gpu_->SlotPointer(s), bb_, cudaMemcpyDeviceToHost),
                 cudaSuccess);
       out.insert(buf);
@@ -350,6 +378,56 @@ TEST_F(KvCacheGpuTest, GpuCapacityHoldsAndEveryReadIsRight) {
   EXPECT_EQ(Tier(TierKind::kGpu).blocks, 4u);
   EXPECT_GE(Tier(TierKind::kGpu).evictions, 4u);
   for (uint64_t seed = 10; seed < 14; ++seed) EXPECT_EQ(Read(seed, 2), Bytes(seed, 2 * bb_));
+}
+
+// Models of two block sizes share the tier by chunks: a block three times the demo's goes on the
+// GPU beside demo blocks (slots of one fixed size would have refused it). With the tier full, the
+// least recently used GPU block makes room: one of the same size gives its slot, one of another
+// size its whole chunk.
+TEST_F(KvCacheGpuTest, TwoBlockSizesShareTheTierByChunks) {
+  TierPolicy p;
+  p.write_tier = WriteTier::kGpu;
+  Make(12, 64, p, /*disk=*/false, /*chunk_blocks=*/4);  // 3 chunks of 4 demo blocks
+  ModelSpec wide = DemoModelSpec();
+  wide.layers *= 3;
+  ASSERT_TRUE(cache_->RegisterModel(wide, "wide").ok());
+  const uint64_t wide_bb = 3 * bb_;
+  auto gpu = [&](uint64_t seed, int blocks, const std::string& model = "demo") {
+    return OnGpuAndExact(seed, blocks, model, model == "demo" ? bb_ : wide_bb);
+  };
+  Put(20, 6);  // chunks 0 (blocks 0-3) and 1 (4-5)
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 6u);
+  Put(21, 1, "wide", wide_bb);  // chunk 2
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 7u);
+  EXPECT_EQ(Tier(TierKind::kGpu).evictions, 0u);
+  // Full. The least recently used GPU block is prompt 20's last (a prompt is touched from its
+  // end): its chunk, 1, is emptied (blocks 4 and 5) for the second wide block.
+  Put(22, 1, "wide", wide_bb);
+  EXPECT_EQ(Tier(TierKind::kGpu).blocks, 6u);
+  EXPECT_EQ(Tier(TierKind::kGpu).evictions, 2u);
+  EXPECT_EQ(Tier(TierKind::kGpu).bytes_used, 4 * bb_ + 2 * wide_bb);
+  EXPECT_EQ(gpu(20, 6), 4);
+  EXPECT_EQ(gpu(21, 1, "wide"), 1);
+  EXPECT_EQ(gpu(22, 1, "wide"), 1);
+  EXPECT_EQ(Read(20, 6), Bytes(20, 6 * bb_));  // every block reads back right (4 and 5 from host)
+  // Prompt 20 was just read: wide 21 is the least recently used, and its chunk serves demo blocks.
+  Put(23, 1);
+  EXPECT_EQ(Tier(TierKind::kGpu).evictions, 3u);
+  EXPECT_EQ(gpu(23, 1), 1);
+  EXPECT_EQ(gpu(21, 1, "wide"), 0);
+  EXPECT_EQ(gpu(22, 1, "wide"), 1);
+  Put(24, 3);  // the rest of that chunk: no eviction
+  EXPECT_EQ(Tier(TierKind::kGpu).evictions, 3u);
+  EXPECT_EQ(gpu(24, 3), 3);
+  // Wide 22 read last: the least recently used GPU block is a demo block of prompt 20, which
+  // gives its slot to the next demo block (one eviction, no chunk emptied).
+  EXPECT_EQ(gpu(22, 1, "wide"), 1);
+  Put(25, 1);
+  EXPECT_EQ(Tier(TierKind::kGpu).evictions, 4u);
+  EXPECT_EQ(gpu(25, 1), 1);
+  EXPECT_EQ(gpu(20, 6), 3);
+  EXPECT_EQ(gpu(22, 1, "wide"), 1);
+  EXPECT_EQ(Read(20, 6), Bytes(20, 6 * bb_));
 }
 
 TEST_F(KvCacheGpuTest, GpuPromotionOnRead) {

@@ -190,8 +190,8 @@ class RetrievalGpuTest : public ::testing::Test {
     if (gpu_tier_blocks > 0) {
       // Puts land in a GPU tier of that many block slots on device 0 too (pageable host tier).
       GpuTier::Options g;
-      g.slot_bytes = (BlockBytes(spec_) + 255) / 256 * 256;
-      g.capacity_bytes = g.slot_bytes * gpu_tier_blocks;
+      g.chunk_bytes = SlotAllocator::SlotSize(BlockBytes(spec_));  // a block a chunk
+      g.capacity_bytes = g.chunk_bytes * gpu_tier_blocks;
       auto tier = GpuTier::Create(g);
       ASSERT_TRUE(tier.ok()) << tier.status();
       o.gpu = *std::move(tier);

@@ -135,7 +135,7 @@ TEST(ConfigFileTest, TheExampleConfigParses) {
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(Find(*s, "host_capacity"), "2GiB");
   EXPECT_EQ(Find(*s, "disk_durability"), "sync");
-  EXPECT_EQ(Find(*s, "gpu_slot_size"), "2MiB");
+  EXPECT_EQ(Find(*s, "gpu_chunk_size"), "64MiB");
   EXPECT_EQ(Find(*s, "write_tier"), "host");
   EXPECT_EQ(Find(*s, "retrieval_device"), "auto");
 }
