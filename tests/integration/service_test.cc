@@ -75,11 +75,15 @@ class ServiceTest : public ::testing::Test {
     return (c ? c : client_.get())
         ->Put(a, KvView{bytes, KvShape::Of(Demo(), static_cast<uint32_t>(tokens.size() / 16))});
   }
-  absl::StatusOr<client::GetResult> Get(const std::vector<int32_t>& tokens, Client* c = nullptr) {
+  // A Get of `tokens` from the demo model.
+  static client::GetArgs Args(const std::vector<int32_t>& tokens) {
     client::GetArgs a;
     a.model = "demo";
     a.tokens = tokens;
-    return (c ? c : client_.get())->Get(a);
+    return a;
+  }
+  absl::StatusOr<client::GetResult> Get(const std::vector<int32_t>& tokens, Client* c = nullptr) {
+    return (c ? c : client_.get())->Get(Args(tokens));
   }
 
   std::unique_ptr<testing::Daemon> daemon_;
@@ -174,9 +178,7 @@ TEST_F(ServiceTest, BlockRangesAreStretchesOfTheWholeGet) {
   EXPECT_EQ(look->block_bytes(), bb_);
   for (const std::optional<int64_t> target :
        {std::optional<int64_t>(), std::optional<int64_t>(4096)}) {
-    client::GetArgs a;
-    a.model = "demo";
-    a.tokens = prompt;
+    client::GetArgs a = Args(prompt);
     a.target_position = target;
     auto whole = client_->Get(a);
     ASSERT_TRUE(whole.ok()) << whole.status();
@@ -213,9 +215,7 @@ TEST_F(ServiceTest, AGetOverSeveralConnectionsEqualsOneStream) {
   const auto tokens = Tokens(33, 11 * 16);
   const auto bytes = Bytes(34, 11 * bb_);
   ASSERT_TRUE(Put(tokens, bytes).ok());
-  client::GetArgs a;
-  a.model = "demo";
-  a.tokens = tokens;
+  client::GetArgs a = Args(tokens);
   a.target_position = 100;
   auto one = client_->Get(a);
   ASSERT_TRUE(one.ok()) << one.status();
@@ -321,9 +321,7 @@ TEST_F(ServiceTest, StreamedMessagesCutBlocksAnywhere) {
   auto got = Get(tokens);  // views of the stored blocks
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->data, bytes);
-  client::GetArgs a;
-  a.model = "demo";
-  a.tokens = tokens;
+  client::GetArgs a = Args(tokens);
   a.target_position = 0;  // copies made for the call, at the position they were stored at
   auto same = client_->Get(a);
   ASSERT_TRUE(same.ok()) << same.status();
@@ -389,9 +387,7 @@ TEST_F(ServiceTest, GetAtATargetPositionReRotatesKeysOnly) {
   const auto tokens = Tokens(7, 16);
   const auto bytes = Bytes(8, bb_);
   ASSERT_TRUE(Put(tokens, bytes).ok());
-  client::GetArgs a;
-  a.model = "demo";
-  a.tokens = tokens;
+  client::GetArgs a = Args(tokens);
   a.target_position = 0;
   auto same = client_->Get(a);
   ASSERT_TRUE(same.ok());
@@ -586,9 +582,7 @@ TEST_F(ServiceTest, RangesUnderEvictionNeverReturnAWrongBlock) {
   int answered = 0;
   for (int round = 0; round < 300 && !HasFailure(); ++round) {
     const int i = round % kPrompts;
-    client::GetArgs a;
-    a.model = "demo";
-    a.tokens = prompts[i];
+    client::GetArgs a = Args(prompts[i]);
     a.first_block = round % 3;
     a.streams = 1 + round % 3;
     auto got = client_->Get(a);
