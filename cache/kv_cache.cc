@@ -729,7 +729,7 @@ uint64_t KvCache::FreeGpuBytesLocked(uint64_t bytes) {
   uint64_t freed = 0;
   for (auto it = lru_.rbegin(); it != lru_.rend() && freed < bytes; ++it) {
     Entry& e = index_.at(*it);
-    if (!e.gpu || e.gpu_pending || e.readers > 0 || e.info.pinned) continue;
+    if (!e.gpu || !GpuCopyMayGo(e)) continue;
     freed += gpu_->SlotBytes(*e.gpu);
     DropGpuCopyLocked(e);  // backed by its host or disk copy
   }
@@ -739,7 +739,6 @@ uint64_t KvCache::FreeGpuBytesLocked(uint64_t bytes) {
 absl::StatusOr<GpuSlot> KvCache::AllocateGpuSlotLocked(uint64_t bytes) {
   auto slot = gpu_->AllocateSlot(bytes);
   if (slot.ok() || !absl::IsResourceExhausted(slot.status())) return slot;
-  auto may_go = [](const Entry& e) { return !e.gpu_pending && e.readers == 0 && !e.info.pinned; };
   // The GPU blocks of each chunk, and the chunks with a block that may not go; made on first need.
   absl::flat_hash_map<uint64_t, std::vector<Entry*>> by_chunk;
   absl::flat_hash_set<uint64_t> stuck;
@@ -747,7 +746,7 @@ absl::StatusOr<GpuSlot> KvCache::AllocateGpuSlotLocked(uint64_t bytes) {
   const uint64_t size = SlotAllocator::SlotSize(bytes);
   for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
     Entry& e = index_.at(*it);
-    if (!e.gpu || !may_go(e)) continue;
+    if (!e.gpu || !GpuCopyMayGo(e)) continue;
     if (gpu_->SlotBytes(*e.gpu) == size) {  // the least recently used block gives its slot
       DropGpuCopyLocked(e);
       return gpu_->AllocateSlot(bytes);
@@ -758,7 +757,7 @@ absl::StatusOr<GpuSlot> KvCache::AllocateGpuSlotLocked(uint64_t bytes) {
         if (!other.gpu) continue;
         const uint64_t chunk = *other.gpu / gpu_->chunk_bytes();
         by_chunk[chunk].push_back(&other);
-        if (!may_go(other)) stuck.insert(chunk);
+        if (!GpuCopyMayGo(other)) stuck.insert(chunk);
       }
       mapped = true;
     }

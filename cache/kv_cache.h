@@ -432,6 +432,10 @@ class KvCache {
   void BeginDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static bool HasCopy(const Entry& e) { return e.data != nullptr || e.gpu || e.on_disk; }
+  // Whether a block's GPU copy may be dropped: not pinned, read or being uploaded.
+  static bool GpuCopyMayGo(const Entry& e) {
+    return !e.gpu_pending && e.readers == 0 && !e.info.pinned;
+  }
   void WakeMaintenance();
   void MaintenanceLoop();
 

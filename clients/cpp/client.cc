@@ -224,7 +224,7 @@ absl::StatusOr<v1::GetHeader> Client::GetParallel(const GetArgs& args, Reserve r
   auto dst = reserve(uint64_t{blocks} * bb);
   if (!dst.ok()) return dst.status();
 
-  // Range r: blocks [first + start[r], first + start[r + 1]), the remainder spread over the first.
+  // Range r: blocks [first + start[r], first + start[r + 1]), shares equal within a block.
   std::vector<uint32_t> start(streams + 1);
   for (uint32_t r = 0; r <= streams; ++r) {
     start[r] = static_cast<uint32_t>(uint64_t{blocks} * r / streams);
