@@ -225,11 +225,11 @@ int Run(int argc, char** argv) {
     }
     std::printf(
         "models %u, lookups %llu (hit tokens %llu, miss tokens %llu), puts %llu, gets %llu,"
-        " bytes in %llu, bytes out %llu\n",
+        " bytes in %llu, bytes out %llu, block hashes from the prompt memo %llu\n",
         s->models(), (unsigned long long)s->lookups(), (unsigned long long)s->lookup_hit_tokens(),
         (unsigned long long)s->lookup_miss_tokens(), (unsigned long long)s->puts(),
         (unsigned long long)s->gets(), (unsigned long long)s->bytes_in(),
-        (unsigned long long)s->bytes_out());
+        (unsigned long long)s->bytes_out(), (unsigned long long)s->prompt_blocks_reused());
     return 0;
   }
   if (cmd == "models") {

@@ -31,6 +31,7 @@ expect "stored 0 blocks, 64 already cached" cli put-random --model demo --tokens
 expect "fill no block" cli put-random --model demo --tokens 40 --seed 9
 expect "demo" cli models
 expect "HOST" cli stats
+expect "block hashes from the prompt memo" cli stats
 # Unknown models are errors (only "demo" is registered on demand).
 if cli put-random --model llama --tokens 16 2>"$dir/err"; then echo "FAILED: unknown model accepted"; exit 1; fi
 grep -q NOT_FOUND "$dir/err" || { echo "FAILED: unknown model: $(cat "$dir/err")"; exit 1; }
