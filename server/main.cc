@@ -49,6 +49,9 @@ ABSL_FLAG(std::string, config, "",
 ABSL_FLAG(std::string, gpu_mode, "auto",
           "GPU tier: auto (when a GPU is present), on (fail without one), off");
 ABSL_FLAG(std::string, gpu_capacity, "4GiB", "GPU tier arena size");
+ABSL_FLAG(std::string, gpu_slot_size, "",
+          "no longer used (GPU slots are sized to their blocks; --gpu_chunk_size bounds them): "
+          "accepted so that older configurations start, with a warning");
 ABSL_FLAG(std::string, gpu_chunk_size, "64MiB",
           "the GPU arena is cut into chunks of this size, each holding slots of one block size "
           "(larger blocks stay off the GPU)");
@@ -89,6 +92,10 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     auto v = ParseSize(s.text);
     if (!v.ok()) return v.status();
     *s.out = *v;
+  }
+  if (!absl::GetFlag(FLAGS_gpu_slot_size).empty()) {
+    std::cerr << "ropekvd: --gpu_slot_size (gpu: slot_size) is no longer used: GPU slots are sized "
+                 "to their blocks, in chunks of --gpu_chunk_size (gpu: chunk_size)\n";
   }
   c.gpu_mode = absl::GetFlag(FLAGS_gpu_mode);
   c.gpu_device = absl::GetFlag(FLAGS_gpu_device);

@@ -303,5 +303,18 @@ TEST_F(PersistenceTest, ConfigFileAndFlagsTogether) {
   EXPECT_NE(Tier(*s, v1::TIER_DISK), nullptr);
 }
 
+// A configuration written for the fixed GPU slots (gpu: slot_size, before 2026-11-27) still
+// starts the daemon: the setting is accepted and ignored, with a warning.
+TEST_F(PersistenceTest, AnOlderConfigWithTheGpuSlotSizeStillStarts) {
+  const std::string config = dir_ + "/ropekvd.yaml";
+  std::filesystem::create_directories(dir_);
+  {
+    std::ofstream f(config);
+    f << "gpu:\n  slot_size: 2MiB\n  chunk_size: 32MiB\n";
+  }
+  Start({"--config=" + config});
+  ASSERT_TRUE(client_->Stats().ok());
+}
+
 }  // namespace
 }  // namespace ropekv
