@@ -143,6 +143,8 @@ class GpuTier {
   uint64_t chunk_bytes() const { return options_.chunk_bytes; }  // the largest block it holds
   uint64_t capacity_bytes() const { return options_.chunk_bytes * slots_.chunks(); }
   uint64_t used_bytes() const { return slots_.used_bytes(); }
+  // Bytes of the chunks in use (SlotAllocator): used_bytes() plus their free slots and tails.
+  uint64_t reserved_bytes() const { return slots_.chunks_used() * options_.chunk_bytes; }
   int device() const { return options_.device; }
   GpuCounters Counters() const;
 

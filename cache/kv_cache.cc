@@ -1385,6 +1385,7 @@ CacheStats KvCache::Stats() const {
   s.prompt_blocks_reused = prompt_hashes_.reused_blocks();
   TierCounters host = host_counters_;
   host.bytes_used = host_->used_bytes();
+  host.reserved_bytes = host.bytes_used;
   host.capacity_bytes = host_->capacity_bytes();
   TierCounters gpu = gpu_counters_;
   TierCounters disk = disk_counters_;
@@ -1405,11 +1406,13 @@ CacheStats KvCache::Stats() const {
   s.tiers.push_back(host);
   if (gpu_ != nullptr) {
     gpu.bytes_used = gpu_->used_bytes();
+    gpu.reserved_bytes = gpu_->reserved_bytes();
     gpu.capacity_bytes = gpu_->capacity_bytes();
     s.tiers.push_back(gpu);
   }
   if (disk_ != nullptr) {
     disk.bytes_used = disk_->used_bytes();
+    disk.reserved_bytes = disk.bytes_used;
     disk.capacity_bytes = disk_->capacity_bytes();
     s.tiers.push_back(disk);
   }

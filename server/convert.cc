@@ -127,6 +127,7 @@ void ToProto(const CacheStats& s, v1::StatsResponse* out) {
     p->set_demotions(t.demotions);
     p->set_bytes_moved(t.bytes_moved);
     p->set_corrupt_blocks(t.corrupt_blocks);
+    p->set_reserved_bytes(t.reserved_bytes);
   }
   out->set_lookups(s.lookups);
   out->set_lookup_hit_tokens(s.lookup_hit_tokens);

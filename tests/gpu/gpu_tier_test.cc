@@ -397,7 +397,8 @@ TEST_F(KvCacheGpuTest, TwoBlockSizesShareTheTierByChunks) {
   };
   Put(20, 6);  // chunks 0 (blocks 0-3) and 1 (4-5)
   EXPECT_EQ(Tier(TierKind::kGpu).blocks, 6u);
-  Put(21, 1, "wide", wide_bb);  // chunk 2
+  EXPECT_EQ(Tier(TierKind::kGpu).reserved_bytes, 8 * bb_);  // two chunks, one with room
+  Put(21, 1, "wide", wide_bb);                              // chunk 2
   EXPECT_EQ(Tier(TierKind::kGpu).blocks, 7u);
   EXPECT_EQ(Tier(TierKind::kGpu).evictions, 0u);
   // Full. The least recently used GPU block is prompt 20's last (a prompt is touched from its
@@ -406,6 +407,7 @@ TEST_F(KvCacheGpuTest, TwoBlockSizesShareTheTierByChunks) {
   EXPECT_EQ(Tier(TierKind::kGpu).blocks, 6u);
   EXPECT_EQ(Tier(TierKind::kGpu).evictions, 2u);
   EXPECT_EQ(Tier(TierKind::kGpu).bytes_used, 4 * bb_ + 2 * wide_bb);
+  EXPECT_EQ(Tier(TierKind::kGpu).reserved_bytes, 12 * bb_);  // all three chunks
   EXPECT_EQ(gpu(20, 6), 4);
   EXPECT_EQ(gpu(21, 1, "wide"), 1);
   EXPECT_EQ(gpu(22, 1, "wide"), 1);
