@@ -215,11 +215,7 @@ absl::StatusOr<v1::GetHeader> Client::GetParallel(const GetArgs& args, Reserve r
   const uint32_t blocks =
       args.max_blocks == 0 ? matched - first : std::min(args.max_blocks, matched - first);
   const uint32_t streams = std::min({args.streams, blocks, GetArgs::kMaxStreams});
-  if (streams <= 1) {
-    GetArgs one = args;
-    one.streams = 1;
-    return GetStream(channel_.get(), one, reserve);
-  }
+  if (streams <= 1) return GetStream(channel_.get(), args, reserve);
   const uint64_t bb = match->block_bytes();
   auto dst = reserve(uint64_t{blocks} * bb);
   if (!dst.ok()) return dst.status();
@@ -234,7 +230,6 @@ absl::StatusOr<v1::GetHeader> Client::GetParallel(const GetArgs& args, Reserve r
     GetArgs part = args;
     part.first_block = first + start[r];
     part.max_blocks = start[r + 1] - start[r];
-    part.streams = 1;
     uint8_t* at = *dst + uint64_t{start[r]} * bb;
     got[r] =
         GetStream(StreamChannel(r).get(), part, [&](uint64_t bytes) -> absl::StatusOr<uint8_t*> {

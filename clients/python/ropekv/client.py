@@ -347,6 +347,10 @@ class Client:
             req.target_position = int(target_position)
         if streams > 1:
             return self._get_parallel(spec, req, streams, out)
+        return self._get_one(spec, req, out)
+
+    def _get_one(self, spec, req, out):
+        """A Get over this client's own connection into `out` (or a new array)."""
         header, flat = self._get_stream(self.kvcache, spec, req,
                                         lambda total: self._buffer(out, total, spec))
         return header, self._kv(spec, flat, header.blocks)
@@ -403,9 +407,7 @@ class Client:
             count = min(count, req.max_blocks)
         streams = min(streams, count, MAX_STREAMS)
         if streams <= 1:
-            header, flat = self._get_stream(self.kvcache, spec, req,
-                                            lambda total: self._buffer(out, total, spec))
-            return header, self._kv(spec, flat, header.blocks)
+            return self._get_one(spec, req, out)
         bb = arrays.block_bytes(spec)
         flat = self._buffer(out, count * bb, spec)
         start = [count * r // streams for r in range(streams + 1)]
