@@ -152,10 +152,7 @@ absl::StatusOr<GpuTier::Ticket> GpuTier::CopyOut(absl::Span<const GpuMove> moves
 
 GpuCounters GpuTier::Counters() const {
   absl::MutexLock lock(&mu_);
-  GpuCounters c = counters_;
-  c.chunks_used = slots_.chunks_used();
-  c.slots_used = slots_.slots_used();
-  return c;
+  return counters_;
 }
 
 }  // namespace ropekv

@@ -83,12 +83,8 @@ struct GpuMove {
   uint64_t bytes = 0;    // <= the slot's size
 };
 
-// Counters since creation.
+// Counters since creation (the arena's use: GpuTier's used / reserved / capacity bytes).
 struct GpuCounters {
-  uint64_t chunks = 0;
-  uint64_t chunks_used = 0;
-  uint64_t chunk_bytes = 0;
-  uint64_t slots_used = 0;
   uint64_t batches = 0;
   uint64_t bytes_in = 0;   // host -> GPU
   uint64_t bytes_out = 0;  // GPU -> host

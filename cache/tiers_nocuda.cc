@@ -13,10 +13,7 @@ absl::StatusOr<std::unique_ptr<GpuTier>> GpuTier::Create(const Options& options)
 }
 
 GpuTier::GpuTier(const Options& options, uint64_t chunks, std::unique_ptr<Impl> impl)
-    : options_(options), slots_(chunks, options.chunk_bytes), impl_(std::move(impl)) {
-  counters_.chunks = chunks;
-  counters_.chunk_bytes = options.chunk_bytes;
-}
+    : options_(options), slots_(chunks, options.chunk_bytes), impl_(std::move(impl)) {}
 
 GpuTier::~GpuTier() = default;
 
