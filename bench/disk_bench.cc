@@ -7,13 +7,13 @@
 //   file write+fsync once     write() the bytes sequentially into one file, one fsync at the end
 //   file write+fsync/batch    the same, fsync after every --batch blocks (the ack of `sync`)
 //   disk tier put (memory)    DiskTier::PutBlocks of --batch blocks per call, durability memory,
-//                             then a Flush (bytes in their blob files; the WAL wrote them once
-//                             more before)
-//   disk tier put (sync)      the same, durability sync (WAL fsync'ed per call)
+//                             then a Flush (segment files synced, metadata flushed)
+//   disk tier put (sync)      the same, durability sync (segment and WAL fsync'ed per call)
 //   file read                 pread() the file back sequentially (page cache warm)
 //   disk tier read            DiskTier::ReadBlock of every block, random order, checksums verified
 // Reads come from the OS page cache (dropping it needs root); they measure the tier's overhead
-// (RocksDB lookup, copy, XXH3), not the device. Prints a table and one JSON line.
+// (a lookup, the copy out of the page cache, XXH3), not the device. Prints a table and one JSON
+// line.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -123,7 +123,7 @@ double TierPut(DiskTier& tier, const std::vector<std::string>& data,
       writes.clear();
     }
   }
-  // Until the bytes are in their final place (blob files), as the file rows end with fsync.
+  // Until the bytes are synced, as the file rows end with fsync.
   if (auto s = tier.Flush(); !s.ok()) Fail(std::string(s.message()));
   return Now() - t0;
 }

@@ -1,10 +1,20 @@
 #include "cache/disk_tier.h"
 
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <set>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "rocksdb/cache.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
@@ -16,8 +26,13 @@ namespace ropekv {
 namespace {
 
 constexpr uint32_t kBlockMagic = 0x42564b52;  // "RKVB" little-endian
-constexpr uint32_t kBlockFormat = 1;
-constexpr uint8_t kBlockMetaFormat = 1;
+constexpr uint32_t kLegacyFormat = 1;         // a "blocks" value of the format before segments
+constexpr uint32_t kRecordFormat = 2;         // a segment record
+constexpr uint64_t kRecordAlign = 64;         // records start at multiples of this
+constexpr uint8_t kBlockMetaLegacy = 1;       // block metadata without a place
+constexpr uint8_t kBlockMetaFormat = 2;       // block metadata with its place
+constexpr uint64_t kMoveBatchBytes = 64ull
+                                     << 20;  // payload moved per batch (compaction, migration)
 constexpr uint8_t kModelMetaFormat = 1;
 constexpr char kBlockMetaPrefix = 'b';
 constexpr char kModelMetaPrefix = 'm';
@@ -36,9 +51,6 @@ absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
   return absl::InternalError(msg);
 }
 
-rocksdb::Slice ToSlice(absl::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
-
-std::string BlockKey(const BlockHash& h) { return h.Raw(); }
 std::string BlockMetaKey(const BlockHash& h) {
   return absl::StrCat(std::string(1, kBlockMetaPrefix), h.Raw());
 }
@@ -128,17 +140,98 @@ class Reader {
   bool ok_ = true;
 };
 
-// The header of a "blocks" value: magic, format, payload size, payload checksum, and the block's
-// own hash, so that a value found under another key is detected.
-void PutHeader(char* out, const BlockHash& hash, uint64_t size, uint64_t checksum) {
-  auto put = [out](int at, uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out[at + i] = static_cast<char>(v >> (8 * i));
-  };
-  put(0, kBlockMagic, 4);
-  put(4, kBlockFormat, 4);
-  put(8, size, 8);
-  put(16, checksum, 8);
+void PutLe(char* out, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) out[i] = static_cast<char>(v >> (8 * i));
+}
+
+uint64_t GetLe(const uint8_t* p, int n) {
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= uint64_t{p[i]} << (8 * i);
+  return v;
+}
+
+// Bytes a record of `payload` bytes takes in its segment.
+uint64_t RecordBytes(uint64_t payload) {
+  return (kDiskRecordHeaderBytes + payload + kRecordAlign - 1) / kRecordAlign * kRecordAlign;
+}
+
+// The header of a segment record: magic, format, payload size, payload checksum, the block's own
+// hash (so that a record found at another block's place is detected) and the header's checksum.
+void PutRecordHeader(char* out, const BlockHash& hash, uint64_t size, uint64_t checksum) {
+  PutLe(out, kBlockMagic, 4);
+  PutLe(out + 4, kRecordFormat, 4);
+  PutLe(out + 8, size, 8);
+  PutLe(out + 16, checksum, 8);
   std::memcpy(out + 24, hash.bytes.data(), hash.bytes.size());
+  PutLe(out + 56, BlockChecksum(out, 56), 8);
+}
+
+// Checks the header `p` of block `hash` with a payload of `payload` bytes: a segment record's
+// (kRecordFormat) or a "blocks" value's of the format before segments (kLegacyFormat, which has
+// no header checksum). Returns the payload's checksum, or DATA_LOSS.
+absl::StatusOr<uint64_t> CheckHeader(const uint8_t* p, uint32_t format, const BlockHash& hash,
+                                     uint64_t payload) {
+  const uint64_t magic = GetLe(p, 4);
+  const uint64_t stored_format = GetLe(p + 4, 4);
+  const uint64_t size = GetLe(p + 8, 8);
+  const bool same_block = std::memcmp(p + 24, hash.bytes.data(), hash.bytes.size()) == 0;
+  const bool header_ok = format == kLegacyFormat || GetLe(p + 56, 8) == BlockChecksum(p, 56);
+  if (magic != kBlockMagic || stored_format != format || size != payload || !same_block ||
+      !header_ok) {
+    return absl::DataLossError(absl::StrCat(
+        "block ", hash.Hex(), " on disk has a bad header: magic ", magic, " (expected ",
+        kBlockMagic, "), format ", stored_format, " (expected ", format, "), size ", size,
+        " (expected ", payload, ")", same_block ? "" : ", it names another block",
+        header_ok ? "" : ", its checksum does not match"));
+  }
+  return GetLe(p + 16, 8);
+}
+
+// errno of a failed file operation as a status: a full file system is RESOURCE_EXHAUSTED.
+absl::Status FromErrno(int err, absl::string_view what) {
+  const std::string msg = absl::StrCat("disk tier: ", what, ": ", std::strerror(err));
+  if (err == ENOSPC || err == EDQUOT) return absl::ResourceExhaustedError(msg);
+  return absl::UnavailableError(msg);
+}
+
+// pwritev / preadv of all of `iov` at `offset`, resuming after short transfers. A read that
+// meets the end of the file is DATA_LOSS (a truncated record).
+absl::Status TransferAll(bool write, int fd, std::vector<iovec> iov, uint64_t offset,
+                         absl::string_view what) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    if (iov[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    const int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset))
+                            : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return FromErrno(errno, what);
+    if (n == 0) {
+      return write ? absl::UnavailableError(absl::StrCat("disk tier: ", what, ": wrote nothing"))
+                   : absl::DataLossError(
+                         absl::StrCat("disk tier: ", what, ": the record ends past its segment"));
+    }
+    offset += static_cast<uint64_t>(n);
+    for (size_t left = static_cast<size_t>(n); left > 0;) {
+      const size_t take = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + take;
+      iov[first].iov_len -= take;
+      left -= take;
+      if (iov[first].iov_len == 0) ++first;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Segment file names: 8 hex digits and ".seg".
+std::optional<uint32_t> SegmentIdOf(const std::string& name) {
+  if (name.size() != 12 || name.substr(8) != ".seg") return std::nullopt;
+  uint32_t id = 0;
+  if (!absl::SimpleHexAtoi(name.substr(0, 8), &id) || id == 0) return std::nullopt;
+  return id;
 }
 
 }  // namespace
@@ -152,9 +245,9 @@ absl::StatusOr<Durability> ParseDurability(absl::string_view text) {
 
 const char* DurabilityName(Durability d) { return d == Durability::kSync ? "sync" : "memory"; }
 
-std::string EncodeDiskBlockMeta(const DiskBlockMeta& m) {
+std::string EncodeDiskBlockMeta(const DiskBlockMeta& m, std::optional<DiskPlace> place) {
   Writer w;
-  w.U8(kBlockMetaFormat);
+  w.U8(place.has_value() ? kBlockMetaFormat : kBlockMetaLegacy);
   w.Str(m.hash.Raw());
   w.Str(m.model);
   w.U8(m.parent.has_value() ? 1 : 0);
@@ -166,16 +259,21 @@ std::string EncodeDiskBlockMeta(const DiskBlockMeta& m) {
   w.U8(m.pinned ? 1 : 0);
   w.U64(m.bytes);
   w.U64(m.sequence);
+  if (place.has_value()) {
+    w.U32(place->segment);
+    w.U64(place->offset);
+  }
   return w.Seal();
 }
 
-absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data) {
+absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data,
+                                                  std::optional<DiskPlace>* place) {
   Reader r(data);
   DiskBlockMeta m;
   const uint8_t format = r.U8();
-  if (r.ok() && format != kBlockMetaFormat) {
-    return absl::DataLossError(
-        absl::StrCat("block metadata has format ", format, ", expected ", kBlockMetaFormat));
+  if (r.ok() && format != kBlockMetaFormat && format != kBlockMetaLegacy) {
+    return absl::DataLossError(absl::StrCat("block metadata has format ", format, ", expected ",
+                                            kBlockMetaLegacy, " or ", kBlockMetaFormat));
   }
   auto hash = BlockHash::FromRaw(r.Str());
   m.model = r.Str();
@@ -188,6 +286,11 @@ absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data) {
   m.pinned = r.U8() != 0;
   m.bytes = r.U64();
   m.sequence = r.U64();
+  DiskPlace at;
+  if (format == kBlockMetaFormat) {
+    at.segment = r.U32();
+    at.offset = r.U64();
+  }
   if (!r.done() || !hash.ok()) {
     return absl::DataLossError(absl::StrCat("block metadata of ", data.size(),
                                             " bytes does not parse or fails its checksum"));
@@ -197,6 +300,9 @@ absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data) {
     auto p = BlockHash::FromRaw(parent);
     if (!p.ok()) return absl::DataLossError("block metadata has a malformed parent hash");
     m.parent = *p;
+  }
+  if (place != nullptr) {
+    *place = format == kBlockMetaFormat ? std::optional<DiskPlace>(at) : std::nullopt;
   }
   return m;
 }
@@ -298,6 +404,34 @@ absl::StatusOr<DiskModelMeta> DecodeDiskModelMeta(absl::string_view data) {
 // ---------------------------------------------------------------------------------------------
 // DiskTier
 
+struct DiskTier::Segment {
+  Segment(uint32_t id, int fd) : id(id), fd(fd) {}
+  ~Segment() { ::close(fd); }
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+  const uint32_t id;
+  const int fd;  // open until the last reader lets go, also after the file is removed
+};
+
+struct DiskTier::SegmentState {
+  std::shared_ptr<Segment> file;
+  uint64_t end = 0;   // bytes appended or reserved
+  uint64_t live = 0;  // bytes of the records that blocks point at
+  int writers = 0;    // reserved places not yet released
+};
+
+struct DiskTier::Entry {
+  uint64_t bytes = 0;
+  DiskPlace place;
+  uint64_t sequence = 0;
+};
+
+struct DiskTier::Append {
+  std::shared_ptr<Segment> file;
+  DiskPlace place;
+  uint64_t payload = 0;
+};
+
 absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(Options options) {
   if (options.path.empty()) {
     return absl::InvalidArgumentError("disk tier: a path is required, got an empty one");
@@ -305,43 +439,42 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(Options options) {
   if (options.capacity_bytes == 0) {
     return absl::InvalidArgumentError("disk tier capacity must be positive, got 0");
   }
+  if (options.segment_bytes == 0) {
+    options.segment_bytes =
+        std::clamp<uint64_t>(options.capacity_bytes / 256, 64ull << 20, 4ull << 30);
+  }
   std::error_code ec;
-  std::filesystem::create_directories(options.path, ec);
+  std::filesystem::create_directories(std::filesystem::path(options.path) / "segments", ec);
   if (ec) {
     return absl::UnavailableError(
-        absl::StrCat("disk tier: cannot create ", options.path, ": ", ec.message()));
+        absl::StrCat("disk tier: cannot create ", options.path, "/segments: ", ec.message()));
   }
 
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
   db_options.max_background_jobs = 2;
-  // Bound the WAL: large values pass through it before they reach blob files.
-  db_options.max_total_wal_size = 512ull << 20;
 
   rocksdb::BlockBasedTableOptions table;
   table.block_cache = rocksdb::NewLRUCache(options.block_cache_bytes);
-
   rocksdb::ColumnFamilyOptions meta_options;
   meta_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
 
-  // Block bytes: values in blob files (written once at flush, not rewritten by compaction),
-  // uncompressed (KV caches do not compress), garbage collected as blocks are deleted.
-  rocksdb::ColumnFamilyOptions blocks_options;
-  blocks_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
-  blocks_options.write_buffer_size = 64ull << 20;
-  blocks_options.compression = rocksdb::kNoCompression;
-  blocks_options.enable_blob_files = true;
-  blocks_options.min_blob_size = 4096;
-  blocks_options.blob_file_size = 256ull << 20;
-  blocks_options.blob_compression_type = rocksdb::kNoCompression;
-  blocks_options.enable_blob_garbage_collection = true;
-  blocks_options.blob_garbage_collection_age_cutoff = 0.5;
-
   std::vector<rocksdb::ColumnFamilyDescriptor> families = {
       {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
-      {kDiskBlocksFamily, blocks_options},
       {kDiskMetaFamily, meta_options}};
+  // A folder of the format before segments has its block bytes in a "blocks" family (values in
+  // blob files); it is opened to be migrated by Load.
+  std::vector<std::string> existing;
+  const bool legacy =
+      rocksdb::DB::ListColumnFamilies(db_options, options.path, &existing).ok() &&
+      std::find(existing.begin(), existing.end(), kDiskBlocksFamily) != existing.end();
+  if (legacy) {
+    rocksdb::ColumnFamilyOptions blocks_options;
+    blocks_options.enable_blob_files = true;
+    blocks_options.compression = rocksdb::kNoCompression;
+    families.push_back({kDiskBlocksFamily, blocks_options});
+  }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(db_options, options.path, families, &handles, &raw);
@@ -350,29 +483,48 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(Options options) {
     if (absl::IsInternal(st)) return absl::UnavailableError(st.message());
     return st;
   }
-  return std::unique_ptr<DiskTier>(
-      new DiskTier(std::move(options), std::unique_ptr<rocksdb::DB>(raw), std::move(handles)));
+  return std::unique_ptr<DiskTier>(new DiskTier(
+      std::move(options), std::unique_ptr<rocksdb::DB>(raw), std::move(handles), legacy));
 }
 
 DiskTier::DiskTier(Options options, std::unique_ptr<rocksdb::DB> db,
-                   std::vector<rocksdb::ColumnFamilyHandle*> handles)
-    : options_(std::move(options)), db_(std::move(db)) {
+                   std::vector<rocksdb::ColumnFamilyHandle*> handles, bool legacy)
+    : options_(std::move(options)),
+      segment_dir_((std::filesystem::path(options_.path) / "segments").string()),
+      db_(std::move(db)) {
   // handles[0] is the default family, which we do not use.
   db_->DestroyColumnFamilyHandle(handles[0]);
-  blocks_cf_ = handles[1];
-  meta_cf_ = handles[2];
+  meta_cf_ = handles[1];
+  if (legacy) legacy_cf_ = handles[2];
   counters_.capacity_bytes = options_.capacity_bytes;
 }
 
 DiskTier::~DiskTier() {
-  db_->DestroyColumnFamilyHandle(blocks_cf_);
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (compactor_.joinable()) compactor_.join();
   db_->DestroyColumnFamilyHandle(meta_cf_);
+  if (legacy_cf_ != nullptr) db_->DestroyColumnFamilyHandle(legacy_cf_);
   db_->Close().PermitUncheckedError();
+}
+
+std::string DiskTier::SegmentPath(uint32_t id) const {
+  return absl::StrFormat("%s/%08x.seg", segment_dir_, id);
+}
+
+rocksdb::WriteOptions DiskTier::WriteOpts() const {
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.durability == Durability::kSync;
+  return wo;
 }
 
 absl::StatusOr<DiskContents> DiskTier::Load() {
   DiskContents out;
   std::vector<std::string> bad_keys;
+  std::vector<std::pair<DiskBlockMeta, DiskPlace>> placed;
+  std::vector<DiskBlockMeta> legacy;
   {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), meta_cf_));
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
@@ -386,9 +538,15 @@ absl::StatusOr<DiskContents> DiskTier::Load() {
           bad_keys.push_back(key.ToString());
         }
       } else if (key.size() == 33 && key[0] == kBlockMetaPrefix) {
-        auto m = DecodeDiskBlockMeta(value);
-        if (m.ok() && m->hash.Raw() == key.ToString().substr(1)) {
-          out.blocks.push_back(*std::move(m));
+        std::optional<DiskPlace> place;
+        auto m = DecodeDiskBlockMeta(value, &place);
+        if (m.ok() && m->hash.Raw() == key.ToString().substr(1) &&
+            (place.has_value() || legacy_cf_ != nullptr)) {
+          if (place.has_value()) {
+            placed.emplace_back(*std::move(m), *place);
+          } else {
+            legacy.push_back(*std::move(m));
+          }
         } else {
           bad_keys.push_back(key.ToString());
         }
@@ -398,43 +556,210 @@ absl::StatusOr<DiskContents> DiskTier::Load() {
     }
     if (auto st = FromRocks(it->status(), "scan metadata"); !st.ok()) return st;
   }
-  // Values are not read here (that would read every block): a missing or damaged value is
-  // found by its first ReadBlock, which verifies it and drops the block. Atomic batches mean
-  // that only a damaged database can have a record without its value.
+
+  // The segment files, and which blocks they can hold. A record's bytes are verified by its
+  // first read (reading every block here would read the whole tier); a record past the end of
+  // its file, or in a file that is gone, is dropped now.
+  std::map<uint32_t, SegmentState> segments;
+  std::error_code ec;
+  for (const auto& f : std::filesystem::directory_iterator(segment_dir_, ec)) {
+    const std::optional<uint32_t> id = SegmentIdOf(f.path().filename().string());
+    if (!id.has_value()) continue;  // not ours
+    const int fd = ::open(f.path().c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return FromErrno(errno, absl::StrCat("open ", f.path().string()));
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      ::close(fd);
+      return FromErrno(err, absl::StrCat("stat ", f.path().string()));
+    }
+    SegmentState& state = segments[*id];
+    state.file = std::make_shared<Segment>(*id, fd);
+    state.end = static_cast<uint64_t>(st.st_size);
+  }
+  if (ec) return FromErrno(ec.value(), absl::StrCat("list ", segment_dir_));
+
+  absl::flat_hash_map<BlockHash, Entry> blocks;
+  uint64_t used = 0;
+  uint64_t max_seq = 0;
+  for (auto& [m, place] : placed) {
+    auto seg = segments.find(place.segment);
+    if (seg == segments.end() || place.offset % kRecordAlign != 0 ||
+        place.offset + RecordBytes(m.bytes) > seg->second.end) {
+      bad_keys.push_back(BlockMetaKey(m.hash));
+      continue;
+    }
+    seg->second.live += RecordBytes(m.bytes);
+    blocks[m.hash] = Entry{m.bytes, place, m.sequence};
+    used += m.bytes;
+    max_seq = std::max(max_seq, m.sequence);
+    out.blocks.push_back(std::move(m));
+  }
+  for (const DiskBlockMeta& m : legacy) max_seq = std::max(max_seq, m.sequence);
+
   rocksdb::WriteBatch drop;
   for (const std::string& k : bad_keys) {
     drop.Delete(meta_cf_, k).PermitUncheckedError();
     ++out.dropped_records;
   }
   if (drop.Count() > 0) {
-    rocksdb::WriteOptions wo;
-    wo.sync = options_.durability == Durability::kSync;
-    if (auto st = FromRocks(db_->Write(wo, &drop), "drop bad records"); !st.ok()) return st;
+    if (auto st = FromRocks(db_->Write(WriteOpts(), &drop), "drop bad records"); !st.ok()) {
+      return st;
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    blocks_ = std::move(blocks);
+    segments_ = std::move(segments);
+    used_bytes_ = used;
+    next_segment_ = segments_.empty() ? 1 : segments_.rbegin()->first + 1;
+    filling_ = 0;  // new records go to a new segment: an old one may end in a torn write
+    std::vector<uint32_t> ids;
+    for (const auto& [id, state] : segments_) ids.push_back(id);
+    for (uint32_t id : ids) RetireOrScheduleLocked(id);
+  }
+  next_sequence_ = max_seq + 1;
+
+  if (legacy_cf_ != nullptr) {
+    if (auto st = Migrate(&legacy, &out); !st.ok()) return st;
   }
   std::sort(out.blocks.begin(), out.blocks.end(),
             [](const DiskBlockMeta& a, const DiskBlockMeta& b) { return a.sequence < b.sequence; });
-  uint64_t max_seq = 0;
-  absl::MutexLock lock(&mu_);
-  sizes_.clear();
-  used_bytes_ = 0;
-  for (const DiskBlockMeta& m : out.blocks) {
-    sizes_[m.hash] = m.bytes;
-    used_bytes_ += m.bytes;
-    max_seq = std::max(max_seq, m.sequence);
+  if (options_.background_compaction && !compactor_.joinable()) {
+    compactor_ = std::thread([this] { CompactionLoop(); });
   }
-  next_sequence_ = max_seq + 1;
   return out;
+}
+
+absl::StatusOr<std::vector<DiskTier::Append>> DiskTier::Reserve(
+    absl::Span<const uint64_t> payloads) {
+  absl::MutexLock lock(&mu_);
+  std::vector<Append> out;
+  out.reserve(payloads.size());
+  for (uint64_t payload : payloads) {
+    const uint64_t bytes = RecordBytes(payload);
+    auto it = segments_.find(filling_);
+    if (it == segments_.end() ||
+        (it->second.end > 0 && it->second.end + bytes > options_.segment_bytes)) {
+      const uint32_t id = next_segment_;
+      const std::string path = SegmentPath(id);
+      const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      absl::Status st = fd < 0 ? FromErrno(errno, absl::StrCat("create ", path)) : absl::OkStatus();
+      if (st.ok() && options_.durability == Durability::kSync) {
+        // The new file's name must survive a power loss before any metadata points into it.
+        const int dir = ::open(segment_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dir < 0 || ::fsync(dir) != 0)
+          st = FromErrno(errno, absl::StrCat("sync ", segment_dir_));
+        if (dir >= 0) ::close(dir);
+      }
+      if (!st.ok()) {
+        if (fd >= 0) {
+          ::close(fd);
+          ::unlink(path.c_str());
+        }
+        for (const Append& a : out) --segments_[a.place.segment].writers;
+        for (const Append& a : out) RetireOrScheduleLocked(a.place.segment);
+        return st;
+      }
+      ++next_segment_;
+      const uint32_t full = filling_;
+      SegmentState& fresh = segments_[id];
+      fresh.file = std::make_shared<Segment>(id, fd);
+      filling_ = id;
+      RetireOrScheduleLocked(full);
+      it = segments_.find(id);
+    }
+    SegmentState& state = it->second;
+    out.push_back(Append{state.file, DiskPlace{it->first, state.end}, payload});
+    state.end += bytes;
+    ++state.writers;
+  }
+  return out;
+}
+
+absl::Status DiskTier::WriteRecords(absl::Span<const Append> appends,
+                                    absl::Span<const BlockHash> hashes,
+                                    absl::Span<const void* const> data) {
+  static const char kZeros[kRecordAlign] = {};
+  std::vector<char> headers(appends.size() * kDiskRecordHeaderBytes);
+  // One pwritev for each run of records that lie back to back in one segment.
+  std::vector<iovec> iov;
+  std::set<Segment*> written;
+  for (size_t i = 0; i < appends.size();) {
+    const Append& first = appends[i];
+    uint64_t next = first.place.offset;
+    iov.clear();
+    size_t j = i;
+    for (; j < appends.size() && appends[j].file == first.file && appends[j].place.offset == next;
+         ++j) {
+      const Append& a = appends[j];
+      char* header = headers.data() + j * kDiskRecordHeaderBytes;
+      PutRecordHeader(header, hashes[j], a.payload, BlockChecksum(data[j], a.payload));
+      const uint64_t pad = RecordBytes(a.payload) - kDiskRecordHeaderBytes - a.payload;
+      iov.push_back({header, kDiskRecordHeaderBytes});
+      iov.push_back({const_cast<void*>(data[j]), a.payload});
+      iov.push_back({const_cast<char*>(kZeros), pad});
+      next += RecordBytes(a.payload);
+    }
+    if (auto st = TransferAll(/*write=*/true, first.file->fd, iov, first.place.offset,
+                              absl::StrCat("write ", SegmentPath(first.place.segment)));
+        !st.ok()) {
+      return st;
+    }
+    written.insert(first.file.get());
+    i = j;
+  }
+  if (options_.durability == Durability::kSync) {
+    for (Segment* f : written) {
+      if (::fdatasync(f->fd) != 0)
+        return FromErrno(errno, absl::StrCat("sync ", SegmentPath(f->id)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void DiskTier::PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence) {
+  auto [it, inserted] = blocks_.try_emplace(hash);
+  if (!inserted) {
+    const Entry& old = it->second;
+    segments_[old.place.segment].live -= RecordBytes(old.bytes);
+    used_bytes_ -= old.bytes;
+    RetireOrScheduleLocked(old.place.segment);
+  }
+  it->second = Entry{a.payload, a.place, sequence};
+  segments_[a.place.segment].live += RecordBytes(a.payload);
+  used_bytes_ += a.payload;
+}
+
+void DiskTier::ReleaseLocked(const Append& a) {
+  --segments_[a.place.segment].writers;
+  RetireOrScheduleLocked(a.place.segment);
+}
+
+void DiskTier::Abandon(absl::Span<const Append> appends) {
+  absl::MutexLock lock(&mu_);
+  for (const Append& a : appends) ReleaseLocked(a);
+}
+
+void DiskTier::RetireOrScheduleLocked(uint32_t id) {
+  auto it = segments_.find(id);
+  if (it == segments_.end() || id == filling_ || it->second.writers > 0) return;
+  if (it->second.live == 0) {
+    // Readers that hold the segment keep reading from its open descriptor.
+    ::unlink(SegmentPath(id).c_str());
+    segments_.erase(it);
+  } else if (it->second.live * 2 < it->second.end) {
+    compaction_wanted_ = true;
+  }
 }
 
 absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
   if (blocks.empty()) return absl::OkStatus();
-  uint64_t total = 0;
-  for (const BlockWrite& b : blocks) total += b.meta.bytes;
+  uint64_t fresh = 0;  // bytes of blocks not stored yet (rewrites do not grow usage)
   {
     absl::MutexLock lock(&mu_);
-    uint64_t fresh = 0;  // bytes of blocks not stored yet (rewrites do not grow usage)
     for (const BlockWrite& b : blocks) {
-      if (!sizes_.contains(b.meta.hash)) fresh += b.meta.bytes;
+      if (!blocks_.contains(b.meta.hash)) fresh += b.meta.bytes;
     }
     if (used_bytes_ + reserved_bytes_ + fresh > options_.capacity_bytes) {
       return absl::ResourceExhaustedError(
@@ -442,167 +767,383 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
                        options_.capacity_bytes, " bytes used, the write needs ", fresh));
     }
     reserved_bytes_ += fresh;
-    total = fresh;
   }
-  rocksdb::WriteBatch batch;
-  std::string value;
-  std::vector<uint64_t> sequences;
+  auto unreserve = [this, fresh] {
+    absl::MutexLock lock(&mu_);
+    reserved_bytes_ -= fresh;
+  };
+  std::vector<uint64_t> sizes;
+  std::vector<BlockHash> hashes;
+  std::vector<const void*> data;
   for (const BlockWrite& b : blocks) {
-    value.resize(kDiskBlockHeaderBytes + b.meta.bytes);
-    std::memcpy(value.data() + kDiskBlockHeaderBytes, b.data, b.meta.bytes);
-    PutHeader(value.data(), b.meta.hash, b.meta.bytes, BlockChecksum(b.data, b.meta.bytes));
-    DiskBlockMeta meta = b.meta;
+    sizes.push_back(b.meta.bytes);
+    hashes.push_back(b.meta.hash);
+    data.push_back(b.data);
+  }
+  auto appends = Reserve(sizes);
+  if (!appends.ok()) {
+    unreserve();
+    return appends.status();
+  }
+  if (auto st = WriteRecords(*appends, hashes, data); !st.ok()) {
+    Abandon(*appends);
+    unreserve();
+    return st;
+  }
+  absl::MutexLock index(&index_mu_);
+  rocksdb::WriteBatch batch;
+  std::vector<uint64_t> sequences;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    DiskBlockMeta meta = blocks[i].meta;
     meta.sequence = next_sequence_.fetch_add(1);
-    rocksdb::Status s = batch.Put(blocks_cf_, BlockKey(meta.hash), ToSlice(value));
-    if (s.ok()) s = batch.Put(meta_cf_, BlockMetaKey(meta.hash), EncodeDiskBlockMeta(meta));
+    sequences.push_back(meta.sequence);
+    rocksdb::Status s = batch.Put(meta_cf_, BlockMetaKey(meta.hash),
+                                  EncodeDiskBlockMeta(meta, (*appends)[i].place));
     if (!s.ok()) {
-      absl::MutexLock lock(&mu_);
-      reserved_bytes_ -= total;
+      Abandon(*appends);
+      unreserve();
       return FromRocks(s, "build write batch");
     }
   }
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.durability == Durability::kSync;
-  rocksdb::Status s = db_->Write(wo, &batch);
+  const rocksdb::Status s = db_->Write(WriteOpts(), &batch);
   absl::MutexLock lock(&mu_);
-  reserved_bytes_ -= total;
-  if (!s.ok()) return FromRocks(s, absl::StrCat("write ", blocks.size(), " blocks"));
-  for (const BlockWrite& b : blocks) {
-    auto [it, inserted] = sizes_.try_emplace(b.meta.hash, b.meta.bytes);
-    if (inserted) {
-      used_bytes_ += b.meta.bytes;
-    } else if (it->second != b.meta.bytes) {
-      used_bytes_ = used_bytes_ - it->second + b.meta.bytes;
-      it->second = b.meta.bytes;
+  reserved_bytes_ -= fresh;
+  if (s.ok()) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      PlaceLocked(hashes[i], (*appends)[i], sequences[i]);
+      ++counters_.writes;
+      counters_.bytes_written += sizes[i];
     }
-    ++counters_.writes;
-    counters_.bytes_written += b.meta.bytes;
+  }
+  for (const Append& a : *appends) ReleaseLocked(a);
+  return FromRocks(s, absl::StrCat("write ", blocks.size(), " blocks"));
+}
+
+absl::Status DiskTier::ReadRecord(const Segment& segment, uint64_t offset, const BlockHash& hash,
+                                  void* dst, uint64_t bytes) const {
+  uint8_t header[kDiskRecordHeaderBytes];
+  std::vector<iovec> iov = {{header, kDiskRecordHeaderBytes}, {dst, bytes}};
+  if (auto st =
+          TransferAll(/*write=*/false, segment.fd, iov, offset,
+                      absl::StrCat("read block ", hash.Hex(), " from ", SegmentPath(segment.id)));
+      !st.ok()) {
+    return st;
+  }
+  auto checksum = CheckHeader(header, kRecordFormat, hash, bytes);
+  if (!checksum.ok()) return checksum.status();
+  // Verify what the caller will use (the copy).
+  const uint64_t actual = BlockChecksum(dst, bytes);
+  if (actual != *checksum) {
+    return absl::DataLossError(absl::StrCat("block ", hash.Hex(), " on disk fails its checksum: ",
+                                            "stored ", *checksum, ", computed ", actual));
   }
   return absl::OkStatus();
 }
 
 absl::Status DiskTier::ReadBlock(const BlockHash& hash, void* dst, uint64_t bytes) {
-  rocksdb::PinnableSlice value;
-  rocksdb::ReadOptions ro;
-  // Our XXH3 over the payload is the end-to-end check; RocksDB's CRC32c of the same bytes would
-  // only add a slower pass (Debian's librocksdb computes CRC32c in software).
-  ro.verify_checksums = false;
-  ro.fill_cache = false;
-  rocksdb::Status s = db_->Get(ro, blocks_cf_, BlockKey(hash), &value);
-  if (s.IsNotFound()) {
-    return absl::NotFoundError(absl::StrCat("block ", hash.Hex(), " is not on disk"));
-  }
-  if (s.IsCorruption()) {
-    DropCorrupt(hash);
-    return FromRocks(s, absl::StrCat("read block ", hash.Hex()));
-  }
-  if (!s.ok()) return FromRocks(s, absl::StrCat("read block ", hash.Hex()));
+  Entry entry;
+  std::shared_ptr<Segment> file;
   {
     absl::MutexLock lock(&mu_);
+    auto it = blocks_.find(hash);
+    if (it == blocks_.end()) {
+      return absl::NotFoundError(absl::StrCat("block ", hash.Hex(), " is not on disk"));
+    }
+    entry = it->second;
+    file = segments_.at(entry.place.segment).file;
     ++counters_.reads;
   }
-  if (value.size() < kDiskBlockHeaderBytes) {
-    DropCorrupt(hash);
-    return absl::DataLossError(absl::StrCat("block ", hash.Hex(), " on disk has ", value.size(),
-                                            " bytes, less than its ", kDiskBlockHeaderBytes,
-                                            "-byte header"));
+  if (entry.bytes != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block ", hash.Hex(), " on disk has ", entry.bytes, " bytes, the reader expects ", bytes));
   }
-  const auto* p = reinterpret_cast<const uint8_t*>(value.data());
-  auto le = [p](int at, int n) {
-    uint64_t v = 0;
-    for (int i = 0; i < n; ++i) v |= uint64_t{p[at + i]} << (8 * i);
-    return v;
-  };
-  const uint64_t magic = le(0, 4);
-  const uint64_t format = le(4, 4);
-  const uint64_t size = le(8, 8);
-  const uint64_t checksum = le(16, 8);
-  const uint64_t payload = value.size() - kDiskBlockHeaderBytes;
-  const bool same_block = std::memcmp(p + 24, hash.bytes.data(), hash.bytes.size()) == 0;
-  if (magic != kBlockMagic || format != kBlockFormat || size != payload || !same_block) {
-    DropCorrupt(hash);
-    return absl::DataLossError(absl::StrCat(
-        "block ", hash.Hex(), " on disk has a bad header: magic ", magic, " (expected ",
-        kBlockMagic, "), format ", format, " (expected ", kBlockFormat, "), size ", size,
-        " with a payload of ", payload, same_block ? "" : ", and it names another block"));
-  }
-  if (payload != bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("block ", hash.Hex(), " on disk has ", payload,
-                                                   " bytes, the reader expects ", bytes));
-  }
-  std::memcpy(dst, value.data() + kDiskBlockHeaderBytes, bytes);
-  // Verify what the caller will use (the copy), not only the source.
-  const uint64_t actual = BlockChecksum(dst, bytes);
-  if (actual != checksum) {
-    DropCorrupt(hash);
-    return absl::DataLossError(absl::StrCat("block ", hash.Hex(), " on disk fails its checksum: ",
-                                            "stored ", checksum, ", computed ", actual));
-  }
+  absl::Status st = ReadRecord(*file, entry.place.offset, hash, dst, bytes);
+  if (absl::IsDataLoss(st)) DropCorrupt(hash, entry.place);
+  if (!st.ok()) return st;
   absl::MutexLock lock(&mu_);
   counters_.bytes_read += bytes;
   return absl::OkStatus();
 }
 
-void DiskTier::DropCorrupt(const BlockHash& hash) {
+void DiskTier::DropCorrupt(const BlockHash& hash, DiskPlace place) {
+  absl::MutexLock index(&index_mu_);
   {
     absl::MutexLock lock(&mu_);
     ++counters_.corrupt;
+    auto it = blocks_.find(hash);
+    if (it == blocks_.end() || it->second.place.segment != place.segment ||
+        it->second.place.offset != place.offset) {
+      return;  // rewritten or deleted since
+    }
   }
   // Best effort: if the delete fails, the next read finds the block corrupt again.
-  DeleteBlocks(absl::MakeConstSpan(&hash, 1)).IgnoreError();
+  DeleteIndexed(absl::MakeConstSpan(&hash, 1)).IgnoreError();
 }
 
 absl::Status DiskTier::DeleteBlocks(absl::Span<const BlockHash> hashes) {
   if (hashes.empty()) return absl::OkStatus();
+  absl::MutexLock index(&index_mu_);
+  return DeleteIndexed(hashes);
+}
+
+absl::Status DiskTier::DeleteIndexed(absl::Span<const BlockHash> hashes) {
   rocksdb::WriteBatch batch;
   for (const BlockHash& h : hashes) {
-    rocksdb::Status s = batch.Delete(blocks_cf_, BlockKey(h));
-    if (s.ok()) s = batch.Delete(meta_cf_, BlockMetaKey(h));
-    if (!s.ok()) return FromRocks(s, "build delete batch");
+    if (auto st = FromRocks(batch.Delete(meta_cf_, BlockMetaKey(h)), "build delete batch");
+        !st.ok()) {
+      return st;
+    }
   }
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.durability == Durability::kSync;
-  if (auto st = FromRocks(db_->Write(wo, &batch), "delete blocks"); !st.ok()) return st;
+  if (auto st = FromRocks(db_->Write(WriteOpts(), &batch), "delete blocks"); !st.ok()) return st;
   absl::MutexLock lock(&mu_);
   for (const BlockHash& h : hashes) {
-    auto it = sizes_.find(h);
-    if (it == sizes_.end()) continue;
-    used_bytes_ -= it->second;
-    sizes_.erase(it);
+    auto it = blocks_.find(h);
+    if (it == blocks_.end()) continue;
+    const Entry e = it->second;
+    blocks_.erase(it);
+    segments_[e.place.segment].live -= RecordBytes(e.bytes);
+    used_bytes_ -= e.bytes;
+    RetireOrScheduleLocked(e.place.segment);
   }
   return absl::OkStatus();
 }
 
 absl::Status DiskTier::UpdateMeta(const DiskBlockMeta& meta) {
-  if (!Contains(meta.hash)) {
-    return absl::NotFoundError(absl::StrCat("block ", meta.hash.Hex(), " is not on disk"));
+  absl::MutexLock index(&index_mu_);
+  Entry entry;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = blocks_.find(meta.hash);
+    if (it == blocks_.end()) {
+      return absl::NotFoundError(absl::StrCat("block ", meta.hash.Hex(), " is not on disk"));
+    }
+    entry = it->second;
   }
-  // Keep the stored write sequence: LRU order after a restart follows writes, not updates.
-  std::string stored;
-  const std::string key = BlockMetaKey(meta.hash);
-  if (auto st = FromRocks(db_->Get(rocksdb::ReadOptions(), meta_cf_, key, &stored),
-                          absl::StrCat("read metadata of block ", meta.hash.Hex()));
-      !st.ok()) {
-    return st;
-  }
+  // Keep the stored size, place and write sequence: LRU order after a restart follows writes,
+  // not updates.
   DiskBlockMeta updated = meta;
-  if (auto old = DecodeDiskBlockMeta(stored); old.ok()) updated.sequence = old->sequence;
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.durability == Durability::kSync;
-  return FromRocks(db_->Put(wo, meta_cf_, key, EncodeDiskBlockMeta(updated)),
+  updated.bytes = entry.bytes;
+  updated.sequence = entry.sequence;
+  return FromRocks(db_->Put(WriteOpts(), meta_cf_, BlockMetaKey(meta.hash),
+                            EncodeDiskBlockMeta(updated, entry.place)),
                    absl::StrCat("update metadata of block ", meta.hash.Hex()));
 }
 
 absl::Status DiskTier::PutModel(const DiskModelMeta& model) {
-  rocksdb::WriteOptions wo;
-  wo.sync = options_.durability == Durability::kSync;
-  return FromRocks(db_->Put(wo, meta_cf_, ModelMetaKey(model.id), EncodeDiskModelMeta(model)),
-                   absl::StrCat("store model ", model.id));
+  return FromRocks(
+      db_->Put(WriteOpts(), meta_cf_, ModelMetaKey(model.id), EncodeDiskModelMeta(model)),
+      absl::StrCat("store model ", model.id));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Moving blocks: compaction and the migration of the format before segments.
+
+absl::Status DiskTier::MoveBlocks(std::vector<Moving>* batch, bool legacy) {
+  if (batch->empty()) return absl::OkStatus();
+  std::vector<uint64_t> sizes;
+  std::vector<BlockHash> hashes;
+  std::vector<const void*> data;
+  for (const Moving& m : *batch) {
+    sizes.push_back(m.meta.bytes);
+    hashes.push_back(m.meta.hash);
+    data.push_back(m.payload.data());
+  }
+  auto appends = Reserve(sizes);
+  if (!appends.ok()) return appends.status();
+  if (auto st = WriteRecords(*appends, hashes, data); !st.ok()) {
+    Abandon(*appends);
+    return st;
+  }
+  absl::MutexLock index(&index_mu_);
+  // A block that a Put, delete or UpdateMeta changed since it was read stays where that left it.
+  std::vector<bool> still(batch->size(), true);
+  if (!legacy) {
+    absl::MutexLock lock(&mu_);
+    for (size_t i = 0; i < batch->size(); ++i) {
+      auto it = blocks_.find(hashes[i]);
+      still[i] = it != blocks_.end() && it->second.place.segment == (*batch)[i].from.segment &&
+                 it->second.place.offset == (*batch)[i].from.offset;
+    }
+  }
+  rocksdb::WriteBatch write;
+  for (size_t i = 0; i < batch->size(); ++i) {
+    if (!still[i]) continue;
+    DiskBlockMeta meta = (*batch)[i].meta;
+    if (!legacy) {
+      // The stored record is the truth for every field (UpdateMeta may have changed the pin).
+      std::string stored;
+      auto st =
+          FromRocks(db_->Get(rocksdb::ReadOptions(), meta_cf_, BlockMetaKey(meta.hash), &stored),
+                    absl::StrCat("read metadata of block ", meta.hash.Hex()));
+      auto decoded = st.ok() ? DecodeDiskBlockMeta(stored) : absl::StatusOr<DiskBlockMeta>(st);
+      if (!decoded.ok()) {
+        Abandon(*appends);
+        return decoded.status();
+      }
+      meta = *std::move(decoded);
+    }
+    write.Put(meta_cf_, BlockMetaKey(meta.hash), EncodeDiskBlockMeta(meta, (*appends)[i].place))
+        .PermitUncheckedError();
+    if (legacy) write.Delete(legacy_cf_, meta.hash.Raw()).PermitUncheckedError();
+    (*batch)[i].meta = meta;
+  }
+  const absl::Status st = FromRocks(db_->Write(WriteOpts(), &write), "move blocks");
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < batch->size(); ++i) {
+    if (st.ok() && still[i]) {
+      PlaceLocked(hashes[i], (*appends)[i], (*batch)[i].meta.sequence);
+      if (!legacy) ++counters_.relocated;
+    }
+    ReleaseLocked((*appends)[i]);
+  }
+  return st;
+}
+
+absl::Status DiskTier::CompactSegment(uint32_t id) {
+  std::shared_ptr<Segment> file;
+  std::vector<Moving> live;
+  {
+    absl::MutexLock lock(&mu_);
+    auto seg = segments_.find(id);
+    if (seg == segments_.end()) return absl::OkStatus();
+    file = seg->second.file;
+    for (const auto& [hash, e] : blocks_) {
+      if (e.place.segment != id) continue;
+      Moving m;
+      m.meta.hash = hash;
+      m.meta.bytes = e.bytes;
+      m.meta.sequence = e.sequence;
+      m.from = e.place;
+      live.push_back(std::move(m));
+    }
+  }
+  std::sort(live.begin(), live.end(),
+            [](const Moving& a, const Moving& b) { return a.from.offset < b.from.offset; });
+  std::vector<Moving> batch;
+  uint64_t batch_bytes = 0;
+  for (size_t i = 0; i <= live.size(); ++i) {
+    if (i == live.size() || batch_bytes + live[i].meta.bytes > kMoveBatchBytes) {
+      if (auto st = MoveBlocks(&batch, /*legacy=*/false); !st.ok()) return st;
+      batch.clear();
+      batch_bytes = 0;
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return absl::OkStatus();
+    }
+    if (i == live.size()) break;
+    Moving& m = live[i];
+    m.payload.resize(m.meta.bytes);
+    absl::Status st = ReadRecord(*file, m.from.offset, m.meta.hash, m.payload.data(), m.meta.bytes);
+    if (absl::IsDataLoss(st)) {
+      DropCorrupt(m.meta.hash, m.from);
+      continue;
+    }
+    if (!st.ok()) return st;
+    batch_bytes += m.meta.bytes;
+    batch.push_back(std::move(m));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DiskTier::Compact() {
+  absl::MutexLock one(&compact_mu_);
+  std::set<uint32_t> tried;  // each segment once a call, so a busy one cannot hold it forever
+  while (true) {
+    uint32_t victim = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return absl::OkStatus();
+      double lowest = 0.5;
+      for (const auto& [id, s] : segments_) {
+        if (id == filling_ || s.writers > 0 || tried.contains(id) || s.end == 0) continue;
+        const double ratio = static_cast<double>(s.live) / static_cast<double>(s.end);
+        if (ratio < lowest) {
+          lowest = ratio;
+          victim = id;
+        }
+      }
+    }
+    if (victim == 0) return absl::OkStatus();
+    tried.insert(victim);
+    if (auto st = CompactSegment(victim); !st.ok()) return st;
+  }
+}
+
+void DiskTier::CompactionLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](DiskTier* t)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return t->compaction_wanted_ || t->stopping_; },
+          this));
+      if (stopping_) return;
+      compaction_wanted_ = false;
+    }
+    // A failure (e.g. a full file system) is tried again at the next change that asks for it.
+    Compact().IgnoreError();
+  }
+}
+
+absl::Status DiskTier::Migrate(std::vector<DiskBlockMeta>* legacy, DiskContents* out) {
+  std::vector<Moving> batch;
+  uint64_t batch_bytes = 0;
+  auto flush = [&]() -> absl::Status {
+    if (auto st = MoveBlocks(&batch, /*legacy=*/true); !st.ok()) return st;
+    for (Moving& m : batch) {
+      ++out->migrated_blocks;
+      out->blocks.push_back(std::move(m.meta));
+    }
+    batch.clear();
+    batch_bytes = 0;
+    return absl::OkStatus();
+  };
+  rocksdb::ReadOptions ro;
+  ro.fill_cache = false;
+  for (DiskBlockMeta& meta : *legacy) {
+    std::string value;
+    const rocksdb::Status s = db_->Get(ro, legacy_cf_, meta.hash.Raw(), &value);
+    bool good = s.ok() && value.size() == kDiskLegacyHeaderBytes + meta.bytes;
+    if (good) {
+      auto checksum = CheckHeader(reinterpret_cast<const uint8_t*>(value.data()), kLegacyFormat,
+                                  meta.hash, meta.bytes);
+      good = checksum.ok() &&
+             *checksum == BlockChecksum(value.data() + kDiskLegacyHeaderBytes, meta.bytes);
+    } else if (!s.ok() && !s.IsNotFound() && !s.IsCorruption()) {
+      return FromRocks(s, absl::StrCat("read block ", meta.hash.Hex(), " to migrate it"));
+    }
+    if (!good) {
+      rocksdb::WriteBatch drop;
+      drop.Delete(meta_cf_, BlockMetaKey(meta.hash)).PermitUncheckedError();
+      drop.Delete(legacy_cf_, meta.hash.Raw()).PermitUncheckedError();
+      if (auto st = FromRocks(db_->Write(WriteOpts(), &drop), "drop a block"); !st.ok()) return st;
+      ++out->dropped_records;
+      continue;
+    }
+    Moving m;
+    m.meta = std::move(meta);
+    m.payload = value.substr(kDiskLegacyHeaderBytes);
+    batch_bytes += m.meta.bytes;
+    batch.push_back(std::move(m));
+    if (batch_bytes >= kMoveBatchBytes) {
+      if (auto st = flush(); !st.ok()) return st;
+    }
+  }
+  if (auto st = flush(); !st.ok()) return st;
+  // Every block has moved (or was dropped): the family goes, and with it its blob files.
+  if (auto st = FromRocks(db_->DropColumnFamily(legacy_cf_), "drop the blocks family"); !st.ok()) {
+    return st;
+  }
+  db_->DestroyColumnFamilyHandle(legacy_cf_);
+  legacy_cf_ = nullptr;
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounting
 
 bool DiskTier::Contains(const BlockHash& hash) const {
   absl::MutexLock lock(&mu_);
-  return sizes_.contains(hash);
+  return blocks_.contains(hash);
 }
 
 bool DiskTier::Fits(uint64_t bytes) const {
@@ -615,18 +1156,37 @@ uint64_t DiskTier::used_bytes() const {
   return used_bytes_;
 }
 
+absl::StatusOr<DiskPlace> DiskTier::PlaceOf(const BlockHash& hash) const {
+  absl::MutexLock lock(&mu_);
+  auto it = blocks_.find(hash);
+  if (it == blocks_.end()) {
+    return absl::NotFoundError(absl::StrCat("block ", hash.Hex(), " is not on disk"));
+  }
+  return it->second.place;
+}
+
 DiskCounters DiskTier::Counters() const {
   absl::MutexLock lock(&mu_);
   DiskCounters c = counters_;
-  c.blocks = sizes_.size();
+  c.blocks = blocks_.size();
   c.bytes_used = used_bytes_;
+  c.segments = segments_.size();
+  for (const auto& [id, s] : segments_) c.file_bytes += s.end;
   return c;
 }
 
 absl::Status DiskTier::Flush() {
+  std::vector<std::shared_ptr<Segment>> files;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, s] : segments_) files.push_back(s.file);
+  }
+  for (const auto& f : files) {
+    if (::fdatasync(f->fd) != 0) return FromErrno(errno, absl::StrCat("sync ", SegmentPath(f->id)));
+  }
   rocksdb::FlushOptions fo;
   fo.wait = true;
-  return FromRocks(db_->Flush(fo, {blocks_cf_, meta_cf_}), "flush");
+  return FromRocks(db_->Flush(fo, meta_cf_), "flush");
 }
 
 }  // namespace ropekv

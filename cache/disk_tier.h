@@ -1,36 +1,52 @@
-// The disk tier: blocks and the metadata that makes them findable again, in RocksDB under the
-// data folder, so that the cache survives a restart.
+// The disk tier: blocks and the metadata that makes them findable again, under the data folder,
+// so that the cache survives a restart.
 //
-// Two column families:
-//   "blocks": key = the block's 32-byte hash; value = a 56-byte header (magic, format version,
-//             payload size, XXH3 checksum of the payload, the block's hash again) followed by
-//             the block's bytes. Values are large, so they live in RocksDB's blob files (keys
-//             stay in the LSM tree).
-//   "meta":   "m" + model id -> the model's spec and names; "b" + hash -> the block's metadata
-//             (model, parent, position, rotated_at, rope table, pre_rope, pinned, size, write
-//             sequence). Every metadata value ends with its own XXH3 checksum.
-// A block's value and its metadata are written in one WriteBatch, so after a crash either both
-// are there or neither: a partial block is never visible. Every read verifies the block's size
-// and checksum; a block that does not verify is deleted and reported as DATA_LOSS, never
-// returned.
+// Block bytes live in append-only segment files, <path>/segments/<id>.seg (ids in hex, never
+// reused); RocksDB, in <path>, keeps only what finds them, in its "meta" column family:
+//   "m" + model id -> the model's spec and names;
+//   "b" + hash     -> the block's metadata (model, parent, position, rotated_at, rope table,
+//                     pre_rope, pinned, size, write sequence) and its place (segment, offset).
+// Every metadata value ends with its own XXH3 checksum. A block's record in its segment is a
+// 64-byte header (magic, format, payload size, XXH3 of the payload, the block's hash, XXH3 of the
+// header) and the payload, padded to 64 bytes. Each byte of a block is written once, by one
+// pwritev, where RocksDB values passed through its write-ahead log and then its blob files.
 //
-// Durability ("acknowledged"): with Durability::kSync a write returns after RocksDB's write-ahead
-// log is fsync'ed (it survives a power loss); with kMemory the WAL is written to the OS but not
-// synced (it survives the daemon's crash or kill -9, not a power loss or kernel crash).
+// A write reserves its records' places at the end of the segment being filled (writers append
+// side by side), writes them, syncs the segment (Durability::kSync), then commits the metadata of
+// all its blocks in one RocksDB batch. After a crash each block of the write is found whole or not
+// at all: bytes appended without their metadata are dead space, never read. Every read verifies
+// the header, size and checksum; a block that does not verify is deleted and reported as
+// DATA_LOSS, never returned.
+//
+// Deleting or rewriting a block only changes its metadata; its old record is dead space. A full
+// segment whose live records fall below half of its bytes is compacted by a background thread:
+// its live blocks are read (verified), appended again, their metadata moved, and the file
+// removed. The segment files therefore hold at most about twice the live bytes, plus the segment
+// being filled (Counters().file_bytes).
+//
+// Data folders of the format before segments (block bytes as values of a RocksDB "blocks" column
+// family) are migrated by Load: each block is verified, appended to a segment and its metadata
+// rewritten; the column family is dropped at the end.
+//
+// Durability ("acknowledged"): with Durability::kSync a write returns after its segment bytes
+// and RocksDB's write-ahead log are fsync'ed (it survives a power loss); with kMemory both are
+// written to the OS but not synced (they survive the daemon's crash or kill -9, not a power loss
+// or kernel crash).
 //
 // Like HostTier, the disk tier stores and accounts; which blocks live here is the cache's choice.
-// Capacity counts live block bytes (payloads). RocksDB's files can hold more for a while: deleted
-// values are reclaimed by blob garbage collection during compaction.
+// Capacity counts live block bytes (payloads).
 //
-// Thread safety: every method is thread-safe (RocksDB is; accounting is under a mutex).
+// Thread safety: every method is thread-safe.
 #ifndef ROPEKV_CACHE_DISK_TIER_H_
 #define ROPEKV_CACHE_DISK_TIER_H_
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -45,15 +61,19 @@
 namespace rocksdb {
 class ColumnFamilyHandle;
 class DB;
+struct WriteOptions;
 }  // namespace rocksdb
 
 namespace ropekv {
 
-// Column family names (tests open the database directly to corrupt values).
+// Column family names (tests open the database directly). kDiskBlocksFamily is the format before
+// segments, kept for its migration.
 inline constexpr char kDiskBlocksFamily[] = "blocks";
 inline constexpr char kDiskMetaFamily[] = "meta";
-// Bytes before a block's payload in a "blocks" value.
-inline constexpr size_t kDiskBlockHeaderBytes = 56;
+// Bytes before a block's payload in its segment record.
+inline constexpr size_t kDiskRecordHeaderBytes = 64;
+// Bytes before a block's payload in a "blocks" value of the format before segments.
+inline constexpr size_t kDiskLegacyHeaderBytes = 56;
 
 // When a write counts as acknowledged.
 enum class Durability : uint8_t {
@@ -78,6 +98,12 @@ struct DiskBlockMeta {
   uint64_t sequence = 0;  // write order, assigned by PutBlocks (LRU order after a restart)
 };
 
+// Where a block's record lies: its segment and the offset of its header in that file.
+struct DiskPlace {
+  uint32_t segment = 0;
+  uint64_t offset = 0;
+};
+
 // A model as the disk keeps it, so that it is registered again after a restart.
 struct DiskModelMeta {
   ModelId id;
@@ -91,6 +117,8 @@ struct DiskContents {
   std::vector<DiskBlockMeta> blocks;  // in write order (sequence ascending)
   // Records deleted because they did not parse or verify, or whose block bytes were missing.
   uint64_t dropped_records = 0;
+  // Blocks moved from the format before segments into segments.
+  uint64_t migrated_blocks = 0;
 };
 
 // Counters of the disk tier since it was opened.
@@ -103,6 +131,9 @@ struct DiskCounters {
   uint64_t bytes_read = 0;     // payload bytes read
   uint64_t bytes_written = 0;  // payload bytes written
   uint64_t corrupt = 0;        // blocks that failed verification (and were deleted)
+  uint64_t segments = 0;       // segment files
+  uint64_t file_bytes = 0;     // bytes in segment files: live records, dead space, padding
+  uint64_t relocated = 0;      // blocks moved by compaction
 };
 
 class DiskTier {
@@ -114,9 +145,14 @@ class DiskTier {
     Durability durability = Durability::kSync;
     // Hard limit on live payload bytes; PutBlocks past it is RESOURCE_EXHAUSTED.
     uint64_t capacity_bytes = 64ull << 30;
-    // RocksDB block cache for the metadata and keys (block bytes are not cached by RocksDB: the
-    // host tier is their cache).
+    // RocksDB block cache for the metadata.
     uint64_t block_cache_bytes = 32ull << 20;
+    // A segment file is filled up to this size (a larger record gets a segment of its own).
+    // 0: capacity / 256 within [64 MiB, 4 GiB], so that the tier keeps a few hundred files open
+    // (each segment holds a descriptor).
+    uint64_t segment_bytes = 0;
+    // Compact full segments in a background thread (tests turn it off and call Compact).
+    bool background_compaction = true;
   };
 
   // Opens (or creates) the database. INVALID_ARGUMENT for an empty path or zero capacity;
@@ -127,9 +163,11 @@ class DiskTier {
   DiskTier(const DiskTier&) = delete;
   DiskTier& operator=(const DiskTier&) = delete;
 
-  // Scans the metadata: every model, and every block whose record verifies and whose value
-  // exists. Records that do not verify are deleted (counted in dropped_records). Rebuilds the
-  // accounting from what it found. Call once, after Open and before other methods.
+  // Scans the metadata: every model, and every block whose record verifies and whose segment
+  // holds its place. Records that do not verify are deleted (counted in dropped_records); segment
+  // files no block lives in are removed. Migrates blocks of the format before segments. Rebuilds
+  // the accounting from what it found and starts the background compaction. Call once, after
+  // Open and before other methods.
   absl::StatusOr<DiskContents> Load();
 
   struct BlockWrite {
@@ -139,7 +177,7 @@ class DiskTier {
   // Writes blocks (bytes and metadata) atomically: after a crash all of them are there or none.
   // Returns after the write is acknowledged (Options::durability). Rewriting a stored block
   // replaces it. RESOURCE_EXHAUSTED when the new bytes would pass the capacity (nothing is
-  // written); INTERNAL / UNAVAILABLE for RocksDB errors.
+  // written) or the file system is full; INTERNAL / UNAVAILABLE for I/O and RocksDB errors.
   absl::Status PutBlocks(absl::Span<const BlockWrite> blocks);
 
   // Reads block `hash` into `dst` ([bytes]), verifying the header, size and checksum.
@@ -167,33 +205,105 @@ class DiskTier {
   const std::string& path() const { return options_.path; }
   DiskCounters Counters() const;
 
-  // Flushes memtables (tests and clean shutdown; a crash loses nothing acknowledged anyway).
+  // Syncs the segments and flushes RocksDB's memtables (tests and clean shutdown; a crash loses
+  // nothing acknowledged anyway).
   absl::Status Flush();
 
- private:
-  DiskTier(Options options, std::unique_ptr<rocksdb::DB> db,
-           std::vector<rocksdb::ColumnFamilyHandle*> handles);
+  // Compacts every full segment whose live records are below half of it, now (the background
+  // thread does the same on its own). OK when there is nothing to do.
+  absl::Status Compact();
 
-  // Deletes a block found corrupt and forgets it.
-  void DropCorrupt(const BlockHash& hash);
+  // Where block `hash` is stored (tests damage it there). NOT_FOUND when it is not stored.
+  absl::StatusOr<DiskPlace> PlaceOf(const BlockHash& hash) const;
+  // The file of segment `id`.
+  std::string SegmentPath(uint32_t id) const;
+
+ private:
+  struct Segment;
+  struct SegmentState;
+  struct Entry;
+  struct Append;
+
+  DiskTier(Options options, std::unique_ptr<rocksdb::DB> db,
+           std::vector<rocksdb::ColumnFamilyHandle*> handles, bool legacy);
+
+  // A block being moved (compaction, migration): its metadata, where it was, its bytes.
+  struct Moving {
+    DiskBlockMeta meta;
+    DiskPlace from;
+    std::string payload;
+  };
+
+  // Reserves places for records of the given payload sizes at the end of the segment being
+  // filled (opening a new one when it is full). Each place stays reserved until ReleaseLocked.
+  absl::StatusOr<std::vector<Append>> Reserve(absl::Span<const uint64_t> payloads)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Writes the records of `appends` (payload i at data[i]) and, under kSync, syncs their
+  // segments.
+  absl::Status WriteRecords(absl::Span<const Append> appends, absl::Span<const BlockHash> hashes,
+                            absl::Span<const void* const> data);
+  // Points `hash` at the record of `a` (its metadata is written); its old record, if any,
+  // becomes dead space.
+  void PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends the reservation of `a`; a record no block points at is dead space.
+  void ReleaseLocked(const Append& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Abandon(absl::Span<const Append> appends) ABSL_LOCKS_EXCLUDED(mu_);
+  // Removes segment `id` when it is not being filled or written and holds no live record; asks
+  // for compaction when its live records are below half of it.
+  void RetireOrScheduleLocked(uint32_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads the record of `hash` at `offset` of `segment` into dst ([bytes]) and verifies it.
+  absl::Status ReadRecord(const Segment& segment, uint64_t offset, const BlockHash& hash, void* dst,
+                          uint64_t bytes) const;
+  // Deletes a block found corrupt at `place`, unless it was rewritten or deleted since.
+  void DropCorrupt(const BlockHash& hash, DiskPlace place) ABSL_LOCKS_EXCLUDED(index_mu_);
+  absl::Status DeleteIndexed(absl::Span<const BlockHash> hashes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(index_mu_);
+  // Appends `batch` to the segment being filled and points the blocks there, but for those a
+  // Put, delete or UpdateMeta changed since they were read (compaction); `legacy` moves blocks
+  // out of the "blocks" family of the format before segments.
+  absl::Status MoveBlocks(std::vector<Moving>* batch, bool legacy);
+  // Moves the live blocks of segment `id` to the segment being filled.
+  absl::Status CompactSegment(uint32_t id);
+  // Moves the blocks of the format before segments into segments, then drops their family.
+  absl::Status Migrate(std::vector<DiskBlockMeta>* legacy, DiskContents* out);
+  void CompactionLoop();
+  rocksdb::WriteOptions WriteOpts() const;
 
   const Options options_;
+  const std::string segment_dir_;
   std::unique_ptr<rocksdb::DB> db_;
-  rocksdb::ColumnFamilyHandle* blocks_cf_ = nullptr;  // owned, destroyed before db_
   rocksdb::ColumnFamilyHandle* meta_cf_ = nullptr;    // owned, destroyed before db_
+  rocksdb::ColumnFamilyHandle* legacy_cf_ = nullptr;  // "blocks" of an unmigrated folder
   std::atomic<uint64_t> next_sequence_{1};
 
+  // Serialises metadata writes with the accounting that follows them, so that compaction never
+  // moves a block that a Put, delete or UpdateMeta changed meanwhile. Taken before mu_.
+  absl::Mutex index_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // One compaction at a time.
+  absl::Mutex compact_mu_ ABSL_ACQUIRED_BEFORE(index_mu_);
+
   mutable absl::Mutex mu_;
-  absl::flat_hash_map<BlockHash, uint64_t> sizes_ ABSL_GUARDED_BY(mu_);  // stored blocks
+  absl::flat_hash_map<BlockHash, Entry> blocks_ ABSL_GUARDED_BY(mu_);
+  std::map<uint32_t, SegmentState> segments_ ABSL_GUARDED_BY(mu_);
+  uint32_t filling_ ABSL_GUARDED_BY(mu_) = 0;  // segment being filled; 0: none yet
+  uint32_t next_segment_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // writes in flight
   DiskCounters counters_ ABSL_GUARDED_BY(mu_);
+  bool compaction_wanted_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread compactor_;
 };
 
-// Binary encodings of the metadata records (exposed for tests). Decode returns DATA_LOSS for
-// anything that does not parse or whose trailing checksum does not match.
-std::string EncodeDiskBlockMeta(const DiskBlockMeta& meta);
-absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data);
+// Binary encodings of the metadata records (exposed for tests). A block's record with a place
+// has format 2; without one, format 1 (before segments: tests write such folders to check their
+// migration). Decode returns DATA_LOSS for anything that does not parse or whose trailing
+// checksum does not match, and the place for format 2.
+std::string EncodeDiskBlockMeta(const DiskBlockMeta& meta,
+                                std::optional<DiskPlace> place = std::nullopt);
+absl::StatusOr<DiskBlockMeta> DecodeDiskBlockMeta(absl::string_view data,
+                                                  std::optional<DiskPlace>* place = nullptr);
 std::string EncodeDiskModelMeta(const DiskModelMeta& model);
 absl::StatusOr<DiskModelMeta> DecodeDiskModelMeta(absl::string_view data);
 

@@ -1412,7 +1412,7 @@ CacheStats KvCache::Stats() const {
   }
   if (disk_ != nullptr) {
     disk.bytes_used = disk_->used_bytes();
-    disk.reserved_bytes = disk.bytes_used;
+    disk.reserved_bytes = disk_->Counters().file_bytes;
     disk.capacity_bytes = disk_->capacity_bytes();
     s.tiers.push_back(disk);
   }

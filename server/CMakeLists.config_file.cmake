@@ -9,11 +9,12 @@ if(EXISTS ${PROJECT_SOURCE_DIR}/tests/unit/server/config_file_test.cc)
     LIBS ropekv_server)
 endif()
 
-# Restart persistence, kill -9 during puts, corrupted values: a real ropekvd and the real client.
+# Restart persistence, kill -9 during puts, corrupted records: a real ropekvd and the real client
+# (and the disk tier itself, to find the record it damages).
 if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/persistence_test.cc)
   ropekv_test(NAME persistence_test LABELS integration
     SOURCES ${PROJECT_SOURCE_DIR}/tests/integration/persistence_test.cc
-    LIBS ropekv_client ropekv_test_daemon RocksDB::rocksdb-shared)
+    LIBS ropekv_client ropekv_test_daemon ropekv_cache)
   add_dependencies(persistence_test ropekvd)
 endif()
 

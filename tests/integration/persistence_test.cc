@@ -14,8 +14,8 @@
 #include "cache/disk_tier.h"
 #include "clients/cpp/client.h"
 #include "gtest/gtest.h"
-#include "rocksdb/db.h"
 #include "tests/integration/daemon.h"
+#include "tests/unit/cache/disk_damage.h"
 
 namespace ropekv {
 namespace {
@@ -221,26 +221,15 @@ TEST_F(PersistenceTest, CorruptedValueIsDetectedAndNeverServed) {
   const std::string victim = l->blocks(1).hash();
   Stop();
 
-  // Garbage into the stored value, through RocksDB's own API.
-  {
-    rocksdb::DBOptions o;
-    std::vector<rocksdb::ColumnFamilyDescriptor> families = {
-        {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
-        {kDiskBlocksFamily, rocksdb::ColumnFamilyOptions()},
-        {kDiskMetaFamily, rocksdb::ColumnFamilyOptions()}};
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(o, dir_ + "/rocksdb", families, &handles, &db).ok());
-    std::string value;
-    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), handles[1], victim, &value).ok());
-    std::mt19937_64 rng(99);
-    for (size_t i = kDiskBlockHeaderBytes; i < value.size(); ++i) {
-      value[i] = static_cast<char>(rng());
+  // Garbage into the block's payload in its segment file.
+  auto hash = BlockHash::FromRaw(victim);
+  ASSERT_TRUE(hash.ok());
+  std::mt19937_64 rng(99);
+  testing::DamageDiskRecord(dir_ + "/rocksdb", *hash, [&](std::string* record) {
+    for (size_t i = kDiskRecordHeaderBytes; i < record->size(); ++i) {
+      (*record)[i] = static_cast<char>(rng());
     }
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[1], victim, value).ok());
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
-  }
+  });
 
   Restart();
   EXPECT_EQ(ReadBack(5, 4), 1u);  // the good first block; the garbage never comes back

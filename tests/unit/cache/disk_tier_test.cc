@@ -4,12 +4,15 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
 #include <random>
 #include <thread>
 
 #include "gtest/gtest.h"
 #include "rocksdb/db.h"
+#include "tests/unit/cache/disk_damage.h"
 
 namespace ropekv {
 namespace {
@@ -86,22 +89,9 @@ class DiskTierTest : public ::testing::Test {
     return *std::move(t);
   }
 
-  // Replaces the stored value of `hash` in the "blocks" family through RocksDB itself.
+  // Rewrites the record of `hash` in its segment file (the tier must be closed).
   void RewriteValue(const BlockHash& hash, const std::function<void(std::string*)>& change) {
-    rocksdb::DBOptions o;
-    std::vector<rocksdb::ColumnFamilyDescriptor> families = {
-        {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
-        {kDiskBlocksFamily, rocksdb::ColumnFamilyOptions()},
-        {kDiskMetaFamily, rocksdb::ColumnFamilyOptions()}};
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(o, dir_, families, &handles, &db).ok());
-    std::string value;
-    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), handles[1], hash.Raw(), &value).ok());
-    change(&value);
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[1], hash.Raw(), value).ok());
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
+    testing::DamageDiskRecord(dir_, hash, change);
   }
 
   std::string dir_;
@@ -122,11 +112,24 @@ TEST(DiskMetaTest, BlockMetaRoundTrip) {
   d = DecodeDiskBlockMeta(EncodeDiskBlockMeta(m));
   ASSERT_TRUE(d.ok());
   EXPECT_FALSE(d->parent.has_value());
+
+  // With a place (format 2), and without (format 1, before segments).
+  std::optional<DiskPlace> place;
+  d = DecodeDiskBlockMeta(EncodeDiskBlockMeta(m, DiskPlace{0xfedcba98, 0x123456789abcdef0}),
+                          &place);
+  ASSERT_TRUE(d.ok()) << d.status();
+  ExpectSameMeta(m, *d);
+  ASSERT_TRUE(place.has_value());
+  EXPECT_EQ(place->segment, 0xfedcba98u);
+  EXPECT_EQ(place->offset, 0x123456789abcdef0u);
+  d = DecodeDiskBlockMeta(EncodeDiskBlockMeta(m), &place);
+  ASSERT_TRUE(d.ok());
+  EXPECT_FALSE(place.has_value());
 }
 
 TEST(DiskMetaTest, EveryFlippedByteOfARecordIsDataLoss) {
   std::mt19937_64 rng(2);
-  const std::string enc = EncodeDiskBlockMeta(MetaOf(RandomHash(rng), 4096, 16));
+  const std::string enc = EncodeDiskBlockMeta(MetaOf(RandomHash(rng), 4096, 16), DiskPlace{3, 128});
   for (size_t i = 0; i < enc.size(); ++i) {
     std::string bad = enc;
     bad[i] ^= 0x20;
@@ -309,14 +312,14 @@ TEST_F(DiskTierTest, OneFlippedPayloadBitIsDataLoss) {
     auto t = OpenTier();
     ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
   }
-  RewriteValue(h, [](std::string* v) { (*v)[kDiskBlockHeaderBytes + 31337] ^= 0x04; });
+  RewriteValue(h, [](std::string* v) { (*v)[kDiskRecordHeaderBytes + 31337] ^= 0x04; });
   auto t = OpenTier();
   std::string out(data.size(), '\0');
   EXPECT_EQ(t->ReadBlock(h, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
   EXPECT_FALSE(t->Contains(h));
 }
 
-TEST_F(DiskTierTest, TruncatedValueIsDataLossAtItsFirstRead) {
+TEST_F(DiskTierTest, ATruncatedSegmentLosesItsBlocksAtLoad) {
   const std::string data = RandomBytes(rng_, 40000);
   const BlockHash h = RandomHash(rng_);
   {
@@ -324,20 +327,47 @@ TEST_F(DiskTierTest, TruncatedValueIsDataLossAtItsFirstRead) {
     ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
   }
   RewriteValue(h, [](std::string* v) { v->resize(100); });
+  DiskTier::Options o;
+  o.path = dir_;
+  auto t = DiskTier::Open(o);
+  ASSERT_TRUE(t.ok());
+  auto contents = (*t)->Load();
+  ASSERT_TRUE(contents.ok());
+  EXPECT_TRUE(contents->blocks.empty());
+  EXPECT_EQ(contents->dropped_records, 1u);
+  EXPECT_FALSE((*t)->Contains(h));
+  EXPECT_EQ((*t)->used_bytes(), 0u);
+  // The segment held nothing else: it is gone.
+  EXPECT_EQ((*t)->Counters().segments, 0u);
+}
+
+TEST_F(DiskTierTest, ASegmentTruncatedWhileOpenIsDataLossAtTheRead) {
+  const std::string data = RandomBytes(rng_, 40000);
+  const BlockHash h = RandomHash(rng_);
   auto t = OpenTier();
-  EXPECT_TRUE(t->Contains(h));  // Load reads no values
+  ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
+  auto place = t->PlaceOf(h);
+  ASSERT_TRUE(place.ok());
+  ASSERT_EQ(::truncate(t->SegmentPath(place->segment).c_str(), 7000), 0);
   std::string out(data.size(), '\0');
   EXPECT_EQ(t->ReadBlock(h, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
   EXPECT_FALSE(t->Contains(h));
-  EXPECT_EQ(t->used_bytes(), 0u);
-  // A value shorter than the header too.
-  const BlockHash h2 = RandomHash(rng_);
-  ASSERT_TRUE(t->PutBlocks({{MetaOf(h2, data.size(), 0), data.data()}}).ok());
-  t.reset();
-  RewriteValue(h2, [](std::string* v) { v->resize(7); });
-  t = OpenTier();
-  EXPECT_EQ(t->ReadBlock(h2, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
-  EXPECT_FALSE(t->Contains(h2));
+  EXPECT_EQ(t->Counters().corrupt, 1u);
+}
+
+TEST_F(DiskTierTest, AFlippedHeaderBitIsDataLoss) {
+  const std::string data = RandomBytes(rng_, 40000);
+  const BlockHash h = RandomHash(rng_);
+  {
+    auto t = OpenTier();
+    ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
+  }
+  // Byte 20 is the payload checksum's: only the header's own checksum can tell.
+  RewriteValue(h, [](std::string* v) { (*v)[20] ^= 0x10; });
+  auto t = OpenTier();
+  std::string out(data.size(), '\0');
+  EXPECT_EQ(t->ReadBlock(h, out.data(), out.size()).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(t->Contains(h));
 }
 
 TEST_F(DiskTierTest, ValueOfAnotherBlockIsDataLoss) {
@@ -411,12 +441,11 @@ TEST_F(DiskTierTest, CorruptMetadataRecordIsDroppedAtLoad) {
     rocksdb::DBOptions o;
     std::vector<rocksdb::ColumnFamilyDescriptor> families = {
         {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
-        {kDiskBlocksFamily, rocksdb::ColumnFamilyOptions()},
         {kDiskMetaFamily, rocksdb::ColumnFamilyOptions()}};
     std::vector<rocksdb::ColumnFamilyHandle*> handles;
     rocksdb::DB* db = nullptr;
     ASSERT_TRUE(rocksdb::DB::Open(o, dir_, families, &handles, &db).ok());
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[2], "b" + bad.Raw(), "not a record").ok());
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[1], "b" + bad.Raw(), "not a record").ok());
     for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
     delete db;
   }
@@ -455,6 +484,303 @@ TEST_F(DiskTierTest, ConcurrentWritersAndReadersSeeTheirOwnBytes) {
   uint64_t expect = 0;
   for (int w = 0; w < kThreads; ++w) expect += (kBlocks - (kBlocks + 2) / 3) * (8192 + 8 * w);
   EXPECT_EQ(t->used_bytes(), expect);
+}
+
+// Bytes of the segment files against the live payload: at most twice it, plus one segment.
+TEST_F(DiskTierTest, DeadSpaceIsCompactedAndEveryLiveBlockStaysReadable) {
+  DiskTier::Options o;
+  o.path = dir_;
+  o.segment_bytes = 64 << 10;
+  o.background_compaction = false;
+  auto t = *DiskTier::Open(o);
+  ASSERT_TRUE(t->Load().ok());
+  constexpr int kBlocks = 64;
+  std::vector<std::string> data;
+  std::vector<BlockHash> hashes;
+  for (int i = 0; i < kBlocks; ++i) {
+    data.push_back(RandomBytes(rng_, 8000 + 16 * (i % 5)));
+    hashes.push_back(RandomHash(rng_));
+    ASSERT_TRUE(t->PutBlocks({{MetaOf(hashes[i], data[i].size(), 16 * i), data[i].data()}}).ok());
+  }
+  const DiskCounters full = t->Counters();
+  EXPECT_GE(full.segments, 8u);  // 64 KiB segments of ~8 KB records
+  // Three of every four blocks go, and every fourth of the others is rewritten (its old record
+  // is dead space too).
+  std::vector<BlockHash> doomed;
+  for (int i = 0; i < kBlocks; ++i) {
+    if (i % 4 != 0) doomed.push_back(hashes[i]);
+  }
+  ASSERT_TRUE(t->DeleteBlocks(doomed).ok());
+  for (int i = 0; i < kBlocks; i += 16) {
+    data[i] = RandomBytes(rng_, data[i].size());
+    ASSERT_TRUE(t->PutBlocks({{MetaOf(hashes[i], data[i].size(), 16 * i), data[i].data()}}).ok());
+  }
+  const DiskCounters before = t->Counters();
+  ASSERT_TRUE(t->Compact().ok());
+  const DiskCounters after = t->Counters();
+  EXPECT_GT(after.relocated, 0u);
+  EXPECT_LT(after.file_bytes, before.file_bytes);
+  EXPECT_LE(after.file_bytes, 2 * after.bytes_used + (64 << 10) + 2 * 8192);
+  EXPECT_EQ(after.bytes_used, before.bytes_used);
+  EXPECT_EQ(after.blocks, static_cast<uint64_t>(kBlocks / 4));
+  // On disk, the files are what the counters say.
+  uint64_t on_disk = 0;
+  int files = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir_ + "/segments")) {
+    on_disk += f.file_size();
+    ++files;
+  }
+  EXPECT_EQ(on_disk, after.file_bytes);
+  EXPECT_EQ(static_cast<uint64_t>(files), after.segments);
+  auto read_all = [&](DiskTier& tier) {
+    for (int i = 0; i < kBlocks; ++i) {
+      std::string out(data[i].size(), '\xff');
+      const absl::Status s = tier.ReadBlock(hashes[i], out.data(), out.size());
+      if (i % 4 != 0) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << i;
+        continue;
+      }
+      ASSERT_TRUE(s.ok()) << i << " " << s;
+      EXPECT_EQ(out, data[i]) << i;
+    }
+  };
+  read_all(*t);
+  // Moved blocks keep their metadata (the pin, the write order) across a restart.
+  t.reset();
+  auto reopened = *DiskTier::Open(o);
+  auto contents = reopened->Load();
+  ASSERT_TRUE(contents.ok());
+  ASSERT_EQ(contents->blocks.size(), static_cast<size_t>(kBlocks / 4));
+  EXPECT_EQ(contents->dropped_records, 0u);
+  for (const DiskBlockMeta& m : contents->blocks) {
+    const int i = static_cast<int>(m.position / 16);
+    ExpectSameMeta(m, MetaOf(hashes[i], data[i].size(), 16 * i));
+  }
+  for (size_t i = 1; i < contents->blocks.size(); ++i) {
+    EXPECT_LT(contents->blocks[i - 1].sequence, contents->blocks[i].sequence);
+  }
+  // The rewritten blocks are the most recent.
+  EXPECT_EQ(contents->blocks.back().hash, hashes[kBlocks - 16]);
+  read_all(*reopened);
+}
+
+// Compaction in the background while writers put, rewrite, delete and read: every read returns
+// the bytes last written, and a restart finds exactly the blocks that were not deleted.
+TEST_F(DiskTierTest, CompactionRacingWritersNeverLosesOrMixesABlock) {
+  DiskTier::Options o;
+  o.path = dir_;
+  o.segment_bytes = 48 << 10;
+  o.durability = Durability::kMemory;
+  auto t = *DiskTier::Open(o);
+  ASSERT_TRUE(t->Load().ok());
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 150;
+  std::vector<std::map<int, std::string>> kept(kThreads);  // block -> its last bytes
+  std::vector<std::vector<BlockHash>> hashes(kThreads);
+  std::atomic<int> failures{0};
+  std::atomic<bool> done{false};
+  std::thread compactor([&] {
+    while (!done.load()) {
+      if (!t->Compact().ok()) ++failures;
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int w = 0; w < kThreads; ++w) {
+    threads.emplace_back([&, w] {
+      std::mt19937_64 rng(500 + w);
+      for (int i = 0; i < 24; ++i) hashes[w].push_back(RandomHash(rng));
+      for (int r = 0; r < kRounds; ++r) {
+        const int b = static_cast<int>(rng() % 24);
+        const int op = static_cast<int>(rng() % 4);
+        if (op <= 1) {  // put or rewrite
+          std::string bytes = RandomBytes(rng, 4096 + 64 * (b % 3));
+          if (!t->PutBlocks({{MetaOf(hashes[w][b], bytes.size(), 16 * b), bytes.data()}}).ok()) {
+            ++failures;
+          }
+          kept[w][b] = std::move(bytes);
+        } else if (op == 2) {
+          if (!t->DeleteBlocks({hashes[w][b]}).ok()) ++failures;
+          kept[w].erase(b);
+        } else {
+          auto it = kept[w].find(b);
+          const size_t n = it == kept[w].end() ? 4096 : it->second.size();
+          std::string out(n, '\xff');
+          const absl::Status s = t->ReadBlock(hashes[w][b], out.data(), n);
+          if (it == kept[w].end() ? !absl::IsNotFound(s) : (!s.ok() || out != it->second)) {
+            ++failures;
+          }
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  compactor.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(t->Counters().corrupt, 0u);
+  EXPECT_GT(t->Counters().relocated, 0u);  // the race took place (45-113 moves in 6 runs)
+  t.reset();
+  auto reopened = *DiskTier::Open(o);
+  auto contents = reopened->Load();
+  ASSERT_TRUE(contents.ok());
+  size_t expected = 0;
+  uint64_t expected_bytes = 0;
+  for (int w = 0; w < kThreads; ++w) {
+    expected += kept[w].size();
+    for (const auto& [b, bytes] : kept[w]) {
+      expected_bytes += bytes.size();
+      std::string out(bytes.size(), '\xff');
+      ASSERT_TRUE(reopened->ReadBlock(hashes[w][b], out.data(), out.size()).ok());
+      EXPECT_EQ(out, bytes);
+    }
+  }
+  EXPECT_EQ(contents->blocks.size(), expected);
+  EXPECT_EQ(reopened->used_bytes(), expected_bytes);
+}
+
+// A torn append (bytes past the last record, as a crash mid-write leaves) and a segment file that
+// no block lives in (its metadata never committed) lose nothing and are reclaimed.
+TEST_F(DiskTierTest, BytesWithoutMetadataAreNeverReadAndAreReclaimed) {
+  const std::string data = RandomBytes(rng_, 20000);
+  const BlockHash h = RandomHash(rng_);
+  std::string file;
+  {
+    auto t = OpenTier();
+    ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
+    file = t->SegmentPath(t->PlaceOf(h)->segment);
+  }
+  {
+    std::ofstream torn(file, std::ios::app | std::ios::binary);
+    torn << RandomBytes(rng_, 25000);  // more than the record: the segment is below half live
+    std::ofstream orphan(dir_ + "/segments/0000abcd.seg", std::ios::binary);
+    orphan << RandomBytes(rng_, 9000);
+    std::ofstream foreign(dir_ + "/segments/notes.txt");
+    foreign << "not a segment";
+  }
+  auto t = OpenTier();
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/segments/0000abcd.seg"));
+  EXPECT_TRUE(std::filesystem::exists(dir_ + "/segments/notes.txt"));  // not ours: left alone
+  std::string out(data.size(), '\xff');
+  ASSERT_TRUE(t->ReadBlock(h, out.data(), out.size()).ok());
+  EXPECT_EQ(out, data);
+  // New records go to a new segment, after the orphan's id (ids are never reused).
+  const BlockHash h2 = RandomHash(rng_);
+  ASSERT_TRUE(t->PutBlocks({{MetaOf(h2, data.size(), 16), data.data()}}).ok());
+  EXPECT_GT(t->PlaceOf(h2)->segment, 0xabcdu);
+  // The torn segment is below half live: compaction moves its block and removes it.
+  ASSERT_TRUE(t->DeleteBlocks({h2}).ok());
+  ASSERT_TRUE(t->Compact().ok());
+  EXPECT_FALSE(std::filesystem::exists(file));
+  ASSERT_TRUE(t->ReadBlock(h, out.data(), out.size()).ok());
+  EXPECT_EQ(out, data);
+}
+
+TEST_F(DiskTierTest, AMissingSegmentFileDropsItsBlocksAtLoad) {
+  const std::string data = RandomBytes(rng_, 20000);
+  const BlockHash h = RandomHash(rng_);
+  {
+    auto t = OpenTier();
+    ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
+    std::filesystem::remove(t->SegmentPath(t->PlaceOf(h)->segment));
+  }
+  DiskTier::Options o;
+  o.path = dir_;
+  auto t = *DiskTier::Open(o);
+  auto contents = t->Load();
+  ASSERT_TRUE(contents.ok());
+  EXPECT_TRUE(contents->blocks.empty());
+  EXPECT_EQ(contents->dropped_records, 1u);
+  EXPECT_EQ(t->used_bytes(), 0u);
+}
+
+// A data folder written before segments (block bytes as values of a "blocks" column family,
+// metadata of format 1) is migrated: every good block moves to a segment with its metadata, a
+// damaged one is dropped, and the family is gone.
+TEST_F(DiskTierTest, AFolderOfTheFormatBeforeSegmentsIsMigrated) {
+  constexpr int kBlocks = 6;
+  std::vector<std::string> data;
+  std::vector<DiskBlockMeta> metas;
+  DiskModelMeta model;
+  model.spec = DemoModelSpec();
+  model.id = ModelIdOf(model.spec);
+  model.names = {"demo"};
+  {
+    rocksdb::DBOptions o;
+    o.create_if_missing = true;
+    o.create_missing_column_families = true;
+    rocksdb::ColumnFamilyOptions blobs;
+    blobs.enable_blob_files = true;
+    blobs.min_blob_size = 4096;
+    std::vector<rocksdb::ColumnFamilyDescriptor> families = {
+        {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
+        {kDiskBlocksFamily, blobs},
+        {kDiskMetaFamily, rocksdb::ColumnFamilyOptions()}};
+    std::vector<rocksdb::ColumnFamilyHandle*> handles;
+    rocksdb::DB* db = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(o, dir_, families, &handles, &db).ok());
+    ASSERT_TRUE(
+        db->Put(rocksdb::WriteOptions(), handles[2], "m" + model.id, EncodeDiskModelMeta(model))
+            .ok());
+    for (int i = 0; i < kBlocks; ++i) {
+      data.push_back(RandomBytes(rng_, 30000));
+      DiskBlockMeta m = MetaOf(RandomHash(rng_), data[i].size(), 16 * i);
+      m.model = model.id;
+      m.sequence = 10 + i;
+      metas.push_back(m);
+      // The value of that format: magic "RKVB", format 1, size, XXH3, the block's hash, payload.
+      std::string value(kDiskLegacyHeaderBytes, '\0');
+      auto put = [&](int at, uint64_t v, int n) {
+        for (int b = 0; b < n; ++b) value[at + b] = static_cast<char>(v >> (8 * b));
+      };
+      put(0, 0x42564b52, 4);
+      put(4, 1, 4);
+      put(8, data[i].size(), 8);
+      put(16, BlockChecksum(data[i].data(), data[i].size()), 8);
+      std::memcpy(value.data() + 24, m.hash.bytes.data(), 32);
+      value += data[i];
+      if (i == 3) value[kDiskLegacyHeaderBytes + 100] ^= 1;  // damaged
+      ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[1], m.hash.Raw(), value).ok());
+      ASSERT_TRUE(
+          db->Put(rocksdb::WriteOptions(), handles[2], "b" + m.hash.Raw(), EncodeDiskBlockMeta(m))
+              .ok());
+    }
+    ASSERT_TRUE(db->Flush(rocksdb::FlushOptions(), handles).ok());
+    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
+    delete db;
+  }
+  DiskTier::Options o;
+  o.path = dir_;
+  {
+    auto t = *DiskTier::Open(o);
+    auto contents = t->Load();
+    ASSERT_TRUE(contents.ok()) << contents.status();
+    EXPECT_EQ(contents->migrated_blocks, static_cast<uint64_t>(kBlocks - 1));
+    EXPECT_EQ(contents->dropped_records, 1u);
+    ASSERT_EQ(contents->models.size(), 1u);
+    ASSERT_EQ(contents->blocks.size(), static_cast<size_t>(kBlocks - 1));
+    for (int i = 0, j = 0; i < kBlocks; ++i) {
+      std::string out(data[i].size(), '\xff');
+      const absl::Status s = t->ReadBlock(metas[i].hash, out.data(), out.size());
+      if (i == 3) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+        continue;
+      }
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(out, data[i]);
+      ExpectSameMeta(contents->blocks[j], metas[i]);
+      EXPECT_EQ(contents->blocks[j++].sequence, metas[i].sequence);
+    }
+    EXPECT_EQ(t->used_bytes(), (kBlocks - 1) * 30000u);
+  }
+  std::vector<std::string> families;
+  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir_, &families).ok());
+  EXPECT_EQ(std::count(families.begin(), families.end(), kDiskBlocksFamily), 0);
+  // A second start has nothing to migrate and finds the same blocks.
+  auto t = *DiskTier::Open(o);
+  auto contents = t->Load();
+  ASSERT_TRUE(contents.ok());
+  EXPECT_EQ(contents->migrated_blocks, 0u);
+  EXPECT_EQ(contents->blocks.size(), static_cast<size_t>(kBlocks - 1));
 }
 
 }  // namespace

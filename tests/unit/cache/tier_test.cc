@@ -11,8 +11,8 @@
 
 #include "cache/kv_cache.h"
 #include "gtest/gtest.h"
-#include "rocksdb/db.h"
 #include "tests/unit/cache/block_serials.h"
+#include "tests/unit/cache/disk_damage.h"
 
 namespace ropekv {
 namespace {
@@ -143,27 +143,10 @@ class TierTest : public ::testing::Test {
     return l.ok() ? l->matched_tokens : 0;
   }
 
-  // Rewrites the stored value of block `hash` through RocksDB (the cache must be closed).
+  // Rewrites the record of block `hash` in its segment file, or (change null) deletes the block
+  // behind the cache's back (the cache must be closed).
   void RewriteValue(const BlockHash& hash, const std::function<void(std::string*)>& change) {
-    rocksdb::DBOptions o;
-    std::vector<rocksdb::ColumnFamilyDescriptor> families = {
-        {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
-        {kDiskBlocksFamily, rocksdb::ColumnFamilyOptions()},
-        {kDiskMetaFamily, rocksdb::ColumnFamilyOptions()}};
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* db = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(o, dir_, families, &handles, &db).ok());
-    std::string value;
-    if (change) {
-      ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), handles[1], hash.Raw(), &value).ok());
-      change(&value);
-      ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[1], hash.Raw(), value).ok());
-    } else {  // delete the block entirely (value and metadata)
-      ASSERT_TRUE(db->Delete(rocksdb::WriteOptions(), handles[1], hash.Raw()).ok());
-      ASSERT_TRUE(db->Delete(rocksdb::WriteOptions(), handles[2], "b" + hash.Raw()).ok());
-    }
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-    delete db;
+    testing::DamageDiskRecord(dir_, hash, change);
   }
 
   std::string dir_;
