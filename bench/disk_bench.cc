@@ -9,6 +9,12 @@
 //   disk tier put (memory)    DiskTier::PutBlocks of --batch blocks per call, durability memory,
 //                             then a Flush (segment files synced, metadata flushed)
 //   disk tier put (sync)      the same, durability sync (segment and WAL fsync'ed per call)
+//   disk tier put, full       the sync put into a tier of half the bytes' capacity: once it is
+//                             full, random stored blocks are deleted to make room before each
+//                             put (a cache evicting), so segments (1/16 of the capacity)
+//                             fragment and the background
+//                             compaction moves their live blocks meanwhile; also prints the
+//                             blocks it moved per block put (the write amplification)
 //   file read                 pread() the file back sequentially (page cache warm)
 //   disk tier read            DiskTier::ReadBlock of every block, random order, checksums verified
 // Reads come from the OS page cache (dropping it needs root); they measure the tier's overhead
@@ -95,11 +101,13 @@ double FileRead(const std::string& path, uint64_t block_bytes, int blocks) {
   return t;
 }
 
-std::unique_ptr<DiskTier> OpenTier(const std::string& path, Durability d) {
+std::unique_ptr<DiskTier> OpenTier(const std::string& path, Durability d,
+                                   uint64_t capacity = 1ull << 40, uint64_t segment_bytes = 0) {
   DiskTier::Options o;
   o.path = path;
   o.durability = d;
-  o.capacity_bytes = 1ull << 40;
+  o.capacity_bytes = capacity;
+  o.segment_bytes = segment_bytes;
   auto t = DiskTier::Open(o);
   if (!t.ok()) Fail(std::string(t.status().message()));
   if (auto c = (*t)->Load(); !c.ok()) Fail(std::string(c.status().message()));
@@ -124,6 +132,43 @@ double TierPut(DiskTier& tier, const std::vector<std::string>& data,
     }
   }
   // Until the bytes are synced, as the file rows end with fsync.
+  if (auto s = tier.Flush(); !s.ok()) Fail(std::string(s.message()));
+  return Now() - t0;
+}
+
+// TierPut into a tier that holds half the blocks, deleting random stored ones to make room.
+double TierPutFull(DiskTier& tier, const std::vector<std::string>& data,
+                   const std::vector<BlockHash>& hashes, int batch, std::mt19937_64& rng) {
+  const double t0 = Now();
+  std::vector<BlockHash> stored;
+  std::vector<DiskTier::BlockWrite> writes;
+  uint64_t batch_bytes = 0;
+  for (size_t i = 0; i < data.size(); ++i) {
+    DiskBlockMeta m;
+    m.hash = hashes[i];
+    m.model = "0123456789abcdef";
+    m.position = static_cast<int64_t>(i) * 16;
+    m.rotated_at = m.position;
+    m.bytes = data[i].size();
+    writes.push_back({m, data[i].data()});
+    batch_bytes += m.bytes;
+    if (static_cast<int>(writes.size()) < batch && i + 1 < data.size()) continue;
+    // Room for the batch, as a cache makes it: random stored blocks go, in one delete.
+    std::vector<BlockHash> doomed;
+    uint64_t freed = 0;
+    while (freed < batch_bytes && !tier.Fits(batch_bytes - freed) && !stored.empty()) {
+      const size_t k = rng() % stored.size();
+      doomed.push_back(stored[k]);
+      freed += data[i].size();  // every block has the bench's size
+      stored[k] = stored.back();
+      stored.pop_back();
+    }
+    if (auto s = tier.DeleteBlocks(doomed); !s.ok()) Fail(std::string(s.message()));
+    if (auto s = tier.PutBlocks(writes); !s.ok()) Fail(std::string(s.message()));
+    for (const auto& w : writes) stored.push_back(w.meta.hash);
+    writes.clear();
+    batch_bytes = 0;
+  }
   if (auto s = tier.Flush(); !s.ok()) Fail(std::string(s.message()));
   return Now() - t0;
 }
@@ -194,8 +239,10 @@ int Main(int argc, char** argv) {
                            {"file write+fsync/batch", "file_write_fsync_batch", {}},
                            {"disk tier put (memory)", "tier_put_memory", {}},
                            {"disk tier put (sync)", "tier_put_sync", {}},
+                           {"disk tier put, full", "tier_put_full", {}},
                            {"file read", "file_read", {}},
                            {"disk tier read", "tier_read", {}}};
+  std::vector<double> moved;  // blocks compaction moved per block put, "put, full"
   for (int r = 0; r < a.reps; ++r) {
     const std::string rep = absl::StrCat(a.dir, "/rep", r);
     std::filesystem::create_directories(rep);
@@ -214,15 +261,22 @@ int Main(int argc, char** argv) {
       ::sync();
       rows[3].secs.push_back(TierPut(*tier, data, hashes, a.batch));
       ::sync();
-      rows[4].secs.push_back(FileRead(rep + "/plain", a.block_bytes, a.blocks));
-      rows[5].secs.push_back(TierRead(*tier, data, hashes, rng));
+      rows[5].secs.push_back(FileRead(rep + "/plain", a.block_bytes, a.blocks));
+      rows[6].secs.push_back(TierRead(*tier, data, hashes, rng));
+    }
+    {
+      // Segments of 1/16 of the capacity (the daemon's default is 1/256, at least 64 MiB).
+      auto tier = OpenTier(rep + "/full", Durability::kSync, total / 2, total / 32);
+      ::sync();
+      rows[4].secs.push_back(TierPutFull(*tier, data, hashes, a.batch, rng));
+      moved.push_back(static_cast<double>(tier->Counters().relocated) / a.blocks);
     }
     std::filesystem::remove_all(rep);
   }
   std::filesystem::remove_all(a.dir);
 
   const double base_write = total / Median(rows[0].secs);
-  const double base_read = total / Median(rows[4].secs);
+  const double base_read = total / Median(rows[5].secs);
   std::printf("disk_bench: %d blocks of %llu KiB (%.0f MiB), %d blocks per put, median of %d\n",
               a.blocks, static_cast<unsigned long long>(a.block_bytes >> 10), total / (1 << 20),
               a.batch, a.reps);
@@ -232,12 +286,13 @@ int Main(int argc, char** argv) {
       a.block_bytes, a.blocks, a.batch, a.reps);
   for (size_t i = 0; i < rows.size(); ++i) {
     const double mibs = total / Median(rows[i].secs) / (1 << 20);
-    const double base = i < 4 ? base_write : base_read;
+    const double base = i < 5 ? base_write : base_read;
     std::printf("%-26s %12.1f %9.2fx\n", rows[i].name.c_str(), mibs,
                 total / Median(rows[i].secs) / base);
     absl::StrAppendFormat(&json, ",\"%s_mib_s\":%.1f", rows[i].key, mibs);
   }
-  json += "}";
+  std::printf("put, full: compaction moved %.2f blocks per block put (median)\n", Median(moved));
+  absl::StrAppendFormat(&json, ",\"full_moved_per_put\":%.3f}", Median(moved));
   std::printf("%s\n", json.c_str());
   return 0;
 }

@@ -850,7 +850,12 @@ absl::Status DiskTier::ReadBlock(const BlockHash& hash, void* dst, uint64_t byte
       return absl::NotFoundError(absl::StrCat("block ", hash.Hex(), " is not on disk"));
     }
     entry = it->second;
-    file = segments_.at(entry.place.segment).file;
+    auto seg = segments_.find(entry.place.segment);
+    if (seg == segments_.end()) {  // cannot happen: a segment goes when no block lives in it
+      return absl::InternalError(absl::StrCat("block ", hash.Hex(), " names segment ",
+                                              entry.place.segment, ", which is gone"));
+    }
+    file = seg->second.file;
     ++counters_.reads;
   }
   if (entry.bytes != bytes) {

@@ -1,8 +1,9 @@
 // The disk tier: blocks and the metadata that makes them findable again, under the data folder,
 // so that the cache survives a restart.
 //
-// Block bytes live in append-only segment files, <path>/segments/<id>.seg (ids in hex, never
-// reused); RocksDB, in <path>, keeps only what finds them, in its "meta" column family:
+// Block bytes live in append-only segment files, <path>/segments/<id>.seg (ids in hex, each new
+// one above every file there); RocksDB, in <path>, keeps only what finds them, in its "meta"
+// column family:
 //   "m" + model id -> the model's spec and names;
 //   "b" + hash     -> the block's metadata (model, parent, position, rotated_at, rope table,
 //                     pre_rope, pinned, size, write sequence) and its place (segment, offset).

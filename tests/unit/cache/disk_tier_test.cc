@@ -663,7 +663,7 @@ TEST_F(DiskTierTest, BytesWithoutMetadataAreNeverReadAndAreReclaimed) {
   std::string out(data.size(), '\xff');
   ASSERT_TRUE(t->ReadBlock(h, out.data(), out.size()).ok());
   EXPECT_EQ(out, data);
-  // New records go to a new segment, after the orphan's id (ids are never reused).
+  // New records go to a new segment, above every file there (the orphan's id too).
   const BlockHash h2 = RandomHash(rng_);
   ASSERT_TRUE(t->PutBlocks({{MetaOf(h2, data.size(), 16), data.data()}}).ok());
   EXPECT_GT(t->PlaceOf(h2)->segment, 0xabcdu);

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Benchmark: Put throughput through the daemon, by disk tier setting — no disk tier, write-through
+with `--disk_durability memory`, write-through with `sync` (the default) — for one or two daemon
+binaries in the same run (--baseline: e.g. an older build), alternating.
+
+Each Put stores a fresh prompt (all its blocks new) of a Llama-3-8B-shaped KV cache from a
+registered shared-memory region, so that the time is the daemon's storage path, not gRPC bytes.
+Default: 4096 tokens = 256 blocks of 2 MiB = 0.5 GiB a Put.
+
+    python3 clients/python/bench_put.py --ropekvd build/ropekvd [--baseline old/ropekvd]
+
+Prints a table (median GB/s over --reps Puts after --warmup) and one JSON line. Needs the ropekv
+package on PYTHONPATH (<build>/python).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import ropekv
+from ropekv import arrays
+from ropekv._pb import pb
+
+SETTINGS = [
+    ("no disk tier", ["--disk_enabled=false"]),
+    ("disk, memory", ["--disk_durability=memory"]),
+    ("disk, sync", ["--disk_durability=sync"]),
+]
+
+
+def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed):
+    """Seconds of each timed Put (fresh prompts) on a fresh daemon started with `flags`."""
+    total = src.nbytes
+    daemon = ropekv.LocalDaemon(binary, "--host_capacity", str((reps + warmup + 1) * total),
+                                "--disk_capacity", str((reps + warmup + 1) * total), *flags,
+                                prefix="ropekv-bench-put-")
+    try:
+        client = ropekv.Client(daemon.address, timeout=600)
+        client.wait_ready(timeout=30)
+        model = client.register_model(spec, name="bench-put-llama3-8b").model_id
+        shm = client.create_shm(total)
+        shm.array(np.uint8, (total,))[:] = src
+        rng = np.random.default_rng(seed)
+        times = []
+        for i in range(warmup + reps):
+            tokens = rng.integers(0, 128000, size=tokens_per_put).tolist()
+            t0 = time.perf_counter()
+            resp = client.put_from_buffer(model, tokens, shm)
+            s = time.perf_counter() - t0
+            if resp.blocks_stored != tokens_per_put // spec.block_tokens:
+                sys.exit(f"a Put stored {resp.blocks_stored} blocks")
+            if i >= warmup:
+                times.append(s)
+        # The last prompt reads back whole from the daemon (from the host tier).
+        out = np.zeros(total, np.uint8)
+        header, _ = client.get(model, tokens, out=out)
+        if header.blocks != tokens_per_put // spec.block_tokens or not np.array_equal(out, src):
+            sys.exit("the last Put reads back other bytes")
+        shm.close()
+        disk = [t for t in client.stats().tiers if t.tier == pb.TIER_DISK]
+        return times, (disk[0].blocks if disk else 0)
+    finally:
+        daemon.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ropekvd", required=True, help="daemon binary")
+    ap.add_argument("--baseline", help="a second daemon binary, timed alternately")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens a Put")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--passes", type=int, default=2)
+    args = ap.parse_args()
+
+    spec = ropekv.model_spec(layers=32, kv_heads=8, head_dim=128, dtype="bf16", block_tokens=16,
+                             rope={"type": "llama3", "theta": 500000.0, "factor": 8.0,
+                                   "original_max_position_embeddings": 8192})
+    blocks = args.tokens // spec.block_tokens
+    total = blocks * arrays.block_bytes(spec)
+    src = np.frombuffer(np.random.default_rng(0).bytes(total), np.uint8)
+
+    binaries = [("new", args.ropekvd)] + ([("baseline", args.baseline)] if args.baseline else [])
+    results = {}  # (binary, setting) -> seconds
+    disk_blocks = {}
+    for p in range(args.passes):
+        for label, binary in binaries:
+            for name, flags in SETTINGS:
+                times, db = run(binary, flags, spec, src, args.tokens, args.reps, args.warmup, p)
+                results.setdefault((label, name), []).extend(times)
+                disk_blocks[(label, name)] = db
+
+    print(f"Put of {args.tokens} tokens = {blocks} blocks = {total / 2**30:.3f} GiB, fresh prompt "
+          f"each; median of {args.reps} x {args.passes} passes after {args.warmup} warm-up; "
+          f"{platform.node()}")
+    print(f"{'daemon':<10} {'setting':<14} {'ms':>9} {'GB/s':>7} {'x no disk':>10} {'disk blocks':>12}")
+    rows = []
+    for label, _ in binaries:
+        base = statistics.median(results[(label, SETTINGS[0][0])])
+        for name, _ in SETTINGS:
+            s = statistics.median(results[(label, name)])
+            print(f"{label:<10} {name:<14} {s * 1e3:>9.1f} {total / s / 1e9:>7.2f} "
+                  f"{s / base:>10.2f} {disk_blocks[(label, name)]:>12}")
+            rows.append({"daemon": label, "setting": name, "median_ms": s * 1e3,
+                         "gbps": total / s / 1e9,
+                         "times_ms": [t * 1e3 for t in results[(label, name)]]})
+    print(json.dumps({"bench": "python_put", "tokens": args.tokens, "bytes": total,
+                      "reps": args.reps, "passes": args.passes, "rows": rows,
+                      "host": platform.node()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
