@@ -899,7 +899,13 @@ absl::Status DiskTier::DeleteIndexed(absl::Span<const BlockHash> hashes) {
       return st;
     }
   }
-  if (auto st = FromRocks(db_->Write(WriteOpts(), &batch), "delete blocks"); !st.ok()) return st;
+  // Not synced: a full cache deletes on every Put, and a WAL sync each time would cost as much
+  // as the Put's own. The next synced write (WAL order) makes the delete durable; a block deleted
+  // just before a power loss may come back whole (its record is never overwritten), or be dropped
+  // at Load if its segment has gone.
+  if (auto st = FromRocks(db_->Write(rocksdb::WriteOptions(), &batch), "delete blocks"); !st.ok()) {
+    return st;
+  }
   absl::MutexLock lock(&mu_);
   for (const BlockHash& h : hashes) {
     auto it = blocks_.find(h);

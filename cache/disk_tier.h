@@ -187,7 +187,9 @@ class DiskTier {
   // garbage that the caller must not use.
   absl::Status ReadBlock(const BlockHash& hash, void* dst, uint64_t bytes);
 
-  // Deletes blocks (bytes and metadata) in one batch; absent ones are ignored.
+  // Deletes blocks in one batch; absent ones are ignored. The delete is not synced on its own:
+  // the next synced write makes it durable (a block deleted just before a power loss may come
+  // back, whole and verified).
   absl::Status DeleteBlocks(absl::Span<const BlockHash> hashes);
 
   // Rewrites a stored block's metadata (e.g. its pinned flag). NOT_FOUND when it is not stored.

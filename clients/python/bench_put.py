@@ -33,11 +33,12 @@ SETTINGS = [
 ]
 
 
-def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed):
+def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed, extra):
     """Seconds of each timed Put (fresh prompts) on a fresh daemon started with `flags`."""
     total = src.nbytes
     daemon = ropekv.LocalDaemon(binary, "--host_capacity", str((reps + warmup + 1) * total),
                                 "--disk_capacity", str((reps + warmup + 1) * total), *flags,
+                                *extra,
                                 prefix="ropekv-bench-put-")
     try:
         client = ropekv.Client(daemon.address, timeout=600)
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--daemon-flags", default="", help="more daemon flags, space-separated")
     args = ap.parse_args()
 
     spec = ropekv.model_spec(layers=32, kv_heads=8, head_dim=128, dtype="bf16", block_tokens=16,
@@ -91,7 +93,8 @@ def main():
     for p in range(args.passes):
         for label, binary in binaries:
             for name, flags in SETTINGS:
-                times, db = run(binary, flags, spec, src, args.tokens, args.reps, args.warmup, p)
+                times, db = run(binary, flags, spec, src, args.tokens, args.reps, args.warmup, p,
+                                args.daemon_flags.split())
                 results.setdefault((label, name), []).extend(times)
                 disk_blocks[(label, name)] = db
 
