@@ -684,7 +684,6 @@ absl::Status DiskTier::WriteRecords(absl::Span<const Append> appends,
   std::vector<char> headers(appends.size() * kDiskRecordHeaderBytes);
   // One pwritev for each run of records that lie back to back in one segment.
   std::vector<iovec> iov;
-  std::set<Segment*> written;
   for (size_t i = 0; i < appends.size();) {
     const Append& first = appends[i];
     uint64_t next = first.place.offset;
@@ -706,14 +705,17 @@ absl::Status DiskTier::WriteRecords(absl::Span<const Append> appends,
         !st.ok()) {
       return st;
     }
-    written.insert(first.file.get());
     i = j;
   }
-  if (options_.durability == Durability::kSync) {
-    for (Segment* f : written) {
-      if (::fdatasync(f->fd) != 0)
-        return FromErrno(errno, absl::StrCat("sync ", SegmentPath(f->id)));
-    }
+  return absl::OkStatus();
+}
+
+absl::Status DiskTier::SyncSegments(absl::Span<const Append> appends) const {
+  if (options_.durability != Durability::kSync) return absl::OkStatus();
+  std::set<Segment*> files;
+  for (const Append& a : appends) files.insert(a.file.get());
+  for (Segment* f : files) {
+    if (::fdatasync(f->fd) != 0) return FromErrno(errno, absl::StrCat("sync ", SegmentPath(f->id)));
   }
   return absl::OkStatus();
 }
@@ -753,43 +755,81 @@ void DiskTier::RetireOrScheduleLocked(uint32_t id) {
   }
 }
 
-absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
+absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks, Staging* staged) {
+  // Records the staging wrote (they are released with the others, below).
+  absl::flat_hash_map<BlockHash, Append> ready;
+  std::vector<Append> unused;
+  if (staged != nullptr) {
+    // After a failed record every block is written here (the error shows again if it lasts).
+    if (staged->Drain().ok()) {
+      for (size_t i = 0; i < staged->written_.size(); ++i) {
+        auto [it, inserted] = ready.try_emplace(staged->written_hashes_[i], staged->written_[i]);
+        if (!inserted) unused.push_back(staged->written_[i]);  // a block staged twice
+      }
+    } else {
+      unused = staged->written_;
+    }
+    staged->written_.clear();
+    staged->written_hashes_.clear();
+  }
+  std::vector<Append> appends(blocks.size());
+  std::vector<size_t> missing;  // blocks whose records are written here
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    auto it = ready.find(blocks[i].meta.hash);
+    if (it != ready.end() && it->second.payload == blocks[i].meta.bytes) {
+      appends[i] = std::move(it->second);
+      ready.erase(it);
+    } else {
+      missing.push_back(i);
+    }
+  }
+  for (auto& [hash, a] : ready) unused.push_back(std::move(a));
+  Abandon(unused);
   if (blocks.empty()) return absl::OkStatus();
+
   uint64_t fresh = 0;  // bytes of blocks not stored yet (rewrites do not grow usage)
+  absl::Status st;
   {
     absl::MutexLock lock(&mu_);
     for (const BlockWrite& b : blocks) {
       if (!blocks_.contains(b.meta.hash)) fresh += b.meta.bytes;
     }
     if (used_bytes_ + reserved_bytes_ + fresh > options_.capacity_bytes) {
-      return absl::ResourceExhaustedError(
+      st = absl::ResourceExhaustedError(
           absl::StrCat("disk tier full: ", used_bytes_ + reserved_bytes_, " of ",
                        options_.capacity_bytes, " bytes used, the write needs ", fresh));
+      fresh = 0;
     }
     reserved_bytes_ += fresh;
   }
-  auto unreserve = [this, fresh] {
+  // Releases every place that is reserved (staged or written here) and the capacity.
+  auto give_up = [&](absl::Status why) {
+    std::vector<Append> held;
+    for (Append& a : appends) {
+      if (a.file != nullptr) held.push_back(std::move(a));
+    }
+    Abandon(held);
     absl::MutexLock lock(&mu_);
     reserved_bytes_ -= fresh;
+    return why;
   };
-  std::vector<uint64_t> sizes;
-  std::vector<BlockHash> hashes;
-  std::vector<const void*> data;
-  for (const BlockWrite& b : blocks) {
-    sizes.push_back(b.meta.bytes);
-    hashes.push_back(b.meta.hash);
-    data.push_back(b.data);
+  if (!st.ok()) return give_up(st);
+  if (!missing.empty()) {
+    std::vector<uint64_t> sizes;
+    std::vector<BlockHash> hashes;
+    std::vector<const void*> data;
+    for (size_t i : missing) {
+      sizes.push_back(blocks[i].meta.bytes);
+      hashes.push_back(blocks[i].meta.hash);
+      data.push_back(blocks[i].data);
+    }
+    auto placed = Reserve(sizes);
+    if (!placed.ok()) return give_up(placed.status());
+    for (size_t k = 0; k < missing.size(); ++k) appends[missing[k]] = (*placed)[k];
+    if (st = WriteRecords(*placed, hashes, data); !st.ok()) return give_up(st);
   }
-  auto appends = Reserve(sizes);
-  if (!appends.ok()) {
-    unreserve();
-    return appends.status();
-  }
-  if (auto st = WriteRecords(*appends, hashes, data); !st.ok()) {
-    Abandon(*appends);
-    unreserve();
-    return st;
-  }
+  if (st = SyncSegments(appends); !st.ok()) return give_up(st);
+
   absl::MutexLock index(&index_mu_);
   rocksdb::WriteBatch batch;
   std::vector<uint64_t> sequences;
@@ -797,12 +837,11 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
     DiskBlockMeta meta = blocks[i].meta;
     meta.sequence = next_sequence_.fetch_add(1);
     sequences.push_back(meta.sequence);
-    rocksdb::Status s = batch.Put(meta_cf_, BlockMetaKey(meta.hash),
-                                  EncodeDiskBlockMeta(meta, (*appends)[i].place));
-    if (!s.ok()) {
-      Abandon(*appends);
-      unreserve();
-      return FromRocks(s, "build write batch");
+    if (st = FromRocks(batch.Put(meta_cf_, BlockMetaKey(meta.hash),
+                                 EncodeDiskBlockMeta(meta, appends[i].place)),
+                       "build write batch");
+        !st.ok()) {
+      return give_up(st);
     }
   }
   const rocksdb::Status s = db_->Write(WriteOpts(), &batch);
@@ -810,13 +849,89 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks) {
   reserved_bytes_ -= fresh;
   if (s.ok()) {
     for (size_t i = 0; i < blocks.size(); ++i) {
-      PlaceLocked(hashes[i], (*appends)[i], sequences[i]);
+      PlaceLocked(blocks[i].meta.hash, appends[i], sequences[i]);
       ++counters_.writes;
-      counters_.bytes_written += sizes[i];
+      counters_.bytes_written += blocks[i].meta.bytes;
     }
   }
-  for (const Append& a : *appends) ReleaseLocked(a);
+  for (const Append& a : appends) ReleaseLocked(a);
   return FromRocks(s, absl::StrCat("write ", blocks.size(), " blocks"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staging
+
+std::unique_ptr<DiskTier::Staging> DiskTier::BeginStaging() {
+  return std::unique_ptr<Staging>(new Staging(this));
+}
+
+DiskTier::Staging::Staging(DiskTier* tier) : tier_(tier) {}
+
+DiskTier::Staging::~Staging() {
+  Drain().IgnoreError();
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+  tier_->Abandon(written_);
+}
+
+void DiskTier::Staging::Append(const BlockHash& hash, const void* data, uint64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(Item{hash, data, bytes});
+  idle_ = false;
+  if (!thread_.joinable()) thread_ = std::thread([this] { Run(); });
+}
+
+void DiskTier::Staging::Run() {
+  while (true) {
+    std::vector<Item> items;
+    {
+      absl::MutexLock lock(&mu_);
+      idle_ = queue_.empty();
+      mu_.Await(absl::Condition(
+          +[](Staging* s)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return !s->queue_.empty() || s->closing_; },
+          this));
+      if (queue_.empty()) return;  // closing
+      items.swap(queue_);
+      if (!status_.ok()) {  // after an error the rest are left for PutBlocks
+        idle_ = true;
+        continue;
+      }
+    }
+    absl::Status st;
+    for (const Item& item : items) {
+      if (!st.ok()) break;
+      const uint64_t size = item.bytes;
+      auto place = tier_->Reserve(absl::MakeConstSpan(&size, 1));
+      if (!place.ok()) {
+        st = place.status();
+        break;
+      }
+      st = tier_->WriteRecords(*place, absl::MakeConstSpan(&item.hash, 1),
+                               absl::MakeConstSpan(&item.data, 1));
+      if (st.ok() && tier_->options_.durability == Durability::kSync) {
+        // Start the write-back now; the commit's fdatasync waits for what is left.
+        const DiskTier::Append& a = (*place)[0];
+        ::sync_file_range(a.file->fd, static_cast<off_t>(a.place.offset),
+                          static_cast<off_t>(RecordBytes(size)), SYNC_FILE_RANGE_WRITE);
+      }
+      written_.push_back(std::move((*place)[0]));
+      written_hashes_.push_back(item.hash);
+    }
+    absl::MutexLock lock(&mu_);
+    if (!st.ok() && status_.ok()) status_ = st;
+  }
+}
+
+absl::Status DiskTier::Staging::Drain() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](Staging* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->idle_ && s->queue_.empty(); },
+      this));
+  return status_;
 }
 
 absl::Status DiskTier::ReadRecord(const Segment& segment, uint64_t offset, const BlockHash& hash,

@@ -14,8 +14,9 @@
 //
 // A write reserves its records' places at the end of the segment being filled (writers append
 // side by side), writes them, syncs the segment (Durability::kSync), then commits the metadata of
-// all its blocks in one RocksDB batch. After a crash each block of the write is found whole or not
-// at all: bytes appended without their metadata are dead space, never read. Every read verifies
+// all its blocks in one RocksDB batch; its records may also be written earlier, while the rest of
+// the write arrives (Staging). After a crash each block of the write is found whole or not at
+// all: bytes appended without their metadata are dead space, never read. Every read verifies
 // the header, size and checksum; a block that does not verify is deleted and reported as
 // DATA_LOSS, never returned.
 //
@@ -138,7 +139,15 @@ struct DiskCounters {
 };
 
 class DiskTier {
+ private:
+  struct Segment;
+  struct SegmentState;
+  struct Entry;
+  struct Append;
+
  public:
+  class Staging;
+
   struct Options {
     // RocksDB folder; created (with its parents) if missing. Required.
     std::string path;
@@ -179,7 +188,47 @@ class DiskTier {
   // Returns after the write is acknowledged (Options::durability). Rewriting a stored block
   // replaces it. RESOURCE_EXHAUSTED when the new bytes would pass the capacity (nothing is
   // written) or the file system is full; INTERNAL / UNAVAILABLE for I/O and RocksDB errors.
-  absl::Status PutBlocks(absl::Span<const BlockWrite> blocks);
+  //
+  // With `staged` (from BeginStaging), the records it has written already are used, and only
+  // the rest are written here: the bytes of a Put go to disk while the rest of it arrives.
+  absl::Status PutBlocks(absl::Span<const BlockWrite> blocks, Staging* staged = nullptr);
+
+  // Records of a write to come, written by a thread of their own as they are handed over. They
+  // are not findable until a PutBlocks given this staging commits them; destroying it without
+  // that leaves them as dead space. Under kSync each record's write-back starts at once
+  // (sync_file_range), so that the commit's fdatasync has little left to wait for.
+  class Staging {
+   public:
+    ~Staging();
+    Staging(const Staging&) = delete;
+    Staging& operator=(const Staging&) = delete;
+    // Queues the record of block `hash`; `data` ([bytes]) must stay valid and unchanged until
+    // the staging is committed or destroyed.
+    void Append(const BlockHash& hash, const void* data, uint64_t bytes);
+
+   private:
+    friend class DiskTier;
+    struct Item {
+      BlockHash hash;
+      const void* data;
+      uint64_t bytes;
+    };
+    explicit Staging(DiskTier* tier);
+    void Run();
+    // Waits until every queued record is written; the first error of any.
+    absl::Status Drain();
+
+    DiskTier* const tier_;
+    absl::Mutex mu_;
+    std::vector<Item> queue_ ABSL_GUARDED_BY(mu_);
+    bool closing_ ABSL_GUARDED_BY(mu_) = false;
+    bool idle_ ABSL_GUARDED_BY(mu_) = true;
+    absl::Status status_ ABSL_GUARDED_BY(mu_);
+    std::vector<DiskTier::Append> written_;  // by the thread; read after Drain
+    std::vector<BlockHash> written_hashes_;
+    std::thread thread_;
+  };
+  std::unique_ptr<Staging> BeginStaging();
 
   // Reads block `hash` into `dst` ([bytes]), verifying the header, size and checksum.
   // NOT_FOUND when absent; INVALID_ARGUMENT when the stored size is not `bytes`; DATA_LOSS when
@@ -222,11 +271,6 @@ class DiskTier {
   std::string SegmentPath(uint32_t id) const;
 
  private:
-  struct Segment;
-  struct SegmentState;
-  struct Entry;
-  struct Append;
-
   DiskTier(Options options, std::unique_ptr<rocksdb::DB> db,
            std::vector<rocksdb::ColumnFamilyHandle*> handles, bool legacy);
 
@@ -241,10 +285,11 @@ class DiskTier {
   // filled (opening a new one when it is full). Each place stays reserved until ReleaseLocked.
   absl::StatusOr<std::vector<Append>> Reserve(absl::Span<const uint64_t> payloads)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Writes the records of `appends` (payload i at data[i]) and, under kSync, syncs their
-  // segments.
+  // Writes the records of `appends` (payload i at data[i]).
   absl::Status WriteRecords(absl::Span<const Append> appends, absl::Span<const BlockHash> hashes,
                             absl::Span<const void* const> data);
+  // Under kSync, syncs the segments of `appends`.
+  absl::Status SyncSegments(absl::Span<const Append> appends) const;
   // Points `hash` at the record of `a` (its metadata is written); its old record, if any,
   // becomes dead space.
   void PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence)

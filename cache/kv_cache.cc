@@ -37,6 +37,7 @@ PutWriter::PutWriter(KvCache* cache, RegisteredModel model, PutOptions options,
       first_position_(first_position) {}
 
 PutWriter::~PutWriter() {
+  staging_.reset();  // its thread may still read the slots
   absl::MutexLock lock(&cache_->mu_);
   for (void* slot : slots_) {
     if (slot != nullptr) cache_->FreeHostSlot(slot, block_bytes_, model_.id);
@@ -63,6 +64,9 @@ absl::Status PutWriter::Write(absl::string_view bytes) {
         slots_[block] = *slot;
       }
       std::memcpy(static_cast<char*>(slots_[block]) + offset, bytes.data(), n);
+      if (staging_ != nullptr && offset + n == block_bytes_) {
+        staging_->Append(hashes_[block], slots_[block], block_bytes_);
+      }
     }
     received_ += n;
     bytes.remove_prefix(n);
@@ -854,9 +858,11 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
       present[i] = it != index_.end() && HasCopy(it->second);
     }
   }
-  return std::unique_ptr<PutWriter>(new PutWriter(this, *std::move(model), std::move(options),
-                                                  std::move(hashes), std::move(present),
-                                                  first_position));
+  auto writer = std::unique_ptr<PutWriter>(new PutWriter(this, *std::move(model),
+                                                         std::move(options), std::move(hashes),
+                                                         std::move(present), first_position));
+  if (WritesThrough()) writer->staging_ = disk_->BeginStaging();
+  return writer;
 }
 
 absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
@@ -903,10 +909,10 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
     for (BlockObserver* o : observers_) o->OnPutDone(announced, committed);
   };
 
-  // Write-through: the new blocks reach the disk (one atomic batch) before the Put is visible,
-  // so that an acknowledged Put survives a crash.
-  const bool to_disk = disk_ != nullptr && (options_.policy.write_through ||
-                                            options_.policy.write_tier == WriteTier::kDisk);
+  // Write-through: the new blocks reach the disk before the Put is visible, so that an
+  // acknowledged Put survives a crash. Their records were staged as their bytes came in; one
+  // atomic batch of metadata makes them findable.
+  const bool to_disk = WritesThrough();
   std::vector<BlockHash> written;
   uint64_t written_bytes = 0;
   if (to_disk) {
@@ -937,7 +943,7 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
         absl::MutexLock lock(&mu_);
         BeginDiskWritesLocked(written);
       }
-      const absl::Status s = disk_->PutBlocks(writes);
+      const absl::Status s = disk_->PutBlocks(writes, w.staging_.get());
       {
         absl::MutexLock lock(&mu_);
         disk_reserved_ -= std::min(disk_reserved_, written_bytes);

@@ -179,6 +179,9 @@ class PutWriter {
   std::vector<bool> present_;  // already cached when the Put began: bytes skipped
   std::vector<void*> slots_;   // one per block; nullptr until allocated (or when present)
   int64_t first_position_;
+  // Write-through: each block goes to disk as soon as its bytes are in (CommitPut makes them
+  // findable). Holds pointers into slots_: destroyed before they are freed.
+  std::unique_ptr<DiskTier::Staging> staging_;
   uint64_t received_ = 0;
   absl::Status status_;
   bool finished_ = false;
@@ -434,6 +437,11 @@ class KvCache {
   void BeginDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndDiskWritesLocked(absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static bool HasCopy(const Entry& e) { return e.data != nullptr || e.gpu || e.on_disk; }
+  // Whether a Put's new blocks reach the disk before it is acknowledged.
+  bool WritesThrough() const {
+    return disk_ != nullptr &&
+           (options_.policy.write_through || options_.policy.write_tier == WriteTier::kDisk);
+  }
   // Whether a block's GPU copy may be dropped: not pinned, read or being uploaded.
   static bool GpuCopyMayGo(const Entry& e) {
     return !e.gpu_pending && e.readers == 0 && !e.info.pinned;

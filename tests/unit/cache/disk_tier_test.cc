@@ -783,5 +783,83 @@ TEST_F(DiskTierTest, AFolderOfTheFormatBeforeSegmentsIsMigrated) {
   EXPECT_EQ(contents->blocks.size(), static_cast<size_t>(kBlocks - 1));
 }
 
+// Staged records are written as they are handed over, findable only once a PutBlocks commits
+// them; blocks the staging did not get are written by the commit; an uncommitted staging leaves
+// dead space only.
+TEST_F(DiskTierTest, StagedRecordsAreFindableOnlyAfterTheirCommit) {
+  DiskTier::Options o;
+  o.path = dir_;
+  o.background_compaction = false;
+  auto t = *DiskTier::Open(o);
+  ASSERT_TRUE(t->Load().ok());
+  std::vector<std::string> data;
+  std::vector<DiskTier::BlockWrite> writes;
+  for (int i = 0; i < 6; ++i) data.push_back(RandomBytes(rng_, 20000 + 64 * i));
+  for (int i = 0; i < 6; ++i) {
+    writes.push_back({MetaOf(RandomHash(rng_), data[i].size(), 16 * i), data[i].data()});
+  }
+  {
+    auto staging = t->BeginStaging();
+    for (int i = 0; i < 4; ++i) {  // blocks 4 and 5 are not staged; block 1 twice
+      staging->Append(writes[i].meta.hash, data[i].data(), data[i].size());
+    }
+    staging->Append(writes[1].meta.hash, data[1].data(), data[1].size());
+    for (int i = 0; i < 6; ++i) EXPECT_FALSE(t->Contains(writes[i].meta.hash));
+    ASSERT_TRUE(t->PutBlocks(writes, staging.get()).ok());
+  }
+  for (int i = 0; i < 6; ++i) {
+    std::string out(data[i].size(), '\xff');
+    ASSERT_TRUE(t->ReadBlock(writes[i].meta.hash, out.data(), out.size()).ok()) << i;
+    EXPECT_EQ(out, data[i]) << i;
+  }
+  uint64_t records = 0;
+  for (int i = 0; i < 6; ++i) records += (64 + data[i].size() + 63) / 64 * 64;
+  const DiskCounters committed = t->Counters();
+  EXPECT_EQ(committed.bytes_used, t->used_bytes());
+  // Seven records written (block 1 twice): the extra one is dead space.
+  EXPECT_EQ(committed.file_bytes, records + (64 + data[1].size() + 63) / 64 * 64);
+
+  // A staging given up: its records take file space, no block is stored.
+  const BlockHash lost = RandomHash(rng_);
+  {
+    auto staging = t->BeginStaging();
+    staging->Append(lost, data[0].data(), data[0].size());
+  }
+  EXPECT_FALSE(t->Contains(lost));
+  EXPECT_EQ(t->used_bytes(), committed.bytes_used);
+  EXPECT_GT(t->Counters().file_bytes, committed.file_bytes);
+  // And a restart finds exactly the committed blocks.
+  t.reset();
+  auto reopened = *DiskTier::Open(o);
+  auto contents = reopened->Load();
+  ASSERT_TRUE(contents.ok());
+  EXPECT_EQ(contents->blocks.size(), 6u);
+  EXPECT_FALSE(reopened->Contains(lost));
+  for (int i = 0; i < 6; ++i) {
+    std::string out(data[i].size(), '\xff');
+    ASSERT_TRUE(reopened->ReadBlock(writes[i].meta.hash, out.data(), out.size()).ok()) << i;
+    EXPECT_EQ(out, data[i]) << i;
+  }
+}
+
+// A staged commit that does not fit writes nothing findable.
+TEST_F(DiskTierTest, AStagedCommitPastTheCapacityStoresNothing) {
+  auto t = OpenTier(/*capacity=*/3 * 4096);
+  std::vector<std::string> data;
+  std::vector<DiskTier::BlockWrite> writes;
+  for (int i = 0; i < 4; ++i) {
+    data.push_back(RandomBytes(rng_, 4096));
+    writes.push_back({MetaOf(RandomHash(rng_), 4096, 16 * i), data[i].data()});
+  }
+  auto staging = t->BeginStaging();
+  for (int i = 0; i < 4; ++i) staging->Append(writes[i].meta.hash, data[i].data(), 4096);
+  EXPECT_EQ(t->PutBlocks(writes, staging.get()).code(), absl::StatusCode::kResourceExhausted);
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(t->Contains(writes[i].meta.hash));
+  EXPECT_EQ(t->used_bytes(), 0u);
+  // The tier is usable after it.
+  ASSERT_TRUE(t->PutBlocks(absl::MakeConstSpan(writes).subspan(0, 3)).ok());
+  EXPECT_EQ(t->used_bytes(), 3u * 4096);
+}
+
 }  // namespace
 }  // namespace ropekv
