@@ -861,7 +861,8 @@ absl::StatusOr<std::unique_ptr<PutWriter>> KvCache::BeginPut(PutOptions options)
   auto writer = std::unique_ptr<PutWriter>(new PutWriter(this, *std::move(model),
                                                          std::move(options), std::move(hashes),
                                                          std::move(present), first_position));
-  if (WritesThrough()) writer->staging_ = disk_->BeginStaging();
+  // A Put of one block has nothing to overlap its record with.
+  if (WritesThrough() && writer->hashes_.size() > 1) writer->staging_ = disk_->BeginStaging();
   return writer;
 }
 

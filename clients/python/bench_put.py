@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: Put throughput through the daemon, by disk tier setting — no disk tier, write-through
-with `--disk_durability memory`, write-through with `sync` (the default) — for one or two daemon
-binaries in the same run (--baseline: e.g. an older build), alternating.
+with `--disk_durability memory`, write-through with `sync` (the default) — for one daemon binary
+and any number of others in the same run (--baseline [LABEL=]BINARY, repeatable: e.g. older
+builds), alternating.
 
 Each Put stores a fresh prompt (all its blocks new) of a Llama-3-8B-shaped KV cache from a
 registered shared-memory region, so that the time is the daemon's storage path, not gRPC bytes.
@@ -72,7 +73,8 @@ def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed, extra):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ropekvd", required=True, help="daemon binary")
-    ap.add_argument("--baseline", help="a second daemon binary, timed alternately")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="[LABEL=]BINARY of another daemon, timed alternately (repeatable)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens a Put")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
@@ -87,7 +89,10 @@ def main():
     total = blocks * arrays.block_bytes(spec)
     src = np.frombuffer(np.random.default_rng(0).bytes(total), np.uint8)
 
-    binaries = [("new", args.ropekvd)] + ([("baseline", args.baseline)] if args.baseline else [])
+    binaries = [("new", args.ropekvd)]
+    for i, b in enumerate(args.baseline):
+        label, _, path = b.rpartition("=")
+        binaries.append((label or f"baseline{i + 1}", path))
     results = {}  # (binary, setting) -> seconds
     disk_blocks = {}
     for p in range(args.passes):
@@ -101,13 +106,13 @@ def main():
     print(f"Put of {args.tokens} tokens = {blocks} blocks = {total / 2**30:.3f} GiB, fresh prompt "
           f"each; median of {args.reps} x {args.passes} passes after {args.warmup} warm-up; "
           f"{platform.node()}")
-    print(f"{'daemon':<10} {'setting':<14} {'ms':>9} {'GB/s':>7} {'x no disk':>10} {'disk blocks':>12}")
+    print(f"{'daemon':<12} {'setting':<14} {'ms':>9} {'GB/s':>7} {'x no disk':>10} {'disk blocks':>12}")
     rows = []
     for label, _ in binaries:
         base = statistics.median(results[(label, SETTINGS[0][0])])
         for name, _ in SETTINGS:
             s = statistics.median(results[(label, name)])
-            print(f"{label:<10} {name:<14} {s * 1e3:>9.1f} {total / s / 1e9:>7.2f} "
+            print(f"{label:<12} {name:<14} {s * 1e3:>9.1f} {total / s / 1e9:>7.2f} "
                   f"{s / base:>10.2f} {disk_blocks[(label, name)]:>12}")
             rows.append({"daemon": label, "setting": name, "median_ms": s * 1e3,
                          "gbps": total / s / 1e9,
