@@ -17,6 +17,7 @@
 //                             blocks it moved per block put (the write amplification)
 //   file read                 pread() the file back sequentially (page cache warm)
 //   disk tier read            DiskTier::ReadBlock of every block, random order, checksums verified
+//   disk tier read, batched   one DiskTier::ReadBlocks of every block (4 threads), random order
 // Reads come from the OS page cache (dropping it needs root); they measure the tier's overhead
 // (a lookup, the copy out of the page cache, XXH3), not the device. Prints a table and one JSON
 // line.
@@ -191,6 +192,25 @@ double TierRead(DiskTier& tier, const std::vector<std::string>& data,
   return t;
 }
 
+double TierReadBatched(DiskTier& tier, const std::vector<std::string>& data,
+                       const std::vector<BlockHash>& hashes, std::mt19937_64& rng) {
+  std::vector<size_t> order(hashes.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<std::string> out(hashes.size(), std::string(data[0].size(), '\0'));
+  std::vector<DiskTier::BlockRead> reads;
+  for (size_t i : order) reads.push_back({hashes[i], out[i].data(), out[i].size()});
+  std::vector<absl::Status> statuses(reads.size());
+  const double t0 = Now();
+  tier.ReadBlocks(reads, absl::MakeSpan(statuses));
+  const double t = Now() - t0;
+  for (size_t i = 0; i < statuses.size(); ++i) {
+    if (!statuses[i].ok()) Fail(std::string(statuses[i].message()));
+  }
+  if (out != data) Fail("batched read returned other bytes");
+  return t;
+}
+
 int Main(int argc, char** argv) {
   Args a;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -241,7 +261,8 @@ int Main(int argc, char** argv) {
                            {"disk tier put (sync)", "tier_put_sync", {}},
                            {"disk tier put, full", "tier_put_full", {}},
                            {"file read", "file_read", {}},
-                           {"disk tier read", "tier_read", {}}};
+                           {"disk tier read", "tier_read", {}},
+                           {"disk tier read, batched", "tier_read_batched", {}}};
   std::vector<double> moved;  // blocks compaction moved per block put, "put, full"
   for (int r = 0; r < a.reps; ++r) {
     const std::string rep = absl::StrCat(a.dir, "/rep", r);
@@ -263,6 +284,7 @@ int Main(int argc, char** argv) {
       ::sync();
       rows[5].secs.push_back(FileRead(rep + "/plain", a.block_bytes, a.blocks));
       rows[6].secs.push_back(TierRead(*tier, data, hashes, rng));
+      rows[7].secs.push_back(TierReadBatched(*tier, data, hashes, rng));
     }
     {
       // Segments of 1/16 of the capacity (the daemon's default is 1/256, at least 64 MiB).

@@ -163,6 +163,8 @@ class DiskTier {
     uint64_t segment_bytes = 0;
     // Compact full segments in a background thread (tests turn it off and call Compact).
     bool background_compaction = true;
+    // Threads of one ReadBlocks (the caller's among them).
+    int read_threads = 4;
   };
 
   // Opens (or creates) the database. INVALID_ARGUMENT for an empty path or zero capacity;
@@ -235,6 +237,16 @@ class DiskTier {
   // it does not verify: the block (bytes and metadata) is then deleted, and `dst` may hold
   // garbage that the caller must not use.
   absl::Status ReadBlock(const BlockHash& hash, void* dst, uint64_t bytes);
+
+  struct BlockRead {
+    BlockHash hash;
+    void* dst;  // [bytes]
+    uint64_t bytes;
+  };
+  // ReadBlock of each of `reads` into statuses[i], on up to Options::read_threads threads at once
+  // (a disk serves several reads at a time, and the checksums spread over cores). Once a read
+  // fails, the reads after it that have not started are skipped: CANCELLED.
+  void ReadBlocks(absl::Span<const BlockRead> reads, absl::Span<absl::Status> statuses);
 
   // Deletes blocks in one batch; absent ones are ignored. The delete is not synced on its own:
   // the next synced write makes it durable (a block deleted just before a power loss may come

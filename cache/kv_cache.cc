@@ -1136,15 +1136,18 @@ absl::StatusOr<ReadHandle> KvCache::Acquire(const RegisteredModel& m,
       if (loads[k].gpu) loads[k].status = s;
     }
   }
+  // Disk reads on several threads; a block read past a failed one is still a good host copy.
+  std::vector<DiskTier::BlockRead> reads;
+  std::vector<size_t> read_of;
   for (size_t k = 0; k < ok_until; ++k) {
     if (loads[k].gpu) continue;
-    loads[k].status = disk_->ReadBlock(loads[k].hash, loads[k].slot, bb);
-    if (!loads[k].status.ok()) {
-      for (size_t j = k + 1; j < ok_until; ++j) {
-        if (!loads[j].gpu) loads[j].status = absl::CancelledError("an earlier block failed");
-      }
-      break;
-    }
+    reads.push_back({loads[k].hash, loads[k].slot, bb});
+    read_of.push_back(k);
+  }
+  if (!reads.empty()) {
+    std::vector<absl::Status> statuses(reads.size());
+    disk_->ReadBlocks(reads, absl::MakeSpan(statuses));
+    for (size_t r = 0; r < reads.size(); ++r) loads[read_of[r]].status = std::move(statuses[r]);
   }
 
   size_t keep = handle.blocks_.size();

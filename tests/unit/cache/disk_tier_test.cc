@@ -861,5 +861,64 @@ TEST_F(DiskTierTest, AStagedCommitPastTheCapacityStoresNothing) {
   EXPECT_EQ(t->used_bytes(), 3u * 4096);
 }
 
+// ReadBlocks on several threads reads what ReadBlock reads; past a damaged block a read either
+// ran (and is right) or was skipped; on one thread every read after it is skipped.
+TEST_F(DiskTierTest, ReadBlocksOnSeveralThreadsEqualsReadBlock) {
+  constexpr int kBlocks = 32;
+  std::vector<std::string> data;
+  std::vector<BlockHash> hashes;
+  {
+    auto t = OpenTier();
+    std::vector<DiskTier::BlockWrite> writes;
+    for (int i = 0; i < kBlocks; ++i) {
+      data.push_back(RandomBytes(rng_, 12288 + 64 * (i % 3)));
+      hashes.push_back(RandomHash(rng_));
+      writes.push_back({MetaOf(hashes[i], data[i].size(), 16 * i), data[i].data()});
+    }
+    ASSERT_TRUE(t->PutBlocks(writes).ok());
+  }
+  RewriteValue(hashes[20], [](std::string* v) { (*v)[kDiskRecordHeaderBytes + 5] ^= 1; });
+  for (int threads : {4, 1}) {
+    DiskTier::Options o;
+    o.path = dir_;
+    o.read_threads = threads;
+    auto t = *DiskTier::Open(o);
+    ASSERT_TRUE(t->Load().ok());
+    std::vector<std::string> out(kBlocks);
+    std::vector<DiskTier::BlockRead> reads;
+    for (int i = 0; i < kBlocks; ++i) {
+      out[i].assign(data[i].size(), '\xff');
+      reads.push_back({hashes[i], out[i].data(), out[i].size()});
+    }
+    std::vector<absl::Status> statuses(kBlocks, absl::UnknownError("poison"));
+    t->ReadBlocks(reads, absl::MakeSpan(statuses));
+    for (int i = 0; i < kBlocks; ++i) {
+      if (i < 20) {
+        ASSERT_TRUE(statuses[i].ok()) << threads << " " << i << " " << statuses[i];
+        EXPECT_EQ(out[i], data[i]) << i;
+      } else if (i == 20) {
+        EXPECT_EQ(statuses[i].code(), absl::StatusCode::kDataLoss) << threads;
+      } else if (threads == 1) {
+        EXPECT_EQ(statuses[i].code(), absl::StatusCode::kCancelled) << i;
+      } else if (statuses[i].ok()) {
+        EXPECT_EQ(out[i], data[i]) << i;
+      } else {
+        EXPECT_EQ(statuses[i].code(), absl::StatusCode::kCancelled) << i << " " << statuses[i];
+      }
+    }
+    if (threads == 4) {
+      // The damaged block is gone; a second ReadBlocks of the rest reads every one.
+      reads.erase(reads.begin() + 20);
+      std::vector<absl::Status> again(reads.size());
+      t->ReadBlocks(reads, absl::MakeSpan(again));
+      for (const absl::Status& st : again) EXPECT_TRUE(st.ok()) << st;
+      // Put the damaged block back for the one-thread pass.
+      ASSERT_TRUE(t->PutBlocks({{MetaOf(hashes[20], data[20].size(), 320), data[20].data()}}).ok());
+      t.reset();
+      RewriteValue(hashes[20], [](std::string* v) { (*v)[kDiskRecordHeaderBytes + 5] ^= 1; });
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ropekv
