@@ -10,6 +10,10 @@ Default: 4096 tokens = 256 blocks of 2 MiB = 0.5 GiB a Put.
 
     python3 clients/python/bench_put.py --ropekvd build/ropekvd [--baseline old/ropekvd]
 
+With a disk tier, the daemon is then restarted on the same data folder and every stored prompt
+is read back once into a registered shared-memory region (GetToBuffer), its blocks coming from
+disk (the OS page cache is warm: they were just written): "get after restart".
+
 Prints a table (median GB/s over --reps Puts after --warmup) and one JSON line. Needs the ropekv
 package on PYTHONPATH (<build>/python).
 """
@@ -17,8 +21,10 @@ package on PYTHONPATH (<build>/python).
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -35,12 +41,15 @@ SETTINGS = [
 
 
 def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed, extra):
-    """Seconds of each timed Put (fresh prompts) on a fresh daemon started with `flags`."""
+    """Seconds of each timed Put (fresh prompts) on a fresh daemon started with `flags`, and of
+    each Get of those prompts after a restart (disk tier only)."""
     total = src.nbytes
-    daemon = ropekv.LocalDaemon(binary, "--host_capacity", str((reps + warmup + 1) * total),
-                                "--disk_capacity", str((reps + warmup + 1) * total), *flags,
-                                *extra,
-                                prefix="ropekv-bench-put-")
+    data_dir = tempfile.mkdtemp(prefix="ropekv-bench-put-data-")
+    args = ["--host_capacity", str((reps + warmup + 1) * total),
+            "--disk_capacity", str((reps + warmup + 1) * total), *flags, *extra,
+            f"--data_dir={data_dir}"]
+    prompts = []
+    daemon = ropekv.LocalDaemon(binary, *args, prefix="ropekv-bench-put-")
     try:
         client = ropekv.Client(daemon.address, timeout=600)
         client.wait_ready(timeout=30)
@@ -51,6 +60,7 @@ def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed, extra):
         times = []
         for i in range(warmup + reps):
             tokens = rng.integers(0, 128000, size=tokens_per_put).tolist()
+            prompts.append(tokens)
             t0 = time.perf_counter()
             resp = client.put_from_buffer(model, tokens, shm)
             s = time.perf_counter() - t0
@@ -65,9 +75,29 @@ def run(binary, flags, spec, src, tokens_per_put, reps, warmup, seed, extra):
             sys.exit("the last Put reads back other bytes")
         shm.close()
         disk = [t for t in client.stats().tiers if t.tier == pb.TIER_DISK]
-        return times, (disk[0].blocks if disk else 0)
+        disk_blocks = disk[0].blocks if disk else 0
+        client.close()
+        daemon.stop()
+        gets = []
+        if disk_blocks:
+            daemon = ropekv.LocalDaemon(binary, *args, prefix="ropekv-bench-put-")
+            client = ropekv.Client(daemon.address, timeout=600)
+            client.wait_ready(timeout=30)
+            shm = client.create_shm(total)
+            for tokens in prompts[warmup:]:
+                t0 = time.perf_counter()
+                header, _ = client.get(model, tokens, out=shm)
+                gets.append(time.perf_counter() - t0)
+                if header.blocks != tokens_per_put // spec.block_tokens:
+                    sys.exit(f"a Get after the restart answered {header.blocks} blocks")
+            if not np.array_equal(shm.array(np.uint8, (total,)), src):
+                sys.exit("a Get after the restart answered other bytes")
+            shm.close()
+            client.close()
+        return times, gets, disk_blocks
     finally:
         daemon.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def main():
@@ -94,29 +124,36 @@ def main():
         label, _, path = b.rpartition("=")
         binaries.append((label or f"baseline{i + 1}", path))
     results = {}  # (binary, setting) -> seconds
+    get_results = {}
     disk_blocks = {}
     for p in range(args.passes):
         for label, binary in binaries:
             for name, flags in SETTINGS:
-                times, db = run(binary, flags, spec, src, args.tokens, args.reps, args.warmup, p,
-                                args.daemon_flags.split())
+                times, gets, db = run(binary, flags, spec, src, args.tokens, args.reps,
+                                      args.warmup, p, args.daemon_flags.split())
                 results.setdefault((label, name), []).extend(times)
+                get_results.setdefault((label, name), []).extend(gets)
                 disk_blocks[(label, name)] = db
 
     print(f"Put of {args.tokens} tokens = {blocks} blocks = {total / 2**30:.3f} GiB, fresh prompt "
           f"each; median of {args.reps} x {args.passes} passes after {args.warmup} warm-up; "
           f"{platform.node()}")
-    print(f"{'daemon':<12} {'setting':<14} {'ms':>9} {'GB/s':>7} {'x no disk':>10} {'disk blocks':>12}")
+    print(f"{'daemon':<12} {'setting':<14} {'put ms':>9} {'GB/s':>7} {'x no disk':>10} "
+          f"{'disk blocks':>12} {'get after restart ms':>21} {'GB/s':>7}")
     rows = []
     for label, _ in binaries:
         base = statistics.median(results[(label, SETTINGS[0][0])])
         for name, _ in SETTINGS:
             s = statistics.median(results[(label, name)])
+            gets = get_results[(label, name)]
+            g = statistics.median(gets) if gets else None
+            get_cols = f"{g * 1e3:>21.1f} {total / g / 1e9:>7.2f}" if g else f"{'-':>21} {'-':>7}"
             print(f"{label:<12} {name:<14} {s * 1e3:>9.1f} {total / s / 1e9:>7.2f} "
-                  f"{s / base:>10.2f} {disk_blocks[(label, name)]:>12}")
+                  f"{s / base:>10.2f} {disk_blocks[(label, name)]:>12} {get_cols}")
             rows.append({"daemon": label, "setting": name, "median_ms": s * 1e3,
                          "gbps": total / s / 1e9,
-                         "times_ms": [t * 1e3 for t in results[(label, name)]]})
+                         "times_ms": [t * 1e3 for t in results[(label, name)]],
+                         "get_after_restart_ms": [t * 1e3 for t in gets]})
     print(json.dumps({"bench": "python_put", "tokens": args.tokens, "bytes": total,
                       "reps": args.reps, "passes": args.passes, "rows": rows,
                       "host": platform.node()}))
