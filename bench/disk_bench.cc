@@ -115,17 +115,23 @@ std::unique_ptr<DiskTier> OpenTier(const std::string& path, Durability d,
   return *std::move(t);
 }
 
+// The metadata of the bench's block i.
+DiskBlockMeta MetaOf(const BlockHash& hash, size_t i, uint64_t bytes) {
+  DiskBlockMeta m;
+  m.hash = hash;
+  m.model = "0123456789abcdef";
+  m.position = static_cast<int64_t>(i) * 16;
+  m.rotated_at = m.position;
+  m.bytes = bytes;
+  return m;
+}
+
 double TierPut(DiskTier& tier, const std::vector<std::string>& data,
                const std::vector<BlockHash>& hashes, int batch) {
   const double t0 = Now();
   std::vector<DiskTier::BlockWrite> writes;
   for (size_t i = 0; i < data.size(); ++i) {
-    DiskBlockMeta m;
-    m.hash = hashes[i];
-    m.model = "0123456789abcdef";
-    m.position = static_cast<int64_t>(i) * 16;
-    m.rotated_at = m.position;
-    m.bytes = data[i].size();
+    const DiskBlockMeta m = MetaOf(hashes[i], i, data[i].size());
     writes.push_back({m, data[i].data()});
     if (static_cast<int>(writes.size()) == batch || i + 1 == data.size()) {
       if (auto s = tier.PutBlocks(writes); !s.ok()) Fail(std::string(s.message()));
@@ -145,12 +151,7 @@ double TierPutFull(DiskTier& tier, const std::vector<std::string>& data,
   std::vector<DiskTier::BlockWrite> writes;
   uint64_t batch_bytes = 0;
   for (size_t i = 0; i < data.size(); ++i) {
-    DiskBlockMeta m;
-    m.hash = hashes[i];
-    m.model = "0123456789abcdef";
-    m.position = static_cast<int64_t>(i) * 16;
-    m.rotated_at = m.position;
-    m.bytes = data[i].size();
+    const DiskBlockMeta m = MetaOf(hashes[i], i, data[i].size());
     writes.push_back({m, data[i].data()});
     batch_bytes += m.bytes;
     if (static_cast<int>(writes.size()) < batch && i + 1 < data.size()) continue;

@@ -89,6 +89,19 @@ class DiskTierTest : public ::testing::Test {
     return *std::move(t);
   }
 
+  // Opens the tier with default options and loads it; *contents is what Load found.
+  std::unique_ptr<DiskTier> Reopen(DiskContents* contents) {
+    DiskTier::Options o;
+    o.path = dir_;
+    auto t = DiskTier::Open(o);
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return nullptr;
+    auto c = (*t)->Load();
+    EXPECT_TRUE(c.ok()) << c.status();
+    if (c.ok()) *contents = *std::move(c);
+    return *std::move(t);
+  }
+
   // Rewrites the record of `hash` in its segment file (the tier must be closed).
   void RewriteValue(const BlockHash& hash, const std::function<void(std::string*)>& change) {
     testing::DamageDiskRecord(dir_, hash, change);
@@ -327,18 +340,15 @@ TEST_F(DiskTierTest, ATruncatedSegmentLosesItsBlocksAtLoad) {
     ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
   }
   RewriteValue(h, [](std::string* v) { v->resize(100); });
-  DiskTier::Options o;
-  o.path = dir_;
-  auto t = DiskTier::Open(o);
-  ASSERT_TRUE(t.ok());
-  auto contents = (*t)->Load();
-  ASSERT_TRUE(contents.ok());
-  EXPECT_TRUE(contents->blocks.empty());
-  EXPECT_EQ(contents->dropped_records, 1u);
-  EXPECT_FALSE((*t)->Contains(h));
-  EXPECT_EQ((*t)->used_bytes(), 0u);
+  DiskContents contents;
+  auto t = Reopen(&contents);
+  ASSERT_NE(t, nullptr);
+  EXPECT_TRUE(contents.blocks.empty());
+  EXPECT_EQ(contents.dropped_records, 1u);
+  EXPECT_FALSE(t->Contains(h));
+  EXPECT_EQ(t->used_bytes(), 0u);
   // The segment held nothing else: it is gone.
-  EXPECT_EQ((*t)->Counters().segments, 0u);
+  EXPECT_EQ(t->Counters().segments, 0u);
 }
 
 TEST_F(DiskTierTest, ASegmentTruncatedWhileOpenIsDataLossAtTheRead) {
@@ -449,15 +459,12 @@ TEST_F(DiskTierTest, CorruptMetadataRecordIsDroppedAtLoad) {
     for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
     delete db;
   }
-  DiskTier::Options o;
-  o.path = dir_;
-  auto t = DiskTier::Open(o);
-  ASSERT_TRUE(t.ok());
-  auto contents = (*t)->Load();
-  ASSERT_TRUE(contents.ok());
-  ASSERT_EQ(contents->blocks.size(), 1u);
-  EXPECT_EQ(contents->blocks[0].hash, good);
-  EXPECT_EQ(contents->dropped_records, 1u);
+  DiskContents contents;
+  auto t = Reopen(&contents);
+  ASSERT_NE(t, nullptr);
+  ASSERT_EQ(contents.blocks.size(), 1u);
+  EXPECT_EQ(contents.blocks[0].hash, good);
+  EXPECT_EQ(contents.dropped_records, 1u);
 }
 
 TEST_F(DiskTierTest, ConcurrentWritersAndReadersSeeTheirOwnBytes) {
@@ -683,13 +690,11 @@ TEST_F(DiskTierTest, AMissingSegmentFileDropsItsBlocksAtLoad) {
     ASSERT_TRUE(t->PutBlocks({{MetaOf(h, data.size(), 0), data.data()}}).ok());
     std::filesystem::remove(t->SegmentPath(t->PlaceOf(h)->segment));
   }
-  DiskTier::Options o;
-  o.path = dir_;
-  auto t = *DiskTier::Open(o);
-  auto contents = t->Load();
-  ASSERT_TRUE(contents.ok());
-  EXPECT_TRUE(contents->blocks.empty());
-  EXPECT_EQ(contents->dropped_records, 1u);
+  DiskContents contents;
+  auto t = Reopen(&contents);
+  ASSERT_NE(t, nullptr);
+  EXPECT_TRUE(contents.blocks.empty());
+  EXPECT_EQ(contents.dropped_records, 1u);
   EXPECT_EQ(t->used_bytes(), 0u);
 }
 
