@@ -31,8 +31,8 @@ constexpr uint32_t kRecordFormat = 2;         // a segment record
 constexpr uint64_t kRecordAlign = 64;         // records start at multiples of this
 constexpr uint8_t kBlockMetaLegacy = 1;       // block metadata without a place
 constexpr uint8_t kBlockMetaFormat = 2;       // block metadata with its place
-constexpr uint64_t kMoveBatchBytes = 64ull
-                                     << 20;  // payload moved per batch (compaction, migration)
+// Payload bytes moved per batch (compaction, migration).
+constexpr uint64_t kMoveBatchBytes = 64ull << 20;
 constexpr uint8_t kModelMetaFormat = 1;
 constexpr char kBlockMetaPrefix = 'b';
 constexpr char kModelMetaPrefix = 'm';
@@ -710,13 +710,15 @@ absl::Status DiskTier::WriteRecords(absl::Span<const Append> appends,
   return absl::OkStatus();
 }
 
-absl::Status DiskTier::SyncSegments(absl::Span<const Append> appends) const {
+absl::Status DiskTier::SyncSegments(absl::Span<const Append> appends) {
   if (options_.durability != Durability::kSync) return absl::OkStatus();
   std::set<Segment*> files;
   for (const Append& a : appends) files.insert(a.file.get());
   for (Segment* f : files) {
     if (::fdatasync(f->fd) != 0) return FromErrno(errno, absl::StrCat("sync ", SegmentPath(f->id)));
   }
+  absl::MutexLock lock(&mu_);
+  counters_.segment_syncs += files.size();
   return absl::OkStatus();
 }
 
@@ -1100,9 +1102,12 @@ absl::Status DiskTier::MoveBlocks(std::vector<Moving>* batch, bool legacy) {
   }
   auto appends = Reserve(sizes);
   if (!appends.ok()) return appends.status();
-  if (auto st = WriteRecords(*appends, hashes, data); !st.ok()) {
+  // Synced before the metadata points at them: compaction then removes the old copies.
+  absl::Status written = WriteRecords(*appends, hashes, data);
+  if (written.ok()) written = SyncSegments(*appends);
+  if (!written.ok()) {
     Abandon(*appends);
-    return st;
+    return written;
   }
   absl::MutexLock index(&index_mu_);
   // A block that a Put, delete or UpdateMeta changed since it was read stays where that left it.

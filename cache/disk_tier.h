@@ -136,6 +136,7 @@ struct DiskCounters {
   uint64_t segments = 0;       // segment files
   uint64_t file_bytes = 0;     // bytes in segment files: live records, dead space, padding
   uint64_t relocated = 0;      // blocks moved by compaction
+  uint64_t segment_syncs = 0;  // fdatasync calls on segments before metadata pointed into them
 };
 
 class DiskTier {
@@ -301,7 +302,7 @@ class DiskTier {
   absl::Status WriteRecords(absl::Span<const Append> appends, absl::Span<const BlockHash> hashes,
                             absl::Span<const void* const> data);
   // Under kSync, syncs the segments of `appends`.
-  absl::Status SyncSegments(absl::Span<const Append> appends) const;
+  absl::Status SyncSegments(absl::Span<const Append> appends);
   // Points `hash` at the record of `a` (its metadata is written); its old record, if any,
   // becomes dead space.
   void PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence)
