@@ -280,6 +280,9 @@ absl::Status KvCache::LoadDisk() {
       ++blocks_per_model_[e.model];
       disk_bytes_per_model_[e.model] += e.bytes;
     }
+    disk_load_.blocks = index_.size();
+    disk_load_.dropped = contents->dropped_records + disk_garbage_.size();
+    disk_load_.migrated_blocks = contents->migrated_blocks;
   }
   CollectGarbage();
   return absl::OkStatus();

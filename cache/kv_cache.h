@@ -87,6 +87,13 @@ struct TierCounters {
   uint64_t reserved_bytes = 0;
 };
 
+// What the cache found on disk when it started.
+struct DiskLoad {
+  uint64_t blocks = 0;           // disk-resident blocks in the index
+  uint64_t dropped = 0;          // records dropped: damaged, orphaned, or of an unknown model
+  uint64_t migrated_blocks = 0;  // moved from the format before segments (docs/tiers.md)
+};
+
 struct CacheStats {
   std::vector<TierCounters> tiers;
   uint64_t lookups = 0;
@@ -312,6 +319,8 @@ class KvCache {
 
   // Counters; tiers in the order host, GPU (if present), disk (if present).
   CacheStats Stats() const;
+  // What Create found on disk (zeros without a disk tier).
+  const DiskLoad& disk_load() const { return disk_load_; }
 
   // One watermark pass over every tier (what the background thread runs): frees least recently
   // used copies of each tier fuller than its high watermark down to its low watermark.
@@ -452,6 +461,7 @@ class KvCache {
   const Options options_;  // (its tiers moved into the members below)
   std::unique_ptr<HostTier> host_;
   std::unique_ptr<DiskTier> disk_;
+  DiskLoad disk_load_;  // set once, by LoadDisk
   std::unique_ptr<GpuTier> gpu_;
   ModelRegistry models_;
   PrefixHashMemo prompt_hashes_;

@@ -255,6 +255,15 @@ int Run(const ServerConfig& config) {
     std::ofstream(config.port_file + ".tmp") << port << "\n";
     std::filesystem::rename(config.port_file + ".tmp", config.port_file, ec);
   }
+  const DiskLoad& found = (*cache)->disk_load();
+  if (config.disk_enabled) {
+    absl::StrAppend(&tiers, "; found on disk ", found.blocks, " blocks",
+                    found.migrated_blocks > 0
+                        ? absl::StrCat(" (", found.migrated_blocks,
+                                       " migrated from the format before segments)")
+                        : "",
+                    found.dropped > 0 ? absl::StrCat(", ", found.dropped, " records dropped") : "");
+  }
   std::cout << "ropekvd listening on port " << port << " (" << config.listen << "); data folder "
             << config.data_dir << "; " << tiers << "; " << dataplane.summary() << "; sessions "
             << (sessions.store()->gpu_device() >= 0

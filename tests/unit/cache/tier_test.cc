@@ -231,6 +231,8 @@ TEST_F(TierTest, RestartFindsEveryBlockAndModel) {
   const CacheStats before = cache_->Stats();
   EXPECT_EQ(TierOf(before, TierKind::kDisk).blocks, 13u);  // write-through: all on disk
   Restart();
+  EXPECT_EQ(cache_->disk_load().blocks, 13u);
+  EXPECT_EQ(cache_->disk_load().dropped, 0u);
 
   // Models are back, with their names.
   auto models = cache_->ListModels();
@@ -392,6 +394,10 @@ TEST_F(TierTest, OrphansAreDroppedAtRestart) {
   EXPECT_EQ(Matched(tokens), 0u);
   EXPECT_EQ(TierOf(cache_->Stats(), TierKind::kDisk).blocks, 0u);
   EXPECT_EQ(TierOf(cache_->Stats(), TierKind::kDisk).bytes_used, 0u);
+  // What the daemon reports at start: the two blocks left were dropped, none found.
+  EXPECT_EQ(cache_->disk_load().blocks, 0u);
+  EXPECT_EQ(cache_->disk_load().dropped, 2u);
+  EXPECT_EQ(cache_->disk_load().migrated_blocks, 0u);
 }
 
 TEST_F(TierTest, WatermarksFreeDownToTheLowMark) {
