@@ -505,6 +505,13 @@ DiskTier::~DiskTier() {
     stopping_ = true;
   }
   if (compactor_.joinable()) compactor_.join();
+  std::vector<std::thread> stagers;
+  {
+    absl::MutexLock lock(&stage_mu_);
+    stage_stopping_ = true;  // every staging has drained: the queue is empty
+    stagers.swap(stagers_);
+  }
+  for (std::thread& t : stagers) t.join();
   db_->DestroyColumnFamilyHandle(meta_cf_);
   if (legacy_cf_ != nullptr) db_->DestroyColumnFamilyHandle(legacy_cf_);
   db_->Close().PermitUncheckedError();
@@ -763,7 +770,9 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks, Staging* s
   std::vector<Append> unused;
   if (staged != nullptr) {
     // After a failed record every block is written here (the error shows again if it lasts).
-    if (staged->Drain().ok()) {
+    const absl::Status drained = staged->Drain();
+    absl::MutexLock lock(&staged->mu_);
+    if (drained.ok()) {
       for (size_t i = 0; i < staged->written_.size(); ++i) {
         auto [it, inserted] = ready.try_emplace(staged->written_hashes_[i], staged->written_[i]);
         if (!inserted) unused.push_back(staged->written_[i]);  // a block staged twice
@@ -871,69 +880,90 @@ DiskTier::Staging::Staging(DiskTier* tier) : tier_(tier) {}
 
 DiskTier::Staging::~Staging() {
   Drain().IgnoreError();
-  {
-    absl::MutexLock lock(&mu_);
-    closing_ = true;
-  }
-  if (thread_.joinable()) thread_.join();
+  absl::MutexLock lock(&mu_);
   tier_->Abandon(written_);
 }
 
 void DiskTier::Staging::Append(const BlockHash& hash, const void* data, uint64_t bytes) {
-  absl::MutexLock lock(&mu_);
-  queue_.push_back(Item{hash, data, bytes});
-  idle_ = false;
-  if (!thread_.joinable()) thread_ = std::thread([this] { Run(); });
+  {
+    absl::MutexLock lock(&mu_);
+    ++pending_;
+  }
+  tier_->Enqueue(this, Item{hash, data, bytes});
 }
 
-void DiskTier::Staging::Run() {
-  while (true) {
-    std::vector<Item> items;
-    {
-      absl::MutexLock lock(&mu_);
-      idle_ = queue_.empty();
-      mu_.Await(absl::Condition(
-          +[](Staging* s)
-               ABSL_NO_THREAD_SAFETY_ANALYSIS { return !s->queue_.empty() || s->closing_; },
-          this));
-      if (queue_.empty()) return;  // closing
-      items.swap(queue_);
-      if (!status_.ok()) {  // after an error the rest are left for PutBlocks
-        idle_ = true;
-        continue;
-      }
-    }
-    absl::Status st;
-    for (const Item& item : items) {
-      if (!st.ok()) break;
-      const uint64_t size = item.bytes;
-      auto place = tier_->Reserve(absl::MakeConstSpan(&size, 1));
-      if (!place.ok()) {
-        st = place.status();
-        break;
-      }
+void DiskTier::Staging::Write(const Item& item) {
+  bool failed;
+  {
+    absl::MutexLock lock(&mu_);
+    failed = !status_.ok();  // after an error the rest are left for PutBlocks
+  }
+  absl::Status st;
+  std::optional<DiskTier::Append> done;
+  if (!failed) {
+    auto place = tier_->Reserve(absl::MakeConstSpan(&item.bytes, 1));
+    st = place.status();
+    if (st.ok()) {
       st = tier_->WriteRecords(*place, absl::MakeConstSpan(&item.hash, 1),
                                absl::MakeConstSpan(&item.data, 1));
-      if (st.ok() && tier_->options_.durability == Durability::kSync) {
-        // Start the write-back now; the commit's fdatasync waits for what is left.
-        const DiskTier::Append& a = (*place)[0];
-        ::sync_file_range(a.file->fd, static_cast<off_t>(a.place.offset),
-                          static_cast<off_t>(RecordBytes(size)), SYNC_FILE_RANGE_WRITE);
+      const DiskTier::Append& a = (*place)[0];
+      if (!st.ok()) {
+        tier_->Abandon(*place);
+      } else {
+        if (tier_->options_.durability == Durability::kSync) {
+          // Start the write-back now; the commit's fdatasync waits for what is left.
+          ::sync_file_range(a.file->fd, static_cast<off_t>(a.place.offset),
+                            static_cast<off_t>(RecordBytes(item.bytes)), SYNC_FILE_RANGE_WRITE);
+        }
+        done = a;
       }
-      written_.push_back(std::move((*place)[0]));
-      written_hashes_.push_back(item.hash);
     }
-    absl::MutexLock lock(&mu_);
-    if (!st.ok() && status_.ok()) status_ = st;
   }
+  absl::MutexLock lock(&mu_);
+  if (done.has_value()) {
+    written_.push_back(*std::move(done));
+    written_hashes_.push_back(item.hash);
+  }
+  if (!st.ok() && status_.ok()) status_ = st;
+  --pending_;
 }
 
 absl::Status DiskTier::Staging::Drain() {
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
-      +[](Staging* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->idle_ && s->queue_.empty(); },
-      this));
+      +[](Staging* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->pending_ == 0; }, this));
   return status_;
+}
+
+void DiskTier::Enqueue(Staging* staging, const Staging::Item& item) {
+  absl::MutexLock lock(&stage_mu_);
+  stage_queue_.emplace_back(staging, item);
+  if (stagers_.empty()) {
+    for (int t = 0; t < std::max(1, options_.stage_threads); ++t) {
+      stagers_.emplace_back([this] { StageLoop(); });
+    }
+  }
+}
+
+void DiskTier::StageLoop() {
+  while (true) {
+    std::pair<Staging*, Staging::Item> job;
+    {
+      absl::MutexLock lock(&stage_mu_);
+      stage_mu_.Await(absl::Condition(
+          +[](DiskTier* t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return t->stage_next_ < t->stage_queue_.size() || t->stage_stopping_;
+          },
+          this));
+      if (stage_next_ == stage_queue_.size()) return;  // stopping, nothing left
+      job = stage_queue_[stage_next_++];
+      if (stage_next_ == stage_queue_.size()) {
+        stage_queue_.clear();
+        stage_next_ = 0;
+      }
+    }
+    job.first->Write(job.second);
+  }
 }
 
 absl::Status DiskTier::ReadRecord(const Segment& segment, uint64_t offset, const BlockHash& hash,

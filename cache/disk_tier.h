@@ -166,6 +166,8 @@ class DiskTier {
     bool background_compaction = true;
     // Threads of one ReadBlocks (the caller's among them).
     int read_threads = 4;
+    // Threads that write staged records, for every staging at once (started at first use).
+    int stage_threads = 4;
   };
 
   // Opens (or creates) the database. INVALID_ARGUMENT for an empty path or zero capacity;
@@ -196,10 +198,11 @@ class DiskTier {
   // the rest are written here: the bytes of a Put go to disk while the rest of it arrives.
   absl::Status PutBlocks(absl::Span<const BlockWrite> blocks, Staging* staged = nullptr);
 
-  // Records of a write to come, written by a thread of their own as they are handed over. They
-  // are not findable until a PutBlocks given this staging commits them; destroying it without
-  // that leaves them as dead space. Under kSync each record's write-back starts at once
-  // (sync_file_range), so that the commit's fdatasync has little left to wait for.
+  // Records of a write to come, written by the tier's staging threads (Options::stage_threads,
+  // shared by every staging) as they are handed over. They are not findable until a PutBlocks
+  // given this staging commits them; destroying it without that leaves them as dead space.
+  // Under kSync each record's write-back starts at once (sync_file_range), so that the commit's
+  // fdatasync has little left to wait for.
   class Staging {
    public:
     ~Staging();
@@ -217,19 +220,18 @@ class DiskTier {
       uint64_t bytes;
     };
     explicit Staging(DiskTier* tier);
-    void Run();
+    // Writes one record (on a staging thread).
+    void Write(const Item& item);
     // Waits until every queued record is written; the first error of any.
     absl::Status Drain();
 
     DiskTier* const tier_;
     absl::Mutex mu_;
-    std::vector<Item> queue_ ABSL_GUARDED_BY(mu_);
-    bool closing_ ABSL_GUARDED_BY(mu_) = false;
-    bool idle_ ABSL_GUARDED_BY(mu_) = true;
+    int pending_ ABSL_GUARDED_BY(mu_) = 0;  // records queued or being written
     absl::Status status_ ABSL_GUARDED_BY(mu_);
-    std::vector<DiskTier::Append> written_;  // by the thread; read after Drain
-    std::vector<BlockHash> written_hashes_;
-    std::thread thread_;
+    // Written records; read by PutBlocks after Drain.
+    std::vector<DiskTier::Append> written_ ABSL_GUARDED_BY(mu_);
+    std::vector<BlockHash> written_hashes_ ABSL_GUARDED_BY(mu_);
   };
   std::unique_ptr<Staging> BeginStaging();
 
@@ -329,6 +331,9 @@ class DiskTier {
   // Moves the blocks of the format before segments into segments, then drops their family.
   absl::Status Migrate(std::vector<DiskBlockMeta>* legacy, DiskContents* out);
   void CompactionLoop();
+  // Queues a staged record for the staging threads (starting them at first use).
+  void Enqueue(Staging* staging, const Staging::Item& item) ABSL_LOCKS_EXCLUDED(stage_mu_);
+  void StageLoop();
   rocksdb::WriteOptions WriteOpts() const;
 
   const Options options_;
@@ -355,6 +360,12 @@ class DiskTier {
   bool compaction_wanted_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread compactor_;
+
+  absl::Mutex stage_mu_;
+  std::vector<std::pair<Staging*, Staging::Item>> stage_queue_ ABSL_GUARDED_BY(stage_mu_);
+  size_t stage_next_ ABSL_GUARDED_BY(stage_mu_) = 0;  // first queued item not taken yet
+  bool stage_stopping_ ABSL_GUARDED_BY(stage_mu_) = false;
+  std::vector<std::thread> stagers_ ABSL_GUARDED_BY(stage_mu_);
 };
 
 // Binary encodings of the metadata records (exposed for tests). A block's record with a place

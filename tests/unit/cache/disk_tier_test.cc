@@ -928,5 +928,56 @@ TEST_F(DiskTierTest, ReadBlocksOnSeveralThreadsEqualsReadBlock) {
   }
 }
 
+// Many Puts stage at once through the tier's few staging threads; some give up. Every committed
+// block reads back, no other block is stored, and nothing stays reserved.
+TEST_F(DiskTierTest, ManyStagingsShareTheStagingThreads) {
+  DiskTier::Options o;
+  o.path = dir_;
+  o.durability = Durability::kMemory;
+  o.stage_threads = 2;
+  o.background_compaction = false;
+  auto t = *DiskTier::Open(o);
+  ASSERT_TRUE(t->Load().ok());
+  constexpr int kPuts = 12;
+  constexpr int kBlocks = 8;
+  std::vector<std::vector<std::string>> data(kPuts);
+  std::vector<std::vector<DiskTier::BlockWrite>> writes(kPuts);
+  for (int p = 0; p < kPuts; ++p) {
+    for (int i = 0; i < kBlocks; ++i) data[p].push_back(RandomBytes(rng_, 8192 + 64 * p));
+    for (int i = 0; i < kBlocks; ++i) {
+      writes[p].push_back({MetaOf(RandomHash(rng_), data[p][i].size(), 16 * i), data[p][i].data()});
+    }
+  }
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < kPuts; ++p) {
+    threads.emplace_back([&, p] {
+      auto staging = t->BeginStaging();
+      for (const auto& w : writes[p]) staging->Append(w.meta.hash, w.data, w.meta.bytes);
+      if (p % 4 == 3) return;  // given up
+      if (!t->PutBlocks(writes[p], staging.get()).ok()) ++failures;
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  uint64_t expect_bytes = 0;
+  for (int p = 0; p < kPuts; ++p) {
+    for (int i = 0; i < kBlocks; ++i) {
+      const BlockHash& h = writes[p][i].meta.hash;
+      if (p % 4 == 3) {
+        EXPECT_FALSE(t->Contains(h));
+        continue;
+      }
+      expect_bytes += data[p][i].size();
+      std::string out(data[p][i].size(), '\xff');
+      ASSERT_TRUE(t->ReadBlock(h, out.data(), out.size()).ok()) << p << " " << i;
+      EXPECT_EQ(out, data[p][i]);
+    }
+  }
+  EXPECT_EQ(t->used_bytes(), expect_bytes);
+  EXPECT_TRUE(t->Fits(o.capacity_bytes - expect_bytes));  // no reservation left behind
+  EXPECT_EQ(t->Counters().blocks, static_cast<uint64_t>(kPuts - kPuts / 4) * kBlocks);
+}
+
 }  // namespace
 }  // namespace ropekv
