@@ -771,17 +771,17 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks, Staging* s
   if (staged != nullptr) {
     // After a failed record every block is written here (the error shows again if it lasts).
     const absl::Status drained = staged->Drain();
-    absl::MutexLock lock(&staged->mu_);
+    std::vector<Append> records;
+    std::vector<BlockHash> hashes;
+    TakeStaged(staged, &records, &hashes);
     if (drained.ok()) {
-      for (size_t i = 0; i < staged->written_.size(); ++i) {
-        auto [it, inserted] = ready.try_emplace(staged->written_hashes_[i], staged->written_[i]);
-        if (!inserted) unused.push_back(staged->written_[i]);  // a block staged twice
+      for (size_t i = 0; i < records.size(); ++i) {
+        auto [it, inserted] = ready.try_emplace(hashes[i], records[i]);
+        if (!inserted) unused.push_back(records[i]);  // a block staged twice
       }
     } else {
-      unused = staged->written_;
+      unused = std::move(records);
     }
-    staged->written_.clear();
-    staged->written_hashes_.clear();
   }
   std::vector<Append> appends(blocks.size());
   std::vector<size_t> missing;  // blocks whose records are written here
@@ -880,22 +880,27 @@ DiskTier::Staging::Staging(DiskTier* tier) : tier_(tier) {}
 
 DiskTier::Staging::~Staging() {
   Drain().IgnoreError();
-  absl::MutexLock lock(&mu_);
-  tier_->Abandon(written_);
+  std::vector<DiskTier::Append> records;
+  std::vector<BlockHash> hashes;
+  tier_->TakeStaged(this, &records, &hashes);
+  tier_->Abandon(records);
 }
 
 void DiskTier::Staging::Append(const BlockHash& hash, const void* data, uint64_t bytes) {
-  {
-    absl::MutexLock lock(&mu_);
-    ++pending_;
+  absl::MutexLock lock(&tier_->stage_mu_);
+  ++pending_;
+  tier_->stage_queue_.emplace_back(this, Item{hash, data, bytes});
+  if (tier_->stagers_.empty()) {
+    for (int t = 0; t < std::max(1, tier_->options_.stage_threads); ++t) {
+      tier_->stagers_.emplace_back([tier = tier_] { tier->StageLoop(); });
+    }
   }
-  tier_->Enqueue(this, Item{hash, data, bytes});
 }
 
-void DiskTier::Staging::Write(const Item& item) {
+void DiskTier::Staging::Write(const Item& item) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   bool failed;
   {
-    absl::MutexLock lock(&mu_);
+    absl::MutexLock lock(&tier_->stage_mu_);
     failed = !status_.ok();  // after an error the rest are left for PutBlocks
   }
   absl::Status st;
@@ -919,7 +924,7 @@ void DiskTier::Staging::Write(const Item& item) {
       }
     }
   }
-  absl::MutexLock lock(&mu_);
+  absl::MutexLock lock(&tier_->stage_mu_);
   if (done.has_value()) {
     written_.push_back(*std::move(done));
     written_hashes_.push_back(item.hash);
@@ -928,21 +933,18 @@ void DiskTier::Staging::Write(const Item& item) {
   --pending_;
 }
 
-absl::Status DiskTier::Staging::Drain() {
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
+absl::Status DiskTier::Staging::Drain() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  absl::MutexLock lock(&tier_->stage_mu_);
+  tier_->stage_mu_.Await(absl::Condition(
       +[](Staging* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->pending_ == 0; }, this));
   return status_;
 }
 
-void DiskTier::Enqueue(Staging* staging, const Staging::Item& item) {
+void DiskTier::TakeStaged(Staging* staging, std::vector<Append>* records,
+                          std::vector<BlockHash>* hashes) {
   absl::MutexLock lock(&stage_mu_);
-  stage_queue_.emplace_back(staging, item);
-  if (stagers_.empty()) {
-    for (int t = 0; t < std::max(1, options_.stage_threads); ++t) {
-      stagers_.emplace_back([this] { StageLoop(); });
-    }
-  }
+  records->swap(staging->written_);
+  hashes->swap(staging->written_hashes_);
 }
 
 void DiskTier::StageLoop() {

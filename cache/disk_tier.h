@@ -226,12 +226,12 @@ class DiskTier {
     absl::Status Drain();
 
     DiskTier* const tier_;
-    absl::Mutex mu_;
-    int pending_ ABSL_GUARDED_BY(mu_) = 0;  // records queued or being written
-    absl::Status status_ ABSL_GUARDED_BY(mu_);
-    // Written records; read by PutBlocks after Drain.
-    std::vector<DiskTier::Append> written_ ABSL_GUARDED_BY(mu_);
-    std::vector<BlockHash> written_hashes_ ABSL_GUARDED_BY(mu_);
+    // Under the tier's stage_mu_ (which outlives every staging, so that a staging thread never
+    // unlocks a mutex that its staging's owner may already be destroying):
+    int pending_ = 0;  // records queued or being written
+    absl::Status status_;
+    std::vector<DiskTier::Append> written_;  // read by PutBlocks after Drain
+    std::vector<BlockHash> written_hashes_;
   };
   std::unique_ptr<Staging> BeginStaging();
 
@@ -331,9 +331,10 @@ class DiskTier {
   // Moves the blocks of the format before segments into segments, then drops their family.
   absl::Status Migrate(std::vector<DiskBlockMeta>* legacy, DiskContents* out);
   void CompactionLoop();
-  // Queues a staged record for the staging threads (starting them at first use).
-  void Enqueue(Staging* staging, const Staging::Item& item) ABSL_LOCKS_EXCLUDED(stage_mu_);
   void StageLoop();
+  // Takes a drained staging's written records.
+  void TakeStaged(Staging* staging, std::vector<Append>* records, std::vector<BlockHash>* hashes)
+      ABSL_LOCKS_EXCLUDED(stage_mu_);
   rocksdb::WriteOptions WriteOpts() const;
 
   const Options options_;
