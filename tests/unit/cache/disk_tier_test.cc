@@ -598,7 +598,9 @@ TEST_F(DiskTierTest, CompactionRacingWritersNeverLosesOrMixesABlock) {
     threads.emplace_back([&, w] {
       std::mt19937_64 rng(500 + w);
       for (int i = 0; i < 24; ++i) hashes[w].push_back(RandomHash(rng));
-      for (int r = 0; r < kRounds; ++r) {
+      // Until compaction has moved something while they write (at most 20x the rounds: on a
+      // loaded machine the compactor may get no turn in the first ones).
+      for (int r = 0; r < kRounds || (t->Counters().relocated == 0 && r < 20 * kRounds); ++r) {
         const int b = static_cast<int>(rng() % 24);
         const int op = static_cast<int>(rng() % 4);
         if (op <= 1) {  // put or rewrite
@@ -627,7 +629,7 @@ TEST_F(DiskTierTest, CompactionRacingWritersNeverLosesOrMixesABlock) {
   compactor.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(t->Counters().corrupt, 0u);
-  EXPECT_GT(t->Counters().relocated, 0u);      // the race took place (45-113 moves in 6 runs)
+  EXPECT_GT(t->Counters().relocated, 0u);      // the race took place
   EXPECT_EQ(t->Counters().segment_syncs, 0u);  // memory: nothing is synced
   t.reset();
   auto reopened = *DiskTier::Open(o);
