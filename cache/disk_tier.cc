@@ -58,6 +58,18 @@ std::string ModelMetaKey(const ModelId& id) {
   return absl::StrCat(std::string(1, kModelMetaPrefix), id);
 }
 
+// Little-endian fixed-width integers.
+void PutLe(char* out, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) out[i] = static_cast<char>(v >> (8 * i));
+}
+
+uint64_t GetLe(const void* p, int n) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= uint64_t{b[i]} << (8 * i);
+  return v;
+}
+
 // Little-endian fixed-width encoding with length-prefixed strings.
 class Writer {
  public:
@@ -82,7 +94,9 @@ class Writer {
 
  private:
   void Fixed(uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out_.push_back(static_cast<char>(v >> (8 * i)));
+    char b[8];
+    PutLe(b, v, n);
+    out_.append(b, n);
   }
   std::string out_;
 };
@@ -96,11 +110,7 @@ class Reader {
       return;
     }
     data_ = data.substr(0, data.size() - 8);
-    uint64_t stored = 0;
-    for (int i = 0; i < 8; ++i) {
-      stored |= uint64_t{static_cast<uint8_t>(data[data.size() - 8 + i])} << (8 * i);
-    }
-    ok_ = stored == BlockChecksum(data_.data(), data_.size());
+    ok_ = GetLe(data.data() + data_.size(), 8) == BlockChecksum(data_.data(), data_.size());
   }
   uint8_t U8() { return static_cast<uint8_t>(Fixed(1)); }
   uint32_t U32() { return static_cast<uint32_t>(Fixed(4)); }
@@ -131,24 +141,13 @@ class Reader {
       ok_ = false;
       return 0;
     }
-    uint64_t v = 0;
-    for (int i = 0; i < n; ++i) v |= uint64_t{static_cast<uint8_t>(data_[i])} << (8 * i);
+    const uint64_t v = GetLe(data_.data(), n);
     data_.remove_prefix(n);
     return v;
   }
   absl::string_view data_;
   bool ok_ = true;
 };
-
-void PutLe(char* out, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) out[i] = static_cast<char>(v >> (8 * i));
-}
-
-uint64_t GetLe(const uint8_t* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= uint64_t{p[i]} << (8 * i);
-  return v;
-}
 
 // Bytes a record of `payload` bytes takes in its segment.
 uint64_t RecordBytes(uint64_t payload) {
@@ -655,8 +654,9 @@ absl::StatusOr<std::vector<DiskTier::Append>> DiskTier::Reserve(
       if (st.ok() && options_.durability == Durability::kSync) {
         // The new file's name must survive a power loss before any metadata points into it.
         const int dir = ::open(segment_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dir < 0 || ::fsync(dir) != 0)
+        if (dir < 0 || ::fsync(dir) != 0) {
           st = FromErrno(errno, absl::StrCat("sync ", segment_dir_));
+        }
         if (dir >= 0) ::close(dir);
       }
       if (!st.ok()) {
@@ -664,8 +664,7 @@ absl::StatusOr<std::vector<DiskTier::Append>> DiskTier::Reserve(
           ::close(fd);
           ::unlink(path.c_str());
         }
-        for (const Append& a : out) --segments_[a.place.segment].writers;
-        for (const Append& a : out) RetireOrScheduleLocked(a.place.segment);
+        for (const Append& a : out) ReleaseLocked(a);
         return st;
       }
       ++next_segment_;
@@ -717,6 +716,18 @@ absl::Status DiskTier::WriteRecords(absl::Span<const Append> appends,
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<DiskTier::Append>> DiskTier::AppendRecords(
+    absl::Span<const uint64_t> payloads, absl::Span<const BlockHash> hashes,
+    absl::Span<const void* const> data) {
+  auto appends = Reserve(payloads);
+  if (!appends.ok()) return appends.status();
+  if (auto st = WriteRecords(*appends, hashes, data); !st.ok()) {
+    Abandon(*appends);
+    return st;
+  }
+  return appends;
+}
+
 absl::Status DiskTier::SyncSegments(absl::Span<const Append> appends) {
   if (options_.durability != Durability::kSync) return absl::OkStatus();
   std::set<Segment*> files;
@@ -731,15 +742,16 @@ absl::Status DiskTier::SyncSegments(absl::Span<const Append> appends) {
 
 void DiskTier::PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence) {
   auto [it, inserted] = blocks_.try_emplace(hash);
-  if (!inserted) {
-    const Entry& old = it->second;
-    segments_[old.place.segment].live -= RecordBytes(old.bytes);
-    used_bytes_ -= old.bytes;
-    RetireOrScheduleLocked(old.place.segment);
-  }
+  if (!inserted) ForgetLocked(it->second);
   it->second = Entry{a.payload, a.place, sequence};
   segments_[a.place.segment].live += RecordBytes(a.payload);
   used_bytes_ += a.payload;
+}
+
+void DiskTier::ForgetLocked(const Entry& e) {
+  segments_[e.place.segment].live -= RecordBytes(e.bytes);
+  used_bytes_ -= e.bytes;
+  RetireOrScheduleLocked(e.place.segment);
 }
 
 void DiskTier::ReleaseLocked(const Append& a) {
@@ -834,10 +846,9 @@ absl::Status DiskTier::PutBlocks(absl::Span<const BlockWrite> blocks, Staging* s
       hashes.push_back(blocks[i].meta.hash);
       data.push_back(blocks[i].data);
     }
-    auto placed = Reserve(sizes);
+    auto placed = AppendRecords(sizes, hashes, data);
     if (!placed.ok()) return give_up(placed.status());
     for (size_t k = 0; k < missing.size(); ++k) appends[missing[k]] = (*placed)[k];
-    if (st = WriteRecords(*placed, hashes, data); !st.ok()) return give_up(st);
   }
   if (st = SyncSegments(appends); !st.ok()) return give_up(st);
 
@@ -906,21 +917,16 @@ void DiskTier::Staging::Write(const Item& item) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   absl::Status st;
   std::optional<DiskTier::Append> done;
   if (!failed) {
-    auto place = tier_->Reserve(absl::MakeConstSpan(&item.bytes, 1));
-    st = place.status();
+    auto placed = tier_->AppendRecords(absl::MakeConstSpan(&item.bytes, 1),
+                                       absl::MakeConstSpan(&item.hash, 1),
+                                       absl::MakeConstSpan(&item.data, 1));
+    st = placed.status();
     if (st.ok()) {
-      st = tier_->WriteRecords(*place, absl::MakeConstSpan(&item.hash, 1),
-                               absl::MakeConstSpan(&item.data, 1));
-      const DiskTier::Append& a = (*place)[0];
-      if (!st.ok()) {
-        tier_->Abandon(*place);
-      } else {
-        if (tier_->options_.durability == Durability::kSync) {
-          // Start the write-back now; the commit's fdatasync waits for what is left.
-          ::sync_file_range(a.file->fd, static_cast<off_t>(a.place.offset),
-                            static_cast<off_t>(RecordBytes(item.bytes)), SYNC_FILE_RANGE_WRITE);
-        }
-        done = a;
+      done = (*placed)[0];
+      if (tier_->options_.durability == Durability::kSync) {
+        // Start the write-back now; the commit's fdatasync waits for what is left.
+        ::sync_file_range(done->file->fd, static_cast<off_t>(done->place.offset),
+                          static_cast<off_t>(RecordBytes(item.bytes)), SYNC_FILE_RANGE_WRITE);
       }
     }
   }
@@ -1049,8 +1055,7 @@ void DiskTier::DropCorrupt(const BlockHash& hash, DiskPlace place) {
     absl::MutexLock lock(&mu_);
     ++counters_.corrupt;
     auto it = blocks_.find(hash);
-    if (it == blocks_.end() || it->second.place.segment != place.segment ||
-        it->second.place.offset != place.offset) {
+    if (it == blocks_.end() || !(it->second.place == place)) {
       return;  // rewritten or deleted since
     }
   }
@@ -1085,9 +1090,7 @@ absl::Status DiskTier::DeleteIndexed(absl::Span<const BlockHash> hashes) {
     if (it == blocks_.end()) continue;
     const Entry e = it->second;
     blocks_.erase(it);
-    segments_[e.place.segment].live -= RecordBytes(e.bytes);
-    used_bytes_ -= e.bytes;
-    RetireOrScheduleLocked(e.place.segment);
+    ForgetLocked(e);
   }
   return absl::OkStatus();
 }
@@ -1132,14 +1135,12 @@ absl::Status DiskTier::MoveBlocks(std::vector<Moving>* batch, bool legacy) {
     hashes.push_back(m.meta.hash);
     data.push_back(m.payload.data());
   }
-  auto appends = Reserve(sizes);
+  auto appends = AppendRecords(sizes, hashes, data);
   if (!appends.ok()) return appends.status();
   // Synced before the metadata points at them: compaction then removes the old copies.
-  absl::Status written = WriteRecords(*appends, hashes, data);
-  if (written.ok()) written = SyncSegments(*appends);
-  if (!written.ok()) {
+  if (auto st = SyncSegments(*appends); !st.ok()) {
     Abandon(*appends);
-    return written;
+    return st;
   }
   absl::MutexLock index(&index_mu_);
   // A block that a Put, delete or UpdateMeta changed since it was read stays where that left it.
@@ -1148,8 +1149,7 @@ absl::Status DiskTier::MoveBlocks(std::vector<Moving>* batch, bool legacy) {
     absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < batch->size(); ++i) {
       auto it = blocks_.find(hashes[i]);
-      still[i] = it != blocks_.end() && it->second.place.segment == (*batch)[i].from.segment &&
-                 it->second.place.offset == (*batch)[i].from.offset;
+      still[i] = it != blocks_.end() && it->second.place == (*batch)[i].from;
     }
   }
   rocksdb::WriteBatch write;

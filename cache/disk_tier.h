@@ -104,6 +104,7 @@ struct DiskBlockMeta {
 struct DiskPlace {
   uint32_t segment = 0;
   uint64_t offset = 0;
+  bool operator==(const DiskPlace& o) const { return segment == o.segment && offset == o.offset; }
 };
 
 // A model as the disk keeps it, so that it is registered again after a restart.
@@ -303,12 +304,18 @@ class DiskTier {
   // Writes the records of `appends` (payload i at data[i]).
   absl::Status WriteRecords(absl::Span<const Append> appends, absl::Span<const BlockHash> hashes,
                             absl::Span<const void* const> data);
+  // Reserve, then WriteRecords; a failed write gives its places up.
+  absl::StatusOr<std::vector<Append>> AppendRecords(absl::Span<const uint64_t> payloads,
+                                                    absl::Span<const BlockHash> hashes,
+                                                    absl::Span<const void* const> data);
   // Under kSync, syncs the segments of `appends`.
   absl::Status SyncSegments(absl::Span<const Append> appends);
   // Points `hash` at the record of `a` (its metadata is written); its old record, if any,
   // becomes dead space.
   void PlaceLocked(const BlockHash& hash, const Append& a, uint64_t sequence)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the accounting of a block's record off (the block leaves it or moves).
+  void ForgetLocked(const Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends the reservation of `a`; a record no block points at is dead space.
   void ReleaseLocked(const Append& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Abandon(absl::Span<const Append> appends) ABSL_LOCKS_EXCLUDED(mu_);
