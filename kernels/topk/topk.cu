@@ -458,6 +458,15 @@ constexpr int kTcTileRows = 16;             // rows of one warp tile (the mma's 
 constexpr int kTcChunkTiles = 4;            // n-tiles (8 query heads each) per accumulator pass
 constexpr int kTcInFlightPerSm = 64 << 10;  // bytes of keys a memory-bound scorer keeps in flight
 
+// n-tiles an accumulator pass takes: all of one or two, else kTcChunkTiles; the query fragments
+// are padded to a multiple of it.
+__host__ __device__ constexpr int TcPassTiles(int n_tiles8) {
+  return n_tiles8 <= 2 ? n_tiles8 : kTcChunkTiles;
+}
+__host__ __device__ constexpr int TcPaddedTiles(int n_tiles8) {
+  return (n_tiles8 + TcPassTiles(n_tiles8) - 1) / TcPassTiles(n_tiles8) * TcPassTiles(n_tiles8);
+}
+
 struct TcParams {
   DevView rows;         // keys (rows = tokens, width d) or metadata (rows = pages, width 2d), bf16
   const void* queries;  // [query_heads][d]
@@ -567,10 +576,12 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
   constexpr int kSteps = W / 16;  // mma k-steps per row
   constexpr int kPairs = W / 64;  // chunk pairs a lane loads per row (two chunks of 8 columns)
   extern __shared__ __align__(16) unsigned char smem[];
-  // [n-tile][k-step][part][lane] B fragments.
+  // [n-tile][k-step][part][lane] B fragments, n-tiles padded to a multiple of NTC with zeros
+  // (the mma of a pass then needs no per-n-tile branch, which made ptxas add a WARPSYNC to each).
   uint2* qf = reinterpret_cast<uint2*>(smem);
   const int nt_total = p.n_tiles8;
-  uint32_t* hist_s = reinterpret_cast<uint32_t*>(qf + nt_total * kSteps * P * 32);
+  const int nt_pad = TcPaddedTiles(nt_total);
+  uint32_t* hist_s = reinterpret_cast<uint32_t*>(qf + nt_pad * kSteps * P * 32);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
@@ -583,7 +594,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
   const bool q_bf16 = P == 1 && p.qtype == DType::kBF16 && p.d % 4 == 0 &&
                       (reinterpret_cast<uintptr_t>(p.queries) & 7u) == 0;
 #pragma unroll 4
-  for (int i = tid; i < nt_total * kSteps * P * 32; i += kTcThreads) {
+  for (int i = tid; i < nt_pad * kSteps * P * 32; i += kTcThreads) {
     const int l = i % 32;
     const int part = (i / 32) % P;
     const int ks = (i / (32 * P)) % kSteps;
@@ -655,8 +666,21 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
 
   const bool per_head = p.red == GqaReduction::kPerQueryHead;
   const bool is_max = p.red == GqaReduction::kMax;
+  const uint32_t opaque_zero = static_cast<uint32_t>(p.d) >> 31;  // 0, unknown to the compiler
   for (int64_t tile = first; tile < end; tile += stride) {
     const int64_t row0 = tile * kTcTileRows + g;
+    // The tile's A fragments, built once for all passes (rebuilt at each use, they cost ptxas
+    // three register moves an mma).
+    uint32_t af[kSteps][4];
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const uint4& lo = buf[ks / 4][(ks / 2) % 2];
+      const uint4& hi = buf[ks / 4][2 + (ks / 2) % 2];
+      const uint32_t v[4] = {ks % 2 == 0 ? lo.x : lo.z, ks % 2 == 0 ? hi.x : hi.z,
+                             ks % 2 == 0 ? lo.y : lo.w, ks % 2 == 0 ? hi.y : hi.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) af[ks][i] = NTC == 1 ? v[i] : v[i] | opaque_zero;
+    }
     float red[2] = {is_max ? -kInf : 0.0f, is_max ? -kInf : 0.0f};
     for (int n0 = 0; n0 < nt_total; n0 += NTC) {
       float acc[NTC][4];
@@ -667,41 +691,79 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
       }
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
-        const uint4& lo = buf[ks / 4][(ks / 2) % 2];
-        const uint4& hi = buf[ks / 4][2 + (ks / 2) % 2];
-        const uint32_t a[4] = {ks % 2 == 0 ? lo.x : lo.z, ks % 2 == 0 ? hi.x : hi.z,
-                               ks % 2 == 0 ? lo.y : lo.w, ks % 2 == 0 ? hi.y : hi.w};
 #pragma unroll
         for (int j = 0; j < NTC; ++j) {
-          if (NTC == 1 || n0 + j < nt_total) {
 #pragma unroll
-            for (int part = 0; part < P; ++part) {
-              const uint2 bv = qf[(((n0 + j) * kSteps + ks) * P + part) * 32 + lane];
-              const uint32_t b[2] = {bv.x, bv.y};
-              MmaBf16(acc[j], a, b);
-            }
+          for (int part = 0; part < P; ++part) {
+            const uint2 bv = qf[(((n0 + j) * kSteps + ks) * P + part) * 32 + lane];
+            const uint32_t b[2] = {bv.x, bv.y};
+            MmaBf16(acc[j], af[ks], b);
           }
         }
       }
       // acc[j][e]: row g (e < 2) or g + 8, query head (n0 + j) * 8 + 2 * tig + (e & 1).
+      // Scores that came out non-finite are recomputed first (decided once a warp; rare), so that
+      // the common case is the store or the reduction alone: per-score checks interleaved with
+      // the reduction were most of the scorer's instructions at 64 query heads a KV head.
+      // One sum tells: an inf or NaN among the scores makes it non-finite (finite scores whose sum
+      // overflows only take the slow path).
+      float sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < NTC; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int head = (n0 + j) * 8 + 2 * tig + (e & 1);
-          const int r = e < 2 ? 0 : 1;
-          const int64_t row = row0 + 8 * r;
-          if (head >= p.group || row >= p.len) continue;
-          float s = acc[j][e];
-          if (s - s != 0.0f) s = TcScalarDot(p, q0 + head, RowPtr(p.rows, kvh, row), W);
-          if (s != s) s = p.bound ? kInf : -kInf;
-          if (per_head) {
-            p.out[static_cast<int64_t>(q0 + head) * p.len + row] = s;
-            if (CK == kChunkKeysPerHead) acc[j][e] = s;
-          } else if (is_max) {
-            red[r] = fmaxf(red[r], s);
-          } else {
-            red[r] += s;
+        for (int e = 0; e < 4; ++e) sum += acc[j][e];
+      }
+      if (!__all_sync(0xffffffffu, sum - sum == 0.0f)) {
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int head = (n0 + j) * 8 + 2 * tig + (e & 1);
+            const int64_t row = row0 + 8 * (e >> 1);
+            if (head >= p.group || row >= p.len) continue;
+            float& s = acc[j][e];
+            if (s - s != 0.0f) s = TcScalarDot(p, q0 + head, RowPtr(p.rows, kvh, row), W);
+            if (s != s) s = p.bound ? kInf : -kInf;
+          }
+        }
+      }
+      // Rows past the end are reduced too (their results are never stored); heads past the group
+      // (the padding) add the reduction's identity. One loop a reduction: a choice inside the
+      // loop cost each score its branches and the per-head store's address arithmetic.
+      if (per_head) {
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int head = (n0 + j) * 8 + 2 * tig + (e & 1);
+            const int64_t row = row0 + 8 * (e >> 1);
+            if (head < p.group && row < p.len) {
+              p.out[static_cast<int64_t>(q0 + head) * p.len + row] = acc[j][e];
+            }
+          }
+        }
+      } else if (is_max && (n0 + NTC) * 8 <= p.group) {
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) red[e >> 1] = fmaxf(red[e >> 1], acc[j][e]);
+        }
+      } else if (is_max) {
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool real = (n0 + j) * 8 + 2 * tig + (e & 1) < p.group;
+            red[e >> 1] = fmaxf(red[e >> 1], real ? acc[j][e] : -kInf);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool real = (n0 + j) * 8 + 2 * tig + (e & 1) < p.group;
+            red[e >> 1] += real ? acc[j][e] : -0.0f;
           }
         }
       }
@@ -863,7 +925,7 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
 
 // Shared memory of TcScoreKernel: the query fragments and the histogram.
 size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
-  return static_cast<size_t>(n_tiles8) * (width / 16) * parts * 32 * 8 +
+  return static_cast<size_t>(TcPaddedTiles(n_tiles8)) * (width / 16) * parts * 32 * 8 +
          (hist ? kRadixBins * 4 : 0);
 }
 
@@ -942,13 +1004,17 @@ absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceI
 template <int W, int CK>
 absl::Status LaunchTcCk(const TcParams& p, int parts, bool* hist, cudaStream_t stream,
                         const DeviceInfo& info) {
-  const bool one = p.n_tiles8 == 1;
-  if (parts == 1) {
-    return one ? LaunchTc<W, 1, 1, CK>(p, hist, stream, info)
-               : LaunchTc<W, 1, kTcChunkTiles, CK>(p, hist, stream, info);
+  switch (TcPassTiles(p.n_tiles8)) {
+    case 1:
+      return parts == 1 ? LaunchTc<W, 1, 1, CK>(p, hist, stream, info)
+                        : LaunchTc<W, 3, 1, CK>(p, hist, stream, info);
+    case 2:
+      return parts == 1 ? LaunchTc<W, 1, 2, CK>(p, hist, stream, info)
+                        : LaunchTc<W, 3, 2, CK>(p, hist, stream, info);
+    default:
+      return parts == 1 ? LaunchTc<W, 1, kTcChunkTiles, CK>(p, hist, stream, info)
+                        : LaunchTc<W, 3, kTcChunkTiles, CK>(p, hist, stream, info);
   }
-  return one ? LaunchTc<W, 3, 1, CK>(p, hist, stream, info)
-             : LaunchTc<W, 3, kTcChunkTiles, CK>(p, hist, stream, info);
 }
 
 template <int W>
