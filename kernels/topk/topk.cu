@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common/cuda_check.h"
@@ -554,9 +555,9 @@ __device__ __forceinline__ uint4 TcLoad(const char* src) {
 }
 
 // \tparam W row width in elements (64..512). \tparam P bf16 parts per query element (1 or 3).
-// \tparam NTC n-tiles per accumulator pass (1, or kTcChunkTiles). \tparam CK writes p.chunk_keys:
-// kChunkKeysNone, kChunkKeysReduced or kChunkKeysPerHead (a template parameter: the code, even
-// when skipped, cost the bound scorer 3% and changed the exact scorer's registers).
+// \tparam NTC n-tiles per accumulator pass (TcPassTiles: 1, 2 or kTcChunkTiles). \tparam CK writes
+// p.chunk_keys: kChunkKeysNone, kChunkKeysReduced or kChunkKeysPerHead (a template parameter: the
+// code, even when skipped, cost the bound scorer 3% and changed the exact scorer's registers).
 constexpr int kChunkKeysNone = 0;
 constexpr int kChunkKeysReduced = 1;  // kMax / kSum rows
 constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
@@ -702,11 +703,11 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
         }
       }
       // acc[j][e]: row g (e < 2) or g + 8, query head (n0 + j) * 8 + 2 * tig + (e & 1).
-      // Scores that came out non-finite are recomputed first (decided once a warp; rare), so that
-      // the common case is the store or the reduction alone: per-score checks interleaved with
-      // the reduction were most of the scorer's instructions at 64 query heads a KV head.
-      // One sum tells: an inf or NaN among the scores makes it non-finite (finite scores whose sum
-      // overflows only take the slow path).
+      // Scores that came out non-finite are recomputed first, decided once a warp by one sum (an
+      // inf or NaN makes it non-finite; finite scores whose sum overflows only take the slow
+      // path), so that the common case is the store or the reduction alone: per-score checks
+      // interleaved with the reduction were most of the scorer's instructions at 64 query heads a
+      // KV head (RESULTS run 21).
       float sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < NTC; ++j) {
@@ -742,29 +743,25 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
             }
           }
         }
-      } else if (is_max && (n0 + NTC) * 8 <= p.group) {
-#pragma unroll
-        for (int j = 0; j < NTC; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) red[e >> 1] = fmaxf(red[e >> 1], acc[j][e]);
-        }
-      } else if (is_max) {
-#pragma unroll
-        for (int j = 0; j < NTC; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const bool real = (n0 + j) * 8 + 2 * tig + (e & 1) < p.group;
-            red[e >> 1] = fmaxf(red[e >> 1], real ? acc[j][e] : -kInf);
-          }
-        }
       } else {
+        // whole: every head of the pass is real (no identity to substitute).
+        auto reduce = [&](auto op, float identity, auto whole) {
 #pragma unroll
-        for (int j = 0; j < NTC; ++j) {
+          for (int j = 0; j < NTC; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const bool real = (n0 + j) * 8 + 2 * tig + (e & 1) < p.group;
-            red[e >> 1] += real ? acc[j][e] : -0.0f;
+            for (int e = 0; e < 4; ++e) {
+              const bool real = whole || (n0 + j) * 8 + 2 * tig + (e & 1) < p.group;
+              red[e >> 1] = op(red[e >> 1], real ? acc[j][e] : identity);
+            }
           }
+        };
+        const auto max = [](float x, float y) { return fmaxf(x, y); };
+        if (is_max && (n0 + NTC) * 8 <= p.group) {
+          reduce(max, -kInf, std::true_type{});
+        } else if (is_max) {
+          reduce(max, -kInf, std::false_type{});
+        } else {
+          reduce([](float x, float y) { return x + y; }, -0.0f, std::false_type{});
         }
       }
       if (CK == kChunkKeysPerHead) {
