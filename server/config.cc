@@ -54,6 +54,12 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.disk_enabled && c.disk_capacity_bytes == 0) {
     return absl::InvalidArgumentError("disk_capacity must be positive");
   }
+  if (c.disk_segment_bytes != 0 && (c.disk_segment_bytes < kMinDiskSegmentBytes ||
+                                    c.disk_segment_bytes > kMaxDiskSegmentBytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "disk_segment_size must be 0 (derived from disk_capacity) or in [1MiB, 64GiB], got ",
+        c.disk_segment_bytes, " bytes"));
+  }
   if (c.policy.write_tier == WriteTier::kDisk && !c.disk_enabled) {
     return absl::InvalidArgumentError("write_tier disk needs the disk tier (disk_enabled)");
   }

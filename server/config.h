@@ -39,9 +39,15 @@ struct ServerConfig {
   bool disk_enabled = true;                  // disk tier (RocksDB)
   std::string disk_path;                     // RocksDB folder; empty: <data_dir>/rocksdb
   uint64_t disk_capacity_bytes = 64ull << 30;
+  uint64_t disk_segment_bytes = 0;  // segment file size; 0: capacity / 256 in [64 MiB, 4 GiB]
   Durability disk_durability = Durability::kSync;  // when a disk write is acknowledged
   TierPolicy policy;                               // write tier, watermarks, model limits
 };
+
+// Bounds of an explicit disk segment size: below 1 MiB a tier of gigabytes would keep thousands of
+// files open; above 64 GiB compaction would rewrite tens of gigabytes to reclaim one file.
+inline constexpr uint64_t kMinDiskSegmentBytes = 1ull << 20;
+inline constexpr uint64_t kMaxDiskSegmentBytes = 64ull << 30;
 
 // Parses sizes such as "2GiB", "512MiB", "64k", "1048576" (binary multiples; k/K, m/M, g/G, t/T
 // with an optional "iB" or "B"). INVALID_ARGUMENT otherwise.

@@ -61,6 +61,8 @@ ABSL_FLAG(std::string, host_pinned, "auto",
 ABSL_FLAG(bool, disk_enabled, true, "disk tier (RocksDB) on");
 ABSL_FLAG(std::string, disk_path, "", "RocksDB folder of the disk tier (default DATA_DIR/rocksdb)");
 ABSL_FLAG(std::string, disk_capacity, "64GiB", "disk tier capacity (live block bytes)");
+ABSL_FLAG(std::string, disk_segment_size, "0",
+          "size a disk segment file is filled to (0: disk_capacity / 256 within [64MiB, 4GiB])");
 ABSL_FLAG(std::string, disk_durability, "sync",
           "when a disk write is acknowledged: sync (WAL fsync'ed) or memory (WAL written, not "
           "synced: survives kill -9, not power loss)");
@@ -109,9 +111,11 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     const char* name;
     std::string text;
     uint64_t* out;
-  } tier_sizes[] = {{"gpu_capacity", absl::GetFlag(FLAGS_gpu_capacity), &c.gpu_capacity_bytes},
-                    {"gpu_chunk_size", absl::GetFlag(FLAGS_gpu_chunk_size), &c.gpu_chunk_bytes},
-                    {"disk_capacity", absl::GetFlag(FLAGS_disk_capacity), &c.disk_capacity_bytes}};
+  } tier_sizes[] = {
+      {"gpu_capacity", absl::GetFlag(FLAGS_gpu_capacity), &c.gpu_capacity_bytes},
+      {"gpu_chunk_size", absl::GetFlag(FLAGS_gpu_chunk_size), &c.gpu_chunk_bytes},
+      {"disk_capacity", absl::GetFlag(FLAGS_disk_capacity), &c.disk_capacity_bytes},
+      {"disk_segment_size", absl::GetFlag(FLAGS_disk_segment_size), &c.disk_segment_bytes}};
   for (auto& s : tier_sizes) {
     auto v = ParseSize(s.text);
     if (!v.ok())
@@ -175,6 +179,7 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
                  ? (std::filesystem::path(config.data_dir) / "rocksdb").string()
                  : config.disk_path;
     d.capacity_bytes = config.disk_capacity_bytes;
+    d.segment_bytes = config.disk_segment_bytes;
     d.durability = config.disk_durability;
     auto disk = DiskTier::Open(d);
     if (!disk.ok()) return disk.status();

@@ -26,6 +26,21 @@ TEST(ConfigTest, ChunkMustFitInAMessage) {
   EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ConfigTest, DiskSegmentSizeIsDerivedOrInRange) {
+  ServerConfig c;
+  for (uint64_t bytes :
+       {uint64_t{0}, kMinDiskSegmentBytes, uint64_t{256} << 20, kMaxDiskSegmentBytes}) {
+    c.disk_segment_bytes = bytes;
+    EXPECT_TRUE(ValidateConfig(c).ok()) << bytes;
+  }
+  for (uint64_t bytes : {kMinDiskSegmentBytes - 1, kMaxDiskSegmentBytes + 1}) {
+    c.disk_segment_bytes = bytes;
+    const absl::Status s = ValidateConfig(c);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bytes;
+    EXPECT_NE(s.message().find("disk_segment_size"), absl::string_view::npos) << s;
+  }
+}
+
 TEST(ConfigTest, KvcacheThreadsInRange) {
   ServerConfig c;
   for (int threads : {1, 4, 256}) {
