@@ -608,6 +608,19 @@ int Main() {
     CUDA_CHECK(cudaFree(d_pool));
   }
 #endif
+  // Puts of new tokens from the shared region, each evicting the one before (the host tier holds
+  // ~1.1 caches): the daemon's copy into host slots that evictions freed.
+  int32_t put_round = 0;
+  table.Row(
+      "shared-memory Put of new tokens, evicting", "shm_put", "memcpy",
+      [&] {
+        client::PutArgs fresh = put;
+        fresh.tokens[0] = 128000 + ++put_round;  // block hashes are chained: every block is new
+        auto s = (*dp)->PutFromBuffer(fresh, {"bench", 0, 0});
+        CHECK_OK(s);
+        if (s->blocks_stored() != blocks) Die("a Put of new tokens stored fewer blocks than sent");
+      },
+      reps, warmup);
   CHECK_OK((*dp)->Unregister("bench"));
 
   const double grpc_ms = table.Ms("grpc_get"), shm_ms = table.Ms("shm_get");

@@ -28,14 +28,25 @@ class Allocator {
   virtual bool device_readable() const { return false; }
 };
 
-// 4 KiB-aligned memory from the C library.
+// 4 KiB-aligned memory from the C library, returned to it on Free.
 std::unique_ptr<Allocator> NewAlignedAllocator();
+
+// Wraps `raw`: freed buffers are kept by size and handed out again, so that a slot's pages stay
+// mapped and touched. A fresh mapping faults on first touch, page by page: writing into kept
+// memory runs at copy speed, writing into fresh memory several times slower (bench/RESULTS.md,
+// run 23). Live plus kept bytes never pass `limit_bytes` (give the host tier's capacity): when a
+// new buffer would pass it, kept buffers of other sizes go back to `raw` first, and Allocate
+// returns nullptr if that is not enough. Sizes are matched exactly (a model's blocks share one).
+// Kept buffers go back to `raw` when the allocator is destroyed. Thread-safe.
+std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw,
+                                               uint64_t limit_bytes);
 
 class HostTier {
  public:
   struct Options {
     uint64_t capacity_bytes = 2ull << 30;  // hard limit on slot bytes held at once
-    std::unique_ptr<Allocator> allocator;  // default: NewAlignedAllocator()
+    // Default: NewKeepingAllocator(NewAlignedAllocator(), capacity_bytes).
+    std::unique_ptr<Allocator> allocator;
   };
 
   // INVALID_ARGUMENT for a zero capacity.

@@ -2,9 +2,9 @@
 // the host and GPU tiers run by DMA at full PCIe speed and cudaMemcpyAsync is truly asynchronous.
 //
 // cudaHostAlloc and cudaFreeHost are slow (they map pages; cudaFreeHost synchronizes the device),
-// so freed buffers are kept by size and handed out again. Live plus kept bytes never pass
-// `limit_bytes` (give the host tier's capacity): when a new buffer would pass it, kept buffers
-// are released first. Thread-safe.
+// so freed buffers are kept by size and handed out again (NewKeepingAllocator). Live plus kept
+// bytes never pass `limit_bytes` (give the host tier's capacity): when a new buffer would pass
+// it, kept buffers are released first. Thread-safe.
 #ifndef ROPEKV_CACHE_PINNED_ALLOCATOR_H_
 #define ROPEKV_CACHE_PINNED_ALLOCATOR_H_
 

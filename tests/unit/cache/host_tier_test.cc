@@ -1,6 +1,7 @@
 #include "cache/host_tier.h"
 
 #include <atomic>
+#include <cstring>
 
 #include "gtest/gtest.h"
 
@@ -46,6 +47,57 @@ TEST(HostTierTest, NeverPassesCapacity) {
   for (void* s : slots) (*tier)->FreeSlot(s, 3000);
   EXPECT_EQ((*tier)->used_bytes(), 0u);
   EXPECT_EQ(live.load(), 0);
+}
+
+TEST(KeepingAllocatorTest, ReusesFreedBuffersWithinTheLimit) {
+  std::atomic<int64_t> live{0};
+  auto alloc = NewKeepingAllocator(std::make_unique<CountingAllocator>(&live), 10000);
+  void* a = alloc->Allocate(3000);
+  void* b = alloc->Allocate(3000);
+  void* c = alloc->Allocate(3000);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(alloc->Allocate(1001), nullptr);  // 9000 live: the limit holds
+  EXPECT_EQ(live.load(), 9000);
+  alloc->Free(b, 3000);
+  EXPECT_EQ(live.load(), 9000);         // kept, not returned
+  EXPECT_EQ(alloc->Allocate(3000), b);  // the kept buffer comes back
+  EXPECT_EQ(live.load(), 9000);
+  alloc->Free(b, 3000);
+  alloc->Free(c, 3000);
+  // Another size: kept buffers go back to the raw allocator until it fits (3000 + 5000).
+  void* d = alloc->Allocate(5000);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(live.load(), 8000);
+  std::memset(d, 0x5a, 5000);
+  alloc->Free(a, 3000);
+  alloc->Free(d, 5000);
+  EXPECT_EQ(live.load(), 8000);
+  alloc.reset();  // kept buffers are returned on destruction
+  EXPECT_EQ(live.load(), 0);
+}
+
+TEST(HostTierTest, DefaultAllocatorKeepsFreedSlots) {
+  HostTier::Options o;
+  o.capacity_bytes = 4 << 20;
+  auto tier = HostTier::Create(std::move(o));
+  ASSERT_TRUE(tier.ok());
+  auto a = (*tier)->AllocateSlot(1 << 20);
+  ASSERT_TRUE(a.ok());
+  std::memset(*a, 1, 1 << 20);
+  (*tier)->FreeSlot(*a, 1 << 20);
+  EXPECT_EQ((*tier)->used_bytes(), 0u);
+  auto b = (*tier)->AllocateSlot(1 << 20);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(*b, *a);
+  // The same touched memory, not a fresh mapping (which would read zero).
+  EXPECT_EQ(static_cast<const char*>(*b)[1 << 19], 1);
+  // A slot of another size still gets the whole capacity: the kept one makes room.
+  (*tier)->FreeSlot(*b, 1 << 20);
+  auto c = (*tier)->AllocateSlot(4 << 20);
+  ASSERT_TRUE(c.ok()) << c.status();
+  (*tier)->FreeSlot(*c, 4 << 20);
 }
 
 TEST(HostTierTest, ZeroCapacityIsRefused) {
