@@ -1,95 +1,10 @@
 #include "cache/host_tier.h"
 
-#include <cstdlib>
 #include <utility>
-#include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 
 namespace ropekv {
-namespace {
-
-constexpr size_t kAlign = 4096;
-
-size_t RoundUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-class AlignedAllocator final : public Allocator {
- public:
-  void* Allocate(size_t bytes) override { return std::aligned_alloc(kAlign, RoundUp(bytes)); }
-  void Free(void* p, size_t) override { std::free(p); }
-};
-
-class KeepingAllocator final : public Allocator {
- public:
-  KeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit)
-      : raw_(std::move(raw)), limit_(limit) {}
-
-  ~KeepingAllocator() override {
-    for (auto& [size, list] : kept_) {
-      for (void* p : list) raw_->Free(p, size);
-    }
-  }
-
-  bool device_readable() const override { return raw_->device_readable(); }
-
-  void* Allocate(size_t bytes) override {
-    std::vector<std::pair<void*, size_t>> release;
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = kept_.find(bytes);
-      if (it != kept_.end() && !it->second.empty()) {
-        void* p = it->second.back();
-        it->second.pop_back();
-        kept_bytes_ -= bytes;
-        live_bytes_ += bytes;
-        return p;
-      }
-      for (auto k = kept_.begin(); k != kept_.end() && live_bytes_ + kept_bytes_ + bytes > limit_;
-           ++k) {
-        while (!k->second.empty() && live_bytes_ + kept_bytes_ + bytes > limit_) {
-          release.emplace_back(k->second.back(), k->first);
-          k->second.pop_back();
-          kept_bytes_ -= k->first;
-        }
-      }
-      if (live_bytes_ + kept_bytes_ + bytes > limit_) return nullptr;
-      live_bytes_ += bytes;  // reserved before the (possibly slow) calls below, outside the lock
-    }
-    for (const auto& [p, size] : release) raw_->Free(p, size);
-    void* p = raw_->Allocate(bytes);
-    if (p == nullptr) {
-      absl::MutexLock lock(&mu_);
-      live_bytes_ -= bytes;
-    }
-    return p;
-  }
-
-  void Free(void* p, size_t bytes) override {
-    if (p == nullptr) return;
-    absl::MutexLock lock(&mu_);
-    live_bytes_ -= bytes;
-    kept_[bytes].push_back(p);  // live + kept is unchanged, so still within the limit
-    kept_bytes_ += bytes;
-  }
-
- private:
-  const std::unique_ptr<Allocator> raw_;
-  const uint64_t limit_;
-  absl::Mutex mu_;
-  absl::flat_hash_map<size_t, std::vector<void*>> kept_ ABSL_GUARDED_BY(mu_);
-  uint64_t kept_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-};
-
-}  // namespace
-
-std::unique_ptr<Allocator> NewAlignedAllocator() { return std::make_unique<AlignedAllocator>(); }
-
-std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw,
-                                               uint64_t limit_bytes) {
-  return std::make_unique<KeepingAllocator>(std::move(raw), limit_bytes);
-}
 
 absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(Options options) {
   if (options.capacity_bytes == 0) {

@@ -12,7 +12,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
-#include "cache/host_tier.h"
+#include "cache/allocator.h"
 
 namespace ropekv {
 

@@ -1,0 +1,41 @@
+// Raw memory for the host tier's slots: the Allocator interface, aligned memory from the C
+// library, and the keeping of freed buffers for reuse (around it, or around pinned memory:
+// cache/pinned_allocator.h). A library of its own (ropekv_allocator) below both the cache and the
+// GPU tier.
+#ifndef ROPEKV_CACHE_ALLOCATOR_H_
+#define ROPEKV_CACHE_ALLOCATOR_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace ropekv {
+
+// Raw memory for slots. Implementations are thread-safe.
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  // Returns `bytes` bytes aligned to at least 64, or nullptr when the system refuses.
+  virtual void* Allocate(size_t bytes) = 0;
+  virtual void Free(void* p, size_t bytes) = 0;
+  // Whether every buffer is page-locked memory that each CUDA device of the process reads at the
+  // same address (cudaHostAlloc with cudaHostAllocPortable, unified addressing).
+  virtual bool device_readable() const { return false; }
+};
+
+// 4 KiB-aligned memory from the C library, returned to it on Free.
+std::unique_ptr<Allocator> NewAlignedAllocator();
+
+// Wraps `raw`: freed buffers are kept by size and handed out again, so that a slot's pages stay
+// mapped and touched. A fresh mapping faults on first touch, page by page: writing into kept
+// memory runs at copy speed, writing into fresh memory several times slower (bench/RESULTS.md,
+// run 23). Live plus kept bytes never pass `limit_bytes` (give the host tier's capacity): when a
+// new buffer would pass it, kept buffers of other sizes go back to `raw` first, and Allocate
+// returns nullptr if that is not enough. Sizes are matched exactly (a model's blocks share one).
+// Kept buffers go back to `raw` when the allocator is destroyed. Thread-safe.
+std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw,
+                                               uint64_t limit_bytes);
+
+}  // namespace ropekv
+
+#endif  // ROPEKV_CACHE_ALLOCATOR_H_
