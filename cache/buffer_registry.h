@@ -136,11 +136,6 @@ class BufferLease {
   // leave the lease) is returned; units after it may not be written.
   absl::Status ProduceParallel(uint64_t units, uint64_t unit_bytes, int threads,
                                absl::FunctionRef<absl::Status(uint64_t i, void* dst)> fill);
-  // Runs fn(i) for i in [0, units), by up to `threads` threads at once (fn must then be safe to
-  // call concurrently for different i), units taken in order by whichever thread is free; the
-  // first error stops the others and is returned. For copies that write host_data() themselves.
-  static absl::Status ForEachParallel(uint64_t units, int threads,
-                                      absl::FunctionRef<absl::Status(uint64_t i)> fn);
   // Writes n bytes from `src` at [at, at + n) of the lease: a memcpy into shared memory, a copy
   // without staging to a GPU buffer (src must then stay valid and unchanged until Finish).
   // INVALID_ARGUMENT when the range leaves the lease.

@@ -7,6 +7,7 @@
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "cache/cuda_ipc.h"
+#include "cache/parallel.h"
 #include "kernels/common/dtype.h"
 #include "kernels/rope/rerotate_cuda.h"
 
@@ -76,7 +77,7 @@ absl::Status GetToPages(const ReadHandle& handle, BufferLease& lease,
       if (s.ok()) s = gpu->Rerotate(layout.model_id, spec.rope, BlockGeometry(spec), jobs);
     }
   } else {
-    s = BufferLease::ForEachParallel(n, copy_threads, [&](uint64_t i) {
+    s = ForEachParallel(n, copy_threads, [&](uint64_t i) {
       const RerotateCopy job =
           PageJob(handle, i, handle.bytes(i).data(), lease.host_data(), ids[i], target, layout);
       return RerotateCopyCpu(spec.rope, BlockGeometry(spec), absl::MakeConstSpan(&job, 1));

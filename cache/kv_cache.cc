@@ -5,13 +5,20 @@
 #include <cstring>
 #include <deque>
 #include <iostream>
+#include <thread>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "cache/parallel.h"
 
 namespace ropekv {
 namespace {
+
+// Threads a Put of 8 blocks or more hands its fresh blocks to the block observers on: one a
+// core, at most 8 (as the data plane's copies).
+const int kObserverThreads =
+    std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
 
 // BlockInfo::serial of a block entering the cache.
 uint64_t NextBlockSerial() {
@@ -893,17 +900,25 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
     return i == 0 ? w.options_.parent : std::optional<BlockHash>(w.hashes_[i - 1]);
   };
 
-  // Observers see the fresh blocks' bytes before they are visible (outside mu_).
+  // Observers see the fresh blocks' bytes before they are visible (outside mu_), block by block
+  // on several threads: the page metadata built on Put takes about as long as the copy into the
+  // slots did (~0.2 ms a 2 MiB block a core), and ran on the Put's thread alone (RESULTS run 23).
   std::vector<BlockHash> announced;
   {
     absl::ReaderMutexLock lock(&observers_mu_);
     if (!observers_.empty()) {
+      const std::vector<BlockObserver*> observers = observers_;
+      std::vector<size_t> fresh;
       for (size_t i = 0; i < w.hashes_.size(); ++i) {
-        if (w.slots_[i] == nullptr) continue;
-        const BlockInfo info = info_of(i);
-        for (BlockObserver* o : observers_) o->OnBlockWritten(w.model_, info, w.slots_[i]);
-        announced.push_back(w.hashes_[i]);
+        if (w.slots_[i] != nullptr) fresh.push_back(i);
       }
+      const int threads = fresh.size() >= 8 ? kObserverThreads : 1;
+      ForEachParallel(fresh.size(), threads, [&](uint64_t j) {
+        const BlockInfo info = info_of(fresh[j]);
+        for (BlockObserver* o : observers) o->OnBlockWritten(w.model_, info, w.slots_[fresh[j]]);
+        return absl::OkStatus();
+      }).IgnoreError();  // the observers report nothing
+      for (size_t i : fresh) announced.push_back(w.hashes_[i]);
     }
   }
   std::vector<BlockHash> committed;  // of `announced`, those this Put stored

@@ -142,8 +142,9 @@ class BlockObserver {
  public:
   virtual ~BlockObserver() = default;
   // A Put is about to store `block` (a fresh block: not cached when the Put began) with `bytes`
-  // ([layer][k|v][kv_head][token][head_dim], valid during the call). Called on the Put's thread,
-  // outside the cache's lock, before the block becomes visible to readers.
+  // ([layer][k|v][kv_head][token][head_dim], valid during the call). Called outside the cache's
+  // lock, before the block becomes visible to readers; for the blocks of one Put possibly on
+  // several threads at once (one call a block), all returned before the Put goes on.
   virtual void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block,
                               const void* bytes) = 0;
   // The Put ended: of the blocks announced by OnBlockWritten, those in `committed` are now
