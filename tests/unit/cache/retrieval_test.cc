@@ -898,18 +898,20 @@ TEST_F(RetrievalTest, PrefixStoredAtAnotherPositionIsRerotated) {
 // The metadata built on Put equals token-by-token appends over the stored keys, bit for bit, for
 // every layer; a page-mode Select after the Put builds nothing; evicting the blocks drops it.
 TEST_F(RetrievalTest, MetadataBuiltOnPutEqualsAppendsAndIsUsedBySelect) {
+  // 12 blocks: a Put of 8 or more hands its blocks to the observers on several threads.
+  constexpr int kBlocks = 12;
   for (int bt : {16, 32}) {
     Init(bt, DType::kBF16);
     std::vector<int32_t> tokens;
-    const std::string kv = PutRandom(5, &tokens);
+    const std::string kv = PutRandom(kBlocks, &tokens);
     RetrievalStore::Stats s0 = store_->stats();
-    EXPECT_EQ(s0.metadata_put_builds, 5u * spec_.layers) << bt;
-    EXPECT_EQ(s0.metadata_entries, 5u * spec_.layers) << bt;
+    EXPECT_EQ(s0.metadata_put_builds, uint64_t{kBlocks} * spec_.layers) << bt;
+    EXPECT_EQ(s0.metadata_entries, uint64_t{kBlocks} * spec_.layers) << bt;
     auto lookup = cache_->Lookup("m", tenant_, tokens);
     ASSERT_TRUE(lookup.ok());
-    ASSERT_EQ(lookup->blocks.size(), 5u);
+    ASSERT_EQ(lookup->blocks.size(), size_t{kBlocks});
     const int64_t ppb = bt / 16, width = 2 * spec_.head_dim;
-    for (size_t b = 0; b < 5; ++b) {
+    for (size_t b = 0; b < kBlocks; ++b) {
       for (int layer = 0; layer < spec_.layers; ++layer) {
         auto meta = store_->CachedPageMeta(lookup->blocks[b].hash, layer);
         ASSERT_NE(meta, nullptr) << "block " << b << " layer " << layer;
@@ -940,17 +942,17 @@ TEST_F(RetrievalTest, MetadataBuiltOnPutEqualsAppendsAndIsUsedBySelect) {
         auto out = store_->Select(a);
         ASSERT_TRUE(out.ok()) << out.status();
         EXPECT_TRUE(out->metadata_cached);
-        CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, 5 * bt,
+        CheckSelection(*out, a, q, spec_.kv_heads, spec_.head_dim, kBlocks * bt,
                        BlockKeys(spec_, kv, layer));
       }
     }
     const RetrievalStore::Stats s1 = store_->stats();
     EXPECT_EQ(s1.metadata_builds, 0u) << "Select built metadata lazily";
-    EXPECT_EQ(s1.metadata_hits, 2u * spec_.layers * 5);
+    EXPECT_EQ(s1.metadata_hits, 2u * spec_.layers * kBlocks);
     // Evicted blocks take their metadata with them.
     auto evicted = cache_->Evict("m", tenant_, tokens);
     ASSERT_TRUE(evicted.ok());
-    EXPECT_EQ(*evicted, 5u);
+    EXPECT_EQ(*evicted, uint64_t{kBlocks});
     EXPECT_EQ(store_->stats().metadata_entries, 0u);
     EXPECT_EQ(store_->CachedPageMeta(lookup->blocks[0].hash, 0), nullptr);
   }
