@@ -10,8 +10,8 @@ else()
   target_sources(ropekv_gpu_tier PRIVATE tiers_nocuda.cc)
 endif()
 target_link_libraries(ropekv_gpu_tier PUBLIC
-  ropekv_allocator ropekv_kernels_common absl::status absl::statusor absl::strings absl::synchronization
-  absl::flat_hash_map absl::span)
+  ropekv_allocator ropekv_kernels_common absl::status absl::statusor absl::strings
+  absl::synchronization absl::flat_hash_map absl::span)
 target_compile_options(ropekv_gpu_tier PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${ROPEKV_WARNINGS}>)
 
 target_sources(ropekv_cache PRIVATE disk_tier.cc tier_policy.cc)

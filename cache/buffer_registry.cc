@@ -12,7 +12,6 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/ascii.h"
