@@ -35,6 +35,11 @@ class KeepingAllocator final : public Allocator {
 
   bool device_readable() const override { return raw_->device_readable(); }
 
+  uint64_t kept_bytes() const override {
+    absl::MutexLock lock(&mu_);
+    return kept_bytes_;
+  }
+
   void* Allocate(size_t bytes) override {
     std::vector<std::pair<void*, size_t>> release;
     {
@@ -78,7 +83,7 @@ class KeepingAllocator final : public Allocator {
  private:
   const std::unique_ptr<Allocator> raw_;
   const uint64_t limit_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   absl::flat_hash_map<size_t, std::vector<void*>> kept_ ABSL_GUARDED_BY(mu_);
   uint64_t kept_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;

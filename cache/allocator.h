@@ -21,6 +21,8 @@ class Allocator {
   // Whether every buffer is page-locked memory that each CUDA device of the process reads at the
   // same address (cudaHostAlloc with cudaHostAllocPortable, unified addressing).
   virtual bool device_readable() const { return false; }
+  // Bytes of freed buffers held for reuse (NewKeepingAllocator), not handed back to the system.
+  virtual uint64_t kept_bytes() const { return 0; }
 };
 
 // 4 KiB-aligned memory from the C library, returned to it on Free.

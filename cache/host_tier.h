@@ -40,6 +40,8 @@ class HostTier {
   // Whether every slot is memory CUDA devices read in place (Allocator::device_readable).
   bool device_readable() const { return allocator_->device_readable(); }
   uint64_t used_bytes() const;
+  // used_bytes() plus the freed slots the allocator keeps for reuse: what the tier holds.
+  uint64_t reserved_bytes() const { return used_bytes() + allocator_->kept_bytes(); }
   // Whether `bytes` more would fit now.
   bool Fits(uint64_t bytes) const;
 

@@ -1413,7 +1413,7 @@ CacheStats KvCache::Stats() const {
   s.prompt_blocks_reused = prompt_hashes_.reused_blocks();
   TierCounters host = host_counters_;
   host.bytes_used = host_->used_bytes();
-  host.reserved_bytes = host.bytes_used;
+  host.reserved_bytes = host_->reserved_bytes();
   host.capacity_bytes = host_->capacity_bytes();
   TierCounters gpu = gpu_counters_;
   TierCounters disk = disk_counters_;

@@ -83,7 +83,8 @@ struct TierCounters {
   uint64_t evictions = 0;       // copies dropped from this tier (a lower tier may keep the block)
   uint64_t bytes_moved = 0;     // bytes copied into or out of this tier from or to another tier
   uint64_t corrupt_blocks = 0;  // disk: blocks that failed verification (dropped, never returned)
-  // GPU: bytes of the chunks in use; disk: bytes of the segment files; host: bytes_used
+  // GPU: bytes of the chunks in use; disk: bytes of the segment files; host: bytes_used plus the
+  // freed slots kept for reuse
   uint64_t reserved_bytes = 0;
 };
 

@@ -61,9 +61,11 @@ TEST(KeepingAllocatorTest, ReusesFreedBuffersWithinTheLimit) {
   EXPECT_EQ(alloc->Allocate(1001), nullptr);  // 9000 live: the limit holds
   EXPECT_EQ(live.load(), 9000);
   alloc->Free(b, 3000);
-  EXPECT_EQ(live.load(), 9000);         // kept, not returned
+  EXPECT_EQ(live.load(), 9000);  // kept, not returned
+  EXPECT_EQ(alloc->kept_bytes(), 3000u);
   EXPECT_EQ(alloc->Allocate(3000), b);  // the kept buffer comes back
   EXPECT_EQ(live.load(), 9000);
+  EXPECT_EQ(alloc->kept_bytes(), 0u);
   alloc->Free(b, 3000);
   alloc->Free(c, 3000);
   // Another size: kept buffers go back to the raw allocator until it fits (3000 + 5000).
@@ -88,6 +90,7 @@ TEST(HostTierTest, DefaultAllocatorKeepsFreedSlots) {
   std::memset(*a, 1, 1 << 20);
   (*tier)->FreeSlot(*a, 1 << 20);
   EXPECT_EQ((*tier)->used_bytes(), 0u);
+  EXPECT_EQ((*tier)->reserved_bytes(), 1u << 20);  // kept for the next slot
   auto b = (*tier)->AllocateSlot(1 << 20);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*b, *a);
