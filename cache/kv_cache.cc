@@ -5,7 +5,6 @@
 #include <cstring>
 #include <deque>
 #include <iostream>
-#include <thread>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -14,11 +13,6 @@
 
 namespace ropekv {
 namespace {
-
-// Threads a Put of 8 blocks or more hands its fresh blocks to the block observers on: one a
-// core, at most 8 (as the data plane's copies).
-const int kObserverThreads =
-    std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
 
 // BlockInfo::serial of a block entering the cache.
 uint64_t NextBlockSerial() {
@@ -912,7 +906,7 @@ absl::StatusOr<PutResult> KvCache::CommitPut(PutWriter& w) {
       for (size_t i = 0; i < w.hashes_.size(); ++i) {
         if (w.slots_[i] != nullptr) fresh.push_back(i);
       }
-      const int threads = fresh.size() >= 8 ? kObserverThreads : 1;
+      const int threads = fresh.size() >= 8 ? DefaultParallelThreads() : 1;
       ForEachParallel(fresh.size(), threads, [&](uint64_t j) {
         const BlockInfo info = info_of(fresh[j]);
         for (BlockObserver* o : observers) o->OnBlockWritten(w.model_, info, w.slots_[fresh[j]]);

@@ -35,4 +35,8 @@ absl::Status ForEachParallel(uint64_t units, int threads,
   return status;
 }
 
+int DefaultParallelThreads() {
+  return std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
+}
+
 }  // namespace ropekv

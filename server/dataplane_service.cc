@@ -1,10 +1,8 @@
 #include "server/dataplane_service.h"
 
-#include <algorithm>
 #include <deque>
 #include <functional>
 #include <optional>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -12,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/dataplane.h"
+#include "cache/parallel.h"
 #include "server/convert.h"
 #include "server/stream_reactor.h"
 #include "server/work_pool.h"
@@ -165,9 +164,7 @@ void DataPlaneService::Init(const ServerConfig& config, absl::StatusOr<DataPlane
   registry_ = *std::move(registry);
   pool_ = std::make_unique<WorkPool>(options->threads);
   copy_threads_ = options->copy_threads;
-  if (copy_threads_ == 0) {
-    copy_threads_ = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
-  }
+  if (copy_threads_ == 0) copy_threads_ = DefaultParallelThreads();
   summary_ = absl::StrCat("buffer registration ", *allowed ? "on" : "off",
                           " (--allow_buffers=", options->allow_buffers, "), ", options->threads,
                           " data-plane threads, ", copy_threads_, " copy threads a call");
