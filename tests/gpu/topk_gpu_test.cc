@@ -605,10 +605,8 @@ TEST_F(TopkGpuTest, TensorCoreScoresMatchCpuAndCudaCores) {
 
 // Non-finite inputs on the tensor-core path: +-inf keys give +-inf scores (not the NaN that
 // inf * 0 of a zero split part would make), NaN keys count as -inf, and the selection equals
-// the CUDA-core path's.
-// Non-finite scores on tensor cores are recomputed as the CUDA cores compute them: for one
-// n-tile of query heads, and for several (the fix-up then runs for the whole pass of a warp: 40
-// fp32 heads pad their last pass, 64 bf16 heads take two whole ones).
+// the CUDA-core path's; for one n-tile of query heads and for several (the fix-up then runs for
+// the whole pass of a warp: 40 fp32 heads pad their last pass, 64 bf16 heads take two whole ones).
 TEST_F(TopkGpuTest, TensorCoreNonFiniteKeysAsCudaCores) {
   const int64_t n = 700;
   const float inf = std::numeric_limits<float>::infinity();
