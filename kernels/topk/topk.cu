@@ -498,6 +498,60 @@ __device__ __forceinline__ void MmaBf16(float* c, const uint32_t* a, const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Warpgroup MMA (Hopper, sm_90a), for scorers of kTcChunkTiles n-tiles a pass: the block's four
+// warps issue one wgmma.mma_async m64n32k16 together where mma.sync took four m16n8k16 and four
+// shared-memory loads of B fragments a warp. A comes from each warp's registers (warp w: rows
+// 16w..16w+15 of the 64, in the m16n8k16 A fragment layout, so a warp's own tile), B (the
+// query fragments) from shared memory through a descriptor, and D has the m16n8k16 accumulator
+// layout per 8 columns: acc[j] is n-tile j, as for MmaBf16.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr bool kTcWarpgroupMma = true;
+#else
+constexpr bool kTcWarpgroupMma = false;
+#endif
+// B of one wgmma (16 k x 32 query heads, bf16) in the descriptor's no-swizzle K-major layout:
+// 8 x 8 core matrices of 128 contiguous bytes (8 heads x 16 bytes); the second k half 128 bytes
+// on (leading byte offset), the next 8 heads 256 bytes on (stride byte offset).
+constexpr int kWgmmaBBytes = 32 * 16 * 2;
+__device__ __forceinline__ uint64_t WgmmaDesc(const void* smem_b) {
+  const uint64_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_b));
+  return ((addr & 0x3ffff) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
+}
+__device__ __forceinline__ void WgmmaFence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WgmmaCommitAndWait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// D (= or +=, by `accumulate`) A * B for 32 query heads: c[j][e] as MmaBf16's c for n-tile j.
+__device__ __forceinline__ void WgmmaBf16N32(float (&c)[4][4], const uint32_t* a, uint64_t desc_b,
+                                             int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, "
+      "0;\n}\n"
+      : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3]), "+f"(c[1][0]), "+f"(c[1][1]),
+        "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), "+f"(c[2][1]), "+f"(c[2][2]), "+f"(c[2][3]),
+        "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), "+f"(c[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#endif
+}
+// Orders the reads of c after the wait (the compiler sees no data flow from the wait to c).
+__device__ __forceinline__ void WgmmaFenceOperands(float (&c)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(c[j][e])::"memory");
+  }
+}
+
 // Element c of the query row of head qh as the rows see it: q (exact) or [q+, q-] (bound).
 __device__ __forceinline__ float TcQuery(const TcParams& p, int qh, int c) {
   if (!p.bound) return LoadQuery(p.queries, static_cast<int64_t>(qh) * p.d + c, p.qtype);
@@ -576,6 +630,10 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
     TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
   constexpr int kPairs = W / 64;  // chunk pairs a lane loads per row (two chunks of 8 columns)
+  // Warpgroup MMA for passes of kTcChunkTiles n-tiles where the architecture has it: the four
+  // warps then take their tiles in step (every wgmma is issued by all of them).
+  constexpr bool kWg = kTcWarpgroupMma && NTC == kTcChunkTiles && W <= 128;
+  static_assert(kTcChunkTiles * 8 * 16 * 2 == kWgmmaBBytes, "a pass is one m64n32k16 B");
   extern __shared__ __align__(16) unsigned char smem[];
   // [n-tile][k-step][part][lane] B fragments, n-tiles padded to a multiple of NTC with zeros
   // (the mma of a pass then needs no per-n-tile branch, which made ptxas add a WARPSYNC to each).
@@ -626,7 +684,17 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
         w[j >> 1] |= SplitPart(TcQuery(p, q0 + head, c0 + j), part) << (16 * (j & 1));
       }
     }
-    qf[i] = make_uint2(w[0], w[1]);
+    if (kWg) {
+      // Pass nt / NTC's B for (ks, part); within it, head row l / 4 of n-tile nt % NTC: the
+      // fragment's first two elements are k 2t, 2t + 1 of the step, its last two k 2t + 8, 2t + 9.
+      char* b = reinterpret_cast<char*>(smem) +
+                ((nt / NTC * kSteps + ks) * P + part) * kWgmmaBBytes + (nt % NTC) * 256 +
+                (l >> 2) * 16 + (l & 3) * 4;
+      *reinterpret_cast<uint32_t*>(b) = w[0];
+      *reinterpret_cast<uint32_t*>(b + 128) = w[1];
+    } else {
+      qf[i] = make_uint2(w[0], w[1]);
+    }
   }
   __syncthreads();
 
@@ -668,7 +736,10 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
   const bool per_head = p.red == GqaReduction::kPerQueryHead;
   const bool is_max = p.red == GqaReduction::kMax;
   const uint32_t opaque_zero = static_cast<uint32_t>(p.d) >> 31;  // 0, unknown to the compiler
-  for (int64_t tile = first; tile < end; tile += stride) {
+  const uint64_t desc0 = kWg ? WgmmaDesc(smem) : 0u;
+  // With warpgroup MMA every warp runs as many iterations as warp 0 (tiles past the end load
+  // zeros and store nothing).
+  for (int64_t tile = first; (kWg ? tile - warp : tile) < end; tile += stride) {
     const int64_t row0 = tile * kTcTileRows + g;
     // The tile's A fragments, built once for all passes (rebuilt at each use, they cost ptxas
     // three register moves an mma).
@@ -680,7 +751,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
       const uint32_t v[4] = {ks % 2 == 0 ? lo.x : lo.z, ks % 2 == 0 ? hi.x : hi.z,
                              ks % 2 == 0 ? lo.y : lo.w, ks % 2 == 0 ? hi.y : hi.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) af[ks][i] = NTC == 1 ? v[i] : v[i] | opaque_zero;
+      for (int i = 0; i < 4; ++i) af[ks][i] = NTC == 1 || kWg ? v[i] : v[i] | opaque_zero;
     }
     float red[2] = {is_max ? -kInf : 0.0f, is_max ? -kInf : 0.0f};
     for (int n0 = 0; n0 < nt_total; n0 += NTC) {
@@ -690,15 +761,30 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
       }
+      if constexpr (kWg) {
+        // The descriptor's address field counts 16-byte units.
+        const uint64_t desc = desc0 + n0 / NTC * kSteps * P * (kWgmmaBBytes >> 4);
+        WgmmaFence();
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) {
-#pragma unroll
-        for (int j = 0; j < NTC; ++j) {
+        for (int ks = 0; ks < kSteps; ++ks) {
 #pragma unroll
           for (int part = 0; part < P; ++part) {
-            const uint2 bv = qf[(((n0 + j) * kSteps + ks) * P + part) * 32 + lane];
-            const uint32_t b[2] = {bv.x, bv.y};
-            MmaBf16(acc[j], af[ks], b);
+            WgmmaBf16N32(acc, af[ks], desc + (ks * P + part) * (kWgmmaBBytes >> 4), 1);
+          }
+        }
+        WgmmaCommitAndWait();
+        WgmmaFenceOperands(acc);
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+          for (int j = 0; j < NTC; ++j) {
+#pragma unroll
+            for (int part = 0; part < P; ++part) {
+              const uint2 bv = qf[(((n0 + j) * kSteps + ks) * P + part) * 32 + lane];
+              const uint32_t b[2] = {bv.x, bv.y};
+              MmaBf16(acc[j], af[ks], b);
+            }
           }
         }
       }
@@ -782,7 +868,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
               key = max(key, __shfl_xor_sync(0xffffffffu, key, off));
             }
             const int head = (n0 + j) * 8 + 2 * tig + c;
-            if (g == 0 && head < p.group) {
+            if (g == 0 && head < p.group && tile < end) {
               p.chunk_keys[static_cast<int64_t>(q0 + head) * p.n_tiles + tile] = key;
             }
           }
@@ -822,7 +908,9 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
       }
       if (CK == kChunkKeysReduced) {
         chunk_key = __reduce_max_sync(0xffffffffu, chunk_key);
-        if (lane == 0) p.chunk_keys[static_cast<int64_t>(kvh) * p.n_tiles + tile] = chunk_key;
+        if (lane == 0 && tile < end) {
+          p.chunk_keys[static_cast<int64_t>(kvh) * p.n_tiles + tile] = chunk_key;
+        }
       }
     }
   }
