@@ -23,8 +23,8 @@ class AlignedAllocator final : public Allocator {
 
 class KeepingAllocator final : public Allocator {
  public:
-  KeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit)
-      : raw_(std::move(raw)), limit_(limit) {}
+  KeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit, uint64_t keep_limit)
+      : raw_(std::move(raw)), limit_(limit), keep_limit_(keep_limit) {}
 
   ~KeepingAllocator() override {
     absl::MutexLock lock(&mu_);
@@ -74,15 +74,22 @@ class KeepingAllocator final : public Allocator {
 
   void Free(void* p, size_t bytes) override {
     if (p == nullptr) return;
-    absl::MutexLock lock(&mu_);
-    live_bytes_ -= bytes;
-    kept_[bytes].push_back(p);  // live + kept is unchanged, so still within the limit
-    kept_bytes_ += bytes;
+    {
+      absl::MutexLock lock(&mu_);
+      live_bytes_ -= bytes;
+      if (kept_bytes_ + bytes <= keep_limit_) {
+        kept_[bytes].push_back(p);  // live + kept is unchanged, so still within the limit
+        kept_bytes_ += bytes;
+        return;
+      }
+    }
+    raw_->Free(p, bytes);  // past the keep limit: back to the system, outside the lock
   }
 
  private:
   const std::unique_ptr<Allocator> raw_;
   const uint64_t limit_;
+  const uint64_t keep_limit_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<size_t, std::vector<void*>> kept_ ABSL_GUARDED_BY(mu_);
   uint64_t kept_bytes_ ABSL_GUARDED_BY(mu_) = 0;
@@ -93,9 +100,9 @@ class KeepingAllocator final : public Allocator {
 
 std::unique_ptr<Allocator> NewAlignedAllocator() { return std::make_unique<AlignedAllocator>(); }
 
-std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw,
-                                               uint64_t limit_bytes) {
-  return std::make_unique<KeepingAllocator>(std::move(raw), limit_bytes);
+std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit_bytes,
+                                               uint64_t keep_limit_bytes) {
+  return std::make_unique<KeepingAllocator>(std::move(raw), limit_bytes, keep_limit_bytes);
 }
 
 }  // namespace ropekv

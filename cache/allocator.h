@@ -34,9 +34,12 @@ std::unique_ptr<Allocator> NewAlignedAllocator();
 // run 23). Live plus kept bytes never pass `limit_bytes` (give the host tier's capacity): when a
 // new buffer would pass it, kept buffers of other sizes go back to `raw` first, and Allocate
 // returns nullptr if that is not enough. Sizes are matched exactly (a model's blocks share one).
-// Kept buffers go back to `raw` when the allocator is destroyed. Thread-safe.
-std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw,
-                                               uint64_t limit_bytes);
+// At most `keep_limit_bytes` are kept: a freed buffer that would pass it goes back to `raw` at
+// once (0: nothing is kept; a daemon that shares its host caps what it holds while idle). Kept
+// buffers go back to `raw` when the allocator is destroyed. Thread-safe.
+inline constexpr uint64_t kKeepAll = ~uint64_t{0};
+std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit_bytes,
+                                               uint64_t keep_limit_bytes = kKeepAll);
 
 }  // namespace ropekv
 

@@ -27,14 +27,15 @@ class PinnedAllocator final : public Allocator {
 
 bool PinnedMemoryAvailable() { return GpuAvailable(); }
 
-absl::StatusOr<std::unique_ptr<Allocator>> NewPinnedAllocator(uint64_t limit_bytes) {
+absl::StatusOr<std::unique_ptr<Allocator>> NewPinnedAllocator(uint64_t limit_bytes,
+                                                              uint64_t keep_limit_bytes) {
   if (limit_bytes == 0) {
     return absl::InvalidArgumentError("pinned allocator limit must be positive, got 0");
   }
   if (!PinnedMemoryAvailable()) {
     return absl::UnavailableError("pinned memory needs a CUDA device; none is available");
   }
-  return NewKeepingAllocator(std::make_unique<PinnedAllocator>(), limit_bytes);
+  return NewKeepingAllocator(std::make_unique<PinnedAllocator>(), limit_bytes, keep_limit_bytes);
 }
 
 }  // namespace ropekv

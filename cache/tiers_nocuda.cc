@@ -33,7 +33,7 @@ absl::StatusOr<bool> GpuTier::Poll(Ticket ticket) {
 
 bool PinnedMemoryAvailable() { return false; }
 
-absl::StatusOr<std::unique_ptr<Allocator>> NewPinnedAllocator(uint64_t limit_bytes) {
+absl::StatusOr<std::unique_ptr<Allocator>> NewPinnedAllocator(uint64_t, uint64_t) {
   return absl::UnavailableError("pinned memory needs CUDA; ropekv was built without it");
 }
 

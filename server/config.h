@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "cache/allocator.h"
 #include "cache/disk_tier.h"
 #include "cache/tier_policy.h"
 
@@ -36,8 +37,10 @@ struct ServerConfig {
   uint64_t gpu_chunk_bytes = 64ull << 20;    // GPU arena chunk (largest block on the GPU)
   int gpu_device = 0;                        // CUDA device ordinal
   std::string host_pinned = "auto";          // pinned host memory: auto (with a GPU tier), on, off
-  bool disk_enabled = true;                  // disk tier (RocksDB)
-  std::string disk_path;                     // RocksDB folder; empty: <data_dir>/rocksdb
+  // Freed host slots kept mapped for reuse, at most (kKeepAll: up to the capacity; 0: none).
+  uint64_t host_keep_freed_bytes = kKeepAll;
+  bool disk_enabled = true;  // disk tier (RocksDB)
+  std::string disk_path;     // RocksDB folder; empty: <data_dir>/rocksdb
   uint64_t disk_capacity_bytes = 64ull << 30;
   uint64_t disk_segment_bytes = 0;  // segment file size; 0: capacity / 256 in [64 MiB, 4 GiB]
   Durability disk_durability = Durability::kSync;  // when a disk write is acknowledged

@@ -16,6 +16,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "cache/allocator.h"
 #include "cache/disk_tier.h"
 #include "cache/gpu_tier.h"
 #include "cache/kv_cache.h"
@@ -58,6 +59,9 @@ ABSL_FLAG(std::string, gpu_chunk_size, "64MiB",
 ABSL_FLAG(int32_t, gpu_device, 0, "CUDA device of the GPU tier");
 ABSL_FLAG(std::string, host_pinned, "auto",
           "pinned (cudaHostAlloc) host tier: auto (with a GPU tier), on, off");
+ABSL_FLAG(std::string, host_keep_freed, "all",
+          "freed host slots kept mapped for reuse, at most this many bytes (all: up to the host "
+          "capacity; 0: every freed slot goes back to the system at once)");
 ABSL_FLAG(bool, disk_enabled, true, "disk tier (RocksDB) on");
 ABSL_FLAG(std::string, disk_path, "", "RocksDB folder of the disk tier (default DATA_DIR/rocksdb)");
 ABSL_FLAG(std::string, disk_capacity, "64GiB", "disk tier capacity (live block bytes)");
@@ -105,6 +109,14 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.prompt_memo_prompts = absl::GetFlag(FLAGS_prompt_memo_prompts);
   c.prompt_memo_tokens = absl::GetFlag(FLAGS_prompt_memo_tokens);
   c.host_pinned = absl::GetFlag(FLAGS_host_pinned);
+  if (const std::string keep = absl::GetFlag(FLAGS_host_keep_freed); keep != "all") {
+    auto v = ParseSize(keep);
+    if (!v.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("host_keep_freed: ", v.status().message(), " (or \"all\")"));
+    }
+    c.host_keep_freed_bytes = *v;
+  }
   c.disk_enabled = absl::GetFlag(FLAGS_disk_enabled);
   c.disk_path = absl::GetFlag(FLAGS_disk_path);
   struct {
@@ -167,12 +179,18 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
   const bool pinned =
       config.host_pinned == "on" || (config.host_pinned == "auto" && options->gpu != nullptr);
   if (pinned) {
-    auto alloc = NewPinnedAllocator(config.host_capacity_bytes);
+    auto alloc = NewPinnedAllocator(config.host_capacity_bytes, config.host_keep_freed_bytes);
     if (!alloc.ok()) return alloc.status();
     options->host_allocator = *std::move(alloc);
+  } else {
+    options->host_allocator = NewKeepingAllocator(NewAlignedAllocator(), config.host_capacity_bytes,
+                                                  config.host_keep_freed_bytes);
   }
   absl::StrAppend(summary, "; host tier ", config.host_capacity_bytes, " bytes",
                   pinned ? " (pinned)" : "");
+  if (config.host_keep_freed_bytes != kKeepAll) {
+    absl::StrAppend(summary, ", freed slots kept up to ", config.host_keep_freed_bytes, " bytes");
+  }
   if (config.disk_enabled) {
     DiskTier::Options d;
     d.path = config.disk_path.empty()

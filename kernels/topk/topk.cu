@@ -529,8 +529,8 @@ __device__ __forceinline__ void WgmmaCommitAndWait() {
 #endif
 }
 // D (= or +=, by `accumulate`) A * B for 32 query heads: c[j][e] as MmaBf16's c for n-tile j.
-__device__ __forceinline__ void WgmmaBf16N32(float (&c)[4][4], const uint32_t* a, uint64_t desc_b,
-                                             int accumulate) {
+[[maybe_unused]] __device__ __forceinline__ void WgmmaBf16N32(float (&c)[4][4], const uint32_t* a,
+                                                              uint64_t desc_b, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
@@ -544,7 +544,7 @@ __device__ __forceinline__ void WgmmaBf16N32(float (&c)[4][4], const uint32_t* a
 #endif
 }
 // Orders the reads of c after the wait (the compiler sees no data flow from the wait to c).
-__device__ __forceinline__ void WgmmaFenceOperands(float (&c)[4][4]) {
+[[maybe_unused]] __device__ __forceinline__ void WgmmaFenceOperands(float (&c)[4][4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll

@@ -539,6 +539,33 @@ TEST_F(ServiceTest, CapacityExhaustedWithEverythingPinned) {
   EXPECT_EQ(stats->tiers(0).pinned_blocks(), 4u);
 }
 
+// --host_keep_freed caps the freed host slots kept mapped for reuse: after an Evict, Stats' host
+// reserved bytes are the kept ones (used is zero): all three blocks, none, or one.
+TEST_F(ServiceTest, HostKeepFreedCapsTheSlotsKeptAfterEviction) {
+  const auto tokens = Tokens(31, 3 * 16);
+  const auto bytes = Bytes(32, 3 * bb_);
+  for (const auto& [keep, kept] : {std::pair<std::string, uint64_t>{"all", 3 * bb_},
+                                   {"0", 0},
+                                   {std::to_string(bb_ + bb_ / 2), bb_}}) {
+    daemon_.reset();
+    Start({"--host_capacity=" + std::to_string(8 * bb_), "--disk_enabled=false",
+           "--host_keep_freed=" + keep});
+    ASSERT_TRUE(Put(tokens, bytes).ok());
+    uint32_t evicted = 0;
+    for (int i = 0; i < 100 && evicted == 0; ++i) {  // once the daemon has let go of the Put
+      auto e = client_->Evict("demo", "", tokens);
+      ASSERT_TRUE(e.ok()) << e.status();
+      evicted = *e;
+      if (evicted == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ASSERT_EQ(evicted, 3u) << keep;
+    auto stats = client_->Stats();
+    ASSERT_TRUE(stats.ok());
+    EXPECT_EQ(stats->tiers(0).bytes_used(), 0u) << keep;
+    EXPECT_EQ(stats->tiers(0).reserved_bytes(), kept) << keep;
+  }
+}
+
 TEST_F(ServiceTest, EvictionUnderPressureNeverReturnsAWrongBlock) {
   daemon_.reset();
   Start({"--host_capacity=" + std::to_string(8 * KvShape::Of(Demo(), 1).BlockBytes())});

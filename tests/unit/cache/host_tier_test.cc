@@ -80,6 +80,30 @@ TEST(KeepingAllocatorTest, ReusesFreedBuffersWithinTheLimit) {
   EXPECT_EQ(live.load(), 0);
 }
 
+TEST(KeepingAllocatorTest, KeepsAtMostTheKeepLimit) {
+  std::atomic<int64_t> live{0};
+  auto alloc = NewKeepingAllocator(std::make_unique<CountingAllocator>(&live), 10000, 4000);
+  void* a = alloc->Allocate(3000);
+  void* b = alloc->Allocate(3000);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  alloc->Free(a, 3000);
+  EXPECT_EQ(alloc->kept_bytes(), 3000u);
+  alloc->Free(b, 3000);  // 6000 would pass the keep limit: returned at once
+  EXPECT_EQ(alloc->kept_bytes(), 3000u);
+  EXPECT_EQ(live.load(), 3000);
+  EXPECT_EQ(alloc->Allocate(3000), a);
+  auto none = NewKeepingAllocator(std::make_unique<CountingAllocator>(&live), 10000, 0);
+  void* c = none->Allocate(1000);
+  ASSERT_NE(c, nullptr);
+  none->Free(c, 1000);
+  EXPECT_EQ(none->kept_bytes(), 0u);
+  EXPECT_EQ(live.load(), 3000);  // a, still live
+  alloc->Free(a, 3000);
+  alloc.reset();
+  EXPECT_EQ(live.load(), 0);
+}
+
 TEST(HostTierTest, DefaultAllocatorKeepsFreedSlots) {
   HostTier::Options o;
   o.capacity_bytes = 4 << 20;
