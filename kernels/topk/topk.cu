@@ -649,9 +649,33 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
   if (p.hist0 != nullptr) {
     for (int i = tid; i < kRadixBins; i += kTcThreads) hist_s[i] = 0;
   }
-  // bf16 queries (one part): the 4 consecutive elements of a fragment in one 8-byte load.
+  // bf16 queries (one part): the 4 consecutive elements of a fragment in one 8-byte load. For
+  // the bound with passes of several n-tiles (the 64-element fragments of 512 heads take 32
+  // iterations a thread) the group's query rows are staged in shared memory first, all copies in
+  // flight at once, so that the build waits for one round trip to memory, not one per unrolled
+  // iteration: most of the 512-head page bound's stalls were on those loads (RESULTS run 26; for
+  // exact rows the staging was level, and the extra shared memory delayed the selection).
   const bool q_bf16 = P == 1 && p.qtype == DType::kBF16 && p.d % 4 == 0 &&
                       (reinterpret_cast<uintptr_t>(p.queries) & 7u) == 0;
+  // (The other scorers keep their code as it was: a shared address computation cost the 32-head
+  // page bound 2 µs.)
+  const uint16_t* q_s = nullptr;
+  if constexpr (NTC == kTcChunkTiles) {
+    if (q_bf16 && p.bound) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(hist_s + (p.hist0 != nullptr ? kRadixBins : 0));
+      const uint16_t* src =
+          static_cast<const uint16_t*>(p.queries) + static_cast<int64_t>(q0) * p.d;
+      const int elems = p.group * p.d;
+      for (int c = tid; c < elems / 8; c += kTcThreads) {
+        CopyChunk16(dst + 8 * c, reinterpret_cast<const char*>(src + 8 * c), 2);
+      }
+      for (int e = elems / 8 * 8 + tid; e < elems; e += kTcThreads) dst[e] = src[e];
+      CpAsyncCommit();
+      CpAsyncWait<0>();
+      __syncthreads();
+      q_s = dst;
+    }
+  }
 #pragma unroll 4
   for (int i = tid; i < nt_pad * kSteps * P * 32; i += kTcThreads) {
     const int l = i % 32;
@@ -664,8 +688,11 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
     if (head < p.group && q_bf16) {
       // As TcQuery element by element: c0 .. c0 + 3 lie on one side of d (d % 4 == 0).
       const int dd = c0 < p.d ? c0 : c0 - p.d;
-      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.queries) +
-                                                        static_cast<int64_t>(q0 + head) * p.d + dd);
+      const uint16_t* q = NTC == kTcChunkTiles && q_s != nullptr
+                              ? q_s + head * p.d + dd
+                              : static_cast<const uint16_t*>(p.queries) +
+                                    static_cast<int64_t>(q0 + head) * p.d + dd;
+      const uint2 raw = *reinterpret_cast<const uint2*>(q);
       w[0] = raw.x;
       w[1] = raw.y;
       if (p.bound) {
@@ -1008,10 +1035,12 @@ absl::Status LaunchScoreTiles(ScoreParams p, size_t smem, cudaStream_t stream,
   return absl::OkStatus();
 }
 
-// Shared memory of TcScoreKernel: the query fragments and the histogram.
-size_t TcSmem(int width, int parts, int n_tiles8, bool hist) {
+// Shared memory of TcScoreKernel: the query fragments, the histogram and, for the bound (rows of
+// 2d elements) with bf16 queries (one part) and passes of several n-tiles, the group's query rows.
+size_t TcSmem(int width, int parts, int n_tiles8, bool hist, int d) {
+  const bool staged = parts == 1 && width == 2 * d && TcPassTiles(n_tiles8) == kTcChunkTiles;
   return static_cast<size_t>(TcPaddedTiles(n_tiles8)) * (width / 16) * parts * 32 * 8 +
-         (hist ? kRadixBins * 4 : 0);
+         (hist ? kRadixBins * 4 : 0) + (staged ? static_cast<size_t>(n_tiles8) * 8 * d * 2 : 0);
 }
 
 // Resident blocks a SM of `kKernel` with `threads` threads and `smem` bytes of dynamic shared
@@ -1043,7 +1072,7 @@ absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
 template <int W, int P, int NTC, int CK>
 absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
   constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK>;
-  const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false);
+  const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false, p.d);
   absl::StatusOr<int> per_sm = BlocksPerSm<kKernel>(kTcThreads, smem_plain);
   if (!per_sm.ok()) return per_sm.status();
   size_t smem = smem_plain;
@@ -1133,7 +1162,7 @@ bool TcScores(const SelectRequest& req, const MatrixView& view, bool bound, bool
   const int parts = req.query_dtype == DType::kBF16 ? 1 : 3;
   return internal::TensorCoreScoring() && view.dtype == DType::kBF16 &&
          (width == 64 || width == 128 || width == 256 || width == 512) &&
-         TcSmem(width, parts, (group + 7) / 8, hist) + 1024 <=
+         TcSmem(width, parts, (group + 7) / 8, hist, req.head_dim) + 1024 <=
              static_cast<size_t>(info.smem_per_sm) &&
          req.kv_heads <= 65535;
 }
