@@ -40,10 +40,31 @@ class KeepingAllocator final : public Allocator {
     return kept_bytes_;
   }
 
+  uint64_t ReleaseKeptIfIdle(std::chrono::steady_clock::duration idle,
+                             std::chrono::steady_clock::time_point now) override {
+    std::vector<std::pair<void*, size_t>> release;
+    {
+      absl::MutexLock lock(&mu_);
+      if (kept_bytes_ == 0 || now - last_use_ < idle) return 0;
+      for (auto& [size, list] : kept_) {
+        for (void* p : list) release.emplace_back(p, size);
+      }
+      kept_.clear();
+      kept_bytes_ = 0;
+    }
+    uint64_t bytes = 0;
+    for (const auto& [p, size] : release) {
+      raw_->Free(p, size);
+      bytes += size;
+    }
+    return bytes;
+  }
+
   void* Allocate(size_t bytes) override {
     std::vector<std::pair<void*, size_t>> release;
     {
       absl::MutexLock lock(&mu_);
+      last_use_ = std::chrono::steady_clock::now();
       auto it = kept_.find(bytes);
       if (it != kept_.end() && !it->second.empty()) {
         void* p = it->second.back();
@@ -76,6 +97,7 @@ class KeepingAllocator final : public Allocator {
     if (p == nullptr) return;
     {
       absl::MutexLock lock(&mu_);
+      last_use_ = std::chrono::steady_clock::now();
       live_bytes_ -= bytes;
       if (kept_bytes_ + bytes <= keep_limit_) {
         kept_[bytes].push_back(p);  // live + kept is unchanged, so still within the limit
@@ -94,6 +116,8 @@ class KeepingAllocator final : public Allocator {
   absl::flat_hash_map<size_t, std::vector<void*>> kept_ ABSL_GUARDED_BY(mu_);
   uint64_t kept_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point last_use_ ABSL_GUARDED_BY(mu_) =
+      std::chrono::steady_clock::now();
 };
 
 }  // namespace

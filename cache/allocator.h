@@ -5,6 +5,7 @@
 #ifndef ROPEKV_CACHE_ALLOCATOR_H_
 #define ROPEKV_CACHE_ALLOCATOR_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -23,6 +24,12 @@ class Allocator {
   virtual bool device_readable() const { return false; }
   // Bytes of freed buffers held for reuse (NewKeepingAllocator), not handed back to the system.
   virtual uint64_t kept_bytes() const { return 0; }
+  // Hands the kept buffers back to the system when nothing was allocated or freed for `idle`
+  // before `now`; returns their bytes (0 for allocators that keep nothing).
+  virtual uint64_t ReleaseKeptIfIdle(std::chrono::steady_clock::duration /*idle*/,
+                                     std::chrono::steady_clock::time_point /*now*/) {
+    return 0;
+  }
 };
 
 // 4 KiB-aligned memory from the C library, returned to it on Free.

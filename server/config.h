@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "cache/allocator.h"
 #include "cache/disk_tier.h"
 #include "cache/tier_policy.h"
@@ -39,6 +40,9 @@ struct ServerConfig {
   std::string host_pinned = "auto";          // pinned host memory: auto (with a GPU tier), on, off
   // Freed host slots kept mapped for reuse, at most (kKeepAll: up to the capacity; 0: none).
   uint64_t host_keep_freed_bytes = kKeepAll;
+  // Kept slots go back to the system once the host tier has allocated and freed nothing for this
+  // long (zero: never).
+  absl::Duration host_trim_idle = absl::ZeroDuration();
   bool disk_enabled = true;  // disk tier (RocksDB)
   std::string disk_path;     // RocksDB folder; empty: <data_dir>/rocksdb
   uint64_t disk_capacity_bytes = 64ull << 30;

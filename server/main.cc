@@ -5,17 +5,21 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "cache/allocator.h"
 #include "cache/disk_tier.h"
 #include "cache/gpu_tier.h"
@@ -62,6 +66,9 @@ ABSL_FLAG(std::string, host_pinned, "auto",
 ABSL_FLAG(std::string, host_keep_freed, "all",
           "freed host slots kept mapped for reuse, at most this many bytes (all: up to the host "
           "capacity; 0: every freed slot goes back to the system at once)");
+ABSL_FLAG(absl::Duration, host_trim_idle, absl::ZeroDuration(),
+          "kept host slots go back to the system once the host tier has allocated and freed "
+          "nothing for this long, e.g. 60s (0: never)");
 ABSL_FLAG(bool, disk_enabled, true, "disk tier (RocksDB) on");
 ABSL_FLAG(std::string, disk_path, "", "RocksDB folder of the disk tier (default DATA_DIR/rocksdb)");
 ABSL_FLAG(std::string, disk_capacity, "64GiB", "disk tier capacity (live block bytes)");
@@ -117,6 +124,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
     }
     c.host_keep_freed_bytes = *v;
   }
+  c.host_trim_idle = absl::GetFlag(FLAGS_host_trim_idle);
   c.disk_enabled = absl::GetFlag(FLAGS_disk_enabled);
   c.disk_path = absl::GetFlag(FLAGS_disk_path);
   struct {
@@ -191,6 +199,10 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
   if (config.host_keep_freed_bytes != kKeepAll) {
     absl::StrAppend(summary, ", freed slots kept up to ", config.host_keep_freed_bytes, " bytes");
   }
+  if (config.host_trim_idle > absl::ZeroDuration()) {
+    absl::StrAppend(summary, ", kept slots returned after ",
+                    absl::FormatDuration(config.host_trim_idle), " idle");
+  }
   if (config.disk_enabled) {
     DiskTier::Options d;
     d.path = config.disk_path.empty()
@@ -212,6 +224,37 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
   return absl::OkStatus();
 }
 
+// --host_trim_idle: a thread that hands the host tier's kept slots back to the system once the
+// tier has been idle that long (checked four times a period, at most once a second). Stops
+// before the cache that owns the allocator goes.
+class IdleTrimmer {
+ public:
+  IdleTrimmer(Allocator* allocator, absl::Duration idle) {
+    if (allocator == nullptr || idle <= absl::ZeroDuration()) return;
+    const auto period = absl::ToChronoNanoseconds(idle);
+    const absl::Duration check = std::min(idle / 4, absl::Seconds(1));
+    thread_ = std::thread([this, allocator, period, check] {
+      absl::MutexLock lock(&mu_);
+      while (!mu_.AwaitWithTimeout(absl::Condition(&stop_), check)) {
+        allocator->ReleaseKeptIfIdle(period, std::chrono::steady_clock::now());
+      }
+    });
+  }
+  ~IdleTrimmer() {
+    if (!thread_.joinable()) return;
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 int Run(const ServerConfig& config) {
   std::error_code ec;
   std::filesystem::create_directories(config.data_dir, ec);
@@ -231,11 +274,13 @@ int Run(const ServerConfig& config) {
     std::cerr << "ropekvd: " << s << "\n";
     return 1;
   }
+  Allocator* host_allocator = options.host_allocator.get();  // owned by the cache
   auto cache = KvCache::Create(std::move(options));
   if (!cache.ok()) {
     std::cerr << "ropekvd: " << cache.status() << "\n";
     return 1;
   }
+  IdleTrimmer trimmer(host_allocator, config.host_trim_idle);
   KvCacheService service(cache->get(), config);
   SessionService sessions(cache->get(), config);  // PIE editor sessions (--session_* flags)
   if (!sessions.status().ok()) {

@@ -566,6 +566,34 @@ TEST_F(ServiceTest, HostKeepFreedCapsTheSlotsKeptAfterEviction) {
   }
 }
 
+// --host_trim_idle: the kept slots go back to the system once the host tier has been idle.
+TEST_F(ServiceTest, HostTrimIdleReturnsKeptSlots) {
+  daemon_.reset();
+  Start({"--host_capacity=" + std::to_string(8 * bb_), "--disk_enabled=false",
+         "--host_trim_idle=2s"});
+  const auto tokens = Tokens(33, 2 * 16);
+  ASSERT_TRUE(Put(tokens, Bytes(34, 2 * bb_)).ok());
+  uint32_t evicted = 0;
+  for (int i = 0; i < 100 && evicted == 0; ++i) {  // once the daemon has let go of the Put
+    auto e = client_->Evict("demo", "", tokens);
+    ASSERT_TRUE(e.ok()) << e.status();
+    evicted = *e;
+    if (evicted == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(evicted, 2u);
+  auto kept = client_->Stats();
+  ASSERT_TRUE(kept.ok());
+  EXPECT_EQ(kept->tiers(0).reserved_bytes(), 2 * bb_);  // kept, the tier not idle for 2 s yet
+  uint64_t reserved = 1;
+  for (int i = 0; i < 100 && reserved != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto stats = client_->Stats();
+    ASSERT_TRUE(stats.ok());
+    reserved = stats->tiers(0).reserved_bytes();
+  }
+  EXPECT_EQ(reserved, 0u);
+}
+
 TEST_F(ServiceTest, EvictionUnderPressureNeverReturnsAWrongBlock) {
   daemon_.reset();
   Start({"--host_capacity=" + std::to_string(8 * KvShape::Of(Demo(), 1).BlockBytes())});

@@ -1,6 +1,7 @@
 #include "cache/host_tier.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 
 #include "gtest/gtest.h"
@@ -100,6 +101,28 @@ TEST(KeepingAllocatorTest, KeepsAtMostTheKeepLimit) {
   EXPECT_EQ(none->kept_bytes(), 0u);
   EXPECT_EQ(live.load(), 3000);  // a, still live
   alloc->Free(a, 3000);
+  alloc.reset();
+  EXPECT_EQ(live.load(), 0);
+}
+
+TEST(KeepingAllocatorTest, ReleasesKeptBuffersWhenIdle) {
+  std::atomic<int64_t> live{0};
+  auto alloc = NewKeepingAllocator(std::make_unique<CountingAllocator>(&live), 10000);
+  void* a = alloc->Allocate(3000);
+  void* b = alloc->Allocate(2000);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  alloc->Free(a, 3000);
+  const auto freed = std::chrono::steady_clock::now();
+  const auto idle = std::chrono::seconds(30);
+  EXPECT_EQ(alloc->ReleaseKeptIfIdle(idle, freed + std::chrono::seconds(29)), 0u);  // not yet
+  EXPECT_EQ(alloc->kept_bytes(), 3000u);
+  EXPECT_EQ(alloc->ReleaseKeptIfIdle(idle, freed + std::chrono::seconds(31)), 3000u);
+  EXPECT_EQ(alloc->kept_bytes(), 0u);
+  EXPECT_EQ(live.load(), 2000);                                                     // b, still live
+  EXPECT_EQ(alloc->ReleaseKeptIfIdle(idle, freed + std::chrono::seconds(60)), 0u);  // none left
+  alloc->Free(b, 2000);
+  EXPECT_EQ(alloc->kept_bytes(), 2000u);  // keeping goes on after a release
   alloc.reset();
   EXPECT_EQ(live.load(), 0);
 }
