@@ -528,19 +528,18 @@ __device__ __forceinline__ void WgmmaCommitAndWait() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// D (= or +=, by `accumulate`) A * B for 32 query heads: c[j][e] as MmaBf16's c for n-tile j.
+// D += A * B for 32 query heads: c[j][e] as MmaBf16's c for n-tile j.
 [[maybe_unused]] __device__ __forceinline__ void WgmmaBf16N32(float (&c)[4][4], const uint32_t* a,
-                                                              uint64_t desc_b, int accumulate) {
+                                                              uint64_t desc_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, "
-      "0;\n}\n"
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, "
+      "0;\n"
       : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3]), "+f"(c[1][0]), "+f"(c[1][1]),
         "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), "+f"(c[2][1]), "+f"(c[2][2]), "+f"(c[2][3]),
         "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), "+f"(c[3][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 #endif
 }
 // Orders the reads of c after the wait (the compiler sees no data flow from the wait to c).
@@ -796,7 +795,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
         for (int ks = 0; ks < kSteps; ++ks) {
 #pragma unroll
           for (int part = 0; part < P; ++part) {
-            WgmmaBf16N32(acc, af[ks], desc + (ks * P + part) * (kWgmmaBBytes >> 4), 1);
+            WgmmaBf16N32(acc, af[ks], desc + (ks * P + part) * (kWgmmaBBytes >> 4));
           }
         }
         WgmmaCommitAndWait();
