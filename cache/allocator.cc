@@ -1,5 +1,6 @@
 #include "cache/allocator.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <utility>
 #include <vector>
@@ -121,6 +122,27 @@ class KeepingAllocator final : public Allocator {
 };
 
 }  // namespace
+
+KeptReleaser::KeptReleaser(Allocator* allocator, absl::Duration idle) {
+  if (allocator == nullptr || idle <= absl::ZeroDuration()) return;
+  const auto period = absl::ToChronoNanoseconds(idle);
+  const absl::Duration check = std::min(idle / 4, absl::Seconds(1));
+  thread_ = std::thread([this, allocator, period, check] {
+    absl::MutexLock lock(&mu_);
+    while (!mu_.AwaitWithTimeout(absl::Condition(&stop_), check)) {
+      allocator->ReleaseKeptIfIdle(period, std::chrono::steady_clock::now());
+    }
+  });
+}
+
+KeptReleaser::~KeptReleaser() {
+  if (!thread_.joinable()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  thread_.join();
+}
 
 std::unique_ptr<Allocator> NewAlignedAllocator() { return std::make_unique<AlignedAllocator>(); }
 

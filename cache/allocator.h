@@ -9,6 +9,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace ropekv {
 
@@ -47,6 +52,22 @@ std::unique_ptr<Allocator> NewAlignedAllocator();
 inline constexpr uint64_t kKeepAll = ~uint64_t{0};
 std::unique_ptr<Allocator> NewKeepingAllocator(std::unique_ptr<Allocator> raw, uint64_t limit_bytes,
                                                uint64_t keep_limit_bytes = kKeepAll);
+
+// A thread that calls `allocator`'s ReleaseKeptIfIdle(idle) up to once a second (four times an
+// `idle` period), so that kept buffers go back to the system once it has been idle that long.
+// Nothing for a null allocator or a non-positive `idle`. Destroy it before the allocator.
+class KeptReleaser {
+ public:
+  KeptReleaser(Allocator* allocator, absl::Duration idle);
+  ~KeptReleaser();
+  KeptReleaser(const KeptReleaser&) = delete;
+  KeptReleaser& operator=(const KeptReleaser&) = delete;
+
+ private:
+  absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
 
 }  // namespace ropekv
 

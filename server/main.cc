@@ -5,20 +5,17 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
-#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cache/allocator.h"
 #include "cache/disk_tier.h"
@@ -224,37 +221,6 @@ absl::Status BuildTiers(const ServerConfig& config, KvCache::Options* options,
   return absl::OkStatus();
 }
 
-// --host_trim_idle: a thread that hands the host tier's kept slots back to the system once the
-// tier has been idle that long (checked four times a period, at most once a second). Stops
-// before the cache that owns the allocator goes.
-class IdleTrimmer {
- public:
-  IdleTrimmer(Allocator* allocator, absl::Duration idle) {
-    if (allocator == nullptr || idle <= absl::ZeroDuration()) return;
-    const auto period = absl::ToChronoNanoseconds(idle);
-    const absl::Duration check = std::min(idle / 4, absl::Seconds(1));
-    thread_ = std::thread([this, allocator, period, check] {
-      absl::MutexLock lock(&mu_);
-      while (!mu_.AwaitWithTimeout(absl::Condition(&stop_), check)) {
-        allocator->ReleaseKeptIfIdle(period, std::chrono::steady_clock::now());
-      }
-    });
-  }
-  ~IdleTrimmer() {
-    if (!thread_.joinable()) return;
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-    }
-    thread_.join();
-  }
-
- private:
-  absl::Mutex mu_;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread thread_;
-};
-
 int Run(const ServerConfig& config) {
   std::error_code ec;
   std::filesystem::create_directories(config.data_dir, ec);
@@ -280,7 +246,7 @@ int Run(const ServerConfig& config) {
     std::cerr << "ropekvd: " << cache.status() << "\n";
     return 1;
   }
-  IdleTrimmer trimmer(host_allocator, config.host_trim_idle);
+  KeptReleaser releaser(host_allocator, config.host_trim_idle);  // --host_trim_idle
   KvCacheService service(cache->get(), config);
   SessionService sessions(cache->get(), config);  // PIE editor sessions (--session_* flags)
   if (!sessions.status().ok()) {

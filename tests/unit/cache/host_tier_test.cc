@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace ropekv {
@@ -125,6 +126,20 @@ TEST(KeepingAllocatorTest, ReleasesKeptBuffersWhenIdle) {
   EXPECT_EQ(alloc->kept_bytes(), 2000u);  // keeping goes on after a release
   alloc.reset();
   EXPECT_EQ(live.load(), 0);
+}
+
+TEST(KeepingAllocatorTest, KeptReleaserReturnsKeptBuffersOfAnIdleAllocator) {
+  std::atomic<int64_t> live{0};
+  auto alloc = NewKeepingAllocator(std::make_unique<CountingAllocator>(&live), 10000);
+  alloc->Free(alloc->Allocate(3000), 3000);
+  ASSERT_EQ(alloc->kept_bytes(), 3000u);
+  {
+    KeptReleaser releaser(alloc.get(), absl::Milliseconds(50));
+    for (int i = 0; i < 200 && live.load() != 0; ++i) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(live.load(), 0);
+  EXPECT_EQ(alloc->kept_bytes(), 0u);
+  KeptReleaser off(alloc.get(), absl::ZeroDuration());  // no thread
 }
 
 TEST(HostTierTest, DefaultAllocatorKeepsFreedSlots) {
