@@ -1,5 +1,7 @@
 #include "server/retrieval_service.h"
 
+#include <algorithm>
+#include <atomic>
 #include <deque>
 #include <functional>
 #include <string>
@@ -27,7 +29,8 @@ ABSL_FLAG(uint32_t, retrieval_max_selections, 1024,
           "most kept selections (Select with keep); the least recently used goes first");
 ABSL_FLAG(absl::Duration, retrieval_selection_ttl, absl::Seconds(10),
           "a kept selection unused this long is dropped, e.g. 10s, 1m");
-ABSL_FLAG(int32_t, retrieval_threads, 2, "worker threads running Select and Gather");
+ABSL_FLAG(int32_t, retrieval_threads, 2,
+          "worker threads running Select, the items of SelectBatch, and Gather");
 ABSL_FLAG(std::string, retrieval_max_gather, "1GiB",
           "most bytes of one layer's gathered K/V a Select (gather or keep) may ask for");
 ABSL_FLAG(std::string, retrieval_device, "auto",
@@ -268,6 +271,7 @@ void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
   }
   store_ = *std::move(store);
   pool_ = std::make_unique<WorkPool>(options->threads);
+  threads_ = options->threads;
 }
 
 grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamSelect(
@@ -323,6 +327,68 @@ grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamGather(
                      [header, source]() -> absl::StatusOr<Reactor::Prepared> {
                        return Reactor::Prepared{std::move(*header), std::move(*source)};
                      });
+}
+
+grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerContext* ctx,
+                                                        const v1::SelectBatchRequest* req,
+                                                        v1::SelectBatchResponse* resp) {
+  if (!status_.ok()) return Done(ctx, Unavailable(status_));
+  const int n = req->items_size();
+  if (n < 1 || n > kMaxSelectBatchItems) {
+    return Done(ctx, absl::InvalidArgumentError(absl::StrCat(
+                         "SelectBatch takes 1 to ", kMaxSelectBatchItems, " items, got ", n)));
+  }
+  for (int i = 0; i < n; ++i) {
+    if (req->items(i).gather()) {
+      return Done(ctx, absl::InvalidArgumentError(absl::StrCat(
+                           "items[", i,
+                           "].gather: SelectBatch returns no K/V; keep the selection and Gather "
+                           "it, or Select it alone")));
+    }
+  }
+  for (int i = 0; i < n; ++i) resp->add_items();
+  // The jobs write their own items (allocated above) and the last one to finish answers; `ctx`,
+  // `req` and `resp` stay valid until then.
+  struct Batch {
+    std::atomic<int> next{0};
+    std::atomic<int> jobs_left{0};
+  };
+  auto batch = std::make_shared<Batch>();
+  const int jobs = std::min(n, threads_);
+  batch->jobs_left.store(jobs);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const uint64_t max_bytes = config_.max_message_bytes;
+  for (int j = 0; j < jobs; ++j) {
+    pool_->Submit([this, ctx, req, resp, n, batch, reactor, max_bytes] {
+      for (int i = batch->next.fetch_add(1); i < n; i = batch->next.fetch_add(1)) {
+        v1::SelectBatchItem* item = resp->mutable_items(i);
+        if (ctx->IsCancelled()) {  // the caller is gone: the rest is not worth selecting
+          item->set_code(static_cast<int32_t>(absl::StatusCode::kCancelled));
+          continue;
+        }
+        absl::StatusOr<SelectArgs> args = FromProto(req->items(i));
+        absl::StatusOr<SelectOutput> out =
+            args.ok() ? store_->Select(*args) : absl::StatusOr<SelectOutput>(args.status());
+        if (out.ok()) {
+          ToProto(*out, item->mutable_header());
+        } else {
+          item->set_code(static_cast<int32_t>(out.status().code()));
+          item->set_message(std::string(out.status().message()));
+        }
+      }
+      if (batch->jobs_left.fetch_sub(1) != 1) return;
+      const size_t bytes = resp->ByteSizeLong();
+      if (bytes > max_bytes) {
+        resp->Clear();
+        reactor->Finish(ToGrpc(absl::ResourceExhaustedError(absl::StrCat(
+            "SelectBatch: the answer is ", bytes, " bytes, over the daemon's message size of ",
+            max_bytes, "; split the batch"))));
+        return;
+      }
+      reactor->Finish(grpc::Status::OK);
+    });
+  }
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* RetrievalService::ReleaseSelection(grpc::CallbackServerContext* ctx,

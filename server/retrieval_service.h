@@ -27,6 +27,9 @@ namespace ropekv {
 
 class WorkPool;
 
+// Most items of one SelectBatch.
+inline constexpr int kMaxSelectBatchItems = 1024;
+
 struct RetrievalServiceOptions {
   RetrievalStore::Options store;  // metadata capacity, selection TTL and count, device
   int threads = 2;                // pool threads running Select and Gather, in [1, 256]
@@ -55,6 +58,11 @@ class RetrievalService final : public WithBulkStreams<v1::Retrieval::CallbackSer
                                                       const v1::SelectRequest* req);
   grpc::ServerWriteReactor<BulkMessage>* StreamGather(grpc::CallbackServerContext* ctx,
                                                       const v1::GatherRequest* req);
+  // The items on the pool, at most one job a pool thread (each takes the next item until none is
+  // left), so that a large batch shares the pool in turn with the calls queued behind it.
+  grpc::ServerUnaryReactor* SelectBatch(grpc::CallbackServerContext* ctx,
+                                        const v1::SelectBatchRequest* req,
+                                        v1::SelectBatchResponse* resp) override;
   grpc::ServerUnaryReactor* ReleaseSelection(grpc::CallbackServerContext* ctx,
                                              const v1::ReleaseSelectionRequest* req,
                                              v1::ReleaseSelectionResponse* resp) override;
@@ -68,6 +76,7 @@ class RetrievalService final : public WithBulkStreams<v1::Retrieval::CallbackSer
   ServerConfig config_;
   std::unique_ptr<RetrievalStore> store_;
   std::unique_ptr<WorkPool> pool_;
+  int threads_ = 0;  // pool_'s
   absl::Status status_;
 };
 

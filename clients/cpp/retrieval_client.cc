@@ -83,6 +83,27 @@ absl::StatusOr<SelectResult> RetrievalClient::Select(const v1::SelectRequest& re
   return result;
 }
 
+absl::StatusOr<std::vector<BatchSelection>> RetrievalClient::SelectBatch(
+    absl::Span<const SelectArgs> items) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::SelectBatchRequest req;
+  for (const SelectArgs& a : items) *req.add_items() = ToRequest(a);
+  v1::SelectBatchResponse resp;
+  if (auto s = FromGrpc(stub_->SelectBatch(&ctx, req, &resp)); !s.ok()) return s;
+  if (resp.items_size() != req.items_size()) {
+    return absl::DataLossError(absl::StrCat("SelectBatch: ", req.items_size(), " items asked, ",
+                                            resp.items_size(), " answered"));
+  }
+  std::vector<BatchSelection> out(items.size());
+  for (int i = 0; i < resp.items_size(); ++i) {
+    v1::SelectBatchItem* item = resp.mutable_items(i);
+    out[i].status = absl::Status(static_cast<absl::StatusCode>(item->code()), item->message());
+    out[i].header = std::move(*item->mutable_header());
+  }
+  return out;
+}
+
 absl::StatusOr<GatherResult> RetrievalClient::Gather(const std::string& selection_id,
                                                      const std::vector<int32_t>& layers) {
   grpc::ClientContext ctx;

@@ -67,6 +67,12 @@ struct SelectResult {
   std::vector<uint8_t> gathered;
 };
 
+// One item of a SelectBatch: its own status and, when that is OK, its selection.
+struct BatchSelection {
+  absl::Status status;
+  v1::SelectHeader header;
+};
+
 struct GatherResult {
   v1::GatherHeader header;
   std::vector<uint8_t> data;  // [layer][k|v][rows][capacity][head_dim] in header.dtype()
@@ -85,6 +91,11 @@ class RetrievalClient {
   absl::StatusOr<SelectResult> Select(const SelectArgs& args);
   absl::StatusOr<SelectResult> Select(const v1::SelectRequest& request);
 
+  // Selects for every item in one round trip (see v1::SelectBatchRequest): one BatchSelection an
+  // item, in order, each with the status that item's Select would have had. The call's own
+  // error: INVALID_ARGUMENT for no items, more than 1024 or an item with gather;
+  // RESOURCE_EXHAUSTED for an answer over the daemon's message size.
+  absl::StatusOr<std::vector<BatchSelection>> SelectBatch(absl::Span<const SelectArgs> items);
   // The K/V of a kept selection's tokens at `layers`. NOT_FOUND for an unknown or expired
   // selection, or when its prefix blocks were evicted; INVALID_ARGUMENT for a layer out of range.
   absl::StatusOr<GatherResult> Gather(const std::string& selection_id,

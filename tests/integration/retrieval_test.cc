@@ -409,6 +409,134 @@ TEST_F(RetrievalServiceTest, ConcurrentSelectsAgree) {
   for (int i = 0; i < 4; ++i) EXPECT_EQ(mismatches[i], 0) << "thread " << i;
 }
 
+// SelectBatch answers each item as Select would (bit for bit, on the CPU path), errors included,
+// in the order asked, and its own bad requests get INVALID_ARGUMENT.
+TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
+  const std::vector<int32_t> tokens_a = Tokens(12 * kBlockTokens);
+  const std::vector<int32_t> tokens_b = Tokens(20 * kBlockTokens);
+  Put(tokens_a, RandomBlocks(12));
+  const std::string last_b = Put(tokens_b, RandomBlocks(20));
+  std::vector<SelectArgs> items;
+  auto item = [&](const std::vector<int32_t>& tokens, v1::SelectMode mode, int64_t k) {
+    SelectArgs a;
+    a.model = "m";
+    a.tokens = tokens;
+    a.layer = static_cast<int32_t>(items.size() % kLayers);
+    a.query_heads = kQueryHeads;
+    a.queries = client::F32Bytes(Queries());
+    a.k = k;
+    a.mode = mode;
+    a.n_sink = 2;
+    a.n_local = 8;
+    items.push_back(a);
+    return &items.back();
+  };
+  item(tokens_a, v1::SELECT_MODE_EXACT, 20);
+  item(tokens_b, v1::SELECT_MODE_BOUND_THEN_EXACT, 16)->keep = true;
+  item(tokens_a, v1::SELECT_MODE_EXACT, 8)->model = "unknown";  // NOT_FOUND
+  SelectArgs* by_hash = item({}, v1::SELECT_MODE_EXACT, 30);
+  by_hash->last_block = last_b;
+  by_hash->want_scores = true;
+  by_hash->reduction = v1::GQA_REDUCTION_PER_QUERY_HEAD;
+  std::vector<float> nan = Queries();
+  nan[3] = std::numeric_limits<float>::quiet_NaN();
+  item(tokens_b, v1::SELECT_MODE_BOUND, 32)->queries = client::F32Bytes(nan);  // INVALID_ARGUMENT
+  item(tokens_b, v1::SELECT_MODE_BOUND, 32)->want_mass = true;
+  // More items than the service's 3 threads, each its own queries.
+  for (int i = 0; i < 40; ++i) item(i % 2 ? tokens_a : tokens_b, v1::SELECT_MODE_EXACT, 5 + i);
+
+  auto batch = retrieval_->SelectBatch(items);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  ASSERT_EQ(batch->size(), items.size());
+  EXPECT_EQ((*batch)[2].status.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*batch)[4].status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE((*batch)[4].status.message().find("NaN"), absl::string_view::npos)
+      << (*batch)[4].status;
+  for (size_t i = 0; i < items.size(); ++i) {
+    SelectArgs alone = items[i];
+    alone.keep = false;
+    auto want = retrieval_->Select(alone);
+    const client::BatchSelection& got = (*batch)[i];
+    ASSERT_EQ(got.status.code(), want.status().code()) << "item " << i << ": " << got.status;
+    if (!want.ok()) continue;
+    const v1::SelectHeader& h = got.header;
+    EXPECT_EQ(h.num_tokens(), want->header.num_tokens()) << "item " << i;
+    EXPECT_EQ(h.gathered_bytes(), 0u);
+    ASSERT_EQ(h.rows_size(), want->header.rows_size()) << "item " << i;
+    for (int r = 0; r < h.rows_size(); ++r) {
+      EXPECT_EQ(h.rows(r).SerializeAsString(), want->header.rows(r).SerializeAsString())
+          << "item " << i << " row " << r;
+    }
+    EXPECT_EQ(h.mass_size(), items[i].want_mass ? kKvHeads : 0) << "item " << i;
+    EXPECT_EQ(h.selection_id().empty(), !items[i].keep) << "item " << i;
+  }
+  EXPECT_EQ((*batch)[3].header.rows_size(), kQueryHeads);
+  EXPECT_EQ((*batch)[3].header.rows(0).scores_size(), (*batch)[3].header.rows(0).indices_size());
+  // The kept item gathers like any kept selection.
+  auto g = retrieval_->Gather((*batch)[1].header.selection_id(), {0, 1});
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(g->header.counts(0), (*batch)[1].header.rows(0).indices_size());
+
+  // The call's own errors.
+  auto code = [&](const std::vector<SelectArgs>& v) {
+    return retrieval_->SelectBatch(v).status().code();
+  };
+  EXPECT_EQ(code({}), absl::StatusCode::kInvalidArgument);
+  std::vector<SelectArgs> gather = {items[0], items[1]};
+  gather[1].gather = true;
+  EXPECT_EQ(code(gather), absl::StatusCode::kInvalidArgument);
+  SelectArgs light = items[0];
+  light.tokens.clear();
+  light.last_block = last_b;
+  EXPECT_EQ(code(std::vector<SelectArgs>(1025, light)), absl::StatusCode::kInvalidArgument);
+  auto full = retrieval_->SelectBatch(std::vector<SelectArgs>(1024, light));
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->size(), 1024u);
+  EXPECT_TRUE(full->back().status.ok()) << full->back().status;
+}
+
+// An answer over the daemon's message size is RESOURCE_EXHAUSTED, not a broken stream.
+TEST(RetrievalBatchLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
+  testing::Daemon daemon(
+      {"--max_message_size=128KiB", "--chunk_size=16KiB", "--retrieval_device=cpu"});
+  ASSERT_TRUE(daemon.running());
+  Client::Options o;
+  o.address = daemon.address();
+  o.chunk_bytes = 16 << 10;  // the Put in messages under the daemon's limit
+  auto kv = Client::Connect(o);
+  ASSERT_TRUE(kv.ok());
+  auto retrieval = RetrievalClient::Connect(o);
+  ASSERT_TRUE(retrieval.ok());
+  ASSERT_TRUE((*kv)->RegisterModel(Spec(), "m").ok());
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint8_t> blocks(KvShape::Of(Spec(), 16).Bytes());
+  for (size_t i = 0; i < blocks.size() / 2; ++i) {
+    StoreFromFloat(blocks.data(), i, DType::kBF16, normal(rng));
+  }
+  client::PutArgs put;
+  put.model = "m";
+  for (int t = 0; t < 16 * kBlockTokens; ++t) put.tokens.push_back(t);
+  auto stored = (*kv)->Put(put, KvView{blocks, KvShape::Of(Spec(), 16)});
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  std::vector<float> q(kQueryHeads * kHeadDim);
+  for (float& x : q) x = normal(rng);
+  SelectArgs a;
+  a.model = "m";
+  a.last_block = stored->block_hashes(stored->block_hashes_size() - 1);
+  a.query_heads = kQueryHeads;
+  a.queries = client::F32Bytes(q);
+  a.k = 200;
+  a.want_scores = true;
+  // ~2.4 KB an answer: 32 fit in 128 KiB, 64 do not.
+  auto fit = (*retrieval)->SelectBatch(std::vector<SelectArgs>(32, a));
+  ASSERT_TRUE(fit.ok()) << fit.status();
+  EXPECT_TRUE(fit->back().status.ok()) << fit->back().status;
+  auto over = (*retrieval)->SelectBatch(std::vector<SelectArgs>(64, a));
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_NE(over.status().message().find("split the batch"), absl::string_view::npos);
+}
+
 TEST_F(RetrievalServiceTest, BadRequestsGetTheRightCodes) {
   const std::vector<int32_t> tokens = Tokens(4 * kBlockTokens);
   Put(tokens, RandomBlocks(4));

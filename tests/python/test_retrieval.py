@@ -165,3 +165,44 @@ def test_errors(client, model, tenant):
     with pytest.raises(ropekv.Error) as e:
         client.select(q[:, :32], 4, model=model, tokens=tokens, tenant=tenant)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_select_batch_answers_each_item_as_select(client, model, tenant):
+    rng = np.random.default_rng(23)
+    tokens_a, _ = put_random(client, model, tenant, rng, 10)
+    tokens_b, _ = put_random(client, model, tenant, rng, 14)
+    nan = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    nan[1, 2] = np.nan
+    items = []
+    for i in range(9):  # a decode batch: each sequence its own prefix, queries and layer
+        items.append(dict(queries=rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32),
+                          k=10 + i, tokens=tokens_a if i % 2 else tokens_b, layer=i % LAYERS,
+                          mode=("exact", "bound", "bound_then_exact")[i % 3]))
+    items[4]["want_scores"] = True
+    items[5]["keep"] = True
+    items.append(dict(queries=nan, k=8, tokens=tokens_a))               # INVALID_ARGUMENT
+    items.append(dict(queries=items[0]["queries"], k=8, tokens=[1, 2, 3] * 16))  # NOT_FOUND
+    got = client.select_batch(items, model=model, tenant=tenant, n_sink=2, n_local=4)
+    assert len(got) == len(items)
+    assert isinstance(got[-2], ropekv.Error) and got[-2].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(got[-1], ropekv.Error) and got[-1].code == grpc.StatusCode.NOT_FOUND
+    for item, sel in zip(items[:-2], got[:-2]):
+        alone = dict(item, keep=False)
+        want = client.select(model=model, tenant=tenant, n_sink=2, n_local=4, **alone)
+        assert isinstance(sel, ropekv.retrieval.Selection)
+        assert sel.header.num_tokens == want.header.num_tokens
+        for a, b in zip(sel.indices, want.indices):
+            np.testing.assert_array_equal(a, b)
+        if item.get("want_scores"):
+            for a, b in zip(sel.scores, want.scores):
+                np.testing.assert_array_equal(a, b)
+        assert bool(sel.selection_id) == bool(item.get("keep"))
+    keys, _ = client.retrieval.gather(got[5].selection_id, [0])
+    assert keys.shape[:2] == (1, KV_HEADS)
+
+    with pytest.raises(ropekv.Error) as e:
+        client.select_batch([])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ropekv.Error) as e:
+        client.select_batch([dict(items[0], gather=True)], model=model, tenant=tenant)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -538,6 +538,11 @@ class Client:
         layers)` returns the same tokens' K/V at other layers."""
         return self.retrieval.select(queries, k, **kwargs)
 
+    def select_batch(self, items, **common):
+        """Several selections in one round trip (e.g. a decode batch at one layer): see
+        ropekv.retrieval.Retrieval.select_batch. Returns a Selection or a ropekv.Error an item."""
+        return self.retrieval.select_batch(items, **common)
+
     # -- data plane: registered buffers (ropekv.shm, docs/dataplane.md) -------------------------
 
     @property

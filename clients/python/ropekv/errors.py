@@ -28,6 +28,14 @@ class Error(Exception):
         return cls(code if code is not None else grpc.StatusCode.UNKNOWN, details or "")
 
 
+def grpc_code(value):
+    """The grpc.StatusCode of a numeric google.rpc.Code (UNKNOWN for a number it does not know)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
 def invalid(message):
     """An INVALID_ARGUMENT error raised locally (bad shape, dtype, count)."""
     return Error(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -23,7 +23,7 @@ import numpy as np
 from ropekv import arrays
 from ropekv import shm as _shm
 from ropekv._pb import pb
-from ropekv.errors import Error, invalid, read_stream
+from ropekv.errors import Error, grpc_code, invalid, read_stream
 
 try:
     from ropekv.v1 import retrieval_pb2 as rpb
@@ -93,6 +93,48 @@ def _queries(queries, query_dtype):
     return a.tobytes(), dt, a.shape[0]
 
 
+def _select_request(queries, k, *, model=None, tokens=None, tenant="", last_block=None,
+                    session_id=None, layer=0, mode="exact", reduction="max", n_sink=0, n_local=0,
+                    candidate_tokens=0, softmax_scale=0.0, want_scores=False, want_mass=False,
+                    gather=False, keep=False, query_dtype=None):
+    """The SelectRequest of Retrieval.select's arguments."""
+    if (session_id is None) == (model is None):
+        raise invalid("give either model (+ tokens) or session_id")
+    if mode not in _MODES:
+        raise invalid(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if reduction not in _REDUCTIONS:
+        raise invalid(f"reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
+    data, dt, query_heads = _queries(queries, query_dtype)
+    req = rpb.SelectRequest(layer=int(layer), query_heads=int(query_heads), queries=data,
+                            query_dtype=dt, k=int(k), mode=_MODES[mode],
+                            reduction=_REDUCTIONS[reduction], n_sink=int(n_sink),
+                            n_local=int(n_local), candidate_tokens=int(candidate_tokens),
+                            softmax_scale=float(softmax_scale), want_scores=want_scores,
+                            want_mass=want_mass, gather=gather, keep=keep)
+    if session_id is not None:
+        req.source.session_id = session_id
+    else:
+        req.source.prefix.model = model
+        req.source.prefix.tenant = tenant
+        if last_block is not None:
+            if tokens is not None:
+                raise invalid("give tokens or last_block, not both")
+            req.source.prefix.last_block = arrays.hash_bytes(last_block)
+        else:
+            req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
+    return req
+
+
+def _selection(header, want_scores, want_mass):
+    """The Selection of a SelectHeader (no K/V)."""
+    return Selection(
+        header=header,
+        indices=[np.array(r.indices, np.int32) for r in header.rows],
+        scores=[np.array(r.scores, np.float32) for r in header.rows] if want_scores else None,
+        mass=np.array(header.mass, np.float32) if want_mass else None,
+        selection_id=header.selection_id)
+
+
 class Retrieval:
     """The Retrieval service on a ropekv.Client's channel (thread-safe like the client)."""
 
@@ -115,46 +157,56 @@ class Retrieval:
         or the session `session_id`. mode: "exact", "bound" (Quest pages) or "bound_then_exact";
         reduction: "max", "sum" or "per_query_head". Sink tokens [0, n_sink) and the local window
         [N - n_local, N) are always included. Returns a Selection."""
-        if (session_id is None) == (model is None):
-            raise invalid("give either model (+ tokens) or session_id")
-        if mode not in _MODES:
-            raise invalid(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
-        if reduction not in _REDUCTIONS:
-            raise invalid(f"reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
-        data, dt, query_heads = _queries(queries, query_dtype)
-        req = rpb.SelectRequest(layer=int(layer), query_heads=int(query_heads), queries=data,
-                                query_dtype=dt, k=int(k), mode=_MODES[mode],
-                                reduction=_REDUCTIONS[reduction], n_sink=int(n_sink),
-                                n_local=int(n_local), candidate_tokens=int(candidate_tokens),
-                                softmax_scale=float(softmax_scale), want_scores=want_scores,
-                                want_mass=want_mass, gather=gather, keep=keep)
-        if session_id is not None:
-            req.source.session_id = session_id
-        else:
-            req.source.prefix.model = model
-            req.source.prefix.tenant = tenant
-            if last_block is not None:
-                if tokens is not None:
-                    raise invalid("give tokens or last_block, not both")
-                req.source.prefix.last_block = arrays.hash_bytes(last_block)
-            else:
-                req.source.prefix.tokens.extend(arrays.tokens_list(tokens or []))
+        req = _select_request(
+            queries, k, model=model, tokens=tokens, tenant=tenant, last_block=last_block,
+            session_id=session_id, layer=layer, mode=mode, reduction=reduction, n_sink=n_sink,
+            n_local=n_local, candidate_tokens=candidate_tokens, softmax_scale=softmax_scale,
+            want_scores=want_scores, want_mass=want_mass, gather=gather, keep=keep,
+            query_dtype=query_dtype)
         header, data = read_stream(self.stub.Select(req, timeout=self._client.timeout), "Select")
         if len(data) != header.gathered_bytes:
             raise Error(grpc.StatusCode.DATA_LOSS,
                         f"Select: want {header.gathered_bytes} gathered bytes, got {len(data)}")
-        sel = Selection(
-            header=header,
-            indices=[np.array(r.indices, np.int32) for r in header.rows],
-            scores=[np.array(r.scores, np.float32) for r in header.rows] if want_scores else None,
-            mass=np.array(header.mass, np.float32) if want_mass else None,
-            selection_id=header.selection_id)
+        sel = _selection(header, want_scores, want_mass)
         if gather:
             rows = len(header.rows)
             kv = np.frombuffer(data, arrays.numpy_dtype(header.dtype)).reshape(
                 2, rows, header.capacity, header.head_dim)
             sel.keys, sel.values = kv[0], kv[1]
         return sel
+
+    def select_batch(self, items, **common):
+        """Selects for several sources in one round trip: e.g. every sequence of a decode batch
+        at one layer. `items`: a list of dicts of select()'s arguments (queries and k included);
+        `common`: arguments every item takes unless it gives its own. The daemon runs the items
+        concurrently (--retrieval_threads). Returns a list, in the order of `items`, of a
+        Selection for each item that succeeded and a ropekv.Error (not raised) for each that did
+        not, so that one evicted prefix does not fail the batch. Items return no K/V (gather is
+        not allowed: keep=True and gather(), or the data plane). Raises ropekv.Error for the call
+        itself: no items, more than 1024, an item with gather (INVALID_ARGUMENT), an answer over
+        the daemon's message size (RESOURCE_EXHAUSTED: split the batch)."""
+        reqs, wants = [], []
+        for i, item in enumerate(items):
+            kw = dict(common)
+            kw.update(item)
+            if kw.get("gather"):
+                raise invalid(f"items[{i}]: select_batch returns no K/V (gather); keep the "
+                              "selection and gather() it, or select() it alone")
+            if "queries" not in kw or "k" not in kw:
+                raise invalid(f"items[{i}] needs queries and k")
+            reqs.append(_select_request(**kw))
+            wants.append((bool(kw.get("want_scores")), bool(kw.get("want_mass"))))
+        resp = self._client._call(self.stub.SelectBatch, rpb.SelectBatchRequest(items=reqs))
+        if len(resp.items) != len(reqs):
+            raise Error(grpc.StatusCode.DATA_LOSS,
+                        f"SelectBatch: {len(reqs)} items asked, {len(resp.items)} answered")
+        out = []
+        for item, (want_scores, want_mass) in zip(resp.items, wants):
+            if item.code != 0:
+                out.append(Error(grpc_code(item.code), item.message))
+            else:
+                out.append(_selection(item.header, want_scores, want_mass))
+        return out
 
     def gather(self, selection_id, layers, out=None):
         """The K/V of a kept selection's tokens at `layers` (a list of layer indices): (keys,

@@ -1,0 +1,82 @@
+"""One layer's Selects for a decode batch through gRPC and the Python client: --batch sequences,
+each its own prefix of --tokens tokens of a Llama-3-8B-shaped model (8 KV heads, head_dim 128,
+bf16) put once and named by its last block's hash, each its own 32 fp32 query heads, k 256. Times
+the three ways a frontend can ask: one select() after another, one select() a thread (--batch
+threads on one channel), and one select_batch(). Starts its own ropekvd (--ropekvd, or $ROPEKVD)
+with the daemon flags given after `--`; prints medians and minima in ms over --reps rounds, and
+checks that every way selected the same tokens.
+
+  ROPEKVD=build/ropekvd PYTHONPATH=build/python /usr/bin/python3 \\
+      bench/client/select_batch_bench.py [--batch 32] [--tokens 4096] [--reps 9] [-- flags]
+"""
+
+import argparse
+import concurrent.futures
+import os
+import time
+
+import numpy as np
+
+from llama_daemon import llama_daemon
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ropekvd", default=os.environ.get("ROPEKVD", "ropekvd"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--port", type=int, default=50433)
+    p.add_argument("daemon_flags", nargs="*")
+    a = p.parse_args()
+    host = f"{max(2, a.batch * a.tokens * 4096 * 2 // (1 << 30) + 1)}GiB"
+    with llama_daemon(a.ropekvd, a.port, 1, host, a.daemon_flags) as client:
+        rng = np.random.default_rng(1)
+        items = []
+        for _ in range(a.batch):
+            tokens = rng.integers(0, 50000, a.tokens).tolist()
+            kv = rng.standard_normal((a.tokens // 16, 1, 2, 8, 16, 128)).astype(np.float32)
+            put = client.put("m", tokens, (kv.view(np.uint32) >> 16).astype(np.uint16))
+            q = rng.standard_normal((32, 128)).astype(np.float32)
+            items.append(dict(queries=q, k=256, last_block=put.block_hashes[-1]))
+        common = dict(model="m", layer=0, n_sink=4, n_local=64)
+        pool = concurrent.futures.ThreadPoolExecutor(a.batch)
+
+        def one_by_one():
+            return [client.select(**common, **it) for it in items]
+
+        def threads():
+            return list(pool.map(lambda it: client.select(**common, **it), items))
+
+        def batch():
+            return client.select_batch(items, **common)
+
+        ways = {"select, one by one": one_by_one, "select, a thread each": threads,
+                "select_batch": batch}
+        label = " ".join(a.daemon_flags) or "defaults"
+        print(f"daemon: {label}; batch {a.batch} x {a.tokens} tokens, k 256, exact")
+        print(f"{'pass':>4} {'way':<22} {'median_ms':>9} {'min_ms':>7} {'per_seq_ms':>10}")
+        want = None
+        for n in range(a.passes):
+            for name, way in ways.items():
+                ts = []
+                for _ in range(a.reps):
+                    t0 = time.perf_counter()
+                    got = way()
+                    ts.append(time.perf_counter() - t0)
+                rows = [[r.tolist() for r in s.indices] for s in got]
+                if want is None:
+                    want = rows
+                elif rows != want:
+                    raise SystemExit(f"{name}: another selection than the first way's")
+                ts.sort()
+                med = ts[len(ts) // 2] * 1e3
+                print(f"{n + 1:>4} {name:<22} {med:9.2f} {ts[0] * 1e3:7.2f} "
+                      f"{med / a.batch:10.3f}", flush=True)
+        s = client.retrieval.stats()
+        print(f"selects {s.selects}, gpu_selects {s.gpu_selects}")
+
+
+if __name__ == "__main__":
+    main()
