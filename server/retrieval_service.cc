@@ -352,6 +352,7 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
   struct Batch {
     std::atomic<int> next{0};
     std::atomic<int> jobs_left{0};
+    std::atomic<uint64_t> bytes{0};  // of the items answered so far
   };
   auto batch = std::make_shared<Batch>();
   const int jobs = std::min(n, threads_);
@@ -361,6 +362,9 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
   for (int j = 0; j < jobs; ++j) {
     pool_->Submit([this, ctx, req, resp, n, batch, reactor, max_bytes] {
       for (int i = batch->next.fetch_add(1); i < n; i = batch->next.fetch_add(1)) {
+        // An answer already over the message size fails whole: the rest is not selected, so that
+        // a batch holds at most about one message's worth of answers.
+        if (batch->bytes.load() > max_bytes) break;
         v1::SelectBatchItem* item = resp->mutable_items(i);
         if (ctx->IsCancelled()) {  // the caller is gone: the rest is not worth selecting
           item->set_code(static_cast<int32_t>(absl::StatusCode::kCancelled));
@@ -375,6 +379,7 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
           item->set_code(static_cast<int32_t>(out.status().code()));
           item->set_message(std::string(out.status().message()));
         }
+        batch->bytes.fetch_add(item->ByteSizeLong());
       }
       if (batch->jobs_left.fetch_sub(1) != 1) return;
       const size_t bytes = resp->ByteSizeLong();

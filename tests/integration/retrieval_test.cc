@@ -535,6 +535,10 @@ TEST(RetrievalBatchLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
   auto over = (*retrieval)->SelectBatch(std::vector<SelectArgs>(64, a));
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
   EXPECT_NE(over.status().message().find("split the batch"), absl::string_view::npos);
+  // It stopped selecting once its answers passed the size (about 54 of the 64 fit).
+  auto stats = (*retrieval)->Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_LT(stats->selects(), 32u + 64u);
 }
 
 TEST_F(RetrievalServiceTest, BadRequestsGetTheRightCodes) {

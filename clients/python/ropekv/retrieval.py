@@ -9,6 +9,8 @@ docs/retrieval.md).
     sel.indices[0]                                        # ascending token indices of KV head 0
     sel.keys.shape                                        # (rows, capacity, head_dim)
     keys, values = c.retrieval.gather(sel.selection_id, [1, 2])   # same tokens, layers 1 and 2
+    sels = c.select_batch([dict(queries=q_i, k=256, last_block=h_i) for q_i, h_i in batch],
+                          model="llama", layer=0)         # a decode batch in one round trip
 
 Every failure raises ropekv.Error (NOT_FOUND: unknown model / session / selection or an uncached
 prompt; INVALID_ARGUMENT: bad layer, k, sizes, NaN in the queries).
