@@ -388,6 +388,23 @@ grpc::ServerUnaryReactor* DataPlaneService::FillFromBuffer(grpc::CallbackServerC
   });
 }
 
+absl::Status DataPlaneService::Gather(const v1::GatherToBufferRequest& req,
+                                      v1::GatherToBufferResponse* resp) {
+  auto r = ropekv::GatherToBuffer(*retrieval_, *registry_, req.selection_id(),
+                                  std::vector<int>(req.layers().begin(), req.layers().end()),
+                                  FromProto(req.dst()), copy_threads_);
+  if (!r.ok()) return r.status();
+  resp->set_rows(r->rows);
+  resp->set_capacity(r->capacity);
+  resp->mutable_counts()->Assign(r->counts.begin(), r->counts.end());
+  resp->set_layer_bytes(r->layer_bytes);
+  resp->set_bytes_written(r->bytes_written);
+  resp->set_dtype(ToProto(r->dtype));
+  resp->set_head_dim(r->head_dim);
+  resp->set_on_device(r->on_device);
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* DataPlaneService::GatherToBuffer(grpc::CallbackServerContext* ctx,
                                                            const v1::GatherToBufferRequest* req,
                                                            v1::GatherToBufferResponse* resp) {
@@ -395,18 +412,32 @@ grpc::ServerUnaryReactor* DataPlaneService::GatherToBuffer(grpc::CallbackServerC
     if (retrieval_ == nullptr) {
       return absl::UnavailableError("this ropekvd has no retrieval store");
     }
-    auto r = ropekv::GatherToBuffer(*retrieval_, *registry_, req->selection_id(),
-                                    std::vector<int>(req->layers().begin(), req->layers().end()),
-                                    FromProto(req->dst()), copy_threads_);
-    if (!r.ok()) return r.status();
-    resp->set_rows(r->rows);
-    resp->set_capacity(r->capacity);
-    resp->mutable_counts()->Assign(r->counts.begin(), r->counts.end());
-    resp->set_layer_bytes(r->layer_bytes);
-    resp->set_bytes_written(r->bytes_written);
-    resp->set_dtype(ToProto(r->dtype));
-    resp->set_head_dim(r->head_dim);
-    resp->set_on_device(r->on_device);
+    return Gather(*req, resp);
+  });
+}
+
+grpc::ServerUnaryReactor* DataPlaneService::GatherBatchToBuffer(
+    grpc::CallbackServerContext* ctx, const v1::GatherBatchToBufferRequest* req,
+    v1::GatherBatchToBufferResponse* resp) {
+  return Submit(ctx, [this, ctx, req, resp]() -> absl::Status {
+    if (retrieval_ == nullptr) {
+      return absl::UnavailableError("this ropekvd has no retrieval store");
+    }
+    const int n = req->items_size();
+    if (n < 1 || n > kMaxGatherBatchItems) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GatherBatchToBuffer takes 1 to ", kMaxGatherBatchItems, " items, got ", n));
+    }
+    for (int i = 0; i < n; ++i) {
+      v1::GatherBatchToBufferItem* item = resp->add_items();
+      const absl::Status s = ctx->IsCancelled() ? absl::CancelledError("the call was cancelled")
+                                                : Gather(req->items(i), item->mutable_result());
+      if (!s.ok()) {
+        item->clear_result();
+        item->set_code(static_cast<int32_t>(s.code()));
+        item->set_message(std::string(s.message()));
+      }
+    }
     return absl::OkStatus();
   });
 }

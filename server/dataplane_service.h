@@ -28,6 +28,9 @@ namespace ropekv {
 
 class WorkPool;
 
+// Most items of one GatherBatchToBuffer.
+inline constexpr int kMaxGatherBatchItems = 1024;
+
 struct DataPlaneOptions {
   std::string allow_buffers = "auto";  // auto (loopback listeners only), on, off
   uint32_t max_buffers = 64;           // registered at once
@@ -88,6 +91,11 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   grpc::ServerUnaryReactor* GatherToBuffer(grpc::CallbackServerContext* ctx,
                                            const v1::GatherToBufferRequest* req,
                                            v1::GatherToBufferResponse* resp) override;
+  // GatherToBuffer for each item, in order, each with its own status (a decode batch's kept
+  // selections in one round trip).
+  grpc::ServerUnaryReactor* GatherBatchToBuffer(grpc::CallbackServerContext* ctx,
+                                                const v1::GatherBatchToBufferRequest* req,
+                                                v1::GatherBatchToBufferResponse* resp) override;
   // The retrieval store GatherToBuffer reads (borrowed; it must outlive the service). Set before
   // the server starts; without it GatherToBuffer answers UNAVAILABLE.
   void SetRetrieval(RetrievalStore* store) { retrieval_ = store; }
@@ -97,6 +105,8 @@ class DataPlaneService final : public v1::DataPlane::CallbackService {
   // Runs `work` on the pool and finishes the call with its status.
   grpc::ServerUnaryReactor* Submit(grpc::CallbackServerContext* ctx,
                                    std::function<absl::Status()> work);
+  // One GatherToBuffer (retrieval_ set), its answer into *resp.
+  absl::Status Gather(const v1::GatherToBufferRequest& req, v1::GatherToBufferResponse* resp);
 
   KvCache* cache_;
   SessionStore* sessions_;

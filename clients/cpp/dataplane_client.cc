@@ -43,6 +43,15 @@ void SetRange(const BufferRef& r, v1::BufferRange* out) {
   out->mutable_block_ids()->Add(r.block_ids.begin(), r.block_ids.end());
 }
 
+v1::GatherToBufferRequest GatherRequest(const std::string& selection_id,
+                                        const std::vector<int32_t>& layers, const BufferRef& dst) {
+  v1::GatherToBufferRequest req;
+  req.set_selection_id(selection_id);
+  req.mutable_layers()->Assign(layers.begin(), layers.end());
+  SetRange(dst, req.mutable_dst());
+  return req;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SharedMemory>> SharedMemory::Create(const std::string& name,
@@ -243,12 +252,29 @@ absl::StatusOr<v1::GatherToBufferResponse> DataPlaneClient::GatherToBuffer(
     const std::string& selection_id, const std::vector<int32_t>& layers, const BufferRef& dst) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
-  v1::GatherToBufferRequest req;
-  req.set_selection_id(selection_id);
-  req.mutable_layers()->Assign(layers.begin(), layers.end());
-  SetRange(dst, req.mutable_dst());
   v1::GatherToBufferResponse resp;
-  if (auto s = FromGrpc(stub_->GatherToBuffer(&ctx, req, &resp)); !s.ok()) return s;
+  if (auto s =
+          FromGrpc(stub_->GatherToBuffer(&ctx, GatherRequest(selection_id, layers, dst), &resp));
+      !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
+absl::StatusOr<v1::GatherBatchToBufferResponse> DataPlaneClient::GatherBatchToBuffer(
+    const std::vector<GatherItem>& items) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GatherBatchToBufferRequest req;
+  for (const GatherItem& it : items) {
+    *req.add_items() = GatherRequest(it.selection_id, it.layers, it.dst);
+  }
+  v1::GatherBatchToBufferResponse resp;
+  if (auto s = FromGrpc(stub_->GatherBatchToBuffer(&ctx, req, &resp)); !s.ok()) return s;
+  if (resp.items_size() != req.items_size()) {
+    return absl::DataLossError(absl::StrCat("GatherBatchToBuffer: ", req.items_size(),
+                                            " items asked, ", resp.items_size(), " answered"));
+  }
   return resp;
 }
 

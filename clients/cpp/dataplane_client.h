@@ -112,6 +112,17 @@ class DataPlaneClient {
                                                             const std::vector<int32_t>& layers,
                                                             const BufferRef& dst);
 
+  // GatherToBuffer for each (selection id, layers, dst) in one round trip: one
+  // GatherBatchToBufferItem an item, in order, each with its own status (code, message). The
+  // call's own error: INVALID_ARGUMENT for no items or more than 1024.
+  struct GatherItem {
+    std::string selection_id;
+    std::vector<int32_t> layers;  // empty: all
+    BufferRef dst;
+  };
+  absl::StatusOr<v1::GatherBatchToBufferResponse> GatherBatchToBuffer(
+      const std::vector<GatherItem>& items);
+
   v1::DataPlane::Stub* stub() { return stub_.get(); }
 
  private:

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "clients/cpp/client.h"
 #include "clients/cpp/dataplane_client.h"
+#include "clients/cpp/retrieval_client.h"
 #include "clients/cpp/session_client.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -251,6 +252,62 @@ TEST_F(DataPlaneTest, ReadToShmEqualsSessionRead) {
   ASSERT_EQ(got->bytes_written(), want->data.size());
   EXPECT_EQ(std::memcmp(shm->data() + 50, want->data.data(), want->data.size()), 0);
   EXPECT_TRUE(UnchangedOutside("read", shm, 50, 50 + want->data.size()));
+}
+
+// GatherBatchToBuffer: a decode batch's kept selections, each at its own offset of one region,
+// equal Retrieval.Gather's bytes item by item; an unknown selection fails alone, writing nothing.
+TEST_F(DataPlaneTest, GatherBatchToShmEqualsGather) {
+  Client::Options o;
+  o.address = daemon_->address();
+  auto retrieval = client::RetrievalClient::Connect(o);
+  ASSERT_TRUE(retrieval.ok());
+  std::vector<std::string> ids;
+  std::vector<std::vector<uint8_t>> wants;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (uint64_t p = 0; p < 3; ++p) {
+    const std::vector<int32_t> tokens = Tokens(100 + p, 16 * (4 + p));
+    PutBytes(tokens, Bytes(200 + p, (4 + p) * bb_));
+    std::vector<float> q(4 * 64);
+    for (float& x : q) x = normal(rng);
+    client::SelectArgs a;
+    a.model = "demo";
+    a.tokens = tokens;
+    a.query_heads = 4;
+    a.queries = client::F32Bytes(q);
+    a.k = 10;
+    a.keep = true;
+    auto sel = (*retrieval)->Select(a);
+    ASSERT_TRUE(sel.ok()) << sel.status();
+    ids.push_back(sel->header.selection_id());
+    auto g = (*retrieval)->Gather(ids.back(), {2, 0});
+    ASSERT_TRUE(g.ok()) << g.status();
+    wants.push_back(g->data);
+  }
+  uint64_t total = 64;
+  std::vector<DataPlaneClient::GatherItem> items;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    items.push_back({ids[i], {2, 0}, BufferRef{"gather", total, 0}});
+    total += wants[i].size();
+  }
+  items.insert(items.begin() + 1, {"sel-unknown", {0}, BufferRef{"gather", 0, 0}});
+  SharedMemory* shm = Shm("gather", total + 64);
+  ASSERT_NE(shm, nullptr);
+  auto batch = dp_->GatherBatchToBuffer(items);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  ASSERT_EQ(batch->items_size(), 4);
+  EXPECT_EQ(batch->items(1).code(), static_cast<int>(absl::StatusCode::kNotFound));
+  uint64_t at = 64;
+  for (int i : {0, 2, 3}) {
+    const v1::GatherBatchToBufferItem& item = batch->items(i);
+    const std::vector<uint8_t>& want = wants[i == 0 ? 0 : i - 1];
+    ASSERT_EQ(item.code(), 0) << item.message();
+    EXPECT_EQ(item.result().bytes_written(), want.size());
+    EXPECT_EQ(std::memcmp(shm->data() + at, want.data(), want.size()), 0) << "item " << i;
+    at += want.size();
+  }
+  EXPECT_TRUE(UnchangedOutside("gather", shm, 64, total));
+  EXPECT_EQ(dp_->GatherBatchToBuffer({}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(DataPlaneTest, BadRangesAreInvalidArgumentAndWriteNothing) {

@@ -206,3 +206,41 @@ def test_select_batch_answers_each_item_as_select(client, model, tenant):
     with pytest.raises(ropekv.Error) as e:
         client.select_batch([dict(items[0], gather=True)], model=model, tenant=tenant)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_gather_batch_into_shared_memory_equals_gather(client, model, tenant):
+    """DataPlane.GatherBatchToBuffer: a decode batch's kept selections, each at its own offset of
+    one buffer, equal Retrieval.Gather item by item; a failed item writes nothing and fails
+    alone."""
+    rng = np.random.default_rng(29)
+    items = []
+    for blocks in (6, 9, 12):
+        tokens, _ = put_random(client, model, tenant, rng, blocks)
+        items.append(dict(queries=rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32),
+                          k=12, tokens=tokens))
+    sels = client.select_batch(items, model=model, tenant=tenant, n_sink=1, n_local=3, keep=True)
+    wants = [client.retrieval.gather(s.selection_id, [1, 0]) for s in sels]
+    sizes = [k.nbytes + v.nbytes for k, v in wants]
+    total = sum(sizes) + 256
+    with client.create_shm(total) as buf:
+        canary = rng.integers(0, 256, size=total, dtype=np.uint8)
+        buf.array(np.uint8, (total,))[:] = canary
+        offsets = np.cumsum([64] + sizes[:-1]).tolist()
+        batch = [(s.selection_id, [1, 0], (buf, at)) for s, at in zip(sels, offsets)]
+        batch.insert(1, ("sel-unknown", [0], (buf, 0)))                  # NOT_FOUND
+        batch.append((sels[0].selection_id, [0, 1], (buf, total - 8)))  # too small: INVALID_ARGUMENT
+        got = client.retrieval.gather_batch(batch)
+        assert len(got) == len(batch)
+        assert isinstance(got[1], ropekv.Error) and got[1].code == grpc.StatusCode.NOT_FOUND
+        assert isinstance(got[-1], ropekv.Error)
+        assert got[-1].code == grpc.StatusCode.INVALID_ARGUMENT
+        for (keys, values), (want_k, want_v) in zip([got[0]] + got[2:-1], wants):
+            np.testing.assert_array_equal(keys, want_k)
+            np.testing.assert_array_equal(values, want_v)
+        raw = buf.array(np.uint8, (total,))
+        np.testing.assert_array_equal(raw[:64], canary[:64])
+        end = offsets[-1] + sizes[-1]
+        np.testing.assert_array_equal(raw[end:], canary[end:])
+    with pytest.raises(ropekv.Error) as e:
+        client.retrieval.gather_batch([])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

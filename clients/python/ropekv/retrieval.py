@@ -137,6 +137,15 @@ def _selection(header, want_scores, want_mass):
         selection_id=header.selection_id)
 
 
+def _gathered_views(r, buffer, offset):
+    """(keys, values) views of what a GatherToBufferResponse `r` says was written at `offset`."""
+    n = r.bytes_written // r.layer_bytes if r.layer_bytes else 0
+    shape = (n, 2, r.rows, r.capacity, r.head_dim)
+    kv = _shm.view(buffer, offset, arrays.numpy_dtype(r.dtype), _shm.torch_dtype_of(r.dtype),
+                   shape)
+    return kv[:, 0], kv[:, 1]
+
+
 class Retrieval:
     """The Retrieval service on a ropekv.Client's channel (thread-safe like the client)."""
 
@@ -229,11 +238,7 @@ class Retrieval:
             req = _shm.dpb.GatherToBufferRequest(selection_id=selection_id, layers=layers,
                                                  dst=_shm.buffer_range(buffer, offset))
             r = self._client._call(self._client.dataplane.GatherToBuffer, req)
-            n = r.bytes_written // r.layer_bytes if r.layer_bytes else 0
-            shape = (n, 2, r.rows, r.capacity, r.head_dim)
-            kv = _shm.view(buffer, offset, arrays.numpy_dtype(r.dtype),
-                           _shm.torch_dtype_of(r.dtype), shape)
-            return kv[:, 0], kv[:, 1]
+            return _gathered_views(r, buffer, offset)
         req = rpb.GatherRequest(selection_id=selection_id, layers=layers)
         header, data = read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
         if len(data) != header.total_bytes:
@@ -242,6 +247,37 @@ class Retrieval:
         kv = np.frombuffer(data, arrays.numpy_dtype(header.dtype)).reshape(
             len(layers), 2, header.rows, header.capacity, header.head_dim)
         return kv[:, 0], kv[:, 1]
+
+    def gather_batch(self, items):
+        """gather(..., out=) for several kept selections in one round trip (e.g. a decode batch
+        after select_batch(keep=True)): `items` is a list of (selection_id, layers, out), out a
+        registered ShmBuffer / CudaBuffer or (buffer, offset) as for gather. Returns, in order,
+        (keys, values) views of each item's buffer, or a ropekv.Error (not raised) for an item
+        that failed (an expired selection, evicted blocks, a range too small: nothing written
+        for it). Raises ropekv.Error for the call: no items or more than 1024 (INVALID_ARGUMENT).
+        The daemon runs the items in order (DataPlane.GatherBatchToBuffer)."""
+        _need_proto()
+        reqs, targets, synced = [], [], set()
+        for i, (selection_id, layers, out) in enumerate(items):
+            target = _shm.resolve_out(out)
+            if target is None:
+                raise invalid(f"items[{i}]: out must be a registered buffer or (buffer, offset)")
+            buffer, offset = target
+            if isinstance(buffer, _shm.CudaBuffer) and id(buffer) not in synced:
+                buffer.synchronize()
+                synced.add(id(buffer))
+            reqs.append(_shm.dpb.GatherToBufferRequest(
+                selection_id=selection_id, layers=[int(x) for x in layers],
+                dst=_shm.buffer_range(buffer, offset)))
+            targets.append(target)
+        resp = self._client._call(self._client.dataplane.GatherBatchToBuffer,
+                                  _shm.dpb.GatherBatchToBufferRequest(items=reqs))
+        if len(resp.items) != len(reqs):
+            raise Error(grpc.StatusCode.DATA_LOSS,
+                        f"GatherBatchToBuffer: {len(reqs)} items asked, {len(resp.items)} answered")
+        return [Error(grpc_code(item.code), item.message) if item.code != 0
+                else _gathered_views(item.result, *target)
+                for item, target in zip(resp.items, targets)]
 
     def release(self, selection_id):
         """Drops a kept selection. NOT_FOUND when unknown."""
