@@ -6,6 +6,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -17,6 +18,14 @@
 namespace ropekv {
 
 grpc::Status ToGrpc(const absl::Status& status);
+
+// The status of one item of a batch call (SelectBatchItem, GatherBatchToBufferItem): its code (a
+// google.rpc.Code, as absl's) and message.
+template <typename Item>
+void SetItemStatus(const absl::Status& status, Item* item) {
+  item->set_code(static_cast<int32_t>(status.code()));
+  item->set_message(std::string(status.message()));
+}
 
 // INVALID_ARGUMENT for an unspecified dtype or an unknown enum value.
 absl::StatusOr<ModelSpec> FromProto(const v1::ModelSpec& proto);

@@ -434,8 +434,7 @@ grpc::ServerUnaryReactor* DataPlaneService::GatherBatchToBuffer(
                                                 : Gather(req->items(i), item->mutable_result());
       if (!s.ok()) {
         item->clear_result();
-        item->set_code(static_cast<int32_t>(s.code()));
-        item->set_message(std::string(s.message()));
+        SetItemStatus(s, item);
       }
     }
     return absl::OkStatus();

@@ -271,7 +271,6 @@ void RetrievalService::Init(KvCache* cache, SessionStore* sessions,
   }
   store_ = *std::move(store);
   pool_ = std::make_unique<WorkPool>(options->threads);
-  threads_ = options->threads;
 }
 
 grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamSelect(
@@ -355,7 +354,7 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
     std::atomic<uint64_t> bytes{0};  // of the items answered so far
   };
   auto batch = std::make_shared<Batch>();
-  const int jobs = std::min(n, threads_);
+  const int jobs = std::min(n, pool_->threads());
   batch->jobs_left.store(jobs);
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const uint64_t max_bytes = config_.max_message_bytes;
@@ -367,7 +366,7 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
         if (batch->bytes.load() > max_bytes) break;
         v1::SelectBatchItem* item = resp->mutable_items(i);
         if (ctx->IsCancelled()) {  // the caller is gone: the rest is not worth selecting
-          item->set_code(static_cast<int32_t>(absl::StatusCode::kCancelled));
+          SetItemStatus(absl::CancelledError("the call was cancelled"), item);
           continue;
         }
         absl::StatusOr<SelectArgs> args = FromProto(req->items(i));
@@ -376,8 +375,7 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
         if (out.ok()) {
           ToProto(*out, item->mutable_header());
         } else {
-          item->set_code(static_cast<int32_t>(out.status().code()));
-          item->set_message(std::string(out.status().message()));
+          SetItemStatus(out.status(), item);
         }
         batch->bytes.fetch_add(item->ByteSizeLong());
       }

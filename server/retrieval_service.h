@@ -76,7 +76,6 @@ class RetrievalService final : public WithBulkStreams<v1::Retrieval::CallbackSer
   ServerConfig config_;
   std::unique_ptr<RetrievalStore> store_;
   std::unique_ptr<WorkPool> pool_;
-  int threads_ = 0;  // pool_'s
   absl::Status status_;
 };
 

@@ -29,6 +29,8 @@ class WorkPool {
   WorkPool(const WorkPool&) = delete;
   WorkPool& operator=(const WorkPool&) = delete;
 
+  int threads() const { return static_cast<int>(workers_.size()); }
+
   void Submit(std::function<void()> job) {
     absl::MutexLock lock(&mu_);
     jobs_.push_back(std::move(job));

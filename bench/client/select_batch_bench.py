@@ -59,28 +59,11 @@ def main():
         def batch():
             return client.select_batch(items, **common)
 
-        ways = {"select, one by one": one_by_one, "select, a thread each": threads,
-                "select_batch": batch}
         label = " ".join(a.daemon_flags) or "defaults"
         print(f"daemon: {label}; batch {a.batch} x {a.tokens} tokens, k 256, exact")
-        print(f"{'pass':>4} {'way':<22} {'median_ms':>9} {'min_ms':>7} {'per_seq_ms':>10}")
-        want = None
-        for n in range(a.passes):
-            for name, way in ways.items():
-                ts = []
-                for _ in range(a.reps):
-                    t0 = time.perf_counter()
-                    got = way()
-                    ts.append(time.perf_counter() - t0)
-                rows = [[r.tolist() for r in s.indices] for s in got]
-                if want is None:
-                    want = rows
-                elif rows != want:
-                    raise SystemExit(f"{name}: another selection than the first way's")
-                ts.sort()
-                med = ts[len(ts) // 2] * 1e3
-                print(f"{n + 1:>4} {name:<22} {med:9.2f} {ts[0] * 1e3:7.2f} "
-                      f"{med / a.batch:10.3f}", flush=True)
+        time_ways(a, [("select, one by one", one_by_one), ("select, a thread each", threads),
+                      ("select_batch", batch)],
+                  lambda got: [[r.tolist() for r in sel.indices] for sel in got])
         if a.gather:
             gather_step(client, a, items, common)
         s = client.retrieval.stats()
@@ -116,31 +99,33 @@ def gather_step(client, a, items, common):
 
     print(f"select + gather of {a.layers} layers into one {'CUDA' if a.cuda else 'shared-memory'}"
           f" buffer ({per_seq * a.batch / 1e6:.1f} MB)")
-    print(f"{'pass':>4} {'way':<34} {'median_ms':>9} {'min_ms':>7}")
     with buf:
         time_ways(a, [("select + gather, one by one", one_by_one),
-                      ("select_batch + gather_batch", batch)], snapshot)
+                      ("select_batch + gather_batch", batch)],
+                  lambda _: snapshot(), lambda x, y: bool((x == y).all()))
 
 
-def time_ways(a, ways, snapshot):
-    """Runs each way --reps times a pass; prints median and minimum; checks the buffer's bytes."""
+def time_ways(a, ways, outcome, equal=lambda x, y: x == y):
+    """Runs each (name, way) --reps times a pass and prints its median and minimum, ms, and the
+    median per sequence; what outcome() makes of a way's last answer must be equal for all."""
+    print(f"{'pass':>4} {'way':<28} {'median_ms':>9} {'min_ms':>7} {'per_seq_ms':>10}")
     want = None
     for n in range(a.passes):
         for name, way in ways:
             ts = []
             for _ in range(a.reps):
                 t0 = time.perf_counter()
-                way()
+                got = way()
                 ts.append(time.perf_counter() - t0)
-            got = snapshot()
+            got = outcome(got)
             if want is None:
                 want = got
-            elif not bool((got == want).all()):
-                raise SystemExit(f"{name}: other bytes than the first way's")
+            elif not equal(got, want):
+                raise SystemExit(f"{name}: another outcome than the first way's")
             ts.sort()
-            print(f"{n + 1:>4} {name:<34} {ts[len(ts) // 2] * 1e3:9.2f} {ts[0] * 1e3:7.2f}",
+            med = ts[len(ts) // 2] * 1e3
+            print(f"{n + 1:>4} {name:<28} {med:9.2f} {ts[0] * 1e3:7.2f} {med / a.batch:10.3f}",
                   flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -137,6 +137,16 @@ def _selection(header, want_scores, want_mass):
         selection_id=header.selection_id)
 
 
+def _gather_to_buffer_request(selection_id, layers, buffer, offset):
+    """The GatherToBufferRequest into (buffer, offset), the buffer's pending work (a CUDA buffer's
+    stream) done first so that the daemon's writes come after it."""
+    if isinstance(buffer, _shm.CudaBuffer):
+        buffer.synchronize()
+    return _shm.dpb.GatherToBufferRequest(selection_id=selection_id,
+                                          layers=[int(x) for x in layers],
+                                          dst=_shm.buffer_range(buffer, offset))
+
+
 def _gathered_views(r, buffer, offset):
     """(keys, values) views of what a GatherToBufferResponse `r` says was written at `offset`."""
     n = r.bytes_written // r.layer_bytes if r.layer_bytes else 0
@@ -232,13 +242,9 @@ class Retrieval:
         layers = [int(x) for x in layers]
         target = _shm.resolve_out(out)
         if target is not None:
-            buffer, offset = target
-            if isinstance(buffer, _shm.CudaBuffer):
-                buffer.synchronize()
-            req = _shm.dpb.GatherToBufferRequest(selection_id=selection_id, layers=layers,
-                                                 dst=_shm.buffer_range(buffer, offset))
+            req = _gather_to_buffer_request(selection_id, layers, *target)
             r = self._client._call(self._client.dataplane.GatherToBuffer, req)
-            return _gathered_views(r, buffer, offset)
+            return _gathered_views(r, *target)
         req = rpb.GatherRequest(selection_id=selection_id, layers=layers)
         header, data = read_stream(self.stub.Gather(req, timeout=self._client.timeout), "Gather")
         if len(data) != header.total_bytes:
@@ -257,18 +263,12 @@ class Retrieval:
         for it). Raises ropekv.Error for the call: no items or more than 1024 (INVALID_ARGUMENT).
         The daemon runs the items in order (DataPlane.GatherBatchToBuffer)."""
         _need_proto()
-        reqs, targets, synced = [], [], set()
+        reqs, targets = [], []
         for i, (selection_id, layers, out) in enumerate(items):
             target = _shm.resolve_out(out)
             if target is None:
                 raise invalid(f"items[{i}]: out must be a registered buffer or (buffer, offset)")
-            buffer, offset = target
-            if isinstance(buffer, _shm.CudaBuffer) and id(buffer) not in synced:
-                buffer.synchronize()
-                synced.add(id(buffer))
-            reqs.append(_shm.dpb.GatherToBufferRequest(
-                selection_id=selection_id, layers=[int(x) for x in layers],
-                dst=_shm.buffer_range(buffer, offset)))
+            reqs.append(_gather_to_buffer_request(selection_id, layers, *target))
             targets.append(target)
         resp = self._client._call(self._client.dataplane.GatherBatchToBuffer,
                                   _shm.dpb.GatherBatchToBufferRequest(items=reqs))
