@@ -29,12 +29,17 @@ if(EXISTS ${PROJECT_SOURCE_DIR}/tests/unit/cache/retrieval_test.cc)
     LIBS ropekv_cache)
 endif()
 
-# Integration test: a real ropekvd on loopback, the real RetrievalClient.
+# Integration test: a real ropekvd on loopback, the real RetrievalClient. Its tests of a daemon
+# selecting on the GPU (fixtures named *Gpu*) are a second ctest entry labelled gpu (they skip
+# themselves without a GPU).
 if(EXISTS ${PROJECT_SOURCE_DIR}/tests/integration/retrieval_test.cc)
   ropekv_test(NAME retrieval_service_test LABELS integration
     SOURCES ${PROJECT_SOURCE_DIR}/tests/integration/retrieval_test.cc
-    LIBS ropekv_client ropekv_cache ropekv_test_daemon)
+    LIBS ropekv_client ropekv_cache ropekv_test_daemon
+    ARGS --gtest_filter=-*Gpu*)
   add_dependencies(retrieval_service_test ropekvd)
+  add_test(NAME retrieval_service_gpu_test COMMAND retrieval_service_test --gtest_filter=*Gpu*)
+  set_tests_properties(retrieval_service_gpu_test PROPERTIES LABELS gpu TIMEOUT 900)
 endif()
 
 # GPU test: Select through the store with device 0 equals device -1 (SelectCpu) on the same data

@@ -893,7 +893,30 @@ absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, Layer
 // ---------------------------------------------------------------------------------------------
 // Select
 
+// A Select between Prepare and Run. Views point into `views` and `out`: never moved once set.
+struct RetrievalStore::PreparedSelect {
+  const SelectArgs* args = nullptr;
+  SourceData src;
+  LayerViews views;
+  topk::SelectRequest req;    // host views (SelectCpu's)
+  SelectOutput out;
+  topk::SelectResult result;  // into `out`
+  // The GPU's request: keys in the GPU tier where every block has a copy there.
+  RetrievalGpu::BatchItem gpu;
+  RetrievalGpu::MetaName meta_name;
+  std::vector<const void*> device_key_blocks;
+};
+
 absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
+  auto prepared = Prepare(args);
+  if (!prepared.ok()) return prepared.status();
+  std::vector<std::shared_ptr<PreparedSelect>> one;
+  one.push_back(*std::move(prepared));
+  return std::move(Run(std::move(one))[0]);
+}
+
+absl::StatusOr<std::shared_ptr<RetrievalStore::PreparedSelect>> RetrievalStore::Prepare(
+    const SelectArgs& args) {
   // What the request alone can get wrong, before anything is held.
   if (args.k < 1) return absl::InvalidArgumentError(absl::StrCat("k must be >= 1, got ", args.k));
   if (args.n_sink < 0 || args.n_local < 0) {
@@ -909,8 +932,13 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
                                                    static_cast<int>(args.query_dtype)));
   }
 
-  auto src = Resolve(args.source);
-  if (!src.ok()) return src.status();
+  auto resolved = Resolve(args.source);
+  if (!resolved.ok()) return resolved.status();
+  auto p = std::make_shared<PreparedSelect>();
+  p->args = &args;
+  p->src = *std::move(resolved);
+  SourceData* src = &p->src;
+  LayerViews& views = p->views;
   const ModelSpec& spec = src->spec;
   if (absl::Status s = LayerInRange(spec, src->model, args.layer); !s.ok()) return s;
   if (!topk::IsSupportedHeadDim(spec.head_dim)) {
@@ -945,7 +973,6 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   // or mass) or where its metadata must be built.
   const bool page_mode = args.mode != topk::Mode::kExact;
   const bool reads_keys = topk::SelectReadsKeys(args.mode, args.want_scores, args.want_mass);
-  LayerViews views;
   if (!src->session() || reads_keys) {
     if (absl::Status s = ViewsOf(*src, args.layer, device_keys, &views); !s.ok()) return s;
   }
@@ -953,7 +980,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     if (absl::Status s = PageMetaOf(*src, args.layer, &views); !s.ok()) return s;
   }
 
-  topk::SelectRequest req;
+  topk::SelectRequest& req = p->req;
   req.kv_heads = spec.kv_heads;
   req.query_heads = args.query_heads;
   req.head_dim = spec.head_dim;
@@ -978,7 +1005,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
         options_.max_gather_bytes, "; lower k, or select per KV head instead of per query head"));
   }
 
-  SelectOutput out;
+  SelectOutput& out = p->out;
   out.model = src->model;
   out.num_tokens = src->num_tokens;
   out.kv_heads = spec.kv_heads;
@@ -988,7 +1015,7 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   out.capacity = topk::SelectCapacity(req);
   out.counts.assign(out.rows, 0);
   out.indices.assign(out.rows * out.capacity, -1);
-  topk::SelectResult result;
+  topk::SelectResult& result = p->result;
   result.indices = out.indices.data();
   result.counts = out.counts.data();
   if (args.want_scores) {
@@ -999,66 +1026,109 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
     out.mass.assign(out.rows, 0.0f);
     result.mass = out.mass.data();
   }
-  // The GPU when there is one; the CPU for what it cannot take (no room for this request on the
-  // device, a shape SelectCuda lacks), with outputs reset from what the GPU may have written.
-  bool on_gpu = false;
-  bool fell_back = false;
+  out.metadata_cached = page_mode && views.metadata_cached;
   if (gpu_ != nullptr) {
-    RetrievalGpu::MetaName meta_name;
-    meta_name.key = views.meta_key;
-    meta_name.names = views.meta_names;
-    meta_name.pages_per_unit = views.meta_pages_per_unit;
-    const bool named = page_mode && !views.meta_names.empty();
+    p->meta_name.key = views.meta_key;
+    p->meta_name.names = views.meta_names;
+    p->meta_name.pages_per_unit = views.meta_pages_per_unit;
     // A prefix's keys as stored (none re-rotated) come from one pool: the GPU tier on this
     // device when every block has a copy there (read in HBM), else the host tier, which the driver
     // need not be asked about block by block when it is pinned.
-    topk::SelectRequest gpu_req = req;
-    bool one_pool = false;
-    std::vector<const void*> device_key_blocks;
+    p->gpu.req = req;
+    p->gpu.result = result;
+    p->gpu.meta_name = page_mode && !views.meta_names.empty() ? &p->meta_name : nullptr;
     if (src->prefix_as_stored()) {
-      one_pool = cache_->host_device_readable();
+      p->gpu.keys_from_one_pool = cache_->host_device_readable();
       if (reads_keys && cache_->gpu_device() == gpu_->device() &&
-          GpuTierBlocks(*src->handle, spec, args.layer, 0, &device_key_blocks)) {
-        gpu_req.keys = topk::BlockedMatrix(device_key_blocks.data(), spec.dtype, spec.block_tokens,
-                                           spec.head_dim);
-        one_pool = true;
+          GpuTierBlocks(*src->handle, spec, args.layer, 0, &p->device_key_blocks)) {
+        p->gpu.req.keys = topk::BlockedMatrix(p->device_key_blocks.data(), spec.dtype,
+                                              spec.block_tokens, spec.head_dim);
+        p->gpu.keys_from_one_pool = true;
       }
     }
-    absl::Status s = gpu_->Select(gpu_req, result, named ? &meta_name : nullptr, one_pool);
-    if (s.ok()) {
-      on_gpu = true;
-    } else if (s.code() == absl::StatusCode::kUnavailable ||
-               s.code() == absl::StatusCode::kResourceExhausted) {
-      fell_back = true;
-      std::fill(out.counts.begin(), out.counts.end(), 0);
-      std::fill(out.indices.begin(), out.indices.end(), -1);
-      std::fill(out.scores.begin(), out.scores.end(), 0.0f);
-      std::fill(out.mass.begin(), out.mass.end(), 0.0f);
-    } else {
-      return s;
-    }
   }
-  if (!on_gpu) {
-    LayerViews host_views;
-    if (views.device_keys != nullptr) {
-      // The CPU reads host keys.
-      if (absl::Status s = ViewsOf(*src, args.layer, false, &host_views); !s.ok()) return s;
-      req.keys = host_views.keys;
-    }
-    if (absl::Status s = topk::SelectCpu(req, result); !s.ok()) return s;
-  }
-  out.metadata_cached = page_mode && views.metadata_cached;
+  return p;
+}
 
+uint64_t RetrievalStore::OutputBytes(const PreparedSelect& p) {
+  return p.out.indices.size() * sizeof(int32_t) + p.out.counts.size() * sizeof(int32_t) +
+         p.out.scores.size() * sizeof(float) + p.out.mass.size() * sizeof(float);
+}
+
+std::vector<absl::StatusOr<SelectOutput>> RetrievalStore::Run(
+    std::vector<std::shared_ptr<PreparedSelect>> items) {
+  const size_t n = items.size();
+  std::vector<absl::Status> failed(n);  // OK: not failed
+  // The GPU when there is one; the CPU for what it cannot take (no room on the device, a shape
+  // SelectCuda lacks), with outputs reset from what the GPU may have written.
+  std::vector<bool> on_gpu(n, false);
+  uint64_t selects = 0, gpu_selects = 0, gpu_fallbacks = 0;
+  if (gpu_ != nullptr) {
+    std::vector<RetrievalGpu::BatchItem> batch(n);
+    for (size_t i = 0; i < n; ++i) batch[i] = items[i]->gpu;
+    const std::vector<absl::Status> statuses = gpu_->SelectBatch(batch);
+    for (size_t i = 0; i < n; ++i) {
+      const absl::Status& s = statuses[i];
+      SelectOutput& out = items[i]->out;
+      if (s.ok()) {
+        on_gpu[i] = true;
+      } else if (s.code() == absl::StatusCode::kUnavailable ||
+                 s.code() == absl::StatusCode::kResourceExhausted) {
+        ++gpu_fallbacks;
+        std::fill(out.counts.begin(), out.counts.end(), 0);
+        std::fill(out.indices.begin(), out.indices.end(), -1);
+        std::fill(out.scores.begin(), out.scores.end(), 0.0f);
+        std::fill(out.mass.begin(), out.mass.end(), 0.0f);
+      } else {
+        failed[i] = s;
+      }
+    }
+  }
+  std::vector<absl::StatusOr<SelectOutput>> outs;
+  outs.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    PreparedSelect& p = *items[i];
+    if (failed[i].ok() && !on_gpu[i]) failed[i] = SelectOnCpu(p);
+    outs.push_back(failed[i].ok() ? Finish(p) : absl::StatusOr<SelectOutput>(failed[i]));
+    if (outs[i].ok()) {
+      ++selects;
+      if (on_gpu[i]) ++gpu_selects;
+    }
+    items[i].reset();  // the source is let go
+  }
+  absl::MutexLock lock(&meta_mu_);
+  counters_.selects += selects;
+  counters_.gpu_selects += gpu_selects;
+  counters_.gpu_fallbacks += gpu_fallbacks;
+  return outs;
+}
+
+absl::Status RetrievalStore::SelectOnCpu(PreparedSelect& p) {
+  topk::SelectRequest req = p.req;
+  LayerViews host_views;
+  if (p.views.device_keys != nullptr) {
+    // The CPU reads host keys.
+    if (absl::Status s = ViewsOf(p.src, p.args->layer, false, &host_views); !s.ok()) return s;
+    req.keys = host_views.keys;
+  }
+  return topk::SelectCpu(req, p.result);
+}
+
+absl::StatusOr<SelectOutput> RetrievalStore::Finish(PreparedSelect& p) {
+  const SelectArgs& args = *p.args;
+  const SourceData& src = p.src;
+  const ModelSpec& spec = src.spec;
+  SelectOutput& out = p.out;
   if (args.gather) {
     const uint64_t half =
         static_cast<uint64_t>(out.rows) * out.capacity * spec.head_dim * DTypeSize(spec.dtype);
     out.gathered.assign(2 * half, '\0');
     absl::Status s;
-    if (src->session()) {
-      s = GatherFromSession(*src->reader, spec, args.layer, out.rows, out.capacity, out.indices,
+    if (src.session()) {
+      s = GatherFromSession(*src.reader, spec, args.layer, out.rows, out.capacity, out.indices,
                             out.counts, out.gathered.data(), out.gathered.data() + half);
     } else {
-      s = GatherFromViews(spec, src->num_tokens, views.keys, views.values, out.rows, out.capacity,
+      s = GatherFromViews(spec, src.num_tokens, p.views.keys, p.views.values, out.rows, out.capacity,
                           out.indices.data(), out.counts.data(), out.gathered.data(),
                           out.gathered.data() + half);
     }
@@ -1068,26 +1138,22 @@ absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
   if (args.keep) {
     auto kept = std::make_shared<KeptSelection>();
     kept->spec_ = spec;
-    kept->model_ = src->model;
-    kept->num_tokens_ = src->num_tokens;
+    kept->model_ = src.model;
+    kept->num_tokens_ = src.num_tokens;
     kept->rows_ = out.rows;
     kept->capacity_ = out.capacity;
     kept->counts_ = out.counts;
     kept->indices_ = out.indices;
-    if (src->session()) {
-      kept->session_ = src->reader;
+    if (src.session()) {
+      kept->session_ = src.reader;
     } else {
-      kept->last_block_ = src->handle->blocks().back().hash;
+      kept->last_block_ = src.handle->blocks().back().hash;
     }
     auto id = Keep(std::move(kept));
     if (!id.ok()) return id.status();
     out.selection_id = *std::move(id);
   }
-  absl::MutexLock lock(&meta_mu_);
-  ++counters_.selects;
-  if (on_gpu) ++counters_.gpu_selects;
-  if (fell_back) ++counters_.gpu_fallbacks;
-  return out;
+  return std::move(out);
 }
 
 // ---------------------------------------------------------------------------------------------

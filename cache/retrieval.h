@@ -234,6 +234,22 @@ class RetrievalStore {
   // checked (a NaN score counts as -inf); NaN in the queries is INVALID_ARGUMENT on both paths.
   absl::StatusOr<SelectOutput> Select(const SelectArgs& args);
 
+  // Select in two halves, for a batch of selections (a decode step's sequences): Prepare does
+  // everything before the scoring (checks the request, holds the source, reads or builds its page
+  // metadata, allocates the outputs) and may run on several threads at once; Run scores a batch of
+  // prepared selections, on the GPU all in one RetrievalGpu::SelectBatch (one upload, kernels back
+  // to back, one download, one synchronisation) and the rest (and what the GPU cannot take) by
+  // SelectCpu one after another, then gathers and keeps each as Select does. Run's answers[i] is
+  // what Select would answer items[i]'s args. A prepared selection holds its source (a prefix's
+  // blocks cannot be evicted) until it is run or dropped, and borrows `args` (queries included):
+  // they must outlive it.
+  struct PreparedSelect;
+  absl::StatusOr<std::shared_ptr<PreparedSelect>> Prepare(const SelectArgs& args);
+  std::vector<absl::StatusOr<SelectOutput>> Run(
+      std::vector<std::shared_ptr<PreparedSelect>> items);
+  // Bytes of the outputs a prepared selection holds (indices, counts, scores, mass).
+  static uint64_t OutputBytes(const PreparedSelect& p);
+
   // The kept selection `id`, its idle time reset. NOT_FOUND when unknown, expired or dropped.
   absl::StatusOr<std::shared_ptr<const KeptSelection>> FindSelection(absl::string_view id);
 
@@ -351,6 +367,10 @@ class RetrievalStore {
   void OnBlockWritten(const RegisteredModel& model, const BlockInfo& block, const void* bytes);
   void OnPutDone(absl::Span<const BlockHash> written, absl::Span<const BlockHash> committed);
   void OnBlockDropped(const BlockHash& block);
+
+  // Run's pieces: SelectCpu over a prepared selection's host views; its gather and keep.
+  absl::Status SelectOnCpu(PreparedSelect& p);
+  absl::StatusOr<SelectOutput> Finish(PreparedSelect& p);
 
   absl::StatusOr<std::string> Keep(std::shared_ptr<KeptSelection> selection);
   void SweepSelectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(selections_mu_);

@@ -12,6 +12,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/retrieval_gpu.h"
@@ -75,18 +76,9 @@ absl::Status ForEachRun(const topk::MatrixView& v, int heads, int64_t rows, int6
   return absl::OkStatus();
 }
 
-// The arena's pieces for one request: byte offsets (kAlign-aligned) and sizes.
-struct Layout {
-  uint64_t keys = 0, key_bytes = 0;
-  uint64_t meta = 0, meta_bytes = 0;
-  uint64_t queries = 0, query_bytes = 0;
-  uint64_t indices = 0, index_bytes = 0;
-  uint64_t counts = 0, count_bytes = 0;
-  uint64_t scores = 0, score_bytes = 0;
-  uint64_t mass = 0, mass_bytes = 0;
-  uint64_t workspace = 0, workspace_bytes = 0;
+// Offsets of the arena's pieces, each kAlign-aligned, in the order they are placed.
+struct Placer {
   uint64_t total = 0;
-
   uint64_t Place(uint64_t bytes) {
     const uint64_t at = total;
     total = AlignUp(total + bytes, kAlign);
@@ -223,10 +215,11 @@ struct RetrievalGpu::Impl {
   }
 
   // The device copy of `name`'s metadata for a request of `pages` pages, made (or remade, for
-  // another shape or more pages than it holds) room permitting, with the unit runs [u0, u1) whose
-  // bytes must be uploaded in *runs; null when it is not kept (too large, no device memory).
+  // another shape or more pages than it holds) room permitting; null when it is not kept (too
+  // large, no device memory, or room only by dropping a copy in `in_use`: a batch's earlier items
+  // read those).
   DeviceMeta* MetaFor(const RetrievalGpu::MetaName& name, int heads, int64_t pages, int64_t width,
-                      DType dtype, std::vector<std::pair<int64_t, int64_t>>* runs)
+                      DType dtype, const absl::flat_hash_set<std::string>& in_use)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     const int64_t ppu = name.pages_per_unit;
     const int64_t units = (pages + ppu - 1) / ppu;
@@ -235,6 +228,7 @@ struct RetrievalGpu::Impl {
     if (it != metas.end() &&
         (it->second.heads != heads || it->second.width != width || it->second.dtype != dtype ||
          it->second.pages_per_unit != ppu || it->second.cap_pages < pages)) {
+      if (in_use.contains(name.key)) return nullptr;
       DropMeta(it);
       it = metas.end();
     }
@@ -243,7 +237,10 @@ struct RetrievalGpu::Impl {
       const int64_t cap = (pages + pages / 4 + ppu) / ppu * ppu;
       const uint64_t bytes = static_cast<uint64_t>(heads) * cap * width * DTypeSize(dtype);
       if (bytes > meta_capacity) return nullptr;
-      while (meta_bytes + bytes > meta_capacity) DropMeta(metas.find(meta_lru.back()));
+      while (meta_bytes + bytes > meta_capacity) {
+        if (in_use.contains(meta_lru.back())) return nullptr;
+        DropMeta(metas.find(meta_lru.back()));
+      }
       void* p = nullptr;
       if (cudaMalloc(&p, bytes) != cudaSuccess) {
         cudaGetLastError();  // an out-of-memory error is not sticky
@@ -264,16 +261,6 @@ struct RetrievalGpu::Impl {
                .first;
     } else {
       meta_lru.splice(meta_lru.begin(), meta_lru, it->second.lru);
-    }
-    const std::vector<uint64_t>& had = it->second.names;
-    runs->clear();
-    for (int64_t u = 0; u < units; ++u) {
-      if (u < static_cast<int64_t>(had.size()) && had[u] == name.names[u]) continue;
-      if (!runs->empty() && runs->back().second == u) {
-        runs->back().second = u + 1;
-      } else {
-        runs->emplace_back(u, u + 1);
-      }
     }
     return &it->second;
   }
@@ -357,11 +344,37 @@ absl::Status UploadView(Uploader& up, const topk::MatrixView& v, int heads, int6
                     [&](const char* src, uint64_t n) { return up.Add(src, n); });
 }
 
-// Copies `n` host bytes to device memory at dst, then enqueues everything staged.
-absl::Status UploadBytes(Uploader& up, const void* src, uint64_t n, char* dst) {
-  if (absl::Status s = up.Begin(dst); !s.ok()) return s;
-  if (absl::Status s = up.Add(static_cast<const char*>(src), n); !s.ok()) return s;
-  return up.Finish();
+// One item of a batch: what it reads, and where its pieces lie in the arena (byte offsets).
+struct ItemPlan {
+  absl::Status status;  // not OK: the item is not run
+  bool reads_keys = false;
+  bool reads_meta = false;
+  bool keys_on_device = false;  // dense keys in device memory, read there
+  bool keys_in_place = false;   // blocks the device reads: only their list is copied
+  bool staged_keys = false;     // copied, dense, to the batch's shared key region
+  RetrievalGpu::Impl::DeviceMeta* dm = nullptr;  // the metadata's kept device copy
+  uint64_t workspace_bytes = 0;
+  uint64_t key_list = 0, key_list_bytes = 0;  // inputs
+  uint64_t queries = 0, query_bytes = 0;
+  uint64_t indices = 0, index_bytes = 0;  // outputs
+  uint64_t counts = 0, count_bytes = 0;
+  uint64_t scores = 0, score_bytes = 0;
+  uint64_t mass = 0, mass_bytes = 0;
+};
+
+// Units of `dm` whose names differ from `names` (or that it lacks), as runs [u0, u1).
+std::vector<std::pair<int64_t, int64_t>> StaleRuns(const RetrievalGpu::Impl::DeviceMeta& dm,
+                                                   absl::Span<const uint64_t> names) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t u = 0; u < static_cast<int64_t>(names.size()); ++u) {
+    if (u < static_cast<int64_t>(dm.names.size()) && dm.names[u] == names[u]) continue;
+    if (!runs.empty() && runs.back().second == u) {
+      runs.back().second = u + 1;
+    } else {
+      runs.emplace_back(u, u + 1);
+    }
+  }
+  return runs;
 }
 
 }  // namespace
@@ -453,157 +466,273 @@ absl::Status RetrievalGpu::BuildPageMeta(const topk::MatrixView& device_keys,
 absl::Status RetrievalGpu::Select(const topk::SelectRequest& host_req,
                                   const topk::SelectResult& host_result, const MetaName* meta_name,
                                   bool keys_from_one_pool) {
-  if (absl::Status s = topk::ValidateSelectRequest(host_req, host_result); !s.ok()) return s;
-  const bool want_mass = host_result.mass != nullptr;
-  // What the mode reads (as topk::ValidateSelectRequest): only that is copied.
-  const bool reads_keys =
-      topk::SelectReadsKeys(host_req.mode, host_result.scores != nullptr, want_mass);
-  const bool reads_meta = host_req.mode != topk::Mode::kExact;
-  absl::StatusOr<size_t> workspace = topk::SelectWorkspaceBytes(host_req, want_mass);
-  if (!workspace.ok()) {
-    return workspace.status().code() == absl::StatusCode::kInvalidArgument
-               ? Unsupported(workspace.status())
-               : workspace.status();
+  BatchItem item;
+  item.req = host_req;
+  item.result = host_result;
+  item.meta_name = meta_name;
+  item.keys_from_one_pool = keys_from_one_pool;
+  return SelectBatch(absl::MakeConstSpan(&item, 1))[0];
+}
+
+std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> items) {
+  const size_t n_items = items.size();
+  std::vector<ItemPlan> plans(n_items);
+  // What each item reads (as topk::ValidateSelectRequest): only that is copied. No lock needed.
+  for (size_t i = 0; i < n_items; ++i) {
+    const topk::SelectRequest& req = items[i].req;
+    const topk::SelectResult& res = items[i].result;
+    ItemPlan& p = plans[i];
+    p.status.Update(topk::ValidateSelectRequest(req, res));
+    if (!p.status.ok()) continue;
+    absl::StatusOr<size_t> workspace = topk::SelectWorkspaceBytes(req, res.mass != nullptr);
+    if (!workspace.ok()) {
+      p.status.Update(workspace.status().code() == absl::StatusCode::kInvalidArgument
+                          ? Unsupported(workspace.status())
+                          : workspace.status());
+      continue;
+    }
+    p.workspace_bytes = *workspace;
+    p.reads_keys = topk::SelectReadsKeys(req.mode, res.scores != nullptr, res.mass != nullptr);
+    p.reads_meta = req.mode != topk::Mode::kExact;
+    // Keys in blocks the device reads (pinned host memory, or its own: the GPU tier) are read
+    // where they are: only the block pointers go to the device. Dense keys in its memory are read
+    // there. Anything else is staged.
+    p.keys_on_device = p.reads_keys && OnDevice(req.keys, device_);
+    p.keys_in_place = p.reads_keys && !p.keys_on_device &&
+                      ReadableInPlace(req.keys, req.num_tokens, device_,
+                                      items[i].keys_from_one_pool);
+    p.staged_keys = p.reads_keys && !p.keys_on_device && !p.keys_in_place;
   }
 
-  const int heads = host_req.kv_heads;
-  const int64_t n = host_req.num_tokens;
-  const int64_t pages = topk::NumPages(n);
-  const int64_t d = host_req.head_dim;
-  const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(host_req));
-  const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(host_req));
-  // Keys in blocks the device reads (pinned host memory, or its own: the GPU tier) are read where
-  // they are: only the block pointers go to the device. Dense keys in its memory are read there.
-  const bool keys_on_device = reads_keys && OnDevice(host_req.keys, device_);
-  const bool keys_in_place = reads_keys && !keys_on_device &&
-                             ReadableInPlace(host_req.keys, n, device_, keys_from_one_pool);
-  const int64_t key_blocks =
-      keys_in_place ? (n + host_req.keys.rows_per_block - 1) / host_req.keys.rows_per_block : 0;
-  const uint64_t meta_row_bytes = 2 * d * DTypeSize(host_req.page_meta.dtype);
-
+  std::vector<absl::Status> statuses(n_items);
   absl::MutexLock lock(&impl_->mu);
-  ROPEKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  // Named metadata: its device copy, and the units to bring up to date.
-  Impl::DeviceMeta* dm = nullptr;
-  std::vector<std::pair<int64_t, int64_t>> meta_runs;
-  if (reads_meta && meta_name != nullptr) {
-    dm = impl_->MetaFor(*meta_name, heads, pages, 2 * d, host_req.page_meta.dtype, &meta_runs);
+  // Fails every item still in the running.
+  auto fail_all = [&](const absl::Status& why) {
+    for (size_t i = 0; i < n_items; ++i) {
+      statuses[i].Update(plans[i].status.ok() ? why : plans[i].status);
+    }
+    return statuses;
+  };
+  if (cudaError_t err = cudaSetDevice(device_); err != cudaSuccess) {
+    return fail_all(CudaStatus(err, "cudaSetDevice", __FILE__, __LINE__));
   }
-  Layout l;
-  if (reads_keys && !keys_on_device) {
-    l.key_bytes = keys_in_place
-                      ? static_cast<uint64_t>(key_blocks) * sizeof(void*)
-                      : static_cast<uint64_t>(heads) * n * d * DTypeSize(host_req.keys.dtype);
-    l.keys = l.Place(l.key_bytes);
-  }
-  if (reads_meta && dm == nullptr) {
-    l.meta_bytes = static_cast<uint64_t>(heads) * pages * meta_row_bytes;
-    l.meta = l.Place(l.meta_bytes);
-  }
-  l.query_bytes = static_cast<uint64_t>(host_req.query_heads) * d * DTypeSize(host_req.query_dtype);
-  l.queries = l.Place(l.query_bytes);
-  l.index_bytes = rows * capacity * sizeof(int32_t);
-  l.indices = l.Place(l.index_bytes);
-  l.count_bytes = rows * sizeof(int32_t);
-  l.counts = l.Place(l.count_bytes);
-  if (host_result.scores != nullptr) {
-    l.score_bytes = rows * capacity * sizeof(float);
-    l.scores = l.Place(l.score_bytes);
-  }
-  if (want_mass) {
-    l.mass_bytes = rows * sizeof(float);
-    l.mass = l.Place(l.mass_bytes);
-  }
-  l.workspace_bytes = *workspace;
-  l.workspace = l.Place(l.workspace_bytes);
 
-  if (absl::Status s = impl_->Reserve(l.total); !s.ok()) return s;
-  if (absl::Status s = impl_->InitStaging(); !s.ok()) return s;
+  // Named metadata: its device copy (shared by the items that name it).
+  absl::flat_hash_set<std::string> in_use;
+  for (size_t i = 0; i < n_items; ++i) {
+    ItemPlan& p = plans[i];
+    const MetaName* name = items[i].meta_name;
+    if (!p.status.ok() || !p.reads_meta || name == nullptr) continue;
+    const topk::SelectRequest& req = items[i].req;
+    p.dm = impl_->MetaFor(*name, req.kv_heads, topk::NumPages(req.num_tokens), 2 * req.head_dim,
+                          req.page_meta.dtype, in_use);
+    if (p.dm != nullptr) in_use.insert(std::string(name->key));
+  }
+
+  // The arena: inputs (every item's key block list and queries, copied in one run), outputs
+  // (every item's, copied back in one), then what the items use in turn: the staged keys, the
+  // staged metadata, the workspace.
+  Placer arena;
+  uint64_t staged_key_bytes = 0, staged_meta_bytes = 0, workspace_bytes = 0;
+  for (size_t i = 0; i < n_items; ++i) {
+    ItemPlan& p = plans[i];
+    if (!p.status.ok()) continue;
+    const topk::SelectRequest& req = items[i].req;
+    const uint64_t d = req.head_dim;
+    if (p.keys_in_place) {
+      const int64_t blocks =
+          (req.num_tokens + req.keys.rows_per_block - 1) / req.keys.rows_per_block;
+      p.key_list_bytes = static_cast<uint64_t>(blocks) * sizeof(void*);
+      p.key_list = arena.Place(p.key_list_bytes);
+    } else if (p.staged_keys) {
+      staged_key_bytes = std::max(
+          staged_key_bytes, req.kv_heads * req.num_tokens * d * DTypeSize(req.keys.dtype));
+    }
+    if (p.reads_meta && p.dm == nullptr) {
+      staged_meta_bytes =
+          std::max(staged_meta_bytes, req.kv_heads * topk::NumPages(req.num_tokens) * 2 * d *
+                                          DTypeSize(req.page_meta.dtype));
+    }
+    p.query_bytes = req.query_heads * d * DTypeSize(req.query_dtype);
+    p.queries = arena.Place(p.query_bytes);
+    workspace_bytes = std::max<uint64_t>(workspace_bytes, p.workspace_bytes);
+  }
+  const uint64_t inputs_end = arena.total;
+  for (size_t i = 0; i < n_items; ++i) {
+    ItemPlan& p = plans[i];
+    if (!p.status.ok()) continue;
+    const topk::SelectRequest& req = items[i].req;
+    const topk::SelectResult& res = items[i].result;
+    const uint64_t rows = static_cast<uint64_t>(topk::SelectRows(req));
+    const uint64_t capacity = static_cast<uint64_t>(topk::SelectCapacity(req));
+    p.index_bytes = rows * capacity * sizeof(int32_t);
+    p.indices = arena.Place(p.index_bytes);
+    p.count_bytes = rows * sizeof(int32_t);
+    p.counts = arena.Place(p.count_bytes);
+    if (res.scores != nullptr) {
+      p.score_bytes = rows * capacity * sizeof(float);
+      p.scores = arena.Place(p.score_bytes);
+    }
+    if (res.mass != nullptr) {
+      p.mass_bytes = rows * sizeof(float);
+      p.mass = arena.Place(p.mass_bytes);
+    }
+  }
+  const uint64_t outputs_end = arena.total;
+  const uint64_t staged_keys = arena.Place(staged_key_bytes);
+  const uint64_t staged_meta = arena.Place(staged_meta_bytes);
+  const uint64_t workspace = arena.Place(workspace_bytes);
+  if (absl::Status s = impl_->Reserve(arena.total); !s.ok()) return fail_all(s);
+  if (absl::Status s = impl_->InitStaging(); !s.ok()) return fail_all(s);
   char* base = impl_->arena;
+  // The outputs come back through the first staging buffer when they fit (one copy), else item by
+  // item into the callers' memory.
+  const uint64_t output_bytes = outputs_end - inputs_end;
+  const bool download_staged = output_bytes <= kStagingBytes;
 
   // Whatever happens below, nothing of this call is in flight once it returns (the staging and
   // the arena are the next call's).
   absl::Status status = [&]() -> absl::Status {
-    topk::SelectRequest req = host_req;
-    Uploader up(impl_.get());
-    if (keys_on_device) {
-      req.keys = host_req.keys;
-    } else if (keys_in_place) {
-      absl::Status s = UploadBytes(up, host_req.keys.blocks, l.key_bytes, base + l.keys);
-      if (!s.ok()) return s;
-      req.keys.blocks = reinterpret_cast<const void* const*>(base + l.keys);
-    } else if (reads_keys) {
-      absl::Status s = UploadView(up, host_req.keys, heads, n, d, base + l.keys);
-      if (!s.ok()) return s;
-      req.keys = topk::DenseMatrix<const void*>(base + l.keys, host_req.keys.dtype, n, d);
-    } else {
-      req.keys = topk::MatrixView();
-    }
-    if (dm != nullptr) {
-      // The renamed units, head by head, to their rows of the device copy.
-      dm->names.clear();  // until every copy below is enqueued
-      const int64_t ppu = meta_name->pages_per_unit;
-      for (const auto& [u0, u1] : meta_runs) {
-        const int64_t r0 = u0 * ppu, r1 = std::min(u1 * ppu, pages);
-        for (int h = 0; h < heads; ++h) {
-          char* dst = dm->dev + (h * dm->cap_pages + r0) * meta_row_bytes;
-          if (absl::Status s = up.Begin(dst); !s.ok()) return s;
-          absl::Status s =
-              ForEachRowRun(host_req.page_meta, h, r0, r1, 2 * d,
-                            [&](const char* src, uint64_t n) { return up.Add(src, n); });
-          if (!s.ok()) return s;
-        }
-        impl_->meta_pages_uploaded += r1 - r0;
-      }
-      dm->names.assign(meta_name->names.begin(), meta_name->names.end());
-      req.page_meta =
-          topk::DenseMatrix<const void*>(dm->dev, host_req.page_meta.dtype, pages, 2 * d);
-      req.page_meta.head_stride = dm->cap_pages * 2 * d;
-    } else if (reads_meta) {
-      absl::Status s = UploadView(up, host_req.page_meta, heads, pages, 2 * d, base + l.meta);
-      if (!s.ok()) return s;
-      req.page_meta =
-          topk::DenseMatrix<const void*>(base + l.meta, host_req.page_meta.dtype, pages, 2 * d);
-    } else {
-      req.page_meta = topk::MatrixView();
-    }
-    if (absl::Status s = UploadBytes(up, host_req.queries, l.query_bytes, base + l.queries);
-        !s.ok()) {
-      return s;
-    }
-    req.queries = base + l.queries;
-
-    topk::SelectResult result;
-    result.indices = reinterpret_cast<int32_t*>(base + l.indices);
-    result.counts = reinterpret_cast<int32_t*>(base + l.counts);
-    if (host_result.scores != nullptr) result.scores = reinterpret_cast<float*>(base + l.scores);
-    if (want_mass) result.mass = reinterpret_cast<float*>(base + l.mass);
-    const absl::Status s =
-        topk::SelectCuda(req, result, base + l.workspace, l.workspace_bytes, impl_->stream);
-    if (!s.ok()) return s.code() == absl::StatusCode::kInvalidArgument ? Unsupported(s) : s;
-    if (keys_in_place || keys_on_device) ++impl_->keys_in_place;
-
     cudaStream_t st = impl_->stream;
-    ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.indices, result.indices, l.index_bytes,
-                                                cudaMemcpyDeviceToHost, st));
-    if (host_result.counts != nullptr) {
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.counts, result.counts, l.count_bytes,
-                                                  cudaMemcpyDeviceToHost, st));
+    Uploader up(impl_.get());
+    // The inputs, as one run of bytes: the gaps between pieces are zeros.
+    static constexpr char kZeros[kAlign] = {};
+    uint64_t at = 0;
+    auto add_at = [&](uint64_t offset, const void* src, uint64_t n) -> absl::Status {
+      if (absl::Status s = up.Add(kZeros, offset - at); !s.ok()) return s;
+      at = offset + n;
+      return up.Add(static_cast<const char*>(src), n);
+    };
+    if (absl::Status s = up.Begin(base); !s.ok()) return s;
+    for (size_t i = 0; i < n_items; ++i) {
+      const ItemPlan& p = plans[i];
+      if (!p.status.ok()) continue;
+      if (p.keys_in_place) {
+        if (absl::Status s = add_at(p.key_list, items[i].req.keys.blocks, p.key_list_bytes);
+            !s.ok()) {
+          return s;
+        }
+      }
+      if (absl::Status s = add_at(p.queries, items[i].req.queries, p.query_bytes); !s.ok()) {
+        return s;
+      }
     }
-    if (host_result.scores != nullptr) {
-      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_result.scores, result.scores, l.score_bytes,
-                                                  cudaMemcpyDeviceToHost, st));
+    if (absl::Status s = up.Finish(); !s.ok()) return s;
+
+    for (size_t i = 0; i < n_items; ++i) {
+      ItemPlan& p = plans[i];
+      if (!p.status.ok()) continue;
+      const topk::SelectRequest& host_req = items[i].req;
+      const int heads = host_req.kv_heads;
+      const int64_t n = host_req.num_tokens;
+      const int64_t pages = topk::NumPages(n);
+      const int64_t d = host_req.head_dim;
+      topk::SelectRequest req = host_req;
+      if (p.keys_in_place) {
+        req.keys.blocks = reinterpret_cast<const void* const*>(base + p.key_list);
+      } else if (p.staged_keys) {
+        absl::Status s = UploadView(up, host_req.keys, heads, n, d, base + staged_keys);
+        if (!s.ok()) return s;
+        req.keys = topk::DenseMatrix<const void*>(base + staged_keys, host_req.keys.dtype, n, d);
+      } else if (!p.keys_on_device) {
+        req.keys = topk::MatrixView();
+      }
+      const uint64_t meta_row_bytes = 2 * d * DTypeSize(host_req.page_meta.dtype);
+      if (p.dm != nullptr) {
+        // The renamed units, head by head, to their rows of the device copy.
+        const MetaName& name = *items[i].meta_name;
+        const int64_t ppu = name.pages_per_unit;
+        const std::vector<std::pair<int64_t, int64_t>> runs = StaleRuns(*p.dm, name.names);
+        p.dm->names.clear();  // until every copy below is enqueued
+        for (const auto& [u0, u1] : runs) {
+          const int64_t r0 = u0 * ppu, r1 = std::min(u1 * ppu, pages);
+          for (int h = 0; h < heads; ++h) {
+            char* dst = p.dm->dev + (h * p.dm->cap_pages + r0) * meta_row_bytes;
+            if (absl::Status s = up.Begin(dst); !s.ok()) return s;
+            absl::Status s =
+                ForEachRowRun(host_req.page_meta, h, r0, r1, 2 * d,
+                              [&](const char* src, uint64_t bytes) { return up.Add(src, bytes); });
+            if (!s.ok()) return s;
+          }
+          impl_->meta_pages_uploaded += r1 - r0;
+        }
+        p.dm->names.assign(name.names.begin(), name.names.end());
+        req.page_meta =
+            topk::DenseMatrix<const void*>(p.dm->dev, host_req.page_meta.dtype, pages, 2 * d);
+        req.page_meta.head_stride = p.dm->cap_pages * 2 * d;
+      } else if (p.reads_meta) {
+        absl::Status s =
+            UploadView(up, host_req.page_meta, heads, pages, 2 * d, base + staged_meta);
+        if (!s.ok()) return s;
+        req.page_meta = topk::DenseMatrix<const void*>(base + staged_meta,
+                                                       host_req.page_meta.dtype, pages, 2 * d);
+      } else {
+        req.page_meta = topk::MatrixView();
+      }
+      if (absl::Status s = up.Finish(); !s.ok()) return s;
+      req.queries = base + p.queries;
+
+      topk::SelectResult result;
+      result.indices = reinterpret_cast<int32_t*>(base + p.indices);
+      result.counts = reinterpret_cast<int32_t*>(base + p.counts);
+      if (p.score_bytes != 0) result.scores = reinterpret_cast<float*>(base + p.scores);
+      if (p.mass_bytes != 0) result.mass = reinterpret_cast<float*>(base + p.mass);
+      const absl::Status s =
+          topk::SelectCuda(req, result, base + workspace, workspace_bytes, st);
+      if (s.code() == absl::StatusCode::kInvalidArgument) {
+        p.status.Update(Unsupported(s));  // nothing was launched for it
+        continue;
+      }
+      if (!s.ok()) return s;
+      if (p.keys_in_place || p.keys_on_device) ++impl_->keys_in_place;
     }
-    if (want_mass) {
-      ROPEKV_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(host_result.mass, result.mass, l.mass_bytes, cudaMemcpyDeviceToHost, st));
+
+    if (download_staged) {
+      if (output_bytes == 0) return absl::OkStatus();
+      ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(impl_->staging[0], base + inputs_end,
+                                                  output_bytes, cudaMemcpyDeviceToHost, st));
+      return absl::OkStatus();
+    }
+    for (size_t i = 0; i < n_items; ++i) {
+      const ItemPlan& p = plans[i];
+      if (!p.status.ok()) continue;
+      const topk::SelectResult& res = items[i].result;
+      const std::pair<void*, std::pair<uint64_t, uint64_t>> pieces[] = {
+          {res.indices, {p.indices, p.index_bytes}},
+          {res.counts, {p.counts, p.count_bytes}},
+          {res.scores, {p.scores, p.score_bytes}},
+          {res.mass, {p.mass, p.mass_bytes}}};
+      for (const auto& [dst, piece] : pieces) {
+        if (dst == nullptr || piece.second == 0) continue;
+        ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, base + piece.first, piece.second,
+                                                    cudaMemcpyDeviceToHost, st));
+      }
     }
     return absl::OkStatus();
   }();
   status.Update(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize", __FILE__,
                            __LINE__));
-  if (!status.ok() && dm != nullptr) impl_->DropMeta(impl_->metas.find(meta_name->key));
-  return status;
+  if (!status.ok()) {
+    // A copy may be half updated: drop the batch's.
+    for (const std::string& key : in_use) {
+      auto it = impl_->metas.find(key);
+      if (it != impl_->metas.end()) impl_->DropMeta(it);
+    }
+    return fail_all(status);
+  }
+  for (size_t i = 0; i < n_items; ++i) {
+    const ItemPlan& p = plans[i];
+    statuses[i].Update(p.status);
+    if (!p.status.ok() || !download_staged) continue;
+    const topk::SelectResult& res = items[i].result;
+    // An output's arena offset -> its staged copy.
+    auto out = [&](uint64_t offset) { return impl_->staging[0] + (offset - inputs_end); };
+    std::memcpy(res.indices, out(p.indices), p.index_bytes);
+    if (res.counts != nullptr) std::memcpy(res.counts, out(p.counts), p.count_bytes);
+    if (res.scores != nullptr) std::memcpy(res.scores, out(p.scores), p.score_bytes);
+    if (res.mass != nullptr) std::memcpy(res.mass, out(p.mass), p.mass_bytes);
+  }
+  return statuses;
 }
 
 }  // namespace ropekv

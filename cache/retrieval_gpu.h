@@ -17,6 +17,10 @@
 // (least recently used first out): a later request under the same name uploads only the units
 // whose names changed (a session's renamed pages, a prefix's rebuilt blocks).
 //
+// SelectBatch runs many requests (a decode batch's sequences) as one: one upload of all their
+// queries and key block lists, their kernels back to back on the stream, one download of all their
+// outputs, one synchronisation (Select is a batch of one).
+//
 // Thread safety: thread-safe. One call at a time runs (the arena, the staging and the object's one
 // CUDA stream are behind one mutex); others wait for it. Every call synchronizes its stream before
 // it returns.
@@ -25,6 +29,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -79,6 +84,21 @@ class RetrievalGpu {
   // every one (a driver call each: ~0.2 us, 0.4 ms for the 2048 blocks of 32K tokens).
   absl::Status Select(const topk::SelectRequest& host_req, const topk::SelectResult& host_result,
                       const MetaName* meta_name = nullptr, bool keys_from_one_pool = false);
+
+  // One request of SelectBatch: Select's arguments.
+  struct BatchItem {
+    topk::SelectRequest req;
+    topk::SelectResult result;
+    const MetaName* meta_name = nullptr;
+    bool keys_from_one_pool = false;
+  };
+  // Runs every item as Select would, in one pass: statuses[i] is what Select(items[i]) answers. An
+  // item's own error (a bad request, a shape the CUDA path lacks) fails that item alone; a CUDA
+  // error, or no device memory for the batch's arena, fails every item not failed before. Device
+  // memory: each item's queries, key block list and outputs, plus the largest item's workspace and
+  // staged keys or metadata (items whose keys are staged from pageable memory take turns in one
+  // region). Items naming the same metadata share its device copy.
+  std::vector<absl::Status> SelectBatch(absl::Span<const BatchItem> items);
 
   // Builds the page metadata of keys in this device's memory (a dense view, e.g. a GPU session's
   // layer from SessionReader::LayerOnDevice) with topk::BuildPageMetaCuda, the same bits as

@@ -37,4 +37,8 @@ absl::Status RetrievalGpu::Select(const topk::SelectRequest& /*host_req*/,
   return NotBuilt();
 }
 
+std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> items) {
+  return std::vector<absl::Status>(items.size(), NotBuilt());
+}
+
 }  // namespace ropekv

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/config.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -178,14 +179,28 @@ absl::StatusOr<SelectArgs> FromProto(const v1::SelectRequest& req) {
   return a;
 }
 
-void ToProto(const SelectOutput& out, v1::SelectHeader* h) {
+// The bytes of `v` as the host stores them: little-endian, as the daemon's hosts are.
+template <typename T>
+std::string LittleEndianBytes(const std::vector<T>& v) {
+  static_assert(ABSL_IS_LITTLE_ENDIAN, "packed rows are written as the host stores them");
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+// The selection, its rows packed (SelectRequest.packed_rows) or one SelectedRow each.
+void ToProto(const SelectOutput& out, bool packed_rows, v1::SelectHeader* h) {
   h->set_model_id(out.model);
   h->set_num_tokens(out.num_tokens);
   h->set_kv_heads(out.kv_heads);
   h->set_head_dim(out.head_dim);
   h->set_dtype(ToProto(out.dtype));
   h->set_capacity(static_cast<uint32_t>(out.capacity));
-  for (int64_t r = 0; r < out.rows; ++r) {
+  if (packed_rows) {
+    v1::PackedRows* packed = h->mutable_packed();
+    packed->set_counts(LittleEndianBytes(out.counts));
+    packed->set_indices(LittleEndianBytes(out.indices));
+    if (!out.scores.empty()) packed->set_scores(LittleEndianBytes(out.scores));
+  }
+  for (int64_t r = 0; r < out.rows && !packed_rows; ++r) {
     v1::SelectedRow* row = h->add_rows();
     const int32_t* first = out.indices.data() + r * out.capacity;
     row->mutable_indices()->Add(first, first + out.counts[r]);
@@ -285,7 +300,7 @@ grpc::ServerWriteReactor<BulkMessage>* RetrievalService::StreamSelect(
                        auto out = store_->Select(*args);
                        if (!out.ok()) return out.status();
                        Reactor::Prepared p;
-                       ToProto(*out, p.first.mutable_header());
+                       ToProto(*out, req->packed_rows(), p.first.mutable_header());
                        p.source = std::make_unique<OwnedSource>(std::move(out->gathered));
                        return p;
                      });
@@ -347,22 +362,31 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
   }
   for (int i = 0; i < n; ++i) resp->add_items();
   // The jobs write their own items (allocated above) and the last one to finish answers; `ctx`,
-  // `req` and `resp` stay valid until then.
+  // `req` and `resp` stay valid until then. On the CPU each job selects the items it takes; with a
+  // GPU the jobs prepare them (Select's host work) and the last one scores them all in one GPU pass
+  // (RetrievalStore::Run).
   struct Batch {
     std::atomic<int> next{0};
     std::atomic<int> jobs_left{0};
-    std::atomic<uint64_t> bytes{0};  // of the items answered so far
+    std::atomic<uint64_t> bytes{0};  // of the items answered (or, prepared, their outputs) so far
+    std::vector<SelectArgs> args;    // GPU: each item's, borrowed by its prepared selection
+    std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> prepared;  // null: not prepared
   };
   auto batch = std::make_shared<Batch>();
+  const bool one_pass = store_->device() >= 0;
+  if (one_pass) {
+    batch->args.resize(n);
+    batch->prepared.resize(n);
+  }
   const int jobs = std::min(n, pool_->threads());
   batch->jobs_left.store(jobs);
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const uint64_t max_bytes = config_.max_message_bytes;
   for (int j = 0; j < jobs; ++j) {
-    pool_->Submit([this, ctx, req, resp, n, batch, reactor, max_bytes] {
+    pool_->Submit([this, ctx, req, resp, n, batch, reactor, max_bytes, one_pass] {
       for (int i = batch->next.fetch_add(1); i < n; i = batch->next.fetch_add(1)) {
-        // An answer already over the message size fails whole: the rest is not selected, so that
-        // a batch holds at most about one message's worth of answers.
+        // An answer already over the message size fails whole: the rest is not selected (or
+        // prepared), so that a batch holds at most about one message's worth of answers.
         if (batch->bytes.load() > max_bytes) break;
         v1::SelectBatchItem* item = resp->mutable_items(i);
         if (ctx->IsCancelled()) {  // the caller is gone: the rest is not worth selecting
@@ -370,17 +394,45 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
           continue;
         }
         absl::StatusOr<SelectArgs> args = FromProto(req->items(i));
-        absl::StatusOr<SelectOutput> out =
-            args.ok() ? store_->Select(*args) : absl::StatusOr<SelectOutput>(args.status());
-        if (out.ok()) {
-          ToProto(*out, item->mutable_header());
+        if (!args.ok()) {
+          SetItemStatus(args.status(), item);
+        } else if (one_pass) {
+          batch->args[i] = *std::move(args);
+          auto prepared = store_->Prepare(batch->args[i]);
+          if (prepared.ok()) {
+            batch->bytes.fetch_add(RetrievalStore::OutputBytes(**prepared));
+            batch->prepared[i] = *std::move(prepared);
+          } else {
+            SetItemStatus(prepared.status(), item);
+          }
+          continue;
+        } else if (absl::StatusOr<SelectOutput> out = store_->Select(*args); out.ok()) {
+          ToProto(*out, req->items(i).packed_rows(), item->mutable_header());
         } else {
           SetItemStatus(out.status(), item);
         }
         batch->bytes.fetch_add(item->ByteSizeLong());
       }
       if (batch->jobs_left.fetch_sub(1) != 1) return;
-      const size_t bytes = resp->ByteSizeLong();
+      if (one_pass && batch->bytes.load() <= max_bytes) {
+        std::vector<int> order;
+        std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> run;
+        for (int i = 0; i < n; ++i) {
+          if (batch->prepared[i] == nullptr) continue;
+          order.push_back(i);
+          run.push_back(std::move(batch->prepared[i]));
+        }
+        std::vector<absl::StatusOr<SelectOutput>> outs = store_->Run(std::move(run));
+        for (size_t j = 0; j < order.size(); ++j) {
+          v1::SelectBatchItem* item = resp->mutable_items(order[j]);
+          if (outs[j].ok()) {
+            ToProto(*outs[j], req->items(order[j]).packed_rows(), item->mutable_header());
+          } else {
+            SetItemStatus(outs[j].status(), item);
+          }
+        }
+      }
+      const size_t bytes = std::max<size_t>(batch->bytes.load(), resp->ByteSizeLong());
       if (bytes > max_bytes) {
         resp->Clear();
         reactor->Finish(ToGrpc(absl::ResourceExhaustedError(absl::StrCat(

@@ -39,6 +39,7 @@ v1::SelectRequest ToRequest(const SelectArgs& a) {
   req.set_want_mass(a.want_mass);
   req.set_gather(a.gather);
   req.set_keep(a.keep);
+  req.set_packed_rows(a.packed_rows);
   return req;
 }
 

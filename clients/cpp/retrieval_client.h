@@ -53,6 +53,9 @@ struct SelectArgs {
   bool want_mass = false;
   bool gather = false;  // the selected tokens' K/V at `layer`
   bool keep = false;    // keep the selection for Gather
+  // Rows as header.packed() (little-endian int32 / float32 arrays, [rows][capacity]) instead of
+  // header.rows(): no per-element decoding on either side.
+  bool packed_rows = false;
 };
 
 // The bytes of fp32 queries (little-endian, as the wire wants them).

@@ -21,6 +21,7 @@
 #include <functional>
 #include <iostream>
 #include <iterator>
+#include <numeric>
 #include <random>
 #include <set>
 #include <string>
@@ -752,6 +753,77 @@ TEST_F(RetrievalGpuTest, NanQueriesRejectedOnBothPaths) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// The store's batch (Prepare on several threads, one Run): prefixes of two lengths and a session,
+// the three modes, named metadata shared by two items, keep; each answer equals the CPU store's
+// Select, and the batch counts as that many GPU selects.
+TEST_F(RetrievalGpuTest, StoreBatchEqualsSelectsOneByOne) {
+  Init(16, DType::kBF16, 128, 4);
+  std::vector<int32_t> short_tokens, long_tokens;
+  const std::string short_kv = PutRandom(20, &short_tokens);
+  const std::string long_kv = PutRandom(90, &long_tokens);
+  const std::string id = OpenRandomSession(16 * 33 + 9);
+  ASSERT_FALSE(id.empty());
+  int64_t m = 0;
+  const std::string layer = SessionLayer(id, 1, &m);
+
+  std::vector<SelectArgs> args;
+  std::vector<std::string> queries;
+  std::vector<KeyFn> keys;
+  const Mode modes[] = {Mode::kExact, Mode::kBound, Mode::kBoundThenExact};
+  for (int i = 0; i < 12; ++i) {
+    SelectArgs a = i % 3 == 2 ? SessionArgs(id, 40)
+                              : PrefixArgs(i % 3 == 0 ? short_tokens : long_tokens, 64);
+    a.layer = 1;
+    a.query_heads = 8;
+    a.mode = modes[(i / 3) % 3];
+    a.reduction = static_cast<GqaReduction>((i + i / 3) % 3);
+    a.want_scores = i % 2 == 0;
+    a.want_mass = i % 4 == 1;
+    a.keep = i == 5;
+    a.n_sink = 1;
+    a.n_local = 7;
+    queries.push_back(RandomElems(8 * 128, DType::kF32, rng_));
+    keys.push_back(i % 3 == 2 ? RangeKeys(spec_, layer, m)
+                              : BlockKeys(spec_, i % 3 == 0 ? short_kv : long_kv, 1));
+    args.push_back(std::move(a));
+  }
+  for (size_t i = 0; i < args.size(); ++i) args[i].queries = queries[i];
+
+  std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> prepared(args.size());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = t; i < args.size(); i += 3) {
+        auto p = gpu_->Prepare(args[i]);
+        ASSERT_TRUE(p.ok()) << p.status();
+        prepared[i] = *std::move(p);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  const uint64_t before = gpu_->stats().gpu_selects;
+  std::vector<absl::StatusOr<SelectOutput>> outs = gpu_->Run(prepared);
+  EXPECT_EQ(gpu_->stats().gpu_selects - before, args.size());
+  ASSERT_EQ(outs.size(), args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string what = absl::StrCat("item ", i, " ", ModeName(args[i].mode), " ",
+                                          ReductionName(args[i].reduction));
+    ASSERT_TRUE(outs[i].ok()) << what << ": " << outs[i].status();
+    SelectArgs alone = args[i];
+    alone.keep = false;
+    auto cpu = cpu_->Select(alone);
+    ASSERT_TRUE(cpu.ok()) << what << ": " << cpu.status();
+    ties_ += ExpectSameSelection(*outs[i], *cpu, args[i], queries[i], spec_.kv_heads,
+                                 spec_.head_dim, keys[i], what);
+    ++compared_;
+    EXPECT_EQ(outs[i]->selection_id.empty(), i != 5) << what;
+  }
+  // A source that is not there fails in Prepare, before any GPU work.
+  SelectArgs missing = args[0];
+  missing.source.model = "nope";
+  EXPECT_EQ(gpu_->Prepare(missing).status().code(), absl::StatusCode::kNotFound);
+}
+
 // RetrievalGpu alone: host views of every form are packed as SelectCpu reads them.
 
 struct HostRequest {
@@ -882,6 +954,167 @@ TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
   EXPECT_EQ((*gpu)->Select(h.req, {idx.data(), nullptr, nullptr, nullptr}).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(RetrievalGpu::Create(1 << 20).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// SelectBatch over items of every kind in one call: keys staged from pageable memory (two layouts,
+// taking turns in one region), read in place from pinned blocks, dense in device memory; page
+// modes with named metadata (two items sharing one name) and unnamed; scores and mass on some; a
+// bad item among them. Each item equals SelectCpu; the bad one alone fails.
+TEST_F(RetrievalGpuTest, SelectBatchEqualsSelectCpuItemByItem) {
+  auto gpu = RetrievalGpu::Create(0);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937_64 rng(11);
+  std::vector<std::unique_ptr<HostRequest>> hosts;
+  for (int layout : {0, 1, 2}) {
+    hosts.push_back(std::make_unique<HostRequest>());
+    MakeHostRequest(layout, 3, 1000 + 77 * layout, rng, hosts.back().get());
+  }
+  // Layout 0's keys, dense [heads][N][d], in device memory.
+  const topk::SelectRequest& dense_src = hosts[0]->req;
+  const int64_t n0 = dense_src.num_tokens;
+  std::string dense(3 * n0 * 128 * 2, '\0');
+  for (int h = 0; h < 3; ++h) {
+    for (int64_t t = 0; t < n0; ++t) {
+      std::memcpy(dense.data() + (h * n0 + t) * 256,
+                  static_cast<const char*>(dense_src.keys.base) +
+                      (t * dense_src.keys.row_stride + h * dense_src.keys.head_stride) * 2,
+                  256);
+    }
+  }
+  void* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, dense.size()), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev, dense.data(), dense.size(), cudaMemcpyHostToDevice), cudaSuccess);
+
+  const uint64_t names_a[] = {1, 2, 3, 4, 5, 6, 7, 8};
+  std::vector<uint64_t> names_b(topk::NumPages(hosts[1]->req.num_tokens));
+  std::iota(names_b.begin(), names_b.end(), 100);
+  RetrievalGpu::MetaName meta_a{"a", absl::MakeConstSpan(names_a, 8), 8};  // 63 pages of layout 0
+  RetrievalGpu::MetaName meta_b{"b", names_b, 1};
+
+  struct Item {
+    topk::SelectRequest req;
+    const RetrievalGpu::MetaName* name = nullptr;
+    bool scores = false, mass = false;
+    std::vector<int32_t> ci, gi, cc, gc;
+    std::vector<float> cs, gs, cm, gm;
+  };
+  std::vector<Item> items;
+  auto add = [&](const topk::SelectRequest& base, Mode mode, GqaReduction red, int64_t k,
+                 const RetrievalGpu::MetaName* name, bool scores, bool mass) {
+    Item it;
+    it.req = base;
+    it.req.mode = mode;
+    it.req.reduction = red;
+    it.req.k = k;
+    it.req.n_sink = 2;
+    it.req.n_local = 5;
+    it.name = name;
+    it.scores = scores;
+    it.mass = mass;
+    items.push_back(std::move(it));
+  };
+  add(hosts[0]->req, Mode::kExact, GqaReduction::kMax, 40, nullptr, true, true);
+  add(hosts[1]->req, Mode::kExact, GqaReduction::kSum, 64, nullptr, false, false);
+  add(hosts[2]->req, Mode::kExact, GqaReduction::kPerQueryHead, 30, nullptr, true, false);
+  add(hosts[0]->req, Mode::kBound, GqaReduction::kMax, 48, &meta_a, false, false);
+  add(hosts[0]->req, Mode::kBoundThenExact, GqaReduction::kMax, 48, &meta_a, true, true);
+  add(hosts[1]->req, Mode::kBoundThenExact, GqaReduction::kMax, 20, &meta_b, false, false);
+  add(hosts[2]->req, Mode::kBound, GqaReduction::kSum, 33, nullptr, false, true);
+  add(hosts[0]->req, Mode::kExact, GqaReduction::kMax, 0, nullptr, false, false);  // bad: k 0
+  topk::SelectRequest on_device = hosts[0]->req;
+  on_device.keys = topk::DenseMatrix<const void*>(dev, DType::kBF16, n0, 128);
+  add(on_device, Mode::kExact, GqaReduction::kMax, 40, nullptr, false, false);
+  const size_t bad = 7;
+
+  std::vector<RetrievalGpu::BatchItem> batch;
+  for (Item& it : items) {
+    const int64_t rows = topk::SelectRows(it.req);
+    const int64_t cap = it.req.k > 0 ? topk::SelectCapacity(it.req) : 1;
+    it.ci.assign(rows * cap, -7);
+    it.gi.assign(rows * cap, -7);
+    it.cc.assign(rows, -7);
+    it.gc.assign(rows, -7);
+    it.cs.assign(rows * cap, 99.f);
+    it.gs.assign(rows * cap, 99.f);
+    it.cm.assign(rows, 99.f);
+    it.gm.assign(rows, 99.f);
+    RetrievalGpu::BatchItem b;
+    b.req = it.req;
+    b.result = {it.gi.data(), it.gc.data(), it.scores ? it.gs.data() : nullptr,
+                it.mass ? it.gm.data() : nullptr};
+    b.meta_name = it.name;
+    batch.push_back(b);
+  }
+  const uint64_t in_place = (*gpu)->keys_read_in_place();
+  for (int pass = 0; pass < 2; ++pass) {  // the second finds the named metadata on the device
+    for (Item& it : items) std::fill(it.gi.begin(), it.gi.end(), -7);
+    const std::vector<absl::Status> st = (*gpu)->SelectBatch(batch);
+    ASSERT_EQ(st.size(), items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      Item& it = items[i];
+      const std::string what = absl::StrCat("pass ", pass, " item ", i, " ", ModeName(it.req.mode));
+      if (i == bad) {
+        EXPECT_EQ(st[i].code(), absl::StatusCode::kInvalidArgument) << what;
+        EXPECT_EQ(it.gi, std::vector<int32_t>(it.gi.size(), -7)) << what << ": written";
+        continue;
+      }
+      ASSERT_TRUE(st[i].ok()) << what << ": " << st[i];
+      topk::SelectRequest cpu_req = it.req;
+      if (i == items.size() - 1) cpu_req.keys = hosts[0]->req.keys;  // the device copy's source
+      ASSERT_TRUE(topk::SelectCpu(cpu_req, {it.ci.data(), it.cc.data(),
+                                            it.scores ? it.cs.data() : nullptr,
+                                            it.mass ? it.cm.data() : nullptr})
+                      .ok())
+          << what;
+      EXPECT_EQ(it.gi, it.ci) << what;
+      EXPECT_EQ(it.gc, it.cc) << what;
+      for (size_t j = 0; it.scores && j < it.cs.size(); ++j) {
+        EXPECT_TRUE(SameFloat(it.gs[j], it.cs[j], 1e-3)) << what << " score " << j;
+      }
+      for (size_t r = 0; it.mass && r < it.cm.size(); ++r) {
+        EXPECT_NEAR(it.gm[r], it.cm[r], 1e-4) << what << " mass";
+      }
+    }
+  }
+  // Per pass: the pinned blocks (item 2, and item 6, whose mass reads the keys) and the device
+  // keys (item 8).
+  EXPECT_EQ((*gpu)->keys_read_in_place() - in_place, 6u);
+  // The named metadata went up once: 63 pages of "a", once for its two items, and "b"'s.
+  EXPECT_EQ((*gpu)->meta_pages_uploaded(),
+            static_cast<uint64_t>(topk::NumPages(n0) + topk::NumPages(hosts[1]->req.num_tokens)));
+  cudaFree(dev);
+}
+
+// Outputs past one staging buffer (8 MiB) come back item by item.
+TEST_F(RetrievalGpuTest, SelectBatchWithLargeOutputs) {
+  auto gpu = RetrievalGpu::Create(0);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937_64 rng(12);
+  HostRequest h;
+  MakeHostRequest(2, 4, 20000, rng, &h);
+  topk::SelectRequest req = h.req;
+  req.reduction = GqaReduction::kPerQueryHead;  // 8 rows
+  req.k = 19000;
+  const int64_t rows = topk::SelectRows(req), cap = topk::SelectCapacity(req);
+  std::vector<int32_t> want(rows * cap);
+  std::vector<float> want_scores(rows * cap);
+  ASSERT_TRUE(topk::SelectCpu(req, {want.data(), nullptr, want_scores.data(), nullptr}).ok());
+  const int items = 8;  // 8 x 8 rows x 19000 x 8 bytes: 9.7 MB of outputs
+  std::vector<std::vector<int32_t>> idx(items, std::vector<int32_t>(rows * cap, -7));
+  std::vector<std::vector<float>> sc(items, std::vector<float>(rows * cap, 99.f));
+  std::vector<RetrievalGpu::BatchItem> batch(items);
+  for (int i = 0; i < items; ++i) {
+    batch[i].req = req;
+    batch[i].result = {idx[i].data(), nullptr, sc[i].data(), nullptr};
+  }
+  const std::vector<absl::Status> st = (*gpu)->SelectBatch(batch);
+  for (int i = 0; i < items; ++i) {
+    ASSERT_TRUE(st[i].ok()) << st[i];
+    EXPECT_EQ(idx[i], want) << "item " << i;
+    int off = 0;
+    for (size_t j = 0; j < want_scores.size(); ++j) off += !SameFloat(sc[i][j], want_scores[j], 1e-3);
+    EXPECT_EQ(off, 0) << "item " << i;
+  }
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "clients/cpp/retrieval_client.h"
 #include "clients/cpp/session_client.h"
 #include "gtest/gtest.h"
+#include "kernels/common/device.h"
 #include "kernels/common/dtype.h"
 #include "tests/integration/daemon.h"
 
@@ -69,8 +70,10 @@ class RetrievalServiceTest : public ::testing::Test {
     // Small chunks: gathered K/V span several messages. The checks below are against fp64
     // references at the CPU path's tolerances, so Select stays on the CPU on GPU hosts too
     // (tests/gpu/retrieval_gpu_test.cc checks the GPU path equals it).
+    if (!device_.empty() && !GpuAvailable()) GTEST_SKIP() << "no CUDA device";
     daemon_ = std::make_unique<testing::Daemon>(std::vector<std::string>{
-        "--chunk_size=5000", "--retrieval_threads=3", "--retrieval_device=cpu"});
+        "--chunk_size=5000", "--retrieval_threads=3",
+        "--retrieval_device=" + (device_.empty() ? std::string("cpu") : device_)});
     ASSERT_TRUE(daemon_->running());
     Client::Options o;
     o.address = daemon_->address();
@@ -191,6 +194,12 @@ class RetrievalServiceTest : public ::testing::Test {
     }
   }
 
+  // SelectBatch answers each item as Select would (bit for bit: both run on the same path), errors
+  // included, in the order asked, rows packed where asked; its own bad requests get
+  // INVALID_ARGUMENT.
+  void CheckBatchAnswersEachItemAsSelect();
+
+  std::string device_;  // --retrieval_device; empty: cpu
   std::unique_ptr<testing::Daemon> daemon_;
   std::unique_ptr<Client> kv_;
   std::unique_ptr<RetrievalClient> retrieval_;
@@ -409,9 +418,104 @@ TEST_F(RetrievalServiceTest, ConcurrentSelectsAgree) {
   for (int i = 0; i < 4; ++i) EXPECT_EQ(mismatches[i], 0) << "thread " << i;
 }
 
-// SelectBatch answers each item as Select would (bit for bit, on the CPU path), errors included,
-// in the order asked, and its own bad requests get INVALID_ARGUMENT.
+// A header's rows, as indices and scores per row, from either form (rows or packed).
+struct Rows {
+  std::vector<std::vector<int32_t>> indices;
+  std::vector<std::vector<float>> scores;
+};
+
+Rows RowsOf(const v1::SelectHeader& h) {
+  Rows out;
+  if (!h.has_packed()) {
+    for (const v1::SelectedRow& r : h.rows()) {
+      out.indices.emplace_back(r.indices().begin(), r.indices().end());
+      out.scores.emplace_back(r.scores().begin(), r.scores().end());
+    }
+    return out;
+  }
+  EXPECT_EQ(h.rows_size(), 0);
+  const v1::PackedRows& p = h.packed();
+  const size_t rows = p.counts().size() / 4, cap = h.capacity();
+  EXPECT_EQ(p.indices().size(), rows * cap * 4);
+  EXPECT_TRUE(p.scores().empty() || p.scores().size() == rows * cap * 4);
+  for (size_t r = 0; r < rows; ++r) {
+    int32_t count = 0;
+    std::memcpy(&count, p.counts().data() + r * 4, 4);
+    std::vector<int32_t> idx(cap);
+    std::memcpy(idx.data(), p.indices().data() + r * cap * 4, cap * 4);
+    for (size_t j = count; j < cap; ++j) EXPECT_EQ(idx[j], -1) << "row " << r << " slot " << j;
+    idx.resize(count);
+    out.indices.push_back(std::move(idx));
+    std::vector<float> sc;
+    if (!p.scores().empty()) {
+      sc.resize(count);
+      std::memcpy(sc.data(), p.scores().data() + r * cap * 4, count * 4);
+    }
+    out.scores.push_back(std::move(sc));
+  }
+  return out;
+}
+
 TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
+  CheckBatchAnswersEachItemAsSelect();
+}
+
+// The same through a daemon that selects on the GPU: its jobs prepare the items, one GPU pass
+// scores them all (RetrievalStore::Run).
+class RetrievalServiceGpuTest : public RetrievalServiceTest {
+ protected:
+  void SetUp() override {
+    device_ = "gpu";
+    RetrievalServiceTest::SetUp();
+  }
+};
+
+TEST_F(RetrievalServiceGpuTest, OnePassBatchAnswersEachItemAsSelect) {
+  CheckBatchAnswersEachItemAsSelect();
+  auto stats = retrieval_->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_GT(stats->gpu_selects(), 1000u);
+  EXPECT_EQ(stats->gpu_fallbacks(), 0u);
+}
+
+// Packed rows (Select and SelectBatch) hold what the rows form holds.
+TEST_F(RetrievalServiceTest, PackedRowsEqualTheRows) {
+  const std::vector<int32_t> tokens = Tokens(9 * kBlockTokens);
+  Put(tokens, RandomBlocks(9));
+  for (bool scores : {false, true}) {
+    for (auto reduction : {v1::GQA_REDUCTION_MAX, v1::GQA_REDUCTION_PER_QUERY_HEAD}) {
+      SelectArgs a;
+      a.model = "m";
+      a.tokens = tokens;
+      a.layer = 1;
+      a.query_heads = kQueryHeads;
+      a.queries = client::F32Bytes(Queries());
+      a.k = 300;  // more than the 144 tokens: rows shorter than the capacity
+      a.n_sink = 1;
+      a.reduction = reduction;
+      a.want_scores = scores;
+      auto want = retrieval_->Select(a);
+      ASSERT_TRUE(want.ok()) << want.status();
+      a.packed_rows = true;
+      auto got = retrieval_->Select(a);
+      ASSERT_TRUE(got.ok()) << got.status();
+      ASSERT_TRUE(got->header.has_packed());
+      auto batch = retrieval_->SelectBatch({a});
+      ASSERT_TRUE(batch.ok()) << batch.status();
+      const Rows w = RowsOf(want->header);
+      ASSERT_EQ(w.indices.size(), reduction == v1::GQA_REDUCTION_MAX ? kKvHeads : kQueryHeads);
+      EXPECT_EQ(w.indices[0].size(), 144u);
+      for (const v1::SelectHeader* h : {&got->header, &(*batch)[0].header}) {
+        const Rows g = RowsOf(*h);
+        EXPECT_EQ(g.indices, w.indices);
+        EXPECT_EQ(g.scores, w.scores);
+        EXPECT_EQ(h->capacity(), want->header.capacity());
+      }
+    }
+  }
+}
+
+void RetrievalServiceTest::CheckBatchAnswersEachItemAsSelect() {
   const std::vector<int32_t> tokens_a = Tokens(12 * kBlockTokens);
   const std::vector<int32_t> tokens_b = Tokens(20 * kBlockTokens);
   Put(tokens_a, RandomBlocks(12));
@@ -442,8 +546,10 @@ TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
   nan[3] = std::numeric_limits<float>::quiet_NaN();
   item(tokens_b, v1::SELECT_MODE_BOUND, 32)->queries = client::F32Bytes(nan);  // INVALID_ARGUMENT
   item(tokens_b, v1::SELECT_MODE_BOUND, 32)->want_mass = true;
-  // More items than the service's 3 threads, each its own queries.
-  for (int i = 0; i < 40; ++i) item(i % 2 ? tokens_a : tokens_b, v1::SELECT_MODE_EXACT, 5 + i);
+  // More items than the service's 3 threads, each its own queries, some rows packed.
+  for (int i = 0; i < 40; ++i) {
+    item(i % 2 ? tokens_a : tokens_b, v1::SELECT_MODE_EXACT, 5 + i)->packed_rows = i % 3 == 0;
+  }
 
   auto batch = retrieval_->SelectBatch(items);
   ASSERT_TRUE(batch.ok()) << batch.status();
@@ -455,6 +561,7 @@ TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
   for (size_t i = 0; i < items.size(); ++i) {
     SelectArgs alone = items[i];
     alone.keep = false;
+    alone.packed_rows = false;
     auto want = retrieval_->Select(alone);
     const client::BatchSelection& got = (*batch)[i];
     ASSERT_EQ(got.status.code(), want.status().code()) << "item " << i << ": " << got.status;
@@ -462,11 +569,10 @@ TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
     const v1::SelectHeader& h = got.header;
     EXPECT_EQ(h.num_tokens(), want->header.num_tokens()) << "item " << i;
     EXPECT_EQ(h.gathered_bytes(), 0u);
-    ASSERT_EQ(h.rows_size(), want->header.rows_size()) << "item " << i;
-    for (int r = 0; r < h.rows_size(); ++r) {
-      EXPECT_EQ(h.rows(r).SerializeAsString(), want->header.rows(r).SerializeAsString())
-          << "item " << i << " row " << r;
-    }
+    EXPECT_EQ(h.has_packed(), items[i].packed_rows) << "item " << i;
+    const Rows g = RowsOf(h), w = RowsOf(want->header);
+    EXPECT_EQ(g.indices, w.indices) << "item " << i;
+    EXPECT_EQ(g.scores, w.scores) << "item " << i;
     EXPECT_EQ(h.mass_size(), items[i].want_mass ? kKvHeads : 0) << "item " << i;
     EXPECT_EQ(h.selection_id().empty(), !items[i].keep) << "item " << i;
   }
@@ -495,10 +601,11 @@ TEST_F(RetrievalServiceTest, SelectBatchAnswersEachItemAsSelect) {
   EXPECT_TRUE(full->back().status.ok()) << full->back().status;
 }
 
-// An answer over the daemon's message size is RESOURCE_EXHAUSTED, not a broken stream.
-TEST(RetrievalBatchLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
+// An answer over the daemon's message size is RESOURCE_EXHAUSTED, not a broken stream; the
+// daemon stops selecting (or, on the GPU, preparing) once the answers pass it.
+void CheckAnswerOverTheMessageSize(const std::string& device) {
   testing::Daemon daemon(
-      {"--max_message_size=128KiB", "--chunk_size=16KiB", "--retrieval_device=cpu"});
+      {"--max_message_size=128KiB", "--chunk_size=16KiB", "--retrieval_device=" + device});
   ASSERT_TRUE(daemon.running());
   Client::Options o;
   o.address = daemon.address();
@@ -535,10 +642,20 @@ TEST(RetrievalBatchLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
   auto over = (*retrieval)->SelectBatch(std::vector<SelectArgs>(64, a));
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
   EXPECT_NE(over.status().message().find("split the batch"), absl::string_view::npos);
-  // It stopped selecting once its answers passed the size (about 54 of the 64 fit).
+  // It stopped selecting once its answers passed the size (about 54 of the 64 fit; on the GPU none
+  // of them ran).
   auto stats = (*retrieval)->Stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_LT(stats->selects(), 32u + 64u);
+}
+
+TEST(RetrievalBatchLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
+  CheckAnswerOverTheMessageSize("cpu");
+}
+
+TEST(RetrievalServiceGpuLimitTest, AnswerOverTheMessageSizeIsResourceExhausted) {
+  if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  CheckAnswerOverTheMessageSize("gpu");
 }
 
 TEST_F(RetrievalServiceTest, BadRequestsGetTheRightCodes) {

@@ -208,6 +208,35 @@ def test_select_batch_answers_each_item_as_select(client, model, tenant):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_packed_rows_equal_the_rows_form(client, model, tenant):
+    """The client asks for packed rows (read with numpy.frombuffer); they hold what the rows form
+    (one SelectedRow message a row, read element by element) holds: indices, scores, counts, -1
+    padding up to the capacity."""
+    rng = np.random.default_rng(31)
+    tokens, _ = put_random(client, model, tenant, rng, 6)  # 96 tokens
+    q = rng.standard_normal((QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    for reduction in ("max", "per_query_head"):
+        kw = dict(model=model, tokens=tokens, tenant=tenant, layer=1, n_sink=1, want_scores=True,
+                  reduction=reduction)
+        sel = client.select(q, 120, **kw)  # k past the tokens: rows shorter than the capacity
+        assert sel.header.HasField("packed") and len(sel.header.rows) == 0
+        rows = KV_HEADS if reduction == "max" else QUERY_HEADS
+        assert sel.padded_indices.shape == (rows, sel.header.capacity)
+        assert sel.counts.tolist() == [96] * rows
+        assert (sel.padded_indices[:, 96:] == -1).all()
+        req = ropekv.retrieval._select_request(q, 120, **kw)
+        req.packed_rows = False
+        header, _ = ropekv.errors.read_stream(client.retrieval.stub.Select(req), "Select")
+        assert len(header.rows) == rows and not header.HasField("packed")
+        plain = ropekv.retrieval._selection(header, True, False)
+        for a, b, c in zip(sel.indices, plain.indices, header.rows):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, np.array(c.indices, np.int32))
+        for a, b in zip(sel.scores, plain.scores):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(sel.padded_indices, plain.padded_indices)
+
+
 def test_gather_batch_into_shared_memory_equals_gather(client, model, tenant):
     """DataPlane.GatherBatchToBuffer: a decode batch's kept selections, each at its own offset of
     one buffer, equal Retrieval.Gather item by item; a failed item writes nothing and fails

@@ -45,6 +45,9 @@ class Selection:
     indices: a list per row (KV head, or query head with reduction "per_query_head") of ascending
       int32 token indices (sink and local tokens included).
     scores: per row float32 scores of `indices` (want_scores), else None.
+    padded_indices: the same as one int32 [rows, capacity] array, -1 after each row's count (what
+      a frontend indexes its KV with); `indices` are views of its rows.
+    counts: int32 [rows], the valid entries of each row.
     mass: float32 [rows] captured softmax mass (want_mass), else None.
     selection_id: the kept selection ("" without keep).
     keys, values: [rows, capacity, head_dim] arrays of the model's dtype (gather), zeros after each
@@ -56,6 +59,8 @@ class Selection:
     scores: list
     mass: object
     selection_id: str
+    padded_indices: object = None
+    counts: object = None
     keys: object = None
     values: object = None
 
@@ -112,7 +117,7 @@ def _select_request(queries, k, *, model=None, tokens=None, tenant="", last_bloc
                             reduction=_REDUCTIONS[reduction], n_sink=int(n_sink),
                             n_local=int(n_local), candidate_tokens=int(candidate_tokens),
                             softmax_scale=float(softmax_scale), want_scores=want_scores,
-                            want_mass=want_mass, gather=gather, keep=keep)
+                            want_mass=want_mass, gather=gather, keep=keep, packed_rows=True)
     if session_id is not None:
         req.source.session_id = session_id
     else:
@@ -128,13 +133,31 @@ def _select_request(queries, k, *, model=None, tokens=None, tenant="", last_bloc
 
 
 def _selection(header, want_scores, want_mass):
-    """The Selection of a SelectHeader (no K/V)."""
+    """The Selection of a SelectHeader (no K/V): its packed rows read in place (a daemon that
+    answers SelectedRow messages instead, as before packed_rows, is read row by row)."""
+    cap = header.capacity
+    if header.HasField("packed"):
+        p = header.packed
+        counts = np.frombuffer(p.counts, "<i4")
+        padded = np.frombuffer(p.indices, "<i4").reshape(len(counts), cap)
+        padded_scores = (np.frombuffer(p.scores, "<f4").reshape(len(counts), cap)
+                         if want_scores else None)
+    else:
+        counts = np.array([len(r.indices) for r in header.rows], np.int32)
+        padded = np.full((len(counts), cap), -1, np.int32)
+        padded_scores = np.full((len(counts), cap), np.nan, np.float32) if want_scores else None
+        for i, r in enumerate(header.rows):
+            padded[i, :counts[i]] = r.indices
+            if want_scores:
+                padded_scores[i, :counts[i]] = r.scores
     return Selection(
         header=header,
-        indices=[np.array(r.indices, np.int32) for r in header.rows],
-        scores=[np.array(r.scores, np.float32) for r in header.rows] if want_scores else None,
+        indices=[padded[i, :c] for i, c in enumerate(counts)],
+        scores=[padded_scores[i, :c] for i, c in enumerate(counts)] if want_scores else None,
         mass=np.array(header.mass, np.float32) if want_mass else None,
-        selection_id=header.selection_id)
+        selection_id=header.selection_id,
+        padded_indices=padded,
+        counts=counts)
 
 
 def _gather_to_buffer_request(selection_id, layers, buffer, offset):
@@ -190,7 +213,7 @@ class Retrieval:
                         f"Select: want {header.gathered_bytes} gathered bytes, got {len(data)}")
         sel = _selection(header, want_scores, want_mass)
         if gather:
-            rows = len(header.rows)
+            rows = len(sel.counts)
             kv = np.frombuffer(data, arrays.numpy_dtype(header.dtype)).reshape(
                 2, rows, header.capacity, header.head_dim)
             sel.keys, sel.values = kv[0], kv[1]
