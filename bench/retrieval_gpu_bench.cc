@@ -15,11 +15,15 @@
 // tier on device 0 (write tier gpu), whose blocks the GPU path reads where they are. --cpu_only:
 // the CPU path alone (a machine without a GPU).
 // --session_device gpu: the session in GPU memory (EXACT on the GPU path then reads its keys
-// there).
+// there). --batch N (GPU path): N prefixes of --tokens tokens each (a decode batch; the first is
+// the prefix above), each its own queries, selected one Select after another against one
+// RetrievalStore::Prepare each and one Run (one GPU pass), per mode; rows `batch_<mode>` (the
+// cpu columns hold the one-after-another times, the gpu columns the batch's; on the GPU path, or
+// with --cpu_only on the CPU path), and below each the batch's Prepare time.
 //
 //   retrieval_gpu_bench [--tokens 32768] [--reps 7] [--k 256] [--query_dtype f32|bf16]
 //                       [--source prefix,session] [--pinned_host] [--gpu_tier] [--cpu_only]
-//                       [--session_device cpu|gpu]
+//                       [--session_device cpu|gpu] [--batch N]
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -51,6 +55,7 @@ ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)"
 ABSL_FLAG(bool, gpu_tier, false, "Puts also land in a GPU tier on device 0 (write tier gpu)");
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
+ABSL_FLAG(int32_t, batch, 0, "prefixes of a decode batch: Selects one by one vs one Run (GPU)");
 ABSL_FLAG(bool, verify_metadata, true,
           "check prefix blocks' page metadata against their blocks' serials (the daemon's "
           "--retrieval_verify_metadata)");
@@ -95,10 +100,11 @@ int Main() {
   spec.rope.factor = 8;
   spec.rope.original_max_position_embeddings = 8192;
   const uint64_t kv_bytes = BlockBytes(spec) * static_cast<uint64_t>(n / spec.block_tokens);
+  const int batch = absl::GetFlag(FLAGS_batch);
 
   KvCache::Options co;
   co.background_maintenance = false;
-  co.host_capacity_bytes = 2 * kv_bytes + (64ull << 20);
+  co.host_capacity_bytes = (2 + std::max(batch - 1, 0)) * kv_bytes + (64ull << 20);
   if (absl::GetFlag(FLAGS_pinned_host)) {
     auto pinned = NewPinnedAllocator(co.host_capacity_bytes);
     if (!pinned.ok()) {
@@ -109,7 +115,8 @@ int Main() {
   if (absl::GetFlag(FLAGS_gpu_tier)) {
     GpuTier::Options g;
     g.chunk_bytes = SlotAllocator::SlotSize(BlockBytes(spec));  // a block a chunk
-    g.capacity_bytes = g.chunk_bytes * static_cast<uint64_t>(n / spec.block_tokens);
+    g.capacity_bytes =
+        g.chunk_bytes * static_cast<uint64_t>(n / spec.block_tokens) * std::max(batch, 1);
     auto tier = GpuTier::Create(g);
     if (!tier.ok())
       return std::fprintf(stderr, "gpu tier: %s\n", tier.status().ToString().c_str()), 1;
@@ -344,6 +351,100 @@ int Main() {
   if (absl::StrContains(absl::GetFlag(FLAGS_source), "session") &&
       (!step_row("bound_after_edit", false) || !step_row("bound_after_append", true))) {
     return std::fprintf(stderr, "editing the session failed\n"), 1;
+  }
+  if (batch > 1) {
+    // The batch's other prefixes and every item's queries.
+    std::vector<std::vector<int32_t>> prompts = {tokens};
+    std::string more(kv_bytes, '\0');
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (int b = 1; b < batch; ++b) {
+      prompts.emplace_back(n);
+      for (auto& t : prompts.back()) t = static_cast<int32_t>(rng() % 128000);
+      for (uint64_t i = 0; i < kv_bytes / 2; ++i) {
+        StoreFromFloat(more.data(), i, spec.dtype, normal(rng));
+      }
+      PutOptions put;
+      put.model = "llama-3-8b";
+      put.tokens = prompts.back();
+      auto pw = (*cache)->BeginPut(std::move(put));
+      if (!pw.ok() || !(*pw)->Write(more).ok() || !(*pw)->Finish().ok()) {
+        return std::fprintf(stderr, "put of the batch failed\n"), 1;
+      }
+    }
+    // Each prefix named by its last block, as a frontend's decode loop does.
+    std::vector<BlockHash> last_blocks;
+    for (const std::vector<int32_t>& prompt : prompts) {
+      auto found = (*cache)->Lookup("llama-3-8b", "", prompt);
+      if (!found.ok() || found->blocks.empty()) return std::fprintf(stderr, "lookup failed\n"), 1;
+      last_blocks.push_back(found->blocks.back().hash);
+    }
+    std::vector<std::string> queries(batch, q);
+    for (std::string& qb : queries) {
+      for (size_t i = 0; i < qb.size() / DTypeSize(*qdt); ++i) {
+        StoreFromFloat(qb.data(), i, *qdt, normal(rng));
+      }
+    }
+    // Last: exact over the first prefix `batch` times (its keys warm in the caches).
+    for (int m = 0; m < 4; ++m) {
+      const topk::Mode mode = m == 1   ? topk::Mode::kBound
+                              : m == 2 ? topk::Mode::kBoundThenExact
+                                       : topk::Mode::kExact;
+      std::vector<SelectArgs> items;
+      for (int b = 0; b < batch; ++b) {
+        items.push_back(select_args("prefix", mode));
+        items.back().source.tokens.clear();
+        items.back().source.last_block = last_blocks[m == 3 ? 0 : b];
+        items.back().queries = queries[b];
+      }
+      Row row;
+      row.source = "prefix";
+      row.mode = absl::StrCat("batch", batch, m == 3 ? "_same_" : "_",
+                              mode == topk::Mode::kExact   ? "exact"
+                              : mode == topk::Mode::kBound ? "bound"
+                                                           : "bound_then_exact");
+      row.same = true;
+      std::vector<double> alone_ms, pass_ms, prepare_ms;
+      RetrievalStore* store = cpu_only ? cpu->get() : gpu->get();
+      for (int r = 0; r <= reps; ++r) {
+        std::vector<std::vector<int32_t>> alone;
+        absl::Time s = absl::Now();
+        for (const SelectArgs& a : items) {
+          auto out = store->Select(a);
+          if (!out.ok()) return std::fprintf(stderr, "%s\n", out.status().ToString().c_str()), 1;
+          alone.push_back(out->indices);
+        }
+        const double t_alone = absl::ToDoubleMilliseconds(absl::Now() - s);
+        s = absl::Now();
+        std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> prepared;
+        for (const SelectArgs& a : items) {
+          auto p = store->Prepare(a);
+          if (!p.ok()) return std::fprintf(stderr, "%s\n", p.status().ToString().c_str()), 1;
+          prepared.push_back(*std::move(p));
+        }
+        const absl::Time prepared_at = absl::Now();
+        std::vector<absl::StatusOr<SelectOutput>> outs = store->Run(std::move(prepared));
+        const double t_pass = absl::ToDoubleMilliseconds(absl::Now() - s);
+        if (r > 0) prepare_ms.push_back(absl::ToDoubleMilliseconds(prepared_at - s));
+        for (int b = 0; b < batch; ++b) {
+          if (!outs[b].ok()) {
+            return std::fprintf(stderr, "%s\n", outs[b].status().ToString().c_str()), 1;
+          }
+          row.same = row.same && outs[b]->indices == alone[b];
+        }
+        if (r > 0) {
+          alone_ms.push_back(t_alone);
+          pass_ms.push_back(t_pass);
+        }
+      }
+      Summarise(alone_ms, &row.cpu_ms, &row.cpu_min);
+      Summarise(pass_ms, &row.gpu_ms, &row.gpu_min);
+      PrintRow(row, false);
+      double prep_med = 0, prep_min = 0;
+      Summarise(prepare_ms, &prep_med, &prep_min);
+      std::printf("%-8s %-18s %12s %12s %12.2f %12.2f  (of which Prepare)\n", "", "", "", "",
+                  prep_med, prep_min);
+      rows.push_back(row);
+    }
   }
   const auto st = cpu_only ? RetrievalStore::Stats() : (*gpu)->stats();
   std::string json = absl::StrFormat(

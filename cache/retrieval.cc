@@ -898,7 +898,7 @@ struct RetrievalStore::PreparedSelect {
   const SelectArgs* args = nullptr;
   SourceData src;
   LayerViews views;
-  topk::SelectRequest req;    // host views (SelectCpu's)
+  topk::SelectRequest req;  // host views (SelectCpu's)
   SelectOutput out;
   topk::SelectResult result;  // into `out`
   // The GPU's request: keys in the GPU tier where every block has a copy there.
@@ -1128,8 +1128,8 @@ absl::StatusOr<SelectOutput> RetrievalStore::Finish(PreparedSelect& p) {
       s = GatherFromSession(*src.reader, spec, args.layer, out.rows, out.capacity, out.indices,
                             out.counts, out.gathered.data(), out.gathered.data() + half);
     } else {
-      s = GatherFromViews(spec, src.num_tokens, p.views.keys, p.views.values, out.rows, out.capacity,
-                          out.indices.data(), out.counts.data(), out.gathered.data(),
+      s = GatherFromViews(spec, src.num_tokens, p.views.keys, p.views.values, out.rows,
+                          out.capacity, out.indices.data(), out.counts.data(), out.gathered.data(),
                           out.gathered.data() + half);
     }
     if (!s.ok()) return s;

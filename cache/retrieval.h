@@ -245,8 +245,7 @@ class RetrievalStore {
   // they must outlive it.
   struct PreparedSelect;
   absl::StatusOr<std::shared_ptr<PreparedSelect>> Prepare(const SelectArgs& args);
-  std::vector<absl::StatusOr<SelectOutput>> Run(
-      std::vector<std::shared_ptr<PreparedSelect>> items);
+  std::vector<absl::StatusOr<SelectOutput>> Run(std::vector<std::shared_ptr<PreparedSelect>> items);
   // Bytes of the outputs a prepared selection holds (indices, counts, scores, mass).
   static uint64_t OutputBytes(const PreparedSelect& p);
 

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/retrieval_gpu.h"
@@ -206,7 +206,7 @@ struct RetrievalGpu::Impl {
     std::list<std::string>::iterator lru;
   };
 
-  void DropMeta(absl::flat_hash_map<std::string, DeviceMeta>::iterator it)
+  void DropMeta(absl::node_hash_map<std::string, DeviceMeta>::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     cudaFree(it->second.dev);  // the stream is idle: every call synchronizes it before returning
     meta_bytes -= it->second.bytes;
@@ -269,7 +269,8 @@ struct RetrievalGpu::Impl {
   cudaStream_t stream = nullptr;
   absl::Mutex mu;
   uint64_t meta_capacity = 0;
-  absl::flat_hash_map<std::string, DeviceMeta> metas ABSL_GUARDED_BY(mu);
+  // Node-based: a batch holds pointers to its items' copies while it makes others.
+  absl::node_hash_map<std::string, DeviceMeta> metas ABSL_GUARDED_BY(mu);
   std::list<std::string> meta_lru ABSL_GUARDED_BY(mu);  // front = most recent
   uint64_t meta_bytes ABSL_GUARDED_BY(mu) = 0;
   uint64_t meta_pages_uploaded ABSL_GUARDED_BY(mu) = 0;
@@ -498,9 +499,9 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
     // where they are: only the block pointers go to the device. Dense keys in its memory are read
     // there. Anything else is staged.
     p.keys_on_device = p.reads_keys && OnDevice(req.keys, device_);
-    p.keys_in_place = p.reads_keys && !p.keys_on_device &&
-                      ReadableInPlace(req.keys, req.num_tokens, device_,
-                                      items[i].keys_from_one_pool);
+    p.keys_in_place =
+        p.reads_keys && !p.keys_on_device &&
+        ReadableInPlace(req.keys, req.num_tokens, device_, items[i].keys_from_one_pool);
     p.staged_keys = p.reads_keys && !p.keys_on_device && !p.keys_in_place;
   }
 
@@ -545,8 +546,8 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
       p.key_list_bytes = static_cast<uint64_t>(blocks) * sizeof(void*);
       p.key_list = arena.Place(p.key_list_bytes);
     } else if (p.staged_keys) {
-      staged_key_bytes = std::max(
-          staged_key_bytes, req.kv_heads * req.num_tokens * d * DTypeSize(req.keys.dtype));
+      staged_key_bytes =
+          std::max(staged_key_bytes, req.kv_heads * req.num_tokens * d * DTypeSize(req.keys.dtype));
     }
     if (p.reads_meta && p.dm == nullptr) {
       staged_meta_bytes =
@@ -664,8 +665,8 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
         absl::Status s =
             UploadView(up, host_req.page_meta, heads, pages, 2 * d, base + staged_meta);
         if (!s.ok()) return s;
-        req.page_meta = topk::DenseMatrix<const void*>(base + staged_meta,
-                                                       host_req.page_meta.dtype, pages, 2 * d);
+        req.page_meta = topk::DenseMatrix<const void*>(base + staged_meta, host_req.page_meta.dtype,
+                                                       pages, 2 * d);
       } else {
         req.page_meta = topk::MatrixView();
       }
@@ -677,8 +678,7 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
       result.counts = reinterpret_cast<int32_t*>(base + p.counts);
       if (p.score_bytes != 0) result.scores = reinterpret_cast<float*>(base + p.scores);
       if (p.mass_bytes != 0) result.mass = reinterpret_cast<float*>(base + p.mass);
-      const absl::Status s =
-          topk::SelectCuda(req, result, base + workspace, workspace_bytes, st);
+      const absl::Status s = topk::SelectCuda(req, result, base + workspace, workspace_bytes, st);
       if (s.code() == absl::StatusCode::kInvalidArgument) {
         p.status.Update(Unsupported(s));  // nothing was launched for it
         continue;
@@ -704,8 +704,8 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
           {res.mass, {p.mass, p.mass_bytes}}};
       for (const auto& [dst, piece] : pieces) {
         if (dst == nullptr || piece.second == 0) continue;
-        ROPEKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, base + piece.first, piece.second,
-                                                    cudaMemcpyDeviceToHost, st));
+        ROPEKV_CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(dst, base + piece.first, piece.second, cudaMemcpyDeviceToHost, st));
       }
     }
     return absl::OkStatus();

@@ -771,8 +771,8 @@ TEST_F(RetrievalGpuTest, StoreBatchEqualsSelectsOneByOne) {
   std::vector<KeyFn> keys;
   const Mode modes[] = {Mode::kExact, Mode::kBound, Mode::kBoundThenExact};
   for (int i = 0; i < 12; ++i) {
-    SelectArgs a = i % 3 == 2 ? SessionArgs(id, 40)
-                              : PrefixArgs(i % 3 == 0 ? short_tokens : long_tokens, 64);
+    SelectArgs a =
+        i % 3 == 2 ? SessionArgs(id, 40) : PrefixArgs(i % 3 == 0 ? short_tokens : long_tokens, 64);
     a.layer = 1;
     a.query_heads = 8;
     a.mode = modes[(i / 3) % 3];
@@ -961,7 +961,7 @@ TEST_F(RetrievalGpuTest, StridedAndBlockedHostViewsEqualSelectCpu) {
 // modes with named metadata (two items sharing one name) and unnamed; scores and mass on some; a
 // bad item among them. Each item equals SelectCpu; the bad one alone fails.
 TEST_F(RetrievalGpuTest, SelectBatchEqualsSelectCpuItemByItem) {
-  auto gpu = RetrievalGpu::Create(0);
+  auto gpu = RetrievalGpu::Create(0, /*meta_capacity_bytes=*/1 << 20);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   std::mt19937_64 rng(11);
   std::vector<std::unique_ptr<HostRequest>> hosts;
@@ -1061,10 +1061,10 @@ TEST_F(RetrievalGpuTest, SelectBatchEqualsSelectCpuItemByItem) {
       ASSERT_TRUE(st[i].ok()) << what << ": " << st[i];
       topk::SelectRequest cpu_req = it.req;
       if (i == items.size() - 1) cpu_req.keys = hosts[0]->req.keys;  // the device copy's source
-      ASSERT_TRUE(topk::SelectCpu(cpu_req, {it.ci.data(), it.cc.data(),
-                                            it.scores ? it.cs.data() : nullptr,
-                                            it.mass ? it.cm.data() : nullptr})
-                      .ok())
+      ASSERT_TRUE(
+          topk::SelectCpu(cpu_req, {it.ci.data(), it.cc.data(), it.scores ? it.cs.data() : nullptr,
+                                    it.mass ? it.cm.data() : nullptr})
+              .ok())
           << what;
       EXPECT_EQ(it.gi, it.ci) << what;
       EXPECT_EQ(it.gc, it.cc) << what;
@@ -1112,7 +1112,8 @@ TEST_F(RetrievalGpuTest, SelectBatchWithLargeOutputs) {
     ASSERT_TRUE(st[i].ok()) << st[i];
     EXPECT_EQ(idx[i], want) << "item " << i;
     int off = 0;
-    for (size_t j = 0; j < want_scores.size(); ++j) off += !SameFloat(sc[i][j], want_scores[j], 1e-3);
+    for (size_t j = 0; j < want_scores.size(); ++j)
+      off += !SameFloat(sc[i][j], want_scores[j], 1e-3);
     EXPECT_EQ(off, 0) << "item " << i;
   }
 }
