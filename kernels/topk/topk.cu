@@ -458,6 +458,9 @@ constexpr int kTcThreads = 128;             // 4 independent warps
 constexpr int kTcTileRows = 16;             // rows of one warp tile (the mma's M)
 constexpr int kTcChunkTiles = 4;            // n-tiles (8 query heads each) per accumulator pass
 constexpr int kTcInFlightPerSm = 64 << 10;  // bytes of keys a memory-bound scorer keeps in flight
+// Peak DRAM bandwidth (bytes/s) past which the memory-bound scorer's loads fetch 128-byte spans
+// into the L2 instead of 256: between the H100 SXM's HBM3 (3.35 TB/s) and the H200's HBM3e (4.9).
+constexpr double kTcFetch128Bandwidth = 4.0e12;
 
 // n-tiles an accumulator pass takes: all of one or two, else kTcChunkTiles; the query fragments
 // are padded to a multiple of it.
@@ -586,19 +589,30 @@ __host__ __device__ constexpr int TcColumn(int ks, int tig) {
 }
 
 // Loads 16 bytes at `src` (a row of p.rows, or null past the end: zeros), streaming: no L1
-// allocation, and the L2 fetches the whole 256-byte span around it (the neighbouring chunks of the
+// allocation, and the L2 fetches the whole L2B-byte span around it (the neighbouring chunks of the
 // row are read by the next loads of the warp). Rows that are not 16-byte aligned are read element
-// by element.
+// by element. 256 bytes is best on HBM3 (H100: 4% faster than no hint, RESULTS run 5), 128 on
+// HBM3e (H200: the 32-head scorer at 128K 81.0 -> 74.4-74.8 µs, run 29); see
+// kTcFetch128Bandwidth.
+template <int L2B>
 __device__ __forceinline__ uint4 TcLoadAligned(const char* src) {
+  static_assert(L2B == 128 || L2B == 256, "an L2 fetch size of the ld instruction");
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(src));
+  if constexpr (L2B == 256) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(src));
+  } else {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(src));
+  }
   return v;
 }
+template <int L2B>
 __device__ __forceinline__ uint4 TcLoad(const char* src) {
   if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
-  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) return TcLoadAligned(src);
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) return TcLoadAligned<L2B>(src);
   uint32_t w[4];
   for (int i = 0; i < 4; ++i) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(src) + 2 * i;
@@ -624,7 +638,7 @@ constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
 // scorer alone is faster: most likely the selection's 1024-thread block now finds an SM's
 // registers free only when fewer scorer blocks remain there. Scorers of one n-tile keep the
 // default: with the hint they took more registers and exact at 32 heads / 128K was 0.4 µs slower.
-template <int W, int P, int NTC, int CK>
+template <int W, int P, int NTC, int CK, int L2B>
 __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
     TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
@@ -743,7 +757,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
         for (int j = 0; j < 4; ++j) {
           const char* row = j < 2 ? row_a : row_b;
           b[pr][j] = row == nullptr ? make_uint4(0u, 0u, 0u, 0u)
-                                    : TcLoadAligned(row + (8 * pr + 4 * (j & 1) + tig) * 16);
+                                    : TcLoadAligned<L2B>(row + (8 * pr + 4 * (j & 1) + tig) * 16);
         }
       }
       return;
@@ -753,7 +767,7 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const char* row = j < 2 ? row_a : row_b;
-        b[pr][j] = TcLoad(row == nullptr ? nullptr : row + (8 * pr + 4 * (j & 1) + tig) * 16);
+        b[pr][j] = TcLoad<L2B>(row == nullptr ? nullptr : row + (8 * pr + 4 * (j & 1) + tig) * 16);
       }
     }
   };
@@ -954,24 +968,37 @@ struct DeviceInfo {
   int device = 0;
   int sms = 0;
   int smem_per_sm = 0;
+  bool l2_fetch_128 = false;  // peak DRAM bandwidth past kTcFetch128Bandwidth
 };
 absl::StatusOr<DeviceInfo> GetDeviceInfo() {
   static std::atomic<int> cached_sms[64];
   static std::atomic<int> cached_smem[64];
+  static std::atomic<bool> cached_fetch_128[64];
   DeviceInfo info;
   ROPEKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&info.device));
   const int dev = info.device;
   if (dev >= 0 && dev < 64 && cached_sms[dev].load(std::memory_order_acquire) > 0) {
     info.sms = cached_sms[dev].load(std::memory_order_relaxed);
     info.smem_per_sm = cached_smem[dev].load(std::memory_order_relaxed);
+    info.l2_fetch_128 = cached_fetch_128[dev].load(std::memory_order_relaxed);
     return info;
   }
   ROPEKV_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
   ROPEKV_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  // Peak DRAM bandwidth: two transfers a memory clock over the bus (an attribute the driver does
+  // not give leaves the H100's choice).
+  int mem_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev) == cudaSuccess) {
+    info.l2_fetch_128 = 2.0 * mem_khz * 1e3 * bus_bits / 8 > kTcFetch128Bandwidth;
+  } else {
+    cudaGetLastError();
+  }
   if (dev >= 0 && dev < 64) {
     cached_smem[dev].store(info.smem_per_sm, std::memory_order_relaxed);
+    cached_fetch_128[dev].store(info.l2_fetch_128, std::memory_order_relaxed);
     cached_sms[dev].store(info.sms, std::memory_order_release);
   }
   return info;
@@ -1068,9 +1095,9 @@ absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
   return blocks;
 }
 
-template <int W, int P, int NTC, int CK>
+template <int W, int P, int NTC, int CK, int L2B = 256>
 absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
-  constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK>;
+  constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK, L2B>;
   const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false, p.d);
   absl::StatusOr<int> per_sm = BlocksPerSm<kKernel>(kTcThreads, smem_plain);
   if (!per_sm.ok()) return per_sm.status();
@@ -1119,6 +1146,9 @@ absl::Status LaunchTcCk(const TcParams& p, int parts, bool* hist, cudaStream_t s
                         const DeviceInfo& info) {
   switch (TcPassTiles(p.n_tiles8)) {
     case 1:
+      // The memory-bound scorer (bf16 queries, at most 8 query heads a KV head) fetches 128-byte
+      // spans into the L2 on HBM3e (TcLoadAligned).
+      if (parts == 1 && info.l2_fetch_128) return LaunchTc<W, 1, 1, CK, 128>(p, hist, stream, info);
       return parts == 1 ? LaunchTc<W, 1, 1, CK>(p, hist, stream, info)
                         : LaunchTc<W, 3, 1, CK>(p, hist, stream, info);
     case 2:
