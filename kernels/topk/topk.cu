@@ -589,17 +589,23 @@ __host__ __device__ constexpr int TcColumn(int ks, int tig) {
 }
 
 // Loads 16 bytes at `src` (a row of p.rows, or null past the end: zeros), streaming: no L1
-// allocation, and the L2 fetches the whole L2B-byte span around it (the neighbouring chunks of the
-// row are read by the next loads of the warp). Rows that are not 16-byte aligned are read element
-// by element. 256 bytes is best on HBM3 (H100: 4% faster than no hint, RESULTS run 5), 128 on
-// HBM3e (H200: the 32-head scorer at 128K 81.0 -> 74.4-74.8 µs, run 29); see
-// kTcFetch128Bandwidth.
-template <int L2B>
+// allocation (unless L1), and the L2 fetches the whole L2B-byte span around it (the neighbouring
+// chunks of the row are read by the next loads of the warp). Rows that are not 16-byte aligned are
+// read element by element. 256 bytes is best on HBM3 (H100: 4% faster than no hint, RESULTS run
+// 5), 128 on HBM3e (H200: the 32-head scorer at 128K 81.0 -> 74.4-74.8 µs, run 29); see
+// kTcFetch128Bandwidth. With L1 (H200, reduced exact rows) a warp's second load of each 128-byte
+// line (it reads 64 bytes of 8 rows' lines at a time) hits the L1 instead of asking the L2.
+template <int L2B, bool L1>
 __device__ __forceinline__ uint4 TcLoadAligned(const char* src) {
   static_assert(L2B == 128 || L2B == 256, "an L2 fetch size of the ld instruction");
+  static_assert(L2B == 128 || !L1, "L1-allocating loads are used with 128-byte fetches only");
   uint4 v;
   if constexpr (L2B == 256) {
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(src));
+  } else if constexpr (L1) {
+    asm volatile("ld.global.nc.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(src));
   } else {
@@ -609,10 +615,10 @@ __device__ __forceinline__ uint4 TcLoadAligned(const char* src) {
   }
   return v;
 }
-template <int L2B>
+template <int L2B, bool L1>
 __device__ __forceinline__ uint4 TcLoad(const char* src) {
   if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
-  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) return TcLoadAligned<L2B>(src);
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) return TcLoadAligned<L2B, L1>(src);
   uint32_t w[4];
   for (int i = 0; i < 4; ++i) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(src) + 2 * i;
@@ -638,7 +644,7 @@ constexpr int kChunkKeysPerHead = 2;  // kPerQueryHead rows
 // scorer alone is faster: most likely the selection's 1024-thread block now finds an SM's
 // registers free only when fewer scorer blocks remain there. Scorers of one n-tile keep the
 // default: with the hint they took more registers and exact at 32 heads / 128K was 0.4 µs slower.
-template <int W, int P, int NTC, int CK, int L2B>
+template <int W, int P, int NTC, int CK, int L2B, bool L1>
 __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
     TcScoreKernel(const TcParams p) {
   constexpr int kSteps = W / 16;  // mma k-steps per row
@@ -756,8 +762,9 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const char* row = j < 2 ? row_a : row_b;
-          b[pr][j] = row == nullptr ? make_uint4(0u, 0u, 0u, 0u)
-                                    : TcLoadAligned<L2B>(row + (8 * pr + 4 * (j & 1) + tig) * 16);
+          b[pr][j] = row == nullptr
+                         ? make_uint4(0u, 0u, 0u, 0u)
+                         : TcLoadAligned<L2B, L1>(row + (8 * pr + 4 * (j & 1) + tig) * 16);
         }
       }
       return;
@@ -767,7 +774,8 @@ __global__ void __launch_bounds__(kTcThreads, (W <= 128 && NTC != 1) ? 4 : 0)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const char* row = j < 2 ? row_a : row_b;
-        b[pr][j] = TcLoad<L2B>(row == nullptr ? nullptr : row + (8 * pr + 4 * (j & 1) + tig) * 16);
+        b[pr][j] =
+            TcLoad<L2B, L1>(row == nullptr ? nullptr : row + (8 * pr + 4 * (j & 1) + tig) * 16);
       }
     }
   };
@@ -1095,9 +1103,9 @@ absl::StatusOr<int> BlocksPerSm(int threads, size_t smem) {
   return blocks;
 }
 
-template <int W, int P, int NTC, int CK, int L2B = 256>
+template <int W, int P, int NTC, int CK, int L2B = 256, bool L1 = false>
 absl::Status LaunchTc(TcParams p, bool* hist, cudaStream_t stream, const DeviceInfo& info) {
-  constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK, L2B>;
+  constexpr auto kKernel = TcScoreKernel<W, P, NTC, CK, L2B, L1>;
   const size_t smem_plain = TcSmem(W, P, p.n_tiles8, false, p.d);
   absl::StatusOr<int> per_sm = BlocksPerSm<kKernel>(kTcThreads, smem_plain);
   if (!per_sm.ok()) return per_sm.status();
@@ -1147,8 +1155,13 @@ absl::Status LaunchTcCk(const TcParams& p, int parts, bool* hist, cudaStream_t s
   switch (TcPassTiles(p.n_tiles8)) {
     case 1:
       // The memory-bound scorer (bf16 queries, at most 8 query heads a KV head) fetches 128-byte
-      // spans into the L2 on HBM3e (TcLoadAligned).
-      if (parts == 1 && info.l2_fetch_128) return LaunchTc<W, 1, 1, CK, 128>(p, hist, stream, info);
+      // spans into the L2 on HBM3e, and for reduced exact rows allocates in L1 too (TcLoadAligned;
+      // per-query-head rows and the page bound were slower so, RESULTS run 29).
+      if (parts == 1 && info.l2_fetch_128) {
+        return !p.bound && p.red != GqaReduction::kPerQueryHead
+                   ? LaunchTc<W, 1, 1, CK, 128, true>(p, hist, stream, info)
+                   : LaunchTc<W, 1, 1, CK, 128>(p, hist, stream, info);
+      }
       return parts == 1 ? LaunchTc<W, 1, 1, CK>(p, hist, stream, info)
                         : LaunchTc<W, 3, 1, CK>(p, hist, stream, info);
     case 2:
