@@ -414,7 +414,9 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
         batch->bytes.fetch_add(item->ByteSizeLong());
       }
       if (batch->jobs_left.fetch_sub(1) != 1) return;
-      if (one_pass && batch->bytes.load() <= max_bytes) {
+      // Stopped early: the answers (or the prepared outputs) passed the message size.
+      const bool stopped = batch->bytes.load() > max_bytes;
+      if (one_pass && !stopped) {
         std::vector<int> order;
         std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> run;
         for (int i = 0; i < n; ++i) {
@@ -432,12 +434,12 @@ grpc::ServerUnaryReactor* RetrievalService::SelectBatch(grpc::CallbackServerCont
           }
         }
       }
-      const size_t bytes = std::max<size_t>(batch->bytes.load(), resp->ByteSizeLong());
+      const size_t bytes = stopped ? batch->bytes.load() : resp->ByteSizeLong();
       if (bytes > max_bytes) {
         resp->Clear();
         reactor->Finish(ToGrpc(absl::ResourceExhaustedError(absl::StrCat(
-            "SelectBatch: the answer is ", bytes, " bytes, over the daemon's message size of ",
-            max_bytes, "; split the batch"))));
+            "SelectBatch: the answer takes ", stopped ? "at least " : "", bytes,
+            " bytes, over the daemon's message size of ", max_bytes, "; split the batch"))));
         return;
       }
       reactor->Finish(grpc::Status::OK);
