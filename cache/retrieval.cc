@@ -905,6 +905,7 @@ struct RetrievalStore::PreparedSelect {
   RetrievalGpu::BatchItem gpu;
   RetrievalGpu::MetaName meta_name;
   std::vector<const void*> device_key_blocks;
+  bool ran = false;  // by Run (once)
 };
 
 absl::StatusOr<SelectOutput> RetrievalStore::Select(const SelectArgs& args) {
@@ -1059,16 +1060,30 @@ std::vector<absl::StatusOr<SelectOutput>> RetrievalStore::Run(
     std::vector<std::shared_ptr<PreparedSelect>> items) {
   const size_t n = items.size();
   std::vector<absl::Status> failed(n);  // OK: not failed
+  // A prepared selection runs once: its outputs leave with its answer.
+  std::vector<size_t> runnable;
+  for (size_t i = 0; i < n; ++i) {
+    if (items[i] == nullptr) {
+      failed[i] = absl::InvalidArgumentError("Run: a null prepared selection");
+    } else if (items[i]->ran) {
+      failed[i] = absl::FailedPreconditionError(
+          "Run: this prepared selection was run already (prepare it again)");
+    } else {
+      items[i]->ran = true;
+      runnable.push_back(i);
+    }
+  }
   // The GPU when there is one; the CPU for what it cannot take (no room on the device, a shape
   // SelectCuda lacks), with outputs reset from what the GPU may have written.
   std::vector<bool> on_gpu(n, false);
   uint64_t selects = 0, gpu_selects = 0, gpu_fallbacks = 0;
-  if (gpu_ != nullptr) {
-    std::vector<RetrievalGpu::BatchItem> batch(n);
-    for (size_t i = 0; i < n; ++i) batch[i] = items[i]->gpu;
+  if (gpu_ != nullptr && !runnable.empty()) {
+    std::vector<RetrievalGpu::BatchItem> batch;
+    for (size_t i : runnable) batch.push_back(items[i]->gpu);
     const std::vector<absl::Status> statuses = gpu_->SelectBatch(batch);
-    for (size_t i = 0; i < n; ++i) {
-      const absl::Status& s = statuses[i];
+    for (size_t j = 0; j < runnable.size(); ++j) {
+      const size_t i = runnable[j];
+      const absl::Status& s = statuses[j];
       SelectOutput& out = items[i]->out;
       if (s.ok()) {
         on_gpu[i] = true;
@@ -1087,14 +1102,13 @@ std::vector<absl::StatusOr<SelectOutput>> RetrievalStore::Run(
   std::vector<absl::StatusOr<SelectOutput>> outs;
   outs.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    PreparedSelect& p = *items[i];
-    if (failed[i].ok() && !on_gpu[i]) failed[i] = SelectOnCpu(p);
-    outs.push_back(failed[i].ok() ? Finish(p) : absl::StatusOr<SelectOutput>(failed[i]));
+    if (failed[i].ok() && !on_gpu[i]) failed[i] = SelectOnCpu(*items[i]);
+    outs.push_back(failed[i].ok() ? Finish(*items[i]) : absl::StatusOr<SelectOutput>(failed[i]));
     if (outs[i].ok()) {
       ++selects;
       if (on_gpu[i]) ++gpu_selects;
     }
-    items[i].reset();  // the source is let go
+    if (items[i] != nullptr) items[i]->src = SourceData();  // let go, whoever holds the item
   }
   absl::MutexLock lock(&meta_mu_);
   counters_.selects += selects;

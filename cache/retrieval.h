@@ -242,7 +242,9 @@ class RetrievalStore {
   // SelectCpu one after another, then gathers and keeps each as Select does. Run's answers[i] is
   // what Select would answer items[i]'s args. A prepared selection holds its source (a prefix's
   // blocks cannot be evicted) until it is run or dropped, and borrows `args` (queries included):
-  // they must outlive it.
+  // they must outlive it. It runs once: a second Run of it (or the same one twice in a batch) is
+  // FAILED_PRECONDITION; a null item INVALID_ARGUMENT. Run is not to be called concurrently for one
+  // prepared selection.
   struct PreparedSelect;
   absl::StatusOr<std::shared_ptr<PreparedSelect>> Prepare(const SelectArgs& args);
   std::vector<absl::StatusOr<SelectOutput>> Run(std::vector<std::shared_ptr<PreparedSelect>> items);

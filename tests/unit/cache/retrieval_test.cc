@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -772,6 +771,82 @@ TEST_F(RetrievalTest, PrefixViewsCountAgainstTheMetadataCapacity) {
 
 // A prefix named by its last block's hash selects what its tokens do; an earlier block's hash
 // names the shorter prefix; kept selections gather through the chain.
+// Prepare + Run (the batch path of SelectBatch) answers each item as Select does, a kept item
+// included; a prepared selection runs once, a null one is INVALID_ARGUMENT, and the source is let
+// go once it ran (its blocks can be evicted).
+TEST_F(RetrievalTest, PreparedBatchEqualsSelectsAndRunsOnce) {
+  std::vector<int32_t> a_tokens, b_tokens;
+  PutRandom(5, &a_tokens);
+  PutRandom(9, &b_tokens);
+  std::vector<std::vector<float>> qs;
+  std::vector<SelectArgs> args;
+  for (int i = 0; i < 6; ++i) {
+    qs.push_back(RandomQueries(4, spec_.head_dim, rng_));
+    SelectArgs a = PrefixArgs(i % 2 ? a_tokens : b_tokens, qs.back(), 4);
+    a.mode = static_cast<Mode>(i % 3);
+    a.reduction = static_cast<topk::GqaReduction>((i / 2) % 3);
+    a.k = 10 + i;
+    a.layer = i % spec_.layers;
+    a.n_sink = 1;
+    a.n_local = 3;
+    a.want_scores = i % 2 == 0;
+    a.want_mass = i == 1;
+    a.keep = i == 4;
+    args.push_back(std::move(a));
+  }
+  std::vector<std::shared_ptr<RetrievalStore::PreparedSelect>> prepared;
+  for (const SelectArgs& a : args) {
+    auto p = store_->Prepare(a);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_GT(RetrievalStore::OutputBytes(**p), 0u);
+    prepared.push_back(*std::move(p));
+  }
+  const uint64_t selects = store_->stats().selects;
+  std::vector<absl::StatusOr<SelectOutput>> outs = store_->Run(prepared);
+  ASSERT_EQ(outs.size(), args.size());
+  EXPECT_EQ(store_->stats().selects, selects + args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    ASSERT_TRUE(outs[i].ok()) << "item " << i << ": " << outs[i].status();
+    SelectArgs alone = args[i];
+    alone.keep = false;
+    auto want = store_->Select(alone);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(outs[i]->indices, want->indices) << "item " << i;
+    EXPECT_EQ(outs[i]->counts, want->counts) << "item " << i;
+    EXPECT_EQ(outs[i]->scores.size(), want->scores.size()) << "item " << i;
+    for (size_t j = 0; j < want->scores.size(); ++j) {
+      EXPECT_TRUE(outs[i]->scores[j] == want->scores[j] ||
+                  (std::isnan(outs[i]->scores[j]) && std::isnan(want->scores[j])))
+          << "item " << i << " slot " << j;
+    }
+    EXPECT_EQ(outs[i]->mass, want->mass) << "item " << i;
+    EXPECT_EQ(outs[i]->selection_id.empty(), i != 4) << "item " << i;
+  }
+  EXPECT_TRUE(store_->Gather(outs[4]->selection_id, 0).ok());
+
+  // Run twice, the same one twice in a batch, a null one.
+  std::vector<absl::StatusOr<SelectOutput>> again = store_->Run({prepared[0]});
+  EXPECT_EQ(again[0].status().code(), absl::StatusCode::kFailedPrecondition);
+  auto fresh = store_->Prepare(args[1]);
+  ASSERT_TRUE(fresh.ok());
+  std::vector<absl::StatusOr<SelectOutput>> twice = store_->Run({*fresh, *fresh, nullptr});
+  EXPECT_TRUE(twice[0].ok()) << twice[0].status();
+  EXPECT_EQ(twice[1].status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(twice[2].status().code(), absl::StatusCode::kInvalidArgument);
+  // The prepared selections still held here hold no blocks: everything can be evicted.
+  EXPECT_EQ(cache_->Evict("m", tenant_, a_tokens).value_or(0), 5u);
+  EXPECT_EQ(cache_->Evict("m", tenant_, b_tokens).value_or(0), 9u);
+  // And one dropped without running lets its source go too.
+  std::vector<int32_t> c_tokens;
+  PutRandom(3, &c_tokens);
+  SelectArgs c_args = PrefixArgs(c_tokens, qs[0], 4);  // borrowed by the prepared selection
+  c_args.k = 8;
+  auto unrun = store_->Prepare(c_args);
+  ASSERT_TRUE(unrun.ok()) << unrun.status();
+  unrun->reset();
+  EXPECT_EQ(cache_->Evict("m", tenant_, c_tokens).value_or(0), 3u);
+}
+
 TEST_F(RetrievalTest, PrefixByLastBlockEqualsByTokens) {
   std::vector<int32_t> tokens;
   const std::string kv = PutRandom(7, &tokens);
