@@ -460,6 +460,8 @@ enum cudaError_t {
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "ok" : "err"; }
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMemoryClockRate = 36,
+  cudaDevAttrGlobalMemoryBusWidth = 37,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -468,8 +470,22 @@ inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
   return cudaSuccess;
 }
+// An H100 SXM's figures: 3 SMs (g_sms), its memory clock (kHz) and bus (bits), 228 KB of shared
+// memory an SM.
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? g_sms : 233472;
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount:
+      *v = g_sms;
+      break;
+    case cudaDevAttrMemoryClockRate:
+      *v = 2619000;
+      break;
+    case cudaDevAttrGlobalMemoryBusWidth:
+      *v = 5120;
+      break;
+    default:
+      *v = 233472;
+  }
   return cudaSuccess;
 }
 // The H100's figure for the tensor-core scorer (register-bound); the emulator runs blocks one by one.
