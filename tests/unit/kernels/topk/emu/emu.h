@@ -488,7 +488,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   }
   return cudaSuccess;
 }
-// The H100's figure for the tensor-core scorer (register-bound); the emulator runs blocks one by one.
+// The H100's figure for the tensor-core scorer (register-bound); the emulator runs blocks one by
+// one.
 template <typename F>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int, size_t) {
   *n = 4;
