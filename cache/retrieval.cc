@@ -569,7 +569,7 @@ std::optional<std::string> RetrievalStore::CachedSessionPageMeta(absl::string_vi
   return out;
 }
 
-absl::Status RetrievalStore::PageMetaOf(SourceData& src, int layer, LayerViews* views) {
+absl::Status RetrievalStore::PageMetaOf(const SourceData& src, int layer, LayerViews* views) {
   if (src.session()) return SessionPageMetaOf(src, layer, views);
   const ModelSpec& spec = src.spec;
   const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
@@ -745,7 +745,8 @@ const void* PageRows(const topk::MatrixView& keys, int64_t page) {
 
 }  // namespace
 
-absl::Status RetrievalStore::SessionPageMetaOf(SourceData& src, int layer, LayerViews* views) {
+absl::Status RetrievalStore::SessionPageMetaOf(const SourceData& src, int layer,
+                                               LayerViews* views) {
   const ModelSpec& spec = src.spec;
   const int64_t width = 2 * static_cast<int64_t>(spec.head_dim);
   const uint64_t row_bytes = width * DTypeSize(spec.dtype);

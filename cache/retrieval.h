@@ -340,8 +340,8 @@ class RetrievalStore {
   absl::Status ViewsOf(const SourceData& src, int layer, bool device_keys, LayerViews* out) const;
   // The page metadata of one layer (built or from the store), as a view for SelectRequest. Reads
   // a session's keys (ViewsOf) only for the pages it must build.
-  absl::Status PageMetaOf(SourceData& src, int layer, LayerViews* views);
-  absl::Status SessionPageMetaOf(SourceData& src, int layer, LayerViews* views);
+  absl::Status PageMetaOf(const SourceData& src, int layer, LayerViews* views);
+  absl::Status SessionPageMetaOf(const SourceData& src, int layer, LayerViews* views);
   // The entry `key` if its fingerprint matches, else one built by `build` and kept; *serial is
   // the entry's (0 when it was not kept).
   absl::StatusOr<std::shared_ptr<const std::string>> Metadata(
