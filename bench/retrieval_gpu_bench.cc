@@ -15,7 +15,7 @@
 // tier on device 0 (write tier gpu), whose blocks the GPU path reads where they are. --cpu_only:
 // the CPU path alone (a machine without a GPU).
 // --session_device gpu: the session in GPU memory (EXACT on the GPU path then reads its keys
-// there). --batch N (GPU path): N prefixes of --tokens tokens each (a decode batch; the first is
+// there). --batch N: N prefixes of --tokens tokens each (a decode batch; the first is
 // the prefix above), each its own queries, selected one Select after another against one
 // RetrievalStore::Prepare each and one Run (one GPU pass), per mode; rows `batch_<mode>` (the
 // cpu columns hold the one-after-another times, the gpu columns the batch's; on the GPU path, or
@@ -55,7 +55,9 @@ ABSL_FLAG(bool, pinned_host, false, "host tier in pinned memory (cudaHostAlloc)"
 ABSL_FLAG(bool, gpu_tier, false, "Puts also land in a GPU tier on device 0 (write tier gpu)");
 ABSL_FLAG(bool, cpu_only, false, "time the CPU path alone (no GPU needed)");
 ABSL_FLAG(std::string, session_device, "cpu", "where the session's KV lives: cpu or gpu");
-ABSL_FLAG(int32_t, batch, 0, "prefixes of a decode batch: Selects one by one vs one Run (GPU)");
+ABSL_FLAG(int32_t, batch, 0,
+          "prefixes of a decode batch: Selects one by one vs one Prepare each "
+          "and one Run");
 ABSL_FLAG(bool, verify_metadata, true,
           "check prefix blocks' page metadata against their blocks' serials (the daemon's "
           "--retrieval_verify_metadata)");
@@ -83,6 +85,21 @@ void PrintRow(const Row& row, bool cpu_only) {
               row.mode.c_str(), row.cpu_ms, row.cpu_min, row.gpu_ms, row.gpu_min,
               cpu_only ? 0.0 : row.cpu_ms / row.gpu_ms, row.same ? "" : "  (selections differ)");
   std::fflush(stdout);
+}
+
+const char* ModeName(topk::Mode mode) {
+  return mode == topk::Mode::kExact   ? "exact"
+         : mode == topk::Mode::kBound ? "bound"
+                                      : "bound_then_exact";
+}
+
+// Puts `kv` as the prompt `tokens` of the bench's model. False when the cache refuses it.
+bool PutPrompt(KvCache& cache, const std::vector<int32_t>& tokens, const std::string& kv) {
+  PutOptions p;
+  p.model = "llama-3-8b";
+  p.tokens = tokens;
+  auto w = cache.BeginPut(std::move(p));
+  return w.ok() && (*w)->Write(kv).ok() && (*w)->Finish().ok();
 }
 
 int Main() {
@@ -159,13 +176,7 @@ int Main() {
       StoreFromFloat(kv.data(), i, spec.dtype, normal(rng));
   }
   const absl::Time t0 = absl::Now();
-  PutOptions p;
-  p.model = "llama-3-8b";
-  p.tokens = tokens;
-  auto w = (*cache)->BeginPut(std::move(p));
-  if (!w.ok() || !(*w)->Write(kv).ok() || !(*w)->Finish().ok()) {
-    return std::fprintf(stderr, "put failed\n"), 1;
-  }
+  if (!PutPrompt(**cache, tokens, kv)) return std::fprintf(stderr, "put failed\n"), 1;
   std::fprintf(stderr, "put %lld tokens (%.0f MiB) in %.2f s\n", static_cast<long long>(n),
                kv_bytes / 1048576.0, absl::ToDoubleSeconds(absl::Now() - t0));
   OpenSessionArgs open;
@@ -214,9 +225,7 @@ int Main() {
       const SelectArgs a = select_args(source, mode);
       Row row;
       row.source = std::string(source);
-      row.mode = mode == topk::Mode::kExact   ? "exact"
-                 : mode == topk::Mode::kBound ? "bound"
-                                              : "bound_then_exact";
+      row.mode = ModeName(mode);
       std::vector<int32_t> first_cpu, first_gpu;
       std::vector<RetrievalStore*> stores = {cpu->get()};
       if (!cpu_only) stores.push_back(gpu->get());
@@ -363,11 +372,7 @@ int Main() {
       for (uint64_t i = 0; i < kv_bytes / 2; ++i) {
         StoreFromFloat(more.data(), i, spec.dtype, normal(rng));
       }
-      PutOptions put;
-      put.model = "llama-3-8b";
-      put.tokens = prompts.back();
-      auto pw = (*cache)->BeginPut(std::move(put));
-      if (!pw.ok() || !(*pw)->Write(more).ok() || !(*pw)->Finish().ok()) {
+      if (!PutPrompt(**cache, prompts.back(), more)) {
         return std::fprintf(stderr, "put of the batch failed\n"), 1;
       }
     }
@@ -384,7 +389,7 @@ int Main() {
         StoreFromFloat(qb.data(), i, *qdt, normal(rng));
       }
     }
-    // Last: exact over the first prefix `batch` times (its keys warm in the caches).
+    // The three modes, then (m 3) exact over the first prefix `batch` times (warm in the caches).
     for (int m = 0; m < 4; ++m) {
       const topk::Mode mode = m == 1   ? topk::Mode::kBound
                               : m == 2 ? topk::Mode::kBoundThenExact
@@ -398,10 +403,7 @@ int Main() {
       }
       Row row;
       row.source = "prefix";
-      row.mode = absl::StrCat("batch", batch, m == 3 ? "_same_" : "_",
-                              mode == topk::Mode::kExact   ? "exact"
-                              : mode == topk::Mode::kBound ? "bound"
-                                                           : "bound_then_exact");
+      row.mode = absl::StrCat("batch", batch, m == 3 ? "_same_" : "_", ModeName(mode));
       row.same = true;
       std::vector<double> alone_ms, pass_ms, prepare_ms;
       RetrievalStore* store = cpu_only ? cpu->get() : gpu->get();
@@ -424,16 +426,16 @@ int Main() {
         const absl::Time prepared_at = absl::Now();
         std::vector<absl::StatusOr<SelectOutput>> outs = store->Run(std::move(prepared));
         const double t_pass = absl::ToDoubleMilliseconds(absl::Now() - s);
-        if (r > 0) prepare_ms.push_back(absl::ToDoubleMilliseconds(prepared_at - s));
         for (int b = 0; b < batch; ++b) {
           if (!outs[b].ok()) {
             return std::fprintf(stderr, "%s\n", outs[b].status().ToString().c_str()), 1;
           }
           row.same = row.same && outs[b]->indices == alone[b];
         }
-        if (r > 0) {
+        if (r > 0) {  // the first is the warm-up
           alone_ms.push_back(t_alone);
           pass_ms.push_back(t_pass);
+          prepare_ms.push_back(absl::ToDoubleMilliseconds(prepared_at - s));
         }
       }
       Summarise(alone_ms, &row.cpu_ms, &row.cpu_min);
