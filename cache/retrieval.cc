@@ -939,7 +939,7 @@ absl::StatusOr<std::shared_ptr<RetrievalStore::PreparedSelect>> RetrievalStore::
   auto p = std::make_shared<PreparedSelect>();
   p->args = &args;
   p->src = *std::move(resolved);
-  SourceData* src = &p->src;
+  const SourceData* src = &p->src;
   LayerViews& views = p->views;
   const ModelSpec& spec = src->spec;
   if (absl::Status s = LayerInRange(spec, src->model, args.layer); !s.ok()) return s;

@@ -361,6 +361,21 @@ struct ItemPlan {
   uint64_t counts = 0, count_bytes = 0;
   uint64_t scores = 0, score_bytes = 0;
   uint64_t mass = 0, mass_bytes = 0;
+
+  // The outputs (caller's host pointer, arena offset, bytes): those of `res` that are wanted.
+  struct Output {
+    void* dst;
+    uint64_t offset, bytes;
+  };
+  std::vector<Output> Outputs(const topk::SelectResult& res) const {
+    std::vector<Output> out;
+    for (const Output& o :
+         {Output{res.indices, indices, index_bytes}, Output{res.counts, counts, count_bytes},
+          Output{res.scores, scores, score_bytes}, Output{res.mass, mass, mass_bytes}}) {
+      if (o.dst != nullptr && o.bytes != 0) out.push_back(o);
+    }
+    return out;
+  }
 };
 
 // Units of `dm` whose names differ from `names` (or that it lacks), as runs [u0, u1).
@@ -694,18 +709,10 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
       return absl::OkStatus();
     }
     for (size_t i = 0; i < n_items; ++i) {
-      const ItemPlan& p = plans[i];
-      if (!p.status.ok()) continue;
-      const topk::SelectResult& res = items[i].result;
-      const std::pair<void*, std::pair<uint64_t, uint64_t>> pieces[] = {
-          {res.indices, {p.indices, p.index_bytes}},
-          {res.counts, {p.counts, p.count_bytes}},
-          {res.scores, {p.scores, p.score_bytes}},
-          {res.mass, {p.mass, p.mass_bytes}}};
-      for (const auto& [dst, piece] : pieces) {
-        if (dst == nullptr || piece.second == 0) continue;
+      if (!plans[i].status.ok()) continue;
+      for (const ItemPlan::Output& o : plans[i].Outputs(items[i].result)) {
         ROPEKV_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(dst, base + piece.first, piece.second, cudaMemcpyDeviceToHost, st));
+            cudaMemcpyAsync(o.dst, base + o.offset, o.bytes, cudaMemcpyDeviceToHost, st));
       }
     }
     return absl::OkStatus();
@@ -724,13 +731,9 @@ std::vector<absl::Status> RetrievalGpu::SelectBatch(absl::Span<const BatchItem> 
     const ItemPlan& p = plans[i];
     statuses[i].Update(p.status);
     if (!p.status.ok() || !download_staged) continue;
-    const topk::SelectResult& res = items[i].result;
-    // An output's arena offset -> its staged copy.
-    auto out = [&](uint64_t offset) { return impl_->staging[0] + (offset - inputs_end); };
-    std::memcpy(res.indices, out(p.indices), p.index_bytes);
-    if (res.counts != nullptr) std::memcpy(res.counts, out(p.counts), p.count_bytes);
-    if (res.scores != nullptr) std::memcpy(res.scores, out(p.scores), p.score_bytes);
-    if (res.mass != nullptr) std::memcpy(res.mass, out(p.mass), p.mass_bytes);
+    for (const ItemPlan::Output& o : p.Outputs(items[i].result)) {
+      std::memcpy(o.dst, impl_->staging[0] + (o.offset - inputs_end), o.bytes);  // staged copy
+    }
   }
   return statuses;
 }
